@@ -1,0 +1,44 @@
+"""Input validation at the Python boundary.
+
+Value checks (finite, sums to one) run only on concrete arrays: under ``jit``/``vmap`` the
+values are tracers and cannot be inspected, so those checks are skipped there while shape
+checks still apply.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_finite(name: str, x) -> None:
+    """Raise ``ValueError`` if a concrete ``x`` holds NaN or inf."""
+    if x is None or not is_concrete(x):
+        return
+    values = np.asarray(x)
+    if not np.issubdtype(values.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must be finite, but holds {int(bad.sum())} NaN/inf value(s) "
+            f"(first at index {where}: {values[where]})."
+        )
+
+
+def check_same_shape(**arrays) -> None:
+    """Raise ``ValueError`` unless all given (non-None) arrays share one shape."""
+    shapes = {name: np.shape(a) for name, a in arrays.items() if a is not None}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: {listed} must all have the same shape.")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}.")

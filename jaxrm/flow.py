@@ -1,0 +1,518 @@
+"""Exact dynamics of tabular policies: gradient flow, ``t_gamma``, trajectories, discrete ascent.
+
+The gradient flow of THEORY.md Eq. 4, ``d theta/dt = grad phi(theta)``, ``theta(0) = theta_ref``,
+is integrated with diffrax's adaptive solvers; ``t_gamma`` (the first time the expected
+``eval_rewards`` gain ``gamma`` over the initial policy) is located by diffrax's event root
+finder on the solver's dense interpolant, so it is exact up to the solver tolerance.
+
+Tabular and autoregressive-tabular policies are *separable*: prompt ``x`` only moves its own
+logits, at speed ``1/|S|`` (Lemma 7). So each prompt is an independent ODE in the rescaled time
+``tau = t / |S|``, and ``t_gamma(x) = |S| tau_gamma(x)``. :func:`first_passage` solves all
+(problem, prompt) pairs of a batch as independent items on a work queue: a fixed number of
+slots each integrate one item for a short segment of steps, and finished slots take the next
+item, so a batch costs about the *sum* of the items' step counts, not ``batch x max``.
+
+With ``kl_coef = lam > 0`` the flow converges to ``pi* = pi_ref exp(r / lam) / Z``, and
+``phi_x(pi) = lam log Z - lam KL(pi || pi*)`` only grows along the flow, so every later policy
+stays in the ball ``KL(pi || pi*) <= KL(pi(t) || pi*) =: delta``. By Pinsker, its expected eval
+reward is within ``(max r_eval - min r_eval) / 2 * sqrt(2 delta)`` of ``E_{pi*}[r_eval]``; once
+that bound rules the gain out, the solve stops with ``NOT_REACHED`` instead of integrating a
+stiff approach to ``pi*`` until ``t_max``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optimistix as optx
+
+from jaxrm import metrics
+from jaxrm._checks import check_finite, is_concrete
+from jaxrm.tabular import TabularPolicy, objective_grad, prompt_gradient
+
+__all__ = [
+    "FirstPassage",
+    "FlowMetrics",
+    "exact_gradient_ascent",
+    "first_passage",
+    "flow_metrics",
+    "t_gamma",
+    "trajectory",
+]
+
+# Item status codes of :class:`FirstPassage`.
+REACHED, NOT_REACHED, FAILED = 1, 2, 3
+_RUNNING = 0
+
+
+class FlowMetrics(NamedTuple):
+    """Per-prompt quantities along a trajectory (each ``[..., S]``, time axis first)."""
+
+    rm_reward: Any  # E_pi[r_RM]
+    eval_reward: Any  # E_pi[r_eval] (e.g. the ground truth)
+    rm_variance: Any  # Var_pi[r_RM]
+    kl: Any  # KL(pi || pi_ref)
+
+
+class FirstPassage(NamedTuple):
+    """Result of :func:`first_passage`; arrays are ``[..., S]`` (one entry per prompt)."""
+
+    t_gamma: Any  # first time E_pi[r_eval] >= E_pi0[r_eval] + gamma; inf if not reached
+    logits: Any  # each prompt's logits at t_gamma (or where its solve stopped)
+    num_steps: Any  # ODE steps taken (accepted and rejected)
+    status: Any  # REACHED (1), NOT_REACHED by t_max (2), or FAILED (3: solver error, max_steps)
+
+
+def flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) -> FlowMetrics:
+    """Expected proxy and eval reward, proxy-reward variance and KL to the reference."""
+    log_probs = policy.log_probs(logits)
+    return FlowMetrics(
+        rm_reward=metrics.expected_reward(log_probs, rm_rewards),
+        eval_reward=metrics.expected_reward(log_probs, eval_rewards),
+        rm_variance=metrics.reward_variance(log_probs, rm_rewards),
+        kl=metrics.kl(log_probs, ref_log_probs),
+    )
+
+
+def _default_solver():
+    return diffrax.Tsit5()
+
+
+def _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
+    rm_rewards = jnp.asarray(rm_rewards)
+    if rm_rewards.ndim < 2:
+        raise ValueError(f"rewards must be shaped [..., prompts, outputs], got {rm_rewards.shape}.")
+    log_probs = jax.eval_shape(policy.log_probs, init_logits)
+    if log_probs.shape != rm_rewards.shape:
+        raise ValueError(
+            f"the policy's outputs {log_probs.shape} do not match rm_rewards {rm_rewards.shape}."
+        )
+    if eval_rewards is not None and jnp.shape(eval_rewards) != rm_rewards.shape:
+        raise ValueError(
+            f"eval_rewards {jnp.shape(eval_rewards)} must match rm_rewards {rm_rewards.shape}."
+        )
+    check_finite("rm_rewards", rm_rewards)
+    check_finite("eval_rewards", eval_rewards)
+    for leaf in jax.tree.leaves(init_logits):
+        check_finite("init_logits", leaf)
+    if is_concrete(kl_coef) and np.any(np.asarray(kl_coef) < 0):
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}.")
+    return rm_rewards, (rm_rewards if eval_rewards is None else jnp.asarray(eval_rewards))
+
+
+def first_passage(
+    init_logits,
+    rm_rewards,
+    gamma,
+    *,
+    policy=None,
+    kl_coef=0.0,
+    eval_rewards=None,
+    t_max=1e9,
+    rtol=1e-8,
+    atol=1e-10,
+    solver=None,
+    max_steps=100_000,
+    slots=None,
+    segment_steps=16,
+) -> FirstPassage:
+    """Integrate the gradient flow of each prompt until its ``eval_rewards`` gain reaches ``gamma``.
+
+    ``t_gamma(x) = inf { t : E_{pi(t)}[r_eval(x, .)] >= E_{pi(0)}[r_eval(x, .)] + gamma }``
+    under ``d theta/dt = grad phi(theta)`` with ``phi`` the objective of ``rm_rewards`` and KL
+    coefficient ``kl_coef`` against the initial policy (THEORY.md §1). ``+inf`` if not reached
+    by ``t_max``.
+
+    Args:
+      init_logits: initial policy parameters, prompt axis leading (``[..., S, Y]`` for the
+        default tabular policy); any leading axes are a batch of independent problems.
+      rm_rewards: ``[..., S, Y]`` rewards the policy is trained on.
+      gamma: gain to reach; broadcasts to ``[..., S]``; must be > 0.
+      policy: :class:`~jaxrm.tabular.TabularPolicy` (default) or
+        :class:`~jaxrm.tabular.AutoregressiveTabularPolicy`.
+      kl_coef: ``lam >= 0``; broadcasts to the batch shape ``[...]`` (or ``[..., S]``).
+      eval_rewards: ``[..., S, Y]`` reward whose gain is timed (default ``rm_rewards``).
+      t_max: give up (``inf``) after this much time.
+      rtol, atol: tolerances of the adaptive step-size controller.
+      solver: a diffrax solver (default ``Tsit5``).
+      max_steps: most ODE steps per prompt before the item counts as FAILED.
+      slots: items integrated side by side (default: up to 256).
+      segment_steps: steps between refills of the work queue.
+
+    Returns:
+      :class:`FirstPassage` with ``[..., S]`` arrays.
+    """
+    policy = TabularPolicy() if policy is None else policy
+    rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    if is_concrete(gamma) and np.any(np.asarray(gamma) <= 0):
+        raise ValueError(f"gamma must be > 0, got {gamma}.")
+    if is_concrete(t_max) and not float(t_max) > 0:
+        raise ValueError(f"t_max must be > 0, got {t_max}.")
+    if not (isinstance(max_steps, int) and max_steps >= 1):
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    item_shape = rm_rewards.shape[:-1]  # [..., S]
+    num_prompts = item_shape[-1]
+    num_items = math.prod(item_shape)
+    dtype = rm_rewards.dtype
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, dtype), item_shape)
+    kl_coef = jnp.asarray(kl_coef, dtype)
+    if kl_coef.ndim == len(item_shape) - 1 or kl_coef.shape[-1:] != (num_prompts,):
+        kl_coef = kl_coef[..., None]
+    kl_coef = jnp.broadcast_to(kl_coef, item_shape)
+
+    ref_log_probs = policy.log_probs(init_logits)
+    start = metrics.expected_reward(ref_log_probs, eval_rewards)
+    limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
+    bounded = not (is_concrete(kl_coef) and np.all(np.asarray(kl_coef) == 0))
+
+    def flat(x):
+        return x.reshape(num_items, *x.shape[len(item_shape):])
+
+    slots = min(num_items, 256 if slots is None else int(slots))
+    tau, logits, num_steps, status = _solve_items(
+        jax.tree.map(flat, init_logits),
+        flat(rm_rewards),
+        flat(eval_rewards),
+        flat(ref_log_probs),
+        (flat(start), flat(gamma)),
+        jax.tree.map(flat, limit),
+        flat(kl_coef),
+        jnp.asarray(t_max, dtype) / num_prompts,
+        policy=policy,
+        solver=_default_solver() if solver is None else solver,
+        rtol=float(rtol),
+        atol=float(atol),
+        max_steps=max_steps,
+        slots=slots,
+        segment_steps=int(segment_steps),
+        bounded=bounded,
+    )
+    unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
+    t = jnp.where(status == REACHED, tau * num_prompts, jnp.inf)
+    return FirstPassage(unflat(t), jax.tree.map(unflat, logits), unflat(num_steps), unflat(status))
+
+
+def t_gamma(init_logits, rm_rewards, gamma, **options):
+    """``t_gamma`` per prompt, ``[..., S]`` (``inf`` where not reached by ``t_max``).
+
+    The first time the expected ``eval_rewards`` (default ``rm_rewards``) under the
+    gradient-flow policy exceeds its initial value by ``gamma``. Keyword options as in
+    :func:`first_passage`: ``policy``, ``kl_coef``, ``eval_rewards``, ``t_max``, ``rtol``,
+    ``atol``, ``solver``, ``max_steps``.
+
+    Two outputs, ``lam = 0``: ``t_gamma = |S| (z* - z0 + sinh z* - sinh z0) / (r_1 - r_0)`` with
+    ``z`` the logit gap, ``z* = logit(p0 + gamma / (r_1 - r_0))``.
+
+    >>> import jax.numpy as jnp
+    >>> t = t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.25)
+    >>> round(float(t[0]), 5)  # z* = log 3: log 3 + sinh(log 3) = 2.43195
+    2.43195
+    """
+    return first_passage(init_logits, rm_rewards, gamma, **options).t_gamma
+
+
+class _KLLimit(NamedTuple):
+    log_probs: Any  # log pi* = log_softmax(log pi_ref + r / lam)
+    eval_reward: Any  # E_{pi*}[r_eval]
+    eval_half_range: Any  # (max r_eval - min r_eval) / 2
+
+
+def _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef):
+    lam = jnp.where(kl_coef > 0, kl_coef, 1.0)[..., None]
+    log_probs = jax.nn.log_softmax(ref_log_probs + rm_rewards / lam, axis=-1)
+    return _KLLimit(
+        log_probs,
+        metrics.expected_reward(log_probs, eval_rewards),
+        0.5 * (jnp.max(eval_rewards, -1) - jnp.min(eval_rewards, -1)),
+    )
+
+
+class _ItemArgs(NamedTuple):
+    rm_rewards: Any
+    ref_log_probs: Any
+    kl_coef: Any
+    eval_rewards: Any
+    gain: Any  # (start, gamma)
+    limit: _KLLimit
+
+
+def _prompt_field(policy):
+    def field(tau, logits, args):
+        return prompt_gradient(policy, logits, args.rm_rewards, args.ref_log_probs, kl_coef=args.kl_coef)
+
+    return field
+
+
+def _gain_condition(policy):
+    def condition(t, y, args, **unused):  # diffrax passes t, y by keyword
+        start, gamma = args.gain
+        # In units of gamma, so the root finder's tolerance is relative to the gain asked for.
+        return (metrics.expected_reward(policy.log_probs(y), args.eval_rewards) - start) / gamma - 1.0
+
+    return condition
+
+
+def _out_of_reach_condition(policy):
+    """True once the KL ball around pi* (see the module docstring) excludes the gain."""
+
+    def condition(t, y, args, **unused):
+        start, gamma = args.gain
+        distance = metrics.kl(policy.log_probs(y), args.limit.log_probs)
+        best = args.limit.eval_reward + args.limit.eval_half_range * jnp.sqrt(2.0 * distance)
+        return (args.kl_coef > 0) & (best < start + gamma)
+
+    return condition
+
+
+class _Segment(NamedTuple):
+    tau: Any
+    logits: Any
+    dt: Any
+    num_steps: Any
+    status: Any
+
+
+def _segment_solver(policy, solver, controller, tau_max, segment_steps, bounded):
+    """One item's integration for at most ``segment_steps`` steps, resumable."""
+    term = diffrax.ODETerm(_prompt_field(policy))
+    dtype = jnp.result_type(tau_max)
+    newton_tol = max(controller.rtol * 1e-2, 100 * float(jnp.finfo(dtype).eps))
+    conditions = [_gain_condition(policy)] + ([_out_of_reach_condition(policy)] if bounded else [])
+    event = diffrax.Event(
+        conditions, optx.Newton(rtol=newton_tol, atol=newton_tol), direction=[True] + [None] * bounded
+    )
+    saveat = diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(steps=True)])
+
+    def run(tau0, logits0, dt0, args):
+        sol = diffrax.diffeqsolve(
+            term, solver, tau0, tau_max, dt0, logits0, args=args, saveat=saveat,
+            stepsize_controller=controller, event=event, max_steps=segment_steps, throw=False,
+        )
+        (tau_end, tau_steps), (logits_end, logits_steps) = sol.ts, sol.ys
+        accepted = sol.stats["num_accepted_steps"]
+        hit = (sol.result == diffrax.RESULTS.event_occurred) & sol.event_mask[0]
+        out_of_reach = (sol.result == diffrax.RESULTS.event_occurred) & ~sol.event_mask[0]
+        running = sol.result == diffrax.RESULTS.max_steps_reached
+        # Reached tau_max without the event, or the gain was proven out of reach.
+        done = (sol.result == diffrax.RESULTS.successful) | out_of_reach
+        status = jnp.where(hit, REACHED, jnp.where(running, _RUNNING, jnp.where(done, NOT_REACHED, FAILED)))
+        # Resume from the last *accepted* step. (diffrax 0.7, vmapped with events: an element
+        # without an event, when another element had one, reports its last *attempted* step,
+        # which may have been rejected; the per-step saves are reliable.)
+        last = jnp.maximum(accepted - 1, 0)
+        before = jnp.maximum(accepted - 2, 0)
+        moved = accepted > 0
+        resume_tau = jnp.where(moved, tau_steps[last], tau0)
+        resume_dt = jnp.where(
+            moved, resume_tau - jnp.where(accepted > 1, tau_steps[before], tau0), 0.25 * dt0
+        )
+        resume_logits = jax.tree.map(
+            lambda saved, start: jnp.where(moved, saved[last], start), logits_steps, logits0
+        )
+        end_logits = jax.tree.map(lambda saved: saved[0], logits_end)
+        tau = jnp.where(running, resume_tau, tau_end[0])
+        logits = jax.tree.map(
+            lambda resume, end: jnp.where(running, resume, end), resume_logits, end_logits
+        )
+        return _Segment(tau, logits, resume_dt, sol.stats["num_steps"], status)
+
+    return run
+
+
+@jax.jit(
+    static_argnames=(
+        "policy", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "bounded"
+    )
+)
+def _solve_items(
+    logits, rm_rewards, eval_rewards, ref_log_probs, gain, limit, kl_coef, tau_max, *,
+    policy, solver, rtol, atol, max_steps, slots, segment_steps, bounded,
+):
+    num_items = rm_rewards.shape[0]
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    args = _ItemArgs(rm_rewards, ref_log_probs, kl_coef, eval_rewards, gain, limit)
+    term = diffrax.ODETerm(_prompt_field(policy))
+    error_order = solver.error_order(term)
+
+    def initial_dt(logits0, item_args):
+        tnext, _ = controller.init(term, 0.0, tau_max, logits0, None, item_args, solver.func, error_order)
+        return tnext
+
+    first_dt = jax.vmap(initial_dt)(logits, args)
+    segment = jax.vmap(_segment_solver(policy, solver, controller, tau_max, segment_steps, bounded))
+    take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
+
+    slot_index = jnp.arange(slots)
+    state = dict(
+        item=slot_index,
+        tau=jnp.zeros(slots, tau_max.dtype),
+        logits=take(logits, slot_index),
+        dt=first_dt[slot_index],
+        steps=jnp.zeros(slots, jnp.int32),
+        next_item=jnp.asarray(slots),
+        out_tau=jnp.full(num_items, jnp.inf, tau_max.dtype),
+        out_logits=logits,
+        out_steps=jnp.zeros(num_items, jnp.int32),
+        out_status=jnp.zeros(num_items, jnp.int32),
+    )
+
+    def body(state):
+        active = state["item"] >= 0
+        index = jnp.clip(state["item"], 0, num_items - 1)
+        result = segment(state["tau"], state["logits"], state["dt"], take(args, index))
+        steps = state["steps"] + result.num_steps
+        status = jnp.where((result.status == _RUNNING) & (steps >= max_steps), FAILED, result.status)
+        finished = active & (status != _RUNNING)
+        write = jnp.where(finished, state["item"], num_items)  # out of range: dropped
+        out_logits = jax.tree.map(
+            lambda out, new: out.at[write].set(new, mode="drop"), state["out_logits"], result.logits
+        )
+        # Finished slots take the next items of the queue, in slot order.
+        queued = state["next_item"] + jnp.cumsum(finished) - 1
+        item = jnp.where(finished, jnp.where(queued < num_items, queued, -1), state["item"])
+        fresh = finished & (item >= 0)
+        fresh_index = jnp.clip(item, 0, num_items - 1)
+        fresh_logits = take(logits, fresh_index)
+        return dict(
+            item=item,
+            tau=jnp.where(fresh, 0.0, result.tau),
+            logits=jax.tree.map(
+                lambda new, cur: jnp.where(fresh.reshape(-1, *([1] * (cur.ndim - 1))), new, cur),
+                fresh_logits,
+                result.logits,
+            ),
+            dt=jnp.where(fresh, first_dt[fresh_index], result.dt),
+            steps=jnp.where(fresh, 0, steps),
+            next_item=state["next_item"] + jnp.sum(finished),
+            out_tau=state["out_tau"].at[write].set(result.tau, mode="drop"),
+            out_logits=out_logits,
+            out_steps=state["out_steps"].at[write].set(steps, mode="drop"),
+            out_status=state["out_status"].at[write].set(status, mode="drop"),
+        )
+
+    state = jax.lax.while_loop(lambda s: jnp.any(s["item"] >= 0), body, state)
+    return state["out_tau"], state["out_logits"], state["out_steps"], state["out_status"]
+
+
+def trajectory(
+    init_logits,
+    rm_rewards,
+    ts,
+    *,
+    policy=None,
+    kl_coef=0.0,
+    eval_rewards=None,
+    rtol=1e-8,
+    atol=1e-10,
+    solver=None,
+    max_steps=100_000,
+) -> FlowMetrics:
+    """:class:`FlowMetrics` of the gradient flow at times ``ts`` (each ``[T, ..., S]``).
+
+    Integrates the coupled system ``d theta/dt = grad phi(theta)`` (with its ``1/|S|``) for each
+    problem of the leading batch, saving only the metrics. ``ts`` must be non-decreasing, >= 0.
+    """
+    policy = TabularPolicy() if policy is None else policy
+    rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    ts = jnp.asarray(ts, rm_rewards.dtype)
+    if ts.ndim != 1:
+        raise ValueError(f"ts must be a 1-d array of times, got shape {ts.shape}.")
+    if is_concrete(ts) and (np.any(np.diff(np.asarray(ts)) < 0) or np.any(np.asarray(ts) < 0)):
+        raise ValueError("ts must be non-negative and non-decreasing.")
+    batch = rm_rewards.shape[:-2]
+    size = math.prod(batch)
+    flat = lambda x: x.reshape(size, *x.shape[len(batch):])  # noqa: E731
+    kl_coef = jnp.broadcast_to(jnp.asarray(kl_coef, rm_rewards.dtype), batch)
+    out = _trajectories(
+        jax.tree.map(flat, init_logits), flat(rm_rewards), flat(eval_rewards), flat(kl_coef), ts,
+        policy=policy, solver=_default_solver() if solver is None else solver,
+        rtol=float(rtol), atol=float(atol), max_steps=max_steps,
+    )
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(len(ts), *batch, x.shape[-1]), out)
+
+
+@jax.jit(static_argnames=("policy", "solver", "rtol", "atol", "max_steps"))
+def _trajectories(logits, rm_rewards, eval_rewards, kl_coef, ts, *, policy, solver, rtol, atol, max_steps):
+    def one(logits0, rm, ev, lam):
+        ref_log_probs = policy.log_probs(logits0)
+
+        def field(t, logits, args):
+            return objective_grad(policy, logits, rm, ref_log_probs, kl_coef=lam)
+
+        def save(t, logits, args):
+            return flow_metrics(policy, logits, rm, ev, ref_log_probs)
+
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field), solver, 0.0, ts[-1], None, logits0,
+            saveat=diffrax.SaveAt(ts=ts, fn=save),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=max_steps,
+        )
+        return sol.ys
+
+    return jax.vmap(one)(logits, rm_rewards, eval_rewards, kl_coef)
+
+
+def exact_gradient_ascent(
+    init_logits,
+    rm_rewards,
+    *,
+    optimizer,
+    num_steps,
+    policy=None,
+    kl_coef=0.0,
+    eval_rewards=None,
+    track=True,
+):
+    """Discrete ascent on the exact objective gradient with an optax optimizer, under ``lax.scan``.
+
+    ``theta_{n+1} = theta_n + update(grad phi(theta_n))``; with ``optax.sgd(lr)`` the step is
+    ``lr * grad phi`` and ``theta_n`` approaches the gradient flow at ``t = lr * n`` as
+    ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems.
+
+    Returns:
+      ``(final_logits, metrics)``; ``metrics`` is :class:`FlowMetrics` with a leading axis of
+      ``num_steps + 1`` entries (before each step and after the last), or None when
+      ``track=False``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> final, m = exact_gradient_ascent(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]),
+    ...                                  optimizer=optax.sgd(0.1), num_steps=3)
+    >>> m.rm_reward.shape, bool(m.rm_reward[-1, 0] > m.rm_reward[0, 0])
+    ((4, 1), True)
+    """
+    policy = TabularPolicy() if policy is None else policy
+    rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    if not (isinstance(num_steps, int) and num_steps >= 0):
+        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
+    kl_coef = jnp.asarray(kl_coef, rm_rewards.dtype)
+    return _ascent(init_logits, rm_rewards, eval_rewards, kl_coef,
+                   policy=policy, optimizer=optimizer, num_steps=num_steps, track=track)
+
+
+@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track"))
+def _ascent(logits, rm_rewards, eval_rewards, kl_coef, *, policy, optimizer, num_steps, track):
+    ref_log_probs = policy.log_probs(logits)
+    lam = kl_coef[..., None, None] if kl_coef.ndim else kl_coef
+
+    def measure(logits):
+        return flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) if track else None
+
+    def step(carry, _):
+        logits, opt_state = carry
+        grads = objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=lam)
+        ascent = jax.tree.map(jnp.negative, grads)  # optax minimizes
+        updates, opt_state = optimizer.update(ascent, opt_state, logits)
+        return (optax.apply_updates(logits, updates), opt_state), measure(logits)
+
+    (logits, _), history = jax.lax.scan(step, (logits, optimizer.init(logits)), length=num_steps)
+    if track:
+        history = jax.tree.map(lambda h, last: jnp.concatenate([h, last[None]]), history, measure(logits))
+    return logits, history
+

@@ -1,0 +1,329 @@
+"""Reward variance, accuracy and KL: exact (from logits) and from samples.
+
+All functions are pure and work under ``jit``, ``vmap`` and ``grad`` (where differentiable) in
+float32 and float64. Conventions (see DESIGN.md):
+
+- Exact quantities take ``logits`` of a categorical distribution over the **last axis** (the
+  outputs); any leading axes (prompts, batches) are kept. ``where`` (bool, same shape) removes
+  outputs from the support, as if their logit were ``-inf``.
+- Sampled quantities take rewards shaped ``[..., k]``: ``k`` samples per prompt on the last axis.
+- Sampled variance defaults to ``ddof=1`` (as torch ``var`` and the official code); exact
+  variance has no ddof.
+- Accuracy ties: a pair agrees when ``sign(rm_i - rm_j) == sign(gt_i - gt_j)`` with
+  ``sign`` in ``{-1, 0, +1}``, so a tie agrees only with a tie.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
+
+__all__ = [
+    "accuracy",
+    "expected_reward",
+    "kl",
+    "kl_estimate",
+    "probabilities",
+    "reward_variance",
+    "sample_reward_variance",
+]
+
+# Up to this many outputs per row, accuracy compares all pairs at once (an n x n block);
+# beyond it, a sort-based O(n log^2 n) count keeps memory linear in n.
+_DENSE_PAIR_LIMIT = 256
+
+
+def probabilities(logits, *, where=None):
+    """``softmax(logits)`` over the last axis, with ``where=False`` outputs given probability 0.
+
+    >>> import jax.numpy as jnp
+    >>> probabilities(jnp.log(jnp.array([1.0, 3.0]))).tolist()
+    [0.25, 0.75]
+    """
+    logits = jnp.asarray(logits)
+    if where is not None:
+        logits = jnp.where(where, logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _masked(values, where):
+    """Zero out excluded entries, so ``0 * value`` cannot produce NaN from garbage there."""
+    return values if where is None else jnp.where(where, values, 0)
+
+
+def _validate_exact(logits, rewards, where):
+    check_same_shape(logits=logits, rewards=rewards, where=where)
+    check_finite("rewards", _masked(rewards, where) if where is not None else rewards)
+    check_finite("logits", _masked(logits, where) if where is not None else logits)
+
+
+def expected_reward(logits, rewards, *, where=None):
+    """Exact ``E_{y ~ softmax(logits)}[r(y)] = sum_y p(y) r(y)`` over the last axis.
+
+    >>> import jax.numpy as jnp
+    >>> float(expected_reward(jnp.zeros(4), jnp.array([0.0, 1.0, 2.0, 3.0])))
+    1.5
+    """
+    _validate_exact(logits, rewards, where)
+    probs = probabilities(logits, where=where)
+    return jnp.sum(probs * _masked(jnp.asarray(rewards), where), axis=-1)
+
+
+def reward_variance(logits, rewards, *, where=None):
+    """Exact reward variance under the policy, over the last axis.
+
+    ``Var_{y ~ p}[r] = sum_y p(y) (r(y) - sum_y' p(y') r(y'))^2`` with ``p = softmax(logits)``
+    (Definition 2 of Razin et al.; no ddof). Computed in two passes from a max-shifted softmax,
+    so it is never negative and stays finite for logits up to ``+-1e4`` and ``10^6`` outputs.
+
+    Args:
+      logits: ``[..., Y]`` unnormalized log-probabilities of the outputs.
+      rewards: ``[..., Y]`` reward of each output.
+      where: optional ``[..., Y]`` bool; ``False`` removes an output from the support.
+
+    Returns:
+      ``[...]`` variances.
+
+    >>> import jax.numpy as jnp
+    >>> float(reward_variance(jnp.zeros(2), jnp.array([-1.0, 1.0])))
+    1.0
+    """
+    _validate_exact(logits, rewards, where)
+    probs = probabilities(logits, where=where)
+    rewards = _masked(jnp.asarray(rewards), where)
+    mean = jnp.sum(probs * rewards, axis=-1, keepdims=True)
+    return jnp.sum(probs * jnp.square(rewards - mean), axis=-1)
+
+
+def sample_reward_variance(rewards, *, ddof=1, where=None):
+    """Per-prompt variance of sampled rewards ``[..., k]`` (``k`` samples on the last axis).
+
+    ``sum_i (r_i - mean(r))^2 / (n - ddof)`` with ``n`` the number of valid samples
+    (``where``); ``ddof=1`` (default) is torch's ``var`` and the official code's convention.
+    Rows with ``n <= ddof`` give NaN under ``jit``; with concrete inputs they raise.
+
+    >>> import jax.numpy as jnp
+    >>> sample_reward_variance(jnp.array([[0.0, 2.0], [1.0, 1.0]])).tolist()
+    [2.0, 0.0]
+    """
+    rewards = jnp.asarray(rewards)
+    if rewards.ndim < 1:
+        raise ValueError("rewards must have a sample axis: shape [..., k].")
+    check_same_shape(rewards=rewards, where=where)
+    k = rewards.shape[-1]
+    if where is None and k <= ddof:
+        raise ValueError(
+            f"sample_reward_variance needs more than ddof={ddof} samples per prompt, got k={k}."
+        )
+    if where is not None and is_concrete(where):
+        fewest = int(np.min(np.sum(np.asarray(where), axis=-1), initial=k))
+        if fewest <= ddof:
+            raise ValueError(
+                f"sample_reward_variance needs more than ddof={ddof} valid samples per prompt; "
+                f"a row of `where` has only {fewest}."
+            )
+    check_finite("rewards", _masked(rewards, where))
+    if where is None:
+        return jnp.var(rewards, axis=-1, ddof=ddof)
+    count = jnp.sum(where, axis=-1)
+    rewards = _masked(rewards, where)
+    mean = jnp.sum(rewards, axis=-1, keepdims=True) / jnp.expand_dims(count, -1)
+    squares = _masked(jnp.square(rewards - mean), where)
+    return jnp.sum(squares, axis=-1) / (count - ddof)
+
+
+def kl(logits_p, logits_q, *, where=None):
+    """Exact ``KL(p || q) = sum_y p(y) (log p(y) - log q(y))`` over the last axis.
+
+    ``p = softmax(logits_p)``, ``q = softmax(logits_q)``; ``where`` restricts both supports.
+    Clipped at 0 against rounding.
+
+    >>> import jax.numpy as jnp
+    >>> round(float(kl(jnp.log(jnp.array([0.5, 0.5])), jnp.log(jnp.array([0.9, 0.1])))), 6)
+    0.510826
+    """
+    check_same_shape(logits_p=logits_p, logits_q=logits_q, where=where)
+    check_finite("logits_p", _masked(logits_p, where))
+    check_finite("logits_q", _masked(logits_q, where))
+    logits_p, logits_q = jnp.asarray(logits_p), jnp.asarray(logits_q)
+    if where is not None:
+        logits_p = jnp.where(where, logits_p, -jnp.inf)
+        logits_q = jnp.where(where, logits_q, -jnp.inf)
+    log_p = jax.nn.log_softmax(logits_p, axis=-1)
+    log_q = jax.nn.log_softmax(logits_q, axis=-1)
+    terms = jnp.exp(log_p) * (log_p - log_q)
+    # Outputs outside p's support contribute 0, even where q is 0 too (0 * (-inf - -inf)).
+    terms = jnp.where(log_p > -jnp.inf, terms, 0.0)
+    return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
+
+
+_KL_KINDS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp, ref_logp, kind="k1"):
+    """Per-sample estimators of ``KL(pi || pi_ref)`` from log-probs of samples ``y ~ pi``.
+
+    With ``log_ratio = ref_logp - logp`` (log of ``pi_ref / pi`` at the sample):
+
+    - ``k1 = -log_ratio``: unbiased, can be negative;
+    - ``k2 = log_ratio^2 / 2``: biased, low variance, non-negative;
+    - ``k3 = exp(log_ratio) - 1 - log_ratio``: unbiased and non-negative (GRPO's choice).
+
+    Works elementwise on any shape (per token or per sequence).
+
+    >>> import jax.numpy as jnp
+    >>> [round(float(kl_estimate(jnp.log(0.5), jnp.log(0.25), k)), 4) for k in ("k1", "k2", "k3")]
+    [0.6931, 0.2402, 0.1931]
+    """
+    check_choice("kind", kind, _KL_KINDS)
+    check_same_shape(logp=logp, ref_logp=ref_logp)
+    check_finite("logp", logp)
+    check_finite("ref_logp", ref_logp)
+    log_ratio = jnp.asarray(ref_logp) - jnp.asarray(logp)
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    return jnp.expm1(log_ratio) - log_ratio
+
+
+def accuracy(rm_rewards, gt_rewards, *, probs=None, where=None):
+    """Pairwise accuracy of a reward model against the ground truth, over the last axis.
+
+    ``acc = sum_{i<j} w_i w_j 1[sign(rm_i - rm_j) == sign(gt_i - gt_j)] / sum_{i<j} w_i w_j``
+    over unordered pairs of distinct positions, ``sign`` in ``{-1, 0, +1}`` (a tie agrees only
+    with a tie). Weights ``w = 1`` (uniform over pairs) when ``probs`` is None, else
+    ``w = probs`` (pairs drawn from the policy: on-policy accuracy). ``where=False`` drops a
+    position. On ``[prompts, k]`` samples with ``probs=None`` this is the official pairwise
+    accuracy over all sample pairs.
+
+    Rows with more than 256 entries are counted by sorting (``O(n log^2 n)`` time, ``O(n)``
+    memory; no ``n x n`` matrix), so ``n = 10^6`` outputs is fine.
+
+    Args:
+      rm_rewards: ``[..., n]`` reward-model scores.
+      gt_rewards: ``[..., n]`` ground-truth rewards.
+      probs: optional ``[..., n]`` policy probabilities (each row sums to 1).
+      where: optional ``[..., n]`` bool mask of valid positions.
+
+    Returns:
+      ``[...]`` accuracies (NaN for a row with fewer than two valid positions).
+
+    >>> import jax.numpy as jnp
+    >>> float(accuracy(jnp.array([0.0, 1.0, 2.0]), jnp.array([0.0, 2.0, 1.0])))  # 2 of 3 pairs
+    0.6666666666666666
+    """
+    rm_rewards, gt_rewards = jnp.asarray(rm_rewards), jnp.asarray(gt_rewards)
+    check_same_shape(rm_rewards=rm_rewards, gt_rewards=gt_rewards, probs=probs, where=where)
+    if rm_rewards.ndim < 1:
+        raise ValueError("accuracy needs at least one axis of outputs.")
+    check_finite("rm_rewards", _masked(rm_rewards, where))
+    check_finite("gt_rewards", _masked(gt_rewards, where))
+    if probs is not None:
+        check_finite("probs", probs)
+        if is_concrete(probs):
+            values = np.asarray(_masked(jnp.asarray(probs), where), dtype=np.float64)
+            if (values < 0).any():
+                raise ValueError("probs must be non-negative.")
+            sums = values.sum(axis=-1)
+            tol = 1e-3 if np.asarray(probs).dtype.itemsize < 8 else 1e-6
+            if np.abs(sums - 1.0).max(initial=0.0) > tol:
+                raise ValueError(
+                    f"probs must sum to 1 over the last axis (found sums from {sums.min():.6g} "
+                    f"to {sums.max():.6g})."
+                )
+    dtype = jnp.result_type(rm_rewards.dtype, gt_rewards.dtype, jnp.float32)
+    weights = jnp.ones(rm_rewards.shape, dtype) if probs is None else jnp.asarray(probs, dtype)
+    weights = _masked(weights, where)
+    n = rm_rewards.shape[-1]
+    count = _dense_agreement if n <= _DENSE_PAIR_LIMIT else _sorted_agreement
+    agree, total = count(rm_rewards, gt_rewards, weights)
+    return agree / total
+
+
+def _pair_total(weights):
+    """``sum_{i<j} w_i w_j = ((sum w)^2 - sum w^2) / 2``."""
+    return 0.5 * (jnp.square(jnp.sum(weights, -1)) - jnp.sum(jnp.square(weights), -1))
+
+
+@jax.jit
+def _dense_agreement(rm, gt, weights):
+    agree = jnp.sign(rm[..., :, None] - rm[..., None, :]) == jnp.sign(gt[..., :, None] - gt[..., None, :])
+    n = rm.shape[-1]
+    upper = jnp.triu(jnp.ones((n, n), bool), k=1)
+    pair_weights = weights[..., :, None] * weights[..., None, :]
+    agreed = jnp.sum(jnp.where(agree & upper, pair_weights, 0.0), axis=(-2, -1))
+    return agreed, _pair_total(weights)
+
+
+@jax.jit
+def _sorted_agreement(rm, gt, weights):
+    batch = rm.shape[:-1]
+    n = rm.shape[-1]
+    flat = [x.reshape(-1, n) for x in (rm, gt, weights)]
+    agreed, total = jax.vmap(_sorted_agreement_row)(*flat)
+    return agreed.reshape(batch), total.reshape(batch)
+
+
+def _tied_pair_weight(keys, weights):
+    """Weight of pairs equal in every key: ``sum_groups ((sum w)^2 - sum w^2) / 2``."""
+    order = jnp.lexsort(keys[::-1])
+    sorted_keys = [k[order] for k in keys]
+    w = weights[order]
+    new_group = jnp.zeros(w.shape, bool).at[0].set(True)
+    for k in sorted_keys:
+        new_group = new_group | jnp.concatenate([jnp.ones(1, bool), k[1:] != k[:-1]])
+    group = jnp.cumsum(new_group) - 1
+    group_sum = jax.ops.segment_sum(w, group, num_segments=w.shape[0])
+    return 0.5 * (jnp.sum(jnp.square(group_sum)) - jnp.sum(jnp.square(w)))
+
+
+def _signed_order_weight(values, weights):
+    """``sum_{i<j} w_i w_j sign(v_j - v_i)`` over positions in the given order.
+
+    Bottom-up merge: at each level every element of a right half is compared with the whole
+    (sorted) left half of its block by binary search, so all ``i < j`` pairs are seen once.
+    """
+    n = values.shape[0]
+    size = 1 << math.ceil(math.log2(n))
+    pad = size - n
+    values = jnp.concatenate([values, jnp.full((pad,), values[0], values.dtype)])
+    weights = jnp.concatenate([weights, jnp.zeros((pad,), weights.dtype)])
+    total = jnp.zeros((), weights.dtype)
+    half = 1
+    while half < size:
+        blocks = (values.reshape(-1, 2, half), weights.reshape(-1, 2, half))
+        left_v, right_v = blocks[0][:, 0], blocks[0][:, 1]
+        left_w, right_w = blocks[1][:, 0], blocks[1][:, 1]
+        order = jnp.argsort(left_v, axis=-1)
+        left_v = jnp.take_along_axis(left_v, order, -1)
+        cum_w = jnp.cumsum(jnp.take_along_axis(left_w, order, -1), axis=-1)
+        cum_w = jnp.concatenate([jnp.zeros_like(cum_w[:, :1]), cum_w], axis=-1)
+        below = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))(left_v, right_v)
+        at_or_below = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="right"))(left_v, right_v)
+        lighter = jnp.take_along_axis(cum_w, below, -1)
+        heavier = cum_w[:, -1:] - jnp.take_along_axis(cum_w, at_or_below, -1)
+        total = total + jnp.sum(right_w * (lighter - heavier))
+        half *= 2
+    return total
+
+
+def _sorted_agreement_row(rm, gt, weights):
+    # Kendall-style decomposition: pairs are concordant (C), discordant (D), tied in rm only,
+    # tied in gt only, or tied in both (T_both). Agreement = C + T_both.
+    total = _pair_total(weights)
+    tied_rm = _tied_pair_weight([rm], weights)
+    tied_gt = _tied_pair_weight([gt], weights)
+    tied_both = _tied_pair_weight([rm, gt], weights)
+    order = jnp.lexsort((gt, rm))  # by rm, ties broken by gt ascending
+    signed = _signed_order_weight(gt[order], weights[order])
+    # Pairs tied in rm (but not gt) appear in gt-ascending order, adding +w_i w_j each.
+    concordant_minus_discordant = signed - (tied_rm - tied_both)
+    concordant_plus_discordant = total - tied_rm - tied_gt + tied_both
+    concordant = 0.5 * (concordant_plus_discordant + concordant_minus_discordant)
+    return concordant + tied_both, total

@@ -1,0 +1,204 @@
+"""Exact tabular and autoregressive-tabular softmax policies.
+
+A policy here is a small frozen dataclass describing the *structure*; its parameters ("logits")
+are plain arrays (or a tuple of arrays) with the prompt axis leading, so they ``vmap``, ``jit``
+and shard like any pytree:
+
+- :class:`TabularPolicy` (Eq. 3 of Razin et al.): one free logit per (prompt, whole output),
+  logits ``[S, Y]``, ``pi(.|x) = softmax(theta[x])``. Length ``L = 1``, Jacobian norm ``J = 1``.
+- :class:`AutoregressiveTabularPolicy`: vocabulary ``V``, length ``L``, one free logit vector per
+  (prompt, prefix); logits ``(theta_0, ..., theta_{L-1})`` with ``theta_l: [S, V**l, V]``.
+  Outputs are all ``V**L`` sequences in lexicographic order (token ``l`` of output ``i`` is
+  ``(i // V**(L-1-l)) % V``), enumerated exactly. ``J = 1`` for any ``L``.
+
+Both expose ``log_probs(logits) -> [..., S, Y]`` and the closed-form ``log_prob_vjp(logits, c)
+= sum_y c[y] grad log pi(y)``, from which the exact gradient of the RLHF objective follows
+(Lemma 7 for tabular policies, the score-function form for autoregressive ones).
+
+The RLHF objective (THEORY.md Eq. 1), with ``pi_ref`` the reference (initial) policy:
+``phi(theta) = mean_x ( E_{y~pi(.|x)} r(x,y) - lam KL(pi(.|x) || pi_ref(.|x)) )``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "AutoregressiveTabularPolicy",
+    "TabularPolicy",
+    "kl_rewards",
+    "objective",
+    "objective_grad",
+    "prompt_gradient",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TabularPolicy:
+    """``pi(.|x) = softmax(theta[x, :])``: one logit per prompt and whole output.
+
+    >>> import jax.numpy as jnp
+    >>> TabularPolicy().log_probs(jnp.zeros((1, 2))).round(4).tolist()
+    [[-0.6931, -0.6931]]
+    """
+
+    length: ClassVar[int] = 1
+    jacobian_norm: ClassVar[float] = 1.0
+
+    def num_outputs(self, logits) -> int:
+        return jnp.shape(logits)[-1]
+
+    def log_probs(self, logits):
+        return jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+
+    def log_prob_vjp(self, logits, cotangent):
+        """``sum_y c[y] grad_theta log pi(y) = c - pi * sum(c)`` (per prompt row)."""
+        probs = jax.nn.softmax(logits, axis=-1)
+        return cotangent - probs * jnp.sum(cotangent, axis=-1, keepdims=True)
+
+    def random_logits(self, key, num_prompts, num_outputs, *, scale=1.0, dtype=None):
+        """Logits ``scale * N(0, 1)``: larger ``scale`` gives sharper initial policies."""
+        return scale * jax.random.normal(key, (num_prompts, num_outputs), dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoregressiveTabularPolicy:
+    """``pi(y|x) = prod_l softmax(theta_l[x, y_<l])[y_l]`` with one logit vector per prefix.
+
+    >>> import jax.numpy as jnp
+    >>> policy = AutoregressiveTabularPolicy(vocab_size=2, length=2)
+    >>> logits = policy.random_logits(jax.random.key(0), 3)
+    >>> [a.shape for a in logits], policy.num_outputs
+    ([(3, 1, 2), (3, 2, 2)], 4)
+    >>> float(jnp.exp(policy.log_probs(logits)).sum(-1)[0].round(6))
+    1.0
+    """
+
+    vocab_size: int
+    length: int
+    jacobian_norm: ClassVar[float] = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
+            raise ValueError(f"vocab_size must be an int >= 2, got {self.vocab_size!r}.")
+        if not (isinstance(self.length, int) and self.length >= 1):
+            raise ValueError(f"length must be an int >= 1, got {self.length!r}.")
+
+    @property
+    def num_outputs(self) -> int:
+        return self.vocab_size**self.length
+
+    def outputs(self) -> np.ndarray:
+        """``[V**L, L]`` token ids of every output, in the order used by rewards and log-probs."""
+        index = np.arange(self.num_outputs)[:, None]
+        powers = self.vocab_size ** np.arange(self.length - 1, -1, -1)
+        return (index // powers) % self.vocab_size
+
+    def _check(self, logits):
+        if len(logits) != self.length:
+            raise ValueError(f"expected {self.length} logit arrays (one per position), got {len(logits)}.")
+        for level, theta in enumerate(logits):
+            expected = (self.vocab_size**level, self.vocab_size)
+            if tuple(jnp.shape(theta)[-2:]) != expected:
+                raise ValueError(
+                    f"logits[{level}] must end with shape {expected}, got {jnp.shape(theta)}."
+                )
+
+    def log_probs(self, logits):
+        """``[..., V**L]`` exact log-probabilities of all outputs."""
+        self._check(logits)
+        total = 0.0
+        for level, theta in enumerate(logits):
+            token_logp = jax.nn.log_softmax(theta, axis=-1)
+            batch = token_logp.shape[:-2]
+            # Output i continues prefix-and-token (i // V**(L-1-level)): repeat each entry.
+            repeats = self.vocab_size ** (self.length - 1 - level)
+            flat = token_logp.reshape(*batch, -1, 1)
+            total = total + jnp.broadcast_to(flat, (*batch, flat.shape[-2], repeats)).reshape(*batch, -1)
+        return total
+
+    def log_prob_vjp(self, logits, cotangent):
+        """``sum_y c[y] grad log pi(y)`` per level: ``a[p, v] - pi(v|p) sum_v' a[p, v']``,
+        where ``a[p, v]`` sums ``c`` over the outputs that start with prefix ``p`` then ``v``."""
+        self._check(logits)
+        grads = []
+        batch = cotangent.shape[:-1]
+        for level, theta in enumerate(logits):
+            shape = (*batch, self.vocab_size**level, self.vocab_size, -1)
+            mass = jnp.sum(cotangent.reshape(shape), axis=-1)
+            probs = jax.nn.softmax(theta, axis=-1)
+            grads.append(mass - probs * jnp.sum(mass, axis=-1, keepdims=True))
+        return tuple(grads)
+
+    def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
+        """Per-prefix logits ``scale * N(0, 1)``."""
+        keys = jax.random.split(key, self.length)
+        return tuple(
+            scale * jax.random.normal(k, (num_prompts, self.vocab_size**level, self.vocab_size), dtype=dtype)
+            for level, k in enumerate(keys)
+        )
+
+
+def kl_rewards(log_probs, rewards, ref_log_probs, *, kl_coef=0.0):
+    """``r_KL = r - lam (log pi - log pi_ref)``: the reward whose expectation is the objective."""
+    return rewards - kl_coef * (log_probs - ref_log_probs)
+
+
+def _per_prompt_objective(log_probs, rewards, ref_log_probs, kl_coef):
+    probs = jnp.exp(log_probs)
+    return jnp.sum(probs * kl_rewards(log_probs, rewards, ref_log_probs, kl_coef=kl_coef), axis=-1)
+
+
+def objective(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
+    """``phi(theta) = mean_x (E_pi r(x, .) - lam KL(pi(.|x) || pi_ref(.|x)))``.
+
+    Args:
+      policy: a policy structure (:class:`TabularPolicy`, :class:`AutoregressiveTabularPolicy`).
+      logits: its parameters, prompt axis leading.
+      rewards: ``[S, Y]`` rewards of every output.
+      ref_log_probs: ``[S, Y]`` log-probs of the reference policy.
+      kl_coef: ``lam >= 0``.
+
+    >>> import jax.numpy as jnp
+    >>> policy = TabularPolicy()
+    >>> logits = jnp.zeros((1, 2))
+    >>> float(objective(policy, logits, jnp.array([[0.0, 1.0]]), policy.log_probs(logits)))
+    0.5
+    """
+    log_probs = policy.log_probs(logits)
+    return jnp.mean(_per_prompt_objective(log_probs, rewards, ref_log_probs, kl_coef), axis=-1)
+
+
+def prompt_gradient(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
+    """Exact gradient of each prompt's own objective ``phi_x`` (no ``1/|S|`` factor).
+
+    Score-function form ``grad phi_x = sum_y pi(y) (r_KL(y) - phi_x) grad log pi(y)`` (the
+    ``-lam grad log pi`` term has mean zero); for a tabular policy this is Lemma 7:
+    ``pi * (r_KL - E_pi r_KL)``. Works on logits with or without a prompt axis.
+    """
+    log_probs = policy.log_probs(logits)
+    probs = jnp.exp(log_probs)
+    reward = kl_rewards(log_probs, rewards, ref_log_probs, kl_coef=kl_coef)
+    baseline = jnp.sum(probs * reward, axis=-1, keepdims=True)
+    return policy.log_prob_vjp(logits, probs * (reward - baseline))
+
+
+def objective_grad(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
+    """Exact ``grad phi(theta)`` in closed form: each prompt's gradient divided by ``|S|``.
+
+    Equals ``jax.grad(objective)`` (tested to 1e-10 in float64) at a fraction of the cost.
+
+    >>> import jax.numpy as jnp
+    >>> policy = TabularPolicy()
+    >>> logits = jnp.zeros((1, 2))
+    >>> objective_grad(policy, logits, jnp.array([[0.0, 1.0]]), policy.log_probs(logits)).tolist()
+    [[-0.25, 0.25]]
+    """
+    num_prompts = jnp.shape(rewards)[-2]
+    grads = prompt_gradient(policy, logits, rewards, ref_log_probs, kl_coef=kl_coef)
+    return jax.tree.map(lambda g: g / num_prompts, grads)

@@ -1,0 +1,12 @@
+"""Test setup: 4 host CPU devices and float64, both fixed before jax is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]
+).strip()
+
+import jax  # noqa: E402
+
+# Exact-dynamics tests compare to 1e-10; float32 paths are tested with explicit float32 arrays.
+jax.config.update("jax_enable_x64", True)

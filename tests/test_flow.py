@@ -1,0 +1,177 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.integrate import solve_ivp
+
+from jaxrm import flow
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, objective
+
+
+def two_output_t_gamma(p0, gap, gamma, num_prompts):
+    """Closed form for Y = 2, lam = 0: dz/dt = (2 gap / S) s(z)(1 - s(z)), z the logit gap."""
+    p_star = p0 + gamma / gap
+    if p_star >= 1:
+        return np.inf
+    z0, z1 = np.log(p0 / (1 - p0)), np.log(p_star / (1 - p_star))
+    return num_prompts * (z1 - z0 + np.sinh(z1) - np.sinh(z0)) / gap
+
+
+def scipy_t_gamma(policy, logits, rm, eval_rewards, gamma, kl_coef, prompt):
+    """Independent reference: DOP853 at rtol 1e-12 on the autodiff gradient of the objective."""
+    leaves, treedef = jax.tree.flatten(logits)
+    sizes = [leaf.size for leaf in leaves]
+    ref = policy.log_probs(logits)
+    grad = jax.jit(jax.grad(lambda l: objective(policy, l, rm, ref, kl_coef=kl_coef)))
+    gain = jax.jit(lambda l: jnp.sum(jnp.exp(policy.log_probs(l)[prompt]) * eval_rewards[prompt]))
+    unflatten = lambda v: treedef.unflatten(  # noqa: E731
+        [jnp.asarray(c).reshape(leaf.shape) for c, leaf in zip(np.split(v, np.cumsum(sizes)[:-1]), leaves)])
+    start = float(gain(logits))
+
+    def field(t, v):
+        return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad(unflatten(v)))])
+
+    def event(t, v):
+        return float(gain(unflatten(v))) - start - gamma
+
+    event.terminal, event.direction = True, 1
+    v0 = np.concatenate([np.ravel(leaf) for leaf in leaves])
+    sol = solve_ivp(field, (0, 1e6), v0, method="DOP853", rtol=1e-12, atol=1e-14, events=event)
+    return sol.t_events[0][0] if len(sol.t_events[0]) else np.inf
+
+
+@pytest.mark.parametrize("p0,gamma,num_prompts", [(0.5, 0.25, 1), (0.1, 0.6, 3), (0.9, 0.05, 2), (0.01, 0.9, 1)])
+def test_two_outputs_match_closed_form(p0, gamma, num_prompts):
+    gap = 1.5
+    logits = jnp.tile(jnp.array([0.0, np.log(p0 / (1 - p0))]), (num_prompts, 1))
+    rewards = jnp.tile(jnp.array([-0.5, 1.0]), (num_prompts, 1))
+    t = flow.t_gamma(logits, rewards, gamma, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(t, two_output_t_gamma(p0, gap, gamma, num_prompts), rtol=1e-6)
+
+
+def test_unreachable_gain_is_inf():
+    t = flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.6, t_max=1e4)
+    assert np.isinf(t).all()
+
+
+CASES = {
+    "tabular_kl_gt": (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 2, 5), 0.3),
+    "autoregressive": (AutoregressiveTabularPolicy(2, 2), lambda k: AutoregressiveTabularPolicy(2, 2).random_logits(k, 2), 0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_agrees_with_independent_high_accuracy_solution(name):
+    policy, make, kl_coef = CASES[name]
+    logits = make(jax.random.key(0))
+    shape = policy.log_probs(logits).shape
+    gt = jax.random.uniform(jax.random.key(1), shape, minval=-1, maxval=1)
+    rm = 0.5 * gt + 0.3 * jax.random.uniform(jax.random.key(2), shape, minval=-1, maxval=1)
+    gamma = 0.1
+    got = flow.t_gamma(logits, rm, gamma, policy=policy, kl_coef=kl_coef, eval_rewards=gt, rtol=1e-10, atol=1e-12)
+    for prompt in range(shape[0]):
+        expected = scipy_t_gamma(policy, logits, rm, gt, gamma, kl_coef, prompt)
+        assert np.isfinite(expected)
+        np.testing.assert_allclose(got[prompt], expected, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    keys = jax.random.split(jax.random.key(3), 3)
+    logits = 1.5 * jax.random.normal(keys[0], (6, 2, 8))
+    gt = jax.random.uniform(keys[1], (6, 2, 8), minval=-1, maxval=1)
+    rm = gt + 0.5 * jax.random.normal(keys[2], (6, 2, 8))
+    return logits, rm, gt
+
+
+def test_batch_equals_problems_one_at_a_time_and_queue_size_does_not_matter(batch):
+    logits, rm, gt = batch
+    kl_coef = jnp.array([0.0, 0.05, 0.5, 0.0, 0.05, 0.5])
+    together = flow.first_passage(logits, rm, 0.05, eval_rewards=gt, kl_coef=kl_coef, slots=3)
+    assert together.t_gamma.shape == (6, 2)
+    assert np.isfinite(together.t_gamma).sum() >= 8
+    for b in (0, 4):
+        alone = flow.t_gamma(logits[b], rm[b], 0.05, eval_rewards=gt[b], kl_coef=kl_coef[b], slots=2)
+        np.testing.assert_allclose(together.t_gamma[b], alone, rtol=1e-9)
+    status = np.asarray(together.status)
+    assert set(status.ravel()) <= {flow.REACHED, flow.NOT_REACHED}
+    assert (np.isfinite(together.t_gamma) == (status == flow.REACHED)).all()
+
+
+def test_vmap_over_problems(batch):
+    logits, rm, gt = batch
+    mapped = jax.vmap(lambda l, r, g: flow.t_gamma(l, r, 0.05, eval_rewards=g))(logits[:2], rm[:2], gt[:2])
+    np.testing.assert_allclose(mapped, flow.t_gamma(logits[:2], rm[:2], 0.05, eval_rewards=gt[:2]), rtol=1e-9)
+
+
+def test_logits_at_t_gamma_realize_the_gain(batch):
+    logits, rm, gt = batch
+    out = flow.first_passage(logits[:2], rm[:2], 0.05, eval_rewards=gt[:2])
+    reached = np.isfinite(out.t_gamma)
+    gain = (jax.nn.softmax(out.logits) * gt[:2]).sum(-1) - (jax.nn.softmax(logits[:2]) * gt[:2]).sum(-1)
+    np.testing.assert_allclose(np.asarray(gain)[reached], 0.05, rtol=1e-7)
+
+
+def test_perfectly_accurate_scaled_teacher_is_a_time_rescaling(batch):
+    """r_RM = eps * r_G, lam = 0: t_gamma(r_G) is exactly proportional to 1/eps."""
+    logits, _, gt = batch
+    eps = jnp.array([1.0, 1e-2, 1e-4])[:, None, None]
+    t = flow.t_gamma(jnp.broadcast_to(logits[0], (3, 2, 8)), eps * gt[0], 0.1, eval_rewards=jnp.broadcast_to(gt[0], (3, 2, 8)))
+    np.testing.assert_allclose(t * eps[..., 0], jnp.broadcast_to(t[0], (3, 2)), rtol=1e-6)
+
+
+def test_trajectory_passes_the_gain_at_t_gamma(batch):
+    logits, rm, gt = batch
+    t = flow.t_gamma(logits[0], rm[0], 0.05, eval_rewards=gt[0], kl_coef=0.05)
+    ts = jnp.sort(jnp.concatenate([jnp.zeros(1), t]))
+    path = flow.trajectory(logits[0], rm[0], ts, eval_rewards=gt[0], kl_coef=0.05, rtol=1e-10, atol=1e-12)
+    assert path.eval_reward.shape == (3, 2)
+    gains = np.asarray(path.eval_reward - path.eval_reward[0])
+    order = np.argsort(np.asarray(t))
+    np.testing.assert_allclose([gains[1, order[0]], gains[2, order[1]]], 0.05, rtol=1e-6)
+    np.testing.assert_allclose(path.kl[0], 0.0, atol=1e-15)
+    assert bool(jnp.all(path.kl[1:] > 0))
+
+
+def test_discrete_ascent_converges_to_the_flow(batch):
+    logits, rm, gt = batch
+    horizon = 4.0
+    exact = flow.trajectory(logits[0], rm[0], jnp.array([horizon]), eval_rewards=gt[0], kl_coef=0.05, rtol=1e-10, atol=1e-12)
+    errors = []
+    for num_steps in (10, 40, 160):
+        _, metrics = flow.exact_gradient_ascent(
+            logits[0], rm[0], optimizer=optax.sgd(horizon / num_steps), num_steps=num_steps,
+            eval_rewards=gt[0], kl_coef=0.05)
+        errors.append(float(jnp.abs(metrics.eval_reward[-1] - exact.eval_reward[0]).max()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-3
+    np.testing.assert_allclose(errors[1] / errors[2], 4.0, rtol=0.25)  # first order in the step
+
+
+def test_bad_input_fails_early():
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        flow.t_gamma(jnp.zeros((1, 2)), jnp.zeros((1, 2)), 0.0)
+    with pytest.raises(ValueError, match="finite"):
+        flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, np.nan]]), 0.1)
+    with pytest.raises(ValueError, match="do not match"):
+        flow.t_gamma(jnp.zeros((1, 3)), jnp.zeros((1, 2)), 0.1)
+    with pytest.raises(ValueError, match="kl_coef"):
+        flow.t_gamma(jnp.zeros((1, 2)), jnp.zeros((1, 2)), 0.1, kl_coef=-1.0)
+    with pytest.raises(ValueError, match="prompts, outputs"):
+        flow.t_gamma(jnp.zeros(2), jnp.zeros(2), 0.1)
+
+
+def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
+    """With lam > 0 the flow tends to pi* = pi_ref exp(r/lam)/Z: a gain just above pi*'s is
+    proven unreachable after few steps; a gain just below it is still reached."""
+    logits = jnp.array([[0.5, -1.0, 0.0, 2.0]])
+    rewards = jnp.array([[1.0, 0.5, -0.5, -1.0]])
+    lam = 0.5
+    p0 = jax.nn.softmax(logits)
+    p_star = jax.nn.softmax(jnp.log(p0) + rewards / lam)
+    limit_gain = float(((p_star - p0) * rewards).sum())
+    above = flow.first_passage(logits, rewards, 1.01 * limit_gain, kl_coef=lam)
+    below = flow.first_passage(logits, rewards, 0.99 * limit_gain, kl_coef=lam)
+    assert int(above.status[0]) == flow.NOT_REACHED and int(above.num_steps[0]) < 500
+    assert int(below.status[0]) == flow.REACHED

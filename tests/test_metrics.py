@@ -1,0 +1,192 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxrm import metrics
+
+
+def brute_accuracy(rm, gt, weights):
+    agree = total = 0.0
+    for i, j in itertools.combinations(range(len(rm)), 2):
+        w = weights[i] * weights[j]
+        total += w
+        agree += w * (np.sign(rm[i] - rm[j]) == np.sign(gt[i] - gt[j]))
+    return agree / total
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class TestRewardVariance:
+    def test_matches_definition_and_pair_form(self):
+        rng = np.random.default_rng(0)
+        logits, rewards = rng.normal(size=(3, 7)), rng.uniform(-1, 1, (3, 7))
+        p = softmax(logits)
+        mean = (p * rewards).sum(-1, keepdims=True)
+        expected = (p * (rewards - mean) ** 2).sum(-1)
+        pair_form = 0.5 * np.einsum("si,sj,sij->s", p, p, (rewards[:, :, None] - rewards[:, None, :]) ** 2)
+        got = metrics.reward_variance(logits, rewards)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        np.testing.assert_allclose(got, pair_form, rtol=1e-12)
+
+    def test_scaling_rewards_scales_variance_quadratically(self):
+        logits, rewards = jnp.array([0.3, -1.0, 2.0]), jnp.array([0.1, 0.5, -0.4])
+        base = metrics.reward_variance(logits, rewards)
+        np.testing.assert_allclose(metrics.reward_variance(logits, 1e-3 * rewards), 1e-6 * base, rtol=1e-10)
+
+    def test_where_equals_dropping_outputs(self):
+        logits, rewards = jnp.array([0.3, 50.0, 2.0, -1.0]), jnp.array([0.1, np.nan, -0.4, 0.9])
+        keep = jnp.array([True, False, True, True])
+        np.testing.assert_allclose(
+            metrics.reward_variance(logits, rewards, where=keep),
+            metrics.reward_variance(logits[keep], rewards[keep]),
+            rtol=1e-12,
+        )
+
+    @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+    def test_stable_for_a_million_outputs_and_huge_logits(self, dtype):
+        rng = np.random.default_rng(1)
+        logits = rng.uniform(-1e4, 9.9e3, 10**6).astype(dtype)
+        rewards = rng.uniform(-1, 1, 10**6).astype(dtype)
+        logits[:3] = 1e4  # three tied maxima share the mass
+        got = float(metrics.reward_variance(logits, rewards))
+        top = rewards[:3].astype(np.float64)
+        assert np.isfinite(got) and got >= 0
+        np.testing.assert_allclose(got, top.var(), rtol=1e-4, atol=1e-6)
+        flat = metrics.reward_variance(np.zeros(10**6, dtype), rewards)
+        np.testing.assert_allclose(float(flat), rewards.astype(np.float64).var(), rtol=1e-4)
+
+    def test_never_negative_when_rewards_are_constant(self):
+        logits = jnp.array([1e4, -1e4, 3.0], jnp.float32)
+        assert float(metrics.reward_variance(logits, jnp.full(3, 0.7, jnp.float32))) == 0.0
+
+    def test_jit_vmap_grad(self):
+        logits, rewards = jnp.array([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0]]), jnp.array([[1.0, 0.0, -1.0]] * 2)
+        f = jax.jit(jax.vmap(metrics.reward_variance))
+        np.testing.assert_allclose(f(logits, rewards), metrics.reward_variance(logits, rewards))
+        g = jax.grad(lambda l: metrics.reward_variance(l, rewards[0]))(logits[0])
+        eps = 1e-6
+        fd = [(metrics.reward_variance(logits[0].at[i].add(eps), rewards[0])
+               - metrics.reward_variance(logits[0].at[i].add(-eps), rewards[0])) / (2 * eps) for i in range(3)]
+        np.testing.assert_allclose(g, fd, rtol=1e-6)
+
+    def test_bad_input_fails_loudly(self):
+        with pytest.raises(ValueError, match="finite"):
+            metrics.reward_variance(jnp.zeros(3), jnp.array([0.0, np.nan, 1.0]))
+        with pytest.raises(ValueError, match="shape mismatch"):
+            metrics.reward_variance(jnp.zeros(3), jnp.zeros(4))
+
+
+class TestSampleRewardVariance:
+    def test_ddof_matches_numpy(self):
+        rewards = np.random.default_rng(2).normal(size=(5, 10))
+        for ddof in (0, 1):
+            np.testing.assert_allclose(metrics.sample_reward_variance(rewards, ddof=ddof), rewards.var(-1, ddof=ddof))
+
+    def test_default_is_ddof_one(self):
+        assert float(metrics.sample_reward_variance(jnp.array([0.0, 1.0]))) == 0.5
+
+    def test_where(self):
+        rewards = jnp.array([[1.0, 2.0, 100.0, 4.0]])
+        keep = jnp.array([[True, True, False, True]])
+        np.testing.assert_allclose(metrics.sample_reward_variance(rewards, where=keep), [np.var([1, 2, 4], ddof=1)])
+
+    def test_too_few_samples(self):
+        with pytest.raises(ValueError, match="more than ddof=1"):
+            metrics.sample_reward_variance(jnp.zeros((4, 1)))
+        with pytest.raises(ValueError, match="valid samples"):
+            metrics.sample_reward_variance(jnp.zeros((2, 3)), where=jnp.array([[True] * 3, [True, False, False]]))
+        with pytest.raises(ValueError, match="finite"):
+            metrics.sample_reward_variance(jnp.array([[0.0, np.inf]]))
+
+
+class TestAccuracy:
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.floats(0.01, 1.0)), min_size=2, max_size=12))
+    def test_dense_and_sorted_match_brute_force(self, rows):
+        rm, gt, w = (np.array(c, float) for c in zip(*rows))
+        expected = brute_accuracy(rm, gt, w)
+        pad = 12 - len(rows)  # zero-weight padding keeps one compiled shape
+        rm, gt, w = (np.pad(x, (0, pad))[None] for x in (rm, gt, w))
+        for count in (metrics._dense_agreement, metrics._sorted_agreement):
+            agree, total = count(rm, gt, w)
+            np.testing.assert_allclose(agree[0] / total[0], expected, rtol=1e-10, atol=1e-12)
+
+    def test_ties_agree_only_with_ties(self):
+        # pairs: (0,1) tie/tie agree, (0,2) tie vs order disagree, (1,2) same order agree.
+        assert float(metrics.accuracy(jnp.array([1.0, 1.0, 2.0]), jnp.array([0.0, 0.0, 0.0]))) == pytest.approx(1 / 3)
+        assert float(metrics.accuracy(jnp.array([1.0, 1.0, 2.0]), jnp.array([5.0, 5.0, 6.0]))) == 1.0
+
+    def test_on_policy_weights(self):
+        rng = np.random.default_rng(3)
+        rm, gt = rng.integers(0, 5, 9).astype(float), rng.normal(size=9)
+        probs = softmax(rng.normal(size=9))
+        np.testing.assert_allclose(metrics.accuracy(rm, gt, probs=probs), brute_accuracy(rm, gt, probs), rtol=1e-12)
+
+    def test_large_rows_use_the_sorted_count_and_agree_with_brute_force(self):
+        rng = np.random.default_rng(4)
+        n = 300  # above the dense limit
+        rm, gt = rng.integers(0, 20, n).astype(float), rng.integers(0, 20, n).astype(float)
+        keep = rng.random(n) > 0.2
+        expected = brute_accuracy(rm[keep], gt[keep], np.ones(keep.sum()))
+        np.testing.assert_allclose(metrics.accuracy(rm, gt, where=keep), expected, rtol=1e-12)
+
+    def test_a_hundred_thousand_outputs(self):
+        rng = np.random.default_rng(5)
+        gt = rng.normal(size=10**5)
+        assert float(metrics.accuracy(gt, gt)) == 1.0
+        assert float(metrics.accuracy(-gt, gt)) == 0.0
+
+    def test_samples_give_official_pairwise_accuracy(self):
+        rm = jnp.array([[0.1, 0.5, 0.3], [0.0, 0.0, 1.0]])
+        gt = jnp.array([[1.0, 2.0, 3.0], [1.0, 1.0, 0.0]])
+        np.testing.assert_allclose(metrics.accuracy(rm, gt), [2 / 3, 1 / 3])
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="sum to 1"):
+            metrics.accuracy(jnp.zeros(3), jnp.zeros(3), probs=jnp.array([0.5, 0.5, 0.5]))
+        with pytest.raises(ValueError, match="shape mismatch"):
+            metrics.accuracy(jnp.zeros(3), jnp.zeros(2))
+        with pytest.raises(ValueError, match="finite"):
+            metrics.accuracy(jnp.array([0.0, np.nan]), jnp.zeros(2))
+
+    def test_float32_and_jit(self):
+        rm = jnp.array([0.0, 1.0, 2.0, 3.0], jnp.float32)
+        out = jax.jit(metrics.accuracy)(rm, rm[::-1])
+        assert out.dtype == jnp.float32 and float(out) == 0.0
+
+
+class TestKL:
+    def test_exact_kl(self):
+        rng = np.random.default_rng(6)
+        a, b = rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+        p, q = softmax(a), softmax(b)
+        np.testing.assert_allclose(metrics.kl(a, b), (p * np.log(p / q)).sum(-1), rtol=1e-12)
+        np.testing.assert_allclose(metrics.kl(a, a), 0.0, atol=1e-15)
+
+    def test_where(self):
+        a, b = jnp.array([0.0, 1.0, 9.0]), jnp.array([1.0, 0.0, -9.0])
+        keep = jnp.array([True, True, False])
+        np.testing.assert_allclose(metrics.kl(a, b, where=keep), metrics.kl(a[:2], b[:2]), rtol=1e-12)
+
+    def test_estimators_are_exact_in_expectation(self):
+        """E_{y~pi}[k1] = E_{y~pi}[k3] = KL(pi || ref) exactly; k2 >= 0."""
+        rng = np.random.default_rng(7)
+        logp = jax.nn.log_softmax(jnp.array(rng.normal(size=6)))
+        ref = jax.nn.log_softmax(jnp.array(rng.normal(size=6)))
+        exact = metrics.kl(logp, ref)
+        for kind in ("k1", "k3"):
+            np.testing.assert_allclose(jnp.sum(jnp.exp(logp) * metrics.kl_estimate(logp, ref, kind)), exact, rtol=1e-12)
+        assert bool(jnp.all(metrics.kl_estimate(logp, ref, "k2") >= 0))
+        assert bool(jnp.all(metrics.kl_estimate(logp, ref, "k3") >= 0))
+
+    def test_unknown_kind(self):
+        with pytest.raises(ValueError, match="kind='k4'"):
+            metrics.kl_estimate(jnp.zeros(2), jnp.zeros(2), "k4")

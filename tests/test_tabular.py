@@ -1,0 +1,79 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, objective, objective_grad, prompt_gradient
+
+POLICIES = [
+    (TabularPolicy(), lambda key: TabularPolicy().random_logits(key, 3, 6, scale=2.0)),
+    (AutoregressiveTabularPolicy(vocab_size=3, length=3), lambda key: AutoregressiveTabularPolicy(3, 3).random_logits(key, 2, scale=2.0)),
+]
+
+
+def test_autoregressive_log_probs_are_products_of_conditionals():
+    policy = AutoregressiveTabularPolicy(vocab_size=3, length=2)
+    logits = policy.random_logits(jax.random.key(0), 2)
+    log_probs = policy.log_probs(logits)
+    conditionals = [jax.nn.log_softmax(theta, -1) for theta in logits]
+    for x, (i, (a, b)) in itertools.product(range(2), enumerate(policy.outputs())):
+        expected = conditionals[0][x, 0, a] + conditionals[1][x, a, b]
+        np.testing.assert_allclose(log_probs[x, i], expected, rtol=1e-12)
+    np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-12)
+    assert policy.outputs().tolist()[:4] == [[0, 0], [0, 1], [0, 2], [1, 0]]
+
+
+def test_length_one_autoregressive_is_tabular():
+    theta = jax.random.normal(jax.random.key(1), (2, 4))
+    np.testing.assert_allclose(
+        AutoregressiveTabularPolicy(vocab_size=4, length=1).log_probs((theta[:, None, :],)),
+        TabularPolicy().log_probs(theta),
+    )
+
+
+@pytest.mark.parametrize("policy,make", POLICIES)
+@pytest.mark.parametrize("kl_coef", [0.0, 0.7])
+def test_closed_form_gradient_equals_autodiff(policy, make, kl_coef):
+    logits = make(jax.random.key(2))
+    ref_logits = make(jax.random.key(3))
+    shape = policy.log_probs(logits).shape
+    rewards = jax.random.uniform(jax.random.key(4), shape, minval=-1, maxval=1)
+    ref = policy.log_probs(ref_logits)
+    closed = objective_grad(policy, logits, rewards, ref, kl_coef=kl_coef)
+    auto = jax.grad(lambda l: objective(policy, l, rewards, ref, kl_coef=kl_coef))(logits)
+    for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
+        np.testing.assert_allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_lemma7_tabular_gradient_form():
+    """d theta[x]/dt = (1/|S|) pi (r_KL - E_pi r_KL), row by row."""
+    policy = TabularPolicy()
+    logits = policy.random_logits(jax.random.key(5), 4, 5)
+    rewards = jax.random.uniform(jax.random.key(6), (4, 5))
+    ref = policy.log_probs(jnp.zeros((4, 5)))
+    lam = 0.3
+    pi = jax.nn.softmax(logits)
+    r_kl = rewards - lam * (jnp.log(pi) - ref)
+    expected = pi * (r_kl - (pi * r_kl).sum(-1, keepdims=True)) / 4
+    np.testing.assert_allclose(objective_grad(policy, logits, rewards, ref, kl_coef=lam), expected, atol=1e-15)
+    np.testing.assert_allclose(prompt_gradient(policy, logits[1], rewards[1], ref[1], kl_coef=lam), 4 * expected[1], atol=1e-15)
+
+
+def test_objective_is_reward_minus_kl():
+    policy = TabularPolicy()
+    logits = jnp.log(jnp.array([[0.2, 0.8]]))
+    ref = jnp.log(jnp.array([[0.5, 0.5]]))
+    rewards = jnp.array([[1.0, -1.0]])
+    kl = 0.2 * np.log(0.4) + 0.8 * np.log(1.6)
+    np.testing.assert_allclose(objective(policy, logits, rewards, ref, kl_coef=0.5), -0.6 - 0.5 * kl, rtol=1e-12)
+
+
+def test_bad_structure():
+    with pytest.raises(ValueError, match="vocab_size"):
+        AutoregressiveTabularPolicy(vocab_size=1, length=2)
+    with pytest.raises(ValueError, match="length"):
+        AutoregressiveTabularPolicy(vocab_size=2, length=0)
+    with pytest.raises(ValueError, match="logits\\[1\\]"):
+        AutoregressiveTabularPolicy(2, 2).log_probs((jnp.zeros((1, 1, 2)), jnp.zeros((1, 3, 2))))
