@@ -296,9 +296,12 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, bounded)
         )
         (tau_end, tau_steps), (logits_end, logits_steps) = sol.ts, sol.ys
         accepted = sol.stats["num_accepted_steps"]
-        hit = (sol.result == diffrax.RESULTS.event_occurred) & sol.event_mask[0]
-        out_of_reach = (sol.result == diffrax.RESULTS.event_occurred) & ~sol.event_mask[0]
-        running = sol.result == diffrax.RESULTS.max_steps_reached
+        # An event in the last step counts even when the root finder could not meet its
+        # tolerance on the gain: its iterate stays inside that step, and the steps can be
+        # shorter than the float resolution of t allows the gain to be evaluated at.
+        hit = sol.event_mask[0]
+        out_of_reach = sol.event_mask[1] if bounded else False
+        running = (sol.result == diffrax.RESULTS.max_steps_reached) & ~hit & ~out_of_reach
         # Reached tau_max without the event, or the gain was proven out of reach.
         done = (sol.result == diffrax.RESULTS.successful) | out_of_reach
         status = jnp.where(hit, REACHED, jnp.where(running, _RUNNING, jnp.where(done, NOT_REACHED, FAILED)))

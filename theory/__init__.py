@@ -1,0 +1,1 @@
+"""Runnable studies on exact tabular dynamics: ``python -m theory`` (see ``--help``)."""

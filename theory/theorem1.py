@@ -1,0 +1,477 @@
+"""Theorem 1 / 4 of Razin et al. at scale: ``t_gamma = Omega(Var^(-1/3))``, checked exactly.
+
+For every instance (one prompt of one problem) the gradient flow is integrated exactly and
+``t_gamma`` located for the ground-truth reward and for the proxy itself; each is compared
+with Theorem 4's bound, Proposition 3 (tabular) and this project's sharper Proposition A
+(THEORY.md §3b). Per family, the log-log slope of the ground-truth ``t_gamma`` against the
+initial reward variance is fitted with a bootstrap interval; gradient norms are compared with
+Proposition 2 and with the Cauchy-Schwarz bound ``sqrt(2) L J sqrt(Var)``.
+
+Families (``gamma`` is the gain timed):
+
+- ``scaled``: tabular, ``r_RM = eps * r_G`` (perfect accuracy), ``lam = 0``, ``eps`` on a grid
+  over ``3.5`` decades (7 of variance); ground-truth ``gamma`` fixed. The flow is a time
+  rescaling, so the slope must be exactly ``-1/2``.
+- ``random``: tabular, 2 prompts per problem, random logits of random sharpness, proxies
+  correlated with ``r_G`` at random strength and scaled by ``s`` over 3.5 decades, ``lam = 0``.
+- ``kl_0.05``, ``kl_0.5``: as ``random`` (one prompt) with a KL penalty.
+- ``autoregressive_L2``, ``autoregressive_L3``: autoregressive tabular policies, ``V = 4``.
+
+Where ``gamma`` is not fixed it is half the gain the teacher makes available in the limit
+(``argmax r_RM`` for ``lam = 0``, ``pi* ∝ pi0 exp(r_RM / lam)`` otherwise), so it is reachable;
+instances whose teacher makes the ground truth worse in the limit have no ground-truth time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrm import bounds, flow, metrics
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
+from theory.common import Progress, fmt, loglog_slope, validate_config, write_json, write_text
+
+NAME = "theorem1"
+_positive_int = (lambda v: isinstance(v, int) and v >= 1, "a positive int")
+_positive = (lambda v: v > 0, "> 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Theorem1Config:
+    seed: int = 0
+    num_outputs: int = dataclasses.field(default=16, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
+    scaled_problems: int = dataclasses.field(default=64, metadata={"check": _positive_int})
+    scaled_eps: int = dataclasses.field(default=15, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
+    scaled_gamma: float = dataclasses.field(default=0.1, metadata={"check": (lambda v: 0 < v < 0.5, "in (0, 0.5)")})
+    random_problems: int = dataclasses.field(default=5120, metadata={"check": _positive_int})
+    random_prompts: int = dataclasses.field(default=2, metadata={"check": _positive_int})
+    kl_problems: int = dataclasses.field(default=1024, metadata={"check": _positive_int})
+    kl_coefs: tuple = dataclasses.field(default=(0.05, 0.5), metadata={"check": (lambda v: len(v) >= 1 and all(c > 0 for c in v), "a non-empty tuple of values > 0")})
+    autoregressive_problems: int = dataclasses.field(default=1024, metadata={"check": _positive_int})
+    vocab_size: int = dataclasses.field(default=4, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
+    lengths: tuple = dataclasses.field(default=(2, 3), metadata={"check": (lambda v: all(isinstance(n, int) and n >= 1 for n in v), "a tuple of ints >= 1")})
+    decades: float = dataclasses.field(default=3.5, metadata={"check": (lambda v: v >= 3.0, ">= 3 (6 decades of variance)")})
+    gain_fraction: float = dataclasses.field(default=0.5, metadata={"check": (lambda v: 0 < v < 1, "in (0, 1)")})
+    rtol: float = dataclasses.field(default=1e-8, metadata={"check": _positive})
+    atol: float = dataclasses.field(default=1e-10, metadata={"check": _positive})
+    t_max: float = dataclasses.field(default=1e14, metadata={"check": _positive})
+    violation_tolerance: float = dataclasses.field(default=1e-6, metadata={"check": (lambda v: 0 <= v < 0.1, "in [0, 0.1)")})
+    bootstrap: int = dataclasses.field(default=1000, metadata={"check": (lambda v: isinstance(v, int) and v >= 100, "an int >= 100")})
+
+    def __post_init__(self):
+        validate_config(self)
+
+    def quick(self) -> "Theorem1Config":
+        """A smaller run with the same families, for smoke tests."""
+        return dataclasses.replace(
+            self, scaled_problems=8, scaled_eps=8, random_problems=256, kl_problems=64,
+            autoregressive_problems=64, bootstrap=200,
+        )
+
+
+class Family(NamedTuple):
+    name: str
+    policy: Any
+    logits: Any  # prompt axis second: [problems, S, ...]
+    rm_rewards: Any  # [problems, S, Y]
+    gt_rewards: Any  # [problems, S, Y]
+    kl_coef: Any  # [problems]
+    gt_gamma: Any  # [problems, S]; NaN where the teacher offers no ground-truth gain
+    rm_gamma: Any  # [problems, S]
+    base_problem: Any = None  # [problems, S] id of the base problem a grid point scales
+
+
+# --- instances -------------------------------------------------------------------------------
+
+
+def _limit_rewards(ref_log_probs, rm, eval_rewards, kl_coef):
+    """Expected ``eval_rewards`` under the flow's limit: ``argmax r_RM`` (lam = 0) or ``pi*``."""
+    lam = np.asarray(kl_coef)[:, None, None]
+    tilted = jax.nn.softmax(ref_log_probs + rm / np.where(lam > 0, lam, 1.0), axis=-1)
+    greedy = np.take_along_axis(np.asarray(eval_rewards), np.argmax(rm, -1)[..., None], -1)[..., 0]
+    return np.where(lam[..., 0] > 0, np.sum(np.asarray(tilted) * eval_rewards, -1), greedy)
+
+
+def _gammas(policy, logits, rm, gt, kl_coef, fraction):
+    ref = policy.log_probs(logits)
+    gain = lambda r: _limit_rewards(ref, rm, r, kl_coef) - np.asarray(metrics.expected_reward(ref, r))  # noqa: E731
+    gt_gain, rm_gain = gain(gt), gain(rm)
+    return np.where(gt_gain > 0, fraction * gt_gain, np.nan), fraction * rm_gain
+
+
+def _random_teacher(key, shape, decades):
+    """Ground truth ``U(-1, 1)``; proxy ``s * clip(rho r_G + sqrt(1 - rho^2) noise)`` with
+    correlation ``rho ~ U(0, 1)`` and scale ``s = 10^U(-decades, 0)`` per problem."""
+    k_gt, k_noise, k_rho, k_scale = jax.random.split(key, 4)
+    gt = jax.random.uniform(k_gt, shape, minval=-1.0, maxval=1.0)
+    batch = (shape[0],) + (1,) * (len(shape) - 1)
+    rho = jax.random.uniform(k_rho, batch)
+    noise = jax.random.uniform(k_noise, shape, minval=-1.0, maxval=1.0)
+    scale = 10.0 ** jax.random.uniform(k_scale, batch, minval=-decades, maxval=0.0)
+    return scale * jnp.clip(rho * gt + jnp.sqrt(1 - rho**2) * noise, -1.0, 1.0), gt
+
+
+def _sharpness(key, batch_ndim, n):
+    """Logit scale ``10^U(-1, 0.6)`` (from near-uniform to sharply peaked policies)."""
+    return 10.0 ** jax.random.uniform(key, (n,) + (1,) * batch_ndim, minval=-1.0, maxval=0.6)
+
+
+def make_families(config: Theorem1Config, only=None) -> list[Family]:
+    key = jax.random.key(config.seed)
+    k_scaled, k_random, k_kl, k_ar = jax.random.split(key, 4)
+    tabular = TabularPolicy()
+    y = config.num_outputs
+    families = []
+
+    # scaled: every base problem at every eps.
+    k1, k2, k3 = jax.random.split(k_scaled, 3)
+    n = config.scaled_problems
+    base_logits = _sharpness(k1, 2, n) * jax.random.normal(k2, (n, 1, y))
+    base_gt = jax.random.uniform(k3, (n, 1, y), minval=-1.0, maxval=1.0)
+    eps = 10.0 ** np.linspace(-config.decades, 0.0, config.scaled_eps)
+    logits = jnp.repeat(base_logits, len(eps), axis=0)
+    gt = jnp.repeat(base_gt, len(eps), axis=0)
+    rm = jnp.tile(eps, n)[:, None, None] * gt
+    kl_coef = np.zeros(len(rm))
+    _, rm_gamma = _gammas(tabular, logits, rm, gt, kl_coef, config.gain_fraction)
+    gt_gain = _limit_rewards(tabular.log_probs(logits), rm, gt, kl_coef) - np.asarray(metrics.expected_reward(tabular.log_probs(logits), gt))
+    gt_gamma = np.where(gt_gain > config.scaled_gamma, config.scaled_gamma, np.nan)
+    base = np.repeat(np.arange(n), len(eps))[:, None]
+    families.append(Family("scaled", tabular, logits, rm, gt, kl_coef, gt_gamma, rm_gamma, base))
+
+    def random_family(name, key, problems, prompts, kl_coef):
+        k1, k2, k3 = jax.random.split(key, 3)
+        logits = _sharpness(k1, 2, problems) * jax.random.normal(k2, (problems, prompts, y))
+        rm, gt = _random_teacher(k3, (problems, prompts, y), config.decades)
+        return Family(name, tabular, logits, rm, gt, kl_coef,
+                      *_gammas(tabular, logits, rm, gt, kl_coef, config.gain_fraction))
+
+    families.append(random_family("random", k_random, config.random_problems, config.random_prompts,
+                                  np.zeros(config.random_problems)))
+    for lam, k in zip(config.kl_coefs, jax.random.split(k_kl, len(config.kl_coefs))):
+        families.append(random_family(f"kl_{lam:g}", k, config.kl_problems, 1, np.full(config.kl_problems, lam)))
+
+    for length, k in zip(config.lengths, jax.random.split(k_ar, len(config.lengths))):
+        policy = AutoregressiveTabularPolicy(config.vocab_size, length)
+        k1, k2, k3 = jax.random.split(k, 3)
+        n = config.autoregressive_problems
+        sharp = _sharpness(k1, 3, n)
+        logits = tuple(sharp * theta[:, None] for theta in policy.random_logits(k2, n))  # [problems, S=1, V^l, V]
+        rm, gt = _random_teacher(k3, (n, 1, policy.num_outputs), config.decades)
+        kl_coef = np.zeros(n)
+        families.append(Family(f"autoregressive_L{length}", policy, logits, rm, gt, kl_coef,
+                               *_gammas(policy, logits, rm, gt, kl_coef, config.gain_fraction)))
+    return [f for f in families if only is None or f.name in only]
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+@jax.jit(static_argnames="policy")
+def _gradient_check(policy, logits, rm, ref_log_probs, kl_coef):
+    """Per-prompt ``||grad phi_x||``, ``Var_pi[r_KL]`` and ``max |r_KL|`` at ``logits``."""
+    lam = kl_coef[:, None, None]
+    log_probs = policy.log_probs(logits)
+    grads = prompt_gradient(policy, logits, rm, ref_log_probs, kl_coef=lam)
+    batch_ndim = rm.ndim - 1
+    norm = jnp.sqrt(sum(jnp.sum(g**2, axis=tuple(range(batch_ndim, g.ndim))) for g in jax.tree.leaves(grads)))
+    r_kl = kl_rewards(log_probs, rm, ref_log_probs, kl_coef=lam)
+    return norm, metrics.reward_variance(log_probs, r_kl), jnp.max(jnp.abs(r_kl), -1)
+
+
+def _measure(family: Family, config: Theorem1Config) -> dict:
+    policy, rm, gt = family.policy, family.rm_rewards, family.gt_rewards
+    has_gt = np.isfinite(family.gt_gamma)
+    options = dict(policy=policy, kl_coef=family.kl_coef, t_max=config.t_max, rtol=config.rtol, atol=config.atol)
+    # Instances without a ground-truth target re-time the proxy, so both solves share one
+    # compiled program; their ground-truth entries are discarded below.
+    gt_run = flow.first_passage(
+        family.logits, rm, np.where(has_gt, family.gt_gamma, family.rm_gamma),
+        eval_rewards=jnp.where(has_gt[..., None], gt, rm), **options,
+    )
+    rm_run = flow.first_passage(family.logits, rm, family.rm_gamma, **options)
+    ref = policy.log_probs(family.logits)
+    variance = np.asarray(metrics.reward_variance(ref, rm))  # [problems, S]
+    mean_variance = np.broadcast_to(variance.mean(-1, keepdims=True), variance.shape)
+    kl_coef = np.broadcast_to(np.asarray(family.kl_coef)[:, None], variance.shape)
+    num_prompts = variance.shape[-1]
+
+    grad_points = [family.logits, gt_run.logits]
+    grad = [_gradient_check(policy, point, rm, ref, jnp.asarray(family.kl_coef)) for point in grad_points]
+    norms = np.stack([np.asarray(g[0]) for g in grad])
+    kl_var = np.stack([np.asarray(g[1]) for g in grad])
+    reward_bound = np.stack([np.asarray(g[2]) for g in grad])
+    length = policy.length
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prop2 = norms / bounds.proposition2_gradient_bound(kl_var, reward_bound=np.maximum(reward_bound, 1.0 + 1e-12), length=length)
+        sqrt = norms / bounds.score_gradient_bound(kl_var, length=length)
+    measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.REACHED)])
+
+    def timed(run, gamma, valid):
+        t = np.where(valid, np.asarray(run.t_gamma), np.nan)
+        out = dict(
+            gamma=np.where(valid, gamma, np.nan),
+            t_gamma=t,
+            theorem4=bounds.theorem4_lower_bound(gamma, mean_variance, kl_coef=kl_coef, length=length),
+            sharpened=bounds.proposition_a_lower_bound(gamma, mean_variance, length=length),
+            status=np.asarray(run.status),
+        )
+        if isinstance(policy, TabularPolicy):
+            out["prop3"] = bounds.proposition3_lower_bound(gamma, variance, num_prompts=num_prompts)
+        return out
+
+    grouping = {} if family.base_problem is None else {"base_problem": np.asarray(family.base_problem)}
+    return dict(
+        **grouping,
+        variance=variance,
+        mean_variance=mean_variance,
+        kl_coef=kl_coef,
+        gt=timed(gt_run, np.where(has_gt, family.gt_gamma, 1.0), has_gt),
+        rm=timed(rm_run, family.rm_gamma, np.ones_like(has_gt)),
+        max_ratio_prop2=float(np.nanmax(np.where(measured, prop2, np.nan))),
+        max_ratio_sqrt=float(np.nanmax(np.where(measured, sqrt, np.nan))),
+        gradient_points=int(measured.sum()),
+    )
+
+
+def _violations(result: dict, tolerance: float) -> dict:
+    """Per bound: boolean ``[problems, S]`` of finite times below ``(1 - tol) * bound``."""
+    found = {}
+    for reward in ("gt", "rm"):
+        timing = result[reward]
+        for bound in ("theorem4", "prop3", "sharpened"):
+            if bound in timing:
+                with np.errstate(invalid="ignore"):
+                    bad = np.isfinite(timing["t_gamma"]) & (timing["t_gamma"] < (1 - tolerance) * timing[bound])
+                found[bound] = found.get(bound, False) | bad
+    return found
+
+
+def _min_ratio(result: dict, bound: str) -> float:
+    ratios = [result[r]["t_gamma"] / result[r][bound] for r in ("gt", "rm") if bound in result[r]]
+    values = np.concatenate([np.ravel(r) for r in ratios])
+    values = values[np.isfinite(values)]
+    return float(values.min()) if values.size else math.nan
+
+
+def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dict:
+    gt = result["gt"]
+    fit = np.isfinite(gt["t_gamma"]) & (result["variance"] > 0)
+    # The scaled family is a grid of eps over base problems: fit within each base problem.
+    groups = result["base_problem"][fit] if "base_problem" in result else None
+    slope, ci = loglog_slope(result["variance"][fit], gt["t_gamma"][fit], groups=groups, num_bootstrap=config.bootstrap, seed=config.seed)
+    rm_fit = np.isfinite(result["rm"]["t_gamma"]) & (result["variance"] > 0)
+    rm_groups = result["base_problem"][rm_fit] if "base_problem" in result else None
+    rm_slope, rm_ci = loglog_slope(result["variance"][rm_fit], result["rm"]["t_gamma"][rm_fit], groups=rm_groups, num_bootstrap=config.bootstrap, seed=config.seed)
+    variance = result["variance"][result["variance"] > 0]
+    violations = _violations(result, config.violation_tolerance)
+    return {
+        "n": int(fit.sum()),
+        "instances": int(result["variance"].size),
+        "slope": slope,
+        "slope_ci": list(ci),
+        "proxy_slope": rm_slope,
+        "proxy_slope_ci": list(rm_ci),
+        "variance_range": [float(variance.min()), float(variance.max())],
+        "variance_decades": float(np.log10(variance.max() / variance.min())),
+        "no_ground_truth_gain": int((~np.isfinite(gt["gamma"])).sum()),
+        "not_reached": int(sum(((r["status"] != flow.REACHED) & np.isfinite(r["gamma"])).sum() for r in (gt, result["rm"]))),
+        "violations": {k: int(v.sum()) for k, v in violations.items()},
+        "min_ratio": {b: _min_ratio(result, b) for b in ("theorem4", "prop3", "sharpened") if b in gt},
+        "max_ratio_prop2": result["max_ratio_prop2"],
+        "max_ratio_sqrt": result["max_ratio_sqrt"],
+        "kl_coef": float(np.max(result["kl_coef"])),
+        "length": family.policy.length,
+    }
+
+
+def _violating_instances(family: Family, result: dict, tolerance: float) -> list[dict]:
+    saved = []
+    for bound, bad in _violations(result, tolerance).items():
+        for problem, prompt in zip(*np.nonzero(bad)):
+            pick = lambda x: np.asarray(x[problem]).tolist()  # noqa: E731
+            saved.append({
+                "family": family.name, "bound": bound, "problem": int(problem), "prompt": int(prompt),
+                "logits": jax.tree.map(pick, family.logits), "rm_rewards": pick(family.rm_rewards),
+                "gt_rewards": pick(family.gt_rewards), "kl_coef": float(family.kl_coef[problem]),
+                "gt": {k: float(v[problem, prompt]) for k, v in result["gt"].items()},
+                "rm": {k: float(v[problem, prompt]) for k, v in result["rm"].items()},
+            })
+    return saved
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _figure(families, results, summary, config, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (family, result) in enumerate(zip(families, results)):
+        var, t = result["variance"].ravel(), result["gt"]["t_gamma"].ravel()
+        ok = np.isfinite(t)
+        s = summary["families"][family.name]
+        label = f"{family.name} (slope {s['slope']:.3f})"
+        if family.name == "scaled":
+            left.loglog(var[ok], t[ok], ".", ms=4, color=colors[i], label=label)
+        ratio = (t / result["gt"]["theorem4"].ravel())[ok]
+        right.loglog(var[ok], ratio, ".", ms=2, alpha=0.5, color=colors[i % len(colors)], label=family.name)
+    scaled = results[[f.name for f in families].index("scaled")] if "scaled" in summary["families"] else None
+    if scaled is not None:
+        grid = np.logspace(np.log10(scaled["variance"].min()), np.log10(scaled["variance"].max()), 50)
+        g = config.scaled_gamma
+        left.loglog(grid, bounds.theorem4_lower_bound(g, grid), "k-", label="Theorem 4 bound (slope -1/3)")
+        left.loglog(grid, bounds.proposition3_lower_bound(g, grid, num_prompts=1), "k--", label="Proposition 3 bound (slope -1/2)")
+        left.loglog(grid, bounds.proposition_a_lower_bound(g, grid), "k:", label="Proposition A bound (slope -1/2)")
+    left.set(xlabel="initial reward variance Var[r_RM]", ylabel=f"t_gamma on r_G (gamma = {config.scaled_gamma})",
+             title="scaled teacher eps * r_G: t_gamma vs variance")
+    left.legend(fontsize=8)
+    right.axhline(1.0, color="k", lw=1)
+    right.set(xlabel="initial reward variance Var[r_RM]", ylabel="t_gamma / Theorem 4 bound (>= 1)",
+              title="every family: measured time over the bound")
+    right.legend(fontsize=8, markerscale=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(summary: dict) -> str:
+    v = summary["violations"]
+    lines = [
+        "## Theorem 1 / 4: `t_gamma = Omega(Var^(-1/3))`",
+        "",
+        f"**Verdict:** {summary['instances']} instances (prompts), "
+        f"violations: Theorem 4 {v['theorem4']}, Proposition 3 {v['prop3']}, Proposition A (sharpened) {v['sharpened']}. "
+        f"Smallest measured time over bound: Theorem 4 {fmt(summary['min_ratio']['theorem4'])}, "
+        f"Proposition 3 {fmt(summary['min_ratio']['prop3'])}, Proposition A {fmt(summary['min_ratio']['sharpened'])}.",
+        "",
+        "| family | lam | L | n | variance decades | slope of t_gamma(r_G) [95% CI] | proxy slope | min t/Thm 4 | min t/Prop 3 | min t/Prop A | violations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in summary["families"].items():
+        lo, hi = f["slope_ci"]
+        lines.append(
+            f"| {name} | {fmt(f['kl_coef'])} | {f['length']} | {f['n']} | {f['variance_decades']:.1f} | "
+            f"{f['slope']:.3f} [{lo:.3f}, {hi:.3f}] | {f['proxy_slope']:.3f} | {fmt(f['min_ratio'].get('theorem4'))} | "
+            f"{fmt(f['min_ratio'].get('prop3'))} | {fmt(f['min_ratio'].get('sharpened'))} | {sum(f['violations'].values())} |"
+        )
+    g = summary["grad_bound"]
+    lines += [
+        "",
+        f"Gradient norms at {g['points']} points (initial and at `t_gamma`): largest `||grad phi_x||` over "
+        f"Proposition 2's `6 M^(1/3) L J Var[r_KL]^(1/3)`: {fmt(g['max_ratio_prop2'])}; over the "
+        f"Cauchy-Schwarz `sqrt(2) L J sqrt(Var[r_KL])`: {fmt(g['max_ratio_sqrt'])} (both must be <= 1).",
+        "",
+        _interpretation(summary),
+        "",
+        "![t_gamma against variance](figures/theorem1.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _interpretation(summary: dict) -> str:
+    """What the measured slopes say about the -1/3 exponent, worded from the numbers."""
+    families = summary["families"]
+    plain = {k: f for k, f in families.items() if f["kl_coef"] == 0}
+    penalized = {k: f for k, f in families.items() if f["kl_coef"] > 0}
+    text = ["**What it means for the -1/3 exponent.**"]
+    if plain:
+        slopes = [f["slope"] for f in plain.values()]
+        steeper = all(f["slope_ci"][1] < -1 / 3 for f in plain.values())
+        text.append(
+            f"Without a KL penalty the fitted slopes run from {min(slopes):.3f} to {max(slopes):.3f}"
+            + (", every interval below -1/3: " if steeper else ", not all intervals below -1/3: ")
+            + "the ground-truth `t_gamma` grows like `Var^(-1/2)` as the variance shrinks, so Theorem 4's "
+            "`Var^(-1/3)` is a valid but loose lower bound here, whose slack grows as the variance shrinks. "
+            "For the scaled teacher the flow is a pure time rescaling (`t_gamma ∝ 1/eps ∝ Var^(-1/2)`); "
+            "random teachers follow the same law because scaling a reward scales time."
+        )
+    v = summary["violations"]
+    text.append(
+        f"Proposition 3 and Proposition A (`Omega(Var^(-1/2))`) held on every instance ({v['prop3']} and "
+        f"{v['sharpened']} violations), with smallest slack {fmt(summary['min_ratio']['prop3'])} and "
+        f"{fmt(summary['min_ratio']['sharpened'])}: they track the measured exponent."
+    )
+    if penalized:
+        described = ", ".join(f"{k}: {f['slope']:.3f}" for k, f in penalized.items())
+        text.append(
+            f"With a KL penalty ({described}) the slope is much flatter: `gamma` is a fixed share of the gain "
+            "the teacher offers, which shrinks with the reward scale, and the flow relaxes to "
+            "`pi* ∝ pi0 exp(r/lam)` on a time scale set by `lam` rather than by the variance."
+        )
+    return " ".join(text)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = None, only_families=None) -> dict:
+    """Run the study, write ``theorem1.json``, ``theorem1.md`` and the figure; return the summary."""
+    jax.config.update("jax_enable_x64", True)
+    config = Theorem1Config() if config is None else config
+    config = config.quick() if quick else config
+    out_dir = Path(out_dir)
+    progress = Progress(NAME)
+    families = make_families(config, only_families)
+    progress(f"{len(families)} families, {sum(int(np.size(f.gt_gamma)) for f in families)} instances")
+    results, family_summaries, saved = [], {}, []
+    for family in families:
+        result = _measure(family, config)
+        results.append(result)
+        family_summaries[family.name] = s = _family_summary(family, result, config)
+        saved += _violating_instances(family, result, config.violation_tolerance)
+        progress(
+            f"{family.name:18s} {s['instances']:6d} instances  slope {s['slope']:+.3f} "
+            f"[{s['slope_ci'][0]:+.3f}, {s['slope_ci'][1]:+.3f}]  min t/Thm4 {fmt(s['min_ratio']['theorem4'])}  "
+            f"violations {sum(s['violations'].values())}"
+        )
+    total = {b: sum(f["violations"].get(b, 0) for f in family_summaries.values()) for b in ("theorem4", "prop3", "sharpened")}
+    min_ratio = {b: min((f["min_ratio"][b] for f in family_summaries.values() if b in f["min_ratio"]), default=math.nan)
+                 for b in ("theorem4", "prop3", "sharpened")}
+    summary = {
+        "instances": int(sum(f["instances"] for f in family_summaries.values())),
+        "violations": total,
+        "min_ratio": min_ratio,
+        "families": family_summaries,
+        "grad_bound": {
+            "max_ratio_prop2": max(r["max_ratio_prop2"] for r in results),
+            "max_ratio_sqrt": max(r["max_ratio_sqrt"] for r in results),
+            "points": int(sum(r["gradient_points"] for r in results)),
+        },
+        "config": dataclasses.asdict(config),
+    }
+    if saved:
+        write_json(out_dir / "theorem1_violations.json", saved)
+        progress(f"!!! {len(saved)} BOUND VIOLATIONS: instances saved to {out_dir / 'theorem1_violations.json'}")
+    _figure(families, results, summary, config, out_dir / "figures" / "theorem1.png")
+    np.savez_compressed(
+        out_dir / "theorem1_instances.npz",
+        **{f"{f.name}/{k}": v for f, r in zip(families, results) for k, v in _flat_arrays(r).items()},
+    )
+    summary["seconds"] = round(progress.elapsed, 1)
+    write_json(out_dir / "theorem1.json", summary)
+    write_text(out_dir / "theorem1.md", _markdown(summary))
+    progress(f"done: {summary['instances']} instances, violations {total}, wrote {out_dir}/theorem1.*")
+    return summary
+
+
+def _flat_arrays(result: dict) -> dict:
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update({f"{key}_{k}": np.asarray(v) for k, v in value.items()})
+        elif isinstance(value, np.ndarray):
+            out[key] = value
+    return out
