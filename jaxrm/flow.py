@@ -81,7 +81,7 @@ def flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) -> Flo
 
 
 def _default_solver():
-    return diffrax.Tsit5()
+    return diffrax.Dopri5()
 
 
 def _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
@@ -121,6 +121,7 @@ def first_passage(
     max_steps=100_000,
     slots=None,
     segment_steps=16,
+    devices=None,
 ) -> FirstPassage:
     """Integrate the gradient flow of each prompt until its ``eval_rewards`` gain reaches ``gamma``.
 
@@ -140,10 +141,12 @@ def first_passage(
       eval_rewards: ``[..., S, Y]`` reward whose gain is timed (default ``rm_rewards``).
       t_max: give up (``inf``) after this much time.
       rtol, atol: tolerances of the adaptive step-size controller.
-      solver: a diffrax solver (default ``Tsit5``).
+      solver: a diffrax solver (default ``Dopri5``).
       max_steps: most ODE steps per prompt before the item counts as FAILED.
-      slots: items integrated side by side (default: up to 256).
+      slots: items integrated side by side on each device (default: up to 64).
       segment_steps: steps between refills of the work queue.
+      devices: devices that share the items, each running its own work queue (default: all
+        local devices; on CPU, ``--xla_force_host_platform_device_count`` = cores uses them all).
 
     Returns:
       :class:`FirstPassage` with ``[..., S]`` arrays.
@@ -156,6 +159,28 @@ def first_passage(
         raise ValueError(f"t_max must be > 0, got {t_max}.")
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    items_per_device = -(-math.prod(rm_rewards.shape[:-1]) // len(devices))
+    return _first_passage(
+        init_logits, rm_rewards, eval_rewards, gamma, kl_coef, t_max,
+        policy=policy,
+        devices=devices,
+        solver=_default_solver() if solver is None else solver,
+        rtol=float(rtol),
+        atol=float(atol),
+        max_steps=max_steps,
+        slots=min(items_per_device, _DEFAULT_SLOTS if slots is None else int(slots)),
+        segment_steps=int(segment_steps),
+        bounded=not (is_concrete(kl_coef) and np.all(np.asarray(kl_coef) == 0)),
+    )
+
+
+@jax.jit(
+    static_argnames=(
+        "policy", "devices", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "bounded"
+    )
+)
+def _first_passage(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, t_max, *, policy, devices, **options):
     item_shape = rm_rewards.shape[:-1]  # [..., S]
     num_prompts = item_shape[-1]
     num_items = math.prod(item_shape)
@@ -163,36 +188,25 @@ def first_passage(
     gamma = jnp.broadcast_to(jnp.asarray(gamma, dtype), item_shape)
     kl_coef = jnp.asarray(kl_coef, dtype)
     if kl_coef.ndim == len(item_shape) - 1 or kl_coef.shape[-1:] != (num_prompts,):
-        kl_coef = kl_coef[..., None]
+        kl_coef = kl_coef[..., None]  # one coefficient per problem
     kl_coef = jnp.broadcast_to(kl_coef, item_shape)
-
     ref_log_probs = policy.log_probs(init_logits)
     start = metrics.expected_reward(ref_log_probs, eval_rewards)
     limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
-    bounded = not (is_concrete(kl_coef) and np.all(np.asarray(kl_coef) == 0))
 
     def flat(x):
         return x.reshape(num_items, *x.shape[len(item_shape):])
 
-    slots = min(num_items, 256 if slots is None else int(slots))
-    tau, logits, num_steps, status = _solve_items(
+    items = (
         jax.tree.map(flat, init_logits),
-        flat(rm_rewards),
-        flat(eval_rewards),
-        flat(ref_log_probs),
-        (flat(start), flat(gamma)),
-        jax.tree.map(flat, limit),
-        flat(kl_coef),
-        jnp.asarray(t_max, dtype) / num_prompts,
-        policy=policy,
-        solver=_default_solver() if solver is None else solver,
-        rtol=float(rtol),
-        atol=float(atol),
-        max_steps=max_steps,
-        slots=slots,
-        segment_steps=int(segment_steps),
-        bounded=bounded,
+        _ItemArgs(flat(rm_rewards), flat(ref_log_probs), flat(kl_coef), flat(eval_rewards),
+                  (flat(start), flat(gamma)), jax.tree.map(flat, limit)),
     )
+    tau_max = jnp.asarray(t_max, dtype) / num_prompts
+    if len(devices) == 1:
+        tau, logits, num_steps, status = _work_queue(*items, num_items, tau_max, policy=policy, **options)
+    else:
+        tau, logits, num_steps, status = _on_devices(items, num_items, tau_max, devices, policy=policy, **options)
     unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
     t = jnp.where(status == REACHED, tau * num_prompts, jnp.inf)
     return FirstPassage(unflat(t), jax.tree.map(unflat, logits), unflat(num_steps), unflat(status))
@@ -328,18 +342,36 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, bounded)
     return run
 
 
-@jax.jit(
-    static_argnames=(
-        "policy", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "bounded"
-    )
-)
-def _solve_items(
-    logits, rm_rewards, eval_rewards, ref_log_probs, gain, limit, kl_coef, tau_max, *,
+def _on_devices(items, num_items, tau_max, devices, **options):
+    """One work queue per device, as a ``vmap`` over a leading device axis sharded over
+    ``devices``. Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly
+    neighbours spread out; padding sits past each device's count of valid items."""
+    num_devices = len(devices)
+    per_device = -(-num_items // num_devices)
+    pad = per_device * num_devices - num_items
+    spread = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("items",)), jax.sharding.PartitionSpec("items"))
+
+    def deal(x):
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
+        x = x.reshape(per_device, num_devices, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, spread)
+
+    def undeal(x):
+        return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])[:num_items]
+
+    num_valid = jnp.asarray([len(range(d, num_items, num_devices)) for d in range(num_devices)], jnp.int32)
+    queues = jax.vmap(lambda logits, args, valid: _work_queue(logits, args, valid, tau_max, **options))
+    out = queues(*jax.tree.map(deal, items), jax.lax.with_sharding_constraint(num_valid, spread))
+    return jax.tree.map(undeal, out)
+
+
+def _work_queue(
+    logits, args, num_valid, tau_max, *,
     policy, solver, rtol, atol, max_steps, slots, segment_steps, bounded,
 ):
-    num_items = rm_rewards.shape[0]
+    """One device's items: ``slots`` integrate side by side; finished slots take queued items."""
+    num_items = args.rm_rewards.shape[0]
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    args = _ItemArgs(rm_rewards, ref_log_probs, kl_coef, eval_rewards, gain, limit)
     term = diffrax.ODETerm(_prompt_field(policy))
     error_order = solver.error_order(term)
 
@@ -351,56 +383,72 @@ def _solve_items(
     segment = jax.vmap(_segment_solver(policy, solver, controller, tau_max, segment_steps, bounded))
     take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
 
-    slot_index = jnp.arange(slots)
-    state = dict(
-        item=slot_index,
-        tau=jnp.zeros(slots, tau_max.dtype),
-        logits=take(logits, slot_index),
-        dt=first_dt[slot_index],
-        steps=jnp.zeros(slots, jnp.int32),
-        next_item=jnp.asarray(slots),
-        out_tau=jnp.full(num_items, jnp.inf, tau_max.dtype),
-        out_logits=logits,
-        out_steps=jnp.zeros(num_items, jnp.int32),
-        out_status=jnp.zeros(num_items, jnp.int32),
-    )
+    def load(item):
+        """Slots holding ``item`` (-1: idle) at the start of their integration."""
+        index = jnp.clip(item, 0, num_items - 1)
+        return _Slots(item, jnp.zeros(item.shape, tau_max.dtype), take(logits, index), first_dt[index],
+                      jnp.zeros(item.shape, jnp.int32))
 
-    def body(state):
-        active = state["item"] >= 0
-        index = jnp.clip(state["item"], 0, num_items - 1)
-        result = segment(state["tau"], state["logits"], state["dt"], take(args, index))
-        steps = state["steps"] + result.num_steps
+    def body(carry):
+        slots, next_item, out = carry
+        active = slots.item >= 0
+        result = segment(slots.tau, slots.logits, slots.dt, take(args, jnp.clip(slots.item, 0, num_items - 1)))
+        steps = slots.steps + result.num_steps
         status = jnp.where((result.status == _RUNNING) & (steps >= max_steps), FAILED, result.status)
         finished = active & (status != _RUNNING)
-        write = jnp.where(finished, state["item"], num_items)  # out of range: dropped
-        out_logits = jax.tree.map(
-            lambda out, new: out.at[write].set(new, mode="drop"), state["out_logits"], result.logits
+        write = jnp.where(finished, slots.item, num_items)  # out of range: dropped
+        out = _Outputs(
+            out.tau.at[write].set(result.tau, mode="drop"),
+            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.logits, result.logits),
+            out.steps.at[write].set(steps, mode="drop"),
+            out.status.at[write].set(status, mode="drop"),
         )
         # Finished slots take the next items of the queue, in slot order.
-        queued = state["next_item"] + jnp.cumsum(finished) - 1
-        item = jnp.where(finished, jnp.where(queued < num_items, queued, -1), state["item"])
+        queued = next_item + jnp.cumsum(finished) - 1
+        item = jnp.where(finished, jnp.where(queued < num_valid, queued, -1), slots.item)
         fresh = finished & (item >= 0)
-        fresh_index = jnp.clip(item, 0, num_items - 1)
-        fresh_logits = take(logits, fresh_index)
-        return dict(
-            item=item,
-            tau=jnp.where(fresh, 0.0, result.tau),
-            logits=jax.tree.map(
-                lambda new, cur: jnp.where(fresh.reshape(-1, *([1] * (cur.ndim - 1))), new, cur),
-                fresh_logits,
-                result.logits,
-            ),
-            dt=jnp.where(fresh, first_dt[fresh_index], result.dt),
-            steps=jnp.where(fresh, 0, steps),
-            next_item=state["next_item"] + jnp.sum(finished),
-            out_tau=state["out_tau"].at[write].set(result.tau, mode="drop"),
-            out_logits=out_logits,
-            out_steps=state["out_steps"].at[write].set(steps, mode="drop"),
-            out_status=state["out_status"].at[write].set(status, mode="drop"),
+        continued = _Slots(item, result.tau, result.logits, result.dt, steps)
+        slots = jax.tree.map(
+            lambda new, old: jnp.where(fresh.reshape(-1, *([1] * (old.ndim - 1))), new, old), load(item), continued
         )
+        return slots, next_item + jnp.sum(finished), out
 
-    state = jax.lax.while_loop(lambda s: jnp.any(s["item"] >= 0), body, state)
-    return state["out_tau"], state["out_logits"], state["out_steps"], state["out_status"]
+    def run(slots, next_item, out, keep_going):
+        return jax.lax.while_loop(lambda c: keep_going(*c), body, (slots, next_item, out))
+
+    out = _Outputs(jnp.full(num_items, jnp.inf, tau_max.dtype), logits,
+                   jnp.zeros(num_items, jnp.int32), jnp.zeros(num_items, jnp.int32))
+    first = jnp.arange(slots)
+    slots, next_item, out = load(jnp.where(first < num_valid, first, -1)), jnp.asarray(slots), out
+    # The queue drains at full width; once few items are left, the stragglers (the longest
+    # solves) move to a narrow set of slots, so they no longer pay for idle ones.
+    tail = min(_TAIL_SLOTS, slots.item.shape[0])
+    slots, next_item, out = run(
+        slots, next_item, out, lambda s, n, o: (n < num_valid) | (jnp.sum(s.item >= 0) > tail)
+    )
+    order = jnp.argsort(slots.item < 0, stable=True)[:tail]
+    slots, next_item, out = run(take(slots, order), next_item, out, lambda s, n, o: jnp.any(s.item >= 0))
+    return out.tau, out.logits, out.steps, out.status
+
+
+class _Slots(NamedTuple):
+    item: Any  # index of the item in each slot; -1 when idle
+    tau: Any
+    logits: Any
+    dt: Any
+    steps: Any
+
+
+class _Outputs(NamedTuple):
+    tau: Any
+    logits: Any
+    steps: Any
+    status: Any
+
+
+# Slots per device, and the width of the work queue's last phase (see _work_queue).
+_DEFAULT_SLOTS = 64
+_TAIL_SLOTS = 16
 
 
 def trajectory(
@@ -477,7 +525,8 @@ def exact_gradient_ascent(
 
     ``theta_{n+1} = theta_n + update(grad phi(theta_n))``; with ``optax.sgd(lr)`` the step is
     ``lr * grad phi`` and ``theta_n`` approaches the gradient flow at ``t = lr * n`` as
-    ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems.
+    ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems. The optimizer
+    and ``num_steps`` are static: reuse one optimizer object to reuse the compiled program.
 
     Returns:
       ``(final_logits, metrics)``; ``metrics`` is :class:`FlowMetrics` with a leading axis of

@@ -56,8 +56,20 @@ class TabularPolicy:
     def log_probs(self, logits):
         return jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
 
-    def log_prob_vjp(self, logits, cotangent):
-        """``sum_y c[y] grad_theta log pi(y) = c - pi * sum(c)`` (per prompt row)."""
+    def log_probs_and_probs(self, logits):
+        """``(log pi, pi)`` from a single exponential pass (the flow's hot path)."""
+        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        unnormalized = jnp.exp(shifted)
+        total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        return shifted - jnp.log(total), unnormalized / total
+
+    def log_prob_vjp(self, logits, cotangent, *, centered=False):
+        """``sum_y c[y] grad_theta log pi(y) = c - pi * sum(c)`` (per prompt row).
+
+        ``centered=True`` promises ``sum(c) = 0`` per row, which makes it ``c`` itself.
+        """
+        if centered:
+            return cotangent
         probs = jax.nn.softmax(logits, axis=-1)
         return cotangent - probs * jnp.sum(cotangent, axis=-1, keepdims=True)
 
@@ -122,15 +134,26 @@ class AutoregressiveTabularPolicy:
             total = total + jnp.broadcast_to(flat, (*batch, flat.shape[-2], repeats)).reshape(*batch, -1)
         return total
 
-    def log_prob_vjp(self, logits, cotangent):
+    def log_probs_and_probs(self, logits):
+        log_probs = self.log_probs(logits)
+        return log_probs, jnp.exp(log_probs)
+
+    def log_prob_vjp(self, logits, cotangent, *, centered=False):
         """``sum_y c[y] grad log pi(y)`` per level: ``a[p, v] - pi(v|p) sum_v' a[p, v']``,
-        where ``a[p, v]`` sums ``c`` over the outputs that start with prefix ``p`` then ``v``."""
+        where ``a[p, v]`` sums ``c`` over the outputs that start with prefix ``p`` then ``v``.
+
+        ``centered=True`` promises ``sum(c) = 0`` per prompt, so the first level needs no
+        softmax (its prefix is the empty one, whose ``sum_v' a`` is ``sum(c)``).
+        """
         self._check(logits)
         grads = []
         batch = cotangent.shape[:-1]
         for level, theta in enumerate(logits):
             shape = (*batch, self.vocab_size**level, self.vocab_size, -1)
             mass = jnp.sum(cotangent.reshape(shape), axis=-1)
+            if centered and level == 0:
+                grads.append(mass)
+                continue
             probs = jax.nn.softmax(theta, axis=-1)
             grads.append(mass - probs * jnp.sum(mass, axis=-1, keepdims=True))
         return tuple(grads)
@@ -181,11 +204,10 @@ def prompt_gradient(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
     ``-lam grad log pi`` term has mean zero); for a tabular policy this is Lemma 7:
     ``pi * (r_KL - E_pi r_KL)``. Works on logits with or without a prompt axis.
     """
-    log_probs = policy.log_probs(logits)
-    probs = jnp.exp(log_probs)
+    log_probs, probs = policy.log_probs_and_probs(logits)
     reward = kl_rewards(log_probs, rewards, ref_log_probs, kl_coef=kl_coef)
     baseline = jnp.sum(probs * reward, axis=-1, keepdims=True)
-    return policy.log_prob_vjp(logits, probs * (reward - baseline))
+    return policy.log_prob_vjp(logits, probs * (reward - baseline), centered=True)
 
 
 def objective_grad(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):

@@ -1,0 +1,51 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrm import bounds, metrics
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
+
+
+def test_theorem4_constants():
+    gamma, var = 0.3, 1e-3
+    expected = -np.expm1(-gamma / 9) / (8 * var ** (1 / 3))
+    np.testing.assert_allclose(bounds.theorem4_lower_bound(gamma, var), expected)
+    # lam enters only when 1 - e^(-7/(3 lam)) is the smaller term (large lam or gain).
+    np.testing.assert_allclose(bounds.theorem4_lower_bound(gamma, var, kl_coef=0.5), expected)
+    np.testing.assert_allclose(
+        bounds.theorem4_lower_bound(10.0, var, kl_coef=10.0, length=2, jacobian_norm=3.0),
+        -np.expm1(-7 / 30) / (8 * 4 * 9 * var ** (1 / 3)),
+    )
+
+
+def test_variance_exponents():
+    var = np.array([1e-2, 1e-8])
+    t4, p3, pa = (bounds.theorem4_lower_bound(0.1, var), bounds.proposition3_lower_bound(0.1, var, num_prompts=3),
+                  bounds.proposition_a_lower_bound(0.1, var))
+    np.testing.assert_allclose(np.log(t4[1] / t4[0]) / np.log(var[1] / var[0]), -1 / 3)
+    np.testing.assert_allclose(np.log(p3[1] / p3[0]) / np.log(var[1] / var[0]), -1 / 2)
+    np.testing.assert_allclose(p3 / pa, 6.0)  # 2 |S| with |S| = 3
+
+
+@pytest.mark.parametrize("policy,make", [
+    (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 64, 5, scale=3.0)),
+    (AutoregressiveTabularPolicy(3, 2), lambda k: AutoregressiveTabularPolicy(3, 2).random_logits(k, 64, scale=3.0)),
+])
+def test_gradient_norms_obey_both_gradient_bounds(policy, make):
+    """||grad phi_x|| <= sqrt(2) L J sqrt(Var[r_KL]) (score form) and Proposition 2, at random points."""
+    logits, ref_logits = make(jax.random.key(0)), make(jax.random.key(1))
+    log_probs = policy.log_probs(logits)
+    rewards = jax.random.uniform(jax.random.key(2), log_probs.shape, minval=-1, maxval=1)
+    ref = policy.log_probs(ref_logits)
+    lam = 0.2
+    grads = prompt_gradient(policy, logits, rewards, ref, kl_coef=lam)
+    norm = jnp.sqrt(sum(jnp.sum(g**2, axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(grads)))
+    r_kl = kl_rewards(log_probs, rewards, ref, kl_coef=lam)
+    var = metrics.reward_variance(log_probs, r_kl)
+    m = np.maximum(np.abs(r_kl).max(-1), 1.0 + 1e-9)
+    assert np.all(norm <= bounds.score_gradient_bound(var, length=policy.length) * (1 + 1e-9))
+    assert np.all(norm <= bounds.proposition2_gradient_bound(var, reward_bound=m, length=policy.length))
+    # Not vacuous: the largest ratio is within a small factor of the score-form bound.
+    ratio = float(np.max(norm / bounds.score_gradient_bound(var, length=policy.length)))
+    assert ratio > 0.3 / policy.length, ratio
