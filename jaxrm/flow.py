@@ -22,6 +22,7 @@ stiff approach to ``pi*`` until ``t_max``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from typing import Any, NamedTuple
 
@@ -145,8 +146,10 @@ def first_passage(
       max_steps: most ODE steps per prompt before the item counts as FAILED.
       slots: items integrated side by side on each device (default: up to 64).
       segment_steps: steps between refills of the work queue.
-      devices: devices that share the items, each running its own work queue (default: all
-        local devices; on CPU, ``--xla_force_host_platform_device_count`` = cores uses them all).
+      devices: several devices to share the items, each running its own work queue at the
+        same time (default: one; on a CPU, ``--xla_force_host_platform_device_count=<cores>``
+        gives one device per core). Each device compiles the queue once; ignored under
+        ``jit``/``vmap``.
 
     Returns:
       :class:`FirstPassage` with ``[..., S]`` arrays.
@@ -159,31 +162,41 @@ def first_passage(
         raise ValueError(f"t_max must be > 0, got {t_max}.")
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
-    devices = tuple(jax.local_devices() if devices is None else devices)
-    items_per_device = -(-math.prod(rm_rewards.shape[:-1]) // len(devices))
-    return _first_passage(
-        init_logits, rm_rewards, eval_rewards, gamma, kl_coef, t_max,
+    dtype = rm_rewards.dtype
+    item_shape = rm_rewards.shape[:-1]  # [..., S]: one item per (problem, prompt)
+    items = _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, policy=policy)
+    tau_max = jnp.asarray(t_max, dtype) / item_shape[-1]
+    traced = any(not is_concrete(x) for x in jax.tree.leaves((items, tau_max)))
+    devices = (None,) if devices is None or traced else tuple(devices)
+    num_items = math.prod(item_shape)
+    per_device = -(-num_items // len(devices))
+    options = dict(
         policy=policy,
-        devices=devices,
         solver=_default_solver() if solver is None else solver,
         rtol=float(rtol),
         atol=float(atol),
         max_steps=max_steps,
-        slots=min(items_per_device, _DEFAULT_SLOTS if slots is None else int(slots)),
+        slots=min(per_device, _DEFAULT_SLOTS if slots is None else int(slots)),
         segment_steps=int(segment_steps),
-        bounded=not (is_concrete(kl_coef) and np.all(np.asarray(kl_coef) == 0)),
+        kl_penalized=not (is_concrete(kl_coef) and np.all(np.asarray(kl_coef) == 0)),
     )
+    if len(devices) == 1:
+        if devices[0] is not None:
+            items = jax.device_put(items, devices[0])
+        out = _work_queue(*items, num_items, tau_max, **options)
+    else:
+        out = _on_devices(items, num_items, tau_max, devices, options)
+    tau, logits, num_steps, status = out
+    unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
+    t = jnp.where(status == REACHED, tau * item_shape[-1], jnp.inf)
+    return FirstPassage(unflat(t), jax.tree.map(unflat, logits), unflat(num_steps), unflat(status))
 
 
-@jax.jit(
-    static_argnames=(
-        "policy", "devices", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "bounded"
-    )
-)
-def _first_passage(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, t_max, *, policy, devices, **options):
-    item_shape = rm_rewards.shape[:-1]  # [..., S]
+@jax.jit(static_argnames="policy")
+def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, policy):
+    """Flatten ``[..., S]`` into independent items with everything their flow needs."""
+    item_shape = rm_rewards.shape[:-1]
     num_prompts = item_shape[-1]
-    num_items = math.prod(item_shape)
     dtype = rm_rewards.dtype
     gamma = jnp.broadcast_to(jnp.asarray(gamma, dtype), item_shape)
     kl_coef = jnp.asarray(kl_coef, dtype)
@@ -195,21 +208,13 @@ def _first_passage(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, t_max,
     limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
 
     def flat(x):
-        return x.reshape(num_items, *x.shape[len(item_shape):])
+        return x.reshape(math.prod(item_shape), *x.shape[len(item_shape):])
 
-    items = (
+    return (
         jax.tree.map(flat, init_logits),
         _ItemArgs(flat(rm_rewards), flat(ref_log_probs), flat(kl_coef), flat(eval_rewards),
                   (flat(start), flat(gamma)), jax.tree.map(flat, limit)),
     )
-    tau_max = jnp.asarray(t_max, dtype) / num_prompts
-    if len(devices) == 1:
-        tau, logits, num_steps, status = _work_queue(*items, num_items, tau_max, policy=policy, **options)
-    else:
-        tau, logits, num_steps, status = _on_devices(items, num_items, tau_max, devices, policy=policy, **options)
-    unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
-    t = jnp.where(status == REACHED, tau * num_prompts, jnp.inf)
-    return FirstPassage(unflat(t), jax.tree.map(unflat, logits), unflat(num_steps), unflat(status))
 
 
 def t_gamma(init_logits, rm_rewards, gamma, **options):
@@ -292,14 +297,14 @@ class _Segment(NamedTuple):
     status: Any
 
 
-def _segment_solver(policy, solver, controller, tau_max, segment_steps, bounded):
+def _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penalized):
     """One item's integration for at most ``segment_steps`` steps, resumable."""
     term = diffrax.ODETerm(_prompt_field(policy))
     dtype = jnp.result_type(tau_max)
     newton_tol = max(controller.rtol * 1e-2, 100 * float(jnp.finfo(dtype).eps))
-    conditions = [_gain_condition(policy)] + ([_out_of_reach_condition(policy)] if bounded else [])
+    conditions = [_gain_condition(policy)] + ([_out_of_reach_condition(policy)] if kl_penalized else [])
     event = diffrax.Event(
-        conditions, optx.Newton(rtol=newton_tol, atol=newton_tol), direction=[True] + [None] * bounded
+        conditions, optx.Newton(rtol=newton_tol, atol=newton_tol), direction=[True] + [None] * kl_penalized
     )
     saveat = diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(steps=True)])
 
@@ -314,7 +319,7 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, bounded)
         # tolerance on the gain: its iterate stays inside that step, and the steps can be
         # shorter than the float resolution of t allows the gain to be evaluated at.
         hit = sol.event_mask[0]
-        out_of_reach = sol.event_mask[1] if bounded else False
+        out_of_reach = sol.event_mask[1] if kl_penalized else False
         running = (sol.result == diffrax.RESULTS.max_steps_reached) & ~hit & ~out_of_reach
         # Reached tau_max without the event, or the gain was proven out of reach.
         done = (sol.result == diffrax.RESULTS.successful) | out_of_reach
@@ -342,32 +347,40 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, bounded)
     return run
 
 
-def _on_devices(items, num_items, tau_max, devices, **options):
-    """One work queue per device, as a ``vmap`` over a leading device axis sharded over
-    ``devices``. Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly
-    neighbours spread out; padding sits past each device's count of valid items."""
+def _on_devices(items, num_items, tau_max, devices, options):
+    """One work queue per device, all running at once.
+
+    Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
+    spread out; padding sits past each device's count of valid items. Each queue is launched
+    from its own thread: a CPU program with host callbacks (diffrax's error checks) runs
+    synchronously in the thread that launched it. Each device compiles the queue once (XLA
+    executables are bound to a device); the compiles run in parallel too."""
     num_devices = len(devices)
     per_device = -(-num_items // num_devices)
     pad = per_device * num_devices - num_items
-    spread = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("items",)), jax.sharding.PartitionSpec("items"))
 
-    def deal(x):
-        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
-        x = x.reshape(per_device, num_devices, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, spread)
+    def run(device):
+        shard = jax.tree.map(
+            lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])[device::num_devices], items
+        )
+        shard, num_valid, limit = jax.device_put(
+            (shard, len(range(device, num_items, num_devices)), tau_max), devices[device]
+        )
+        return jax.block_until_ready(_work_queue(*shard, num_valid, limit, **options))
 
-    def undeal(x):
-        return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])[:num_items]
-
-    num_valid = jnp.asarray([len(range(d, num_items, num_devices)) for d in range(num_devices)], jnp.int32)
-    queues = jax.vmap(lambda logits, args, valid: _work_queue(logits, args, valid, tau_max, **options))
-    out = queues(*jax.tree.map(deal, items), jax.lax.with_sharding_constraint(num_valid, spread))
-    return jax.tree.map(undeal, out)
+    with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:
+        runs = list(pool.map(run, range(num_devices)))
+    home = jax.devices()[0]
+    gathered = jax.tree.map(lambda *parts: jnp.stack([jax.device_put(p, home) for p in parts], axis=1), *runs)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_items], gathered)
 
 
+@jax.jit(
+    static_argnames=("policy", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "kl_penalized")
+)
 def _work_queue(
     logits, args, num_valid, tau_max, *,
-    policy, solver, rtol, atol, max_steps, slots, segment_steps, bounded,
+    policy, solver, rtol, atol, max_steps, slots, segment_steps, kl_penalized,
 ):
     """One device's items: ``slots`` integrate side by side; finished slots take queued items."""
     num_items = args.rm_rewards.shape[0]
@@ -380,7 +393,7 @@ def _work_queue(
         return tnext
 
     first_dt = jax.vmap(initial_dt)(logits, args)
-    segment = jax.vmap(_segment_solver(policy, solver, controller, tau_max, segment_steps, bounded))
+    segment = jax.vmap(_segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penalized))
     take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
 
     def load(item):
