@@ -14,6 +14,13 @@ __all__ = [
     "proposition3_lower_bound",
     "proposition_a_lower_bound",
     "score_gradient_bound",
+    "theorem2_fast_upper_bound",
+    "theorem2_kl_limit",
+    "theorem2_rho",
+    "theorem2_slow_lower_bound",
+    "theorem3_fast_upper_bound",
+    "theorem3_kl_limit",
+    "theorem3_slow_lower_bound",
     "theorem4_lower_bound",
 ]
 
@@ -70,3 +77,54 @@ def score_gradient_bound(kl_variance, *, length=1, jacobian_norm=1.0):
     1.0
     """
     return np.sqrt(2.0) * length * jacobian_norm * np.sqrt(kl_variance)
+
+
+def theorem2_rho(initial_value, gamma, good_reward):
+    """``rho = (E_{pi0}[r_G] + gamma + 1) / (r_G(y_g) + 1)``: the mass on ``y_g`` that
+    guarantees the gain (Theorems 2 and 3; with ``y_g'`` for the family ``Pi'``)."""
+    return (np.asarray(initial_value) + gamma + 1.0) / (np.asarray(good_reward) + 1.0)
+
+
+def theorem2_slow_lower_bound(gamma, horizon, *, num_prompts):
+    """Theorem 2, slow accurate teacher (values in ``(0, 1/T)``):
+    ``t_gamma(r_G) >= 2 |S| (1 - e^(-gamma/2)) T``.
+
+    >>> round(float(theorem2_slow_lower_bound(0.2, 100, num_prompts=1)), 3)
+    19.033
+    """
+    return 2.0 * num_prompts * -np.expm1(-np.asarray(gamma) / 2.0) * horizon
+
+
+def theorem2_fast_upper_bound(rho, good_prob, *, num_prompts):
+    """Theorem 2, fast inaccurate teacher (``1`` on ``y_g``, below ``pi0(y_g)`` elsewhere):
+    ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1 / pi0(y_g) - 1 / rho)``."""
+    rho = np.asarray(rho)
+    return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / np.asarray(good_prob) - 1.0 / rho)
+
+
+def theorem2_kl_limit(good_prob, rho, min_prob):
+    """Largest ``lam`` for Theorem 2's fast bound:
+    ``pi0(y_g) (1 - rho)^4 / (8 (1/(2e) - 2 ln min_y pi0(y)))``."""
+    return np.asarray(good_prob) * (1.0 - np.asarray(rho)) ** 4 / (8.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
+
+
+def theorem3_fast_upper_bound(rho, good_prob_floor, *, num_prompts):
+    """Theorem 3, the teacher that rewards the output the policy already favours (``pi0(y_g) >= c``):
+    ``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``."""
+    rho = np.asarray(rho)
+    return 2.0 * num_prompts / (1.0 - rho) ** 3 * (1.0 / np.asarray(good_prob_floor) - 1.0 / rho)
+
+
+def theorem3_kl_limit(good_prob_floor, rho, min_prob):
+    """Largest ``lam`` for Theorem 3's fast bound: ``c (1 - rho)^3 / (16 (1/(2e) - 2 ln min pi0))``."""
+    return np.asarray(good_prob_floor) * (1.0 - np.asarray(rho)) ** 3 / (16.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
+
+
+def theorem3_slow_lower_bound(gamma, horizon, *, num_prompts):
+    """Theorem 3, the teacher that rewards an output the policy neglects (``pi0 <= T^-2``):
+    ``t_gamma >= (|S| / sqrt 2) (1 - e^(-gamma/2)) T``.
+
+    >>> round(float(theorem3_slow_lower_bound(0.2, 100, num_prompts=2)), 3)
+    13.458
+    """
+    return num_prompts / np.sqrt(2.0) * -np.expm1(-np.asarray(gamma) / 2.0) * horizon

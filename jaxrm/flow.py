@@ -157,7 +157,7 @@ def first_passage(
     policy = TabularPolicy() if policy is None else policy
     rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     if is_concrete(gamma) and np.any(np.asarray(gamma) <= 0):
-        raise ValueError(f"gamma must be > 0, got {gamma}.")
+        raise ValueError(f"gamma must be > 0; the smallest given is {np.min(gamma)}.")
     if is_concrete(t_max) and not float(t_max) > 0:
         raise ValueError(f"t_max must be > 0, got {t_max}.")
     if not (isinstance(max_steps, int) and max_steps >= 1):

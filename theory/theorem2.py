@@ -1,0 +1,219 @@
+"""Theorem 2 / 5 of Razin et al.: a more accurate reward model is not necessarily a better teacher.
+
+For random initial policies and ground truths (tabular, one prompt), with ``y_g`` the best
+output and ``gamma`` a random share of the gain it offers, two kinds of teacher are built:
+
+- **slow**: values in ``(0, 1/T)`` ordered like ``r_G`` (accuracy 1), so ``Var <= 1/T^2``;
+  Theorem 2 says ``t_gamma(r_G) >= 2 |S| (1 - e^(-gamma/2)) T``.
+- **fast**: ``1`` on ``y_g`` and values below ``pi0(y_g)`` elsewhere, ordered *against* ``r_G``
+  (accuracy ``2/|Y|``); Theorem 2 says ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1/pi0(y_g) - 1/rho)``
+  for ``lam`` up to an explicit limit.
+
+Theorem 5's form: the same bounds hold at any accuracy, so each teacher is also built with a
+share of its order shuffled (intermediate accuracies). Every teacher is run with ``lam = 0`` and
+with ``lam`` at the limit of the fast bound; ``t_gamma`` on ``r_G`` comes from the exact flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxrm import bounds, flow, metrics
+from theory.common import Progress, fmt, validate_config, write_json, write_text
+
+NAME = "theorem2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Theorem2Config:
+    seed: int = 0
+    problems: int = dataclasses.field(default=128, metadata={"check": (lambda v: isinstance(v, int) and v >= 1, "a positive int")})
+    num_outputs: int = dataclasses.field(default=12, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
+    horizons: tuple = dataclasses.field(default=(1, 10, 100, 1000, 10000), metadata={"check": (lambda v: len(v) >= 2 and all(t >= 1 for t in v), "a tuple of T >= 1")})
+    shuffled: tuple = dataclasses.field(default=(0.0, 0.35, 0.7, 1.0), metadata={"check": (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")})
+    rtol: float = 1e-8
+    atol: float = 1e-10
+    t_max: float = 1e14
+    tolerance: float = dataclasses.field(default=1e-6, metadata={"check": (lambda v: 0 <= v < 0.1, "in [0, 0.1)")})
+
+    def __post_init__(self):
+        validate_config(self)
+
+    def quick(self) -> "Theorem2Config":
+        return dataclasses.replace(self, problems=12)
+
+
+def _partial_shuffle(scores, fraction, rng):
+    """Ranks of ``scores`` with the ranks of a random ``fraction`` of the entries permuted."""
+    ranks = np.argsort(np.argsort(scores))
+    chosen = rng.choice(len(scores), size=int(round(fraction * len(scores))), replace=False)
+    ranks[chosen] = rng.permutation(ranks[chosen])
+    return ranks
+
+
+def make_teachers(config: Theorem2Config):
+    """Initial policies, ground truths and every teacher, stacked as independent problems."""
+    rng = np.random.default_rng(config.seed)
+    n, y = config.problems, config.num_outputs
+    logits = rng.uniform(0.3, 1.5, (n, 1)) * rng.normal(size=(n, y))
+    gt = rng.uniform(-1.0, 1.0, (n, y))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    good = gt.argmax(-1)
+    start = (probs * gt).sum(-1)
+    gamma = rng.uniform(0.2, 0.8, n) * (gt.max(-1) - start)
+    good_prob = probs[np.arange(n), good]
+    rho = bounds.theorem2_rho(start, gamma, gt.max(-1))
+    kl_limit = bounds.theorem2_kl_limit(good_prob, rho, probs.min(-1))
+
+    rows = []  # one row per (problem, teacher, lam)
+    for i in range(n):
+        others = np.flatnonzero(np.arange(y) != good[i])
+        for fraction in config.shuffled:
+            ranks = _partial_shuffle(gt[i], fraction, rng)
+            for horizon in config.horizons:
+                slow = (ranks + 1.0) / (y + 1.0) / horizon  # in (0, 1/T), ordered like r_G before shuffling
+                rows += [dict(problem=i, kind="slow", horizon=horizon, fraction=fraction, rm=slow, lam=lam) for lam in (0.0, kl_limit[i])]
+            # Fast: c_y < pi0(y_g), ordered against r_G among the other outputs before shuffling.
+            against = _partial_shuffle(-gt[i, others], fraction, rng)
+            fast = np.ones(y)
+            fast[others] = good_prob[i] * (against + 1.0) / (len(others) + 1.0)
+            rows += [dict(problem=i, kind="fast", horizon=math.nan, fraction=fraction, rm=fast, lam=lam) for lam in (0.0, kl_limit[i])]
+    problem = np.array([r["problem"] for r in rows])
+    return dict(
+        logits=logits[problem], gt=gt[problem], rm=np.stack([r["rm"] for r in rows]),
+        lam=np.array([r["lam"] for r in rows]), gamma=gamma[problem], rho=rho[problem],
+        good_prob=good_prob[problem], kind=np.array([r["kind"] for r in rows]),
+        horizon=np.array([r["horizon"] for r in rows]), fraction=np.array([r["fraction"] for r in rows]),
+        problem=problem,
+    )
+
+
+def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = None) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    config = Theorem2Config() if config is None else config
+    config = config.quick() if quick else config
+    out_dir = Path(out_dir)
+    progress = Progress(NAME)
+    t = make_teachers(config)
+    progress(f"{config.problems} problems x {len(t['kind']) // config.problems} teachers")
+    result = flow.first_passage(
+        t["logits"][:, None], t["rm"][:, None], t["gamma"][:, None], eval_rewards=t["gt"][:, None],
+        kl_coef=t["lam"], rtol=config.rtol, atol=config.atol, t_max=config.t_max,
+    )
+    time = np.asarray(result.t_gamma)[:, 0]
+    accuracy = np.asarray(metrics.accuracy(t["rm"], t["gt"]))
+    variance = np.asarray(metrics.reward_variance(t["logits"], t["rm"]))
+    slow, fast = t["kind"] == "slow", t["kind"] == "fast"
+    lower = bounds.theorem2_slow_lower_bound(t["gamma"], t["horizon"], num_prompts=1)
+    upper = bounds.theorem2_fast_upper_bound(t["rho"], t["good_prob"], num_prompts=1)
+    with np.errstate(invalid="ignore"):
+        slow_bad = slow & (time < (1 - config.tolerance) * lower)
+        fast_bad = fast & ~(time <= (1 + config.tolerance) * upper)  # inf counts against the bound
+    progress(f"solved {len(time)} flows; violations: slow {int(slow_bad.sum())}, fast {int(fast_bad.sum())}")
+
+    exact_order = t["fraction"] == 0  # Theorem 2's own teachers: accuracy 1 and 2/|Y|
+    by_horizon = {}
+    for horizon in config.horizons:
+        chosen = slow & exact_order & (t["horizon"] == horizon)
+        by_horizon[str(horizon)] = {
+            "slow_median_t": float(np.median(time[chosen])),
+            "slow_median_bound": float(np.median(lower[chosen])),
+            "max_variance": float(variance[chosen].max()),
+        }
+    faster = {}
+    for horizon in config.horizons:
+        s = time[slow & (t["horizon"] == horizon) & (t["fraction"] == 0) & (t["lam"] == 0)]
+        f = time[fast & (t["fraction"] == 0) & (t["lam"] == 0)]
+        faster[str(horizon)] = float(np.mean(f < s))
+    summary = {
+        "instances": int(len(time)),
+        "violations": {"slow_lower": int(slow_bad.sum()), "fast_upper": int(fast_bad.sum())},
+        "min_slack": {
+            "slow_lower": float(np.min(time[slow] / lower[slow])),
+            "fast_upper": float(np.min(upper[fast] / time[fast])),
+        },
+        "accuracy": {"slow": [float(accuracy[slow].min()), float(accuracy[slow].max())],
+                     "fast": [float(accuracy[fast].min()), float(accuracy[fast].max())]},
+        "fast_median_t": float(np.median(time[fast & exact_order])),
+        "fast_median_bound": float(np.median(upper[fast & exact_order])),
+        "not_reached": {"slow": int((slow & ~np.isfinite(time)).sum()), "fast": int((fast & ~np.isfinite(time)).sum())},
+        "by_horizon": by_horizon,
+        "fast_beats_accurate_slow": faster,
+        "config": dataclasses.asdict(config),
+    }
+    _figure(t, time, lower, upper, accuracy, config, out_dir / "figures" / f"{NAME}.png")
+    summary["seconds"] = round(progress.elapsed, 1)
+    write_json(out_dir / f"{NAME}.json", summary)
+    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
+    progress(f"done, wrote {out_dir}/{NAME}.*")
+    return summary
+
+
+def _figure(t, time, lower, upper, accuracy, config, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    exact_order = t["fraction"] == 0
+    slow, fast = (t["kind"] == "slow") & exact_order, (t["kind"] == "fast") & exact_order
+    horizons = np.array(config.horizons, float)
+    bands = np.array([np.percentile(time[slow & (t["horizon"] == h)], [10, 50, 90]) for h in horizons])
+    left.fill_between(horizons, bands[:, 0], bands[:, 2], alpha=0.3, color="C0")
+    left.loglog(horizons, bands[:, 1], "o-", color="C0", label="slow accurate teacher (values < 1/T), median and 10-90%")
+    low = np.array([np.median(lower[slow & (t["horizon"] == h)]) for h in horizons])
+    left.loglog(horizons, low, "C0--", label="Theorem 2 lower bound (median)")
+    fast_band = np.percentile(time[fast], [10, 50, 90])
+    left.fill_between(horizons, fast_band[0], fast_band[2], alpha=0.3, color="C3")
+    left.loglog(horizons, np.full_like(horizons, fast_band[1]), "s-", color="C3", label="fast inaccurate teacher (no T), median and 10-90%")
+    left.loglog(horizons, np.full_like(horizons, np.median(upper[fast])), "C3--", label="Theorem 2 upper bound (median)")
+    left.set(xlabel="T", ylabel="t_gamma on r_G", title="accuracy 1 (slow) against accuracy 2/|Y| (fast)")
+    left.legend(fontsize=7)
+    slow, fast = t["kind"] == "slow", t["kind"] == "fast"
+    for kind, color, mask in (("slow, T = 100", "C0", slow & (t["horizon"] == 100)), ("fast", "C3", fast)):
+        right.semilogy(accuracy[mask], time[mask], ".", color=color, alpha=0.5, label=kind)
+    right.set(xlabel="reward-model accuracy (all pairs)", ylabel="t_gamma on r_G (finite ones)",
+              title="every accuracy, orders partly shuffled (Theorem 5)")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(summary: dict, config: Theorem2Config) -> str:
+    v, s = summary["violations"], summary["min_slack"]
+    acc = summary["accuracy"]
+    wins = [int(h) for h, share in summary["fast_beats_accurate_slow"].items() if share >= 0.95]
+    verdict = (f"from `T = {min(wins)}` on, the least accurate model is the better teacher on at least 95% of the problems"
+               if wins else "the least accurate model never wins on 95% of the problems at these `T`")
+    rows = "\n".join(
+        f"| {h} | {fmt(d['slow_median_t'])} | {fmt(d['slow_median_bound'])} | {fmt(summary['fast_median_t'])} | "
+        f"{fmt(summary['fast_beats_accurate_slow'][h])} |"
+        for h, d in summary["by_horizon"].items()
+    )
+    return f"""## Theorem 2 / 5: more accurate is not necessarily a better teacher
+
+**Verdict:** {summary['instances']} exact flows ({config.problems} policies), violations: slow lower bound {v['slow_lower']}, fast upper bound {v['fast_upper']}. Smallest slack: slow {fmt(s['slow_lower'])} (time over bound), fast {fmt(s['fast_upper'])} (bound over time).
+
+Slow teachers have accuracy {acc['slow'][0]:.2f} to {acc['slow'][1]:.2f}, fast teachers {acc['fast'][0]:.2f} to {acc['fast'][1]:.2f}; `lam` is 0 or the fast bound's limit.
+
+| T | median t_gamma, slow teacher (accuracy 1) | median slow bound | median t_gamma, fast teacher (accuracy 2/\|Y\|) | share of problems where the fast teacher wins |
+|---|---|---|---|---|
+{rows}
+
+The accurate teacher's time grows linearly in `T` (its variance is at most `1/T^2`), while the
+inaccurate teacher that puts its reward on the best output reaches the same gain in a time
+that does not depend on `T`: {verdict}. Teachers with partly shuffled orders (right panel) show
+the same split at every accuracy; {summary['not_reached']['slow']} shuffled slow teachers never
+reach the gain (their best output is not `y_g`), which no bound forbids.
+
+![t_gamma against T and accuracy](figures/{NAME}.png)
+"""

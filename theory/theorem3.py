@@ -1,0 +1,192 @@
+"""Theorem 3 / 6 of Razin et al.: which reward model teaches best depends on the student.
+
+Two good outputs ``y_g``, ``y_g'`` (the two best under a random ``r_G``) and two reward models
+of the same accuracy: ``r_RM = +1`` on ``y_g`` and ``-1`` elsewhere, ``r'_RM`` the same on
+``y_g'``. Initial policies come from two families: ``Pi`` puts mass ``c`` on ``y_g`` and
+``T^-2`` on ``y_g'``; ``Pi'`` swaps them. Theorem 3 says that for ``pi0`` in ``Pi``, ``r_RM``
+teaches in ``O(1)`` time (``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``, for ``lam`` below an
+explicit limit) while ``r'_RM`` needs ``t_gamma >= (|S| / sqrt 2)(1 - e^(-gamma/2)) T``; and the
+other way round for ``Pi'``. Each cell of the 2x2 table is measured by exact flow, at several
+``T`` and with ``lam = 0`` and at the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxrm import bounds, flow, metrics
+from theory.common import Progress, fmt, validate_config, write_json, write_text
+
+NAME = "theorem3"
+FAMILIES = ("Pi", "Pi'")
+TEACHERS = ("r_RM", "r'_RM")
+
+
+@dataclasses.dataclass(frozen=True)
+class Theorem3Config:
+    seed: int = 0
+    problems: int = dataclasses.field(default=64, metadata={"check": (lambda v: isinstance(v, int) and v >= 1, "a positive int")})
+    num_outputs: int = dataclasses.field(default=12, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
+    horizons: tuple = dataclasses.field(default=(10, 100, 1000), metadata={"check": (lambda v: len(v) >= 1 and all(t > 1 for t in v), "a tuple of T > 1")})
+    good_mass: float = dataclasses.field(default=0.3, metadata={"check": (lambda v: 0 < v < 0.9, "in (0, 0.9)")})
+    rtol: float = 1e-8
+    atol: float = 1e-10
+    t_max: float = 1e14
+    tolerance: float = dataclasses.field(default=1e-6, metadata={"check": (lambda v: 0 <= v < 0.1, "in [0, 0.1)")})
+
+    def __post_init__(self):
+        validate_config(self)
+
+    def quick(self) -> "Theorem3Config":
+        return dataclasses.replace(self, problems=8)
+
+
+def make_cells(config: Theorem3Config):
+    """Every (problem, T, family, teacher, lam) as one row of stacked arrays."""
+    rng = np.random.default_rng(config.seed)
+    y, c = config.num_outputs, config.good_mass
+    rows = []
+    for problem in range(config.problems):
+        # Two good outputs well above the rest, so both beat E_pi0[r_G] + gamma in either family.
+        gt = rng.uniform(-1.0, 0.3, y)
+        first, second = rng.choice(y, 2, replace=False)
+        gt[[first, second]] = np.sort(rng.uniform(0.5, 1.0, 2))[::-1]
+        weights = rng.uniform(0.2, 1.0, y)
+        for horizon in config.horizons:
+            for family, (favoured, neglected) in zip(FAMILIES, ((first, second), (second, first))):
+                probs = weights.copy()
+                probs[[favoured, neglected]] = 0.0
+                probs *= (1.0 - c - horizon**-2.0) / probs.sum()
+                probs[favoured], probs[neglected] = c, horizon**-2.0
+                start = float(probs @ gt)
+                gamma = rng.uniform(0.2, 0.8) * (min(gt[first], gt[second]) - start)
+                rho = bounds.theorem2_rho(start, gamma, gt[favoured])
+                lam_limit = float(bounds.theorem3_kl_limit(c, rho, probs.min()))
+                for teacher, target in zip(TEACHERS, (first, second)):
+                    rm = -np.ones(y)
+                    rm[target] = 1.0
+                    for lam in (0.0, lam_limit):
+                        rows.append(dict(problem=problem, horizon=horizon, family=family, teacher=teacher,
+                                         fast=target == favoured, logits=np.log(probs), gt=gt, rm=rm,
+                                         gamma=gamma, rho=rho, lam=lam))
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
+def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = None) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    config = Theorem3Config() if config is None else config
+    config = config.quick() if quick else config
+    out_dir = Path(out_dir)
+    progress = Progress(NAME)
+    cells = make_cells(config)
+    progress(f"{len(cells['gamma'])} flows: {config.problems} problems x {len(config.horizons)} T x 2 families x 2 teachers x 2 lam")
+    result = flow.first_passage(
+        cells["logits"][:, None], cells["rm"][:, None], cells["gamma"][:, None],
+        eval_rewards=cells["gt"][:, None], kl_coef=cells["lam"],
+        rtol=config.rtol, atol=config.atol, t_max=config.t_max,
+    )
+    time = np.asarray(result.t_gamma)[:, 0]
+    fast = cells["fast"]
+    upper = bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=1)
+    lower = bounds.theorem3_slow_lower_bound(cells["gamma"], cells["horizon"], num_prompts=1)
+    with np.errstate(invalid="ignore"):
+        fast_bad = fast & ~(time <= (1 + config.tolerance) * upper)
+        slow_bad = ~fast & (time < (1 - config.tolerance) * lower)
+    accuracy = np.asarray(metrics.accuracy(cells["rm"], cells["gt"]))
+    variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
+
+    table = {}
+    for horizon in config.horizons:
+        for family in FAMILIES:
+            for teacher in TEACHERS:
+                chosen = (cells["horizon"] == horizon) & (cells["family"] == family) & (cells["teacher"] == teacher)
+                table[f"T={horizon} {family} {teacher}"] = {
+                    "median_t": float(np.median(time[chosen])),
+                    "max_t": float(np.max(time[chosen])),
+                    "median_variance": float(np.median(variance[chosen])),
+                    "fast": bool(fast[chosen][0]),
+                }
+    summary = {
+        "instances": int(len(time)),
+        "violations": {"fast_upper": int(fast_bad.sum()), "slow_lower": int(slow_bad.sum())},
+        "min_slack": {"fast_upper": float(np.min(upper[fast] / time[fast])),
+                      "slow_lower": float(np.min(time[~fast] / lower[~fast]))},
+        "accuracy": {teacher: float(np.mean(accuracy[cells["teacher"] == teacher])) for teacher in TEACHERS},
+        "student_decides": float(np.mean(_fast_wins(cells, time))),
+        "table": table,
+        "config": dataclasses.asdict(config),
+    }
+    progress(f"violations {summary['violations']}")
+    _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
+    summary["seconds"] = round(progress.elapsed, 1)
+    write_json(out_dir / f"{NAME}.json", summary)
+    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
+    progress(f"done, wrote {out_dir}/{NAME}.*")
+    return summary
+
+
+def _fast_wins(cells, time):
+    """Per (problem, T, family, lam): does the teacher of the favoured output win?"""
+    keys = np.stack([cells["problem"], cells["horizon"], cells["family"] == FAMILIES[0], cells["lam"] > 0], -1)
+    wins = []
+    for key in np.unique(keys, axis=0):
+        chosen = (keys == key).all(-1)
+        wins.append(time[chosen & cells["fast"]].max() < time[chosen & ~cells["fast"]].min())
+    return np.array(wins)
+
+
+def _figure(cells, time, config, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    horizons = np.array(config.horizons, float)
+    for ax, family in zip(axes, FAMILIES):
+        for teacher, color in zip(TEACHERS, ("C0", "C3")):
+            chosen = (cells["family"] == family) & (cells["teacher"] == teacher)
+            med = [np.median(time[chosen & (cells["horizon"] == h)]) for h in horizons]
+            lo = [np.percentile(time[chosen & (cells["horizon"] == h)], 10) for h in horizons]
+            hi = [np.percentile(time[chosen & (cells["horizon"] == h)], 90) for h in horizons]
+            ax.fill_between(horizons, lo, hi, color=color, alpha=0.25)
+            ax.loglog(horizons, med, "o-", color=color, label=f"teacher {teacher}")
+        ax.set(xlabel="T (the neglected output has initial mass T^-2)", title=f"student from {family}")
+        ax.legend()
+    axes[0].set_ylabel("t_gamma on r_G (median, 10-90%)")
+    fig.suptitle("two reward models of almost equal accuracy: the better teacher depends on the initial policy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(summary: dict, config: Theorem3Config) -> str:
+    v, s = summary["violations"], summary["min_slack"]
+    header = "| T | student | t_gamma with r_RM (+1 on y_g) | t_gamma with r'_RM (+1 on y_g') |\n|---|---|---|---|"
+    rows = []
+    for horizon in config.horizons:
+        for family in FAMILIES:
+            cell = lambda teacher: summary["table"][f"T={horizon} {family} {teacher}"]["median_t"]  # noqa: E731
+            rows.append(f"| {horizon} | {family} | {fmt(cell(TEACHERS[0]))} | {fmt(cell(TEACHERS[1]))} |")
+    return f"""## Theorem 3 / 6: the best teacher depends on the student
+
+**Verdict:** {summary['instances']} exact flows, violations: fast upper bound {v['fast_upper']}, slow lower bound {v['slow_lower']}. Smallest slack: fast {fmt(s['fast_upper'])} (bound over time), slow {fmt(s['slow_lower'])} (time over bound). Mean accuracy over all pairs: `r_RM` {summary['accuracy'][TEACHERS[0]]:.3f}, `r'_RM` {summary['accuracy'][TEACHERS[1]]:.3f} (`y_g` is the best output, `y_g'` the second best).
+
+Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at the limit pooled):
+
+{header}
+{chr(10).join(rows)}
+
+The reward model that rewards the output the student already favours wins in
+{100 * summary['student_decides']:.0f}% of the (problem, T, student, lam) cases: swap the student
+and the other model wins, so for students from `Pi'` the *less* accurate `r'_RM` is the better
+teacher. Accuracy, a property of the reward model alone, cannot say this; the reward variance
+under the student (at most `8/T^2` for the teacher of the neglected output) does.
+
+![2x2 table over T](figures/{NAME}.png)
+"""
