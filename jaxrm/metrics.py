@@ -25,12 +25,15 @@ from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concr
 
 __all__ = [
     "accuracy",
+    "best_of_n_reward",
     "expected_reward",
     "kl",
     "kl_estimate",
+    "pearson",
     "probabilities",
     "reward_variance",
     "sample_reward_variance",
+    "spearman",
 ]
 
 # Up to this many outputs per row, accuracy compares all pairs at once (an n x n block);
@@ -327,3 +330,96 @@ def _sorted_agreement_row(rm, gt, weights):
     concordant_plus_discordant = total - tied_rm - tied_gt + tied_both
     concordant = 0.5 * (concordant_plus_discordant + concordant_minus_discordant)
     return concordant + tied_both, total
+
+
+def best_of_n_reward(logits, rm_rewards, gt_rewards, n, *, where=None):
+    """Exact expected ground-truth reward of Best-of-N sampling, over the last axis.
+
+    Draw ``N`` outputs i.i.d. from ``p = softmax(logits)`` and keep one with the highest
+    ``rm_rewards`` (ties broken uniformly). With the outputs grouped by equal ``rm`` value
+    ``v_1 < v_2 < ...``, ``F_k = P(r_RM <= v_k)`` and ``m_k`` the mean ``r_G`` of group ``k``
+    under ``p``: ``E[r_G] = sum_k (F_k^N - F_{k-1}^N) m_k`` (a sample from the winning group is
+    distributed as ``p`` restricted to it).
+
+    Args:
+      logits, rm_rewards, gt_rewards: ``[..., Y]``.
+      n: number of samples; an array broadcasts against the leading axes (e.g.
+        ``n[:, None]`` against ``[S, Y]`` inputs gives ``[len(n), S]``).
+
+    >>> import jax.numpy as jnp
+    >>> gt = jnp.array([0.0, 1.0])
+    >>> [float(best_of_n_reward(jnp.zeros(2), gt, gt, n)) for n in (1, 2)]  # 1 - 0.5^N
+    [0.5, 0.75]
+    """
+    check_same_shape(logits=logits, rm_rewards=rm_rewards, gt_rewards=gt_rewards, where=where)
+    check_finite("rm_rewards", _masked(rm_rewards, where))
+    check_finite("gt_rewards", _masked(gt_rewards, where))
+    if is_concrete(n) and np.any(np.asarray(n) < 1):
+        raise ValueError(f"n must be >= 1, got {n}.")
+    probs = probabilities(logits, where=where)
+    rm = jnp.asarray(rm_rewards)
+    if where is not None:
+        rm = jnp.where(where, rm, -jnp.inf)  # outside the support, never the best (mass 0 anyway)
+    order = jnp.argsort(rm, axis=-1)
+    rm_sorted = jnp.take_along_axis(rm, order, -1)
+    p_sorted = jnp.take_along_axis(probs, order, -1)
+    value_sorted = jnp.take_along_axis(_masked(jnp.asarray(gt_rewards), where), order, -1) * p_sorted
+    # Cumulative mass up to the *end* of each tie group, and the mass-weighted r_G of the group.
+    last_of_group = jnp.concatenate([rm_sorted[..., 1:] != rm_sorted[..., :-1], jnp.ones_like(rm_sorted[..., :1], bool)], -1)
+    cdf = jnp.cumsum(p_sorted, -1)
+    group_end = _group_end_values(cdf, last_of_group)
+    group_start = group_end - _group_sums(p_sorted, last_of_group)
+    n = jnp.asarray(n, probs.dtype)[..., None]
+    win = group_end**n - group_start**n  # P(the best sample falls in this output's group)
+    group_mass = _group_sums(p_sorted, last_of_group)
+    share = jnp.where(group_mass > 0, value_sorted / jnp.where(group_mass > 0, group_mass, 1.0), 0.0)
+    return jnp.sum(win * share, axis=-1)
+
+
+def _group_sums(values, last_of_group):
+    """For each position, the sum of ``values`` over its (contiguous) tie group."""
+    cum = jnp.cumsum(values, -1)
+    end = _group_end_values(cum, last_of_group)
+    before = jnp.where(last_of_group, cum, 0.0)
+    previous_end = jax.lax.cummax(jnp.concatenate([jnp.zeros_like(cum[..., :1]), before[..., :-1]], -1), axis=cum.ndim - 1)
+    return end - previous_end
+
+
+def _group_end_values(cum, last_of_group):
+    """For each position, ``cum`` at the last position of its tie group (``cum`` non-decreasing)."""
+    at_end = jnp.where(last_of_group, cum, jnp.inf)
+    return jax.lax.cummin(at_end, axis=cum.ndim - 1, reverse=True)
+
+
+def pearson(x, y, *, axis=-1):
+    """Pearson correlation of ``x`` and ``y`` along ``axis``.
+
+    >>> import jax.numpy as jnp
+    >>> round(float(pearson(jnp.arange(5.0), 2 * jnp.arange(5.0) + 1)), 6)
+    1.0
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    check_same_shape(x=x, y=y)
+    x = x - jnp.mean(x, axis=axis, keepdims=True)
+    y = y - jnp.mean(y, axis=axis, keepdims=True)
+    return jnp.sum(x * y, axis=axis) / jnp.sqrt(jnp.sum(x * x, axis=axis) * jnp.sum(y * y, axis=axis))
+
+
+def spearman(x, y, *, axis=-1):
+    """Spearman rank correlation along ``axis``: Pearson of the ranks, ties given their average rank.
+
+    Ranks come from all pairwise comparisons (``n x n`` memory): meant for comparing tens to
+    thousands of models or teachers, not millions of samples.
+
+    >>> import jax.numpy as jnp
+    >>> round(float(spearman(jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, 4.0, 9.0]))), 6)
+    1.0
+    """
+    return pearson(_average_ranks(x, axis), _average_ranks(y, axis), axis=axis)
+
+
+def _average_ranks(x, axis):
+    x = jnp.moveaxis(jnp.asarray(x, jnp.result_type(float)), axis, -1)
+    below = jnp.sum(x[..., None, :] < x[..., :, None], axis=-1)
+    equal = jnp.sum(x[..., None, :] == x[..., :, None], axis=-1)
+    return jnp.moveaxis(below + (equal - 1) / 2.0, -1, axis)

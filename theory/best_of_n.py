@@ -1,0 +1,189 @@
+"""Proposition 1 of Razin et al.: for Best-of-N, a perfectly accurate reward model is optimal.
+
+For random policies over several prompts, reward models on a grid of within-prompt noise
+(which lowers accuracy) and per-prompt offsets (which leave accuracy at its value but, after
+normalization, move variance from within prompts to between them), plus the perfectly accurate
+but low-variance model of the paper (``r_G`` times 0.001 on half the prompts), are each
+normalized by one global mean and standard deviation under the initial policy (THEORY.md §4).
+For each:
+
+- the exact expected ground-truth reward of Best-of-N for ``N = 1..64``
+  (:func:`jaxrm.metrics.best_of_n_reward`, closed form, no sampling);
+- the exact ground-truth gain of policy-gradient flow after a fixed time.
+
+Proposition 1 is checked for every problem and ``N`` (no model beats the perfect one), and the
+two rankings are compared: accuracy ranks Best-of-N teachers, variance ranks policy-gradient ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrm import flow, metrics
+from theory.common import Progress, fmt, validate_config, write_json, write_text
+
+NAME = "best_of_n"
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfNConfig:
+    seed: int = 0
+    problems: int = dataclasses.field(default=64, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
+    prompts: int = dataclasses.field(default=8, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2 (half get the low-variance scale)")})
+    num_outputs: int = dataclasses.field(default=16, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
+    noise: tuple = dataclasses.field(default=(0.0, 0.3, 1.0), metadata={"check": (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "noise scales >= 0")})
+    offsets: tuple = dataclasses.field(default=(0.0, 1.0, 3.0), metadata={"check": (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "offset scales >= 0")})
+    max_n: int = dataclasses.field(default=64, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
+    ranking_n: int = 16
+    low_variance_scale: float = 0.001
+    pg_time: float = dataclasses.field(default=8.0, metadata={"check": (lambda v: v > 0, "> 0")})
+    tolerance: float = 1e-12
+
+    def __post_init__(self):
+        validate_config(self)
+
+    def quick(self) -> "BestOfNConfig":
+        return dataclasses.replace(self, problems=8)
+
+
+def make_models(config: BestOfNConfig):
+    """``[problems, models, S, Y]`` normalized reward models, their names, policies and ``r_G``."""
+    rng = np.random.default_rng(config.seed)
+    b, s, y = config.problems, config.prompts, config.num_outputs
+    logits = rng.uniform(0.5, 2.0, (b, 1, 1)) * rng.normal(size=(b, s, y))
+    gt = rng.uniform(-1.0, 1.0, (b, s, y))
+    scale = np.where(np.arange(s) < s // 2, config.low_variance_scale, 1.0)[None, :, None]
+    models, names = [scale * gt], ["perfect, low variance"]
+    for sigma in config.noise:
+        for offset in config.offsets:
+            models.append(gt + sigma * rng.normal(size=gt.shape) + offset * rng.normal(size=(b, s, 1)))
+            names.append("perfect" if sigma == offset == 0 else f"noise {sigma:g}, offsets {offset:g}")
+    order = sorted(range(len(names)), key=lambda i: names[i] != "perfect")  # the perfect model first
+    models, names = [models[i] for i in order], [names[i] for i in order]
+    if names[0] != "perfect":
+        raise ValueError("the grids must contain noise 0 and offset 0 (the perfect reward model).")
+    rm = np.stack(models, axis=1)
+    return names, logits, gt, _normalize(logits[:, None], rm)
+
+
+def _normalize(logits, rewards):
+    """One mean and standard deviation per model, over all prompts under the initial policy."""
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    mean = (probs * rewards).sum(-1).mean(-1)[..., None, None]
+    std = np.sqrt((probs * (rewards - mean) ** 2).sum(-1).mean(-1))[..., None, None]
+    return (rewards - mean) / std
+
+
+def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = None) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    config = BestOfNConfig() if config is None else config
+    config = config.quick() if quick else config
+    out_dir = Path(out_dir)
+    progress = Progress(NAME)
+    names, logits, gt, rm = make_models(config)
+    b, m = rm.shape[:2]
+    lg, g = np.broadcast_to(logits[:, None], rm.shape), np.broadcast_to(gt[:, None], rm.shape)
+    ns = np.arange(1, config.max_n + 1)
+    bon = np.asarray(jax.jit(jax.vmap(lambda n: metrics.best_of_n_reward(lg, rm, g, n)))(ns)).mean(-1)  # [N, B, M]
+    start = np.asarray(metrics.expected_reward(logits, gt)).mean(-1)  # [B]
+    bon_gain = bon - start[None, :, None]
+    accuracy = np.asarray(metrics.accuracy(rm, g)).mean(-1)
+    on_policy = np.asarray(metrics.accuracy(rm, g, probs=jax.nn.softmax(lg, -1))).mean(-1)
+    variance = np.asarray(metrics.reward_variance(lg, rm)).mean(-1)
+    progress(f"Best-of-N for N = 1..{config.max_n}: {b} problems x {m} reward models")
+    path = flow.trajectory(lg.reshape(b * m, *rm.shape[2:]), rm.reshape(b * m, *rm.shape[2:]),
+                           jnp.asarray([config.pg_time]), eval_rewards=g.reshape(b * m, *rm.shape[2:]))
+    pg_gain = (np.asarray(path.eval_reward[0]).mean(-1).reshape(b, m) - start[:, None])
+    progress(f"policy-gradient flow to t = {config.pg_time} for {b * m} problems")
+
+    best_other = bon[:, :, 1:].max(-1)
+    violations = int((best_other > bon[:, :, 0] + config.tolerance).sum())
+    ranking = config.ranking_n - 1
+    corr = lambda x, y: float(np.mean(np.asarray(metrics.spearman(x, y))))  # noqa: E731  (per problem, averaged)
+    summary = {
+        "instances": int(b * m),
+        "violations": {"perfect_not_optimal": violations},
+        "n_checked": int(len(ns)),
+        "models": {
+            name: {
+                "accuracy": float(accuracy[:, i].mean()), "on_policy_accuracy": float(on_policy[:, i].mean()),
+                "variance": float(variance[:, i].mean()), f"bon{config.ranking_n}_gain": float(bon_gain[ranking, :, i].mean()),
+                "pg_gain": float(pg_gain[:, i].mean()),
+            }
+            for i, name in enumerate(names)
+        },
+        "spearman": {
+            "accuracy_vs_bon": corr(accuracy, bon_gain[ranking]),
+            "variance_vs_bon": corr(variance, bon_gain[ranking]),
+            "accuracy_vs_pg": corr(accuracy, pg_gain),
+            "variance_vs_pg": corr(variance, pg_gain),
+        },
+        "pg_best_model": _most_common(np.array(names)[pg_gain.argmax(-1)]),
+        "config": dataclasses.asdict(config),
+    }
+    progress(f"violations of Proposition 1: {violations}")
+    _figure(names, ns, bon_gain, accuracy, variance, pg_gain, out_dir / "figures" / f"{NAME}.png")
+    summary["seconds"] = round(progress.elapsed, 1)
+    write_json(out_dir / f"{NAME}.json", summary)
+    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
+    progress(f"done, wrote {out_dir}/{NAME}.*")
+    return summary
+
+
+def _most_common(values):
+    names, counts = np.unique(values, return_counts=True)
+    return str(names[counts.argmax()])
+
+
+def _figure(names, ns, bon_gain, accuracy, variance, pg_gain, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, name in enumerate(names):
+        left.semilogx(ns, bon_gain[:, :, i].mean(1), "-" if accuracy[:, i].mean() == 1 else "--",
+                      label=f"{name} (acc {accuracy[:, i].mean():.2f})")
+    left.set(xlabel="N", ylabel="Best-of-N gain in r_G (mean over problems)", title="Best-of-N: accuracy decides")
+    left.legend(fontsize=7)
+    for i, name in enumerate(names):
+        right.scatter(variance[:, i].mean(), pg_gain[:, i].mean(), s=40)
+        right.annotate(name, (variance[:, i].mean(), pg_gain[:, i].mean()), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    right.set(xlabel="within-prompt reward variance under the initial policy (normalized rewards)",
+              ylabel="policy-gradient gain in r_G at the fixed time", title="policy gradient: variance decides")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(summary: dict, config: BestOfNConfig) -> str:
+    n = config.ranking_n
+    rows = "\n".join(
+        f"| {name} | {m['accuracy']:.3f} | {m['on_policy_accuracy']:.3f} | {fmt(m['variance'])} | {fmt(m[f'bon{n}_gain'])} | {fmt(m['pg_gain'])} |"
+        for name, m in summary["models"].items()
+    )
+    s = summary["spearman"]
+    return f"""## Proposition 1: Best-of-N rewards accuracy, policy gradient rewards variance
+
+**Verdict:** {summary['instances']} (problem, reward model) pairs, N = 1..{config.max_n}: the perfectly accurate model was beaten {summary['violations']['perfect_not_optimal']} times (Proposition 1 expects 0).
+
+| reward model | accuracy | on-policy accuracy | variance (normalized) | Best-of-{n} gain | policy-gradient gain at t = {config.pg_time:g} |
+|---|---|---|---|---|---|
+{rows}
+
+Spearman correlation across reward models (per problem, averaged): accuracy with Best-of-{n} gain
+{s['accuracy_vs_bon']:+.3f}, variance with Best-of-{n} gain {s['variance_vs_bon']:+.3f};
+accuracy with policy-gradient gain {s['accuracy_vs_pg']:+.3f}, variance with policy-gradient gain
+{s['variance_vs_pg']:+.3f}. The low-variance perfect model ties the perfect one at Best-of-N (the
+order is all that matters there) but not under policy gradient; the most frequent best
+policy-gradient teacher is `{summary['pg_best_model']}`.
+
+![Best-of-N and policy gradient](figures/{NAME}.png)
+"""
