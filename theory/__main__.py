@@ -23,6 +23,7 @@ STUDIES = {
     "theorem2": ("theory.theorem2", "Theorem 2/5: slow accurate vs fast inaccurate teachers over T and accuracy"),
     "theorem3": ("theory.theorem3", "Theorem 3/6: the 2x2 table of two equally accurate teachers and two students"),
     "best_of_n": ("theory.best_of_n", "Proposition 1: exact Best-of-N against policy gradient for models of varying accuracy"),
+    "paradox": ("theory.paradox", "The accuracy paradox: Bradley-Terry reward models and their checkpoints, Table 2 in exact form"),
 }
 
 

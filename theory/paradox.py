@@ -1,0 +1,330 @@
+"""The accuracy paradox in exact form (Chen et al. 2024; Razin et al. §4, Table 2).
+
+Many prompts with a ground truth ``r_G`` that a linear reward model over fixed features cannot
+represent exactly. Reward models are fitted by Bradley-Terry (with the centering term of
+THEORY.md §4) on finite preference data: pairs drawn on-policy from the initial policy or
+off-policy from another one, in several mixes as in Razin et al., labelled with Bradley-Terry
+noise. Every run keeps checkpoints along training, as in Chen et al.; all runs train in one
+``vmap``-ed ``lax.scan``. For each checkpoint (a reward model):
+
+- on-policy accuracy (pairs weighted by the initial policy), off-policy accuracy (pairs
+  weighted by the off-policy distribution), reward variance under the initial policy after one
+  global normalization;
+- the exact proxy and ground-truth gain, and KL, after a fixed time of gradient flow.
+
+The Pearson/Spearman table of each property against each gain is printed beside the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrm import flow, metrics
+from theory.common import Progress, fmt, validate_config, write_json, write_text
+
+NAME = "paradox"
+
+# Razin et al., Table 2 (Pythia-2.8B): Pearson / Spearman with the reward increase after one epoch.
+PAPER_TABLE2 = {
+    "variance": {"proxy": (0.982, 1.000), "gt": (0.834, 0.714)},
+    "on_policy_accuracy": {"proxy": (-0.762, 0.143), "gt": (-0.283, 0.200)},
+    "off_policy_accuracy": {"proxy": (-0.933, -0.943), "gt": (-0.507, -0.543)},
+}
+_positive_int = (lambda v: isinstance(v, int) and v >= 1, "a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParadoxConfig:
+    seed: int = 0
+    prompts: int = dataclasses.field(default=32, metadata={"check": _positive_int})
+    num_outputs: int = dataclasses.field(default=16, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
+    features: int = dataclasses.field(default=6, metadata={"check": _positive_int})
+    misspecification: float = dataclasses.field(default=0.7, metadata={"check": (lambda v: v >= 0, ">= 0")})
+    on_policy_shares: tuple = dataclasses.field(default=(1.0, 0.75, 0.5, 0.25, 0.0), metadata={"check": (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")})
+    dataset_sizes: tuple = dataclasses.field(default=(64, 256, 1024), metadata={"check": (lambda v: all(isinstance(n, int) and n >= 2 for n in v), "ints >= 2")})
+    seeds: int = dataclasses.field(default=8, metadata={"check": _positive_int})
+    label_sharpness: float = dataclasses.field(default=4.0, metadata={"check": (lambda v: v > 0, "> 0")})
+    learning_rate: float = 0.05
+    centering: float = 0.01
+    init_scale: float = dataclasses.field(default=0.3, metadata={"check": (lambda v: v >= 0, ">= 0")})
+    checkpoints: tuple = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+    pg_time: float = dataclasses.field(default=16.0, metadata={"check": (lambda v: v > 0, "> 0")})
+
+    def __post_init__(self):
+        validate_config(self)
+        if sorted(self.checkpoints) != list(self.checkpoints) or self.checkpoints[0] < 0:
+            raise ValueError(f"ParadoxConfig.checkpoints={self.checkpoints!r}: must be increasing steps >= 0.")
+
+    @property
+    def steps(self) -> int:
+        return self.checkpoints[-1]
+
+    def quick(self) -> "ParadoxConfig":
+        return dataclasses.replace(self, seeds=2, dataset_sizes=(64, 512), checkpoints=(0, 2, 8, 32, 128))
+
+
+def make_world(config: ParadoxConfig):
+    """Features, ground truth, initial (on-policy) and off-policy distributions."""
+    rng = np.random.default_rng(config.seed)
+    s, y, d = config.prompts, config.num_outputs, config.features
+    features = rng.normal(size=(s, y, d)) / np.sqrt(d)
+    # The part of r_G outside the features' span is what no reward model here can learn.
+    gt = np.tanh(features @ rng.normal(size=d) + config.misspecification * rng.normal(size=(s, y)))
+    policy_logits = rng.normal(size=(s, y))
+    off_policy_logits = rng.normal(size=(s, y))
+    return features, gt, policy_logits, off_policy_logits
+
+
+def sample_datasets(config: ParadoxConfig, gt, policy_logits, off_policy_logits):
+    """Preference pairs ``(prompt, chosen, rejected)`` for every run, padded to one size."""
+    rng = np.random.default_rng(config.seed + 1)
+    s, y = gt.shape
+    softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
+    on, off = softmax(policy_logits), softmax(off_policy_logits)
+    size = max(config.dataset_sizes)
+    runs = []
+    for share in config.on_policy_shares:
+        for n in config.dataset_sizes:
+            for _ in range(config.seeds):
+                prompt = rng.integers(0, s, size)
+                from_policy = rng.random(size) < share
+                sources = np.where(from_policy[:, None, None], on[prompt][:, None], off[prompt][:, None])
+                first = np.array([rng.choice(y, p=p[0]) for p in sources])
+                second = np.array([rng.choice(y, p=p[0]) for p in sources])
+                margin = gt[prompt, first] - gt[prompt, second]
+                first_wins = rng.random(size) < 1.0 / (1.0 + np.exp(-config.label_sharpness * margin))
+                chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
+                runs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected,
+                                 weight=(np.arange(size) < n) & (first != second), share=share, size=n))
+    return {k: np.array([r[k] for r in runs]) for k in runs[0]}
+
+
+def reward_model(params, features):
+    """``r(x, y) = phi(x, y) . w + b[x, y]``: shared features plus a free score per output, so
+    the pairs a run sees decide which outputs it learns to tell apart."""
+    w, b = params
+    return features @ w + b
+
+
+def make_train(config: ParadoxConfig, features):
+    """``train(data, key) -> parameters at every checkpoint``: Bradley-Terry with centering, Adam,
+    from a random initial reward model (the stand-in for a head on the SFT model)."""
+    optimizer = optax.adam(config.learning_rate)
+    features = jnp.asarray(features)
+    saved = jnp.asarray(config.checkpoints)
+
+    def loss(params, data):
+        reward = reward_model(params, features)  # [S, Y]
+        chosen = reward[data["prompt"], data["chosen"]]
+        rejected = reward[data["prompt"], data["rejected"]]
+        per_pair = -jax.nn.log_sigmoid(chosen - rejected) + config.centering * (chosen + rejected) ** 2
+        return jnp.sum(data["weight"] * per_pair) / jnp.maximum(jnp.sum(data["weight"]), 1)
+
+    def train(data, key):
+        k_w, k_b = jax.random.split(key)
+        params = (0.1 * jax.random.normal(k_w, features.shape[-1:]), config.init_scale * jax.random.normal(k_b, features.shape[:-1]))
+
+        def step(carry, _):
+            params, state = carry
+            updates, state = optimizer.update(jax.grad(loss)(params, data), state)
+            return (optax.apply_updates(params, updates), state), params
+
+        (last, _), history = jax.lax.scan(step, (params, optimizer.init(params)), length=config.steps)
+        # Parameters after 0..steps updates, at the checkpoints.
+        return jax.tree.map(lambda h, end: jnp.concatenate([h, end[None]])[saved], history, last)
+
+    return train
+
+
+def _normalize(logits, rewards):
+    """Global mean and standard deviation of each model's rewards under the initial policy."""
+    probs = jax.nn.softmax(logits, -1)
+    mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
+    std = jnp.sqrt(jnp.mean(jnp.sum(probs * (rewards - mean) ** 2, -1), -1))[..., None, None]
+    return (rewards - mean) / std
+
+
+def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = None) -> dict:
+    jax.config.update("jax_enable_x64", True)
+    config = ParadoxConfig() if config is None else config
+    config = config.quick() if quick else config
+    out_dir = Path(out_dir)
+    progress = Progress(NAME)
+    features, gt, policy_logits, off_logits = make_world(config)
+    data = sample_datasets(config, gt, policy_logits, off_logits)
+    runs = len(data["share"])
+    train = jax.jit(jax.vmap(make_train(config, features)))
+    keys = jax.random.split(jax.random.key(config.seed), runs)
+    params = train({k: jnp.asarray(data[k]) for k in ("prompt", "chosen", "rejected", "weight")}, keys)  # [runs, C, ...]
+    models = runs * len(config.checkpoints)
+    progress(f"trained {runs} Bradley-Terry runs, {models} reward models (checkpoints {list(config.checkpoints)})")
+
+    rm = jax.vmap(jax.vmap(lambda p: reward_model(p, features)))(params).reshape(models, *gt.shape)
+    logits = jnp.broadcast_to(policy_logits, rm.shape)
+    gt_all = jnp.broadcast_to(gt, rm.shape)
+    on_policy = np.asarray(metrics.accuracy(rm, gt_all, probs=jax.nn.softmax(logits, -1))).mean(-1)
+    off_policy = np.asarray(metrics.accuracy(rm, gt_all, probs=jax.nn.softmax(jnp.broadcast_to(off_logits, rm.shape), -1))).mean(-1)
+    normalized = _normalize(logits, rm)
+    variance = np.asarray(metrics.reward_variance(logits, normalized)).mean(-1)
+    path = flow.trajectory(logits, normalized, jnp.asarray([0.0, config.pg_time]), eval_rewards=gt_all)
+    proxy_gain = np.asarray(path.rm_reward[1] - path.rm_reward[0]).mean(-1)
+    gt_gain = np.asarray(path.eval_reward[1] - path.eval_reward[0]).mean(-1)
+    kl = np.asarray(path.kl[1]).mean(-1)
+    progress(f"exact flow to t = {config.pg_time} for every reward model")
+
+    properties = {"variance": variance, "on_policy_accuracy": on_policy, "off_policy_accuracy": off_policy}
+    gains = {"proxy": proxy_gain, "gt": gt_gain}
+    shape = (runs, len(config.checkpoints))
+    # As in the paper: the trained models (last checkpoint, largest datasets, every on-policy share).
+    final = np.zeros(shape, bool)
+    final[:, -1] = data["size"] == max(config.dataset_sizes)
+    final = final.ravel()
+
+    def correlations(mask):
+        return {
+            prop: {gain: (float(metrics.pearson(values[mask], g[mask])), float(metrics.spearman(values[mask], g[mask])))
+                   for gain, g in gains.items()}
+            for prop, values in properties.items()
+        }
+
+    best = gt_gain.reshape(shape).argmax(-1)
+    most_accurate = on_policy.reshape(shape).argmax(-1)
+    picked = lambda x, index: x.reshape(shape)[np.arange(runs), index]  # noqa: E731
+    summary = {
+        "instances": models,
+        "violations": {},
+        "table2": correlations(final),
+        "table2_models": int(final.sum()),
+        "table2_all_checkpoints": correlations(np.ones(models, bool)),
+        "paper_table2": PAPER_TABLE2,
+        "accuracy_range": {"on_policy": [float(on_policy.min()), float(on_policy.max())],
+                           "off_policy": [float(off_policy.min()), float(off_policy.max())]},
+        "chen": {
+            "runs": runs,
+            "best_is_not_most_accurate": float(np.mean(best != most_accurate)),
+            "mean_accuracy_of_best": float(picked(on_policy, best).mean()),
+            "mean_accuracy_of_most_accurate": float(picked(on_policy, most_accurate).mean()),
+            "mean_gt_gain_of_best": float(picked(gt_gain, best).mean()),
+            "mean_gt_gain_of_most_accurate": float(picked(gt_gain, most_accurate).mean()),
+            "mean_variance_of_best": float(picked(variance, best).mean()),
+            "mean_variance_of_most_accurate": float(picked(variance, most_accurate).mean()),
+        },
+        "moderate_accuracy": _moderate_accuracy(on_policy, gt_gain),
+        "by_share": _by_share(config, data, shape, variance, on_policy, off_policy, gt_gain),
+        "max_kl": float(kl.max()),
+        "config": dataclasses.asdict(config),
+    }
+    _figure(on_policy, variance, gt_gain, shape, config, out_dir / "figures" / f"{NAME}.png")
+    summary["seconds"] = round(progress.elapsed, 1)
+    write_json(out_dir / f"{NAME}.json", summary)
+    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
+    progress(f"done, wrote {out_dir}/{NAME}.*")
+    return summary
+
+
+def _moderate_accuracy(on_policy, gt_gain, share=0.05):
+    """Do the best teachers sit below the top accuracies? Means over the top ``share`` by each."""
+    k = max(1, int(share * len(gt_gain)))
+    best, accurate = np.argsort(gt_gain)[-k:], np.argsort(on_policy)[-k:]
+    return {
+        "share": share,
+        "accuracy_of_best_teachers": float(on_policy[best].mean()),
+        "gain_of_best_teachers": float(gt_gain[best].mean()),
+        "accuracy_of_most_accurate": float(on_policy[accurate].mean()),
+        "gain_of_most_accurate": float(gt_gain[accurate].mean()),
+    }
+
+
+def _by_share(config, data, shape, variance, on_policy, off_policy, gt_gain):
+    """Final checkpoints of the largest datasets, per share of on-policy pairs (Table 1's layout)."""
+    last = lambda x: x.reshape(shape)[:, -1]  # noqa: E731
+    out = {}
+    for share in config.on_policy_shares:
+        chosen = (data["share"] == share) & (data["size"] == max(config.dataset_sizes))
+        out[f"{100 * share:g}%"] = {name: float(last(x)[chosen].mean()) for name, x in (
+            ("variance", variance), ("on_policy_accuracy", on_policy), ("off_policy_accuracy", off_policy), ("gt_gain", gt_gain))}
+    return out
+
+
+def _figure(on_policy, variance, gt_gain, shape, config, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    points = left.scatter(on_policy, gt_gain, c=variance, s=8, cmap="viridis")
+    fig.colorbar(points, ax=left, label="reward variance (normalized)")
+    left.set(xlabel="on-policy accuracy", ylabel=f"ground-truth gain at t = {config.pg_time:g}",
+             title="every checkpoint of every run")
+    steps = np.asarray(config.checkpoints, float)
+    gains = gt_gain.reshape(shape)
+    accuracy = on_policy.reshape(shape)
+    right.plot(steps, gains.mean(0), "o-", color="C2", label="ground-truth gain (mean over runs)")
+    right.set(xlabel="reward-model training steps", ylabel="ground-truth gain", xscale="symlog")
+    twin = right.twinx()
+    twin.plot(steps, accuracy.mean(0), "s--", color="C1", label="on-policy accuracy")
+    twin.set_ylabel("on-policy accuracy")
+    right.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    right.set_title("along training (Chen et al.)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(summary: dict, config: ParadoxConfig) -> str:
+    names = {"variance": "reward variance", "on_policy_accuracy": "on-policy accuracy", "off_policy_accuracy": "off-policy accuracy"}
+    pair = lambda p: f"{p[0]:+.3f} / {p[1]:+.3f}"  # noqa: E731
+    rows = "\n".join(
+        f"| {names[prop]} | {pair(values['proxy'])} | {pair(PAPER_TABLE2[prop]['proxy'])} | {pair(values['gt'])} | "
+        f"{pair(PAPER_TABLE2[prop]['gt'])} | {pair(summary['table2_all_checkpoints'][prop]['gt'])} |"
+        for prop, values in summary["table2"].items()
+    )
+    shares = "\n".join(
+        f"| {share} | {fmt(v['variance'])} | {v['on_policy_accuracy']:.3f} | {v['off_policy_accuracy']:.3f} | {fmt(v['gt_gain'])} |"
+        for share, v in summary["by_share"].items()
+    )
+    c, m = summary["chen"], summary["moderate_accuracy"]
+    moderate = m["gain_of_best_teachers"] > m["gain_of_most_accurate"] and m["accuracy_of_best_teachers"] < m["accuracy_of_most_accurate"] - 0.01
+    verdict = ("The best teachers sit at moderate accuracy here, as Chen et al. found." if moderate else
+               "In this exact model the best teachers are (close to) the most accurate ones: among trained models "
+               "variance and off-policy accuracy correlate with the ground-truth gain as in the paper, but the "
+               "moderate-accuracy optimum of Chen et al. does not appear.")
+    return f"""## The accuracy paradox, exact
+
+**Verdict:** {summary['instances']} Bradley-Terry reward models ({c['runs']} runs x {len(config.checkpoints)} checkpoints), each scored by exact flow. On-policy accuracy spans {summary['accuracy_range']['on_policy'][0]:.2f} to {summary['accuracy_range']['on_policy'][1]:.2f}.
+
+Correlation with the reward increase (Pearson / Spearman) over the {summary['table2_models']} trained
+models (last checkpoint, largest datasets, every on-policy share), beside Razin et al. Table 2,
+and over all {summary['instances']} checkpoints:
+
+| property | proxy gain (here) | proxy (paper) | ground-truth gain (here) | ground truth (paper) | ground truth, all checkpoints |
+|---|---|---|---|---|---|
+{rows}
+
+Final reward models of the largest datasets, by share of on-policy pairs (Table 1's layout):
+
+| on-policy pairs | variance | on-policy accuracy | off-policy accuracy | ground-truth gain |
+|---|---|---|---|---|
+{shares}
+
+Along each training run (Chen et al.'s protocol), the checkpoint that teaches best is not the
+most accurate one in {100 * c['best_is_not_most_accurate']:.0f}% of the runs: the best has mean
+on-policy accuracy {c['mean_accuracy_of_best']:.3f} and variance {fmt(c['mean_variance_of_best'])},
+the most accurate {c['mean_accuracy_of_most_accurate']:.3f} and {fmt(c['mean_variance_of_most_accurate'])};
+mean ground-truth gain {fmt(c['mean_gt_gain_of_best'])} against {fmt(c['mean_gt_gain_of_most_accurate'])}.
+
+Across all checkpoints, the top {100 * m['share']:.0f}% of teachers by ground-truth gain have mean on-policy
+accuracy {m['accuracy_of_best_teachers']:.3f} (gain {fmt(m['gain_of_best_teachers'])}); the top {100 * m['share']:.0f}% by accuracy
+have {m['accuracy_of_most_accurate']:.3f} (gain {fmt(m['gain_of_most_accurate'])}). {verdict}
+
+![gain against accuracy](figures/{NAME}.png)
+"""
