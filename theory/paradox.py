@@ -294,10 +294,11 @@ def _markdown(summary: dict, config: ParadoxConfig) -> str:
     )
     c, m = summary["chen"], summary["moderate_accuracy"]
     moderate = m["gain_of_best_teachers"] > m["gain_of_most_accurate"] and m["accuracy_of_best_teachers"] < m["accuracy_of_most_accurate"] - 0.01
-    verdict = ("The best teachers sit at moderate accuracy here, as Chen et al. found." if moderate else
-               "In this exact model the best teachers are (close to) the most accurate ones: among trained models "
-               "variance and off-policy accuracy correlate with the ground-truth gain as in the paper, but the "
-               "moderate-accuracy optimum of Chen et al. does not appear.")
+    agree = [names[p] for p, v in summary["table2"].items() if np.sign(v["gt"][0]) == np.sign(PAPER_TABLE2[p]["gt"][0])]
+    signs = f"Among trained models the ground-truth correlation has the paper's sign for: {', '.join(agree) or 'none'}."
+    verdict = signs + (" The best teachers sit at moderate accuracy here, as Chen et al. found." if moderate else
+                       " The best teachers are (close to) the most accurate ones: the moderate-accuracy optimum of "
+                       "Chen et al. does not appear in this exact model.")
     return f"""## The accuracy paradox, exact
 
 **Verdict:** {summary['instances']} Bradley-Terry reward models ({c['runs']} runs x {len(config.checkpoints)} checkpoints), each scored by exact flow. On-policy accuracy spans {summary['accuracy_range']['on_policy'][0]:.2f} to {summary['accuracy_range']['on_policy'][1]:.2f}.
