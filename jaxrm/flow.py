@@ -138,7 +138,8 @@ def first_passage(
       gamma: gain to reach; broadcasts to ``[..., S]``; must be > 0.
       policy: :class:`~jaxrm.tabular.TabularPolicy` (default) or
         :class:`~jaxrm.tabular.AutoregressiveTabularPolicy`.
-      kl_coef: ``lam >= 0``; broadcasts to the batch shape ``[...]`` (or ``[..., S]``).
+      kl_coef: ``lam >= 0``; broadcasts to the batch shape ``[...]`` (or ``[..., S]``). A Python
+        ``0`` or ``0.0`` leaves out the KL machinery (the out-of-reach stop); arrays keep it.
       eval_rewards: ``[..., S, Y]`` reward whose gain is timed (default ``rm_rewards``).
       t_max: give up (``inf``) after this much time.
       rtol, atol: tolerances of the adaptive step-size controller.
@@ -178,7 +179,8 @@ def first_passage(
         max_steps=max_steps,
         slots=min(per_device, _DEFAULT_SLOTS if slots is None else int(slots)),
         segment_steps=int(segment_steps),
-        kl_penalized=not (is_concrete(kl_coef) and np.all(np.asarray(kl_coef) == 0)),
+        # Decided by the argument's kind, not its values, so new values never recompile.
+        kl_penalized=not (isinstance(kl_coef, (int, float)) and kl_coef == 0),
     )
     if len(devices) == 1:
         if devices[0] is not None:

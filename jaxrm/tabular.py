@@ -10,6 +10,8 @@ and shard like any pytree:
   (prompt, prefix); logits ``(theta_0, ..., theta_{L-1})`` with ``theta_l: [S, V**l, V]``.
   Outputs are all ``V**L`` sequences in lexicographic order (token ``l`` of output ``i`` is
   ``(i // V**(L-1-l)) % V``), enumerated exactly. ``J = 1`` for any ``L``.
+- :class:`LogLinearPolicy`: ``pi(.|x) = softmax(Phi theta[x])`` with a feature matrix ``Phi``
+  shared by all outputs; parameters ``[S, d]``, ``L = 1``, ``J = ||Phi||_2``.
 
 Both expose ``log_probs(logits) -> [..., S, Y]`` and the closed-form ``log_prob_vjp(logits, c)
 = sum_y c[y] grad log pi(y)``, from which the exact gradient of the RLHF objective follows
@@ -30,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "AutoregressiveTabularPolicy",
+    "LogLinearPolicy",
     "TabularPolicy",
     "kl_rewards",
     "objective",
@@ -165,6 +168,58 @@ class AutoregressiveTabularPolicy:
             scale * jax.random.normal(k, (num_prompts, self.vocab_size**level, self.vocab_size), dtype=dtype)
             for level, k in enumerate(keys)
         )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogLinearPolicy:
+    """``pi(.|x) = softmax(Phi theta[x])``: outputs share ``d`` features, ``Phi: [Y, d]``.
+
+    The logits ``Phi theta`` have Jacobian ``Phi``, so ``J = ||Phi||_2`` (its largest singular
+    value). Equal feature matrices make equal policies (and share compiled programs).
+
+    >>> import numpy as np
+    >>> policy = LogLinearPolicy(np.eye(3))  # identity features: the tabular policy
+    >>> policy.jacobian_norm, policy.log_probs(np.zeros((1, 3))).shape
+    (1.0, (1, 3))
+    """
+
+    features: np.ndarray
+    length: ClassVar[int] = 1
+
+    def __post_init__(self):
+        features = np.array(self.features, dtype=float)
+        if features.ndim != 2 or not np.isfinite(features).all():
+            raise ValueError(f"features must be a finite [outputs, d] matrix, got shape {features.shape}.")
+        features.setflags(write=False)
+        object.__setattr__(self, "features", features)
+
+    def __eq__(self, other):
+        return isinstance(other, LogLinearPolicy) and np.array_equal(self.features, other.features)
+
+    def __hash__(self):
+        return hash((self.features.shape, self.features.tobytes()))
+
+    @property
+    def jacobian_norm(self) -> float:
+        return float(np.linalg.norm(self.features, 2))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.features.shape[0]
+
+    def log_probs(self, logits):
+        return jax.nn.log_softmax(jnp.asarray(logits) @ self.features.T, axis=-1)
+
+    def log_probs_and_probs(self, logits):
+        return TabularPolicy().log_probs_and_probs(jnp.asarray(logits) @ self.features.T)
+
+    def log_prob_vjp(self, logits, cotangent, *, centered=False):
+        """``Phi^T (c - pi sum(c))``: the tabular VJP pulled back through the features."""
+        tabular = TabularPolicy().log_prob_vjp(jnp.asarray(logits) @ self.features.T, cotangent, centered=centered)
+        return tabular @ self.features
+
+    def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
+        return scale * jax.random.normal(key, (num_prompts, self.features.shape[1]), dtype=dtype)
 
 
 def kl_rewards(log_probs, rewards, ref_log_probs, *, kl_coef=0.0):

@@ -190,3 +190,39 @@ class TestKL:
     def test_unknown_kind(self):
         with pytest.raises(ValueError, match="kind='k4'"):
             metrics.kl_estimate(jnp.zeros(2), jnp.zeros(2), "k4")
+
+
+class TestBestOfNAndCorrelations:
+    @staticmethod
+    def brute(p, rm, gt, n):
+        total = 0.0
+        for draw in itertools.product(range(len(p)), repeat=n):
+            best = max(rm[i] for i in draw)
+            total += np.prod(p[list(draw)]) * np.mean([gt[i] for i in draw if rm[i] == best])
+        return total
+
+    def test_closed_form_matches_enumeration_with_ties(self):
+        rng = np.random.default_rng(8)
+        for n in (1, 2, 3, 4):
+            p = rng.dirichlet(np.ones(4))
+            rm, gt = rng.integers(0, 3, 4).astype(float), rng.normal(size=4)
+            got = float(metrics.best_of_n_reward(np.log(p), rm, gt, n))
+            np.testing.assert_allclose(got, self.brute(p, rm, gt, n), rtol=1e-12)
+
+    def test_perfect_reward_model_is_optimal_and_n_broadcasts(self):
+        rng = np.random.default_rng(9)
+        logits, gt = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+        ns = np.arange(1, 9)[:, None]
+        perfect = metrics.best_of_n_reward(logits, gt, gt, ns)
+        noisy = metrics.best_of_n_reward(logits, gt + rng.normal(size=gt.shape), gt, ns)
+        assert perfect.shape == (8, 3)
+        assert bool(jnp.all(perfect >= noisy - 1e-12))
+        assert bool(jnp.all(jnp.diff(perfect, axis=0) >= -1e-12))  # more samples never hurt
+
+    def test_correlations_match_scipy(self):
+        from scipy import stats
+
+        x = np.array([1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 7.0])
+        y = np.array([2.0, 1.0, 2.0, 5.0, 3.0, 3.0, 0.5])
+        np.testing.assert_allclose(metrics.spearman(x, y), stats.spearmanr(x, y).statistic, rtol=1e-12)
+        np.testing.assert_allclose(metrics.pearson(x, y), stats.pearsonr(x, y).statistic, rtol=1e-12)

@@ -5,9 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, objective, objective_grad, prompt_gradient
+from jaxrm.tabular import (
+    AutoregressiveTabularPolicy,
+    LogLinearPolicy,
+    TabularPolicy,
+    objective,
+    objective_grad,
+    prompt_gradient,
+)
 
+FEATURES = np.random.default_rng(0).normal(size=(6, 3))
 POLICIES = [
+    (LogLinearPolicy(FEATURES), lambda key: LogLinearPolicy(FEATURES).random_logits(key, 3, scale=2.0)),
     (TabularPolicy(), lambda key: TabularPolicy().random_logits(key, 3, 6, scale=2.0)),
     (AutoregressiveTabularPolicy(vocab_size=3, length=3), lambda key: AutoregressiveTabularPolicy(3, 3).random_logits(key, 2, scale=2.0)),
 ]
@@ -77,3 +86,14 @@ def test_bad_structure():
         AutoregressiveTabularPolicy(vocab_size=2, length=0)
     with pytest.raises(ValueError, match="logits\\[1\\]"):
         AutoregressiveTabularPolicy(2, 2).log_probs((jnp.zeros((1, 1, 2)), jnp.zeros((1, 3, 2))))
+
+
+def test_log_linear_policy_is_hashable_by_value_and_reports_its_jacobian_norm():
+    a, b = LogLinearPolicy(FEATURES), LogLinearPolicy(FEATURES.copy())
+    assert a == b and hash(a) == hash(b) and a != LogLinearPolicy(2 * FEATURES)
+    np.testing.assert_allclose(a.jacobian_norm, np.linalg.svd(FEATURES, compute_uv=False)[0])
+    identity = LogLinearPolicy(np.eye(4))
+    theta = jax.random.normal(jax.random.key(7), (2, 4))
+    np.testing.assert_allclose(identity.log_probs(theta), TabularPolicy().log_probs(theta))
+    with pytest.raises(ValueError, match="features"):
+        LogLinearPolicy(np.ones(3))

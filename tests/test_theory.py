@@ -3,22 +3,36 @@ import json
 import numpy as np
 import pytest
 
-from theory import theorem1
-from theory.__main__ import main
+from jaxrm import metrics
+from theory import theorem1, theorem2, theorem3
+from theory.__main__ import STUDIES, main
 from theory.common import config_from_dict, loglog_slope
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """The whole main job at smoke-test size, once for every test below."""
     out = tmp_path_factory.mktemp("theory")
-    status = main(["--only", "theorem1", "--quick", "--out", str(out)])
-    return status, out, json.loads((out / "theorem1.json").read_text())
+    status = main(["--quick", "--out", str(out)])
+    return status, out, {name: json.loads((out / f"{name}.json").read_text()) for name in STUDIES}
+
+
+@pytest.mark.slow
+def test_every_study_reports_instances_violations_and_a_verdict(quick_run):
+    status, out, summaries = quick_run
+    assert status == 0
+    report = (out / "report.md").read_text()
+    for name, summary in summaries.items():
+        assert summary["instances"] > 0
+        assert all(count == 0 for count in summary["violations"].values()), (name, summary["violations"])
+        assert summary["verdict"] in report
+        assert (out / "figures" / f"{name}.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
-    status, out, summary = quick_run
-    assert status == 0
+    status, out, summaries = quick_run
+    summary = summaries["theorem1"]
     assert summary["instances"] == 8 * 8 + 256 * 2 + 2 * 64 + 2 * 64
     assert summary["violations"] == {"theorem4": 0, "prop3": 0, "sharpened": 0}
     assert set(summary["families"]) == {"scaled", "random", "kl_0.05", "kl_0.5", "autoregressive_L2", "autoregressive_L3"}
@@ -64,3 +78,64 @@ def test_loglog_slope_recovers_power_laws():
     groups = np.repeat(np.arange(40), 10)
     y = np.exp(rng.normal(0, 3, 40))[groups] * x**-0.5
     assert loglog_slope(x, y, groups=groups)[0] == pytest.approx(-0.5)
+
+
+@pytest.mark.slow
+def test_small_atlas_search_finds_the_tight_exponent(quick_run):
+    """Scaling a teacher rescales time: every class's lower envelope has slope -1/2 (the scaled
+    family is tight), and no searched instance beats a bound."""
+    atlas = quick_run[2]["tightness"]["classes"]
+    for name, c in atlas.items():
+        assert c["envelope_slope"] == pytest.approx(-0.5, abs=0.01), name
+        assert not c["reaches_minus_third"]
+        assert all(ratio >= 1 for ratio in c["min_ratio"].values()), (name, c["min_ratio"])
+    assert atlas["tabular"]["min_ratio"]["theorem4"] > atlas["tabular"]["min_ratio"]["sharpened"]
+
+
+@pytest.mark.slow
+def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
+    summaries = quick_run[2]
+    bon = summaries["best_of_n"]
+    assert bon["spearman"]["accuracy_vs_bon"] > 0.8
+    assert bon["spearman"]["variance_vs_pg"] > bon["spearman"]["accuracy_vs_pg"]
+    assert summaries["theorem3"]["student_decides"] == 1.0
+    assert summaries["theorem2"]["fast_beats_accurate_slow"]["10000"] == 1.0
+    paradox = summaries["paradox"]
+    assert set(paradox["table2"]) == {"variance", "on_policy_accuracy", "off_policy_accuracy"}
+    assert paradox["instances"] >= 100
+
+
+def test_theorem2_teachers_have_the_accuracy_and_variance_the_theorem_says():
+    config = theorem2.Theorem2Config(problems=3, horizons=(1, 100), shuffled=(0.0, 1.0))
+    t = theorem2.make_teachers(config)
+    exact = t["fraction"] == 0
+    accuracy = np.asarray(metrics.accuracy(t["rm"], t["gt"]))
+    variance = np.asarray(metrics.reward_variance(t["logits"], t["rm"]))
+    slow, fast = exact & (t["kind"] == "slow"), exact & (t["kind"] == "fast")
+    np.testing.assert_allclose(accuracy[slow], 1.0)
+    np.testing.assert_allclose(accuracy[fast], 2 / config.num_outputs)
+    assert np.all((t["rm"][slow] > 0) & (t["rm"][slow] < 1 / t["horizon"][slow][:, None]))
+    assert np.all(variance[slow] <= 1 / t["horizon"][slow] ** 2)
+    good = t["gt"].argmax(-1)
+    rows = np.arange(len(good))
+    assert np.all(t["rm"][rows, good][fast] == 1.0)
+    others = np.where(np.arange(config.num_outputs) == good[:, None], -np.inf, t["rm"])
+    assert np.all(others[fast].max(-1) < t["good_prob"][fast])
+    assert np.all((0 < t["rho"]) & (t["rho"] < 1))
+
+
+def test_theorem3_policies_belong_to_their_families():
+    config = theorem3.Theorem3Config(problems=2, horizons=(10, 100))
+    cells = theorem3.make_cells(config)
+    probs = np.exp(cells["logits"])
+    np.testing.assert_allclose(probs.sum(-1), 1.0)
+    first, second = (np.argsort(cells["gt"], -1)[:, ::-1][:, k] for k in (0, 1))
+    rows = np.arange(len(first))
+    family_pi = cells["family"] == "Pi"
+    np.testing.assert_allclose(probs[rows, first][family_pi], config.good_mass)
+    np.testing.assert_allclose(probs[rows, second][family_pi], cells["horizon"][family_pi] ** -2.0)
+    np.testing.assert_allclose(probs[rows, second][~family_pi], config.good_mass)
+    variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
+    assert np.all(variance[~cells["fast"]] <= 8 / cells["horizon"][~cells["fast"]] ** 2)
+    start = (probs * cells["gt"]).sum(-1)
+    assert np.all(cells["gt"][rows, second] > start + cells["gamma"])

@@ -23,6 +23,7 @@ STUDIES = {
     "theorem2": ("theory.theorem2", "Theorem 2/5: slow accurate vs fast inaccurate teachers over T and accuracy"),
     "theorem3": ("theory.theorem3", "Theorem 3/6: the 2x2 table of two equally accurate teachers and two students"),
     "best_of_n": ("theory.best_of_n", "Proposition 1: exact Best-of-N against policy gradient for models of varying accuracy"),
+    "tightness": ("theory.tightness", "Tightness atlas: adversarial search for the fastest low-variance teachers"),
     "paradox": ("theory.paradox", "The accuracy paradox: Bradley-Terry reward models and their checkpoints, Table 2 in exact form"),
 }
 
@@ -46,11 +47,7 @@ def _report(out: Path, names: list[str]) -> str:
     lines = ["# jaxrm theory report", ""]
     for name in names:
         summary = json.loads((out / f"{name}.json").read_text())
-        lines.append(
-            f"- **{name}**: {summary['instances']} instances, violations "
-            + ", ".join(f"{k} {v}" for k, v in summary["violations"].items())
-            + f" ({summary['seconds']} s)"
-        )
+        lines.append(f"- **{name}** ({summary['seconds']} s): {summary['verdict']}.")
     lines.append("")
     for name in names:
         lines += [(out / f"{name}.md").read_text(), ""]

@@ -126,6 +126,12 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
         "pg_best_model": _most_common(np.array(names)[pg_gain.argmax(-1)]),
         "config": dataclasses.asdict(config),
     }
+    summary["verdict"] = (
+        f"{b * m} (problem, reward model) pairs, N = 1..{config.max_n}; the perfect model beaten {violations} times; "
+        f"Spearman with Best-of-{config.ranking_n} gain: accuracy {summary['spearman']['accuracy_vs_bon']:+.2f}; "
+        f"with policy-gradient gain: variance {summary['spearman']['variance_vs_pg']:+.2f}, accuracy "
+        f"{summary['spearman']['accuracy_vs_pg']:+.2f}"
+    )
     progress(f"violations of Proposition 1: {violations}")
     _figure(names, ns, bon_gain, accuracy, variance, pg_gain, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)

@@ -220,6 +220,13 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
         "max_kl": float(kl.max()),
         "config": dataclasses.asdict(config),
     }
+    t2 = summary["table2"]
+    summary["verdict"] = (
+        f"{models} reward models; trained models' Pearson with ground-truth gain: variance "
+        f"{t2['variance']['gt'][0]:+.2f} (paper {PAPER_TABLE2['variance']['gt'][0]:+.2f}), on-policy accuracy "
+        f"{t2['on_policy_accuracy']['gt'][0]:+.2f} ({PAPER_TABLE2['on_policy_accuracy']['gt'][0]:+.2f}), off-policy accuracy "
+        f"{t2['off_policy_accuracy']['gt'][0]:+.2f} ({PAPER_TABLE2['off_policy_accuracy']['gt'][0]:+.2f})"
+    )
     _figure(on_policy, variance, gt_gain, shape, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
     write_json(out_dir / f"{NAME}.json", summary)

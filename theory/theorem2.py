@@ -148,6 +148,12 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         "config": dataclasses.asdict(config),
     }
     _figure(t, time, lower, upper, accuracy, config, out_dir / "figures" / f"{NAME}.png")
+    summary["verdict"] = (
+        f"{summary['instances']} flows; violations slow bound {summary['violations']['slow_lower']}, fast bound "
+        f"{summary['violations']['fast_upper']}; smallest slack {fmt(summary['min_slack']['slow_lower'])} and "
+        f"{fmt(summary['min_slack']['fast_upper'])}; the inaccurate teacher wins on "
+        f"{100 * faster[str(config.horizons[-1])]:.0f}% of problems at T = {config.horizons[-1]}"
+    )
     summary["seconds"] = round(progress.elapsed, 1)
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
@@ -205,7 +211,7 @@ def _markdown(summary: dict, config: Theorem2Config) -> str:
 
 Slow teachers have accuracy {acc['slow'][0]:.2f} to {acc['slow'][1]:.2f}, fast teachers {acc['fast'][0]:.2f} to {acc['fast'][1]:.2f}; `lam` is 0 or the fast bound's limit.
 
-| T | median t_gamma, slow teacher (accuracy 1) | median slow bound | median t_gamma, fast teacher (accuracy 2/\|Y\|) | share of problems where the fast teacher wins |
+| T | median t_gamma, slow teacher (accuracy 1) | median slow bound | median t_gamma, fast teacher (accuracy 2/Y) | share of problems where the fast teacher wins |
 |---|---|---|---|---|
 {rows}
 

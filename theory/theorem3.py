@@ -120,6 +120,12 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         "table": table,
         "config": dataclasses.asdict(config),
     }
+    summary["verdict"] = (
+        f"{summary['instances']} flows; violations fast bound {summary['violations']['fast_upper']}, slow bound "
+        f"{summary['violations']['slow_lower']}; smallest slack {fmt(summary['min_slack']['fast_upper'])} and "
+        f"{fmt(summary['min_slack']['slow_lower'])}; the student decides the better teacher in "
+        f"{100 * summary['student_decides']:.0f}% of cases"
+    )
     progress(f"violations {summary['violations']}")
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
