@@ -7,8 +7,8 @@ checks still apply.
 
 from __future__ import annotations
 
-import numpy as np
 import jax
+import numpy as np
 
 
 def is_concrete(x) -> bool:

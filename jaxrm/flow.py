@@ -91,13 +91,9 @@ def _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
         raise ValueError(f"rewards must be shaped [..., prompts, outputs], got {rm_rewards.shape}.")
     log_probs = jax.eval_shape(policy.log_probs, init_logits)
     if log_probs.shape != rm_rewards.shape:
-        raise ValueError(
-            f"the policy's outputs {log_probs.shape} do not match rm_rewards {rm_rewards.shape}."
-        )
+        raise ValueError(f"the policy's outputs {log_probs.shape} do not match rm_rewards {rm_rewards.shape}.")
     if eval_rewards is not None and jnp.shape(eval_rewards) != rm_rewards.shape:
-        raise ValueError(
-            f"eval_rewards {jnp.shape(eval_rewards)} must match rm_rewards {rm_rewards.shape}."
-        )
+        raise ValueError(f"eval_rewards {jnp.shape(eval_rewards)} must match rm_rewards {rm_rewards.shape}.")
     check_finite("rm_rewards", rm_rewards)
     check_finite("eval_rewards", eval_rewards)
     for leaf in jax.tree.leaves(init_logits):
@@ -210,12 +206,18 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
     limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
 
     def flat(x):
-        return x.reshape(math.prod(item_shape), *x.shape[len(item_shape):])
+        return x.reshape(math.prod(item_shape), *x.shape[len(item_shape) :])
 
     return (
         jax.tree.map(flat, init_logits),
-        _ItemArgs(flat(rm_rewards), flat(ref_log_probs), flat(kl_coef), flat(eval_rewards),
-                  (flat(start), flat(gamma)), jax.tree.map(flat, limit)),
+        _ItemArgs(
+            flat(rm_rewards),
+            flat(ref_log_probs),
+            flat(kl_coef),
+            flat(eval_rewards),
+            (flat(start), flat(gamma)),
+            jax.tree.map(flat, limit),
+        ),
     )
 
 
@@ -312,8 +314,18 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penal
 
     def run(tau0, logits0, dt0, args):
         sol = diffrax.diffeqsolve(
-            term, solver, tau0, tau_max, dt0, logits0, args=args, saveat=saveat,
-            stepsize_controller=controller, event=event, max_steps=segment_steps, throw=False,
+            term,
+            solver,
+            tau0,
+            tau_max,
+            dt0,
+            logits0,
+            args=args,
+            saveat=saveat,
+            stepsize_controller=controller,
+            event=event,
+            max_steps=segment_steps,
+            throw=False,
         )
         (tau_end, tau_steps), (logits_end, logits_steps) = sol.ts, sol.ys
         accepted = sol.stats["num_accepted_steps"]
@@ -333,17 +345,11 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penal
         before = jnp.maximum(accepted - 2, 0)
         moved = accepted > 0
         resume_tau = jnp.where(moved, tau_steps[last], tau0)
-        resume_dt = jnp.where(
-            moved, resume_tau - jnp.where(accepted > 1, tau_steps[before], tau0), 0.25 * dt0
-        )
-        resume_logits = jax.tree.map(
-            lambda saved, start: jnp.where(moved, saved[last], start), logits_steps, logits0
-        )
+        resume_dt = jnp.where(moved, resume_tau - jnp.where(accepted > 1, tau_steps[before], tau0), 0.25 * dt0)
+        resume_logits = jax.tree.map(lambda saved, start: jnp.where(moved, saved[last], start), logits_steps, logits0)
         end_logits = jax.tree.map(lambda saved: saved[0], logits_end)
         tau = jnp.where(running, resume_tau, tau_end[0])
-        logits = jax.tree.map(
-            lambda resume, end: jnp.where(running, resume, end), resume_logits, end_logits
-        )
+        logits = jax.tree.map(lambda resume, end: jnp.where(running, resume, end), resume_logits, end_logits)
         return _Segment(tau, logits, resume_dt, sol.stats["num_steps"], status)
 
     return run
@@ -362,9 +368,7 @@ def _on_devices(items, num_items, tau_max, devices, options):
     pad = per_device * num_devices - num_items
 
     def run(device):
-        shard = jax.tree.map(
-            lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])[device::num_devices], items
-        )
+        shard = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])[device::num_devices], items)
         shard, num_valid, limit = jax.device_put(
             (shard, len(range(device, num_items, num_devices)), tau_max), devices[device]
         )
@@ -377,12 +381,21 @@ def _on_devices(items, num_items, tau_max, devices, options):
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_items], gathered)
 
 
-@jax.jit(
-    static_argnames=("policy", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "kl_penalized")
-)
+@jax.jit(static_argnames=("policy", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "kl_penalized"))
 def _work_queue(
-    logits, args, num_valid, tau_max, *,
-    policy, solver, rtol, atol, max_steps, slots, segment_steps, kl_penalized,
+    logits,
+    args,
+    num_valid,
+    tau_max,
+    *,
+    policy,
+    solver,
+    rtol,
+    atol,
+    max_steps,
+    slots,
+    segment_steps,
+    kl_penalized,
 ):
     """One device's items: ``slots`` integrate side by side; finished slots take queued items."""
     num_items = args.rm_rewards.shape[0]
@@ -401,8 +414,13 @@ def _work_queue(
     def load(item):
         """Slots holding ``item`` (-1: idle) at the start of their integration."""
         index = jnp.clip(item, 0, num_items - 1)
-        return _Slots(item, jnp.zeros(item.shape, tau_max.dtype), take(logits, index), first_dt[index],
-                      jnp.zeros(item.shape, jnp.int32))
+        return _Slots(
+            item,
+            jnp.zeros(item.shape, tau_max.dtype),
+            take(logits, index),
+            first_dt[index],
+            jnp.zeros(item.shape, jnp.int32),
+        )
 
     def body(carry):
         slots, next_item, out = carry
@@ -431,16 +449,18 @@ def _work_queue(
     def run(slots, next_item, out, keep_going):
         return jax.lax.while_loop(lambda c: keep_going(*c), body, (slots, next_item, out))
 
-    out = _Outputs(jnp.full(num_items, jnp.inf, tau_max.dtype), logits,
-                   jnp.zeros(num_items, jnp.int32), jnp.zeros(num_items, jnp.int32))
+    out = _Outputs(
+        jnp.full(num_items, jnp.inf, tau_max.dtype),
+        logits,
+        jnp.zeros(num_items, jnp.int32),
+        jnp.zeros(num_items, jnp.int32),
+    )
     first = jnp.arange(slots)
     slots, next_item, out = load(jnp.where(first < num_valid, first, -1)), jnp.asarray(slots), out
     # The queue drains at full width; once few items are left, the stragglers (the longest
     # solves) move to a narrow set of slots, so they no longer pay for idle ones.
     tail = min(_TAIL_SLOTS, slots.item.shape[0])
-    slots, next_item, out = run(
-        slots, next_item, out, lambda s, n, o: (n < num_valid) | (jnp.sum(s.item >= 0) > tail)
-    )
+    slots, next_item, out = run(slots, next_item, out, lambda s, n, o: (n < num_valid) | (jnp.sum(s.item >= 0) > tail))
     order = jnp.argsort(slots.item < 0, stable=True)[:tail]
     slots, next_item, out = run(take(slots, order), next_item, out, lambda s, n, o: jnp.any(s.item >= 0))
     return out.tau, out.logits, out.steps, out.status
@@ -493,12 +513,19 @@ def trajectory(
         raise ValueError("ts must be non-negative and non-decreasing.")
     batch = rm_rewards.shape[:-2]
     size = math.prod(batch)
-    flat = lambda x: x.reshape(size, *x.shape[len(batch):])  # noqa: E731
+    flat = lambda x: x.reshape(size, *x.shape[len(batch) :])  # noqa: E731
     kl_coef = jnp.broadcast_to(jnp.asarray(kl_coef, rm_rewards.dtype), batch)
     out = _trajectories(
-        jax.tree.map(flat, init_logits), flat(rm_rewards), flat(eval_rewards), flat(kl_coef), ts,
-        policy=policy, solver=_default_solver() if solver is None else solver,
-        rtol=float(rtol), atol=float(atol), max_steps=max_steps,
+        jax.tree.map(flat, init_logits),
+        flat(rm_rewards),
+        flat(eval_rewards),
+        flat(kl_coef),
+        ts,
+        policy=policy,
+        solver=_default_solver() if solver is None else solver,
+        rtol=float(rtol),
+        atol=float(atol),
+        max_steps=max_steps,
     )
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(len(ts), *batch, x.shape[-1]), out)
 
@@ -515,7 +542,12 @@ def _trajectories(logits, rm_rewards, eval_rewards, kl_coef, ts, *, policy, solv
             return flow_metrics(policy, logits, rm, ev, ref_log_probs)
 
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), solver, 0.0, ts[-1], None, logits0,
+            diffrax.ODETerm(field),
+            solver,
+            0.0,
+            ts[-1],
+            None,
+            logits0,
             saveat=diffrax.SaveAt(ts=ts, fn=save),
             stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
             max_steps=max_steps,
@@ -559,8 +591,16 @@ def exact_gradient_ascent(
     if not (isinstance(num_steps, int) and num_steps >= 0):
         raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
     kl_coef = jnp.asarray(kl_coef, rm_rewards.dtype)
-    return _ascent(init_logits, rm_rewards, eval_rewards, kl_coef,
-                   policy=policy, optimizer=optimizer, num_steps=num_steps, track=track)
+    return _ascent(
+        init_logits,
+        rm_rewards,
+        eval_rewards,
+        kl_coef,
+        policy=policy,
+        optimizer=optimizer,
+        num_steps=num_steps,
+        track=track,
+    )
 
 
 @jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track"))
@@ -582,4 +622,3 @@ def _ascent(logits, rm_rewards, eval_rewards, kl_coef, *, policy, optimizer, num
     if track:
         history = jax.tree.map(lambda h, last: jnp.concatenate([h, last[None]]), history, measure(logits))
     return logits, history
-

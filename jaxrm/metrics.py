@@ -120,9 +120,7 @@ def sample_reward_variance(rewards, *, ddof=1, where=None):
     check_same_shape(rewards=rewards, where=where)
     k = rewards.shape[-1]
     if where is None and k <= ddof:
-        raise ValueError(
-            f"sample_reward_variance needs more than ddof={ddof} samples per prompt, got k={k}."
-        )
+        raise ValueError(f"sample_reward_variance needs more than ddof={ddof} samples per prompt, got k={k}.")
     if where is not None and is_concrete(where):
         fewest = int(np.min(np.sum(np.asarray(where), axis=-1), initial=k))
         if fewest <= ddof:
@@ -237,8 +235,7 @@ def accuracy(rm_rewards, gt_rewards, *, probs=None, where=None):
             tol = 1e-3 if np.asarray(probs).dtype.itemsize < 8 else 1e-6
             if np.abs(sums - 1.0).max(initial=0.0) > tol:
                 raise ValueError(
-                    f"probs must sum to 1 over the last axis (found sums from {sums.min():.6g} "
-                    f"to {sums.max():.6g})."
+                    f"probs must sum to 1 over the last axis (found sums from {sums.min():.6g} to {sums.max():.6g})."
                 )
     dtype = jnp.result_type(rm_rewards.dtype, gt_rewards.dtype, jnp.float32)
     weights = jnp.ones(rm_rewards.shape, dtype) if probs is None else jnp.asarray(probs, dtype)
@@ -365,7 +362,9 @@ def best_of_n_reward(logits, rm_rewards, gt_rewards, n, *, where=None):
     p_sorted = jnp.take_along_axis(probs, order, -1)
     value_sorted = jnp.take_along_axis(_masked(jnp.asarray(gt_rewards), where), order, -1) * p_sorted
     # Cumulative mass up to the *end* of each tie group, and the mass-weighted r_G of the group.
-    last_of_group = jnp.concatenate([rm_sorted[..., 1:] != rm_sorted[..., :-1], jnp.ones_like(rm_sorted[..., :1], bool)], -1)
+    last_of_group = jnp.concatenate(
+        [rm_sorted[..., 1:] != rm_sorted[..., :-1], jnp.ones_like(rm_sorted[..., :1], bool)], -1
+    )
     cdf = jnp.cumsum(p_sorted, -1)
     group_end = _group_end_values(cdf, last_of_group)
     group_start = group_end - _group_sums(p_sorted, last_of_group)
@@ -381,7 +380,9 @@ def _group_sums(values, last_of_group):
     cum = jnp.cumsum(values, -1)
     end = _group_end_values(cum, last_of_group)
     before = jnp.where(last_of_group, cum, 0.0)
-    previous_end = jax.lax.cummax(jnp.concatenate([jnp.zeros_like(cum[..., :1]), before[..., :-1]], -1), axis=cum.ndim - 1)
+    previous_end = jax.lax.cummax(
+        jnp.concatenate([jnp.zeros_like(cum[..., :1]), before[..., :-1]], -1), axis=cum.ndim - 1
+    )
     return end - previous_end
 
 

@@ -120,9 +120,7 @@ class AutoregressiveTabularPolicy:
         for level, theta in enumerate(logits):
             expected = (self.vocab_size**level, self.vocab_size)
             if tuple(jnp.shape(theta)[-2:]) != expected:
-                raise ValueError(
-                    f"logits[{level}] must end with shape {expected}, got {jnp.shape(theta)}."
-                )
+                raise ValueError(f"logits[{level}] must end with shape {expected}, got {jnp.shape(theta)}.")
 
     def log_probs(self, logits):
         """``[..., V**L]`` exact log-probabilities of all outputs."""

@@ -21,17 +21,26 @@ def test_theorem4_constants():
 
 def test_variance_exponents():
     var = np.array([1e-2, 1e-8])
-    t4, p3, pa = (bounds.theorem4_lower_bound(0.1, var), bounds.proposition3_lower_bound(0.1, var, num_prompts=3),
-                  bounds.proposition_a_lower_bound(0.1, var))
+    t4, p3, pa = (
+        bounds.theorem4_lower_bound(0.1, var),
+        bounds.proposition3_lower_bound(0.1, var, num_prompts=3),
+        bounds.proposition_a_lower_bound(0.1, var),
+    )
     np.testing.assert_allclose(np.log(t4[1] / t4[0]) / np.log(var[1] / var[0]), -1 / 3)
     np.testing.assert_allclose(np.log(p3[1] / p3[0]) / np.log(var[1] / var[0]), -1 / 2)
     np.testing.assert_allclose(p3 / pa, 6.0)  # 2 |S| with |S| = 3
 
 
-@pytest.mark.parametrize("policy,make", [
-    (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 64, 5, scale=3.0)),
-    (AutoregressiveTabularPolicy(3, 2), lambda k: AutoregressiveTabularPolicy(3, 2).random_logits(k, 64, scale=3.0)),
-])
+@pytest.mark.parametrize(
+    "policy,make",
+    [
+        (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 64, 5, scale=3.0)),
+        (
+            AutoregressiveTabularPolicy(3, 2),
+            lambda k: AutoregressiveTabularPolicy(3, 2).random_logits(k, 64, scale=3.0),
+        ),
+    ],
+)
 def test_gradient_norms_obey_both_gradient_bounds(policy, make):
     """||grad phi_x|| <= sqrt(2) L J sqrt(Var[r_KL]) (score form) and Proposition 2, at random points."""
     logits, ref_logits = make(jax.random.key(0)), make(jax.random.key(1))

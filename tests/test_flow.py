@@ -23,10 +23,13 @@ def scipy_t_gamma(policy, logits, rm, eval_rewards, gamma, kl_coef, prompt):
     leaves, treedef = jax.tree.flatten(logits)
     sizes = [leaf.size for leaf in leaves]
     ref = policy.log_probs(logits)
-    grad = jax.jit(jax.grad(lambda l: objective(policy, l, rm, ref, kl_coef=kl_coef)))
-    gain = jax.jit(lambda l: jnp.sum(jnp.exp(policy.log_probs(l)[prompt]) * eval_rewards[prompt]))
-    unflatten = lambda v: treedef.unflatten(  # noqa: E731
-        [jnp.asarray(c).reshape(leaf.shape) for c, leaf in zip(np.split(v, np.cumsum(sizes)[:-1]), leaves)])
+    grad = jax.jit(jax.grad(lambda theta: objective(policy, theta, rm, ref, kl_coef=kl_coef)))
+    gain = jax.jit(lambda theta: jnp.sum(jnp.exp(policy.log_probs(theta)[prompt]) * eval_rewards[prompt]))
+
+    def unflatten(v):
+        chunks = np.split(v, np.cumsum(sizes)[:-1])
+        return treedef.unflatten([jnp.asarray(c).reshape(leaf.shape) for c, leaf in zip(chunks, leaves)])
+
     start = float(gain(logits))
 
     def field(t, v):
@@ -57,7 +60,11 @@ def test_unreachable_gain_is_inf():
 
 CASES = {
     "tabular_kl_gt": (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 2, 5), 0.3),
-    "autoregressive": (AutoregressiveTabularPolicy(2, 2), lambda k: AutoregressiveTabularPolicy(2, 2).random_logits(k, 2), 0.1),
+    "autoregressive": (
+        AutoregressiveTabularPolicy(2, 2),
+        lambda k: AutoregressiveTabularPolicy(2, 2).random_logits(k, 2),
+        0.1,
+    ),
 }
 
 
@@ -102,7 +109,7 @@ def test_batch_equals_problems_one_at_a_time_on_any_device_count_and_queue_size(
 
 def test_vmap_over_problems(batch):
     logits, rm, gt = batch
-    mapped = jax.vmap(lambda l, r, g: flow.t_gamma(l, r, 0.05, eval_rewards=g))(logits[:2], rm[:2], gt[:2])
+    mapped = jax.vmap(lambda theta, r, g: flow.t_gamma(theta, r, 0.05, eval_rewards=g))(logits[:2], rm[:2], gt[:2])
     np.testing.assert_allclose(mapped, flow.t_gamma(logits[:2], rm[:2], 0.05, eval_rewards=gt[:2]), rtol=1e-9)
 
 
@@ -118,8 +125,14 @@ def test_perfectly_accurate_scaled_teacher_is_a_time_rescaling(batch):
     """r_RM = eps * r_G, lam = 0: t_gamma(r_G) is exactly proportional to 1/eps."""
     logits, _, gt = batch
     eps = jnp.array([1.0, 1e-2, 1e-4])[:, None, None]
-    t = flow.t_gamma(jnp.broadcast_to(logits[0], (3, 2, 8)), eps * gt[0], 0.1,
-                     eval_rewards=jnp.broadcast_to(gt[0], (3, 2, 8)), rtol=1e-10, atol=1e-12)
+    t = flow.t_gamma(
+        jnp.broadcast_to(logits[0], (3, 2, 8)),
+        eps * gt[0],
+        0.1,
+        eval_rewards=jnp.broadcast_to(gt[0], (3, 2, 8)),
+        rtol=1e-10,
+        atol=1e-12,
+    )
     np.testing.assert_allclose(t * eps[..., 0], jnp.broadcast_to(t[0], (3, 2)), rtol=1e-7)
 
 
@@ -139,12 +152,19 @@ def test_trajectory_passes_the_gain_at_t_gamma(batch):
 def test_discrete_ascent_converges_to_the_flow(batch):
     logits, rm, gt = batch
     horizon = 4.0
-    exact = flow.trajectory(logits[0], rm[0], jnp.array([horizon]), eval_rewards=gt[0], kl_coef=0.05, rtol=1e-10, atol=1e-12)
+    exact = flow.trajectory(
+        logits[0], rm[0], jnp.array([horizon]), eval_rewards=gt[0], kl_coef=0.05, rtol=1e-10, atol=1e-12
+    )
     errors = []
     for num_steps in (10, 40, 160):
         _, metrics = flow.exact_gradient_ascent(
-            logits[0], rm[0], optimizer=optax.sgd(horizon / num_steps), num_steps=num_steps,
-            eval_rewards=gt[0], kl_coef=0.05)
+            logits[0],
+            rm[0],
+            optimizer=optax.sgd(horizon / num_steps),
+            num_steps=num_steps,
+            eval_rewards=gt[0],
+            kl_coef=0.05,
+        )
         errors.append(float(jnp.abs(metrics.eval_reward[-1] - exact.eval_reward[0]).max()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-3

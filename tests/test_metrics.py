@@ -71,10 +71,16 @@ class TestRewardVariance:
         logits, rewards = jnp.array([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0]]), jnp.array([[1.0, 0.0, -1.0]] * 2)
         f = jax.jit(jax.vmap(metrics.reward_variance))
         np.testing.assert_allclose(f(logits, rewards), metrics.reward_variance(logits, rewards))
-        g = jax.grad(lambda l: metrics.reward_variance(l, rewards[0]))(logits[0])
+        g = jax.grad(lambda z: metrics.reward_variance(z, rewards[0]))(logits[0])
         eps = 1e-6
-        fd = [(metrics.reward_variance(logits[0].at[i].add(eps), rewards[0])
-               - metrics.reward_variance(logits[0].at[i].add(-eps), rewards[0])) / (2 * eps) for i in range(3)]
+        fd = [
+            (
+                metrics.reward_variance(logits[0].at[i].add(eps), rewards[0])
+                - metrics.reward_variance(logits[0].at[i].add(-eps), rewards[0])
+            )
+            / (2 * eps)
+            for i in range(3)
+        ]
         np.testing.assert_allclose(g, fd, rtol=1e-6)
 
     def test_bad_input_fails_loudly(self):

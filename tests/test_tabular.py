@@ -18,7 +18,10 @@ FEATURES = np.random.default_rng(0).normal(size=(6, 3))
 POLICIES = [
     (LogLinearPolicy(FEATURES), lambda key: LogLinearPolicy(FEATURES).random_logits(key, 3, scale=2.0)),
     (TabularPolicy(), lambda key: TabularPolicy().random_logits(key, 3, 6, scale=2.0)),
-    (AutoregressiveTabularPolicy(vocab_size=3, length=3), lambda key: AutoregressiveTabularPolicy(3, 3).random_logits(key, 2, scale=2.0)),
+    (
+        AutoregressiveTabularPolicy(vocab_size=3, length=3),
+        lambda key: AutoregressiveTabularPolicy(3, 3).random_logits(key, 2, scale=2.0),
+    ),
 ]
 
 
@@ -51,7 +54,7 @@ def test_closed_form_gradient_equals_autodiff(policy, make, kl_coef):
     rewards = jax.random.uniform(jax.random.key(4), shape, minval=-1, maxval=1)
     ref = policy.log_probs(ref_logits)
     closed = objective_grad(policy, logits, rewards, ref, kl_coef=kl_coef)
-    auto = jax.grad(lambda l: objective(policy, l, rewards, ref, kl_coef=kl_coef))(logits)
+    auto = jax.grad(lambda theta: objective(policy, theta, rewards, ref, kl_coef=kl_coef))(logits)
     for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
         np.testing.assert_allclose(a, b, atol=1e-10, rtol=0)
 
@@ -67,7 +70,9 @@ def test_lemma7_tabular_gradient_form():
     r_kl = rewards - lam * (jnp.log(pi) - ref)
     expected = pi * (r_kl - (pi * r_kl).sum(-1, keepdims=True)) / 4
     np.testing.assert_allclose(objective_grad(policy, logits, rewards, ref, kl_coef=lam), expected, atol=1e-15)
-    np.testing.assert_allclose(prompt_gradient(policy, logits[1], rewards[1], ref[1], kl_coef=lam), 4 * expected[1], atol=1e-15)
+    np.testing.assert_allclose(
+        prompt_gradient(policy, logits[1], rewards[1], ref[1], kl_coef=lam), 4 * expected[1], atol=1e-15
+    )
 
 
 def test_objective_is_reward_minus_kl():

@@ -35,7 +35,14 @@ def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
     summary = summaries["theorem1"]
     assert summary["instances"] == 8 * 8 + 256 * 2 + 2 * 64 + 2 * 64
     assert summary["violations"] == {"theorem4": 0, "prop3": 0, "sharpened": 0}
-    assert set(summary["families"]) == {"scaled", "random", "kl_0.05", "kl_0.5", "autoregressive_L2", "autoregressive_L3"}
+    assert set(summary["families"]) == {
+        "scaled",
+        "random",
+        "kl_0.05",
+        "kl_0.5",
+        "autoregressive_L2",
+        "autoregressive_L3",
+    }
     for family in summary["families"].values():
         assert family["n"] > 0 and family["variance_decades"] >= 6
         lo, hi = family["slope_ci"]
@@ -52,10 +59,22 @@ def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
 
 def test_violations_are_counted_and_saved():
     fake = {
-        "gt": {"t_gamma": np.array([[1.0, np.inf]]), "theorem4": np.array([[2.0, 1.0]]), "prop3": np.array([[0.5, 0.5]]),
-               "sharpened": np.array([[0.5, 0.5]]), "gamma": np.array([[0.1, 0.1]]), "status": np.array([[1, 2]])},
-        "rm": {"t_gamma": np.array([[3.0, 3.0]]), "theorem4": np.array([[1.0, 1.0]]), "prop3": np.array([[4.0, 1.0]]),
-               "sharpened": np.array([[1.0, 1.0]]), "gamma": np.array([[0.1, 0.1]]), "status": np.array([[1, 1]])},
+        "gt": {
+            "t_gamma": np.array([[1.0, np.inf]]),
+            "theorem4": np.array([[2.0, 1.0]]),
+            "prop3": np.array([[0.5, 0.5]]),
+            "sharpened": np.array([[0.5, 0.5]]),
+            "gamma": np.array([[0.1, 0.1]]),
+            "status": np.array([[1, 2]]),
+        },
+        "rm": {
+            "t_gamma": np.array([[3.0, 3.0]]),
+            "theorem4": np.array([[1.0, 1.0]]),
+            "prop3": np.array([[4.0, 1.0]]),
+            "sharpened": np.array([[1.0, 1.0]]),
+            "gamma": np.array([[0.1, 0.1]]),
+            "status": np.array([[1, 1]]),
+        },
     }
     found = theorem1._violations(fake, 1e-6)
     assert found["theorem4"].tolist() == [[True, False]]

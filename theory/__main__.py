@@ -19,12 +19,21 @@ from theory.common import write_text
 
 # name -> (module, one-line description); run in this order.
 STUDIES = {
-    "theorem1": ("theory.theorem1", "Theorem 1/4, Proposition 3 and Proposition A at scale: t_gamma vs reward variance"),
+    "theorem1": (
+        "theory.theorem1",
+        "Theorem 1/4, Proposition 3 and Proposition A at scale: t_gamma vs reward variance",
+    ),
     "theorem2": ("theory.theorem2", "Theorem 2/5: slow accurate vs fast inaccurate teachers over T and accuracy"),
     "theorem3": ("theory.theorem3", "Theorem 3/6: the 2x2 table of two equally accurate teachers and two students"),
-    "best_of_n": ("theory.best_of_n", "Proposition 1: exact Best-of-N against policy gradient for models of varying accuracy"),
+    "best_of_n": (
+        "theory.best_of_n",
+        "Proposition 1: exact Best-of-N against policy gradient for models of varying accuracy",
+    ),
     "tightness": ("theory.tightness", "Tightness atlas: adversarial search for the fastest low-variance teachers"),
-    "paradox": ("theory.paradox", "The accuracy paradox: Bradley-Terry reward models and their checkpoints, Table 2 in exact form"),
+    "paradox": (
+        "theory.paradox",
+        "The accuracy paradox: Bradley-Terry reward models and their checkpoints, Table 2 in exact form",
+    ),
 }
 
 
@@ -34,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Exact tabular studies of what makes a reward model a good teacher (Razin et al. 2025).",
         epilog="Exit status 1 when any bound is violated (the instances are saved beside the study's JSON).",
     )
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=sorted(STUDIES),
-                        help="run only these studies (see --list)")
-    parser.add_argument("--out", type=Path, default=Path("results/theory"),
-                        help="output directory (default: results/theory)")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", choices=sorted(STUDIES), help="run only these studies (see --list)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/theory"), help="output directory (default: results/theory)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller instance counts, for smoke tests")
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     return parser
@@ -70,8 +81,10 @@ def main(argv=None) -> int:
         violations += sum(summary["violations"].values())
     done = [n for n in STUDIES if (args.out / f"{n}.json").exists() and (args.out / f"{n}.md").exists()]
     write_text(args.out / "report.md", _report(args.out, done))
-    print(f"wrote {args.out / 'report.md'} in {time.perf_counter() - start:.0f} s; "
-          f"{violations} bound violation(s)", file=sys.stderr)
+    print(
+        f"wrote {args.out / 'report.md'} in {time.perf_counter() - start:.0f} s; {violations} bound violation(s)",
+        file=sys.stderr,
+    )
     return 1 if violations else 0
 
 

@@ -25,27 +25,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm import flow, metrics
-from theory.common import Progress, fmt, validate_config, write_json, write_text
+from theory.common import (
+    POSITIVE,
+    Progress,
+    StudyConfig,
+    checked,
+    fmt,
+    int_at_least,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 NAME = "best_of_n"
 
 
 @dataclasses.dataclass(frozen=True)
-class BestOfNConfig:
+class BestOfNConfig(StudyConfig):
     seed: int = 0
-    problems: int = dataclasses.field(default=64, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
-    prompts: int = dataclasses.field(default=8, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2 (half get the low-variance scale)")})
-    num_outputs: int = dataclasses.field(default=16, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
-    noise: tuple = dataclasses.field(default=(0.0, 0.3, 1.0), metadata={"check": (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "noise scales >= 0")})
-    offsets: tuple = dataclasses.field(default=(0.0, 1.0, 3.0), metadata={"check": (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "offset scales >= 0")})
-    max_n: int = dataclasses.field(default=64, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
+    problems: int = checked(64, int_at_least(2))
+    prompts: int = checked(
+        8, (lambda v: isinstance(v, int) and v >= 2, "an int >= 2 (half get the low-variance scale)")
+    )
+    num_outputs: int = checked(16, int_at_least(2))
+    noise: tuple = checked((0.0, 0.3, 1.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "noise scales >= 0"))
+    offsets: tuple = checked((0.0, 1.0, 3.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "offset scales >= 0"))
+    max_n: int = checked(64, int_at_least(2))
     ranking_n: int = 16
     low_variance_scale: float = 0.001
-    pg_time: float = dataclasses.field(default=8.0, metadata={"check": (lambda v: v > 0, "> 0")})
+    pg_time: float = checked(8.0, POSITIVE)
     tolerance: float = 1e-12
-
-    def __post_init__(self):
-        validate_config(self)
 
     def quick(self) -> "BestOfNConfig":
         return dataclasses.replace(self, problems=8)
@@ -96,9 +106,13 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     on_policy = np.asarray(metrics.accuracy(rm, g, probs=jax.nn.softmax(lg, -1))).mean(-1)
     variance = np.asarray(metrics.reward_variance(lg, rm)).mean(-1)
     progress(f"Best-of-N for N = 1..{config.max_n}: {b} problems x {m} reward models")
-    path = flow.trajectory(lg.reshape(b * m, *rm.shape[2:]), rm.reshape(b * m, *rm.shape[2:]),
-                           jnp.asarray([config.pg_time]), eval_rewards=g.reshape(b * m, *rm.shape[2:]))
-    pg_gain = (np.asarray(path.eval_reward[0]).mean(-1).reshape(b, m) - start[:, None])
+    path = flow.trajectory(
+        lg.reshape(b * m, *rm.shape[2:]),
+        rm.reshape(b * m, *rm.shape[2:]),
+        jnp.asarray([config.pg_time]),
+        eval_rewards=g.reshape(b * m, *rm.shape[2:]),
+    )
+    pg_gain = np.asarray(path.eval_reward[0]).mean(-1).reshape(b, m) - start[:, None]
     progress(f"policy-gradient flow to t = {config.pg_time} for {b * m} problems")
 
     best_other = bon[:, :, 1:].max(-1)
@@ -111,8 +125,10 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
         "n_checked": int(len(ns)),
         "models": {
             name: {
-                "accuracy": float(accuracy[:, i].mean()), "on_policy_accuracy": float(on_policy[:, i].mean()),
-                "variance": float(variance[:, i].mean()), f"bon{config.ranking_n}_gain": float(bon_gain[ranking, :, i].mean()),
+                "accuracy": float(accuracy[:, i].mean()),
+                "on_policy_accuracy": float(on_policy[:, i].mean()),
+                "variance": float(variance[:, i].mean()),
+                f"bon{config.ranking_n}_gain": float(bon_gain[ranking, :, i].mean()),
                 "pg_gain": float(pg_gain[:, i].mean()),
             }
             for i, name in enumerate(names)
@@ -147,26 +163,28 @@ def _most_common(values):
 
 
 def _figure(names, ns, bon_gain, accuracy, variance, pg_gain, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     for i, name in enumerate(names):
-        left.semilogx(ns, bon_gain[:, :, i].mean(1), "-" if accuracy[:, i].mean() == 1 else "--",
-                      label=f"{name} (acc {accuracy[:, i].mean():.2f})")
+        left.semilogx(
+            ns,
+            bon_gain[:, :, i].mean(1),
+            "-" if accuracy[:, i].mean() == 1 else "--",
+            label=f"{name} (acc {accuracy[:, i].mean():.2f})",
+        )
     left.set(xlabel="N", ylabel="Best-of-N gain in r_G (mean over problems)", title="Best-of-N: accuracy decides")
     left.legend(fontsize=7)
     for i, name in enumerate(names):
         right.scatter(variance[:, i].mean(), pg_gain[:, i].mean(), s=40)
-        right.annotate(name, (variance[:, i].mean(), pg_gain[:, i].mean()), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    right.set(xlabel="within-prompt reward variance under the initial policy (normalized rewards)",
-              ylabel="policy-gradient gain in r_G at the fixed time", title="policy gradient: variance decides")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        right.annotate(
+            name, (variance[:, i].mean(), pg_gain[:, i].mean()), fontsize=7, xytext=(4, 2), textcoords="offset points"
+        )
+    right.set(
+        xlabel="within-prompt reward variance under the initial policy (normalized rewards)",
+        ylabel="policy-gradient gain in r_G at the fixed time",
+        title="policy gradient: variance decides",
+    )
+    save_figure(fig, path)
 
 
 def _markdown(summary: dict, config: BestOfNConfig) -> str:
@@ -178,18 +196,18 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
     s = summary["spearman"]
     return f"""## Proposition 1: Best-of-N rewards accuracy, policy gradient rewards variance
 
-**Verdict:** {summary['instances']} (problem, reward model) pairs, N = 1..{config.max_n}: the perfectly accurate model was beaten {summary['violations']['perfect_not_optimal']} times (Proposition 1 expects 0).
+**Verdict:** {summary["instances"]} (problem, reward model) pairs, N = 1..{config.max_n}: the perfectly accurate model was beaten {summary["violations"]["perfect_not_optimal"]} times (Proposition 1 expects 0).
 
 | reward model | accuracy | on-policy accuracy | variance (normalized) | Best-of-{n} gain | policy-gradient gain at t = {config.pg_time:g} |
 |---|---|---|---|---|---|
 {rows}
 
 Spearman correlation across reward models (per problem, averaged): accuracy with Best-of-{n} gain
-{s['accuracy_vs_bon']:+.3f}, variance with Best-of-{n} gain {s['variance_vs_bon']:+.3f};
-accuracy with policy-gradient gain {s['accuracy_vs_pg']:+.3f}, variance with policy-gradient gain
-{s['variance_vs_pg']:+.3f}. The low-variance perfect model ties the perfect one at Best-of-N (the
+{s["accuracy_vs_bon"]:+.3f}, variance with Best-of-{n} gain {s["variance_vs_bon"]:+.3f};
+accuracy with policy-gradient gain {s["accuracy_vs_pg"]:+.3f}, variance with policy-gradient gain
+{s["variance_vs_pg"]:+.3f}. The low-variance perfect model ties the perfect one at Best-of-N (the
 order is all that matters there) but not under policy gradient; the most frequent best
-policy-gradient teacher is `{summary['pg_best_model']}`.
+policy-gradient teacher is `{summary["pg_best_model"]}`.
 
 ![Best-of-N and policy gradient](figures/{NAME}.png)
 """

@@ -29,6 +29,47 @@ def validate_config(config) -> None:
             raise ValueError(f"{type(config).__name__}.{field.name}={value!r}: must be {allowed}.")
 
 
+# Field checks shared by the studies' configs: (predicate, "allowed values").
+def int_at_least(low: int):
+    return (lambda v: isinstance(v, int) and v >= low, f"an int >= {low}")
+
+
+POSITIVE_INT = int_at_least(1)
+POSITIVE = (lambda v: v > 0, "> 0")
+SMALL_TOLERANCE = (lambda v: 0 <= v < 0.1, "in [0, 0.1)")
+
+
+def checked(default, check):
+    """A dataclass field with a default and a check for :func:`validate_config`."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+class StudyConfig:
+    """Base of the studies' frozen config dataclasses: every field is checked on construction."""
+
+    def __post_init__(self):
+        validate_config(self)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (studies run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def config_from_dict(cls, values: dict):
     """Build a config, rejecting unknown keys by name."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -72,7 +113,9 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95):
         log_x = log_x - (np.bincount(clusters, log_x) / count)[clusters]
         log_y = log_y - (np.bincount(clusters, log_y) / count)[clusters]
     # Per-cluster sums make each bootstrap replicate a sum over resampled clusters.
-    sums = np.stack([np.bincount(clusters, w) for w in (np.ones_like(log_x), log_x, log_y, log_x * log_y, log_x * log_x)])
+    sums = np.stack(
+        [np.bincount(clusters, w) for w in (np.ones_like(log_x), log_x, log_y, log_x * log_y, log_x * log_x)]
+    )
 
     def slope(s):
         n, sx, sy, sxy, sxx = s

@@ -26,7 +26,19 @@ import numpy as np
 import optax
 
 from jaxrm import flow, metrics
-from theory.common import Progress, fmt, validate_config, write_json, write_text
+from theory.common import (
+    POSITIVE,
+    POSITIVE_INT,
+    Progress,
+    StudyConfig,
+    checked,
+    fmt,
+    int_at_least,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 NAME = "paradox"
 
@@ -36,28 +48,31 @@ PAPER_TABLE2 = {
     "on_policy_accuracy": {"proxy": (-0.762, 0.143), "gt": (-0.283, 0.200)},
     "off_policy_accuracy": {"proxy": (-0.933, -0.943), "gt": (-0.507, -0.543)},
 }
-_positive_int = (lambda v: isinstance(v, int) and v >= 1, "a positive int")
 
 
 @dataclasses.dataclass(frozen=True)
-class ParadoxConfig:
+class ParadoxConfig(StudyConfig):
     seed: int = 0
-    prompts: int = dataclasses.field(default=32, metadata={"check": _positive_int})
-    num_outputs: int = dataclasses.field(default=16, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
-    features: int = dataclasses.field(default=6, metadata={"check": _positive_int})
-    misspecification: float = dataclasses.field(default=0.7, metadata={"check": (lambda v: v >= 0, ">= 0")})
-    on_policy_shares: tuple = dataclasses.field(default=(1.0, 0.75, 0.5, 0.25, 0.0), metadata={"check": (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")})
-    dataset_sizes: tuple = dataclasses.field(default=(64, 256, 1024), metadata={"check": (lambda v: all(isinstance(n, int) and n >= 2 for n in v), "ints >= 2")})
-    seeds: int = dataclasses.field(default=8, metadata={"check": _positive_int})
-    label_sharpness: float = dataclasses.field(default=4.0, metadata={"check": (lambda v: v > 0, "> 0")})
+    prompts: int = checked(32, POSITIVE_INT)
+    num_outputs: int = checked(16, int_at_least(3))
+    features: int = checked(6, POSITIVE_INT)
+    misspecification: float = checked(0.7, (lambda v: v >= 0, ">= 0"))
+    on_policy_shares: tuple = checked(
+        (1.0, 0.75, 0.5, 0.25, 0.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")
+    )
+    dataset_sizes: tuple = checked(
+        (64, 256, 1024), (lambda v: all(isinstance(n, int) and n >= 2 for n in v), "ints >= 2")
+    )
+    seeds: int = checked(8, POSITIVE_INT)
+    label_sharpness: float = checked(4.0, POSITIVE)
     learning_rate: float = 0.05
     centering: float = 0.01
-    init_scale: float = dataclasses.field(default=0.3, metadata={"check": (lambda v: v >= 0, ">= 0")})
+    init_scale: float = checked(0.3, (lambda v: v >= 0, ">= 0"))
     checkpoints: tuple = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
-    pg_time: float = dataclasses.field(default=16.0, metadata={"check": (lambda v: v > 0, "> 0")})
+    pg_time: float = checked(16.0, POSITIVE)
 
     def __post_init__(self):
-        validate_config(self)
+        super().__post_init__()
         if sorted(self.checkpoints) != list(self.checkpoints) or self.checkpoints[0] < 0:
             raise ValueError(f"ParadoxConfig.checkpoints={self.checkpoints!r}: must be increasing steps >= 0.")
 
@@ -85,8 +100,7 @@ def sample_datasets(config: ParadoxConfig, gt, policy_logits, off_policy_logits)
     """Preference pairs ``(prompt, chosen, rejected)`` for every run, padded to one size."""
     rng = np.random.default_rng(config.seed + 1)
     s, y = gt.shape
-    softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
-    on, off = softmax(policy_logits), softmax(off_policy_logits)
+    on, off = (np.asarray(jax.nn.softmax(z, -1)) for z in (policy_logits, off_policy_logits))
     size = max(config.dataset_sizes)
     runs = []
     for share in config.on_policy_shares:
@@ -100,8 +114,16 @@ def sample_datasets(config: ParadoxConfig, gt, policy_logits, off_policy_logits)
                 margin = gt[prompt, first] - gt[prompt, second]
                 first_wins = rng.random(size) < 1.0 / (1.0 + np.exp(-config.label_sharpness * margin))
                 chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
-                runs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected,
-                                 weight=(np.arange(size) < n) & (first != second), share=share, size=n))
+                runs.append(
+                    dict(
+                        prompt=prompt,
+                        chosen=chosen,
+                        rejected=rejected,
+                        weight=(np.arange(size) < n) & (first != second),
+                        share=share,
+                        size=n,
+                    )
+                )
     return {k: np.array([r[k] for r in runs]) for k in runs[0]}
 
 
@@ -128,7 +150,10 @@ def make_train(config: ParadoxConfig, features):
 
     def train(data, key):
         k_w, k_b = jax.random.split(key)
-        params = (0.1 * jax.random.normal(k_w, features.shape[-1:]), config.init_scale * jax.random.normal(k_b, features.shape[:-1]))
+        params = (
+            0.1 * jax.random.normal(k_w, features.shape[-1:]),
+            config.init_scale * jax.random.normal(k_b, features.shape[:-1]),
+        )
 
         def step(carry, _):
             params, state = carry
@@ -161,7 +186,9 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
     runs = len(data["share"])
     train = jax.jit(jax.vmap(make_train(config, features)))
     keys = jax.random.split(jax.random.key(config.seed), runs)
-    params = train({k: jnp.asarray(data[k]) for k in ("prompt", "chosen", "rejected", "weight")}, keys)  # [runs, C, ...]
+    params = train(
+        {k: jnp.asarray(data[k]) for k in ("prompt", "chosen", "rejected", "weight")}, keys
+    )  # [runs, C, ...]
     models = runs * len(config.checkpoints)
     progress(f"trained {runs} Bradley-Terry runs, {models} reward models (checkpoints {list(config.checkpoints)})")
 
@@ -169,7 +196,9 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
     logits = jnp.broadcast_to(policy_logits, rm.shape)
     gt_all = jnp.broadcast_to(gt, rm.shape)
     on_policy = np.asarray(metrics.accuracy(rm, gt_all, probs=jax.nn.softmax(logits, -1))).mean(-1)
-    off_policy = np.asarray(metrics.accuracy(rm, gt_all, probs=jax.nn.softmax(jnp.broadcast_to(off_logits, rm.shape), -1))).mean(-1)
+    off_policy = np.asarray(
+        metrics.accuracy(rm, gt_all, probs=jax.nn.softmax(jnp.broadcast_to(off_logits, rm.shape), -1))
+    ).mean(-1)
     normalized = _normalize(logits, rm)
     variance = np.asarray(metrics.reward_variance(logits, normalized)).mean(-1)
     path = flow.trajectory(logits, normalized, jnp.asarray([0.0, config.pg_time]), eval_rewards=gt_all)
@@ -188,8 +217,10 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
 
     def correlations(mask):
         return {
-            prop: {gain: (float(metrics.pearson(values[mask], g[mask])), float(metrics.spearman(values[mask], g[mask])))
-                   for gain, g in gains.items()}
+            prop: {
+                gain: (float(metrics.pearson(values[mask], g[mask])), float(metrics.spearman(values[mask], g[mask])))
+                for gain, g in gains.items()
+            }
             for prop, values in properties.items()
         }
 
@@ -203,8 +234,10 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
         "table2_models": int(final.sum()),
         "table2_all_checkpoints": correlations(np.ones(models, bool)),
         "paper_table2": PAPER_TABLE2,
-        "accuracy_range": {"on_policy": [float(on_policy.min()), float(on_policy.max())],
-                           "off_policy": [float(off_policy.min()), float(off_policy.max())]},
+        "accuracy_range": {
+            "on_policy": [float(on_policy.min()), float(on_policy.max())],
+            "off_policy": [float(off_policy.min()), float(off_policy.max())],
+        },
         "chen": {
             "runs": runs,
             "best_is_not_most_accurate": float(np.mean(best != most_accurate)),
@@ -254,22 +287,28 @@ def _by_share(config, data, shape, variance, on_policy, off_policy, gt_gain):
     out = {}
     for share in config.on_policy_shares:
         chosen = (data["share"] == share) & (data["size"] == max(config.dataset_sizes))
-        out[f"{100 * share:g}%"] = {name: float(last(x)[chosen].mean()) for name, x in (
-            ("variance", variance), ("on_policy_accuracy", on_policy), ("off_policy_accuracy", off_policy), ("gt_gain", gt_gain))}
+        out[f"{100 * share:g}%"] = {
+            name: float(last(x)[chosen].mean())
+            for name, x in (
+                ("variance", variance),
+                ("on_policy_accuracy", on_policy),
+                ("off_policy_accuracy", off_policy),
+                ("gt_gain", gt_gain),
+            )
+        }
     return out
 
 
 def _figure(on_policy, variance, gt_gain, shape, config, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     points = left.scatter(on_policy, gt_gain, c=variance, s=8, cmap="viridis")
     fig.colorbar(points, ax=left, label="reward variance (normalized)")
-    left.set(xlabel="on-policy accuracy", ylabel=f"ground-truth gain at t = {config.pg_time:g}",
-             title="every checkpoint of every run")
+    left.set(
+        xlabel="on-policy accuracy",
+        ylabel=f"ground-truth gain at t = {config.pg_time:g}",
+        title="every checkpoint of every run",
+    )
     steps = np.asarray(config.checkpoints, float)
     gains = gt_gain.reshape(shape)
     accuracy = on_policy.reshape(shape)
@@ -281,14 +320,15 @@ def _figure(on_policy, variance, gt_gain, shape, config, path: Path):
     right.legend(loc="upper left", fontsize=8)
     twin.legend(loc="lower right", fontsize=8)
     right.set_title("along training (Chen et al.)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _markdown(summary: dict, config: ParadoxConfig) -> str:
-    names = {"variance": "reward variance", "on_policy_accuracy": "on-policy accuracy", "off_policy_accuracy": "off-policy accuracy"}
+    names = {
+        "variance": "reward variance",
+        "on_policy_accuracy": "on-policy accuracy",
+        "off_policy_accuracy": "off-policy accuracy",
+    }
     pair = lambda p: f"{p[0]:+.3f} / {p[1]:+.3f}"  # noqa: E731
     rows = "\n".join(
         f"| {names[prop]} | {pair(values['proxy'])} | {pair(PAPER_TABLE2[prop]['proxy'])} | {pair(values['gt'])} | "
@@ -300,19 +340,25 @@ def _markdown(summary: dict, config: ParadoxConfig) -> str:
         for share, v in summary["by_share"].items()
     )
     c, m = summary["chen"], summary["moderate_accuracy"]
-    moderate = m["gain_of_best_teachers"] > m["gain_of_most_accurate"] and m["accuracy_of_best_teachers"] < m["accuracy_of_most_accurate"] - 0.01
+    moderate = (
+        m["gain_of_best_teachers"] > m["gain_of_most_accurate"]
+        and m["accuracy_of_best_teachers"] < m["accuracy_of_most_accurate"] - 0.01
+    )
     agree = [names[p] for p, v in summary["table2"].items() if np.sign(v["gt"][0]) == np.sign(PAPER_TABLE2[p]["gt"][0])]
     signs = f"Among trained models the ground-truth correlation has the paper's sign for: {', '.join(agree) or 'none'}."
-    verdict = signs + (" The best teachers sit at moderate accuracy here, as Chen et al. found." if moderate else
-                       " The best teachers are (close to) the most accurate ones: the moderate-accuracy optimum of "
-                       "Chen et al. does not appear in this exact model.")
+    verdict = signs + (
+        " The best teachers sit at moderate accuracy here, as Chen et al. found."
+        if moderate
+        else " The best teachers are (close to) the most accurate ones: the moderate-accuracy optimum of "
+        "Chen et al. does not appear in this exact model."
+    )
     return f"""## The accuracy paradox, exact
 
-**Verdict:** {summary['instances']} Bradley-Terry reward models ({c['runs']} runs x {len(config.checkpoints)} checkpoints), each scored by exact flow. On-policy accuracy spans {summary['accuracy_range']['on_policy'][0]:.2f} to {summary['accuracy_range']['on_policy'][1]:.2f}.
+**Verdict:** {summary["instances"]} Bradley-Terry reward models ({c["runs"]} runs x {len(config.checkpoints)} checkpoints), each scored by exact flow. On-policy accuracy spans {summary["accuracy_range"]["on_policy"][0]:.2f} to {summary["accuracy_range"]["on_policy"][1]:.2f}.
 
-Correlation with the reward increase (Pearson / Spearman) over the {summary['table2_models']} trained
+Correlation with the reward increase (Pearson / Spearman) over the {summary["table2_models"]} trained
 models (last checkpoint, largest datasets, every on-policy share), beside Razin et al. Table 2,
-and over all {summary['instances']} checkpoints:
+and over all {summary["instances"]} checkpoints:
 
 | property | proxy gain (here) | proxy (paper) | ground-truth gain (here) | ground truth (paper) | ground truth, all checkpoints |
 |---|---|---|---|---|---|
@@ -325,14 +371,14 @@ Final reward models of the largest datasets, by share of on-policy pairs (Table 
 {shares}
 
 Along each training run (Chen et al.'s protocol), the checkpoint that teaches best is not the
-most accurate one in {100 * c['best_is_not_most_accurate']:.0f}% of the runs: the best has mean
-on-policy accuracy {c['mean_accuracy_of_best']:.3f} and variance {fmt(c['mean_variance_of_best'])},
-the most accurate {c['mean_accuracy_of_most_accurate']:.3f} and {fmt(c['mean_variance_of_most_accurate'])};
-mean ground-truth gain {fmt(c['mean_gt_gain_of_best'])} against {fmt(c['mean_gt_gain_of_most_accurate'])}.
+most accurate one in {100 * c["best_is_not_most_accurate"]:.0f}% of the runs: the best has mean
+on-policy accuracy {c["mean_accuracy_of_best"]:.3f} and variance {fmt(c["mean_variance_of_best"])},
+the most accurate {c["mean_accuracy_of_most_accurate"]:.3f} and {fmt(c["mean_variance_of_most_accurate"])};
+mean ground-truth gain {fmt(c["mean_gt_gain_of_best"])} against {fmt(c["mean_gt_gain_of_most_accurate"])}.
 
-Across all checkpoints, the top {100 * m['share']:.0f}% of teachers by ground-truth gain have mean on-policy
-accuracy {m['accuracy_of_best_teachers']:.3f} (gain {fmt(m['gain_of_best_teachers'])}); the top {100 * m['share']:.0f}% by accuracy
-have {m['accuracy_of_most_accurate']:.3f} (gain {fmt(m['gain_of_most_accurate'])}). {verdict}
+Across all checkpoints, the top {100 * m["share"]:.0f}% of teachers by ground-truth gain have mean on-policy
+accuracy {m["accuracy_of_best_teachers"]:.3f} (gain {fmt(m["gain_of_best_teachers"])}); the top {100 * m["share"]:.0f}% by accuracy
+have {m["accuracy_of_most_accurate"]:.3f} (gain {fmt(m["gain_of_most_accurate"])}). {verdict}
 
 ![gain against accuracy](figures/{NAME}.png)
 """

@@ -35,43 +35,59 @@ import numpy as np
 
 from jaxrm import bounds, flow, metrics
 from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
-from theory.common import Progress, fmt, loglog_slope, validate_config, write_json, write_text
+from theory.common import (
+    POSITIVE,
+    POSITIVE_INT,
+    SMALL_TOLERANCE,
+    Progress,
+    StudyConfig,
+    checked,
+    fmt,
+    int_at_least,
+    loglog_slope,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 NAME = "theorem1"
-_positive_int = (lambda v: isinstance(v, int) and v >= 1, "a positive int")
-_positive = (lambda v: v > 0, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
-class Theorem1Config:
+class Theorem1Config(StudyConfig):
     seed: int = 0
-    num_outputs: int = dataclasses.field(default=16, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
-    scaled_problems: int = dataclasses.field(default=64, metadata={"check": _positive_int})
-    scaled_eps: int = dataclasses.field(default=15, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
-    scaled_gamma: float = dataclasses.field(default=0.1, metadata={"check": (lambda v: 0 < v < 0.5, "in (0, 0.5)")})
-    random_problems: int = dataclasses.field(default=5120, metadata={"check": _positive_int})
-    random_prompts: int = dataclasses.field(default=2, metadata={"check": _positive_int})
-    kl_problems: int = dataclasses.field(default=1024, metadata={"check": _positive_int})
-    kl_coefs: tuple = dataclasses.field(default=(0.05, 0.5), metadata={"check": (lambda v: len(v) >= 1 and all(c > 0 for c in v), "a non-empty tuple of values > 0")})
-    autoregressive_problems: int = dataclasses.field(default=1024, metadata={"check": _positive_int})
-    vocab_size: int = dataclasses.field(default=4, metadata={"check": (lambda v: isinstance(v, int) and v >= 2, "an int >= 2")})
-    lengths: tuple = dataclasses.field(default=(2, 3), metadata={"check": (lambda v: all(isinstance(n, int) and n >= 1 for n in v), "a tuple of ints >= 1")})
-    decades: float = dataclasses.field(default=3.5, metadata={"check": (lambda v: v >= 3.0, ">= 3 (6 decades of variance)")})
-    gain_fraction: float = dataclasses.field(default=0.5, metadata={"check": (lambda v: 0 < v < 1, "in (0, 1)")})
-    rtol: float = dataclasses.field(default=1e-8, metadata={"check": _positive})
-    atol: float = dataclasses.field(default=1e-10, metadata={"check": _positive})
-    t_max: float = dataclasses.field(default=1e14, metadata={"check": _positive})
-    violation_tolerance: float = dataclasses.field(default=1e-6, metadata={"check": (lambda v: 0 <= v < 0.1, "in [0, 0.1)")})
-    bootstrap: int = dataclasses.field(default=1000, metadata={"check": (lambda v: isinstance(v, int) and v >= 100, "an int >= 100")})
-
-    def __post_init__(self):
-        validate_config(self)
+    num_outputs: int = checked(16, int_at_least(2))
+    scaled_problems: int = checked(64, POSITIVE_INT)
+    scaled_eps: int = checked(15, int_at_least(3))
+    scaled_gamma: float = checked(0.1, (lambda v: 0 < v < 0.5, "in (0, 0.5)"))
+    random_problems: int = checked(5120, POSITIVE_INT)
+    random_prompts: int = checked(2, POSITIVE_INT)
+    kl_problems: int = checked(1024, POSITIVE_INT)
+    kl_coefs: tuple = checked(
+        (0.05, 0.5), (lambda v: len(v) >= 1 and all(c > 0 for c in v), "a non-empty tuple of values > 0")
+    )
+    autoregressive_problems: int = checked(1024, POSITIVE_INT)
+    vocab_size: int = checked(4, int_at_least(2))
+    lengths: tuple = checked((2, 3), (lambda v: all(isinstance(n, int) and n >= 1 for n in v), "a tuple of ints >= 1"))
+    decades: float = checked(3.5, (lambda v: v >= 3.0, ">= 3 (6 decades of variance)"))
+    gain_fraction: float = checked(0.5, (lambda v: 0 < v < 1, "in (0, 1)"))
+    rtol: float = checked(1e-8, POSITIVE)
+    atol: float = checked(1e-10, POSITIVE)
+    t_max: float = checked(1e14, POSITIVE)
+    violation_tolerance: float = checked(1e-6, SMALL_TOLERANCE)
+    bootstrap: int = checked(1000, int_at_least(100))
 
     def quick(self) -> "Theorem1Config":
         """A smaller run with the same families, for smoke tests."""
         return dataclasses.replace(
-            self, scaled_problems=8, scaled_eps=8, random_problems=256, kl_problems=64,
-            autoregressive_problems=64, bootstrap=200,
+            self,
+            scaled_problems=8,
+            scaled_eps=8,
+            random_problems=256,
+            kl_problems=64,
+            autoregressive_problems=64,
+            bootstrap=200,
         )
 
 
@@ -140,7 +156,9 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
     rm = jnp.tile(eps, n)[:, None, None] * gt
     kl_coef = np.zeros(len(rm))
     _, rm_gamma = _gammas(tabular, logits, rm, gt, kl_coef, config.gain_fraction)
-    gt_gain = _limit_rewards(tabular.log_probs(logits), rm, gt, kl_coef) - np.asarray(metrics.expected_reward(tabular.log_probs(logits), gt))
+    gt_gain = _limit_rewards(tabular.log_probs(logits), rm, gt, kl_coef) - np.asarray(
+        metrics.expected_reward(tabular.log_probs(logits), gt)
+    )
     gt_gamma = np.where(gt_gain > config.scaled_gamma, config.scaled_gamma, np.nan)
     base = np.repeat(np.arange(n), len(eps))[:, None]
     families.append(Family("scaled", tabular, logits, rm, gt, kl_coef, gt_gamma, rm_gamma, base))
@@ -149,11 +167,15 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
         k1, k2, k3 = jax.random.split(key, 3)
         logits = _sharpness(k1, 2, problems) * jax.random.normal(k2, (problems, prompts, y))
         rm, gt = _random_teacher(k3, (problems, prompts, y), config.decades)
-        return Family(name, tabular, logits, rm, gt, kl_coef,
-                      *_gammas(tabular, logits, rm, gt, kl_coef, config.gain_fraction))
+        return Family(
+            name, tabular, logits, rm, gt, kl_coef, *_gammas(tabular, logits, rm, gt, kl_coef, config.gain_fraction)
+        )
 
-    families.append(random_family("random", k_random, config.random_problems, config.random_prompts,
-                                  np.zeros(config.random_problems)))
+    families.append(
+        random_family(
+            "random", k_random, config.random_problems, config.random_prompts, np.zeros(config.random_problems)
+        )
+    )
     for lam, k in zip(config.kl_coefs, jax.random.split(k_kl, len(config.kl_coefs))):
         families.append(random_family(f"kl_{lam:g}", k, config.kl_problems, 1, np.full(config.kl_problems, lam)))
 
@@ -165,8 +187,17 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
         logits = tuple(sharp * theta[:, None] for theta in policy.random_logits(k2, n))  # [problems, S=1, V^l, V]
         rm, gt = _random_teacher(k3, (n, 1, policy.num_outputs), config.decades)
         kl_coef = np.zeros(n)
-        families.append(Family(f"autoregressive_L{length}", policy, logits, rm, gt, kl_coef,
-                               *_gammas(policy, logits, rm, gt, kl_coef, config.gain_fraction)))
+        families.append(
+            Family(
+                f"autoregressive_L{length}",
+                policy,
+                logits,
+                rm,
+                gt,
+                kl_coef,
+                *_gammas(policy, logits, rm, gt, kl_coef, config.gain_fraction),
+            )
+        )
     return [f for f in families if only is None or f.name in only]
 
 
@@ -193,8 +224,11 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
     # Instances without a ground-truth target re-time the proxy, so both solves share one
     # compiled program; their ground-truth entries are discarded below.
     gt_run = flow.first_passage(
-        family.logits, rm, np.where(has_gt, family.gt_gamma, family.rm_gamma),
-        eval_rewards=jnp.where(has_gt[..., None], gt, rm), **options,
+        family.logits,
+        rm,
+        np.where(has_gt, family.gt_gamma, family.rm_gamma),
+        eval_rewards=jnp.where(has_gt[..., None], gt, rm),
+        **options,
     )
     rm_run = flow.first_passage(family.logits, rm, family.rm_gamma, **options)
     ref = policy.log_probs(family.logits)
@@ -210,7 +244,9 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
     reward_bound = np.stack([np.asarray(g[2]) for g in grad])
     length = policy.length
     with np.errstate(divide="ignore", invalid="ignore"):
-        prop2 = norms / bounds.proposition2_gradient_bound(kl_var, reward_bound=np.maximum(reward_bound, 1.0 + 1e-12), length=length)
+        prop2 = norms / bounds.proposition2_gradient_bound(
+            kl_var, reward_bound=np.maximum(reward_bound, 1.0 + 1e-12), length=length
+        )
         sqrt = norms / bounds.score_gradient_bound(kl_var, length=length)
     measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.REACHED)])
 
@@ -266,10 +302,18 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
     fit = np.isfinite(gt["t_gamma"]) & (result["variance"] > 0)
     # The scaled family is a grid of eps over base problems: fit within each base problem.
     groups = result["base_problem"][fit] if "base_problem" in result else None
-    slope, ci = loglog_slope(result["variance"][fit], gt["t_gamma"][fit], groups=groups, num_bootstrap=config.bootstrap, seed=config.seed)
+    slope, ci = loglog_slope(
+        result["variance"][fit], gt["t_gamma"][fit], groups=groups, num_bootstrap=config.bootstrap, seed=config.seed
+    )
     rm_fit = np.isfinite(result["rm"]["t_gamma"]) & (result["variance"] > 0)
     rm_groups = result["base_problem"][rm_fit] if "base_problem" in result else None
-    rm_slope, rm_ci = loglog_slope(result["variance"][rm_fit], result["rm"]["t_gamma"][rm_fit], groups=rm_groups, num_bootstrap=config.bootstrap, seed=config.seed)
+    rm_slope, rm_ci = loglog_slope(
+        result["variance"][rm_fit],
+        result["rm"]["t_gamma"][rm_fit],
+        groups=rm_groups,
+        num_bootstrap=config.bootstrap,
+        seed=config.seed,
+    )
     variance = result["variance"][result["variance"] > 0]
     violations = _violations(result, config.violation_tolerance)
     return {
@@ -282,7 +326,9 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         "variance_range": [float(variance.min()), float(variance.max())],
         "variance_decades": float(np.log10(variance.max() / variance.min())),
         "no_ground_truth_gain": int((~np.isfinite(gt["gamma"])).sum()),
-        "not_reached": int(sum(((r["status"] != flow.REACHED) & np.isfinite(r["gamma"])).sum() for r in (gt, result["rm"]))),
+        "not_reached": int(
+            sum(((r["status"] != flow.REACHED) & np.isfinite(r["gamma"])).sum() for r in (gt, result["rm"]))
+        ),
         "violations": {k: int(v.sum()) for k, v in violations.items()},
         "min_ratio": {b: _min_ratio(result, b) for b in ("theorem4", "prop3", "sharpened") if b in gt},
         "max_ratio_prop2": result["max_ratio_prop2"],
@@ -297,13 +343,20 @@ def _violating_instances(family: Family, result: dict, tolerance: float) -> list
     for bound, bad in _violations(result, tolerance).items():
         for problem, prompt in zip(*np.nonzero(bad)):
             pick = lambda x: np.asarray(x[problem]).tolist()  # noqa: E731
-            saved.append({
-                "family": family.name, "bound": bound, "problem": int(problem), "prompt": int(prompt),
-                "logits": jax.tree.map(pick, family.logits), "rm_rewards": pick(family.rm_rewards),
-                "gt_rewards": pick(family.gt_rewards), "kl_coef": float(family.kl_coef[problem]),
-                "gt": {k: float(v[problem, prompt]) for k, v in result["gt"].items()},
-                "rm": {k: float(v[problem, prompt]) for k, v in result["rm"].items()},
-            })
+            saved.append(
+                {
+                    "family": family.name,
+                    "bound": bound,
+                    "problem": int(problem),
+                    "prompt": int(prompt),
+                    "logits": jax.tree.map(pick, family.logits),
+                    "rm_rewards": pick(family.rm_rewards),
+                    "gt_rewards": pick(family.gt_rewards),
+                    "kl_coef": float(family.kl_coef[problem]),
+                    "gt": {k: float(v[problem, prompt]) for k, v in result["gt"].items()},
+                    "rm": {k: float(v[problem, prompt]) for k, v in result["rm"].items()},
+                }
+            )
     return saved
 
 
@@ -311,11 +364,7 @@ def _violating_instances(family: Family, result: dict, tolerance: float) -> list
 
 
 def _figure(families, results, summary, config, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (family, result) in enumerate(zip(families, results)):
@@ -332,19 +381,27 @@ def _figure(families, results, summary, config, path: Path):
         grid = np.logspace(np.log10(scaled["variance"].min()), np.log10(scaled["variance"].max()), 50)
         g = config.scaled_gamma
         left.loglog(grid, bounds.theorem4_lower_bound(g, grid), "k-", label="Theorem 4 bound (slope -1/3)")
-        left.loglog(grid, bounds.proposition3_lower_bound(g, grid, num_prompts=1), "k--", label="Proposition 3 bound (slope -1/2)")
+        left.loglog(
+            grid,
+            bounds.proposition3_lower_bound(g, grid, num_prompts=1),
+            "k--",
+            label="Proposition 3 bound (slope -1/2)",
+        )
         left.loglog(grid, bounds.proposition_a_lower_bound(g, grid), "k:", label="Proposition A bound (slope -1/2)")
-    left.set(xlabel="initial reward variance Var[r_RM]", ylabel=f"t_gamma on r_G (gamma = {config.scaled_gamma})",
-             title="scaled teacher eps * r_G: t_gamma vs variance")
+    left.set(
+        xlabel="initial reward variance Var[r_RM]",
+        ylabel=f"t_gamma on r_G (gamma = {config.scaled_gamma})",
+        title="scaled teacher eps * r_G: t_gamma vs variance",
+    )
     left.legend(fontsize=8)
     right.axhline(1.0, color="k", lw=1)
-    right.set(xlabel="initial reward variance Var[r_RM]", ylabel="t_gamma / Theorem 4 bound (>= 1)",
-              title="every family: measured time over the bound")
+    right.set(
+        xlabel="initial reward variance Var[r_RM]",
+        ylabel="t_gamma / Theorem 4 bound (>= 1)",
+        title="every family: measured time over the bound",
+    )
     right.legend(fontsize=8, markerscale=4)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _markdown(summary: dict) -> str:
@@ -438,9 +495,13 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
             f"[{s['slope_ci'][0]:+.3f}, {s['slope_ci'][1]:+.3f}]  min t/Thm4 {fmt(s['min_ratio']['theorem4'])}  "
             f"violations {sum(s['violations'].values())}"
         )
-    total = {b: sum(f["violations"].get(b, 0) for f in family_summaries.values()) for b in ("theorem4", "prop3", "sharpened")}
-    min_ratio = {b: min((f["min_ratio"][b] for f in family_summaries.values() if b in f["min_ratio"]), default=math.nan)
-                 for b in ("theorem4", "prop3", "sharpened")}
+    total = {
+        b: sum(f["violations"].get(b, 0) for f in family_summaries.values()) for b in ("theorem4", "prop3", "sharpened")
+    }
+    min_ratio = {
+        b: min((f["min_ratio"][b] for f in family_summaries.values() if b in f["min_ratio"]), default=math.nan)
+        for b in ("theorem4", "prop3", "sharpened")
+    }
     summary = {
         "instances": int(sum(f["instances"] for f in family_summaries.values())),
         "violations": total,

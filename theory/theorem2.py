@@ -24,25 +24,36 @@ import jax
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
-from theory.common import Progress, fmt, validate_config, write_json, write_text
+from theory.common import (
+    POSITIVE_INT,
+    SMALL_TOLERANCE,
+    Progress,
+    StudyConfig,
+    checked,
+    fmt,
+    int_at_least,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 NAME = "theorem2"
 
 
 @dataclasses.dataclass(frozen=True)
-class Theorem2Config:
+class Theorem2Config(StudyConfig):
     seed: int = 0
-    problems: int = dataclasses.field(default=128, metadata={"check": (lambda v: isinstance(v, int) and v >= 1, "a positive int")})
-    num_outputs: int = dataclasses.field(default=12, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
-    horizons: tuple = dataclasses.field(default=(1, 10, 100, 1000, 10000), metadata={"check": (lambda v: len(v) >= 2 and all(t >= 1 for t in v), "a tuple of T >= 1")})
-    shuffled: tuple = dataclasses.field(default=(0.0, 0.35, 0.7, 1.0), metadata={"check": (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")})
+    problems: int = checked(128, POSITIVE_INT)
+    num_outputs: int = checked(12, int_at_least(3))
+    horizons: tuple = checked(
+        (1, 10, 100, 1000, 10000), (lambda v: len(v) >= 2 and all(t >= 1 for t in v), "a tuple of T >= 1")
+    )
+    shuffled: tuple = checked((0.0, 0.35, 0.7, 1.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]"))
     rtol: float = 1e-8
     atol: float = 1e-10
     t_max: float = 1e14
-    tolerance: float = dataclasses.field(default=1e-6, metadata={"check": (lambda v: 0 <= v < 0.1, "in [0, 0.1)")})
-
-    def __post_init__(self):
-        validate_config(self)
+    tolerance: float = checked(1e-6, SMALL_TOLERANCE)
 
     def quick(self) -> "Theorem2Config":
         return dataclasses.replace(self, problems=12)
@@ -78,18 +89,30 @@ def make_teachers(config: Theorem2Config):
             ranks = _partial_shuffle(gt[i], fraction, rng)
             for horizon in config.horizons:
                 slow = (ranks + 1.0) / (y + 1.0) / horizon  # in (0, 1/T), ordered like r_G before shuffling
-                rows += [dict(problem=i, kind="slow", horizon=horizon, fraction=fraction, rm=slow, lam=lam) for lam in (0.0, kl_limit[i])]
+                rows += [
+                    dict(problem=i, kind="slow", horizon=horizon, fraction=fraction, rm=slow, lam=lam)
+                    for lam in (0.0, kl_limit[i])
+                ]
             # Fast: c_y < pi0(y_g), ordered against r_G among the other outputs before shuffling.
             against = _partial_shuffle(-gt[i, others], fraction, rng)
             fast = np.ones(y)
             fast[others] = good_prob[i] * (against + 1.0) / (len(others) + 1.0)
-            rows += [dict(problem=i, kind="fast", horizon=math.nan, fraction=fraction, rm=fast, lam=lam) for lam in (0.0, kl_limit[i])]
+            rows += [
+                dict(problem=i, kind="fast", horizon=math.nan, fraction=fraction, rm=fast, lam=lam)
+                for lam in (0.0, kl_limit[i])
+            ]
     problem = np.array([r["problem"] for r in rows])
     return dict(
-        logits=logits[problem], gt=gt[problem], rm=np.stack([r["rm"] for r in rows]),
-        lam=np.array([r["lam"] for r in rows]), gamma=gamma[problem], rho=rho[problem],
-        good_prob=good_prob[problem], kind=np.array([r["kind"] for r in rows]),
-        horizon=np.array([r["horizon"] for r in rows]), fraction=np.array([r["fraction"] for r in rows]),
+        logits=logits[problem],
+        gt=gt[problem],
+        rm=np.stack([r["rm"] for r in rows]),
+        lam=np.array([r["lam"] for r in rows]),
+        gamma=gamma[problem],
+        rho=rho[problem],
+        good_prob=good_prob[problem],
+        kind=np.array([r["kind"] for r in rows]),
+        horizon=np.array([r["horizon"] for r in rows]),
+        fraction=np.array([r["fraction"] for r in rows]),
         problem=problem,
     )
 
@@ -103,8 +126,14 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     t = make_teachers(config)
     progress(f"{config.problems} problems x {len(t['kind']) // config.problems} teachers")
     result = flow.first_passage(
-        t["logits"][:, None], t["rm"][:, None], t["gamma"][:, None], eval_rewards=t["gt"][:, None],
-        kl_coef=t["lam"], rtol=config.rtol, atol=config.atol, t_max=config.t_max,
+        t["logits"][:, None],
+        t["rm"][:, None],
+        t["gamma"][:, None],
+        eval_rewards=t["gt"][:, None],
+        kl_coef=t["lam"],
+        rtol=config.rtol,
+        atol=config.atol,
+        t_max=config.t_max,
     )
     time = np.asarray(result.t_gamma)[:, 0]
     accuracy = np.asarray(metrics.accuracy(t["rm"], t["gt"]))
@@ -138,8 +167,10 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
             "slow_lower": float(np.min(time[slow] / lower[slow])),
             "fast_upper": float(np.min(upper[fast] / time[fast])),
         },
-        "accuracy": {"slow": [float(accuracy[slow].min()), float(accuracy[slow].max())],
-                     "fast": [float(accuracy[fast].min()), float(accuracy[fast].max())]},
+        "accuracy": {
+            "slow": [float(accuracy[slow].min()), float(accuracy[slow].max())],
+            "fast": [float(accuracy[fast].min()), float(accuracy[fast].max())],
+        },
         "fast_median_t": float(np.median(time[fast & exact_order])),
         "fast_median_bound": float(np.median(upper[fast & exact_order])),
         "not_reached": {"slow": int((slow & ~np.isfinite(time)).sum()), "fast": int((fast & ~np.isfinite(time)).sum())},
@@ -162,44 +193,53 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
 
 
 def _figure(t, time, lower, upper, accuracy, config, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     exact_order = t["fraction"] == 0
     slow, fast = (t["kind"] == "slow") & exact_order, (t["kind"] == "fast") & exact_order
     horizons = np.array(config.horizons, float)
     bands = np.array([np.percentile(time[slow & (t["horizon"] == h)], [10, 50, 90]) for h in horizons])
     left.fill_between(horizons, bands[:, 0], bands[:, 2], alpha=0.3, color="C0")
-    left.loglog(horizons, bands[:, 1], "o-", color="C0", label="slow accurate teacher (values < 1/T), median and 10-90%")
+    left.loglog(
+        horizons, bands[:, 1], "o-", color="C0", label="slow accurate teacher (values < 1/T), median and 10-90%"
+    )
     low = np.array([np.median(lower[slow & (t["horizon"] == h)]) for h in horizons])
     left.loglog(horizons, low, "C0--", label="Theorem 2 lower bound (median)")
     fast_band = np.percentile(time[fast], [10, 50, 90])
     left.fill_between(horizons, fast_band[0], fast_band[2], alpha=0.3, color="C3")
-    left.loglog(horizons, np.full_like(horizons, fast_band[1]), "s-", color="C3", label="fast inaccurate teacher (no T), median and 10-90%")
-    left.loglog(horizons, np.full_like(horizons, np.median(upper[fast])), "C3--", label="Theorem 2 upper bound (median)")
+    left.loglog(
+        horizons,
+        np.full_like(horizons, fast_band[1]),
+        "s-",
+        color="C3",
+        label="fast inaccurate teacher (no T), median and 10-90%",
+    )
+    left.loglog(
+        horizons, np.full_like(horizons, np.median(upper[fast])), "C3--", label="Theorem 2 upper bound (median)"
+    )
     left.set(xlabel="T", ylabel="t_gamma on r_G", title="accuracy 1 (slow) against accuracy 2/|Y| (fast)")
     left.legend(fontsize=7)
     slow, fast = t["kind"] == "slow", t["kind"] == "fast"
     for kind, color, mask in (("slow, T = 100", "C0", slow & (t["horizon"] == 100)), ("fast", "C3", fast)):
         right.semilogy(accuracy[mask], time[mask], ".", color=color, alpha=0.5, label=kind)
-    right.set(xlabel="reward-model accuracy (all pairs)", ylabel="t_gamma on r_G (finite ones)",
-              title="every accuracy, orders partly shuffled (Theorem 5)")
+    right.set(
+        xlabel="reward-model accuracy (all pairs)",
+        ylabel="t_gamma on r_G (finite ones)",
+        title="every accuracy, orders partly shuffled (Theorem 5)",
+    )
     right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _markdown(summary: dict, config: Theorem2Config) -> str:
     v, s = summary["violations"], summary["min_slack"]
     acc = summary["accuracy"]
     wins = [int(h) for h, share in summary["fast_beats_accurate_slow"].items() if share >= 0.95]
-    verdict = (f"from `T = {min(wins)}` on, the least accurate model is the better teacher on at least 95% of the problems"
-               if wins else "the least accurate model never wins on 95% of the problems at these `T`")
+    verdict = (
+        f"from `T = {min(wins)}` on, the least accurate model is the better teacher on at least 95% of the problems"
+        if wins
+        else "the least accurate model never wins on 95% of the problems at these `T`"
+    )
     rows = "\n".join(
         f"| {h} | {fmt(d['slow_median_t'])} | {fmt(d['slow_median_bound'])} | {fmt(summary['fast_median_t'])} | "
         f"{fmt(summary['fast_beats_accurate_slow'][h])} |"
@@ -207,9 +247,9 @@ def _markdown(summary: dict, config: Theorem2Config) -> str:
     )
     return f"""## Theorem 2 / 5: more accurate is not necessarily a better teacher
 
-**Verdict:** {summary['instances']} exact flows ({config.problems} policies), violations: slow lower bound {v['slow_lower']}, fast upper bound {v['fast_upper']}. Smallest slack: slow {fmt(s['slow_lower'])} (time over bound), fast {fmt(s['fast_upper'])} (bound over time).
+**Verdict:** {summary["instances"]} exact flows ({config.problems} policies), violations: slow lower bound {v["slow_lower"]}, fast upper bound {v["fast_upper"]}. Smallest slack: slow {fmt(s["slow_lower"])} (time over bound), fast {fmt(s["fast_upper"])} (bound over time).
 
-Slow teachers have accuracy {acc['slow'][0]:.2f} to {acc['slow'][1]:.2f}, fast teachers {acc['fast'][0]:.2f} to {acc['fast'][1]:.2f}; `lam` is 0 or the fast bound's limit.
+Slow teachers have accuracy {acc["slow"][0]:.2f} to {acc["slow"][1]:.2f}, fast teachers {acc["fast"][0]:.2f} to {acc["fast"][1]:.2f}; `lam` is 0 or the fast bound's limit.
 
 | T | median t_gamma, slow teacher (accuracy 1) | median slow bound | median t_gamma, fast teacher (accuracy 2/Y) | share of problems where the fast teacher wins |
 |---|---|---|---|---|
@@ -218,7 +258,7 @@ Slow teachers have accuracy {acc['slow'][0]:.2f} to {acc['slow'][1]:.2f}, fast t
 The accurate teacher's time grows linearly in `T` (its variance is at most `1/T^2`), while the
 inaccurate teacher that puts its reward on the best output reaches the same gain in a time
 that does not depend on `T`: {verdict}. Teachers with partly shuffled orders (right panel) show
-the same split at every accuracy; {summary['not_reached']['slow']} shuffled slow teachers never
+the same split at every accuracy; {summary["not_reached"]["slow"]} shuffled slow teachers never
 reach the gain (their best output is not `y_g`), which no bound forbids.
 
 ![t_gamma against T and accuracy](figures/{NAME}.png)

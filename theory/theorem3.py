@@ -19,7 +19,19 @@ import jax
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
-from theory.common import Progress, fmt, validate_config, write_json, write_text
+from theory.common import (
+    POSITIVE_INT,
+    SMALL_TOLERANCE,
+    Progress,
+    StudyConfig,
+    checked,
+    fmt,
+    int_at_least,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 NAME = "theorem3"
 FAMILIES = ("Pi", "Pi'")
@@ -27,19 +39,16 @@ TEACHERS = ("r_RM", "r'_RM")
 
 
 @dataclasses.dataclass(frozen=True)
-class Theorem3Config:
+class Theorem3Config(StudyConfig):
     seed: int = 0
-    problems: int = dataclasses.field(default=64, metadata={"check": (lambda v: isinstance(v, int) and v >= 1, "a positive int")})
-    num_outputs: int = dataclasses.field(default=12, metadata={"check": (lambda v: isinstance(v, int) and v >= 3, "an int >= 3")})
-    horizons: tuple = dataclasses.field(default=(10, 100, 1000), metadata={"check": (lambda v: len(v) >= 1 and all(t > 1 for t in v), "a tuple of T > 1")})
-    good_mass: float = dataclasses.field(default=0.3, metadata={"check": (lambda v: 0 < v < 0.9, "in (0, 0.9)")})
+    problems: int = checked(64, POSITIVE_INT)
+    num_outputs: int = checked(12, int_at_least(3))
+    horizons: tuple = checked((10, 100, 1000), (lambda v: len(v) >= 1 and all(t > 1 for t in v), "a tuple of T > 1"))
+    good_mass: float = checked(0.3, (lambda v: 0 < v < 0.9, "in (0, 0.9)"))
     rtol: float = 1e-8
     atol: float = 1e-10
     t_max: float = 1e14
-    tolerance: float = dataclasses.field(default=1e-6, metadata={"check": (lambda v: 0 <= v < 0.1, "in [0, 0.1)")})
-
-    def __post_init__(self):
-        validate_config(self)
+    tolerance: float = checked(1e-6, SMALL_TOLERANCE)
 
     def quick(self) -> "Theorem3Config":
         return dataclasses.replace(self, problems=8)
@@ -70,9 +79,21 @@ def make_cells(config: Theorem3Config):
                     rm = -np.ones(y)
                     rm[target] = 1.0
                     for lam in (0.0, lam_limit):
-                        rows.append(dict(problem=problem, horizon=horizon, family=family, teacher=teacher,
-                                         fast=target == favoured, logits=np.log(probs), gt=gt, rm=rm,
-                                         gamma=gamma, rho=rho, lam=lam))
+                        rows.append(
+                            dict(
+                                problem=problem,
+                                horizon=horizon,
+                                family=family,
+                                teacher=teacher,
+                                fast=target == favoured,
+                                logits=np.log(probs),
+                                gt=gt,
+                                rm=rm,
+                                gamma=gamma,
+                                rho=rho,
+                                lam=lam,
+                            )
+                        )
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
@@ -83,11 +104,18 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     cells = make_cells(config)
-    progress(f"{len(cells['gamma'])} flows: {config.problems} problems x {len(config.horizons)} T x 2 families x 2 teachers x 2 lam")
+    progress(
+        f"{len(cells['gamma'])} flows: {config.problems} problems x {len(config.horizons)} T x 2 families x 2 teachers x 2 lam"
+    )
     result = flow.first_passage(
-        cells["logits"][:, None], cells["rm"][:, None], cells["gamma"][:, None],
-        eval_rewards=cells["gt"][:, None], kl_coef=cells["lam"],
-        rtol=config.rtol, atol=config.atol, t_max=config.t_max,
+        cells["logits"][:, None],
+        cells["rm"][:, None],
+        cells["gamma"][:, None],
+        eval_rewards=cells["gt"][:, None],
+        kl_coef=cells["lam"],
+        rtol=config.rtol,
+        atol=config.atol,
+        t_max=config.t_max,
     )
     time = np.asarray(result.t_gamma)[:, 0]
     fast = cells["fast"]
@@ -113,8 +141,10 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     summary = {
         "instances": int(len(time)),
         "violations": {"fast_upper": int(fast_bad.sum()), "slow_lower": int(slow_bad.sum())},
-        "min_slack": {"fast_upper": float(np.min(upper[fast] / time[fast])),
-                      "slow_lower": float(np.min(time[~fast] / lower[~fast]))},
+        "min_slack": {
+            "fast_upper": float(np.min(upper[fast] / time[fast])),
+            "slow_lower": float(np.min(time[~fast] / lower[~fast])),
+        },
         "accuracy": {teacher: float(np.mean(accuracy[cells["teacher"] == teacher])) for teacher in TEACHERS},
         "student_decides": float(np.mean(_fast_wins(cells, time))),
         "table": table,
@@ -146,11 +176,7 @@ def _fast_wins(cells, time):
 
 
 def _figure(cells, time, config, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     horizons = np.array(config.horizons, float)
     for ax, family in zip(axes, FAMILIES):
@@ -165,10 +191,7 @@ def _figure(cells, time, config, path: Path):
         ax.legend()
     axes[0].set_ylabel("t_gamma on r_G (median, 10-90%)")
     fig.suptitle("two reward models of almost equal accuracy: the better teacher depends on the initial policy")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _markdown(summary: dict, config: Theorem3Config) -> str:
@@ -181,7 +204,7 @@ def _markdown(summary: dict, config: Theorem3Config) -> str:
             rows.append(f"| {horizon} | {family} | {fmt(cell(TEACHERS[0]))} | {fmt(cell(TEACHERS[1]))} |")
     return f"""## Theorem 3 / 6: the best teacher depends on the student
 
-**Verdict:** {summary['instances']} exact flows, violations: fast upper bound {v['fast_upper']}, slow lower bound {v['slow_lower']}. Smallest slack: fast {fmt(s['fast_upper'])} (bound over time), slow {fmt(s['slow_lower'])} (time over bound). Mean accuracy over all pairs: `r_RM` {summary['accuracy'][TEACHERS[0]]:.3f}, `r'_RM` {summary['accuracy'][TEACHERS[1]]:.3f} (`y_g` is the best output, `y_g'` the second best).
+**Verdict:** {summary["instances"]} exact flows, violations: fast upper bound {v["fast_upper"]}, slow lower bound {v["slow_lower"]}. Smallest slack: fast {fmt(s["fast_upper"])} (bound over time), slow {fmt(s["slow_lower"])} (time over bound). Mean accuracy over all pairs: `r_RM` {summary["accuracy"][TEACHERS[0]]:.3f}, `r'_RM` {summary["accuracy"][TEACHERS[1]]:.3f} (`y_g` is the best output, `y_g'` the second best).
 
 Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at the limit pooled):
 
@@ -189,7 +212,7 @@ Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at t
 {chr(10).join(rows)}
 
 The reward model that rewards the output the student already favours wins in
-{100 * summary['student_decides']:.0f}% of the (problem, T, student, lam) cases: swap the student
+{100 * summary["student_decides"]:.0f}% of the (problem, T, student, lam) cases: swap the student
 and the other model wins, so for students from `Pi'` the *less* accurate `r'_RM` is the better
 teacher. Accuracy, a property of the reward model alone, cannot say this; the reward variance
 under the student (at most `8/T^2` for the teacher of the neglected output) does.

@@ -27,20 +27,31 @@ import numpy as np
 
 from jaxrm import bounds, flow, metrics
 from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, TabularPolicy
-from theory.common import Progress, fmt, validate_config, write_json, write_text
+from theory.common import (
+    POSITIVE_INT,
+    Progress,
+    StudyConfig,
+    checked,
+    fmt,
+    int_at_least,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 NAME = "tightness"
 
 
 @dataclasses.dataclass(frozen=True)
-class TightnessConfig:
+class TightnessConfig(StudyConfig):
     seed: int = 0
-    population: int = dataclasses.field(default=48, metadata={"check": (lambda v: isinstance(v, int) and v >= 4, "an int >= 4")})
-    generations: int = dataclasses.field(default=8, metadata={"check": (lambda v: isinstance(v, int) and v >= 1, "a positive int")})
-    elite: int = dataclasses.field(default=8, metadata={"check": (lambda v: isinstance(v, int) and v >= 1, "a positive int")})
+    population: int = checked(48, int_at_least(4))
+    generations: int = checked(8, POSITIVE_INT)
+    elite: int = checked(8, POSITIVE_INT)
     step_size: float = 0.5
-    log10_variances: tuple = dataclasses.field(default=(-2, -3, -4, -5, -6, -7, -8), metadata={"check": (lambda v: len(v) >= 3, "at least 3 levels")})
-    gamma: float = dataclasses.field(default=0.1, metadata={"check": (lambda v: 0 < v < 1, "in (0, 1)")})
+    log10_variances: tuple = checked((-2, -3, -4, -5, -6, -7, -8), (lambda v: len(v) >= 3, "at least 3 levels"))
+    gamma: float = checked(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
     max_kl_coef: float = 0.5
     bootstrap: int = 500
     t_max: float = 1e9  # far beyond the fastest times, which are all the atlas keeps
@@ -48,12 +59,14 @@ class TightnessConfig:
     atol: float = 1e-10
 
     def __post_init__(self):
-        validate_config(self)
+        super().__post_init__()
         if self.elite >= self.population:
             raise ValueError(f"TightnessConfig.elite={self.elite}: must be < population={self.population}.")
 
     def quick(self) -> "TightnessConfig":
-        return dataclasses.replace(self, population=12, generations=2, elite=3, log10_variances=(-2, -4, -6), bootstrap=100)
+        return dataclasses.replace(
+            self, population=12, generations=2, elite=3, log10_variances=(-2, -4, -6), bootstrap=100
+        )
 
 
 class PolicyClass(NamedTuple):
@@ -98,10 +111,21 @@ def _evaluate(cls, z, num_outputs, config):
     decoded = [_decode(cls, z, num_outputs, v, config) for v in levels]
     stack = lambda i: jax.tree.map(lambda *xs: np.concatenate(xs), *[d[i] for d in decoded])  # noqa: E731
     logits, rm, timed, lam, feasible = (stack(i) for i in range(5))
-    result = flow.first_passage(logits, rm, config.gamma, policy=cls.policy, eval_rewards=timed, kl_coef=lam,
-                                rtol=config.rtol, atol=config.atol, t_max=config.t_max)
+    result = flow.first_passage(
+        logits,
+        rm,
+        config.gamma,
+        policy=cls.policy,
+        eval_rewards=timed,
+        kl_coef=lam,
+        rtol=config.rtol,
+        atol=config.atol,
+        t_max=config.t_max,
+    )
     t = np.where(feasible, np.asarray(result.t_gamma)[:, 0], np.inf).reshape(len(levels), len(z)).T
-    variance = np.asarray(metrics.reward_variance(cls.policy.log_probs(logits), rm))[:, 0].reshape(len(levels), len(z)).T
+    variance = (
+        np.asarray(metrics.reward_variance(cls.policy.log_probs(logits), rm))[:, 0].reshape(len(levels), len(z)).T
+    )
     return t, variance, (logits, rm, timed, lam)
 
 
@@ -109,8 +133,11 @@ def search(cls: PolicyClass, config: TightnessConfig, progress=None):
     """Evolution strategy on ``mean_levels log(t_gamma / Proposition A bound)``; every
     evaluated instance is kept for the atlas."""
     rng = np.random.default_rng(config.seed)
-    num_outputs = cls.policy.log_probs(np.zeros((1, *cls.param_shapes[0])) if len(cls.param_shapes) == 1
-                                       else tuple(np.zeros((1, *s)) for s in cls.param_shapes)).shape[-1]
+    num_outputs = cls.policy.log_probs(
+        np.zeros((1, *cls.param_shapes[0]))
+        if len(cls.param_shapes) == 1
+        else tuple(np.zeros((1, *s)) for s in cls.param_shapes)
+    ).shape[-1]
     dim = sum(int(np.prod(s)) for s in cls.param_shapes) + 2 * num_outputs + 1
     length, jac = cls.policy.length, cls.policy.jacobian_norm
     z = rng.normal(size=(config.population, dim))
@@ -122,11 +149,18 @@ def search(cls: PolicyClass, config: TightnessConfig, progress=None):
         fitness = np.where(np.isfinite(ratio), np.log(ratio), 50.0).mean(-1)
         seen_t.append(t), seen_var.append(variance), seen_z.append(z)
         elite = z[np.argsort(fitness)[: config.elite]]
-        z = np.concatenate([elite, elite[rng.integers(0, len(elite), config.population - len(elite))]
-                            + sigma * rng.normal(size=(config.population - len(elite), dim))])
+        z = np.concatenate(
+            [
+                elite,
+                elite[rng.integers(0, len(elite), config.population - len(elite))]
+                + sigma * rng.normal(size=(config.population - len(elite), dim)),
+            ]
+        )
         sigma *= 0.85
         if progress:
-            progress(f"{cls.name:18s} generation {generation + 1}/{config.generations}: best mean log(t / Prop A) {fitness.min():.3f}")
+            progress(
+                f"{cls.name:18s} generation {generation + 1}/{config.generations}: best mean log(t / Prop A) {fitness.min():.3f}"
+            )
     return np.concatenate(seen_t), np.concatenate(seen_var), np.concatenate(seen_z), num_outputs
 
 
@@ -161,7 +195,9 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
         total += t.size
         length, jac = cls.policy.length, cls.policy.jacobian_norm
         kl = np.clip(z[:, -1], 0.0, None) * config.max_kl_coef
-        theorem4 = bounds.theorem4_lower_bound(config.gamma, variance, kl_coef=kl[:, None], length=length, jacobian_norm=jac)
+        theorem4 = bounds.theorem4_lower_bound(
+            config.gamma, variance, kl_coef=kl[:, None], length=length, jacobian_norm=jac
+        )
         prop_a = bounds.proposition_a_lower_bound(config.gamma, variance, length=length, jacobian_norm=jac)
         slope, interval, envelope = _envelope_slope(t, variance, config, rng)
         ratios = {"theorem4": t / theorem4, "sharpened": t / prop_a}
@@ -169,22 +205,37 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
             ratios["prop3"] = t / bounds.proposition3_lower_bound(config.gamma, variance, num_prompts=1)
         finite = np.isfinite(t)
         member, level = np.unravel_index(np.argmin(np.where(finite, ratios["sharpened"], np.inf)), t.shape)
-        logits, rm, timed, lam, _ = _decode(cls, z[member : member + 1], num_outputs, 10.0 ** config.log10_variances[level], config)
+        logits, rm, timed, lam, _ = _decode(
+            cls, z[member : member + 1], num_outputs, 10.0 ** config.log10_variances[level], config
+        )
         attaining[cls.name] = {
-            "logits": jax.tree.map(lambda a: np.asarray(a)[0, 0].tolist(), logits), "rm_rewards": rm[0, 0].tolist(),
-            "timed_rewards": timed[0, 0].tolist(), "kl_coef": float(lam[0]), "gamma": config.gamma,
-            "variance": float(variance[member, level]), "t_gamma": float(t[member, level]),
+            "logits": jax.tree.map(lambda a: np.asarray(a)[0, 0].tolist(), logits),
+            "rm_rewards": rm[0, 0].tolist(),
+            "timed_rewards": timed[0, 0].tolist(),
+            "kl_coef": float(lam[0]),
+            "gamma": config.gamma,
+            "variance": float(variance[member, level]),
+            "t_gamma": float(t[member, level]),
         }
         classes[cls.name] = {
-            "length": length, "jacobian_norm": jac, "evaluated": int(t.size), "feasible_reached": int(finite.sum()),
-            "envelope_slope": slope, "envelope_slope_ci": interval,
+            "length": length,
+            "jacobian_norm": jac,
+            "evaluated": int(t.size),
+            "feasible_reached": int(finite.sum()),
+            "envelope_slope": slope,
+            "envelope_slope_ci": interval,
             "envelope": {f"1e{lv}": float(e) for lv, e in zip(config.log10_variances, envelope)},
             "min_ratio": {k: float(np.min(np.where(finite, r, np.inf))) for k, r in ratios.items()},
             "reaches_minus_third": bool(interval[1] >= -1 / 3 - 0.02),
         }
-        progress(f"{cls.name:18s} envelope slope {slope:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}], "
-                 f"min t/Prop A {fmt(classes[cls.name]['min_ratio']['sharpened'])}")
-    violations = {b: int(sum(c["min_ratio"].get(b, np.inf) < 1 for c in classes.values())) for b in ("theorem4", "prop3", "sharpened")}
+        progress(
+            f"{cls.name:18s} envelope slope {slope:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}], "
+            f"min t/Prop A {fmt(classes[cls.name]['min_ratio']['sharpened'])}"
+        )
+    violations = {
+        b: int(sum(c["min_ratio"].get(b, np.inf) < 1 for c in classes.values()))
+        for b in ("theorem4", "prop3", "sharpened")
+    }
     summary = {"instances": total, "violations": violations, "classes": classes, "config": dataclasses.asdict(config)}
     slopes = [c["envelope_slope"] for c in classes.values()]
     summary["verdict"] = (
@@ -202,11 +253,7 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
 
 
 def _figure(classes, config, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
     levels = 10.0 ** np.asarray(config.log10_variances, float)
     for name, c in classes.items():
@@ -215,13 +262,13 @@ def _figure(classes, config, path: Path):
     anchor = list(ref.values())[0]
     for exponent, style in ((-1 / 3, "k:"), (-1 / 2, "k--")):
         ax.loglog(levels, anchor * (levels / levels[0]) ** exponent, style, label=f"slope {exponent:.3f}")
-    ax.set(xlabel="reward variance Var[r_RM]", ylabel=f"smallest t_gamma found (gamma = {config.gamma})",
-           title="lower envelope of t_gamma, adversarial search")
+    ax.set(
+        xlabel="reward variance Var[r_RM]",
+        ylabel=f"smallest t_gamma found (gamma = {config.gamma})",
+        title="lower envelope of t_gamma, adversarial search",
+    )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _markdown(summary: dict, config: TightnessConfig) -> str:
@@ -237,21 +284,21 @@ def _markdown(summary: dict, config: TightnessConfig) -> str:
     conclusion = (
         "It found none faster than `Var^(-1/2)`: Theorem 4's `Omega(Var^(-1/3))` is not tight on these classes, "
         "and Proposition A's `-1/2` is, up to the constant in the last column."
-        if not third else
-        f"On {', '.join(third)} the envelope is as flat as `Var^(-1/3)`: there Theorem 4's exponent may be attained."
+        if not third
+        else f"On {', '.join(third)} the envelope is as flat as `Var^(-1/3)`: there Theorem 4's exponent may be attained."
     )
     return f"""## Tightness atlas: is the -1/3 exponent attained?
 
-**Verdict:** {summary['instances']} searched instances over {len(summary['classes'])} policy classes and
-{len(config.log10_variances)} variance levels; classes with an instance below a bound: Theorem 4 {v['theorem4']},
-Proposition 3 {v['prop3']}, Proposition A {v['sharpened']}.
+**Verdict:** {summary["instances"]} searched instances over {len(summary["classes"])} policy classes and
+{len(config.log10_variances)} variance levels; classes with an instance below a bound: Theorem 4 {v["theorem4"]},
+Proposition 3 {v["prop3"]}, Proposition A {v["sharpened"]}.
 
 | class | L | J | instances | envelope slope [95% CI] | min t / Thm 4 | min t / Prop 3 | min t / Prop A |
 |---|---|---|---|---|---|---|---|
 {rows}
 
-Classes whose worst case reaches -1/3: {', '.join(third) or 'none'}. Classes that stay at -1/2:
-{', '.join(half) or 'none'}. With `lam = 0` scaling the reward model by `s` rescales time by
+Classes whose worst case reaches -1/3: {", ".join(third) or "none"}. Classes that stay at -1/2:
+{", ".join(half) or "none"}. With `lam = 0` scaling the reward model by `s` rescales time by
 `1/s` for every policy, so along any such path the exponent is exactly -1/2; the search looks
 for instances whose structure changes with the variance. {conclusion} The instances with the
 smallest ratio to Proposition A are in `tightness_instances.json`.

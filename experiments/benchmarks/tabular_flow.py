@@ -26,7 +26,9 @@ from pathlib import Path
 
 # One XLA CPU device per core, so first_passage can run a work queue on each (set before jax).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={os.cpu_count()}".strip()
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={os.cpu_count()}".strip()
+    )
 
 import jax  # noqa: E402
 
@@ -66,12 +68,20 @@ def scipy_per_problem(logits, rewards, start, gamma, rtol, atol, t_max):
 
     out = np.full(len(logits), np.inf)
     for i in range(len(logits)):
+
         def event(t, y, i=i):
             return (_softmax(y) * rewards[i]).sum() - start[i] - gamma[i]
 
         event.terminal, event.direction = True, 1
-        sol = solve_ivp(lambda t, y, i=i: _field(y, rewards[i]), (0.0, t_max), logits[i],
-                        method="DOP853", rtol=rtol, atol=atol, events=event)
+        sol = solve_ivp(
+            lambda t, y, i=i: _field(y, rewards[i]),
+            (0.0, t_max),
+            logits[i],
+            method="DOP853",
+            rtol=rtol,
+            atol=atol,
+            events=event,
+        )
         if len(sol.t_events[0]):
             out[i] = sol.t_events[0][0]
     return out
@@ -81,8 +91,9 @@ def scipy_stacked(logits, rewards, start, gamma, rtol, atol, t_max, bisections=6
     from scipy.integrate import DOP853
 
     n, y = logits.shape
-    solver = DOP853(lambda t, v: _field(v.reshape(n, y), rewards).ravel(), 0.0, logits.ravel(), t_max,
-                    rtol=rtol, atol=atol)
+    solver = DOP853(
+        lambda t, v: _field(v.reshape(n, y), rewards).ravel(), 0.0, logits.ravel(), t_max, rtol=rtol, atol=atol
+    )
     out = np.full(n, np.inf)
     open_ = np.ones(n, bool)
     steps = 0
@@ -122,21 +133,34 @@ def bench_t_gamma(args):
     report = {"problems": args.problems, "outputs": args.outputs, "rtol": args.rtol, "atol": args.atol}
     for name, devices in (("one_device", jax.devices()[:1]), ("all_devices", jax.devices())):
         run = lambda: flow.first_passage(  # noqa: E731
-            logits[:, None], rewards[:, None], gamma[:, None], rtol=args.rtol, atol=args.atol,
-            t_max=args.t_max, devices=devices)
+            logits[:, None],
+            rewards[:, None],
+            gamma[:, None],
+            rtol=args.rtol,
+            atol=args.atol,
+            t_max=args.t_max,
+            devices=devices,
+        )
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         first = time.perf_counter() - t0
         seconds = min(_timed(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
         result = run()
         report[name] = {"devices": len(devices), "seconds": seconds, "compile_seconds": first - seconds}
-        print(f"jaxrm first_passage on {len(devices)} device(s): {seconds:.3f} s for {args.problems} problems "
-              f"(compile {first - seconds:.1f} s)")
+        print(
+            f"jaxrm first_passage on {len(devices)} device(s): {seconds:.3f} s for {args.problems} problems "
+            f"(compile {first - seconds:.1f} s)"
+        )
     t_jax = np.asarray(result.t_gamma)[:, 0]
-    report.update(jax_steps_mean=float(np.mean(result.num_steps)), jax_steps_max=int(np.max(result.num_steps)),
-                  reached=int(np.isfinite(t_jax).sum()))
-    print(f"ODE steps per problem: mean {report['jax_steps_mean']:.1f}, max {report['jax_steps_max']}; "
-          f"{report['reached']} reached")
+    report.update(
+        jax_steps_mean=float(np.mean(result.num_steps)),
+        jax_steps_max=int(np.max(result.num_steps)),
+        reached=int(np.isfinite(t_jax).sum()),
+    )
+    print(
+        f"ODE steps per problem: mean {report['jax_steps_mean']:.1f}, max {report['jax_steps_max']}; "
+        f"{report['reached']} reached"
+    )
 
     k = min(args.scipy_problems, args.problems)
     t0 = time.perf_counter()
@@ -144,7 +168,9 @@ def bench_t_gamma(args):
     per_problem = (time.perf_counter() - t0) * args.problems / k
     m = min(args.stacked_problems, args.problems)
     t0 = time.perf_counter()
-    t_stacked, stacked_steps = scipy_stacked(logits[:m], rewards[:m], start[:m], gamma[:m], args.rtol, args.atol, args.t_max)
+    t_stacked, stacked_steps = scipy_stacked(
+        logits[:m], rewards[:m], start[:m], gamma[:m], args.rtol, args.atol, args.t_max
+    )
     stacked = (time.perf_counter() - t0) * args.problems / m
     best = min(per_problem, stacked)
 
@@ -156,23 +182,36 @@ def bench_t_gamma(args):
         return float(np.max(np.abs(a[both] - b[both]) / np.abs(b[both]), initial=0.0))
 
     report.update(
-        scipy_per_problem_seconds=per_problem, scipy_per_problem_timed=k,
-        scipy_stacked_seconds=stacked, scipy_stacked_steps=stacked_steps, scipy_stacked_timed=m,
-        max_rel_diff_per_problem=diff(t_jax[:k], t_scipy), max_rel_diff_stacked=diff(t_jax[:m], t_stacked),
+        scipy_per_problem_seconds=per_problem,
+        scipy_per_problem_timed=k,
+        scipy_stacked_seconds=stacked,
+        scipy_stacked_steps=stacked_steps,
+        scipy_stacked_timed=m,
+        max_rel_diff_per_problem=diff(t_jax[:k], t_scipy),
+        max_rel_diff_stacked=diff(t_jax[:m], t_stacked),
     )
-    print(f"SciPy DOP853 per problem: {per_problem:.2f} s"
-          + (f" (timed on {k}, scaled)" if k < args.problems else "")
-          + f"; max rel diff to jaxrm {report['max_rel_diff_per_problem']:.1e}")
-    print(f"SciPy DOP853 stacked:     {stacked:.2f} s ({stacked_steps} shared steps"
-          + (f"; timed on {m}, scaled linearly, which favours SciPy" if m < args.problems else "")
-          + f"); max rel diff to jaxrm {report['max_rel_diff_stacked']:.1e}")
+    print(
+        f"SciPy DOP853 per problem: {per_problem:.2f} s"
+        + (f" (timed on {k}, scaled)" if k < args.problems else "")
+        + f"; max rel diff to jaxrm {report['max_rel_diff_per_problem']:.1e}"
+    )
+    print(
+        f"SciPy DOP853 stacked:     {stacked:.2f} s ({stacked_steps} shared steps"
+        + (f"; timed on {m}, scaled linearly, which favours SciPy" if m < args.problems else "")
+        + f"); max rel diff to jaxrm {report['max_rel_diff_stacked']:.1e}"
+    )
     for name in ("one_device", "all_devices"):
         entry = report[name]
-        entry.update(speedup_vs_per_problem=per_problem / entry["seconds"], speedup_vs_stacked=stacked / entry["seconds"],
-                     speedup_vs_best=best / entry["seconds"])
-        print(f"jaxrm on {entry['devices']} device(s) is {entry['speedup_vs_best']:.1f}x faster than the better "
-              f"SciPy way ({entry['speedup_vs_per_problem']:.1f}x per problem, {entry['speedup_vs_stacked']:.1f}x "
-              "stacked; goal >= 20x)")
+        entry.update(
+            speedup_vs_per_problem=per_problem / entry["seconds"],
+            speedup_vs_stacked=stacked / entry["seconds"],
+            speedup_vs_best=best / entry["seconds"],
+        )
+        print(
+            f"jaxrm on {entry['devices']} device(s) is {entry['speedup_vs_best']:.1f}x faster than the better "
+            f"SciPy way ({entry['speedup_vs_per_problem']:.1f}x per problem, {entry['speedup_vs_stacked']:.1f}x "
+            "stacked; goal >= 20x)"
+        )
     return report
 
 
@@ -202,32 +241,46 @@ def bench_ascent(args):
     rewards = jax.device_put(jax.random.uniform(keys[1], (s, y), dtype, -1.0, 1.0), prompts)
     optimizer = optax.sgd(0.1)  # one object: the optimizer is static, a new one recompiles
     run = lambda: flow.exact_gradient_ascent(  # noqa: E731
-        logits, rewards, optimizer=optimizer, num_steps=steps, kl_coef=jnp.asarray(0.05, dtype), track=False)
+        logits, rewards, optimizer=optimizer, num_steps=steps, kl_coef=jnp.asarray(0.05, dtype), track=False
+    )
     jax.block_until_ready(run())
     seconds = min(_timed(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
     array_bytes = s * y * jnp.dtype(dtype).itemsize
     traffic = 4 * array_bytes * steps / seconds  # read logits, rewards, ref log-probs; write logits
     bandwidth = copy_bandwidth(4 * array_bytes)
     report = {
-        "prompts": s, "outputs": y, "dtype": "float32", "steps": steps,
-        "seconds_per_step": seconds / steps, "traffic_bytes_per_s": traffic,
-        "copy_bandwidth_bytes_per_s": bandwidth, "fraction_of_copy_bandwidth": traffic / bandwidth,
+        "prompts": s,
+        "outputs": y,
+        "dtype": "float32",
+        "steps": steps,
+        "seconds_per_step": seconds / steps,
+        "traffic_bytes_per_s": traffic,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "fraction_of_copy_bandwidth": traffic / bandwidth,
     }
-    print(f"exact-gradient ascent S={s} |Y|={y} float32: {1e3 * seconds / steps:.2f} ms/step, "
-          f"{traffic / 1e9:.2f} GB/s of minimal traffic = {100 * traffic / bandwidth:.0f}% of the "
-          f"{bandwidth / 1e9:.2f} GB/s copy bandwidth (goal >= 50%)")
+    print(
+        f"exact-gradient ascent S={s} |Y|={y} float32: {1e3 * seconds / steps:.2f} ms/step, "
+        f"{traffic / 1e9:.2f} GB/s of minimal traffic = {100 * traffic / bandwidth:.0f}% of the "
+        f"{bandwidth / 1e9:.2f} GB/s copy bandwidth (goal >= 50%)"
+    )
     return report
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.tabular_flow", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmarks.tabular_flow", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--problems", type=int, default=4096)
     parser.add_argument("--outputs", type=int, default=64)
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--atol", type=float, default=1e-10)
     parser.add_argument("--t-max", type=float, default=1e9)
-    parser.add_argument("--scipy-problems", type=int, default=4096, help="problems timed one by one in SciPy (scaled up)")
-    parser.add_argument("--stacked-problems", type=int, default=4096, help="problems in SciPy's stacked system (time scaled up)")
+    parser.add_argument(
+        "--scipy-problems", type=int, default=4096, help="problems timed one by one in SciPy (scaled up)"
+    )
+    parser.add_argument(
+        "--stacked-problems", type=int, default=4096, help="problems in SciPy's stacked system (time scaled up)"
+    )
     parser.add_argument("--ascent-prompts", type=int, default=1024)
     parser.add_argument("--ascent-outputs", type=int, default=4096)
     parser.add_argument("--ascent-steps", type=int, default=50)
