@@ -29,6 +29,7 @@ __all__ = [
     "expected_reward",
     "kl",
     "kl_estimate",
+    "normalize_rewards",
     "pearson",
     "probabilities",
     "reward_variance",
@@ -45,8 +46,8 @@ def probabilities(logits, *, where=None):
     """``softmax(logits)`` over the last axis, with ``where=False`` outputs given probability 0.
 
     >>> import jax.numpy as jnp
-    >>> probabilities(jnp.log(jnp.array([1.0, 3.0]))).tolist()
-    [0.25, 0.75]
+    >>> print(probabilities(jnp.log(jnp.array([1.0, 3.0]))).round(6))
+    [0.25 0.75]
     """
     logits = jnp.asarray(logits)
     if where is not None:
@@ -101,6 +102,27 @@ def reward_variance(logits, rewards, *, where=None):
     rewards = _masked(jnp.asarray(rewards), where)
     mean = jnp.sum(probs * rewards, axis=-1, keepdims=True)
     return jnp.sum(probs * jnp.square(rewards - mean), axis=-1)
+
+
+def normalize_rewards(logits, rewards):
+    """Rewards ``[..., S, Y]`` shifted and scaled by one mean and standard deviation over all
+    prompts under the policy (THEORY.md §4, exact form): ``(r - mu) / sigma`` with
+    ``mu = mean_x E_{pi(.|x)}[r]`` and ``sigma^2 = mean_x E_{pi(.|x)}[(r - mu)^2]``.
+
+    Leading axes are independent sets of rewards (e.g. reward models), each normalized alone.
+    The within-prompt variance of the result is what a policy-gradient learner feels.
+
+    >>> import jax.numpy as jnp
+    >>> print(normalize_rewards(jnp.zeros((2, 2)), jnp.array([[0.0, 2.0], [4.0, 6.0]])).round(4))
+    [[-1.3416 -0.4472]
+     [ 0.4472  1.3416]]
+    """
+    _validate_exact(logits, rewards, None)
+    probs = probabilities(logits)
+    rewards = jnp.asarray(rewards)
+    mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
+    std = jnp.sqrt(jnp.mean(jnp.sum(probs * jnp.square(rewards - mean), -1), -1))[..., None, None]
+    return (rewards - mean) / std
 
 
 def sample_reward_variance(rewards, *, ddof=1, where=None):
@@ -216,8 +238,8 @@ def accuracy(rm_rewards, gt_rewards, *, probs=None, where=None):
       ``[...]`` accuracies (NaN for a row with fewer than two valid positions).
 
     >>> import jax.numpy as jnp
-    >>> float(accuracy(jnp.array([0.0, 1.0, 2.0]), jnp.array([0.0, 2.0, 1.0])))  # 2 of 3 pairs
-    0.6666666666666666
+    >>> round(float(accuracy(jnp.array([0.0, 1.0, 2.0]), jnp.array([0.0, 2.0, 1.0]))), 6)  # 2 of 3 pairs
+    0.666667
     """
     rm_rewards, gt_rewards = jnp.asarray(rm_rewards), jnp.asarray(gt_rewards)
     check_same_shape(rm_rewards=rm_rewards, gt_rewards=gt_rewards, probs=probs, where=where)

@@ -46,8 +46,8 @@ class TabularPolicy:
     """``pi(.|x) = softmax(theta[x, :])``: one logit per prompt and whole output.
 
     >>> import jax.numpy as jnp
-    >>> TabularPolicy().log_probs(jnp.zeros((1, 2))).round(4).tolist()
-    [[-0.6931, -0.6931]]
+    >>> print(TabularPolicy().log_probs(jnp.zeros((1, 2))).round(4))
+    [[-0.6931 -0.6931]]
     """
 
     length: ClassVar[int] = 1

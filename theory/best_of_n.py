@@ -78,21 +78,11 @@ def make_models(config: BestOfNConfig):
     if names[0] != "perfect":
         raise ValueError("the grids must contain noise 0 and offset 0 (the perfect reward model).")
     rm = np.stack(models, axis=1)
-    return names, logits, gt, _normalize(logits[:, None], rm)
-
-
-def _normalize(logits, rewards):
-    """One mean and standard deviation per model, over all prompts under the initial policy."""
-    probs = np.asarray(jax.nn.softmax(logits, -1))
-    mean = (probs * rewards).sum(-1).mean(-1)[..., None, None]
-    std = np.sqrt((probs * (rewards - mean) ** 2).sum(-1).mean(-1))[..., None, None]
-    return (rewards - mean) / std
+    return names, logits, gt, np.asarray(metrics.normalize_rewards(np.broadcast_to(logits[:, None], rm.shape), rm))
 
 
 def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = None) -> dict:
-    jax.config.update("jax_enable_x64", True)
-    config = BestOfNConfig() if config is None else config
-    config = config.quick() if quick else config
+    config = BestOfNConfig.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     names, logits, gt, rm = make_models(config)

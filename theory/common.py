@@ -50,6 +50,20 @@ class StudyConfig:
     def __post_init__(self):
         validate_config(self)
 
+    def quick(self):
+        """A smaller run for smoke tests; studies override it."""
+        return self
+
+    @classmethod
+    def resolve(cls, config=None, *, quick=False):
+        """The config a study runs with (defaults, then ``--quick``), with float64 switched on:
+        the exact studies compare against bounds at 1e-6."""
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        config = cls() if config is None else config
+        return config.quick() if quick else config
+
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (studies run without a display)."""

@@ -167,18 +167,8 @@ def make_train(config: ParadoxConfig, features):
     return train
 
 
-def _normalize(logits, rewards):
-    """Global mean and standard deviation of each model's rewards under the initial policy."""
-    probs = jax.nn.softmax(logits, -1)
-    mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
-    std = jnp.sqrt(jnp.mean(jnp.sum(probs * (rewards - mean) ** 2, -1), -1))[..., None, None]
-    return (rewards - mean) / std
-
-
 def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = None) -> dict:
-    jax.config.update("jax_enable_x64", True)
-    config = ParadoxConfig() if config is None else config
-    config = config.quick() if quick else config
+    config = ParadoxConfig.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     features, gt, policy_logits, off_logits = make_world(config)
@@ -199,7 +189,7 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
     off_policy = np.asarray(
         metrics.accuracy(rm, gt_all, probs=jax.nn.softmax(jnp.broadcast_to(off_logits, rm.shape), -1))
     ).mean(-1)
-    normalized = _normalize(logits, rm)
+    normalized = metrics.normalize_rewards(logits, rm)
     variance = np.asarray(metrics.reward_variance(logits, normalized)).mean(-1)
     path = flow.trajectory(logits, normalized, jnp.asarray([0.0, config.pg_time]), eval_rewards=gt_all)
     proxy_gain = np.asarray(path.rm_reward[1] - path.rm_reward[0]).mean(-1)

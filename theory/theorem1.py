@@ -477,9 +477,7 @@ def _interpretation(summary: dict) -> str:
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = None, only_families=None) -> dict:
     """Run the study, write ``theorem1.json``, ``theorem1.md`` and the figure; return the summary."""
-    jax.config.update("jax_enable_x64", True)
-    config = Theorem1Config() if config is None else config
-    config = config.quick() if quick else config
+    config = Theorem1Config.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     families = make_families(config, only_families)

@@ -20,7 +20,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
@@ -118,9 +117,7 @@ def make_teachers(config: Theorem2Config):
 
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = None) -> dict:
-    jax.config.update("jax_enable_x64", True)
-    config = Theorem2Config() if config is None else config
-    config = config.quick() if quick else config
+    config = Theorem2Config.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     t = make_teachers(config)

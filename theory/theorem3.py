@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
@@ -98,9 +97,7 @@ def make_cells(config: Theorem3Config):
 
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = None) -> dict:
-    jax.config.update("jax_enable_x64", True)
-    config = Theorem3Config() if config is None else config
-    config = config.quick() if quick else config
+    config = Theorem3Config.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     cells = make_cells(config)

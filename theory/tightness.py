@@ -183,9 +183,7 @@ def _envelope_slope(t, variance, config, rng):
 
 
 def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = None) -> dict:
-    jax.config.update("jax_enable_x64", True)
-    config = TightnessConfig() if config is None else config
-    config = config.quick() if quick else config
+    config = TightnessConfig.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     rng = np.random.default_rng(config.seed)
