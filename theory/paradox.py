@@ -108,9 +108,9 @@ def sample_datasets(config: ParadoxConfig, gt, policy_logits, off_policy_logits)
             for _ in range(config.seeds):
                 prompt = rng.integers(0, s, size)
                 from_policy = rng.random(size) < share
-                sources = np.where(from_policy[:, None, None], on[prompt][:, None], off[prompt][:, None])
-                first = np.array([rng.choice(y, p=p[0]) for p in sources])
-                second = np.array([rng.choice(y, p=p[0]) for p in sources])
+                cdf = np.cumsum(np.where(from_policy[:, None], on[prompt], off[prompt]), -1)
+                # Inverse-CDF draws, one per pair; min() guards the last bin against rounding.
+                first, second = (np.minimum((cdf < rng.random((size, 1))).sum(-1), y - 1) for _ in range(2))
                 margin = gt[prompt, first] - gt[prompt, second]
                 first_wins = rng.random(size) < 1.0 / (1.0 + np.exp(-config.label_sharpness * margin))
                 chosen, rejected = np.where(first_wins, first, second), np.where(first_wins, second, first)
