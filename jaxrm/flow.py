@@ -367,8 +367,10 @@ def _on_devices(items, num_items, tau_max, devices, options):
     per_device = -(-num_items // num_devices)
     pad = per_device * num_devices - num_items
 
+    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), items)
+
     def run(device):
-        shard = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])[device::num_devices], items)
+        shard = jax.tree.map(lambda x: x[device::num_devices], padded)
         shard, num_valid, limit = jax.device_put(
             (shard, len(range(device, num_items, num_devices)), tau_max), devices[device]
         )
