@@ -42,3 +42,20 @@ def check_same_shape(**arrays) -> None:
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}.")
+
+
+def check_token_ids(name: str, tokens, vocab_size: int) -> None:
+    """Raise ``ValueError`` if a concrete integer array holds ids outside ``[0, vocab_size)``."""
+    dtype = tokens.dtype if hasattr(tokens, "dtype") else np.asarray(tokens).dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {dtype}.")
+    if not is_concrete(tokens):
+        return
+    values = np.asarray(tokens)
+    bad = (values < 0) | (values >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} holds {int(bad.sum())} token id(s) outside the vocabulary [0, {vocab_size}) "
+            f"(first at index {where}: {values[where]})."
+        )

@@ -1,0 +1,164 @@
+"""Transformer configurations: the GPT-NeoX layout of the Pythia family, as frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and numerics of a decoder-only GPT-NeoX transformer.
+
+    ``rotary_pct`` is the fraction of each head's dimensions that carry rotary position
+    embeddings (Pythia: 0.25); ``parallel_residual`` adds attention and MLP outputs to the same
+    residual, ``x + attn(ln1(x)) + mlp(ln2(x))`` (Pythia), instead of applying them in turn.
+    ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype; attention logits and
+    softmax always run in float32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    max_position: int = 2048
+    layer_norm_eps: float = 1e-5
+    parallel_residual: bool = True
+    attention_bias: bool = True
+    activation: str = "gelu"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}."
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"TransformerConfig.rotary_pct must lie in [0, 1], got {self.rotary_pct!r}.")
+        if self.rotary_dim % 2:
+            raise ValueError(
+                f"TransformerConfig: rotary_pct={self.rotary_pct} of head_dim={self.head_dim} gives an odd "
+                f"rotary dimension {self.rotary_dim}; it must be even."
+            )
+        if not (self.rotary_base > 0 and self.layer_norm_eps > 0):
+            raise ValueError("TransformerConfig.rotary_base and layer_norm_eps must be positive.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"TransformerConfig.activation={self.activation!r} is not one of {list(ACTIVATIONS)}.")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"TransformerConfig.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        # int() truncation as GPT-NeoX does, so checkpoints keep their exact rotary width.
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def num_params(self, *, reward_head: bool = False) -> int:
+        """Parameter count of the causal LM (or of the reward model with ``reward_head=True``)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attention = d * 3 * d + d * d + (4 * d if self.attention_bias else 0)
+        mlp = 2 * d * f + f + d
+        layer = attention + mlp + 4 * d
+        head = d if reward_head else d * v
+        return v * d + self.num_layers * layer + 2 * d + head
+
+    def replace(self, **changes) -> TransformerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides) -> TransformerConfig:
+        """Read a Hugging Face ``config.json`` of a GPT-NeoX model (Pythia), old or new key names."""
+        model_type = hf.get("model_type")
+        if model_type != "gpt_neox":
+            raise ValueError(
+                f"only GPT-NeoX (Pythia) checkpoints are supported; config.json has model_type={model_type!r}."
+            )
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rotary scaling {rope_type!r} is not supported (only plain rotary embeddings).")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            rotary_pct=float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))),
+            rotary_base=float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
+            max_position=hf.get("max_position_embeddings", 2048),
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            attention_bias=bool(hf.get("attention_bias", True)),
+            activation=hf.get("hidden_act", "gelu"),
+        )
+        if hf.get("tie_word_embeddings", False):
+            raise ValueError("tied input/output embeddings are not part of the GPT-NeoX layout supported here.")
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _pythia(hidden: int, layers: int, heads: int, vocab: int = 50304) -> TransformerConfig:
+    return TransformerConfig(
+        vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=4 * hidden
+    )
+
+
+PRESETS: dict[str, TransformerConfig] = {
+    # tiny: tests; pythia-10m: a ~9M-parameter Pythia-shaped model with an 8k vocabulary for CPU studies.
+    "tiny": _pythia(32, 2, 4, vocab=97),
+    "pythia-10m": _pythia(256, 6, 4, vocab=8192),
+    "pythia-14m": _pythia(128, 6, 4),
+    "pythia-70m": _pythia(512, 6, 8),
+    "pythia-160m": _pythia(768, 12, 12),
+    "pythia-410m": _pythia(1024, 24, 16),
+    "pythia-1b": _pythia(2048, 16, 8),
+    "pythia-1.4b": _pythia(2048, 24, 16),
+    "pythia-2.8b": _pythia(2560, 32, 32),
+}
+
+
+def preset(name: str, **overrides) -> TransformerConfig:
+    """A named configuration (see ``PRESETS``), optionally with some fields replaced.
+
+    >>> preset("pythia-70m").num_params()
+    70426624
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {list(PRESETS)}.")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,232 @@
+"""Batched autoregressive sampling with a KV cache, as one compiled program.
+
+Prompts are left-padded ``[batch, prompt_len]`` token ids with a boolean mask, so every row's
+next token goes to the same cache slot. Generation runs in a ``lax.while_loop`` that stops when
+every row has emitted EOS or ``max_new_tokens`` are drawn; finished rows are padded.
+
+The sampling distribution at each step is ``softmax(filter(logits / temperature))`` where the
+filter keeps the ``top_k`` largest logits, then the smallest set of those whose probabilities sum
+to at least ``top_p`` (nucleus), in that order, as Hugging Face does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrm._checks import check_token_ids, is_concrete
+from jaxrm.models.transformer import CausalLM, KVCache, default_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How to draw tokens.
+
+    ``temperature=0`` is greedy decoding; its log-probs are then those of the unscaled softmax
+    (after the top-k/top-p filters). ``top_k=0`` and ``top_p=1`` switch the filters off.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}.")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}.")
+
+
+@flax.struct.dataclass
+class Samples:
+    """Generated continuations, all ``[batch, max_new_tokens]``.
+
+    ``mask`` is True for generated tokens up to and including EOS; ``tokens`` hold ``pad_id`` and
+    ``log_probs`` hold 0 where it is False.
+    """
+
+    tokens: jax.Array
+    log_probs: jax.Array
+    mask: jax.Array
+
+
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """``logits / temperature`` with tokens outside the top-k / top-p set at ``-inf`` (last axis = vocab).
+
+    Ties at the cut-off are kept. ``temperature=0`` scales by 1.
+
+    >>> filter_logits(jnp.log(jnp.array([0.5, 0.3, 0.2])), top_p=0.7).tolist()[2]
+    -inf
+    """
+    scaled = logits / temperature if temperature > 0 else logits
+    vocab = logits.shape[-1]
+    if (top_k == 0 or top_k >= vocab) and top_p >= 1:
+        return scaled
+    if 0 < top_k < vocab:
+        ranked = jax.lax.top_k(scaled, top_k)[0]
+    else:
+        ranked = -jnp.sort(-scaled, axis=-1)
+    if top_p < 1:
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+    else:
+        kept = jnp.full(ranked.shape[:-1] + (1,), ranked.shape[-1])
+    threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def token_log_probs(logits: jax.Array, tokens: jax.Array, **filters) -> jax.Array:
+    """Log-probabilities of ``tokens`` under ``softmax(filter_logits(logits, **filters))``.
+
+    ``logits`` is ``[..., vocab]`` and ``tokens`` is ``[...]``.
+    """
+    log_probs = jax.nn.log_softmax(filter_logits(logits, **filters), axis=-1)
+    return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+
+
+def _draw(key, logits, options: SamplingOptions):
+    filtered = filter_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+    if options.temperature == 0:
+        tokens = jnp.argmax(filtered, axis=-1)
+    else:
+        tokens = jax.random.categorical(key, filtered, axis=-1)
+    log_probs = jax.nn.log_softmax(filtered, axis=-1)
+    return tokens.astype(jnp.int32), jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
+def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
+    """A pure ``sample(state, prompt_tokens, prompt_mask, key) -> Samples`` for one model graph.
+
+    Wrap it in ``jax.jit`` (or call it inside a jitted training step); nothing in it is Python
+    side-effecting, so one program serves every call with the same shapes.
+    """
+
+    def sample(state, prompt_tokens, prompt_mask, key) -> Samples:
+        model: CausalLM = nnx.merge(graphdef, state)
+        batch, prompt_len = prompt_tokens.shape
+        steps = options.max_new_tokens
+        prompt_mask = prompt_mask.astype(bool)
+        cache = KVCache.empty(model.config, batch, prompt_len + steps)
+        positions = default_positions(prompt_mask)
+        logits, cache = model.decode(prompt_tokens, prompt_mask, positions=positions, cache=cache)
+        next_position = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
+        token, log_prob = _draw(jax.random.fold_in(key, 0), logits[:, -1], options)
+
+        tokens = jnp.full((batch, steps), options.pad_id, jnp.int32).at[:, 0].set(token)
+        log_probs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(log_prob)
+        mask = jnp.zeros((batch, steps), bool).at[:, 0].set(True)
+        done = _finished(token, options)
+
+        def unfinished(carry):
+            step, *_, done = carry
+            return (step < steps) & ~jnp.all(done)
+
+        def generate_one(carry):
+            step, cache, position, tokens, log_probs, mask, done = carry
+            previous = tokens[:, step - 1]
+            logits, cache = model.decode(
+                previous[:, None], mask[:, step - 1, None], positions=position[:, None], cache=cache
+            )
+            token, log_prob = _draw(jax.random.fold_in(key, step), logits[:, 0], options)
+            live = ~done
+            tokens = tokens.at[:, step].set(jnp.where(live, token, options.pad_id))
+            log_probs = log_probs.at[:, step].set(jnp.where(live, log_prob, 0.0))
+            mask = mask.at[:, step].set(live)
+            done = done | (live & _finished(token, options))
+            return step + 1, cache, position + 1, tokens, log_probs, mask, done
+
+        carry = (jnp.int32(1), cache, next_position, tokens, log_probs, mask, done)
+        _, _, _, tokens, log_probs, mask, _ = jax.lax.while_loop(unfinished, generate_one, carry)
+        return Samples(tokens=tokens, log_probs=log_probs, mask=mask)
+
+    return sample
+
+
+def _finished(token, options: SamplingOptions):
+    if options.eos_id is None:
+        return jnp.zeros(token.shape, bool)
+    return token == options.eos_id
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_sampler(graphdef, options: SamplingOptions):
+    return jax.jit(make_sampler(graphdef, options))
+
+
+def check_prompts(prompt_tokens, prompt_mask, vocab_size: int) -> None:
+    """Clear errors for prompts a sampler cannot use (concrete inputs only)."""
+    if np.ndim(prompt_tokens) != 2 or np.shape(prompt_tokens) != np.shape(prompt_mask):
+        raise ValueError(
+            f"prompt_tokens {np.shape(prompt_tokens)} and prompt_mask {np.shape(prompt_mask)} must both be "
+            "[batch, prompt_len]."
+        )
+    check_token_ids("prompt_tokens", prompt_tokens, vocab_size)
+    if not is_concrete(prompt_mask):
+        return
+    mask = np.asarray(prompt_mask).astype(bool)
+    if not mask.any(axis=1).all():
+        raise ValueError(f"prompt rows {np.flatnonzero(~mask.any(axis=1)).tolist()[:8]} are empty (all padding).")
+    if (mask[:, :-1] & ~mask[:, 1:]).any():
+        raise ValueError("prompts must be left-padded (padding before the tokens); see jaxrm.models.pad_sequences.")
+
+
+def sample(model: CausalLM, prompt_tokens, prompt_mask, key, **options) -> Samples:
+    """Sample continuations of left-padded prompts (see :class:`SamplingOptions` for ``options``).
+
+    One compiled program per (model graph, options, prompt shape); the model's parameters are
+    an input, so training them does not recompile.
+    """
+    check_prompts(prompt_tokens, prompt_mask, model.config.vocab_size)
+    graphdef, state = nnx.split(model)
+    return _compiled_sampler(graphdef, SamplingOptions(**options))(
+        state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key
+    )
+
+
+def pad_sequences(sequences, *, length: int | None = None, side: str = "left", pad_id: int = 0):
+    """Pack token lists into ``(tokens [n, length], mask [n, length])`` padded on ``side``.
+
+    >>> tokens, mask = pad_sequences([[5, 6], [7]])
+    >>> tokens.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[True, True], [False, True]])
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r} is not one of ['left', 'right'].")
+    longest = max((len(s) for s in sequences), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a sequence has {longest} tokens, more than length={length}.")
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), bool)
+    for row, sequence in enumerate(sequences):
+        span = slice(length - len(sequence), length) if side == "left" else slice(0, len(sequence))
+        tokens[row, span] = sequence
+        mask[row, span] = True
+    return tokens, mask
+
+
+def sequence_log_probs(model: CausalLM, prompt_tokens, prompt_mask, samples: Samples, **filters) -> jax.Array:
+    """Per-token log-probs ``[batch, max_new_tokens]`` of ``samples`` recomputed by a plain forward pass.
+
+    ``filters`` are the sampling options that shape the distribution (temperature, top_k, top_p);
+    positions outside ``samples.mask`` are 0.
+    """
+    tokens = jnp.concatenate([prompt_tokens, samples.tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(bool), samples.mask], axis=1)
+    prompt_len = prompt_tokens.shape[1]
+    logits = model(tokens, mask)[:, prompt_len - 1 : -1]
+    return jnp.where(samples.mask, token_log_probs(logits, samples.tokens, **filters), 0.0)

@@ -1,0 +1,274 @@
+"""A decoder-only GPT-NeoX transformer (the Pythia layout) in flax.nnx.
+
+Submodules carry the Hugging Face names (``embed_in``, ``layers[i].attention.query_key_value``,
+``mlp.dense_h_to_4h``, ``final_layer_norm``, ``embed_out``, ``score``) so that checkpoints map one
+to one. Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``,
+``norm``) in its ``out_sharding`` metadata; :mod:`jaxrm.sharding` maps them onto a mesh.
+
+Sequences are ``[batch, time]`` token ids with a boolean ``mask`` (``True`` = real token); padding
+may be on the left or the right. Position ids default to ``cumsum(mask) - 1``, so a left-padded
+prompt sees the same positions as the unpadded one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrm.models.config import TransformerConfig
+
+
+def _param_metadata(*axes: str | None) -> dict:
+    # Logical names only: variables are placed on a mesh later, by jaxrm.sharding, not at creation.
+    return {"out_sharding": axes, "eager_sharding": False}
+
+
+def _linear(config: TransformerConfig, features_in, features_out, axes, *, rngs, bias=True) -> nnx.Linear:
+    return nnx.Linear(
+        features_in,
+        features_out,
+        use_bias=bias,
+        dtype=config.compute_dtype,
+        param_dtype=config.storage_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=_param_metadata(*axes),
+        bias_metadata=_param_metadata(axes[1]),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(config: TransformerConfig, *, rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        dtype=config.compute_dtype,
+        param_dtype=config.storage_dtype,
+        use_fast_variance=False,
+        scale_metadata=_param_metadata("norm"),
+        bias_metadata=_param_metadata("norm"),
+        rngs=rngs,
+    )
+
+
+_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for ``length`` slots, filled up to ``index``.
+
+    ``keys[l]`` and ``values[l]`` are ``[batch, length, heads, head_dim]``; ``valid[b, s]`` says
+    whether slot ``s`` holds a real token (padding slots are never attended to).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, config: TransformerConfig, batch: int, length: int) -> KVCache:
+        shape = (batch, length, config.num_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+        return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+def default_positions(mask: jax.Array) -> jax.Array:
+    """Position ids ``cumsum(mask) - 1`` (clipped at 0): padding does not shift positions."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _rotate(x: jax.Array, positions: jax.Array, config: TransformerConfig) -> jax.Array:
+    """Rotary embedding on the first ``rotary_dim`` features of each head (GPT-NeoX half-split form)."""
+    dim = config.rotary_dim
+    if dim == 0:
+        return x
+    inv_freq = 1.0 / (config.rotary_base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, dim/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :].astype(x.dtype)
+    rotary, passthrough = x[..., :dim], x[..., dim:]
+    first, second = rotary[..., : dim // 2], rotary[..., dim // 2 :]
+    rotated = rotary * cos + jnp.concatenate([-second, first], -1) * sin
+    return jnp.concatenate([rotated, passthrough], -1)
+
+
+def _attend(query, keys, values, *, query_slots, key_valid, scale):
+    """Causal attention of queries at ``query_slots`` over keys at slots ``0..S-1``.
+
+    A key is visible when it is a real token and its slot is not after the query's slot. Masked
+    scores use the most negative float rather than -inf, so an all-padding row stays finite.
+    """
+    scores = jnp.einsum("bthd,bshd->bhts", query, keys, preferred_element_type=jnp.float32) * scale
+    key_slots = jnp.arange(keys.shape[1])
+    visible = key_valid[:, None, None, :] & (key_slots[None, None, None, :] <= query_slots[None, None, :, None])
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bhts,bshd->bthd", weights, values)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d = config.hidden_size
+        self.query_key_value = _linear(config, d, 3 * d, ("embed", "heads"), rngs=rngs, bias=config.attention_bias)
+        self.dense = _linear(config, d, d, ("heads", "embed"), rngs=rngs, bias=config.attention_bias)
+
+    def __call__(self, x, *, positions, mask, layer_cache=None, cache_index=None):
+        config = self.config
+        batch, time, _ = x.shape
+        # The fused projection is laid out per head as [q | k | v], as in GPT-NeoX.
+        qkv = self.query_key_value(x).reshape(batch, time, config.num_heads, 3 * config.head_dim)
+        query, key, value = jnp.split(qkv, 3, axis=-1)
+        query, key = _rotate(query, positions, config), _rotate(key, positions, config)
+        if layer_cache is None:
+            keys, values, query_slots = key, value, jnp.arange(time)
+        else:
+            cached_keys, cached_values = layer_cache
+            start = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), start)
+            query_slots = cache_index + jnp.arange(time)
+        out = _attend(query, keys, values, query_slots=query_slots, key_valid=mask, scale=config.head_dim**-0.5)
+        return self.dense(out.reshape(batch, time, -1)), (keys, values)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.dense_h_to_4h = _linear(config, d, f, ("embed", "mlp"), rngs=rngs)
+        self.dense_4h_to_h = _linear(config, f, d, ("mlp", "embed"), rngs=rngs)
+        self.activation = config.activation
+
+    def __call__(self, x):
+        return self.dense_4h_to_h(_ACTIVATIONS[self.activation](self.dense_h_to_4h(x)))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = _layer_norm(config, rngs=rngs)
+        self.post_attention_layernorm = _layer_norm(config, rngs=rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, **attention_kwargs):
+        attended, layer_cache = self.attention(self.input_layernorm(x), **attention_kwargs)
+        if self.parallel_residual:
+            return x + attended + self.mlp(self.post_attention_layernorm(x)), layer_cache
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
+
+
+class Transformer(nnx.Module):
+    """The trunk: token embedding, ``num_layers`` blocks, final LayerNorm -> hidden states."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_in = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=config.compute_dtype,
+            param_dtype=config.storage_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=_param_metadata("vocab", "embed"),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_layer_norm = _layer_norm(config, rngs=rngs)
+
+    def __call__(self, tokens, mask=None, *, positions=None, cache: KVCache | None = None):
+        """Hidden states ``[batch, time, hidden]`` (and the updated cache when one is given).
+
+        With a cache, ``tokens`` fill slots ``cache.index .. cache.index + time`` and attend to
+        every earlier valid slot; ``mask`` then marks which of the new tokens are real.
+        """
+        mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("pass positions explicitly when decoding with a cache.")
+            positions = default_positions(mask)
+        x = self.embed_in(tokens)
+        if cache is None:
+            for block in self.layers:
+                x, _ = block(x, positions=positions, mask=mask)
+            return self.final_layer_norm(x)
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+        keys, values = [], []
+        for block, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values):
+            x, (k, v) = block(
+                x, positions=positions, mask=valid, layer_cache=(layer_keys, layer_values), cache_index=cache.index
+            )
+            keys.append(k)
+            values.append(v)
+        new_cache = KVCache(tuple(keys), tuple(values), valid, cache.index + tokens.shape[1])
+        return self.final_layer_norm(x), new_cache
+
+
+class CausalLM(nnx.Module):
+    """GPT-NeoX causal language model: the trunk plus an untied unembedding ``embed_out``."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.trunk = Transformer(config, rngs=rngs)
+        self.embed_out = _linear(
+            config, config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs, bias=False
+        )
+
+    def __call__(self, tokens, mask=None, *, positions=None):
+        """Next-token logits ``[batch, time, vocab]`` (float32) for every position."""
+        return self.embed_out(self.trunk(tokens, mask, positions=positions)).astype(jnp.float32)
+
+    def decode(self, tokens, mask, *, positions, cache: KVCache):
+        """Logits of ``tokens`` written into ``cache`` at ``cache.index``; returns ``(logits, cache)``."""
+        hidden, cache = self.trunk(tokens, mask, positions=positions, cache=cache)
+        return self.embed_out(hidden).astype(jnp.float32), cache
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """Index of the last real token of each row (left or right padding); 0 for an all-padding row."""
+    slots = jnp.arange(mask.shape[-1])
+    return jnp.max(jnp.where(mask.astype(bool), slots, 0), axis=-1)
+
+
+class RewardModel(nnx.Module):
+    """The trunk plus a scalar head ``score`` read at the last real token of each sequence.
+
+    This is Hugging Face's ``GPTNeoXForSequenceClassification`` with one label. The head starts at
+    zero, so a reward model initialised from a language model first scores every response 0.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.trunk = Transformer(config, rngs=rngs)
+        self.score = nnx.Linear(
+            config.hidden_size,
+            1,
+            use_bias=False,
+            dtype=config.compute_dtype,
+            param_dtype=config.storage_dtype,
+            kernel_init=nnx.initializers.zeros,
+            kernel_metadata=_param_metadata("embed", None),
+            rngs=rngs,
+        )
+
+    def __call__(self, tokens, mask=None, *, positions=None):
+        """Rewards ``[batch]`` (float32) of whole sequences."""
+        mask = jnp.ones(tokens.shape, bool) if mask is None else mask
+        hidden = self.trunk(tokens, mask, positions=positions)
+        last = jnp.take_along_axis(hidden, last_token_index(mask)[:, None, None], axis=1)[:, 0]
+        return self.score(last)[:, 0].astype(jnp.float32)

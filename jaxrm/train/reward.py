@@ -1,0 +1,290 @@
+"""Bradley-Terry reward-model training on preference pairs.
+
+The loss (THEORY.md §4, as TRL's ``center_rewards_coefficient``) for rewards ``r_c`` of chosen
+and ``r_r`` of rejected responses is
+
+    L = mean(-log sigmoid(r_c - r_r)) + centering * mean((r_c + r_r)^2),
+
+the second term pulling the reward scale towards zero mean without changing the preferences.
+The whole run is one compiled ``while_loop`` over optimizer steps; Python only calls it between
+checkpoint and evaluation steps, so the program compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrm._checks import check_token_ids
+from jaxrm.checkpoint import save_model
+from jaxrm.models.sampling import pad_sequences
+from jaxrm.models.transformer import RewardModel
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, *, centering: float = 0.0):
+    """``mean(-log sigmoid(r_c - r_r)) + centering * mean((r_c + r_r)^2)`` over pairs.
+
+    >>> float(bradley_terry_loss(jnp.array([0.0]), jnp.array([0.0])))  # log 2
+    0.6931...
+    """
+    margin = chosen_rewards - rejected_rewards
+    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
+    if centering:
+        loss = loss + centering * jnp.mean((chosen_rewards + rejected_rewards) ** 2)
+    return loss
+
+
+def pairwise_accuracy(chosen_rewards, rejected_rewards):
+    """Fraction of pairs with ``r_c > r_r`` (a tie disagrees with a strict preference)."""
+    return jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32))
+
+
+@flax.struct.dataclass
+class PreferencePairs:
+    """``n`` preference pairs: a left-padded prompt and two right-padded responses each.
+
+    Arrays: ``prompt``/``prompt_mask`` ``[n, P]``, ``chosen``/``chosen_mask`` and
+    ``rejected``/``rejected_mask`` ``[n, R]``. Build from token lists with :meth:`from_lists`.
+    """
+
+    prompt: jax.Array
+    prompt_mask: jax.Array
+    chosen: jax.Array
+    chosen_mask: jax.Array
+    rejected: jax.Array
+    rejected_mask: jax.Array
+
+    @classmethod
+    def from_lists(cls, prompts, chosen, rejected, *, pad_id: int = 0) -> PreferencePairs:
+        if not len(prompts) == len(chosen) == len(rejected):
+            raise ValueError(
+                f"mismatched pair lists: {len(prompts)} prompts, {len(chosen)} chosen, {len(rejected)} rejected."
+            )
+        width = max((len(r) for r in (*chosen, *rejected)), default=0)
+        prompt, prompt_mask = pad_sequences(prompts, side="left", pad_id=pad_id)
+        chosen, chosen_mask = pad_sequences(chosen, length=width, side="right", pad_id=pad_id)
+        rejected, rejected_mask = pad_sequences(rejected, length=width, side="right", pad_id=pad_id)
+        return cls(prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask)
+
+    def __len__(self) -> int:
+        return self.prompt.shape[0]
+
+    def validate(self, vocab_size: int) -> None:
+        """Clear errors for pairs that cannot be trained on (mismatched shapes, empty, out of vocabulary)."""
+        n = len(self)
+        for name in ("prompt", "chosen", "rejected"):
+            tokens, mask = getattr(self, name), getattr(self, f"{name}_mask")
+            if np.ndim(tokens) != 2 or np.shape(tokens) != np.shape(mask) or np.shape(tokens)[0] != n:
+                raise ValueError(
+                    f"mismatched pairs: {name} {np.shape(tokens)} and {name}_mask {np.shape(mask)} must both be "
+                    f"[{n}, length] like prompt {np.shape(self.prompt)}."
+                )
+            check_token_ids(name, tokens, vocab_size)
+            empty = ~np.asarray(mask).astype(bool).any(axis=1)
+            if empty.any():
+                what = "prompts" if name == "prompt" else f"{name} responses"
+                raise ValueError(
+                    f"{int(empty.sum())} empty {what} (all padding), first at pair {int(np.argmax(empty))}."
+                )
+
+    def sequences(self, which: str):
+        """``(tokens, mask)`` of prompt + ``which`` response (``"chosen"`` or ``"rejected"``)."""
+        tokens = jnp.concatenate([self.prompt, getattr(self, which)], axis=1)
+        mask = jnp.concatenate([self.prompt_mask, getattr(self, f"{which}_mask")], axis=1).astype(bool)
+        return tokens, mask
+
+
+def pair_rewards(model: RewardModel, pairs: PreferencePairs):
+    """Rewards ``(r_chosen, r_rejected)`` of every pair, in one forward pass over ``2n`` sequences."""
+    chosen, chosen_mask = pairs.sequences("chosen")
+    rejected, rejected_mask = pairs.sequences("rejected")
+    rewards = model(jnp.concatenate([chosen, rejected]), jnp.concatenate([chosen_mask, rejected_mask]))
+    return jnp.split(rewards, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTrainConfig:
+    """Bradley-Terry training hyperparameters (defaults: THEORY.md §4 except the learning rate)."""
+
+    learning_rate: float = 1e-5
+    batch_size: int = 32
+    epochs: int = 1
+    centering: float = 0.01
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RewardTrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("learning_rate", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RewardTrainConfig.{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("centering", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RewardTrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+
+    def optimizer(self) -> optax.GradientTransformation:
+        schedule = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps) if self.warmup_steps else None
+        return optax.chain(
+            optax.clip_by_global_norm(self.max_grad_norm),
+            optax.adamw(schedule or self.learning_rate, weight_decay=self.weight_decay),
+        )
+
+
+def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig, pairs: PreferencePairs):
+    """Pure ``run(params, opt_state, order, start, stop, history) -> (params, opt_state, history)``.
+
+    ``order[step]`` holds the pair indices of optimizer step ``step``; steps ``start..stop-1`` run
+    (a ``fori_loop``, so one compiled program serves every ``start``/``stop``) and write their
+    loss and batch accuracy into ``history``, a ``[2, num_steps]`` array.
+    """
+    optimizer = config.optimizer()
+
+    def loss_fn(params, batch):
+        chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
+        return bradley_terry_loss(chosen, rejected, centering=config.centering), pairwise_accuracy(chosen, rejected)
+
+    def run(params, opt_state, order, start, stop, history):
+        def one_step(step, carry):
+            params, opt_state, history = carry
+            batch = jax.tree.map(lambda a: a[order[step]], pairs)
+            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, opt_state, history.at[:, step].set(jnp.stack([loss, accuracy]))
+
+        return jax.lax.fori_loop(start, stop, one_step, (params, opt_state, history))
+
+    return run, optimizer
+
+
+def evaluate_reward_model(model: RewardModel, pairs: PreferencePairs, *, batch_size: int = 64) -> dict:
+    """Pairwise accuracy, Bradley-Terry loss and mean reward margin over ``pairs``."""
+    pairs.validate(model.config.vocab_size)
+    graphdef, params = nnx.split(model)
+    rewards = _batched_rewards(graphdef, params, pairs, batch_size)
+    chosen, rejected = jnp.asarray(rewards[0]), jnp.asarray(rewards[1])
+    return {
+        "accuracy": float(pairwise_accuracy(chosen, rejected)),
+        "loss": float(bradley_terry_loss(chosen, rejected)),
+        "margin": float(jnp.mean(chosen - rejected)),
+    }
+
+
+def _batched_rewards(graphdef, params, pairs: PreferencePairs, batch_size: int) -> np.ndarray:
+    forward = _compiled_pair_rewards(graphdef)
+    n = len(pairs)
+    padded = -(-n // batch_size) * batch_size
+    # Pad with copies of the first pair so every batch has one shape (one compiled program).
+    index = np.concatenate([np.arange(n), np.zeros(padded - n, int)])
+    chunks = [
+        forward(params, jax.tree.map(lambda a: a[index[i : i + batch_size]], pairs))
+        for i in range(0, padded, batch_size)
+    ]
+    return np.concatenate([np.stack([np.asarray(c), np.asarray(r)]) for c, r in chunks], axis=1)[:, :n]
+
+
+_PAIR_REWARD_PROGRAMS: dict = {}
+
+
+def _compiled_pair_rewards(graphdef):
+    if graphdef not in _PAIR_REWARD_PROGRAMS:
+        _PAIR_REWARD_PROGRAMS[graphdef] = jax.jit(
+            lambda params, batch: pair_rewards(nnx.merge(graphdef, params), batch)
+        )
+    return _PAIR_REWARD_PROGRAMS[graphdef]
+
+
+@dataclasses.dataclass
+class RewardTrainResult:
+    model: RewardModel
+    losses: np.ndarray
+    accuracies: np.ndarray
+    evaluations: list[dict]
+    checkpoints: list[Path]
+
+
+def train_reward_model(
+    model: RewardModel,
+    pairs: PreferencePairs,
+    config: RewardTrainConfig = RewardTrainConfig(),
+    *,
+    eval_pairs: PreferencePairs | None = None,
+    eval_steps: tuple[int, ...] = (),
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_steps: tuple[int, ...] = (),
+    log: Callable[[str], None] | None = print,
+) -> RewardTrainResult:
+    """Train ``model`` by Bradley-Terry on ``pairs`` for ``config.epochs`` epochs (``model`` is updated).
+
+    Each epoch visits the pairs in a fresh random order in batches of ``config.batch_size``; a
+    last incomplete batch is dropped. ``eval_steps`` and ``checkpoint_steps`` are optimizer-step
+    counts (0 = before training); at each, ``eval_pairs`` are scored and/or the model is saved to
+    ``checkpoint_dir/step_{step:06d}`` (with the evaluation in its metadata).
+    """
+    vocab = model.config.vocab_size
+    pairs.validate(vocab)
+    if eval_pairs is not None:
+        eval_pairs.validate(vocab)
+    steps_per_epoch = len(pairs) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {config.batch_size}.")
+    num_steps = steps_per_epoch * config.epochs
+    stops = sorted({*eval_steps, *checkpoint_steps, num_steps})
+    if stops[0] < 0 or stops[-1] > num_steps:
+        raise ValueError(f"eval/checkpoint steps must lie in [0, {num_steps}], got {stops}.")
+    if checkpoint_steps and checkpoint_dir is None:
+        raise ValueError("checkpoint_steps need a checkpoint_dir.")
+    if eval_steps and eval_pairs is None:
+        raise ValueError("eval_steps need eval_pairs.")
+    if checkpoint_dir is not None:
+        taken = [s for s in checkpoint_steps if (Path(checkpoint_dir) / f"step_{s:06d}").exists()]
+        if taken:
+            raise FileExistsError(f"{checkpoint_dir} already holds checkpoints for steps {taken}.")
+
+    rng = np.random.default_rng(config.seed)
+    order = np.concatenate(
+        [rng.permutation(len(pairs))[: steps_per_epoch * config.batch_size] for _ in range(config.epochs)]
+    ).reshape(num_steps, config.batch_size)
+    pairs = jax.tree.map(jnp.asarray, pairs)
+    graphdef, params = nnx.split(model)
+    run, optimizer = make_reward_train(graphdef, config, pairs)
+    run = jax.jit(run)
+    opt_state = optimizer.init(params)
+    history = jnp.zeros((2, num_steps), jnp.float32)
+    evaluations, checkpoints = [], []
+    done, started = 0, time.perf_counter()
+    for stop in sorted({0, *stops}):
+        if stop > done:
+            params, opt_state, history = run(params, opt_state, jnp.asarray(order), done, stop, history)
+            done = stop
+        record = {"step": done}
+        if done in eval_steps:
+            nnx.update(model, params)
+            record.update(evaluate_reward_model(model, eval_pairs))
+            evaluations.append(record)
+        if done in checkpoint_steps:
+            nnx.update(model, params)
+            checkpoints.append(save_model(model, Path(checkpoint_dir) / f"step_{done:06d}", metadata=record))
+        if log is not None and done > 0:
+            recent = np.asarray(history[:, max(0, done - steps_per_epoch) : done]).mean(axis=1)
+            extra = f" eval accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+            log(
+                f"reward model step {done}/{num_steps}: loss {recent[0]:.4f} batch accuracy {recent[1]:.3f}"
+                f"{extra} ({time.perf_counter() - started:.1f} s)"
+            )
+    nnx.update(model, params)
+    history = np.asarray(history)
+    return RewardTrainResult(model, history[0], history[1], evaluations, checkpoints)

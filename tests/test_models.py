@@ -1,0 +1,177 @@
+"""jaxrm.models: the GPT-NeoX architecture against Hugging Face, checkpoints, and sharding."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import save_file
+
+from jaxrm.checkpoint import load_model, read_metadata, save_model
+from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset
+from jaxrm.models.hf import load_hf, read_safetensors
+from jaxrm.sharding import make_mesh, param_shardings, shard_batch, shard_model
+
+# Rows: no padding, left padding, right padding, padding on both sides.
+TOKENS = np.array([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14], [15, 16, 17, 0, 0, 0], [0, 18, 19, 20, 21, 0]])
+MASK = TOKENS > 0
+
+
+def _hf_config(**changes):
+    values = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        rotary_pct=0.5,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    values.update(changes)
+    return transformers.GPTNeoXConfig(**values)
+
+
+def _randomize(model):
+    # HF zero-initialises biases and sets LayerNorms to identity; random values test their mapping too.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["parallel-residual", "sequential-residual"])
+def hf_causal_lm(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = _randomize(transformers.GPTNeoXForCausalLM(_hf_config(use_parallel_residual=request.param)))
+    directory = tmp_path_factory.mktemp("hf_lm")
+    model.save_pretrained(directory)
+    return model, directory
+
+
+def _hf_forward(model, tokens, mask):
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(positions),
+        )
+    return out.logits.numpy()
+
+
+def test_load_hf_matches_transformers_logits_on_padded_batches(hf_causal_lm):
+    hf_model, directory = hf_causal_lm
+    model = load_hf(directory)
+    assert model.config.rotary_dim == 4 and model.config.parallel_residual == hf_model.config.use_parallel_residual
+    ours = np.asarray(model(jnp.asarray(TOKENS), jnp.asarray(MASK)))
+    reference = _hf_forward(hf_model, TOKENS, MASK)
+    np.testing.assert_allclose(ours[MASK], reference[MASK], atol=1e-4, rtol=0)
+    # Real tokens do not see padding: a left-padded row equals the same tokens unpadded.
+    unpadded = np.asarray(model(jnp.asarray(TOKENS[1:2, 2:])))
+    np.testing.assert_allclose(ours[1, 2:], unpadded[0], atol=1e-5)
+
+
+def test_reward_model_matches_sequence_classification(tmp_path):
+    torch.manual_seed(0)
+    hf_model = _randomize(transformers.GPTNeoXForSequenceClassification(_hf_config(num_labels=1)))
+    hf_model.save_pretrained(tmp_path)
+    model = load_hf(tmp_path, head="reward")
+    with torch.no_grad():
+        # Right-padded rows only: HF locates the last token through pad ids and ignores the mask.
+        rows = TOKENS[[0, 2]]
+        reference = hf_model(torch.tensor(rows), attention_mask=torch.tensor((rows > 0).astype(np.int64))).logits
+    ours = model(jnp.asarray(rows), jnp.asarray(rows > 0))
+    np.testing.assert_allclose(np.asarray(ours), reference.numpy()[:, 0], atol=1e-4)
+
+
+def test_reward_head_from_a_causal_lm_starts_at_zero(hf_causal_lm):
+    _, directory = hf_causal_lm
+    model = load_hf(directory, head="reward")
+    assert np.all(np.asarray(model(jnp.asarray(TOKENS), jnp.asarray(MASK))) == 0.0)
+
+
+def test_load_hf_refuses_pickles_and_bad_directories(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="pickle"):
+        load_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_hf(tmp_path / "missing")
+    with pytest.raises(ValueError, match="GPT-NeoX"):
+        TransformerConfig.from_hf({"model_type": "llama"})
+
+
+def test_load_hf_reports_missing_and_misshapen_tensors(hf_causal_lm, tmp_path):
+    _, directory = hf_causal_lm
+    tensors = {k: np.array(v) for k, v in read_safetensors(next(directory.glob("*.safetensors"))).items()}
+    config = json.loads((directory / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v for k, v in tensors.items() if k != "embed_out.weight"}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing tensors.*embed_out.weight"):
+        load_hf(tmp_path)
+    config["hidden_size"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match"):
+        load_hf(tmp_path)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        preset("tiny", num_heads=5)
+    with pytest.raises(ValueError, match="activation"):
+        preset("tiny", activation="swish")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("pythia-7b")
+    with pytest.raises(ValueError, match="unknown TransformerConfig field"):
+        TransformerConfig.from_dict({**preset("tiny").to_dict(), "heads": 4})
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp+tensor"])
+def test_sharded_forward_on_4_devices_matches_1_device(tiny_lm, strategy):
+    tokens = jnp.asarray(np.tile(TOKENS, (2, 1)))
+    mask = tokens > 0
+    reference = np.asarray(tiny_lm(tokens, mask))
+    mesh = make_mesh(data=2, model=2) if "tensor" in strategy else make_mesh()
+    model = nnx.clone(tiny_lm)
+    shard_model(model, mesh, strategy=strategy)
+    kernel = model.trunk.layers[0].mlp.dense_h_to_4h.kernel[...]
+    assert len(kernel.sharding.device_set) == 4
+    assert kernel.addressable_shards[0].data.size < kernel.size  # really split, not replicated
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, m))(
+        state, shard_batch(tokens, mesh), shard_batch(mask, mesh)
+    )
+    np.testing.assert_allclose(np.asarray(logits), reference, atol=2e-5)
+
+
+def test_param_shardings_fall_back_to_replicated_when_not_divisible():
+    model = CausalLM(preset("tiny"), rngs=nnx.Rngs(0))  # vocab 97 divides by no mesh axis
+    shardings = param_shardings(nnx.state(model), make_mesh(data=1, model=4), strategy="tensor")
+    assert tuple(shardings["trunk"]["embed_in"]["embedding"].get_value().spec) == (None, None)
+    assert tuple(shardings["trunk"]["layers"][0]["mlp"]["dense_h_to_4h"]["kernel"].get_value().spec) == (None, "model")
+    with pytest.raises(ValueError, match="strategy"):
+        param_shardings(nnx.state(model), make_mesh(), strategy="zero")
+
+
+def test_checkpoint_round_trip_is_exact_and_never_overwrites(tiny_lm, tmp_path):
+    reward = RewardModel(preset("tiny"), rngs=nnx.Rngs(3))
+    for model, name in ((tiny_lm, "lm"), (reward, "rm")):
+        path = save_model(model, tmp_path / name, metadata={"step": 7})
+        restored = load_model(path)
+        assert type(restored) is type(model) and read_metadata(path) == {"step": 7}
+        for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileExistsError):
+        save_model(tiny_lm, tmp_path / "lm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "rm"]  # no staging directories left
