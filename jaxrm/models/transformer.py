@@ -139,7 +139,8 @@ class Attention(nnx.Module):
             keys, values, query_slots = key, value, jnp.arange(time)
         else:
             cached_keys, cached_values = layer_cache
-            start = (0, cache_index, 0, 0)
+            zero = jnp.zeros((), jnp.int32)  # all indices one integer type, also under jax_enable_x64
+            start = (zero, cache_index, zero, zero)
             keys = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
             values = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), start)
             query_slots = cache_index + jnp.arange(time)
@@ -207,7 +208,7 @@ class Transformer(nnx.Module):
             for block in self.layers:
                 x, _ = block(x, positions=positions, mask=mask)
             return self.final_layer_norm(x)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (jnp.zeros((), jnp.int32), cache.index))
         keys, values = [], []
         for block, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values):
             x, (k, v) = block(

@@ -1,0 +1,94 @@
+"""jaxrm.train.reward: the Bradley-Terry loss, a training run with checkpoints, and bad pairs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrm.checkpoint import load_model, read_metadata
+from jaxrm.models import RewardModel, preset
+from jaxrm.train import (
+    PreferencePairs,
+    RewardTrainConfig,
+    bradley_terry_loss,
+    evaluate_reward_model,
+    pairwise_accuracy,
+    train_reward_model,
+)
+
+VOCAB = preset("tiny").vocab_size
+
+
+def _pairs(n, seed):
+    """Random prompts and responses; the chosen one holds more tokens below 30 (a learnable rule)."""
+    rng = np.random.default_rng(seed)
+    prompts, chosen, rejected = [], [], []
+    while len(prompts) < n:
+        a, b = (list(rng.integers(1, VOCAB, rng.integers(1, 5))) for _ in range(2))
+        score_a, score_b = sum(t < 30 for t in a), sum(t < 30 for t in b)
+        if score_a != score_b:
+            prompts.append(list(rng.integers(1, VOCAB, rng.integers(1, 4))))
+            chosen.append(a if score_a > score_b else b)
+            rejected.append(b if score_a > score_b else a)
+    return PreferencePairs.from_lists(prompts, chosen, rejected)
+
+
+def test_bradley_terry_loss_and_accuracy_by_hand():
+    chosen, rejected = jnp.array([1.0, 0.0, 0.5]), jnp.array([0.0, 2.0, 0.5])
+    margins = np.array([1.0, -2.0, 0.0])
+    plain = np.mean(np.log1p(np.exp(-margins)))
+    np.testing.assert_allclose(bradley_terry_loss(chosen, rejected), plain, rtol=1e-12)
+    centered = plain + 0.01 * np.mean(np.array([1.0, 2.0, 1.0]) ** 2)
+    np.testing.assert_allclose(bradley_terry_loss(chosen, rejected, centering=0.01), centered, rtol=1e-12)
+    assert float(pairwise_accuracy(chosen, rejected)) == pytest.approx(1 / 3)  # the tie counts as wrong
+
+
+def test_training_learns_the_preference_and_checkpoints_each_chosen_step(tmp_path):
+    train, held_out = _pairs(640, seed=0), _pairs(160, seed=1)
+    model = RewardModel(preset("tiny"), rngs=nnx.Rngs(0))
+    config = RewardTrainConfig(learning_rate=3e-3, batch_size=32, epochs=3)
+    lines = []
+    result = train_reward_model(
+        model,
+        train,
+        config,
+        eval_pairs=held_out,
+        eval_steps=(0, 10, 60),
+        checkpoint_dir=tmp_path,
+        checkpoint_steps=(0, 10, 30),
+        log=lines.append,
+    )
+    accuracy = [e["accuracy"] for e in result.evaluations]
+    assert [e["step"] for e in result.evaluations] == [0, 10, 60]
+    assert accuracy[0] == 0.0 and accuracy[2] > 0.85 and accuracy[2] > accuracy[1]  # zero head: all ties at first
+    assert result.losses.shape == (60,) and result.losses[-10:].mean() < 0.5 * result.losses[:5].mean()
+    assert len(lines) == 3 and "60/60" in lines[-1]
+    assert [p.name for p in result.checkpoints] == ["step_000000", "step_000010", "step_000030"]
+    # The checkpoint at step 10 holds the model that scored accuracy[1].
+    restored = load_model(result.checkpoints[1])
+    assert read_metadata(result.checkpoints[1])["accuracy"] == accuracy[1]
+    assert evaluate_reward_model(restored, held_out)["accuracy"] == pytest.approx(accuracy[1])
+    final = evaluate_reward_model(result.model, held_out)
+    assert final["accuracy"] == accuracy[2] and final["margin"] > 0
+    with pytest.raises(FileExistsError, match="already holds"):
+        train_reward_model(model, train, config, checkpoint_dir=tmp_path, checkpoint_steps=(10,), log=None)
+
+
+def test_bad_pairs_fail_before_training():
+    model = RewardModel(preset("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mismatched pair lists"):
+        PreferencePairs.from_lists([[1], [2]], [[3], [4]], [[5]])
+    with pytest.raises(ValueError, match="empty rejected"):
+        train_reward_model(model, PreferencePairs.from_lists([[1]] * 40, [[3]] * 40, [[4]] * 39 + [[]]), log=None)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        train_reward_model(model, PreferencePairs.from_lists([[1]] * 40, [[3, VOCAB]] * 40, [[4]] * 40), log=None)
+    good = _pairs(40, seed=2)
+    short = good.replace(chosen_mask=good.chosen_mask[:, :-1])
+    with pytest.raises(ValueError, match="mismatched pairs"):
+        train_reward_model(model, short, log=None)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train_reward_model(model, _pairs(8, seed=3), log=None)
+    with pytest.raises(ValueError, match="must lie in"):
+        train_reward_model(model, good, eval_pairs=good, eval_steps=(5,), log=None)
+    with pytest.raises(ValueError, match="learning_rate"):
+        RewardTrainConfig(learning_rate=0.0)
