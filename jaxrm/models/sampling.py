@@ -98,13 +98,49 @@ def token_log_probs(logits: jax.Array, tokens: jax.Array, **filters) -> jax.Arra
     return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
 
 
+_CDF_BLOCK = 128
+
+
+def _first_above(cumulative, threshold, weights):
+    """Index of the first ``cumulative > threshold`` along the last axis.
+
+    Rounding can leave ``threshold`` at or above the last partial sum; the last index with
+    positive weight is the right answer then (never a zero-probability one).
+    """
+    above = cumulative > threshold
+    last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(weights > 0, -1), -1)
+    return jnp.where(above.any(-1), jnp.argmax(above, -1), last_positive)
+
+
+def inverse_cdf_sample(key, log_probs: jax.Array) -> jax.Array:
+    """One draw per row of ``[batch, vocab]`` log-probabilities by inverse-CDF sampling.
+
+    With ``u ~ U[0, 1)`` the token is the first ``i`` with ``sum_{j<=i} p_j > u * sum_j p_j``. The
+    prefix sums run in two levels (blocks of 128, then inside the chosen block), so a draw costs
+    one pass over the vocabulary and one uniform number per row; Gumbel-max
+    (``jax.random.categorical``) needs a random number per vocabulary entry, which dominates a
+    decoding step on CPU.
+    """
+    batch, vocab = log_probs.shape
+    padded = -(-vocab // _CDF_BLOCK) * _CDF_BLOCK
+    probs = jnp.pad(jnp.exp(log_probs), ((0, 0), (0, padded - vocab))).reshape(batch, -1, _CDF_BLOCK)
+    block_mass = probs.sum(-1)
+    block_cumulative = jnp.cumsum(block_mass, -1)
+    threshold = jax.random.uniform(key, (batch, 1), log_probs.dtype) * block_cumulative[:, -1:]
+    block = _first_above(block_cumulative, threshold, block_mass)
+    mass_before = jnp.take_along_axis(block_cumulative - block_mass, block[:, None], -1)
+    inside = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]
+    offset = _first_above(jnp.cumsum(inside, -1) + mass_before, threshold, inside)
+    return block * _CDF_BLOCK + offset
+
+
 def _draw(key, logits, options: SamplingOptions):
     filtered = filter_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+    log_probs = jax.nn.log_softmax(filtered, axis=-1)
     if options.temperature == 0:
         tokens = jnp.argmax(filtered, axis=-1)
     else:
-        tokens = jax.random.categorical(key, filtered, axis=-1)
-    log_probs = jax.nn.log_softmax(filtered, axis=-1)
+        tokens = inverse_cdf_sample(key, log_probs)
     return tokens.astype(jnp.int32), jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
 
 

@@ -67,7 +67,8 @@ _ACTIVATIONS = {
 class KVCache:
     """Keys and values of every layer for ``length`` slots, filled up to ``index``.
 
-    ``keys[l]`` and ``values[l]`` are ``[batch, length, heads, head_dim]``; ``valid[b, s]`` says
+    ``keys[l]`` and ``values[l]`` are ``[batch, heads, length, head_dim]`` (the layout a decoding
+    step reads without a transpose); ``valid[b, s]`` says
     whether slot ``s`` holds a real token (padding slots are never attended to).
     """
 
@@ -78,7 +79,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: TransformerConfig, batch: int, length: int) -> KVCache:
-        shape = (batch, length, config.num_heads, config.head_dim)
+        shape = (batch, config.num_heads, length, config.head_dim)
         zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
         return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
@@ -113,12 +114,12 @@ def _attend(query, keys, values, *, query_slots, key_valid, scale):
     A key is visible when it is a real token and its slot is not after the query's slot. Masked
     scores use the most negative float rather than -inf, so an all-padding row stays finite.
     """
-    scores = jnp.einsum("bthd,bshd->bhts", query, keys, preferred_element_type=jnp.float32) * scale
-    key_slots = jnp.arange(keys.shape[1])
+    scores = jnp.einsum("bhtd,bhsd->bhts", query, keys, preferred_element_type=jnp.float32) * scale
+    key_slots = jnp.arange(keys.shape[2])
     visible = key_valid[:, None, None, :] & (key_slots[None, None, None, :] <= query_slots[None, None, :, None])
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    return jnp.einsum("bhts,bshd->bthd", weights, values)
+    return jnp.einsum("bhts,bhsd->bhtd", weights, values)
 
 
 class Attention(nnx.Module):
@@ -135,17 +136,18 @@ class Attention(nnx.Module):
         qkv = self.query_key_value(x).reshape(batch, time, config.num_heads, 3 * config.head_dim)
         query, key, value = jnp.split(qkv, 3, axis=-1)
         query, key = _rotate(query, positions, config), _rotate(key, positions, config)
+        query, key, value = (a.transpose(0, 2, 1, 3) for a in (query, key, value))  # [batch, heads, time, dim]
         if layer_cache is None:
             keys, values, query_slots = key, value, jnp.arange(time)
         else:
             cached_keys, cached_values = layer_cache
             zero = jnp.zeros((), jnp.int32)  # all indices one integer type, also under jax_enable_x64
-            start = (zero, cache_index, zero, zero)
+            start = (zero, zero, cache_index, zero)
             keys = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
             values = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), start)
             query_slots = cache_index + jnp.arange(time)
         out = _attend(query, keys, values, query_slots=query_slots, key_valid=mask, scale=config.head_dim**-0.5)
-        return self.dense(out.reshape(batch, time, -1)), (keys, values)
+        return self.dense(out.transpose(0, 2, 1, 3).reshape(batch, time, -1)), (keys, values)
 
 
 class MLP(nnx.Module):
