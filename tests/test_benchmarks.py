@@ -15,3 +15,12 @@ def test_scipy_baselines_agree_with_each_other_and_with_jaxrm():
     np.testing.assert_allclose(stacked, one_by_one, rtol=1e-7)
     ours = flow.t_gamma(logits[:, None], rewards[:, None], gamma[:, None], **options)
     np.testing.assert_allclose(np.asarray(ours)[:, 0], one_by_one, rtol=1e-7)
+
+
+def test_generate_benchmark_runs_the_same_model_on_both_sides():
+    from experiments.benchmarks.generate import run_shape
+
+    result = run_shape("tiny", batch=2, prompt_len=4, new_tokens=4, repeats=1, log=lambda line: None)
+    assert result["greedy_token_agreement"] == 1.0
+    assert result["jaxrm_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0
+    assert result["params"] == 31680

@@ -175,3 +175,17 @@ def test_checkpoint_round_trip_is_exact_and_never_overwrites(tiny_lm, tmp_path):
     with pytest.raises(FileExistsError):
         save_model(tiny_lm, tmp_path / "lm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "rm"]  # no staging directories left
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_load_exactly(hf_causal_lm, tmp_path, dtype):
+    hf_model, directory = hf_causal_lm
+    half = transformers.GPTNeoXForCausalLM(hf_model.config).to(getattr(torch, dtype))
+    half.load_state_dict(hf_model.state_dict())
+    half.save_pretrained(tmp_path)
+    model = load_hf(tmp_path)
+    kernel = np.asarray(model.trunk.layers[1].attention.query_key_value.kernel[...])
+    weight = hf_model.gpt_neox.layers[1].attention.query_key_value.weight.detach().to(getattr(torch, dtype)).float()
+    assert kernel.dtype == np.float32
+    np.testing.assert_array_equal(kernel, weight.numpy().T)
+    assert load_hf(tmp_path, param_dtype="bfloat16").embed_out.kernel[...].dtype == jnp.bfloat16

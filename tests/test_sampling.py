@@ -137,3 +137,14 @@ def test_bad_prompts_and_options_fail_clearly(model, prompts):
         sample(model, tokens, mask, key, max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sample(model, tokens, mask, key, max_new_tokens=0)
+
+
+def test_bfloat16_models_sample_and_score_close_to_float32(model, prompts):
+    tokens, mask = prompts
+    low = CausalLM(preset("tiny", dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(low, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model)))
+    samples = sample(low, tokens, mask, jax.random.key(3), max_new_tokens=3, temperature=0.0)
+    reference = sample(model, tokens, mask, jax.random.key(3), max_new_tokens=3, temperature=0.0)
+    assert low.trunk.layers[0].mlp.dense_h_to_4h.kernel[...].dtype == jnp.bfloat16
+    assert np.mean(np.asarray(samples.tokens) == np.asarray(reference.tokens)) >= 2 / 3
+    assert samples.log_probs.dtype == jnp.float32 and np.all(np.isfinite(samples.log_probs))

@@ -5,7 +5,7 @@ saved as safetensors and loaded with :func:`jaxrm.models.load_hf`, so both sides
 weights. Both draw ``--new-tokens`` tokens for ``--batch`` prompts of ``--prompt-len`` tokens with
 plain ancestral sampling (temperature 1, no top-k/top-p, no EOS, so every row generates every
 token) on the same CPU, float32. jaxrm's compile time is reported separately; the figures are the
-median over ``--repeats`` timed runs after one warm-up. As a check that both run the same model,
+median over ``--repeats`` timed runs of each, alternating, after one warm-up. As a check that both run the same model,
 greedy continuations of the prompts are compared token by token.
 
 Run from the repository root: ``python -m experiments.benchmarks.generate [--help]``.
@@ -94,12 +94,17 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
     start = time.perf_counter()
     ours()
     compile_s = time.perf_counter() - start
-    jax_times = _timed(ours, repeats)
     hf_generate(hf_model, prompts, 2)  # warm-up
-    hf_times = _timed(lambda: hf_generate(hf_model, prompts, new_tokens), repeats)
+    # Alternate the two so that load changes on the machine hit both alike.
+    jax_times, hf_times = [], []
+    for _ in range(repeats):
+        jax_times += _timed(ours, 1)
+        hf_times += _timed(lambda: hf_generate(hf_model, prompts, new_tokens), 1)
 
     greedy_len = min(new_tokens, 16)
-    greedy_ours = np.asarray(sample(model, prompts, mask, jax.random.key(0), max_new_tokens=greedy_len, temperature=0.0).tokens)
+    greedy_ours = np.asarray(
+        sample(model, prompts, mask, jax.random.key(0), max_new_tokens=greedy_len, temperature=0.0).tokens
+    )
     greedy_hf = hf_generate(hf_model, prompts, greedy_len, greedy=True)
     tokens = batch * new_tokens
     result = {
@@ -126,17 +131,22 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="jaxrm.models presets to run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/generate.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, jax {jax.__version__} ({jax.devices()[0].platform})")
+    transformers.logging.set_verbosity_error()  # its note that top_k=0 is a no-op flag is expected here
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, jax {jax.__version__} ({jax.devices()[0].platform})"
+    )
     results = [
         run_shape(s, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
         for s in args.shapes
