@@ -1,0 +1,214 @@
+"""Policy-gradient kernels: advantages, KL penalties, surrogate losses, reward normalization.
+
+Pure functions in the style of optax. Shapes: sampled rewards are ``[prompts, k]`` (k responses
+per prompt); per-token arrays are ``[prompts, k, time]`` (or any ``[..., time]``) with a boolean
+``mask`` that is True on response tokens. Sequence-level quantities drop the last axis.
+
+Gradient conventions: advantages and rewards carry no gradient (the kernels apply
+``stop_gradient``); a loss is *minimised*, so the policy-gradient ascent direction is
+``-grad loss``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
+from jaxrm.metrics import kl_estimate
+
+AGGREGATIONS = ("token-mean", "sequence-mean", "sequence-sum")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def _check_group(rewards, minimum: int, what: str):
+    if jnp.ndim(rewards) < 1 or jnp.shape(rewards)[-1] < minimum:
+        raise ValueError(
+            f"{what} needs rewards shaped [prompts, k] with k >= {minimum} samples per prompt, got shape "
+            f"{jnp.shape(rewards)}."
+        )
+    check_finite("rewards", rewards)
+
+
+def reinforce_advantages(rewards, *, baseline=0.0):
+    """``A = r - b``: REINFORCE, with a baseline ``b`` (a scalar or an array broadcasting to ``rewards``).
+
+    A baseline that does not depend on the sample keeps the gradient estimate unbiased.
+
+    >>> reinforce_advantages(jnp.array([[1.0, 3.0]]), baseline=1.0).tolist()
+    [[0.0, 2.0]]
+    """
+    check_finite("rewards", rewards)
+    return jax.lax.stop_gradient(jnp.asarray(rewards) - baseline)
+
+
+def rloo_advantages(rewards):
+    """Leave-one-out: ``A_i = r_i - mean_{j != i} r_j = k / (k - 1) (r_i - mean_j r_j)`` over the last axis.
+
+    Each sample's baseline uses only the other samples of its prompt, so the estimate stays
+    unbiased (Kool et al. 2019; RLOO of Ahmadian et al. 2024).
+
+    >>> rloo_advantages(jnp.array([[1.0, 2.0, 6.0]])).tolist()
+    [[-3.0, -1.5, 4.5]]
+    """
+    _check_group(rewards, 2, "rloo_advantages")
+    rewards = jnp.asarray(rewards)
+    k = rewards.shape[-1]
+    return jax.lax.stop_gradient(k / (k - 1) * (rewards - jnp.mean(rewards, axis=-1, keepdims=True)))
+
+
+def grpo_advantages(rewards, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4):
+    """GRPO group advantages ``(r_i - mean_j r_j) / (std_j r_j + eps)`` over the last axis.
+
+    ``ddof=1`` (default) is torch's ``std``, as in TRL's GRPO; ``scale=False`` gives Dr. GRPO
+    (Liu et al. 2025), ``r_i - mean_j r_j`` without the standard deviation.
+
+    >>> grpo_advantages(jnp.array([[1.0, 3.0]]), eps=0.0).tolist()
+    [[-0.7071067690849304, 0.7071067690849304]]
+    """
+    _check_group(rewards, 2 if scale and ddof else 1, "grpo_advantages")
+    rewards = jnp.asarray(rewards)
+    centered = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
+    if scale:
+        centered = centered / (jnp.std(rewards, axis=-1, ddof=ddof, keepdims=True) + eps)
+    return jax.lax.stop_gradient(centered)
+
+
+def dr_grpo_advantages(rewards):
+    """Dr. GRPO: ``r_i - mean_j r_j`` (GRPO without the standard-deviation scaling)."""
+    return grpo_advantages(rewards, scale=False)
+
+
+def _masked_sum(values, mask):
+    return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
+
+
+def kl_per_token(logp, ref_logp, mask, *, estimator: str = "k1"):
+    """Per-token KL estimates (``k1``/``k2``/``k3`` of :func:`jaxrm.metrics.kl_estimate`), 0 off ``mask``."""
+    check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
+    return jnp.where(mask, kl_estimate(logp, ref_logp, estimator), 0.0)
+
+
+def kl_penalized_rewards(rewards, logp, ref_logp, mask, *, kl_coef: float, estimator: str = "k1"):
+    """``r - kl_coef * sum_t KL_t``: the KL folded into the sequence reward (RLOO, THEORY.md §4).
+
+    ``rewards`` is ``[...]`` and the per-token arrays ``[..., time]``; the result carries no gradient.
+
+    >>> kl_penalized_rewards(jnp.array([1.0]), jnp.array([[-1.0, -2.0]]), jnp.array([[-1.5, -2.5]]),
+    ...                      jnp.array([[True, True]]), kl_coef=0.1).tolist()
+    [0.9]
+    """
+    penalty = _masked_sum(kl_per_token(logp, ref_logp, mask, estimator=estimator), mask)
+    return jax.lax.stop_gradient(jnp.asarray(rewards) - kl_coef * penalty)
+
+
+def aggregate(per_token, mask, *, mode: str = "token-mean"):
+    """Reduce a ``[..., time]`` per-token loss to a scalar.
+
+    - ``token-mean``: sum over every response token / number of response tokens (long responses
+      weigh more);
+    - ``sequence-mean``: mean over sequences of each sequence's token mean (original GRPO);
+    - ``sequence-sum``: mean over sequences of each sequence's token sum (Dr. GRPO's constant
+      normaliser; the sequence-level REINFORCE/RLOO loss).
+
+    >>> loss, mask = jnp.array([[1.0, 3.0], [2.0, 0.0]]), jnp.array([[True, True], [True, False]])
+    >>> [float(aggregate(loss, mask, mode=m)) for m in AGGREGATIONS]
+    [2.0, 2.0, 3.0]
+    """
+    check_choice("mode", mode, AGGREGATIONS)
+    mask = jnp.asarray(mask, bool)
+    sums = _masked_sum(per_token, mask)
+    if mode == "token-mean":
+        return jnp.sum(sums) / jnp.maximum(jnp.sum(mask), 1)
+    if mode == "sequence-mean":
+        return jnp.mean(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1))
+    return jnp.mean(sums)
+
+
+def reinforce_loss(logp, advantages, mask, *, aggregation: str = "sequence-sum"):
+    """``-A * log pi(y_t | ...)`` per token, aggregated: the score-function surrogate.
+
+    ``logp`` and ``mask`` are ``[..., time]`` and ``advantages`` ``[...]`` (one per sequence).
+    With ``sequence-sum`` its gradient is ``-mean_i A_i grad log pi(y_i)``.
+    """
+    check_same_shape(logp=logp, mask=mask)
+    per_token = -jax.lax.stop_gradient(advantages)[..., None] * logp
+    return aggregate(per_token, mask, mode=aggregation)
+
+
+def clipped_surrogate_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    clip_eps: float = 0.2,
+    ratio_level: str = "token",
+    aggregation: str = "token-mean",
+):
+    """PPO's clipped surrogate ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)``; returns ``(loss, clip_fraction)``.
+
+    ``ratio_level="token"``: ``rho_t = pi(y_t) / pi_old(y_t)`` per token (PPO, GRPO), aggregated by
+    ``aggregation``. ``ratio_level="sequence"``: one ratio per sequence,
+    ``rho = exp(sum_t log pi(y_t) - log pi_old(y_t))`` (the official RLOO), then the mean over
+    sequences. ``clip_fraction`` is the share of ratios (tokens or sequences) whose clipped branch
+    was active.
+    """
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    mask = jnp.asarray(mask, bool)
+    advantages = jax.lax.stop_gradient(advantages)
+    log_ratio = jnp.where(mask, logp - jax.lax.stop_gradient(old_logp), 0.0)
+    if ratio_level == "sequence":
+        log_ratio, advantages, mask = jnp.sum(log_ratio, axis=-1), advantages, jnp.any(mask, axis=-1)
+    else:
+        advantages = jnp.broadcast_to(advantages[..., None], log_ratio.shape)
+    ratio = jnp.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    per_item = -jnp.minimum(unclipped, clipped)
+    was_clipped = jnp.where(mask, (clipped < unclipped).astype(jnp.float32), 0.0)
+    count = jnp.maximum(jnp.sum(mask), 1)
+    if ratio_level == "sequence":
+        loss = jnp.sum(jnp.where(mask, per_item, 0.0)) / count
+    else:
+        loss = aggregate(per_item, mask, mode=aggregation)
+    return loss, jnp.sum(was_clipped) / count
+
+
+def entropy_per_token(logits, mask):
+    """Entropy ``-sum_v p_v log p_v`` of each position's next-token distribution, 0 off ``mask``.
+
+    ``logits`` is ``[..., time, vocab]`` and ``mask`` ``[..., time]``.
+    """
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    return jnp.where(mask, entropy, 0.0)
+
+
+def reward_statistics(rewards):
+    """``(mean, std)`` over every sample (``ddof=0``), measured once on the initial policy (THEORY.md §4)."""
+    check_finite("rewards", rewards)
+    rewards = jnp.asarray(rewards)
+    if rewards.size < 2:
+        raise ValueError("reward_statistics needs at least 2 rewards.")
+    return jnp.mean(rewards), jnp.std(rewards)
+
+
+def normalize_sampled_rewards(rewards, mean, std, *, eps: float = 1e-8, clip: float | None = None):
+    """``(r - mean) / (std + eps)``, optionally clipped to ``[-clip, clip]``.
+
+    >>> normalize_sampled_rewards(jnp.array([0.0, 4.0]), 2.0, 2.0, eps=0.0).tolist()
+    [-1.0, 1.0]
+    """
+    if is_concrete(std) and not float(std) >= 0:
+        raise ValueError(f"std must be >= 0, got {std}.")
+    normalized = (jnp.asarray(rewards) - mean) / (std + eps)
+    return normalized if clip is None else jnp.clip(normalized, -clip, clip)
+
+
+def scale_per_group(rewards, *, ddof: int = 1, eps: float = 1e-8):
+    """Divide each prompt's rewards by their own standard deviation over the last (``k``) axis."""
+    _check_group(rewards, 2, "scale_per_group")
+    rewards = jnp.asarray(rewards)
+    return rewards / (jnp.std(rewards, axis=-1, ddof=ddof, keepdims=True) + eps)

@@ -1,0 +1,30 @@
+"""A tiny deterministic RLHF task shared by the trainer tests and their subprocess workers.
+
+The ground truth scores a response by the fraction of its tokens below 20 (graded in [0, 1]);
+the policy is the ``tiny`` preset from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrm.models import CausalLM, pad_sequences, preset
+from jaxrm.train.rlhf import RLHFConfig
+
+CONFIG = RLHFConfig(prompts_per_iteration=8, max_new_tokens=6, learning_rate=3e-3, kl_coef=0.01)
+
+
+def ground_truth(params, prompt, prompt_mask, response, response_mask):
+    del params, prompt, prompt_mask
+    return jnp.sum((response < 20) & response_mask, -1) / jnp.maximum(jnp.sum(response_mask, -1), 1)
+
+
+def policy() -> CausalLM:
+    return CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
+
+
+def prompts(count: int = 32):
+    rng = np.random.default_rng(0)
+    return pad_sequences([list(rng.integers(1, 97, rng.integers(2, 6))) for _ in range(count)])
