@@ -76,3 +76,23 @@ def shard_batch(array, mesh: Mesh, *, axis: str = "data"):
     """Place an array on ``mesh`` with its leading (batch) dimension split along ``axis``."""
     spec = PartitionSpec(axis, *([None] * (np.ndim(array) - 1)))
     return jax.device_put(array, NamedSharding(mesh, spec))
+
+
+def put_global(tree, shardings):
+    """Place a pytree of host-identical values onto (possibly multi-process) shardings.
+
+    Unlike ``jax.device_put``, this works when a sharding spans devices of other processes
+    (``jax.distributed``): every process builds its own shards from its copy of the values, which
+    must be the same on every process. ``shardings`` is one sharding or a matching pytree.
+    """
+
+    def put(value, sharding):
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(value), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+        host = np.asarray(jax.device_get(value))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda v: put(v, shardings), tree)
+    return jax.tree.map(put, tree, shardings)

@@ -13,7 +13,9 @@ from flax import nnx
 from jaxrm.models import CausalLM, pad_sequences, preset
 from jaxrm.train.rlhf import RLHFConfig
 
-CONFIG = RLHFConfig(prompts_per_iteration=8, max_new_tokens=6, learning_rate=3e-3, kl_coef=0.01)
+# adam_eps 1e-6: Adam divides by |g| + eps, so with the default 1e-8 a gradient component that is
+# ~1e-8 turns float-summation-order noise (1 vs 4 devices) into a visible update difference.
+CONFIG = RLHFConfig(prompts_per_iteration=8, max_new_tokens=6, learning_rate=3e-3, kl_coef=0.01, adam_eps=1e-6)
 
 
 def ground_truth(params, prompt, prompt_mask, response, response_mask):

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.checkpoint import RunCheckpoints
 from jaxrm.models.transformer import CausalLM
-from jaxrm.sharding import param_shardings
+from jaxrm.sharding import param_shardings, put_global
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_iteration
 
 
@@ -37,7 +37,14 @@ def params_fingerprint(params) -> str:
     return digest.hexdigest()[:16]
 
 
+def _is_writer() -> bool:
+    # With several processes (jax.distributed), process 0 alone writes the run's files.
+    return jax.process_index() == 0
+
+
 def _write_json(path: Path, value) -> None:
+    if not _is_writer():
+        return
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(json.dumps(value, indent=1))
     os.replace(staging, path)
@@ -45,7 +52,7 @@ def _write_json(path: Path, value) -> None:
 
 def _keep_metric_lines(path: Path, before_step: int) -> None:
     """Drop lines of iterations at or after ``before_step`` (written after the checkpoint resumed from)."""
-    if not path.exists():
+    if not path.exists() or not _is_writer():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < before_step]
     path.write_text("".join(f"{line}\n" for line in kept))
@@ -119,15 +126,15 @@ def run_rlhf(
     if mesh is not None:
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
-        params = jax.device_put(state.params, param_shardings(state.params, mesh, strategy=param_sharding))
-        state = TrainState(
-            params,
+        params = put_global(state.params, param_shardings(state.params, mesh, strategy=param_sharding))
+        # Optimizer moments inherit the parameters' shardings; scalars (Adam's count) are replicated.
+        opt_state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == mesh.size else put_global(x, replicated),
             config.optimizer().init(params),
-            jax.device_put(state.step, replicated),
-            jax.device_put(state.key, replicated),
         )
-        data = jax.device_put(data, replicated).replace(
-            ref_params=jax.device_put(ref_params, param_shardings(ref_params, mesh, strategy=param_sharding))
+        state = TrainState(params, opt_state, *put_global((state.step, state.key), replicated))
+        data = put_global(data.replace(ref_params=None), replicated).replace(
+            ref_params=put_global(ref_params, param_shardings(ref_params, mesh, strategy=param_sharding))
         )
 
     checkpoints = RunCheckpoints(out_dir / "checkpoints", keep=keep_checkpoints)
@@ -146,14 +153,14 @@ def run_rlhf(
     )
     programs: dict[int, Callable] = {}
 
-    def run_chunk(state, length):
+    def program(length):
         if length not in programs:
             began = time.perf_counter()
             scan = jax.jit(lambda s, d: jax.lax.scan(lambda c, _: iteration(c, d), s, None, length=length))
             programs[length] = scan.lower(state, data).compile()
             if log is not None:
                 log(f"compiled {length} iteration(s) in one program in {time.perf_counter() - began:.1f} s")
-        return programs[length](state, data)
+        return programs[length]
 
     history: list[dict] = []
     chunk = checkpoint_every or log_every or num_iterations
@@ -161,17 +168,19 @@ def run_rlhf(
     step = start
     while step < num_iterations:
         length = min(chunk - step % chunk, num_iterations - step)
+        run_chunk = program(length)
         began = time.perf_counter()
-        state, stacked = run_chunk(state, length)
+        state, stacked = run_chunk(state, data)
         stacked = jax.device_get(stacked)
         seconds = time.perf_counter() - began
         generated = float(np.sum(stacked["response_length"])) * tokens_per_iteration
-        with (out_dir / "metrics.jsonl").open("a") as file:
-            for i in range(length):
-                line = {"iteration": step + i, **{k: float(v[i]) for k, v in stacked.items()}}
-                line["tokens_per_s"] = generated / seconds
-                file.write(json.dumps(line) + "\n")
-                history.append(line)
+        lines = [{"iteration": step + i, **{k: float(v[i]) for k, v in stacked.items()}} for i in range(length)]
+        for line in lines:
+            line["tokens_per_s"] = generated / seconds
+        history += lines
+        if _is_writer():
+            with (out_dir / "metrics.jsonl").open("a") as file:
+                file.writelines(json.dumps(line) + "\n" for line in lines)
         step += length
         if checkpoint_every and (step % checkpoint_every == 0 or step == num_iterations):
             checkpoints.save(

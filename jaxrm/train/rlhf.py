@@ -72,6 +72,7 @@ class RLHFConfig:
     epochs: int = 1
     minibatches: int = 1
     learning_rate: float = 1e-6
+    adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     reward_clip: float | None = None
 
@@ -97,8 +98,8 @@ class RLHFConfig:
                 raise ValueError(f"RLHFConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.temperature == 0:
             raise ValueError("RLHFConfig.temperature must be > 0: policy gradients need a stochastic policy.")
-        if not (self.learning_rate > 0 and self.max_grad_norm > 0):
-            raise ValueError("RLHFConfig.learning_rate and max_grad_norm must be > 0.")
+        if not (self.learning_rate > 0 and self.max_grad_norm > 0 and self.adam_eps > 0):
+            raise ValueError("RLHFConfig.learning_rate, adam_eps and max_grad_norm must be > 0.")
 
     @property
     def sampling(self) -> SamplingOptions:
@@ -112,7 +113,9 @@ class RLHFConfig:
         )
 
     def optimizer(self) -> optax.GradientTransformation:
-        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), optax.adam(self.learning_rate))
+        return optax.chain(
+            optax.clip_by_global_norm(self.max_grad_norm), optax.adam(self.learning_rate, eps=self.adam_eps)
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,208 @@
+"""jaxrm.train: RLHF iterations that learn, the same result on 1, 4 devices and 2 processes, exact resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from rlhf_task import CONFIG, ground_truth, policy, prompts
+
+from jaxrm.models import RewardModel, preset
+from jaxrm.sharding import make_mesh
+from jaxrm.train.driver import run_rlhf
+from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_train, reward_model_fn
+
+WORKER = Path(__file__).with_name("rlhf_worker.py")
+
+
+def _run(tmp_path, name, iterations, **options):
+    tokens, mask = prompts()
+    options.setdefault("log", None)
+    return run_rlhf(
+        policy(),
+        ground_truth,
+        None,
+        tokens,
+        mask,
+        CONFIG,
+        num_iterations=iterations,
+        out_dir=tmp_path / name,
+        ground_truth_fn=ground_truth,
+        **options,
+    )
+
+
+def _leaves(params):
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
+
+
+def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_path):
+    state, history = _run(tmp_path, "run", 24, log_every=8)
+    first, last = (
+        np.mean([h["ground_truth_reward"] for h in history[:4]]),
+        np.mean([h["ground_truth_reward"] for h in history[-4:]]),
+    )
+    assert last > first + 0.15, (first, last)
+    assert history[-1]["kl"] > 0 and all(h["clip_fraction"] == 0.0 for h in history)  # one epoch: ratio 1
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == list(range(24))
+    expected = {
+        "proxy_reward",
+        "ground_truth_reward",
+        "reward_variance",
+        "on_policy_accuracy",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "tokens_per_s",
+        "loss",
+        "response_length",
+    }
+    assert expected <= set(lines[0])
+    assert json.loads((run / "config.json").read_text())["config"]["samples_per_prompt"] == 2
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 24 == int(state.step)
+
+
+def test_one_iteration_on_1_and_4_devices_gives_the_same_parameters(tmp_path):
+    one, _ = _run(tmp_path, "one", 1, mesh=make_mesh(devices=jax.devices()[:1]))
+    four, _ = _run(tmp_path, "four", 1, mesh=make_mesh())
+    fsdp, _ = _run(tmp_path, "fsdp", 1, mesh=make_mesh(), param_sharding="fsdp")
+    kernel = four.params["trunk"]["layers"][0]["mlp"]["dense_h_to_4h"]["kernel"][...]
+    assert len(kernel.sharding.device_set) == 4
+    moved = max(np.abs(a - b).max() for a, b in zip(_leaves(one.params), _leaves(policy_params())))
+    assert moved > 1e-4  # the iteration really changed the parameters
+    for other in (four, fsdp):
+        for a, b in zip(_leaves(one.params), _leaves(other.params)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def policy_params():
+    return nnx.state(policy(), nnx.Param)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(*args, **popen):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env, **popen)
+
+
+def test_two_processes_with_jax_distributed_match_one_process_with_4_devices(tmp_path):
+    reference, _ = _run(tmp_path, "single", 2, mesh=make_mesh(), log_every=1)
+    port = _free_port()
+    dump = tmp_path / "multi.npz"
+    workers = [
+        _worker(
+            "--out",
+            tmp_path / "multi",
+            "--iterations",
+            2,
+            "--devices",
+            2,
+            "--num-processes",
+            2,
+            "--process-id",
+            rank,
+            "--port",
+            port,
+            "--dump",
+            dump,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [w.communicate(timeout=240)[0].decode() for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    assert all("connected to 3 peer ranks" in out for out in outputs)  # one gloo group over 4 devices
+    multi = np.load(dump)
+    for i, leaf in enumerate(_leaves(reference.params)):
+        np.testing.assert_allclose(multi[f"arr_{i}"], leaf, atol=1e-5)
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_bitwise_the_same_parameters(tmp_path):
+    common = ("--iterations", 6, "--checkpoint-every", 2)
+    straight = _worker("--out", tmp_path / "straight", *common, "--dump", tmp_path / "straight.npz")
+    killed = _worker("--out", tmp_path / "killed", *common, "--hang-at", 4, stdout=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "4"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "the worker never reached its checkpoint at iteration 4"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _worker("--out", tmp_path / "killed", *common, "--dump", tmp_path / "resumed.npz", stdout=subprocess.PIPE)
+    log = resumed.communicate(timeout=240)[0].decode()
+    assert straight.wait(timeout=240) == 0 and resumed.returncode == 0
+    assert "resuming" in log and "iteration 4" in log
+    a, b = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
+    assert a.files == b.files
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name])
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == list(range(6))
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    straight, _ = _run(tmp_path, "straight", 6, checkpoint_every=2)
+    _run(tmp_path, "broken", 4, checkpoint_every=2)
+    for file in (tmp_path / "broken" / "checkpoints" / "4").rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="step 4 is unreadable"):
+        resumed, history = _run(tmp_path, "broken", 6, checkpoint_every=2)
+    assert history[0]["iteration"] == 2
+    for a, b in zip(_leaves(straight.params), _leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_seeds_run_in_one_vmapped_program():
+    model = policy()
+    graphdef, params = nnx.split(model)
+    tokens, mask = prompts()
+    data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), params, None, jnp.float32(0.0), jnp.float32(1.0))
+    train = jax.jit(make_train(CONFIG, graphdef, ground_truth, 2))
+    states = [init_state(model, CONFIG, jax.random.key(seed)) for seed in (0, 1)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
+    batched, metrics = jax.jit(jax.vmap(make_train(CONFIG, graphdef, ground_truth, 2), in_axes=(0, None)))(
+        stacked, data
+    )
+    assert metrics["kl"].shape == (2, 2)
+    for seed, state in enumerate(states):
+        alone, _ = train(state, data)
+        for a, b in zip(_leaves(alone.params), _leaves(jax.tree.map(lambda x: x[seed], batched.params))):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(_leaves(batched.params)[0][0], _leaves(batched.params)[0][1])
+
+
+def test_a_reward_model_teacher_and_bad_configs():
+    reward_model = RewardModel(preset("tiny"), rngs=nnx.Rngs(1))
+    graphdef, reward_params = nnx.split(reward_model)
+    score = reward_model_fn(graphdef)
+    tokens, mask = prompts(4)
+    response = jnp.asarray(tokens[:, :3])
+    rewards = score(reward_params, jnp.asarray(tokens), jnp.asarray(mask), response, jnp.ones_like(response, bool))
+    np.testing.assert_array_equal(rewards, np.zeros(4))  # a fresh head scores 0
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        RLHFConfig(samples_per_prompt=1)
+    with pytest.raises(ValueError, match="algorithm"):
+        RLHFConfig(algorithm="dpo")
+    with pytest.raises(ValueError, match="minibatches"):
+        RLHFConfig(prompts_per_iteration=3, samples_per_prompt=2, minibatches=4)
+    with pytest.raises(ValueError, match="temperature"):
+        RLHFConfig(temperature=0.0)
