@@ -85,7 +85,8 @@ def _default_solver():
     return diffrax.Dopri5()
 
 
-def _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
+def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
+    """Check a tabular problem before any work; returns ``(rm_rewards, eval_rewards)`` as arrays."""
     rm_rewards = jnp.asarray(rm_rewards)
     if rm_rewards.ndim < 2:
         raise ValueError(f"rewards must be shaped [..., prompts, outputs], got {rm_rewards.shape}.")
@@ -152,7 +153,7 @@ def first_passage(
       :class:`FirstPassage` with ``[..., S]`` arrays.
     """
     policy = TabularPolicy() if policy is None else policy
-    rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     if is_concrete(gamma) and np.any(np.asarray(gamma) <= 0):
         raise ValueError(f"gamma must be > 0; the smallest given is {np.min(gamma)}.")
     if is_concrete(t_max) and not float(t_max) > 0:
@@ -507,7 +508,7 @@ def trajectory(
     problem of the leading batch, saving only the metrics. ``ts`` must be non-decreasing, >= 0.
     """
     policy = TabularPolicy() if policy is None else policy
-    rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     ts = jnp.asarray(ts, rm_rewards.dtype)
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-d array of times, got shape {ts.shape}.")
@@ -589,38 +590,51 @@ def exact_gradient_ascent(
     ((4, 1), True)
     """
     policy = TabularPolicy() if policy is None else policy
-    rm_rewards, eval_rewards = _validate(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     if not (isinstance(num_steps, int) and num_steps >= 0):
         raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
     kl_coef = jnp.asarray(kl_coef, rm_rewards.dtype)
-    return _ascent(
+    return gradient_ascent(
         init_logits,
         rm_rewards,
         eval_rewards,
         kl_coef,
+        jax.random.key(0),
         policy=policy,
         optimizer=optimizer,
         num_steps=num_steps,
         track=track,
+        gradient=_exact_gradient,
     )
 
 
-@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track"))
-def _ascent(logits, rm_rewards, eval_rewards, kl_coef, *, policy, optimizer, num_steps, track):
+def _exact_gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key):
+    del key
+    return objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=kl_coef)
+
+
+@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient"))
+def gradient_ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer, num_steps, track, gradient):
+    """The ascent loop shared by exact and sampled gradients (see :func:`exact_gradient_ascent`).
+
+    ``gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key)`` returns the gradient
+    (or an estimate of it) of the objective; step ``n`` passes it ``fold_in(key, n)``. Inputs are
+    validated by the public callers.
+    """
     ref_log_probs = policy.log_probs(logits)
     lam = kl_coef[..., None, None] if kl_coef.ndim else kl_coef
 
     def measure(logits):
         return flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) if track else None
 
-    def step(carry, _):
+    def step(carry, index):
         logits, opt_state = carry
-        grads = objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=lam)
+        grads = gradient(policy, logits, rm_rewards, ref_log_probs, lam, jax.random.fold_in(key, index))
         ascent = jax.tree.map(jnp.negative, grads)  # optax minimizes
         updates, opt_state = optimizer.update(ascent, opt_state, logits)
         return (optax.apply_updates(logits, updates), opt_state), measure(logits)
 
-    (logits, _), history = jax.lax.scan(step, (logits, optimizer.init(logits)), length=num_steps)
+    (logits, _), history = jax.lax.scan(step, (logits, optimizer.init(logits)), jnp.arange(num_steps))
     if track:
         history = jax.tree.map(lambda h, last: jnp.concatenate([h, last[None]]), history, measure(logits))
     return logits, history

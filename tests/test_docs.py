@@ -10,6 +10,8 @@ MODULES = [
     "jaxrm.tabular",
     "jaxrm.flow",
     "jaxrm.bounds",
+    "jaxrm.pg",
+    "jaxrm.tabular_pg",
     "jaxrm.models.config",
     "jaxrm.models.sampling",
     "jaxrm.train.reward",

@@ -34,10 +34,10 @@ from jaxrm.models.sampling import sample
 DEFAULT_SHAPES = ("pythia-10m", "pythia-70m")
 
 
-def build_pair(shape: str, directory: Path, seed: int = 0):
-    """A random HF model of a preset's shape, and the same weights loaded into jaxrm."""
+def hf_config(shape: str, **changes):
+    """The ``transformers.GPTNeoXConfig`` of a jaxrm preset (no BOS/EOS: every row generates every token)."""
     config = preset(shape)
-    hf_config = transformers.GPTNeoXConfig(
+    values = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers,
@@ -50,8 +50,13 @@ def build_pair(shape: str, directory: Path, seed: int = 0):
         bos_token_id=None,
         eos_token_id=None,
     )
+    return transformers.GPTNeoXConfig(**{**values, **changes})
+
+
+def build_pair(shape: str, directory: Path, seed: int = 0):
+    """A random HF model of a preset's shape, and the same weights loaded into jaxrm."""
     torch.manual_seed(seed)
-    hf_model = transformers.GPTNeoXForCausalLM(hf_config).eval()
+    hf_model = transformers.GPTNeoXForCausalLM(hf_config(shape)).eval()
     hf_model.save_pretrained(directory)
     return hf_model, load_hf(directory)
 

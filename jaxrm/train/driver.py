@@ -124,6 +124,11 @@ def run_rlhf(
         jnp.float32(reward_stats[1]),
     )
     if mesh is not None:
+        if config.prompts_per_iteration % mesh.shape["data"]:
+            raise ValueError(
+                f"prompts_per_iteration={config.prompts_per_iteration} must be a multiple of the mesh's data axis "
+                f"({mesh.shape['data']} devices), so that every device samples whole prompts."
+            )
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
         params = put_global(state.params, param_shardings(state.params, mesh, strategy=param_sharding))

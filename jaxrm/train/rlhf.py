@@ -17,6 +17,14 @@ chunks of iterations from Python for progress, ``metrics.jsonl`` and checkpoints
 
 Log-probs for training (new, old and reference) use ``logits / temperature``; top-k/top-p only
 shape which tokens are drawn (as TRL does).
+
+Metrics of an iteration (means over its ``prompts_per_iteration x k`` responses):
+``proxy_reward`` (the teacher's raw score), ``reward_variance`` (per prompt over its k samples,
+``ddof=1``, averaged), ``kl`` (``sum_t log pi - log pi_ref``, the unbiased k1 estimate of the
+sequence KL: it can dip below 0 near the reference), ``entropy`` (per-token, of the tempered
+policy), ``clip_fraction``, ``loss``, ``response_length``; with a ground-truth function also
+``ground_truth_reward`` and ``on_policy_accuracy`` (the teacher against the ground truth over
+the pairs of each prompt's samples, a tie agreeing only with a tie).
 """
 
 from __future__ import annotations

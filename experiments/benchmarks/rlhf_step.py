@@ -1,0 +1,233 @@
+"""Benchmark: full RLOO iterations with jaxrm against TRL's ``RLOOTrainer`` on the same CPU.
+
+One iteration = generation (``--prompts`` prompts x k = 2 responses of exactly ``--new-tokens``
+tokens, temperature 1), scoring by a reward model, reference log-probs, and one optimizer update
+on the sequence-level clipped surrogate (RLOO, KL 0.05 in the reward). Both sides use a
+Pythia-shaped policy and reward model of the same shape (default ``pythia-10m``, ~9M parameters
+each), float32, 16-token prompts, with the same random weights (built with ``transformers``,
+loaded into jaxrm with ``load_hf``).
+
+Reported: generated tokens per second (median over timed iterations after a warm-up) and model
+FLOP utilisation, MFU = model FLOPs per iteration / time / matmul peak, where the peak is a large
+float32 matrix product timed in the same run. Model FLOPs per iteration count ``2 x params`` per
+token for every forward pass the algorithm needs (generation, the reference's log-probs, the
+reward model, the policy in the update) and ``4 x params`` per token for the backward pass, with
+``params`` excluding the input embedding (a lookup); recomputations (old log-probs, gradient
+checkpointing) are not counted. TRL runs with ``gradient_checkpointing=False`` (its default is
+True, which costs one more forward pass) so that both sides do the same arithmetic.
+
+Run from the repository root: ``python -m experiments.benchmarks.rlhf_step [--help]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from experiments.benchmarks.generate import build_pair, hf_config
+from jaxrm.models import preset
+from jaxrm.models.hf import load_hf
+from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
+
+PROMPT_LEN = 16
+K = 2
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a ``size`` x ``size`` float32 matrix product under jit (best of ``repeats``)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    best = min(_seconds(lambda: product(a).block_until_ready()) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_flops_per_iteration(shape: str, prompts: int, new_tokens: int) -> float:
+    config = preset(shape)
+    dense = config.num_params() - config.vocab_size * config.hidden_size  # the input embedding is a lookup
+    reward_dense = config.num_params(reward_head=True) - config.vocab_size * config.hidden_size
+    sequences, length = prompts * K, PROMPT_LEN + new_tokens
+    generation = 2 * dense * sequences * length
+    reference = 2 * dense * sequences * length
+    update = 6 * dense * sequences * length  # forward + backward of the policy
+    scoring = 2 * reward_dense * sequences * length
+    return float(generation + reference + update + scoring)
+
+
+def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> tuple[list[float], float]:
+    config = RLHFConfig(
+        prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens, learning_rate=1e-6
+    )
+    policy = load_hf(directory / "policy")
+    reward_model = load_hf(directory / "reward", head="reward")
+    graphdef, params = nnx.split(policy)
+    reward_graphdef, reward_params = nnx.split(reward_model)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, policy.config.vocab_size, (prompts, PROMPT_LEN)), jnp.int32)
+    data = TrainData(tokens, jnp.ones(tokens.shape, bool), params, reward_params, jnp.float32(0), jnp.float32(1))
+    iteration, _ = make_iteration(config, graphdef, reward_model_fn(reward_graphdef))
+    state = init_state(policy, config, jax.random.key(0))
+    began = time.perf_counter()
+    step = jax.jit(iteration).lower(state, data).compile()
+    compile_s = time.perf_counter() - began
+    state, _ = step(state, data)  # warm-up
+    times = []
+    for _ in range(iterations):
+        began = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - began)
+        assert float(metrics["response_length"]) == new_tokens
+    return times, compile_s
+
+
+def _word_tokenizer(vocab_size: int):
+    """A whitespace tokenizer over the words t0 .. t{V-1} (t0 = padding, t1 = end of sequence)."""
+    import tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
+
+
+def trl_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> list[float]:
+    import datasets
+    from trl import RLOOConfig, RLOOTrainer
+
+    vocab = preset(shape).vocab_size
+    tokenizer = _word_tokenizer(vocab)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"t{i}" for i in rng.integers(3, vocab, PROMPT_LEN)) for _ in range(prompts)]
+    dataset = datasets.Dataset.from_dict({"prompt": texts * (iterations + 2)})
+    policy = transformers.GPTNeoXForCausalLM.from_pretrained(directory / "policy")
+    reward = transformers.GPTNeoXForSequenceClassification.from_pretrained(directory / "reward", num_labels=1)
+
+    class StepTimes(transformers.TrainerCallback):
+        times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.began)
+
+    args = RLOOConfig(
+        output_dir=str(directory / "trl"),
+        per_device_train_batch_size=prompts * K,
+        num_generations=K,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens},
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.05,
+        epsilon=0.2,
+        learning_rate=1e-6,
+        max_steps=iterations + 1,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    timer = StepTimes()
+    trainer = RLOOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.train()
+    return timer.times[1:]  # the first step warms up
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset of the policy and reward model")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=5, help="timed iterations per side")
+    parser.add_argument("--skip-trl", action="store_true", help="only time jaxrm (e.g. on a GPU machine)")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rlhf_step.json"))
+    args = parser.parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    peak = matmul_peak_flops()
+    flops = model_flops_per_iteration(args.shape, args.prompts, args.new_tokens)
+    tokens = args.prompts * K * args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        build_pair(args.shape, directory / "policy", seed=0)
+        torch.manual_seed(1)
+        transformers.GPTNeoXForSequenceClassification(hf_config(args.shape, num_labels=1)).save_pretrained(
+            directory / "reward"
+        )
+        ours, compile_s = jaxrm_iterations(
+            args.shape, directory, prompts=args.prompts, new_tokens=args.new_tokens, iterations=args.iterations
+        )
+        result = {
+            "shape": args.shape,
+            "prompts": args.prompts,
+            "k": K,
+            "new_tokens": args.new_tokens,
+            "matmul_peak_gflops": peak / 1e9,
+            "model_gflops_per_iteration": flops / 1e9,
+            "jaxrm_iteration_s": statistics.median(ours),
+            "jaxrm_compile_s": compile_s,
+        }
+        result["jaxrm_tokens_per_s"] = tokens / result["jaxrm_iteration_s"]
+        result["jaxrm_mfu"] = flops / result["jaxrm_iteration_s"] / peak
+        print(
+            f"jaxrm: {result['jaxrm_iteration_s']:.2f} s/iteration, {result['jaxrm_tokens_per_s']:.0f} tokens/s, "
+            f"MFU {result['jaxrm_mfu']:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul peak (compile {compile_s:.1f} s)"
+        )
+        if not args.skip_trl:
+            theirs = trl_iterations(
+                args.shape, directory, prompts=args.prompts, new_tokens=args.new_tokens, iterations=args.iterations
+            )
+            result["trl_iteration_s"] = statistics.median(theirs)
+            result["trl_tokens_per_s"] = tokens / result["trl_iteration_s"]
+            result["trl_mfu"] = flops / result["trl_iteration_s"] / peak
+            result["speedup"] = result["trl_iteration_s"] / result["jaxrm_iteration_s"]
+            print(
+                f"TRL RLOOTrainer: {result['trl_iteration_s']:.2f} s/iteration, {result['trl_tokens_per_s']:.0f} "
+                f"tokens/s, MFU {result['trl_mfu']:.1%}; jaxrm speed-up {result['speedup']:.2f}x"
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
