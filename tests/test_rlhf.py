@@ -18,9 +18,18 @@ from flax import nnx
 from rlhf_task import CONFIG, ground_truth, policy, prompts
 
 from jaxrm.models import RewardModel, preset
+from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh
 from jaxrm.train.driver import run_rlhf
-from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, make_train, reward_model_fn
+from jaxrm.train.rlhf import (
+    RLHFConfig,
+    TrainData,
+    init_state,
+    make_iteration,
+    make_train,
+    measure_reward_statistics,
+    reward_model_fn,
+)
 
 WORKER = Path(__file__).with_name("rlhf_worker.py")
 
@@ -238,3 +247,16 @@ def test_grpo_with_kl_in_the_loss_minibatches_and_epochs():
     assert history[0]["clip_fraction"] > 0
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["kl"]) for h in history)
     assert history[-1]["kl"] > 0  # an unbiased (k1) estimate: may dip below 0 early, not after 3 updates
+
+
+def test_reward_statistics_are_measured_once_on_the_initial_policy():
+    model = policy()
+    tokens, mask = prompts(8)
+    config = dataclasses.replace(CONFIG, max_new_tokens=4)
+    mean, std = measure_reward_statistics(
+        model, ground_truth, None, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(7), config=config, samples=3
+    )
+    drawn = [sample(model, tokens, mask, jax.random.fold_in(jax.random.key(7), i), max_new_tokens=4) for i in range(3)]
+    scores = np.concatenate([np.asarray(ground_truth(None, tokens, mask, d.tokens, d.mask)) for d in drawn])
+    np.testing.assert_allclose([float(mean), float(std)], [scores.mean(), scores.std()], rtol=1e-6)
+    assert 0 < float(mean) < 1 and float(std) > 0
