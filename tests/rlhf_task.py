@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrm.models import CausalLM, pad_sequences, preset
+from jaxrm.train.driver import run_rlhf
 from jaxrm.train.rlhf import RLHFConfig
 
 # adam_eps 1e-6: Adam divides by |g| + eps, so with the default 1e-8 a gradient component that is
@@ -30,3 +31,20 @@ def policy() -> CausalLM:
 def prompts(count: int = 32):
     rng = np.random.default_rng(0)
     return pad_sequences([list(rng.integers(1, 97, rng.integers(2, 6))) for _ in range(count)])
+
+
+def run(out_dir, iterations: int, **options):
+    """``run_rlhf`` of the task: the ground truth is both the teacher and the measured reward."""
+    tokens, mask = prompts()
+    return run_rlhf(
+        policy(),
+        ground_truth,
+        None,
+        tokens,
+        mask,
+        CONFIG,
+        num_iterations=iterations,
+        out_dir=out_dir,
+        ground_truth_fn=ground_truth,
+        **options,
+    )

@@ -38,10 +38,9 @@ if args.num_processes > 1:
     )
 
 import numpy as np  # noqa: E402
-from rlhf_task import CONFIG, ground_truth, policy, prompts  # noqa: E402
+from rlhf_task import run  # noqa: E402
 
 from jaxrm.sharding import make_mesh  # noqa: E402
-from jaxrm.train.driver import run_rlhf  # noqa: E402
 
 
 def log(line: str) -> None:
@@ -51,17 +50,9 @@ def log(line: str) -> None:
             time.sleep(60)
 
 
-tokens, mask = prompts()
-state, _ = run_rlhf(
-    policy(),
-    ground_truth,
-    None,
-    tokens,
-    mask,
-    CONFIG,
-    num_iterations=args.iterations,
-    out_dir=args.out,
-    ground_truth_fn=ground_truth,
+state, _ = run(
+    args.out,
+    args.iterations,
     checkpoint_every=args.checkpoint_every,
     log_every=1,
     mesh=make_mesh(),

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import rlhf_task
 from flax import nnx
 from rlhf_task import CONFIG, ground_truth, policy, prompts
 
 from jaxrm.models import RewardModel, preset
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh
-from jaxrm.train.driver import run_rlhf
 from jaxrm.train.rlhf import (
     RLHFConfig,
     TrainData,
@@ -35,20 +35,8 @@ WORKER = Path(__file__).with_name("rlhf_worker.py")
 
 
 def _run(tmp_path, name, iterations, **options):
-    tokens, mask = prompts()
     options.setdefault("log", None)
-    return run_rlhf(
-        policy(),
-        ground_truth,
-        None,
-        tokens,
-        mask,
-        CONFIG,
-        num_iterations=iterations,
-        out_dir=tmp_path / name,
-        ground_truth_fn=ground_truth,
-        **options,
-    )
+    return rlhf_task.run(tmp_path / name, iterations, **options)
 
 
 def _leaves(params):
