@@ -79,6 +79,15 @@ def dr_grpo_advantages(rewards):
     return grpo_advantages(rewards, scale=False)
 
 
+ADVANTAGES = {
+    "rloo": rloo_advantages,
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "reinforce": reinforce_advantages,
+}
+"""The advantage kernels by name, each with its defaults: ``advantages = ADVANTAGES[name](rewards)``."""
+
+
 def _masked_sum(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
 

@@ -19,13 +19,7 @@ from jaxrm import flow, pg
 from jaxrm._checks import check_choice
 from jaxrm.tabular import TabularPolicy
 
-ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce")
-_ADVANTAGES = {
-    "rloo": pg.rloo_advantages,
-    "grpo": pg.grpo_advantages,
-    "dr_grpo": pg.dr_grpo_advantages,
-    "reinforce": pg.reinforce_advantages,
-}
+ESTIMATORS = tuple(pg.ADVANTAGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +49,7 @@ class SampledGradient:
         penalized = pg.kl_penalized_rewards(
             sampled(rewards)[..., 0], sampled(log_probs), sampled(ref_log_probs), mask, kl_coef=kl_coef
         )
-        advantages = _ADVANTAGES[self.estimator](penalized)
+        advantages = pg.ADVANTAGES[self.estimator](penalized)
 
         def surrogate(theta):
             # The mean over prompts x k of -A log pi: its expected gradient is -objective_grad.

@@ -43,7 +43,7 @@ from jaxrm._checks import check_choice
 from jaxrm.models.sampling import SamplingOptions, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 
-ALGORITHMS = ("rloo", "grpo", "dr_grpo", "reinforce")
+ALGORITHMS = tuple(pg.ADVANTAGES)
 KL_PLACEMENTS = ("reward", "loss")
 
 # A teacher maps (prompt, prompt_mask, response, response_mask) -> rewards [batch]; ``params`` is
@@ -176,16 +176,6 @@ def policy_log_probs(graphdef, params, prompt, prompt_mask, response, response_m
     return jnp.where(response_mask, token_log_probs(logits, response), 0.0), logits
 
 
-def _advantages(config: RLHFConfig, rewards):
-    if config.algorithm == "rloo":
-        return pg.rloo_advantages(rewards)
-    if config.algorithm == "grpo":
-        return pg.grpo_advantages(rewards)
-    if config.algorithm == "dr_grpo":
-        return pg.dr_grpo_advantages(rewards)
-    return pg.reinforce_advantages(rewards)
-
-
 def make_iteration(
     config: RLHFConfig,
     policy_graphdef: nnx.GraphDef,
@@ -261,10 +251,11 @@ def make_iteration(
         rewards = pg.normalize_sampled_rewards(raw, data.reward_mean, data.reward_std, clip=config.reward_clip)
         kl_sequence = jnp.sum(pg.kl_per_token(old_logp, ref_logp, response_mask), axis=-1).reshape(num_prompts, k)
         if config.kl_placement == "reward":
-            rewards = rewards - config.kl_coef * jnp.sum(
-                pg.kl_per_token(old_logp, ref_logp, response_mask, estimator=config.kl_estimator), axis=-1
-            ).reshape(num_prompts, k)
-        advantages = _advantages(config, rewards).reshape(batch)
+            per_prompt = [a.reshape(num_prompts, k, -1) for a in (old_logp, ref_logp, response_mask)]
+            rewards = pg.kl_penalized_rewards(
+                rewards, *per_prompt, kl_coef=config.kl_coef, estimator=config.kl_estimator
+            )
+        advantages = pg.ADVANTAGES[config.algorithm](rewards).reshape(batch)
 
         everything = (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages)
 
