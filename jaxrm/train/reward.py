@@ -28,6 +28,7 @@ from jaxrm._checks import check_token_ids
 from jaxrm.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
+from jaxrm.train.loop import epoch_order, make_minibatch_loop
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, *, centering: float = 0.0):
@@ -144,30 +145,15 @@ class RewardTrainConfig:
 
 
 def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig, pairs: PreferencePairs):
-    """Pure ``run(params, opt_state, order, start, stop, history) -> (params, opt_state, history)``.
-
-    ``order[step]`` holds the pair indices of optimizer step ``step``; steps ``start..stop-1`` run
-    (a ``fori_loop``, so one compiled program serves every ``start``/``stop``) and write their
-    loss and batch accuracy into ``history``, a ``[2, num_steps]`` array.
-    """
+    """The pure minibatch loop of Bradley-Terry training (see :func:`jaxrm.train.loop.make_minibatch_loop`);
+    its history rows are the loss and the batch accuracy. Returns ``(run, optimizer)``."""
     optimizer = config.optimizer()
 
     def loss_fn(params, batch):
         chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
         return bradley_terry_loss(chosen, rejected, centering=config.centering), pairwise_accuracy(chosen, rejected)
 
-    def run(params, opt_state, order, start, stop, history):
-        def one_step(step, carry):
-            params, opt_state, history = carry
-            batch = jax.tree.map(lambda a: a[order[step]], pairs)
-            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return params, opt_state, history.at[:, step].set(jnp.stack([loss, accuracy]))
-
-        return jax.lax.fori_loop(start, stop, one_step, (params, opt_state, history))
-
-    return run, optimizer
+    return make_minibatch_loop(loss_fn, optimizer, pairs), optimizer
 
 
 def evaluate_reward_model(model: RewardModel, pairs: PreferencePairs, *, batch_size: int = 64) -> dict:
@@ -238,10 +224,8 @@ def train_reward_model(
     pairs.validate(vocab)
     if eval_pairs is not None:
         eval_pairs.validate(vocab)
-    steps_per_epoch = len(pairs) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {config.batch_size}.")
-    num_steps = steps_per_epoch * config.epochs
+    order = epoch_order(len(pairs), config.batch_size, config.epochs, config.seed)
+    num_steps, steps_per_epoch = len(order), len(order) // config.epochs
     stops = sorted({*eval_steps, *checkpoint_steps, num_steps})
     if stops[0] < 0 or stops[-1] > num_steps:
         raise ValueError(f"eval/checkpoint steps must lie in [0, {num_steps}], got {stops}.")
@@ -254,10 +238,6 @@ def train_reward_model(
         if taken:
             raise FileExistsError(f"{checkpoint_dir} already holds checkpoints for steps {taken}.")
 
-    rng = np.random.default_rng(config.seed)
-    order = np.concatenate(
-        [rng.permutation(len(pairs))[: steps_per_epoch * config.batch_size] for _ in range(config.epochs)]
-    ).reshape(num_steps, config.batch_size)
     pairs = jax.tree.map(jnp.asarray, pairs)
     graphdef, params = nnx.split(model)
     run, optimizer = make_reward_train(graphdef, config, pairs)

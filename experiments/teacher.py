@@ -1,0 +1,490 @@
+"""The reward-model teacher study of Razin et al. (2025, §4) in miniature, on transformer policies.
+
+    python -m experiments.teacher [--preset cpu|ci] [--out DIR]
+
+Stages (each saved in the run directory and skipped when a restarted run finds it done):
+
+1. SFT: a small Pythia-shaped policy imitates the noisy demonstrator of
+   :class:`experiments.tasks.TopicTask`; the other students (§4.2) imitate sharper or flatter
+   demonstrators of the same task.
+2. Reward models: Bradley-Terry (centering 0.01, one epoch) from the SFT model on pairs where
+   100/75/50/25/0 % of the prompts carry on-policy pairs (two SFT samples) and the rest
+   off-policy pairs, all labelled by the ground truth.
+3. Teachers: those five, the perfectly accurate low-variance model (ground truth x 0.001 on half
+   of the prompts) and the ground truth itself; each normalised by a mean/std measured once on
+   the initial policy. Table 1: reward variance, on-policy and off-policy accuracy.
+4. RLOO (k = 2, KL 0.05 in the reward, sequence-level clip) for every teacher and seed in one
+   vmapped program, checkpointed every chunk; proxy and ground-truth gains; Table 2
+   correlations beside the paper's. Then the same teachers for the other students (§4.2).
+
+Writes ``config.json``, ``summary.json``, ``report.md``, ``figures/teacher.png`` and
+``checkpoints/`` (per stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments.tasks import TopicTask
+from jaxrm import metrics
+from jaxrm.checkpoint import RunCheckpoints, load_model, save_model
+from jaxrm.models import CausalLM, RewardModel, preset, sample
+from jaxrm.train import PreferencePairs, RewardTrainConfig, train_reward_model
+from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_train
+from jaxrm.train.sft import SFTConfig, train_sft
+from theory.common import Progress, config_from_dict, fmt, pyplot, save_figure, write_json, write_text
+
+ON_POLICY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
+TEACHERS = ("RM 100%", "RM 75%", "RM 50%", "RM 25%", "RM 0%", "perfect, low variance", "ground truth")
+# Razin et al. Table 1 (Pythia-2.8B) and Table 2, for the report.
+PAPER_TABLE1 = {
+    "reward variance": (0.630, 0.616, 0.555, 0.438, 0.314, 0.111, 0.256),
+    "on-policy accuracy": (0.660, 0.656, 0.640, 0.616, 0.587, 1.0, 1.0),
+    "off-policy accuracy": (0.630, 0.732, 0.758, 0.754, 0.762, 1.0, 1.0),
+}
+PAPER_TABLE2 = {
+    ("reward variance", "proxy"): (0.982, 1.000),
+    ("reward variance", "ground truth"): (0.834, 0.714),
+    ("on-policy accuracy", "proxy"): (-0.762, 0.143),
+    ("on-policy accuracy", "ground truth"): (-0.283, 0.200),
+    ("off-policy accuracy", "proxy"): (-0.933, -0.943),
+    ("off-policy accuracy", "ground truth"): (-0.507, -0.543),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Sizes of the study; ``preset`` gives the named ones."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    sft_examples: int = 8192
+    sft_epochs: int = 2
+    # Demonstrator sharpness of each student's SFT data: the main student first, then the §4.2 ones.
+    student_sharpness: tuple[float, ...] = (1.5, 0.5, 3.0)
+    rm_prompts: int = 8192
+    rm_learning_rate: float = 2e-3
+    eval_prompts: int = 256
+    eval_samples: int = 10
+    pg_prompts: int = 1024
+    prompts_per_iteration: int = 64
+    iterations: int = 200
+    chunk: int = 25
+    seeds: int = 3
+    learning_rate: float = 3e-4
+    kl_coef: float = 0.05
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str) -> TeacherConfig:
+        presets = {
+            "cpu": cls(),
+            "ci": cls(
+                sft_examples=512,
+                sft_epochs=1,
+                student_sharpness=(1.5, 3.0),
+                rm_prompts=128,
+                eval_prompts=32,
+                eval_samples=4,
+                pg_prompts=32,
+                prompts_per_iteration=8,
+                iterations=4,
+                chunk=2,
+                seeds=2,
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(presets)}.")
+        return presets[name]
+
+
+def _model_config(config: TeacherConfig, task: TopicTask):
+    return preset(
+        "tiny",
+        vocab_size=task.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=4 * config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+    )
+
+
+def _stage(path: Path, build, log):
+    """Load the model saved at ``path``, or build it and save it there."""
+    if path.exists():
+        log(f"reusing {path.name}")
+        return load_model(path)
+    model = build()
+    save_model(model, path)
+    return model
+
+
+def _students(config, task, out_dir, log):
+    students = []
+    for index, sharpness in enumerate(config.student_sharpness):
+
+        def build(sharpness=sharpness):
+            model = CausalLM(_model_config(config, task), rngs=nnx.Rngs(config.seed))
+            demonstrator = dataclasses.replace(task, demo_sharpness=sharpness)  # same ground truth
+            data = demonstrator.sft_data(config.sft_examples, np.random.default_rng(config.seed + 1))
+            train_sft(model, *data, SFTConfig(learning_rate=3e-3, batch_size=64, epochs=config.sft_epochs), log=log)
+            return model
+
+        students.append(_stage(out_dir / "checkpoints" / f"sft_{index}_sharpness{sharpness}", build, log))
+    return students
+
+
+def _label(task, prompts, first, second):
+    """Chosen/rejected by the ground truth; rows with equal ground truth are dropped."""
+    ones = jnp.ones(first.shape, bool)
+    a = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(first), ones))
+    b = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(second), ones))
+    keep = a != b
+    chosen = np.where((a > b)[:, None], first, second)[keep]
+    rejected = np.where((a > b)[:, None], second, first)[keep]
+    return prompts[keep], chosen, rejected, keep
+
+
+def _pairs(prompts, chosen, rejected):
+    mask = np.ones(chosen.shape, bool)
+    return PreferencePairs(prompts, np.ones(prompts.shape, bool), chosen, mask, rejected, mask)
+
+
+def _reward_models(config, task, sft, out_dir, log):
+    rng = np.random.default_rng(config.seed + 2)
+    prompts = task.prompts(config.rm_prompts, rng)
+    both = np.repeat(prompts, 2, axis=0)
+    drawn = np.asarray(
+        sample(
+            sft, both, np.ones(both.shape, bool), jax.random.key(config.seed + 2), max_new_tokens=task.response_len
+        ).tokens
+    ).reshape(len(prompts), 2, -1)
+    off = np.stack([task.off_policy_responses(prompts, rng) for _ in range(2)], axis=1)
+    on_pairs = _label(task, prompts, drawn[:, 0], drawn[:, 1])
+    off_pairs = _label(task, prompts, off[:, 0], off[:, 1])
+    models = []
+    for fraction in ON_POLICY_FRACTIONS:
+
+        def build(fraction=fraction):
+            cut = int(round(fraction * len(prompts)))
+            take_on, take_off = on_pairs[3][:cut], off_pairs[3][cut:]
+            on_rows = np.cumsum(on_pairs[3]) - 1
+            off_rows = np.cumsum(off_pairs[3]) - 1
+            parts = [
+                tuple(a[on_rows[:cut][take_on]] for a in on_pairs[:3]),
+                tuple(a[off_rows[cut:][take_off]] for a in off_pairs[:3]),
+            ]
+            data = _pairs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+            model = RewardModel(sft.config, rngs=nnx.Rngs(0))
+            nnx.update(model.trunk, nnx.state(sft.trunk))
+            train_reward_model(
+                model,
+                data,
+                RewardTrainConfig(
+                    learning_rate=config.rm_learning_rate, batch_size=32, centering=0.01, seed=config.seed
+                ),
+                log=None,
+            )
+            log(f"reward model {fraction:.0%} on-policy trained on {len(data)} pairs")
+            return model
+
+        models.append(_stage(out_dir / "checkpoints" / f"rm_{int(fraction * 100):03d}", build, log))
+    return models
+
+
+def make_teacher(task: TopicTask, reward_graphdef):
+    """One teacher function for all seven teachers, so that they run in one vmapped program.
+
+    ``params = (rm_params, w_rm, w_gt, low_variance)``: ``w_rm RM(x, y) + w_gt r_G(x, y) s(x)``
+    with ``s(x) = 0.001`` on the even topics when ``low_variance``, else 1.
+    """
+
+    def teacher(params, prompt, prompt_mask, response, response_mask):
+        rm_params, w_rm, w_gt, low_variance = params
+        tokens = jnp.concatenate([prompt, response], axis=1)
+        rm = nnx.merge(reward_graphdef, rm_params)(tokens, jnp.concatenate([prompt_mask, response_mask], axis=1))
+        truth = task.ground_truth(None, prompt, prompt_mask, response, response_mask)
+        scale = jnp.where(low_variance & (task.topics(prompt) % 2 == 0), 1e-3, 1.0)
+        return w_rm * rm + w_gt * truth * scale
+
+    return teacher
+
+
+def _teacher_params(reward_models):
+    states = [nnx.state(m) for m in reward_models]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *(states + states[:2]))
+    count = len(states)
+    w_rm = jnp.array([1.0] * count + [0.0, 0.0])
+    w_gt = jnp.array([0.0] * count + [1.0, 1.0])
+    low = jnp.array([False] * count + [True, False])
+    return stacked, w_rm, w_gt, low
+
+
+def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_pairs):
+    """Per teacher: normalisation mean/std, reward variance, on- and off-policy accuracy (Table 1)."""
+    repeated = np.repeat(prompts, samples, axis=0)
+    mask = np.ones(repeated.shape, bool)
+    drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
+    score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+    rewards = score(params, jnp.asarray(repeated), jnp.asarray(mask), drawn.tokens, drawn.mask)
+    rewards = np.asarray(rewards).reshape(len(TEACHERS), len(prompts), samples)
+    truth = np.asarray(task.ground_truth(None, jnp.asarray(repeated), None, drawn.tokens, drawn.mask))
+    truth = truth.reshape(len(prompts), samples)
+    mean, std = rewards.mean(axis=(1, 2)), rewards.std(axis=(1, 2))
+    normalized = (rewards - mean[:, None, None]) / std[:, None, None]
+    off_prompts, chosen, rejected = off_pairs
+    ones = jnp.ones(chosen.shape, bool)
+    off_chosen = score(params, jnp.asarray(off_prompts), jnp.ones(off_prompts.shape, bool), jnp.asarray(chosen), ones)
+    off_rejected = score(
+        params, jnp.asarray(off_prompts), jnp.ones(off_prompts.shape, bool), jnp.asarray(rejected), ones
+    )
+    return {
+        "mean": mean,
+        "std": std,
+        "reward variance": np.asarray(metrics.sample_reward_variance(normalized)).mean(axis=-1),
+        "on-policy accuracy": np.asarray(metrics.accuracy(rewards, np.broadcast_to(truth, rewards.shape))).mean(-1),
+        "off-policy accuracy": np.asarray(jnp.mean(off_chosen > off_rejected, axis=-1)),
+        "initial ground truth": float(truth.mean()),
+    }
+
+
+def run_students(config, task, students, teacher, params, stats, out_dir, log):
+    """RLOO for every (student, teacher, seed); returns metrics ``[students, teachers, seeds, iterations]``."""
+    rl = RLHFConfig(
+        samples_per_prompt=2,
+        prompts_per_iteration=config.prompts_per_iteration,
+        max_new_tokens=task.response_len,
+        learning_rate=config.learning_rate,
+        kl_coef=config.kl_coef,
+    )
+    prompts = task.prompts(config.pg_prompts, np.random.default_rng(config.seed + 3))
+    graphdef = nnx.graphdef(students[0])
+    chunk = jax.jit(
+        jax.vmap(
+            jax.vmap(
+                make_train(rl, graphdef, teacher, config.chunk, ground_truth_fn=task.ground_truth), in_axes=(0, None)
+            ),
+            in_axes=(0, TrainData(None, None, None, 0, 0, 0)),
+        )
+    )
+    results = []
+    for index, student in enumerate(students):
+        data = TrainData(
+            jnp.asarray(prompts),
+            jnp.ones(prompts.shape, bool),
+            nnx.state(student),
+            params,
+            jnp.asarray(stats[index]["mean"], jnp.float32),
+            jnp.asarray(stats[index]["std"], jnp.float32),
+        )
+        single = [init_state(student, rl, jax.random.key(config.seed * 1000 + s)) for s in range(config.seeds)]
+        state = jax.tree.map(lambda *x: jnp.stack([jnp.stack(x)] * len(TEACHERS)), *single)
+        checkpoints = RunCheckpoints(out_dir / "checkpoints" / f"rl_student_{index}", keep=2)
+        history: dict[str, list] = {}
+        restored = checkpoints.restore_latest(state)
+        if restored is not None:
+            done, state, record = restored
+            history = {k: [np.asarray(v)] for k, v in record["history"].items()}
+            log(f"student {index}: resuming RLOO at iteration {done}")
+        done = int(np.asarray(state.step).max())
+        while done < config.iterations:
+            state, out = chunk(state, data)
+            for name, values in out.items():
+                history.setdefault(name, []).append(np.asarray(values))
+            done += config.chunk
+            merged = {k: np.concatenate(v, axis=-1).tolist() for k, v in history.items()}
+            checkpoints.save(done, state, {"history": merged})
+            gt = np.concatenate(history["ground_truth_reward"], axis=-1)[..., -1].mean(-1)
+            log(
+                f"student {index}: iteration {done}/{config.iterations}, ground truth by teacher "
+                + " ".join(f"{g:+.3f}" for g in gt)
+            )
+        checkpoints.close()
+        # float64 whether fresh or read back from a checkpoint's JSON, so a resumed run summarizes alike.
+        results.append({k: np.concatenate(v, axis=-1).astype(np.float64) for k, v in history.items()})
+    return results
+
+
+def _gains(curves, window):
+    """Mean of the last ``window`` iterations minus the first iteration: ``[..., iterations] -> [...]``."""
+    return curves[..., -window:].mean(-1) - curves[..., :1].mean(-1)
+
+
+def summarize(config, stats, results):
+    window = max(1, config.iterations // 10)
+    main, main_stats = results[0], stats[0]
+    proxy = (main["proxy_reward"] - main_stats["mean"][:, None, None]) / main_stats["std"][:, None, None]
+    proxy_gain, truth_gain = _gains(proxy, window), _gains(main["ground_truth_reward"], window)
+    table1 = {name: [float(v) for v in main_stats[name]] for name in PAPER_TABLE1}
+    models = slice(0, len(TEACHERS) - 1)  # the paper correlates over reward models, not the ground truth
+    table2 = {}
+    for prop in PAPER_TABLE1:
+        for target, gains in (("proxy", proxy_gain), ("ground truth", truth_gain)):
+            x, y = jnp.asarray(main_stats[prop][models]), jnp.asarray(gains.mean(-1)[models])
+            table2[f"{prop} / {target}"] = [float(metrics.pearson(x, y)), float(metrics.spearman(x, y))]
+    students = []
+    for index, result in enumerate(results):
+        gains = _gains(result["ground_truth_reward"], window).mean(-1)
+        students.append(
+            {
+                "demonstrator_sharpness": config.student_sharpness[index],
+                "ground_truth_gain": gains.tolist(),
+                "best_reward_model": TEACHERS[int(np.argmax(gains[:5]))],
+                "variance": [float(v) for v in stats[index]["reward variance"]],
+            }
+        )
+    return {
+        "teachers": list(TEACHERS),
+        "table1": table1,
+        "proxy_gain": proxy_gain.mean(-1).tolist(),
+        "proxy_gain_spread": proxy_gain.std(-1).tolist(),
+        "ground_truth_gain": truth_gain.mean(-1).tolist(),
+        "ground_truth_gain_spread": truth_gain.std(-1).tolist(),
+        "table2": table2,
+        "students": students,
+        "initial_ground_truth": [s["initial ground truth"] for s in stats],
+    }
+
+
+def plot(config, stats, results, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    main, main_stats = results[0], stats[0]
+    steps = np.arange(main["kl"].shape[-1])
+    width = min(5, len(steps))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(TEACHERS)))
+    proxy = (main["proxy_reward"] - main_stats["mean"][:, None, None]) / main_stats["std"][:, None, None]
+    for panel, (curves, title) in enumerate(
+        (
+            (proxy, "proxy reward (normalized)"),
+            (main["ground_truth_reward"], "ground-truth reward"),
+            (main["kl"], "KL to the initial policy"),
+        )
+    ):
+        ax = axes[panel]
+        for t, name in enumerate(TEACHERS):
+            smooth = np.apply_along_axis(lambda c: np.convolve(c, np.ones(width) / width, "valid"), -1, curves[t])
+            ax.plot(steps[width - 1 :], smooth.mean(0), color=colors[t], label=name)
+            ax.fill_between(steps[width - 1 :], smooth.min(0), smooth.max(0), color=colors[t], alpha=0.15)
+        ax.set(title=title, xlabel="RLOO iteration")
+    axes[0].legend(fontsize=7)
+    ax = axes[3]
+    width = 0.8 / len(results)  # bar width
+    for index, result in enumerate(results):
+        gains = _gains(result["ground_truth_reward"], max(1, config.iterations // 10))
+        ax.bar(
+            np.arange(len(TEACHERS)) + index * width,
+            gains.mean(-1),
+            width,
+            yerr=gains.std(-1),
+            label=f"student: demonstrator sharpness {config.student_sharpness[index]}",
+        )
+    ax.set_xticks(np.arange(len(TEACHERS)) + 0.4 - width / 2, [t.replace(", ", "\n") for t in TEACHERS], fontsize=7)
+    ax.set(title="ground-truth gain by teacher and student")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def report(config, summary) -> str:
+    lines = ["# The reward-model teacher study in miniature (Razin et al. §4)", ""]
+    lines += [
+        "## Table 1: teachers measured on the initial policy (paper's Pythia-2.8B values in brackets)",
+        "",
+        "| teacher | reward variance | on-policy accuracy | off-policy accuracy | proxy gain | ground-truth gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t, name in enumerate(TEACHERS):
+        cells = [f"{fmt(summary['table1'][p][t])} [{PAPER_TABLE1[p][t]}]" for p in PAPER_TABLE1]
+        cells += [
+            f"{fmt(summary['proxy_gain'][t])} ± {fmt(summary['proxy_gain_spread'][t], 2)}",
+            f"{fmt(summary['ground_truth_gain'][t])} ± {fmt(summary['ground_truth_gain_spread'][t], 2)}",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Gains: mean of the last {max(1, config.iterations // 10)} of {config.iterations} iterations minus "
+        f"the first, mean ± std over {config.seeds} seeds; proxy in normalized units.",
+        "",
+        "## Table 2: correlation with the reward increase over the reward models (Pearson / Spearman)",
+        "",
+        "| property | target | here | paper |",
+        "|---|---|---|---|",
+    ]
+    for (prop, target), paper in PAPER_TABLE2.items():
+        here = summary["table2"][f"{prop} / {target}"]
+        lines.append(f"| {prop} | {target} | {fmt(here[0])} / {fmt(here[1])} | {paper[0]} / {paper[1]} |")
+    lines += [
+        "",
+        "## Which teacher is best depends on the student (§4.2)",
+        "",
+        "| student | initial ground truth | best reward model | ground-truth gain per teacher |",
+        "|---|---|---|---|",
+    ]
+    for index, student in enumerate(summary["students"]):
+        gains = ", ".join(f"{fmt(g)}" for g in student["ground_truth_gain"])
+        lines.append(
+            f"| SFT on demonstrator sharpness {student['demonstrator_sharpness']} | "
+            f"{fmt(summary['initial_ground_truth'][index])} | "
+            f"{student['best_reward_model']} | {gains} |"
+        )
+    lines += ["", "![teacher study](figures/teacher.png)", ""]
+    return "\n".join(lines)
+
+
+def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
+    log = log or Progress("teacher")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "config.json").exists():
+        previous = json.loads((out_dir / "config.json").read_text())
+        if previous != json.loads(json.dumps(dataclasses.asdict(config))):
+            raise ValueError(f"{out_dir} holds a run with another config; use a new --out.")
+    write_json(out_dir / "config.json", dataclasses.asdict(config))
+    task = TopicTask(seed=config.seed)
+    students = _students(config, task, out_dir, log)
+    reward_models = _reward_models(config, task, students[0], out_dir, log)
+    teacher = make_teacher(task, nnx.graphdef(reward_models[0]))
+    params = _teacher_params(reward_models)
+    rng = np.random.default_rng(config.seed + 4)
+    eval_prompts = task.prompts(config.eval_prompts, rng)
+    off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
+    off_pairs = _label(task, eval_prompts, off[:, 0], off[:, 1])[:3]
+    stats = [
+        measure_teachers(
+            task, s, teacher, params, eval_prompts, config.eval_samples, jax.random.key(config.seed + 5), off_pairs
+        )
+        for s in students
+    ]
+    log("Table 1 (main student): variance " + " ".join(fmt(v) for v in stats[0]["reward variance"]))
+    results = run_students(config, task, students, teacher, params, stats, out_dir, log)
+    summary = summarize(config, stats, results)
+    write_json(out_dir / "summary.json", summary)
+    plot(config, stats, results, out_dir / "figures" / "teacher.png")
+    write_text(out_dir / "report.md", report(config, summary))
+    log(f"wrote {out_dir / 'report.md'}")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", help="cpu (default, ~10 min on 2 cores) or ci (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("results/teacher"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    args = parser.parse_args(argv)
+    config = TeacherConfig.preset(args.preset)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = config_from_dict(TeacherConfig, {**dataclasses.asdict(config), **overrides})
+    run(args.out, config)
+
+
+if __name__ == "__main__":
+    main()

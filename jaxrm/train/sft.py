@@ -1,0 +1,86 @@
+"""Supervised fine-tuning: maximum likelihood of demonstration responses given their prompts.
+
+The loss is the mean negative log-likelihood of the response tokens,
+``-sum_{b,t} m[b,t] log pi(y[b,t] | y[b,<t]) / sum_{b,t} m[b,t]``, with ``m`` the loss mask
+(response tokens only: prompts are conditioned on, not learned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrm._checks import check_token_ids
+from jaxrm.models.transformer import CausalLM
+from jaxrm.train.loop import epoch_order, make_minibatch_loop
+
+
+def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
+    """Mean negative log-likelihood of the tokens where ``loss_mask`` is True (each predicted from its prefix)."""
+    logits = model(tokens, mask)[:, :-1]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    targets = tokens[:, 1:]
+    token_nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(token_nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("SFTConfig.batch_size and epochs must be >= 1.")
+        if not (self.learning_rate > 0 and self.max_grad_norm > 0):
+            raise ValueError("SFTConfig.learning_rate and max_grad_norm must be > 0.")
+
+
+def train_sft(
+    model: CausalLM, tokens, mask, loss_mask, config: SFTConfig = SFTConfig(), *, log: Callable | None = print
+) -> np.ndarray:
+    """Fit ``model`` (updated in place) to ``[n, length]`` demonstrations; returns the loss of every step.
+
+    ``mask`` marks real tokens, ``loss_mask`` the tokens to learn (the responses).
+    """
+    tokens, mask, loss_mask = (np.asarray(a) for a in (tokens, mask, loss_mask))
+    if not (tokens.shape == mask.shape == loss_mask.shape and tokens.ndim == 2):
+        raise ValueError(
+            f"tokens {tokens.shape}, mask {mask.shape}, loss_mask {loss_mask.shape} must be one [n, length]."
+        )
+    check_token_ids("tokens", tokens, model.config.vocab_size)
+    if not (loss_mask & mask).any(axis=1).all():
+        raise ValueError("every demonstration needs at least one response token to learn.")
+    order = epoch_order(len(tokens), config.batch_size, config.epochs, config.seed)
+    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+    graphdef, params = nnx.split(model)
+
+    def loss_fn(params, batch):
+        loss = sequence_nll(nnx.merge(graphdef, params), *batch)
+        return loss, loss
+
+    data = tuple(jnp.asarray(a) for a in (tokens, mask.astype(bool), loss_mask.astype(bool)))
+    run = jax.jit(make_minibatch_loop(loss_fn, optimizer, data))
+    began = time.perf_counter()
+    params, _, history = run(
+        params, optimizer.init(params), jnp.asarray(order), 0, len(order), jnp.zeros((2, len(order)))
+    )
+    nnx.update(model, params)
+    losses = np.asarray(history[0])
+    if log is not None:
+        log(
+            f"SFT: {len(order)} steps, loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f} "
+            f"({time.perf_counter() - began:.1f} s)"
+        )
+    return losses

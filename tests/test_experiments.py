@@ -1,0 +1,54 @@
+"""experiments/: the controlled task and a smoke run of the teacher study (preset ci)."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import teacher
+from experiments.tasks import TopicTask
+
+
+def test_the_task_ground_truth_is_graded_exact_and_prompt_dependent():
+    task = TopicTask()
+    rng = np.random.default_rng(0)
+    prompts = task.prompts(64, rng)
+    responses = task.demonstrations(prompts, rng)
+    ones = jnp.ones(responses.shape, bool)
+    rewards = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(responses), ones))
+    topics = prompts[:, 0] - 1
+    expected = task.scores[topics[:, None], responses].mean(-1)
+    np.testing.assert_allclose(rewards, expected, rtol=1e-6)
+    assert np.all(np.abs(rewards) <= 1) and len(np.unique(np.round(rewards, 4))) > 20
+    # Off-policy responses come from another distribution: clearly lower ground truth here.
+    off = task.off_policy_responses(prompts, rng)
+    assert task.scores[topics[:, None], off].mean() < expected.mean() - 0.1
+    # A token outside the response range scores -1 whatever the topic.
+    assert (
+        float(
+            task.ground_truth(None, jnp.asarray(prompts[:1]), None, jnp.zeros((1, 3), int), jnp.ones((1, 3), bool))[0]
+        )
+        == -1.0
+    )
+    with pytest.raises(ValueError, match="topic_spread"):
+        TopicTask(topic_spread=1.0)
+
+
+def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
+    lines = []
+    config = teacher.TeacherConfig.preset("ci")
+    summary = teacher.run(tmp_path, config, log=lines.append)
+    assert len(summary["teachers"]) == 7 and len(summary["students"]) == len(config.student_sharpness)
+    table1 = summary["table1"]
+    assert table1["on-policy accuracy"][-1] == 1.0 and table1["off-policy accuracy"][-2] == 1.0
+    assert all(0 <= a <= 1 for a in table1["on-policy accuracy"] + table1["off-policy accuracy"])
+    # Scaling half of the prompts by 0.001 lowers the ground truth's reward variance.
+    assert table1["reward variance"][5] < table1["reward variance"][6]
+    assert (tmp_path / "report.md").read_text().startswith("# The reward-model teacher study")
+    assert (tmp_path / "figures" / "teacher.png").stat().st_size > 10_000
+    # A second run on the same directory reuses every stage and reproduces the summary.
+    again = []
+    assert teacher.run(tmp_path, config, log=again.append) == json.loads((tmp_path / "summary.json").read_text())
+    assert sum("reusing" in line for line in again) == len(config.student_sharpness) + 5
+    assert not any("SFT:" in line for line in again)
