@@ -159,41 +159,51 @@ def _pairs(prompts, chosen, rejected):
     return PreferencePairs(prompts, np.ones(prompts.shape, bool), chosen, mask, rejected, mask)
 
 
-def _reward_models(config, task, sft, out_dir, log):
-    rng = np.random.default_rng(config.seed + 2)
+def preference_sources(config, task, sft, seed):
+    """On-policy pairs (two samples of ``sft``) and off-policy pairs for the same prompts, labelled.
+
+    Each is ``(prompts, chosen, rejected, kept)``, ``kept`` marking the prompts whose two
+    responses differ in ground truth (the others have no preference and are dropped).
+    """
+    rng = np.random.default_rng(seed)
     prompts = task.prompts(config.rm_prompts, rng)
     both = np.repeat(prompts, 2, axis=0)
-    drawn = np.asarray(
-        sample(
-            sft, both, np.ones(both.shape, bool), jax.random.key(config.seed + 2), max_new_tokens=task.response_len
-        ).tokens
-    ).reshape(len(prompts), 2, -1)
+    drawn = sample(sft, both, np.ones(both.shape, bool), jax.random.key(seed), max_new_tokens=task.response_len)
+    drawn = np.asarray(drawn.tokens).reshape(len(prompts), 2, -1)
     off = np.stack([task.off_policy_responses(prompts, rng) for _ in range(2)], axis=1)
-    on_pairs = _label(task, prompts, drawn[:, 0], drawn[:, 1])
-    off_pairs = _label(task, prompts, off[:, 0], off[:, 1])
+    return _label(task, prompts, drawn[:, 0], drawn[:, 1]), _label(task, prompts, off[:, 0], off[:, 1])
+
+
+def mixed_pairs(on_pairs, off_pairs, fraction) -> PreferencePairs:
+    """On-policy pairs for the first ``fraction`` of the prompts, off-policy pairs for the rest."""
+    cut = int(round(fraction * len(on_pairs[3])))
+    on_rows, off_rows = np.cumsum(on_pairs[3]) - 1, np.cumsum(off_pairs[3]) - 1
+    parts = [
+        tuple(a[on_rows[:cut][on_pairs[3][:cut]]] for a in on_pairs[:3]),
+        tuple(a[off_rows[cut:][off_pairs[3][cut:]]] for a in off_pairs[:3]),
+    ]
+    return _pairs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+
+
+def reward_model_from(sft: CausalLM) -> RewardModel:
+    """A reward model with the SFT trunk and a zero head (as the paper initialises them)."""
+    model = RewardModel(sft.config, rngs=nnx.Rngs(0))
+    nnx.update(model.trunk, nnx.state(sft.trunk))
+    return model
+
+
+def _reward_models(config, task, sft, out_dir, log):
+    on_pairs, off_pairs = preference_sources(config, task, sft, config.seed + 2)
+    rm_config = RewardTrainConfig(
+        learning_rate=config.rm_learning_rate, batch_size=32, centering=0.01, seed=config.seed
+    )
     models = []
     for fraction in ON_POLICY_FRACTIONS:
 
         def build(fraction=fraction):
-            cut = int(round(fraction * len(prompts)))
-            take_on, take_off = on_pairs[3][:cut], off_pairs[3][cut:]
-            on_rows = np.cumsum(on_pairs[3]) - 1
-            off_rows = np.cumsum(off_pairs[3]) - 1
-            parts = [
-                tuple(a[on_rows[:cut][take_on]] for a in on_pairs[:3]),
-                tuple(a[off_rows[cut:][take_off]] for a in off_pairs[:3]),
-            ]
-            data = _pairs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
-            model = RewardModel(sft.config, rngs=nnx.Rngs(0))
-            nnx.update(model.trunk, nnx.state(sft.trunk))
-            train_reward_model(
-                model,
-                data,
-                RewardTrainConfig(
-                    learning_rate=config.rm_learning_rate, batch_size=32, centering=0.01, seed=config.seed
-                ),
-                log=None,
-            )
+            data = mixed_pairs(on_pairs, off_pairs, fraction)
+            model = reward_model_from(sft)
+            train_reward_model(model, data, rm_config, log=None)
             log(f"reward model {fraction:.0%} on-policy trained on {len(data)} pairs")
             return model
 
@@ -236,10 +246,11 @@ def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_p
     drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
     score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
     rewards = score(params, jnp.asarray(repeated), jnp.asarray(mask), drawn.tokens, drawn.mask)
-    rewards = np.asarray(rewards).reshape(len(TEACHERS), len(prompts), samples)
+    rewards = np.asarray(rewards).reshape(-1, len(prompts), samples)
     truth = np.asarray(task.ground_truth(None, jnp.asarray(repeated), None, drawn.tokens, drawn.mask))
     truth = truth.reshape(len(prompts), samples)
     mean, std = rewards.mean(axis=(1, 2)), rewards.std(axis=(1, 2))
+    std = np.where(std > 0, std, 1.0)  # a constant teacher (a zero head) stays constant, not NaN
     normalized = (rewards - mean[:, None, None]) / std[:, None, None]
     off_prompts, chosen, rejected = off_pairs
     ones = jnp.ones(chosen.shape, bool)
@@ -258,7 +269,11 @@ def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_p
 
 
 def run_students(config, task, students, teacher, params, stats, out_dir, log):
-    """RLOO for every (student, teacher, seed); returns metrics ``[students, teachers, seeds, iterations]``."""
+    """RLOO for every (student, teacher, seed) in one program per student.
+
+    ``params`` stacks the teachers (see :func:`make_teacher`); returns per student a dict of
+    metrics shaped ``[teachers, seeds, iterations]``. Checkpointed every ``config.chunk``.
+    """
     rl = RLHFConfig(
         samples_per_prompt=2,
         prompts_per_iteration=config.prompts_per_iteration,
@@ -287,7 +302,8 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log):
             jnp.asarray(stats[index]["std"], jnp.float32),
         )
         single = [init_state(student, rl, jax.random.key(config.seed * 1000 + s)) for s in range(config.seeds)]
-        state = jax.tree.map(lambda *x: jnp.stack([jnp.stack(x)] * len(TEACHERS)), *single)
+        teachers = params[1].shape[0]
+        state = jax.tree.map(lambda *x: jnp.stack([jnp.stack(x)] * teachers), *single)
         checkpoints = RunCheckpoints(out_dir / "checkpoints" / f"rl_student_{index}", keep=2)
         history: dict[str, list] = {}
         restored = checkpoints.restore_latest(state)
@@ -480,10 +496,19 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/teacher"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)
-    config = TeacherConfig.preset(args.preset)
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    config = config_from_dict(TeacherConfig, {**dataclasses.asdict(config), **overrides})
-    run(args.out, config)
+    run(args.out, config_with_overrides(TeacherConfig.preset(args.preset), args.set))
+
+
+def config_with_overrides(config, items):
+    """``config`` with ``KEY=VALUE`` items (values in JSON) replaced; unknown keys are named in the error."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE items, got {item!r}.")
+        overrides[key] = json.loads(value)
+    values = {**dataclasses.asdict(config), **overrides}
+    return config_from_dict(type(config), {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import teacher
+from experiments import paradox, teacher
 from experiments.tasks import TopicTask
 
 
@@ -52,3 +52,19 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     assert teacher.run(tmp_path, config, log=again.append) == json.loads((tmp_path / "summary.json").read_text())
     assert sum("reusing" in line for line in again) == len(config.student_sharpness) + 5
     assert not any("SFT:" in line for line in again)
+
+
+def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
+    config = paradox.ParadoxConfig.preset("ci")
+    summary = paradox.run(tmp_path, config, log=lambda line: None)
+    steps = summary["steps"]
+    assert steps == sorted(steps) and steps[0] >= 1 and len(steps) == len(summary["ground_truth_at_stop"]) >= 2
+    assert all(0 <= a <= 1 for a in summary["accuracy"])
+    assert summary["most_accurate_checkpoint"]["accuracy"] == max(summary["accuracy"])
+    assert all(1 <= s <= config.iterations for s in summary["stop_iteration"])
+    assert (tmp_path / "report.md").exists() and (tmp_path / "figures" / "paradox.png").exists()
+
+
+def test_checkpoint_steps_are_spread_and_end_at_the_total():
+    assert paradox.checkpoint_steps(100, 5) == [1, 3, 10, 32, 100]
+    assert paradox.checkpoint_steps(3, 10) == [1, 2, 3]

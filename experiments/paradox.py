@@ -1,0 +1,246 @@
+"""The accuracy paradox of Chen et al. (2024) in miniature: do the most accurate reward models teach best?
+
+    python -m experiments.paradox [--preset cpu|ci] [--out DIR]
+
+One Bradley-Terry run (half on-policy, half off-policy pairs of the teacher study's task) is
+checkpointed at many steps, so its checkpoints span a wide range of held-out accuracy. Each
+checkpoint then teaches the SFT policy by RLOO (every checkpoint and seed in one vmapped
+program). A run is stopped when its KL to the initial policy first reaches ``kl_budget`` (read
+off the recorded curves: the vmapped runs go on, the stopping point is where each would have
+stopped); its ground-truth reward there is the outcome. Reported against each checkpoint's
+accuracy, training step, and the mean and variance of its rewards under the initial policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from experiments import teacher as study
+from experiments.tasks import TopicTask
+from jaxrm import metrics
+from jaxrm.checkpoint import load_model, read_metadata
+from jaxrm.train import RewardTrainConfig, train_reward_model
+from theory.common import Progress, fmt, pyplot, save_figure, write_json, write_text
+
+
+@dataclasses.dataclass(frozen=True)
+class ParadoxConfig(study.TeacherConfig):
+    student_sharpness: tuple[float, ...] = (1.5,)
+    rm_epochs: int = 2
+    rm_learning_rate: float = 1e-3
+    on_policy_fraction: float = 0.5
+    checkpoints: int = 10
+    kl_budget: float = 1.0
+
+    @classmethod
+    def preset(cls, name: str) -> ParadoxConfig:
+        if name == "ci":
+            return cls(
+                sft_examples=512,
+                sft_epochs=1,
+                rm_prompts=128,
+                rm_epochs=1,
+                eval_prompts=32,
+                eval_samples=4,
+                pg_prompts=32,
+                prompts_per_iteration=8,
+                iterations=4,
+                chunk=2,
+                seeds=2,
+                checkpoints=3,
+                kl_budget=0.01,
+            )
+        if name == "cpu":
+            return cls()
+        raise ValueError(f"unknown preset {name!r}; known: ['ci', 'cpu'].")
+
+
+def checkpoint_steps(total: int, count: int) -> list[int]:
+    """Up to ``count`` distinct steps from 1 to ``total``, denser early (accuracy changes fastest there).
+
+    Step 0 is left out: its zero head scores every response alike and teaches nothing.
+    """
+    return sorted({*np.round(np.geomspace(1, total, count)).astype(int).tolist(), total})
+
+
+def _train_checkpoints(config, task, sft, out_dir, log):
+    directory = out_dir / "checkpoints" / "reward_run"
+    on_pairs, off_pairs = study.preference_sources(config, task, sft, config.seed + 2)
+    data = study.mixed_pairs(on_pairs, off_pairs, config.on_policy_fraction)
+    held_on, held_off = study.preference_sources(
+        dataclasses.replace(config, rm_prompts=config.eval_prompts), task, sft, config.seed + 6
+    )
+    held_out = study.mixed_pairs(held_on, held_off, config.on_policy_fraction)
+    total = (len(data) // 32) * config.rm_epochs
+    steps = checkpoint_steps(total, config.checkpoints)
+    paths = [directory / f"step_{s:06d}" for s in steps]
+    if not all(p.exists() for p in paths):
+        if directory.exists():  # an interrupted run: its checkpoints may be partial, retrain from scratch
+            shutil.rmtree(directory)
+        rm_config = RewardTrainConfig(
+            learning_rate=config.rm_learning_rate,
+            batch_size=32,
+            epochs=config.rm_epochs,
+            centering=0.01,
+            seed=config.seed,
+        )
+        train_reward_model(
+            study.reward_model_from(sft),
+            data,
+            rm_config,
+            eval_pairs=held_out,
+            eval_steps=tuple(steps),
+            checkpoint_dir=directory,
+            checkpoint_steps=tuple(steps),
+            log=log,
+        )
+    else:
+        log(f"reusing {len(paths)} reward-model checkpoints")
+    models = [load_model(p) for p in paths]
+    accuracy = [read_metadata(p)["accuracy"] for p in paths]
+    return steps, models, accuracy
+
+
+def _stop_at_budget(kl, truth, budget, window):
+    """Ground truth (smoothed over ``window`` iterations) where smoothed KL first reaches ``budget``."""
+    kernel = np.ones(window) / window
+
+    def smooth(curve):
+        return np.convolve(curve, kernel, "valid")
+
+    smoothed_kl = np.apply_along_axis(smooth, -1, kl)
+    smoothed_truth = np.apply_along_axis(smooth, -1, truth)
+    reached = smoothed_kl >= budget
+    stop = np.where(reached.any(-1), reached.argmax(-1), smoothed_kl.shape[-1] - 1)
+    return np.take_along_axis(smoothed_truth, stop[..., None], -1)[..., 0], stop + window - 1
+
+
+def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
+    log = log or Progress("paradox")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "config.json").exists():
+        if json.loads((out_dir / "config.json").read_text()) != json.loads(json.dumps(dataclasses.asdict(config))):
+            raise ValueError(f"{out_dir} holds a run with another config; use a new --out.")
+    write_json(out_dir / "config.json", dataclasses.asdict(config))
+    task = TopicTask(seed=config.seed)
+    (sft,) = study._students(config, task, out_dir, log)
+    steps, models, accuracy = _train_checkpoints(config, task, sft, out_dir, log)
+    count = len(models)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *[nnx.state(m) for m in models])
+    params = (stacked, jnp.ones(count), jnp.zeros(count), jnp.zeros(count, bool))
+    teacher = study.make_teacher(task, nnx.graphdef(models[0]))
+    rng = np.random.default_rng(config.seed + 4)
+    eval_prompts = task.prompts(config.eval_prompts, rng)
+    off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
+    off_pairs = study._label(task, eval_prompts, off[:, 0], off[:, 1])[:3]
+    stats = study.measure_teachers(
+        task, sft, teacher, params, eval_prompts, config.eval_samples, jax.random.key(config.seed + 5), off_pairs
+    )
+    (result,) = study.run_students(config, task, [sft], teacher, params, [stats], out_dir, log)
+    window = min(5, config.iterations)
+    outcome, stop = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
+    final = outcome.mean(-1)
+    best = int(np.argmax(final))
+    summary = {
+        "steps": steps,
+        "accuracy": accuracy,
+        "reward_mean": stats["mean"].tolist(),
+        "reward_std": stats["std"].tolist(),
+        "reward_variance": stats["reward variance"].tolist(),
+        "on_policy_accuracy": stats["on-policy accuracy"].tolist(),
+        "ground_truth_at_stop": final.tolist(),
+        "ground_truth_at_stop_spread": outcome.std(-1).tolist(),
+        "stop_iteration": stop.mean(-1).tolist(),
+        "initial_ground_truth": stats["initial ground truth"],
+        "best_checkpoint": {"step": steps[best], "accuracy": accuracy[best]},
+        "most_accurate_checkpoint": {"step": steps[int(np.argmax(accuracy))], "accuracy": max(accuracy)},
+        "correlations": {
+            name: [
+                float(metrics.pearson(jnp.asarray(x), jnp.asarray(final))),
+                float(metrics.spearman(jnp.asarray(x), jnp.asarray(final))),
+            ]
+            for name, x in (
+                ("accuracy", accuracy),
+                ("reward variance", stats["reward variance"]),
+                ("reward std", stats["std"]),
+            )
+        },
+    }
+    write_json(out_dir / "summary.json", summary)
+    plot(summary, out_dir / "figures" / "paradox.png")
+    write_text(out_dir / "report.md", report(config, summary))
+    log(f"wrote {out_dir / 'report.md'}")
+    return summary
+
+
+def plot(summary, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    truth, spread = np.asarray(summary["ground_truth_at_stop"]), np.asarray(summary["ground_truth_at_stop_spread"])
+    for ax, key, label in (
+        (axes[0], "accuracy", "held-out accuracy"),
+        (axes[1], "steps", "reward-model training step"),
+        (axes[2], "reward_variance", "reward variance under the initial policy"),
+    ):
+        x = np.asarray(summary[key], float)
+        ax.errorbar(x, truth, yerr=spread, fmt="o")
+        ax.set(xlabel=label, ylabel="ground truth at the KL stop")
+    axes[1].set_xscale("symlog")
+    save_figure(fig, path)
+
+
+def report(config, summary) -> str:
+    lines = [
+        "# The accuracy paradox in miniature (Chen et al. 2024)",
+        "",
+        f"One reward-model run, {len(summary['steps'])} checkpoints; each teaches the SFT policy by RLOO until "
+        f"its KL reaches {config.kl_budget} (or {config.iterations} iterations); mean ± std over {config.seeds} "
+        f"seeds. Initial ground truth {fmt(summary['initial_ground_truth'])}.",
+        "",
+        "| step | held-out accuracy | reward mean | reward std | variance (normalized) | on-policy accuracy | "
+        "ground truth at stop | stop iteration |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, step in enumerate(summary["steps"]):
+        lines.append(
+            f"| {step} | {fmt(summary['accuracy'][i])} | {fmt(summary['reward_mean'][i])} | {fmt(summary['reward_std'][i])} | "
+            f"{fmt(summary['reward_variance'][i])} | {fmt(summary['on_policy_accuracy'][i])} | "
+            f"{fmt(summary['ground_truth_at_stop'][i])} ± {fmt(summary['ground_truth_at_stop_spread'][i], 2)} | "
+            f"{fmt(summary['stop_iteration'][i])} |"
+        )
+    best, top = summary["best_checkpoint"], summary["most_accurate_checkpoint"]
+    lines += [
+        "",
+        f"Best teacher: step {best['step']} (accuracy {fmt(best['accuracy'])}); most accurate: step "
+        f"{top['step']} (accuracy {fmt(top['accuracy'])}).",
+        "",
+        "Correlation with the ground truth at the stop (Pearson / Spearman): "
+        + "; ".join(f"{k} {fmt(v[0])} / {fmt(v[1])}" for k, v in summary["correlations"].items()),
+        "",
+        "![accuracy paradox](figures/paradox.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", help="cpu (default) or ci (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("results/paradox"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    args = parser.parse_args(argv)
+    run(args.out, study.config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
+
+
+if __name__ == "__main__":
+    main()
