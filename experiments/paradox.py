@@ -61,7 +61,10 @@ class ParadoxConfig(study.TeacherConfig):
             )
         if name == "cpu":
             return cls()
-        raise ValueError(f"unknown preset {name!r}; known: ['ci', 'cpu'].")
+        if name == "paper":  # the teacher study's paper hyperparameters, one reward-model run
+            paper = study.TeacherConfig.preset("paper")
+            return cls(**{**dataclasses.asdict(paper), "student_sharpness": (1.5,), "rm_epochs": 1, "kl_budget": 1.0})
+        raise ValueError(f"unknown preset {name!r}; known: ['ci', 'cpu', 'paper'].")
 
 
 def checkpoint_steps(total: int, count: int) -> list[int]:
@@ -235,7 +238,7 @@ def report(config, summary) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="cpu (default) or ci (a smoke run)")
+    parser.add_argument("--preset", default="cpu", help="cpu (default), ci (a smoke run) or paper (GPU/TPU)")
     parser.add_argument("--out", type=Path, default=Path("results/paradox"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)

@@ -36,7 +36,7 @@ from flax import nnx
 from experiments.tasks import TopicTask
 from jaxrm import metrics
 from jaxrm.checkpoint import RunCheckpoints, load_model, save_model
-from jaxrm.models import CausalLM, RewardModel, preset, sample
+from jaxrm.models import CausalLM, RewardModel, load_hf, preset, sample
 from jaxrm.train import PreferencePairs, RewardTrainConfig, train_reward_model
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_train
 from jaxrm.train.sft import SFTConfig, train_sft
@@ -62,13 +62,20 @@ PAPER_TABLE2 = {
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """Sizes of the study; ``preset`` gives the named ones."""
+    """Sizes of the study; ``preset`` gives the named ones.
 
+    ``policy_checkpoint``: a local Hugging Face GPT-NeoX directory (a Pythia model) to start from
+    instead of a freshly initialised model of ``hidden_size`` x ``num_layers``; its vocabulary
+    must hold the task's token ids.
+    """
+
+    policy_checkpoint: str = ""
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     sft_examples: int = 8192
     sft_epochs: int = 2
+    sft_learning_rate: float = 3e-3
     # Demonstrator sharpness of each student's SFT data: the main student first, then the §4.2 ones.
     student_sharpness: tuple[float, ...] = (1.5, 0.5, 3.0)
     rm_prompts: int = 8192
@@ -102,9 +109,27 @@ class TeacherConfig:
                 seeds=2,
             ),
         }
+        # The paper's hyperparameters (THEORY.md §4) for a GPU/TPU: pass the checkpoint with
+        # --set policy_checkpoint=/path/to/pythia-2.8b. Sizes of the task stay miniature.
+        presets["paper"] = cls(
+            sft_learning_rate=1e-5,
+            sft_epochs=1,
+            rm_learning_rate=5e-7,
+            eval_prompts=500,
+            eval_samples=10,
+            pg_prompts=8192,
+            prompts_per_iteration=16,
+            iterations=512,
+            chunk=32,
+            learning_rate=1e-7,
+        )
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(presets)}.")
         return presets[name]
+
+    def __post_init__(self):
+        if self.policy_checkpoint and not Path(self.policy_checkpoint, "config.json").exists():
+            raise ValueError(f"policy_checkpoint={self.policy_checkpoint!r} is not a Hugging Face model directory.")
 
 
 def _model_config(config: TeacherConfig, task: TopicTask):
@@ -133,10 +158,18 @@ def _students(config, task, out_dir, log):
     for index, sharpness in enumerate(config.student_sharpness):
 
         def build(sharpness=sharpness):
-            model = CausalLM(_model_config(config, task), rngs=nnx.Rngs(config.seed))
+            if config.policy_checkpoint:
+                model = load_hf(config.policy_checkpoint)
+                if model.config.vocab_size < task.vocab_size:
+                    raise ValueError(
+                        f"{config.policy_checkpoint} has a vocabulary smaller than the task's {task.vocab_size}."
+                    )
+            else:
+                model = CausalLM(_model_config(config, task), rngs=nnx.Rngs(config.seed))
             demonstrator = dataclasses.replace(task, demo_sharpness=sharpness)  # same ground truth
             data = demonstrator.sft_data(config.sft_examples, np.random.default_rng(config.seed + 1))
-            train_sft(model, *data, SFTConfig(learning_rate=3e-3, batch_size=64, epochs=config.sft_epochs), log=log)
+            sft = SFTConfig(learning_rate=config.sft_learning_rate, batch_size=64, epochs=config.sft_epochs)
+            train_sft(model, *data, sft, log=log)
             return model
 
         students.append(_stage(out_dir / "checkpoints" / f"sft_{index}_sharpness{sharpness}", build, log))
@@ -492,7 +525,9 @@ def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="cpu (default, ~10 min on 2 cores) or ci (a smoke run)")
+    parser.add_argument(
+        "--preset", default="cpu", help="cpu (default, ~10 min on 2 cores), ci (a smoke run) or paper (GPU/TPU)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/teacher"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)
@@ -500,13 +535,16 @@ def main(argv=None):
 
 
 def config_with_overrides(config, items):
-    """``config`` with ``KEY=VALUE`` items (values in JSON) replaced; unknown keys are named in the error."""
+    """``config`` with ``KEY=VALUE`` items replaced (values read as JSON, else as a string); unknown keys are named."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set takes KEY=VALUE items, got {item!r}.")
-        overrides[key] = json.loads(value)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare string, e.g. a path
+            overrides[key] = value
     values = {**dataclasses.asdict(config), **overrides}
     return config_from_dict(type(config), {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 

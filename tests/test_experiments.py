@@ -68,3 +68,26 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
 def test_checkpoint_steps_are_spread_and_end_at_the_total():
     assert paradox.checkpoint_steps(100, 5) == [1, 3, 10, 32, 100]
     assert paradox.checkpoint_steps(3, 10) == [1, 2, 3]
+
+
+def test_a_local_pythia_style_checkpoint_is_the_starting_policy(tmp_path):
+    import transformers
+
+    checkpoint = tmp_path / "pythia-like"
+    hf = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    transformers.GPTNeoXForCausalLM(hf).save_pretrained(checkpoint)
+    config = teacher.config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={checkpoint}"])
+    (student, _) = teacher._students(config, TopicTask(), tmp_path / "run", log=lambda line: None)
+    assert student.config.vocab_size == 64 and student.config.hidden_size == 32
+    assert (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="not a Hugging Face model directory"):
+        teacher.config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={tmp_path}"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        teacher.TeacherConfig.preset("gpu")
