@@ -43,28 +43,18 @@ class ParadoxConfig(study.TeacherConfig):
 
     @classmethod
     def preset(cls, name: str) -> ParadoxConfig:
-        if name == "ci":
-            return cls(
-                sft_examples=512,
-                sft_epochs=1,
-                rm_prompts=128,
-                rm_epochs=1,
-                eval_prompts=32,
-                eval_samples=4,
-                pg_prompts=32,
-                prompts_per_iteration=8,
-                iterations=4,
-                chunk=2,
-                seeds=2,
-                checkpoints=3,
-                kl_budget=0.01,
-            )
-        if name == "cpu":
-            return cls()
-        if name == "paper":  # the teacher study's paper hyperparameters, one reward-model run
-            paper = study.TeacherConfig.preset("paper")
-            return cls(**{**dataclasses.asdict(paper), "student_sharpness": (1.5,), "rm_epochs": 1, "kl_budget": 1.0})
-        raise ValueError(f"unknown preset {name!r}; known: ['ci', 'cpu', 'paper'].")
+        """The teacher study's preset of that name, with one student and one reward-model run."""
+        own = {
+            "ci": dict(rm_epochs=1, checkpoints=3, kl_budget=0.01),
+            "cpu": {},
+            "paper": dict(rm_epochs=1),
+        }
+        if name not in own:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(own)}.")
+        base = dataclasses.asdict(study.TeacherConfig.preset(name))
+        if name == "cpu":  # the cpu preset keeps this study's own reward-model settings
+            base = {}
+        return cls(**{**base, "student_sharpness": (1.5,), **own[name]})
 
 
 def checkpoint_steps(total: int, count: int) -> list[int]:
