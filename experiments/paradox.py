@@ -140,6 +140,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
         task, sft, teacher, params, eval_prompts, config.eval_samples, jax.random.key(config.seed + 5), off_pairs
     )
     (result,) = study.run_students(config, task, [sft], teacher, params, [stats], out_dir, log)
+    study.write_metrics(out_dir / "metrics.jsonl", [result], [f"step {s}" for s in steps])
     window = min(5, config.iterations)
     outcome, stop = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
     final = outcome.mean(-1)

@@ -17,8 +17,8 @@ Stages (each saved in the run directory and skipped when a restarted run finds i
    vmapped program, checkpointed every chunk; proxy and ground-truth gains; Table 2
    correlations beside the paper's. Then the same teachers for the other students (§4.2).
 
-Writes ``config.json``, ``summary.json``, ``report.md``, ``figures/teacher.png`` and
-``checkpoints/`` (per stage).
+Writes ``config.json``, ``metrics.jsonl`` (every RLOO iteration of every student, teacher and
+seed), ``summary.json``, ``report.md``, ``figures/teacher.png`` and ``checkpoints/`` (per stage).
 """
 
 from __future__ import annotations
@@ -363,6 +363,20 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log):
     return results
 
 
+def write_metrics(path: Path, results, teachers) -> None:
+    """``metrics.jsonl``: one line per (student, teacher, seed, RLOO iteration) with every metric."""
+    lines = []
+    for student, result in enumerate(results):
+        names = sorted(result)
+        for t, teacher_name in enumerate(teachers):
+            for seed in range(result[names[0]].shape[1]):
+                for iteration in range(result[names[0]].shape[2]):
+                    row = {"student": student, "teacher": teacher_name, "seed": seed, "iteration": iteration}
+                    row.update({name: float(result[name][t, seed, iteration]) for name in names})
+                    lines.append(json.dumps(row))
+    write_text(path, "\n".join(lines) + "\n")
+
+
 def _gains(curves, window):
     """Mean of the last ``window`` iterations minus the first iteration: ``[..., iterations] -> [...]``."""
     return curves[..., -window:].mean(-1) - curves[..., :1].mean(-1)
@@ -515,6 +529,7 @@ def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
     ]
     log("Table 1 (main student): variance " + " ".join(fmt(v) for v in stats[0]["reward variance"]))
     results = run_students(config, task, students, teacher, params, stats, out_dir, log)
+    write_metrics(out_dir / "metrics.jsonl", results, TEACHERS)
     summary = summarize(config, stats, results)
     write_json(out_dir / "summary.json", summary)
     plot(config, stats, results, out_dir / "figures" / "teacher.png")

@@ -47,6 +47,9 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     assert table1["reward variance"][5] < table1["reward variance"][6]
     assert (tmp_path / "report.md").read_text().startswith("# The reward-model teacher study")
     assert (tmp_path / "figures" / "teacher.png").stat().st_size > 10_000
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(config.student_sharpness) * 7 * config.seeds * config.iterations
+    assert {"teacher", "seed", "iteration", "ground_truth_reward", "kl"} <= set(json.loads(lines[0]))
     # A second run on the same directory reuses every stage and reproduces the summary.
     again = []
     assert teacher.run(tmp_path, config, log=again.append) == json.loads((tmp_path / "summary.json").read_text())
