@@ -12,6 +12,7 @@ from jaxrm.models.sampling import (
     SamplingOptions,
     _compiled_sampler,
     filter_logits,
+    inverse_cdf_sample,
     pad_sequences,
     sample,
     sequence_log_probs,
@@ -148,3 +149,14 @@ def test_bfloat16_models_sample_and_score_close_to_float32(model, prompts):
     assert low.trunk.layers[0].mlp.dense_h_to_4h.kernel[...].dtype == jnp.bfloat16
     assert np.mean(np.asarray(samples.tokens) == np.asarray(reference.tokens)) >= 2 / 3
     assert samples.log_probs.dtype == jnp.float32 and np.all(np.isfinite(samples.log_probs))
+
+
+def test_inverse_cdf_draws_follow_the_distribution_across_blocks():
+    # 300 entries: two full blocks of 128 and a partial one; every third entry has probability 0.
+    weights = np.where(np.arange(300) % 3 == 0, 0.0, 1.0 + np.sin(np.arange(300)) ** 2)
+    probs = weights / weights.sum()
+    log_probs = jnp.log(jnp.asarray(np.tile(probs, (20_000, 1)), jnp.float32))
+    draws = np.asarray(inverse_cdf_sample(jax.random.key(11), log_probs))
+    counts = np.bincount(draws, minlength=300)
+    assert counts[probs == 0].sum() == 0
+    assert _chi_square_p(counts, probs) > 1e-3

@@ -83,10 +83,6 @@ class KVCache:
         zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
         return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
 
 def default_positions(mask: jax.Array) -> jax.Array:
     """Position ids ``cumsum(mask) - 1`` (clipped at 0): padding does not shift positions."""
