@@ -206,6 +206,20 @@ def test_a_reward_model_teacher_and_bad_configs():
         RLHFConfig(temperature=0.0)
 
 
+def test_bad_prompts_fail_before_the_run_directory_is_written(tmp_path):
+    tokens, mask = prompts()
+    right_padded = np.zeros_like(tokens), np.zeros_like(mask)
+    for row, (t, m) in enumerate(zip(tokens, mask)):
+        right_padded[0][row, : m.sum()], right_padded[1][row, : m.sum()] = t[m], True
+    with pytest.raises(ValueError, match="left-padded"):
+        rlhf_task.run_rlhf(
+            policy(), ground_truth, None, *right_padded, CONFIG, num_iterations=1, out_dir=tmp_path / "x"
+        )
+    with pytest.raises(ValueError, match="num_iterations"):
+        rlhf_task.run_rlhf(policy(), ground_truth, None, tokens, mask, CONFIG, num_iterations=0, out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_grpo_with_kl_in_the_loss_minibatches_and_epochs():
     config = dataclasses.replace(
         CONFIG,

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.checkpoint import RunCheckpoints
+from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
 from jaxrm.sharding import param_shardings, put_global
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_iteration
@@ -93,6 +94,9 @@ def run_rlhf(
 
     Returns the final state and the metrics of every iteration of this call.
     """
+    check_prompts(prompts, prompt_mask, policy.config.vocab_size)
+    if not isinstance(num_iterations, int) or num_iterations < 1:
+        raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     graphdef, _ = nnx.split(policy)
