@@ -18,16 +18,17 @@ def epoch_order(num_items: int, batch_size: int, epochs: int, seed: int) -> np.n
     return np.concatenate(order).reshape(steps_per_epoch * epochs, batch_size)
 
 
-def make_minibatch_loop(loss_fn, optimizer: optax.GradientTransformation, data):
-    """Pure ``run(params, opt_state, order, start, stop, history) -> (params, opt_state, history)``.
+def make_minibatch_loop(loss_fn, optimizer: optax.GradientTransformation):
+    """Pure ``run(params, opt_state, data, order, start, stop, history) -> (params, opt_state, history)``.
 
     ``loss_fn(params, batch) -> (loss, metric)`` with ``batch`` the rows ``order[step]`` of every
-    array in the pytree ``data``. Steps ``start..stop-1`` run in a ``fori_loop`` (one compiled
-    program serves every ``start``/``stop``) and write ``(loss, metric)`` into ``history``, a
-    ``[2, num_steps]`` array.
+    array in the pytree ``data``. Steps ``start..stop-1`` run in a ``fori_loop`` and write
+    ``(loss, metric)`` into ``history``, a ``[2, num_steps]`` array. The data is an input, not a
+    constant of the program, so one compiled program serves every dataset and step range of the
+    same shapes.
     """
 
-    def run(params, opt_state, order, start, stop, history):
+    def run(params, opt_state, data, order, start, stop, history):
         def one_step(step, carry):
             params, opt_state, history = carry
             batch = jax.tree.map(lambda a: a[order[step]], data)

@@ -13,6 +13,7 @@ checkpoint and evaluation steps, so the program compiles once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -144,16 +145,18 @@ class RewardTrainConfig:
         )
 
 
-def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig, pairs: PreferencePairs):
-    """The pure minibatch loop of Bradley-Terry training (see :func:`jaxrm.train.loop.make_minibatch_loop`);
-    its history rows are the loss and the batch accuracy. Returns ``(run, optimizer)``."""
+@functools.lru_cache(maxsize=16)
+def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig):
+    """The compiled minibatch loop of Bradley-Terry training (see :func:`jaxrm.train.loop.make_minibatch_loop`),
+    its history rows the loss and the batch accuracy, and the optimizer: ``(run, optimizer)``.
+    Cached, so reward models of one graph and config share one program."""
     optimizer = config.optimizer()
 
     def loss_fn(params, batch):
         chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
         return bradley_terry_loss(chosen, rejected, centering=config.centering), pairwise_accuracy(chosen, rejected)
 
-    return make_minibatch_loop(loss_fn, optimizer, pairs), optimizer
+    return jax.jit(make_minibatch_loop(loss_fn, optimizer)), optimizer
 
 
 def evaluate_reward_model(model: RewardModel, pairs: PreferencePairs, *, batch_size: int = 64) -> dict:
@@ -182,15 +185,9 @@ def _batched_rewards(graphdef, params, pairs: PreferencePairs, batch_size: int) 
     return np.concatenate([np.stack([np.asarray(c), np.asarray(r)]) for c, r in chunks], axis=1)[:, :n]
 
 
-_PAIR_REWARD_PROGRAMS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _compiled_pair_rewards(graphdef):
-    if graphdef not in _PAIR_REWARD_PROGRAMS:
-        _PAIR_REWARD_PROGRAMS[graphdef] = jax.jit(
-            lambda params, batch: pair_rewards(nnx.merge(graphdef, params), batch)
-        )
-    return _PAIR_REWARD_PROGRAMS[graphdef]
+    return jax.jit(lambda params, batch: pair_rewards(nnx.merge(graphdef, params), batch))
 
 
 @dataclasses.dataclass
@@ -240,15 +237,14 @@ def train_reward_model(
 
     pairs = jax.tree.map(jnp.asarray, pairs)
     graphdef, params = nnx.split(model)
-    run, optimizer = make_reward_train(graphdef, config, pairs)
-    run = jax.jit(run)
+    run, optimizer = make_reward_train(graphdef, config)
     opt_state = optimizer.init(params)
     history = jnp.zeros((2, num_steps), jnp.float32)
     evaluations, checkpoints = [], []
     done, started = 0, time.perf_counter()
     for stop in sorted({0, *stops}):
         if stop > done:
-            params, opt_state, history = run(params, opt_state, jnp.asarray(order), done, stop, history)
+            params, opt_state, history = run(params, opt_state, pairs, jnp.asarray(order), done, stop, history)
             done = stop
         record = {"step": done}
         if done in eval_steps:

@@ -8,6 +8,7 @@ The loss is the mean negative log-likelihood of the response tokens,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -47,6 +48,17 @@ class SFTConfig:
             raise ValueError("SFTConfig.learning_rate and max_grad_norm must be > 0.")
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_sft_loop(graphdef: nnx.GraphDef, config: SFTConfig):
+    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+
+    def loss_fn(params, batch):
+        loss = sequence_nll(nnx.merge(graphdef, params), *batch)
+        return loss, loss
+
+    return jax.jit(make_minibatch_loop(loss_fn, optimizer)), optimizer
+
+
 def train_sft(
     model: CausalLM, tokens, mask, loss_mask, config: SFTConfig = SFTConfig(), *, log: Callable | None = print
 ) -> np.ndarray:
@@ -63,19 +75,12 @@ def train_sft(
     if not (loss_mask & mask).any(axis=1).all():
         raise ValueError("every demonstration needs at least one response token to learn.")
     order = epoch_order(len(tokens), config.batch_size, config.epochs, config.seed)
-    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
     graphdef, params = nnx.split(model)
-
-    def loss_fn(params, batch):
-        loss = sequence_nll(nnx.merge(graphdef, params), *batch)
-        return loss, loss
-
+    run, optimizer = _compiled_sft_loop(graphdef, config)
     data = tuple(jnp.asarray(a) for a in (tokens, mask.astype(bool), loss_mask.astype(bool)))
-    run = jax.jit(make_minibatch_loop(loss_fn, optimizer, data))
     began = time.perf_counter()
-    params, _, history = run(
-        params, optimizer.init(params), jnp.asarray(order), 0, len(order), jnp.zeros((2, len(order)))
-    )
+    history = jnp.zeros((2, len(order)))
+    params, _, history = run(params, optimizer.init(params), data, jnp.asarray(order), 0, len(order), history)
     nnx.update(model, params)
     losses = np.asarray(history[0])
     if log is not None:
