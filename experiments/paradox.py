@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -27,13 +26,33 @@ from flax import nnx
 from experiments import teacher as study
 from experiments.tasks import TopicTask
 from jaxrm import metrics
-from jaxrm.checkpoint import load_model, read_metadata
+from jaxrm.models import load_model, read_metadata
+from jaxrm.studies import (
+    Progress,
+    config_with_overrides,
+    fmt,
+    prepare_run_directory,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 from jaxrm.train import RewardTrainConfig, train_reward_model
-from theory.common import Progress, fmt, pyplot, save_figure, write_json, write_text
 
 
 @dataclasses.dataclass(frozen=True)
 class ParadoxConfig(study.TeacherConfig):
+    """The teacher study's fields (:class:`experiments.teacher.TeacherConfig`) plus those of the paradox.
+
+    Attributes:
+      student_sharpness: one student here (the demonstrator sharpness of its SFT data).
+      rm_epochs: epochs of the one reward-model training run.
+      rm_learning_rate: its Adam learning rate.
+      on_policy_fraction: share of its prompts with on-policy pairs, in [0, 1].
+      checkpoints: how many checkpoints of that run teach (spread geometrically over its steps).
+      kl_budget: a run is read off where its KL to the initial policy first reaches this.
+    """
+
     student_sharpness: tuple[float, ...] = (1.5,)
     rm_epochs: int = 2
     rm_learning_rate: float = 1e-3
@@ -119,14 +138,9 @@ def _stop_at_budget(kl, truth, budget, window):
 
 def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     log = log or Progress("paradox")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "config.json").exists():
-        if json.loads((out_dir / "config.json").read_text()) != json.loads(json.dumps(dataclasses.asdict(config))):
-            raise ValueError(f"{out_dir} holds a run with another config; use a new --out.")
-    write_json(out_dir / "config.json", dataclasses.asdict(config))
+    out_dir = prepare_run_directory(out_dir, config)
     task = TopicTask(seed=config.seed)
-    (sft,) = study._students(config, task, out_dir, log)
+    (sft,) = study.train_students(config, task, out_dir, log)
     steps, models, accuracy = _train_checkpoints(config, task, sft, out_dir, log)
     count = len(models)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[nnx.state(m) for m in models])
@@ -135,12 +149,21 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     rng = np.random.default_rng(config.seed + 4)
     eval_prompts = task.prompts(config.eval_prompts, rng)
     off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
-    off_pairs = study._label(task, eval_prompts, off[:, 0], off[:, 1])[:3]
+    off_pairs = study.label_pairs(task, eval_prompts, off[:, 0], off[:, 1])[:3]
     stats = study.measure_teachers(
-        task, sft, teacher, params, eval_prompts, config.eval_samples, jax.random.key(config.seed + 5), off_pairs
+        task,
+        sft,
+        teacher,
+        params,
+        eval_prompts,
+        config.eval_samples,
+        jax.random.key(config.seed + 5),
+        off_pairs,
+        ddof=config.rl_config(task).reward_ddof,
     )
-    (result,) = study.run_students(config, task, [sft], teacher, params, [stats], out_dir, log)
-    study.write_metrics(out_dir / "metrics.jsonl", [result], [f"step {s}" for s in steps])
+    (result,) = study.run_students(
+        config, task, [sft], teacher, params, [stats], out_dir, log, teacher_names=[f"step {s}" for s in steps]
+    )
     window = min(5, config.iterations)
     outcome, stop = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
     final = outcome.mean(-1)
@@ -233,7 +256,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/paradox"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)
-    run(args.out, study.config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
+    run(args.out, config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -35,12 +34,21 @@ from flax import nnx
 
 from experiments.tasks import TopicTask
 from jaxrm import metrics
-from jaxrm.checkpoint import RunCheckpoints, load_model, save_model
-from jaxrm.models import CausalLM, RewardModel, load_hf, preset, sample
+from jaxrm.models import CausalLM, RewardModel, load_hf, load_model, preset, sample, save_model
+from jaxrm.studies import (
+    Progress,
+    config_with_overrides,
+    fmt,
+    prepare_run_directory,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 from jaxrm.train import PreferencePairs, RewardTrainConfig, train_reward_model
-from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_train
+from jaxrm.train.driver import run_rlhf
+from jaxrm.train.rlhf import RLHFConfig
 from jaxrm.train.sft import SFTConfig, train_sft
-from theory.common import Progress, config_from_dict, fmt, pyplot, save_figure, write_json, write_text
 
 ON_POLICY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
 TEACHERS = ("RM 100%", "RM 75%", "RM 50%", "RM 25%", "RM 0%", "perfect, low variance", "ground truth")
@@ -62,11 +70,36 @@ PAPER_TABLE2 = {
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """Sizes of the study; ``preset`` gives the named ones.
+    """Sizes and hyperparameters of the study; :meth:`preset` gives the named ones.
 
-    ``policy_checkpoint``: a local Hugging Face GPT-NeoX directory (a Pythia model) to start from
-    instead of a freshly initialised model of ``hidden_size`` x ``num_layers``; its vocabulary
-    must hold the task's token ids.
+    Attributes:
+      policy_checkpoint: a local Hugging Face GPT-NeoX directory (a Pythia model) to start from
+        instead of a freshly initialised model; its vocabulary must hold the task's token ids.
+      hidden_size: width of the fresh policy (and of the reward models built from it).
+      num_layers: its number of transformer layers.
+      num_heads: its attention heads.
+      sft_examples: demonstrations each student imitates.
+      sft_epochs: passes over them.
+      sft_learning_rate: Adam learning rate of SFT.
+      student_sharpness: demonstrator sharpness of each student's SFT data: the main student
+        first, then the §4.2 ones (docs/theory.md#experiments-of-razin-et-al).
+      rm_prompts: prompts of the preference data of each reward model (pairs whose two responses
+        tie in ground truth are dropped).
+      rm_learning_rate: Adam learning rate of reward-model training (one epoch, batch 32,
+        centering 0.01).
+      eval_prompts: prompts on which the teachers are measured (Table 1) and normalised.
+      eval_samples: responses per evaluation prompt.
+      pg_prompts: the prompts RLOO cycles through.
+      prompts_per_iteration: prompts per RLOO iteration (``k = 2`` responses each).
+      iterations: RLOO iterations per (student, teacher, seed).
+      chunk: iterations per compiled chunk; a checkpoint is written after each.
+      seeds: policy-gradient seeds per teacher.
+      learning_rate: Adam learning rate of RLOO.
+      kl_coef: KL coefficient of RLOO, folded into the reward.
+      rloo: ``plain`` (:class:`~jaxrm.train.rlhf.RLHFConfig` defaults) or ``official``
+        (:meth:`~jaxrm.train.rlhf.RLHFConfig.official_rloo`: two minibatches, no gradient
+        clipping, ``rsqrt_var`` normalisation); the fields above replace its sizes and rates.
+      seed: seed of the task, the data and the models.
     """
 
     policy_checkpoint: str = ""
@@ -89,6 +122,7 @@ class TeacherConfig:
     seeds: int = 3
     learning_rate: float = 3e-4
     kl_coef: float = 0.05
+    rloo: str = "plain"
     seed: int = 0
 
     @classmethod
@@ -109,8 +143,9 @@ class TeacherConfig:
                 seeds=2,
             ),
         }
-        # The paper's hyperparameters (THEORY.md §4) for a GPU/TPU: pass the checkpoint with
-        # --set policy_checkpoint=/path/to/pythia-2.8b. Sizes of the task stay miniature.
+        # The paper's hyperparameters (docs/theory.md#experiments-of-razin-et-al) and the official
+        # RLOO for a GPU/TPU: pass the checkpoint with --set policy_checkpoint=/path/to/pythia-2.8b.
+        # Sizes of the task stay miniature.
         presets["paper"] = cls(
             sft_learning_rate=1e-5,
             sft_epochs=1,
@@ -118,10 +153,11 @@ class TeacherConfig:
             eval_prompts=500,
             eval_samples=10,
             pg_prompts=8192,
-            prompts_per_iteration=16,
+            prompts_per_iteration=32,
             iterations=512,
             chunk=32,
             learning_rate=1e-7,
+            rloo="official",
         )
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(presets)}.")
@@ -130,6 +166,20 @@ class TeacherConfig:
     def __post_init__(self):
         if self.policy_checkpoint and not Path(self.policy_checkpoint, "config.json").exists():
             raise ValueError(f"policy_checkpoint={self.policy_checkpoint!r} is not a Hugging Face model directory.")
+        if self.rloo not in ("plain", "official"):
+            raise ValueError(f"rloo={self.rloo!r} is not one of ['official', 'plain'].")
+
+    def rl_config(self, task: TopicTask) -> RLHFConfig:
+        """The RLOO configuration of the study: k = 2, ``kl_coef`` folded into the reward, the
+        study's batch size and learning rate, on top of the plain or the official settings."""
+        sizes = dict(
+            samples_per_prompt=2,
+            prompts_per_iteration=self.prompts_per_iteration,
+            max_new_tokens=task.response_len,
+            learning_rate=self.learning_rate,
+            kl_coef=self.kl_coef,
+        )
+        return RLHFConfig.official_rloo(**sizes) if self.rloo == "official" else RLHFConfig(**sizes)
 
 
 def _model_config(config: TeacherConfig, task: TopicTask):
@@ -153,7 +203,8 @@ def _stage(path: Path, build, log):
     return model
 
 
-def _students(config, task, out_dir, log):
+def train_students(config, task, out_dir, log):
+    """The SFT policies, one per ``student_sharpness`` (reused from ``out_dir`` when saved there)."""
     students = []
     for index, sharpness in enumerate(config.student_sharpness):
 
@@ -176,7 +227,7 @@ def _students(config, task, out_dir, log):
     return students
 
 
-def _label(task, prompts, first, second):
+def label_pairs(task, prompts, first, second):
     """Chosen/rejected by the ground truth; rows with equal ground truth are dropped."""
     ones = jnp.ones(first.shape, bool)
     a = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(first), ones))
@@ -204,7 +255,7 @@ def preference_sources(config, task, sft, seed):
     drawn = sample(sft, both, np.ones(both.shape, bool), jax.random.key(seed), max_new_tokens=task.response_len)
     drawn = np.asarray(drawn.tokens).reshape(len(prompts), 2, -1)
     off = np.stack([task.off_policy_responses(prompts, rng) for _ in range(2)], axis=1)
-    return _label(task, prompts, drawn[:, 0], drawn[:, 1]), _label(task, prompts, off[:, 0], off[:, 1])
+    return label_pairs(task, prompts, drawn[:, 0], drawn[:, 1]), label_pairs(task, prompts, off[:, 0], off[:, 1])
 
 
 def mixed_pairs(on_pairs, off_pairs, fraction) -> PreferencePairs:
@@ -272,8 +323,9 @@ def _teacher_params(reward_models):
     return stacked, w_rm, w_gt, low
 
 
-def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_pairs):
-    """Per teacher: normalisation mean/std, reward variance, on- and off-policy accuracy (Table 1)."""
+def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_pairs, *, ddof=0):
+    """Per teacher: normalisation mean/std (std with ``ddof``), reward variance, on- and
+    off-policy accuracy (Table 1)."""
     repeated = np.repeat(prompts, samples, axis=0)
     mask = np.ones(repeated.shape, bool)
     drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
@@ -282,7 +334,7 @@ def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_p
     rewards = np.asarray(rewards).reshape(-1, len(prompts), samples)
     truth = np.asarray(task.ground_truth(None, jnp.asarray(repeated), None, drawn.tokens, drawn.mask))
     truth = truth.reshape(len(prompts), samples)
-    mean, std = rewards.mean(axis=(1, 2)), rewards.std(axis=(1, 2))
+    mean, std = rewards.mean(axis=(1, 2)), rewards.std(axis=(1, 2), ddof=ddof)
     std = np.where(std > 0, std, 1.0)  # a constant teacher (a zero head) stays constant, not NaN
     normalized = (rewards - mean[:, None, None]) / std[:, None, None]
     off_prompts, chosen, rejected = off_pairs
@@ -301,80 +353,39 @@ def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_p
     }
 
 
-def run_students(config, task, students, teacher, params, stats, out_dir, log):
-    """RLOO for every (student, teacher, seed) in one program per student.
+def run_students(config, task, students, teacher, params, stats, out_dir, log, *, teacher_names=TEACHERS):
+    """RLOO for every (student, teacher, seed) through :func:`jaxrm.train.driver.run_rlhf`.
 
-    ``params`` stacks the teachers (see :func:`make_teacher`); returns per student a dict of
-    metrics shaped ``[teachers, seeds, iterations]``. Checkpointed every ``config.chunk``.
+    One run directory per student, ``out_dir/runs/student_N`` (``config.json``,
+    ``metrics.jsonl``, ``summary.json``, ``checkpoints/``): its teachers and seeds run in one
+    vmapped program. ``params`` stacks the teachers (see :func:`make_teacher`); returns per
+    student a dict of metrics shaped ``[teachers, seeds, iterations]``.
     """
-    rl = RLHFConfig(
-        samples_per_prompt=2,
-        prompts_per_iteration=config.prompts_per_iteration,
-        max_new_tokens=task.response_len,
-        learning_rate=config.learning_rate,
-        kl_coef=config.kl_coef,
-    )
+    rl = config.rl_config(task)
     prompts = task.prompts(config.pg_prompts, np.random.default_rng(config.seed + 3))
-    graphdef = nnx.graphdef(students[0])
-    chunk = jax.jit(
-        jax.vmap(
-            jax.vmap(
-                make_train(rl, graphdef, teacher, config.chunk, ground_truth_fn=task.ground_truth), in_axes=(0, None)
-            ),
-            in_axes=(0, TrainData(None, None, None, 0, 0, 0)),
-        )
-    )
     results = []
     for index, student in enumerate(students):
-        data = TrainData(
-            jnp.asarray(prompts),
-            jnp.ones(prompts.shape, bool),
-            nnx.state(student),
+        log(f"student {index}: RLOO for {len(teacher_names)} teachers x {config.seeds} seeds")
+        _, history = run_rlhf(
+            student,
+            teacher,
             params,
-            jnp.asarray(stats[index]["mean"], jnp.float32),
-            jnp.asarray(stats[index]["std"], jnp.float32),
+            prompts,
+            np.ones(prompts.shape, bool),
+            rl,
+            num_iterations=config.iterations,
+            out_dir=out_dir / "runs" / f"student_{index}",
+            reward_stats=(stats[index]["mean"], stats[index]["std"]),
+            ground_truth_fn=task.ground_truth,
+            seeds=[config.seed * 1000 + s for s in range(config.seeds)],
+            teachers=list(teacher_names),
+            checkpoint_every=config.chunk,
+            keep_checkpoints=2,
+            log_every=config.chunk,
+            log=log,
         )
-        single = [init_state(student, rl, jax.random.key(config.seed * 1000 + s)) for s in range(config.seeds)]
-        teachers = params[1].shape[0]
-        state = jax.tree.map(lambda *x: jnp.stack([jnp.stack(x)] * teachers), *single)
-        checkpoints = RunCheckpoints(out_dir / "checkpoints" / f"rl_student_{index}", keep=2)
-        history: dict[str, list] = {}
-        restored = checkpoints.restore_latest(state)
-        if restored is not None:
-            done, state, record = restored
-            history = {k: [np.asarray(v)] for k, v in record["history"].items()}
-            log(f"student {index}: resuming RLOO at iteration {done}")
-        done = int(np.asarray(state.step).max())
-        while done < config.iterations:
-            state, out = chunk(state, data)
-            for name, values in out.items():
-                history.setdefault(name, []).append(np.asarray(values))
-            done += config.chunk
-            merged = {k: np.concatenate(v, axis=-1).tolist() for k, v in history.items()}
-            checkpoints.save(done, state, {"history": merged})
-            gt = np.concatenate(history["ground_truth_reward"], axis=-1)[..., -1].mean(-1)
-            log(
-                f"student {index}: iteration {done}/{config.iterations}, ground truth by teacher "
-                + " ".join(f"{g:+.3f}" for g in gt)
-            )
-        checkpoints.close()
-        # float64 whether fresh or read back from a checkpoint's JSON, so a resumed run summarizes alike.
-        results.append({k: np.concatenate(v, axis=-1).astype(np.float64) for k, v in history.items()})
+        results.append(history)
     return results
-
-
-def write_metrics(path: Path, results, teachers) -> None:
-    """``metrics.jsonl``: one line per (student, teacher, seed, RLOO iteration) with every metric."""
-    lines = []
-    for student, result in enumerate(results):
-        names = sorted(result)
-        for t, teacher_name in enumerate(teachers):
-            for seed in range(result[names[0]].shape[1]):
-                for iteration in range(result[names[0]].shape[2]):
-                    row = {"student": student, "teacher": teacher_name, "seed": seed, "iteration": iteration}
-                    row.update({name: float(result[name][t, seed, iteration]) for name in names})
-                    lines.append(json.dumps(row))
-    write_text(path, "\n".join(lines) + "\n")
 
 
 def _gains(curves, window):
@@ -505,31 +516,32 @@ def report(config, summary) -> str:
 
 def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
     log = log or Progress("teacher")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "config.json").exists():
-        previous = json.loads((out_dir / "config.json").read_text())
-        if previous != json.loads(json.dumps(dataclasses.asdict(config))):
-            raise ValueError(f"{out_dir} holds a run with another config; use a new --out.")
-    write_json(out_dir / "config.json", dataclasses.asdict(config))
+    out_dir = prepare_run_directory(out_dir, config)
     task = TopicTask(seed=config.seed)
-    students = _students(config, task, out_dir, log)
+    students = train_students(config, task, out_dir, log)
     reward_models = _reward_models(config, task, students[0], out_dir, log)
     teacher = make_teacher(task, nnx.graphdef(reward_models[0]))
     params = _teacher_params(reward_models)
     rng = np.random.default_rng(config.seed + 4)
     eval_prompts = task.prompts(config.eval_prompts, rng)
     off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
-    off_pairs = _label(task, eval_prompts, off[:, 0], off[:, 1])[:3]
+    off_pairs = label_pairs(task, eval_prompts, off[:, 0], off[:, 1])[:3]
     stats = [
         measure_teachers(
-            task, s, teacher, params, eval_prompts, config.eval_samples, jax.random.key(config.seed + 5), off_pairs
+            task,
+            s,
+            teacher,
+            params,
+            eval_prompts,
+            config.eval_samples,
+            jax.random.key(config.seed + 5),
+            off_pairs,
+            ddof=config.rl_config(task).reward_ddof,
         )
         for s in students
     ]
     log("Table 1 (main student): variance " + " ".join(fmt(v) for v in stats[0]["reward variance"]))
     results = run_students(config, task, students, teacher, params, stats, out_dir, log)
-    write_metrics(out_dir / "metrics.jsonl", results, TEACHERS)
     summary = summarize(config, stats, results)
     write_json(out_dir / "summary.json", summary)
     plot(config, stats, results, out_dir / "figures" / "teacher.png")
@@ -547,21 +559,6 @@ def main(argv=None):
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)
     run(args.out, config_with_overrides(TeacherConfig.preset(args.preset), args.set))
-
-
-def config_with_overrides(config, items):
-    """``config`` with ``KEY=VALUE`` items replaced (values read as JSON, else as a string); unknown keys are named."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE items, got {item!r}.")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:  # a bare string, e.g. a path
-            overrides[key] = value
-    values = {**dataclasses.asdict(config), **overrides}
-    return config_from_dict(type(config), {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 if __name__ == "__main__":

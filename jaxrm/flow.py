@@ -1,6 +1,6 @@
-"""Exact dynamics of tabular policies: gradient flow, ``t_gamma``, trajectories, discrete ascent.
+"""Exact dynamics of tabular policies: the gradient flow, ``t_gamma``, trajectories.
 
-The gradient flow of THEORY.md Eq. 4, ``d theta/dt = grad phi(theta)``, ``theta(0) = theta_ref``,
+The gradient flow of docs/theory.md#setting (Eq. 4), ``d theta/dt = grad phi(theta)``, ``theta(0) = theta_ref``,
 is integrated with diffrax's adaptive solvers; ``t_gamma`` (the first time the expected
 ``eval_rewards`` gain ``gamma`` over the initial policy) is located by diffrax's event root
 finder on the solver's dense interpolant, so it is exact up to the solver tolerance.
@@ -10,19 +10,22 @@ logits, at speed ``1/|S|`` (Lemma 7). So each prompt is an independent ODE in th
 ``tau = t / |S|``, and ``t_gamma(x) = |S| tau_gamma(x)``. :func:`first_passage` solves all
 (problem, prompt) pairs of a batch as independent items on a work queue: a fixed number of
 slots each integrate one item for a short segment of steps, and finished slots take the next
-item, so a batch costs about the *sum* of the items' step counts, not ``batch x max``.
+item, so a batch costs about the *sum* of the items' step counts, not ``batch x max`` (the
+scheduler is :mod:`jaxrm._queue`). Discrete ascent (exact or sampled gradients) lives in
+:mod:`jaxrm.ascent`.
 
 With ``kl_coef = lam > 0`` the flow converges to ``pi* = pi_ref exp(r / lam) / Z``, and
 ``phi_x(pi) = lam log Z - lam KL(pi || pi*)`` only grows along the flow, so every later policy
 stays in the ball ``KL(pi || pi*) <= KL(pi(t) || pi*) =: delta``. By Pinsker, its expected eval
 reward is within ``(max r_eval - min r_eval) / 2 * sqrt(2 delta)`` of ``E_{pi*}[r_eval]``; once
 that bound rules the gain out, the solve stops with ``NOT_REACHED`` instead of integrating a
-stiff approach to ``pi*`` until ``t_max``.
+stiff approach to ``pi*`` until ``t_max``. That machinery is compiled in only when a
+``kl_coef`` is given (``kl_coef=None``, the default, is the flow without a KL term), so the
+choice never depends on the coefficient's values or on whether it is a Python number or an array.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from typing import Any, NamedTuple
 
@@ -30,26 +33,22 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import optimistix as optx
 
-from jaxrm import metrics
+from jaxrm import _queue, metrics
 from jaxrm._checks import check_finite, is_concrete
+from jaxrm._queue import Status
 from jaxrm.tabular import TabularPolicy, objective_grad, prompt_gradient
 
 __all__ = [
     "FirstPassage",
     "FlowMetrics",
-    "exact_gradient_ascent",
+    "Status",
     "first_passage",
     "flow_metrics",
     "t_gamma",
     "trajectory",
 ]
-
-# Item status codes of :class:`FirstPassage`.
-REACHED, NOT_REACHED, FAILED = 1, 2, 3
-_RUNNING = 0
 
 
 class FlowMetrics(NamedTuple):
@@ -67,7 +66,7 @@ class FirstPassage(NamedTuple):
     t_gamma: Any  # first time E_pi[r_eval] >= E_pi0[r_eval] + gamma; inf if not reached
     logits: Any  # each prompt's logits at t_gamma (or where its solve stopped)
     num_steps: Any  # ODE steps taken (accepted and rejected)
-    status: Any  # REACHED (1), NOT_REACHED by t_max (2), or FAILED (3: solver error, max_steps)
+    status: Any  # a :class:`Status`: REACHED, NOT_REACHED (by t_max, or out of reach), FAILED
 
 
 def flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) -> FlowMetrics:
@@ -85,9 +84,16 @@ def _default_solver():
     return diffrax.Dopri5()
 
 
+def default_policy(policy, rm_rewards):
+    """``policy``, or the tabular policy over the outputs of ``rm_rewards`` when it is None."""
+    return TabularPolicy(int(jnp.shape(rm_rewards)[-1])) if policy is None else policy
+
+
 def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
     """Check a tabular problem before any work; returns ``(rm_rewards, eval_rewards)`` as arrays."""
     rm_rewards = jnp.asarray(rm_rewards)
+    if not jnp.issubdtype(rm_rewards.dtype, jnp.floating):
+        rm_rewards = rm_rewards.astype(jnp.result_type(float))
     if rm_rewards.ndim < 2:
         raise ValueError(f"rewards must be shaped [..., prompts, outputs], got {rm_rewards.shape}.")
     log_probs = jax.eval_shape(policy.log_probs, init_logits)
@@ -95,13 +101,15 @@ def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
         raise ValueError(f"the policy's outputs {log_probs.shape} do not match rm_rewards {rm_rewards.shape}.")
     if eval_rewards is not None and jnp.shape(eval_rewards) != rm_rewards.shape:
         raise ValueError(f"eval_rewards {jnp.shape(eval_rewards)} must match rm_rewards {rm_rewards.shape}.")
+    if eval_rewards is not None:
+        eval_rewards = jnp.asarray(eval_rewards, rm_rewards.dtype)
     check_finite("rm_rewards", rm_rewards)
     check_finite("eval_rewards", eval_rewards)
     for leaf in jax.tree.leaves(init_logits):
         check_finite("init_logits", leaf)
-    if is_concrete(kl_coef) and np.any(np.asarray(kl_coef) < 0):
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}.")
-    return rm_rewards, (rm_rewards if eval_rewards is None else jnp.asarray(eval_rewards))
+    if kl_coef is not None and is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
+        raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
+    return rm_rewards, (rm_rewards if eval_rewards is None else eval_rewards)
 
 
 def first_passage(
@@ -110,7 +118,7 @@ def first_passage(
     gamma,
     *,
     policy=None,
-    kl_coef=0.0,
+    kl_coef=None,
     eval_rewards=None,
     t_max=1e9,
     rtol=1e-8,
@@ -125,18 +133,19 @@ def first_passage(
 
     ``t_gamma(x) = inf { t : E_{pi(t)}[r_eval(x, .)] >= E_{pi(0)}[r_eval(x, .)] + gamma }``
     under ``d theta/dt = grad phi(theta)`` with ``phi`` the objective of ``rm_rewards`` and KL
-    coefficient ``kl_coef`` against the initial policy (THEORY.md §1). ``+inf`` if not reached
-    by ``t_max``.
+    coefficient ``kl_coef`` against the initial policy (docs/theory.md#setting). ``+inf`` if not
+    reached by ``t_max``.
 
     Args:
       init_logits: initial policy parameters, prompt axis leading (``[..., S, Y]`` for the
         default tabular policy); any leading axes are a batch of independent problems.
       rm_rewards: ``[..., S, Y]`` rewards the policy is trained on.
       gamma: gain to reach; broadcasts to ``[..., S]``; must be > 0.
-      policy: :class:`~jaxrm.tabular.TabularPolicy` (default) or
-        :class:`~jaxrm.tabular.AutoregressiveTabularPolicy`.
-      kl_coef: ``lam >= 0``; broadcasts to the batch shape ``[...]`` (or ``[..., S]``). A Python
-        ``0`` or ``0.0`` leaves out the KL machinery (the out-of-reach stop); arrays keep it.
+      policy: an :class:`~jaxrm.tabular.ExactPolicy` (default: the tabular policy over the
+        outputs of ``rm_rewards``).
+      kl_coef: None (default: no KL term), or ``lam >= 0`` broadcasting to the batch shape
+        ``[...]`` (or ``[..., S]``). Any given value, even 0, compiles in the KL term and the
+        out-of-reach stop of the module docstring.
       eval_rewards: ``[..., S, Y]`` reward whose gain is timed (default ``rm_rewards``).
       t_max: give up (``inf``) after this much time.
       rtol, atol: tolerances of the adaptive step-size controller.
@@ -152,17 +161,20 @@ def first_passage(
     Returns:
       :class:`FirstPassage` with ``[..., S]`` arrays.
     """
-    policy = TabularPolicy() if policy is None else policy
+    policy = default_policy(policy, rm_rewards)
     rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
-    if is_concrete(gamma) and np.any(np.asarray(gamma) <= 0):
-        raise ValueError(f"gamma must be > 0; the smallest given is {np.min(gamma)}.")
+    if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
+        raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
     if is_concrete(t_max) and not float(t_max) > 0:
         raise ValueError(f"t_max must be > 0, got {t_max}.")
     if not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
     dtype = rm_rewards.dtype
     item_shape = rm_rewards.shape[:-1]  # [..., S]: one item per (problem, prompt)
-    items = _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, policy=policy)
+    kl_penalized = kl_coef is not None
+    items = _prepare_items(
+        init_logits, rm_rewards, eval_rewards, gamma, kl_coef if kl_penalized else 0.0, policy=policy
+    )
     tau_max = jnp.asarray(t_max, dtype) / item_shape[-1]
     traced = any(not is_concrete(x) for x in jax.tree.leaves((items, tau_max)))
     devices = (None,) if devices is None or traced else tuple(devices)
@@ -174,21 +186,25 @@ def first_passage(
         rtol=float(rtol),
         atol=float(atol),
         max_steps=max_steps,
-        slots=min(per_device, _DEFAULT_SLOTS if slots is None else int(slots)),
+        slots=min(per_device, _queue.DEFAULT_SLOTS if slots is None else int(slots)),
         segment_steps=int(segment_steps),
-        # Decided by the argument's kind, not its values, so new values never recompile.
-        kl_penalized=not (isinstance(kl_coef, (int, float)) and kl_coef == 0),
+        kl_penalized=kl_penalized,
     )
+
+    def run_queue(shard, num_valid, device):
+        if device is not None:
+            shard, num_valid, limit = jax.device_put((shard, num_valid, tau_max), device)
+        else:
+            limit = tau_max
+        return _solve_items(*shard, num_valid, limit, **options)
+
     if len(devices) == 1:
-        if devices[0] is not None:
-            items = jax.device_put(items, devices[0])
-        out = _work_queue(*items, num_items, tau_max, **options)
+        out = run_queue(items, num_items, devices[0])
     else:
-        out = _on_devices(items, num_items, tau_max, devices, options)
-    tau, logits, num_steps, status = out
+        out = _queue.on_devices(run_queue, items, num_items, devices)
     unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
-    t = jnp.where(status == REACHED, tau * item_shape[-1], jnp.inf)
-    return FirstPassage(unflat(t), jax.tree.map(unflat, logits), unflat(num_steps), unflat(status))
+    t = jnp.where(out.status == Status.REACHED, out.tau * item_shape[-1], jnp.inf)
+    return FirstPassage(unflat(t), jax.tree.map(unflat, out.state), unflat(out.steps), unflat(out.status))
 
 
 @jax.jit(static_argnames="policy")
@@ -228,7 +244,7 @@ def t_gamma(init_logits, rm_rewards, gamma, **options):
     The first time the expected ``eval_rewards`` (default ``rm_rewards``) under the
     gradient-flow policy exceeds its initial value by ``gamma``. Keyword options as in
     :func:`first_passage`: ``policy``, ``kl_coef``, ``eval_rewards``, ``t_max``, ``rtol``,
-    ``atol``, ``solver``, ``max_steps``.
+    ``atol``, ``solver``, ``max_steps``, ``slots``, ``segment_steps``, ``devices``.
 
     Two outputs, ``lam = 0``: ``t_gamma = |S| (z* - z0 + sinh z* - sinh z0) / (r_1 - r_0)`` with
     ``z`` the logit gap, ``z* = logit(p0 + gamma / (r_1 - r_0))``.
@@ -294,14 +310,6 @@ def _out_of_reach_condition(policy):
     return condition
 
 
-class _Segment(NamedTuple):
-    tau: Any
-    logits: Any
-    dt: Any
-    num_steps: Any
-    status: Any
-
-
 def _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penalized):
     """One item's integration for at most ``segment_steps`` steps, resumable."""
     term = diffrax.ODETerm(_prompt_field(policy))
@@ -338,7 +346,11 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penal
         running = (sol.result == diffrax.RESULTS.max_steps_reached) & ~hit & ~out_of_reach
         # Reached tau_max without the event, or the gain was proven out of reach.
         done = (sol.result == diffrax.RESULTS.successful) | out_of_reach
-        status = jnp.where(hit, REACHED, jnp.where(running, _RUNNING, jnp.where(done, NOT_REACHED, FAILED)))
+        status = jnp.where(
+            hit,
+            Status.REACHED,
+            jnp.where(running, Status.RUNNING, jnp.where(done, Status.NOT_REACHED, Status.FAILED)),
+        )
         # Resume from the last *accepted* step. (diffrax 0.7, vmapped with events: an element
         # without an event, when another element had one, reports its last *attempted* step,
         # which may have been rejected; the per-step saves are reliable.)
@@ -351,41 +363,13 @@ def _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penal
         end_logits = jax.tree.map(lambda saved: saved[0], logits_end)
         tau = jnp.where(running, resume_tau, tau_end[0])
         logits = jax.tree.map(lambda resume, end: jnp.where(running, resume, end), resume_logits, end_logits)
-        return _Segment(tau, logits, resume_dt, sol.stats["num_steps"], status)
+        return _queue.Segment(tau, logits, resume_dt, sol.stats["num_steps"], status)
 
     return run
 
 
-def _on_devices(items, num_items, tau_max, devices, options):
-    """One work queue per device, all running at once.
-
-    Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
-    spread out; padding sits past each device's count of valid items. Each queue is launched
-    from its own thread: a CPU program with host callbacks (diffrax's error checks) runs
-    synchronously in the thread that launched it. Each device compiles the queue once (XLA
-    executables are bound to a device); the compiles run in parallel too."""
-    num_devices = len(devices)
-    per_device = -(-num_items // num_devices)
-    pad = per_device * num_devices - num_items
-
-    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), items)
-
-    def run(device):
-        shard = jax.tree.map(lambda x: x[device::num_devices], padded)
-        shard, num_valid, limit = jax.device_put(
-            (shard, len(range(device, num_items, num_devices)), tau_max), devices[device]
-        )
-        return jax.block_until_ready(_work_queue(*shard, num_valid, limit, **options))
-
-    with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:
-        runs = list(pool.map(run, range(num_devices)))
-    home = jax.devices()[0]
-    gathered = jax.tree.map(lambda *parts: jnp.stack([jax.device_put(p, home) for p in parts], axis=1), *runs)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_items], gathered)
-
-
 @jax.jit(static_argnames=("policy", "solver", "rtol", "atol", "max_steps", "slots", "segment_steps", "kl_penalized"))
-def _work_queue(
+def _solve_items(
     logits,
     args,
     num_valid,
@@ -400,8 +384,7 @@ def _work_queue(
     segment_steps,
     kl_penalized,
 ):
-    """One device's items: ``slots`` integrate side by side; finished slots take queued items."""
-    num_items = args.rm_rewards.shape[0]
+    """One device's items on a work queue (:func:`jaxrm._queue.drain`) of ``slots`` solves."""
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     term = diffrax.ODETerm(_prompt_field(policy))
     error_order = solver.error_order(term)
@@ -411,82 +394,8 @@ def _work_queue(
         return tnext
 
     first_dt = jax.vmap(initial_dt)(logits, args)
-    segment = jax.vmap(_segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penalized))
-    take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
-
-    def load(item):
-        """Slots holding ``item`` (-1: idle) at the start of their integration."""
-        index = jnp.clip(item, 0, num_items - 1)
-        return _Slots(
-            item,
-            jnp.zeros(item.shape, tau_max.dtype),
-            take(logits, index),
-            first_dt[index],
-            jnp.zeros(item.shape, jnp.int32),
-        )
-
-    def body(carry):
-        slots, next_item, out = carry
-        active = slots.item >= 0
-        result = segment(slots.tau, slots.logits, slots.dt, take(args, jnp.clip(slots.item, 0, num_items - 1)))
-        steps = slots.steps + result.num_steps
-        status = jnp.where((result.status == _RUNNING) & (steps >= max_steps), FAILED, result.status)
-        finished = active & (status != _RUNNING)
-        write = jnp.where(finished, slots.item, num_items)  # out of range: dropped
-        out = _Outputs(
-            out.tau.at[write].set(result.tau, mode="drop"),
-            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.logits, result.logits),
-            out.steps.at[write].set(steps, mode="drop"),
-            out.status.at[write].set(status, mode="drop"),
-        )
-        # Finished slots take the next items of the queue, in slot order.
-        queued = next_item + jnp.cumsum(finished) - 1
-        item = jnp.where(finished, jnp.where(queued < num_valid, queued, -1), slots.item)
-        fresh = finished & (item >= 0)
-        continued = _Slots(item, result.tau, result.logits, result.dt, steps)
-        slots = jax.tree.map(
-            lambda new, old: jnp.where(fresh.reshape(-1, *([1] * (old.ndim - 1))), new, old), load(item), continued
-        )
-        return slots, next_item + jnp.sum(finished), out
-
-    def run(slots, next_item, out, keep_going):
-        return jax.lax.while_loop(lambda c: keep_going(*c), body, (slots, next_item, out))
-
-    out = _Outputs(
-        jnp.full(num_items, jnp.inf, tau_max.dtype),
-        logits,
-        jnp.zeros(num_items, jnp.int32),
-        jnp.zeros(num_items, jnp.int32),
-    )
-    first = jnp.arange(slots)
-    slots, next_item, out = load(jnp.where(first < num_valid, first, -1)), jnp.asarray(slots), out
-    # The queue drains at full width; once few items are left, the stragglers (the longest
-    # solves) move to a narrow set of slots, so they no longer pay for idle ones.
-    tail = min(_TAIL_SLOTS, slots.item.shape[0])
-    slots, next_item, out = run(slots, next_item, out, lambda s, n, o: (n < num_valid) | (jnp.sum(s.item >= 0) > tail))
-    order = jnp.argsort(slots.item < 0, stable=True)[:tail]
-    slots, next_item, out = run(take(slots, order), next_item, out, lambda s, n, o: jnp.any(s.item >= 0))
-    return out.tau, out.logits, out.steps, out.status
-
-
-class _Slots(NamedTuple):
-    item: Any  # index of the item in each slot; -1 when idle
-    tau: Any
-    logits: Any
-    dt: Any
-    steps: Any
-
-
-class _Outputs(NamedTuple):
-    tau: Any
-    logits: Any
-    steps: Any
-    status: Any
-
-
-# Slots per device, and the width of the work queue's last phase (see _work_queue).
-_DEFAULT_SLOTS = 64
-_TAIL_SLOTS = 16
+    segment = _segment_solver(policy, solver, controller, tau_max, segment_steps, kl_penalized)
+    return _queue.drain(segment, logits, first_dt, args, num_valid, num_slots=slots, max_steps=max_steps)
 
 
 def trajectory(
@@ -495,7 +404,7 @@ def trajectory(
     ts,
     *,
     policy=None,
-    kl_coef=0.0,
+    kl_coef=None,
     eval_rewards=None,
     rtol=1e-8,
     atol=1e-10,
@@ -506,8 +415,9 @@ def trajectory(
 
     Integrates the coupled system ``d theta/dt = grad phi(theta)`` (with its ``1/|S|``) for each
     problem of the leading batch, saving only the metrics. ``ts`` must be non-decreasing, >= 0.
+    ``kl_coef``: None (no KL term) or ``lam >= 0`` broadcasting to the batch shape.
     """
-    policy = TabularPolicy() if policy is None else policy
+    policy = default_policy(policy, rm_rewards)
     rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     ts = jnp.asarray(ts, rm_rewards.dtype)
     if ts.ndim != 1:
@@ -517,7 +427,7 @@ def trajectory(
     batch = rm_rewards.shape[:-2]
     size = math.prod(batch)
     flat = lambda x: x.reshape(size, *x.shape[len(batch) :])  # noqa: E731
-    kl_coef = jnp.broadcast_to(jnp.asarray(kl_coef, rm_rewards.dtype), batch)
+    kl_coef = jnp.broadcast_to(jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype), batch)
     out = _trajectories(
         jax.tree.map(flat, init_logits),
         flat(rm_rewards),
@@ -558,83 +468,3 @@ def _trajectories(logits, rm_rewards, eval_rewards, kl_coef, ts, *, policy, solv
         return sol.ys
 
     return jax.vmap(one)(logits, rm_rewards, eval_rewards, kl_coef)
-
-
-def exact_gradient_ascent(
-    init_logits,
-    rm_rewards,
-    *,
-    optimizer,
-    num_steps,
-    policy=None,
-    kl_coef=0.0,
-    eval_rewards=None,
-    track=True,
-):
-    """Discrete ascent on the exact objective gradient with an optax optimizer, under ``lax.scan``.
-
-    ``theta_{n+1} = theta_n + update(grad phi(theta_n))``; with ``optax.sgd(lr)`` the step is
-    ``lr * grad phi`` and ``theta_n`` approaches the gradient flow at ``t = lr * n`` as
-    ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems. The optimizer
-    and ``num_steps`` are static: reuse one optimizer object to reuse the compiled program.
-
-    Returns:
-      ``(final_logits, metrics)``; ``metrics`` is :class:`FlowMetrics` with a leading axis of
-      ``num_steps + 1`` entries (before each step and after the last), or None when
-      ``track=False``.
-
-    >>> import jax.numpy as jnp, optax
-    >>> final, m = exact_gradient_ascent(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]),
-    ...                                  optimizer=optax.sgd(0.1), num_steps=3)
-    >>> m.rm_reward.shape, bool(m.rm_reward[-1, 0] > m.rm_reward[0, 0])
-    ((4, 1), True)
-    """
-    policy = TabularPolicy() if policy is None else policy
-    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
-    if not (isinstance(num_steps, int) and num_steps >= 0):
-        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
-    kl_coef = jnp.asarray(kl_coef, rm_rewards.dtype)
-    return gradient_ascent(
-        init_logits,
-        rm_rewards,
-        eval_rewards,
-        kl_coef,
-        jax.random.key(0),
-        policy=policy,
-        optimizer=optimizer,
-        num_steps=num_steps,
-        track=track,
-        gradient=_exact_gradient,
-    )
-
-
-def _exact_gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key):
-    del key
-    return objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=kl_coef)
-
-
-@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient"))
-def gradient_ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer, num_steps, track, gradient):
-    """The ascent loop shared by exact and sampled gradients (see :func:`exact_gradient_ascent`).
-
-    ``gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key)`` returns the gradient
-    (or an estimate of it) of the objective; step ``n`` passes it ``fold_in(key, n)``. Inputs are
-    validated by the public callers.
-    """
-    ref_log_probs = policy.log_probs(logits)
-    lam = kl_coef[..., None, None] if kl_coef.ndim else kl_coef
-
-    def measure(logits):
-        return flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) if track else None
-
-    def step(carry, index):
-        logits, opt_state = carry
-        grads = gradient(policy, logits, rm_rewards, ref_log_probs, lam, jax.random.fold_in(key, index))
-        ascent = jax.tree.map(jnp.negative, grads)  # optax minimizes
-        updates, opt_state = optimizer.update(ascent, opt_state, logits)
-        return (optax.apply_updates(logits, updates), opt_state), measure(logits)
-
-    (logits, _), history = jax.lax.scan(step, (logits, optimizer.init(logits)), jnp.arange(num_steps))
-    if track:
-        history = jax.tree.map(lambda h, last: jnp.concatenate([h, last[None]]), history, measure(logits))
-    return logits, history

@@ -1,7 +1,7 @@
 """Reward variance, accuracy and KL: exact (from logits) and from samples.
 
 All functions are pure and work under ``jit``, ``vmap`` and ``grad`` (where differentiable) in
-float32 and float64. Conventions (see DESIGN.md):
+float32 and float64. Conventions (docs/theory.md#conventions):
 
 - Exact quantities take ``logits`` of a categorical distribution over the **last axis** (the
   outputs); any leading axes (prompts, batches) are kept. ``where`` (bool, same shape) removes
@@ -28,6 +28,7 @@ __all__ = [
     "best_of_n_reward",
     "expected_reward",
     "kl",
+    "KL_ESTIMATORS",
     "kl_estimate",
     "normalize_rewards",
     "pearson",
@@ -106,7 +107,7 @@ def reward_variance(logits, rewards, *, where=None):
 
 def normalize_rewards(logits, rewards):
     """Rewards ``[..., S, Y]`` shifted and scaled by one mean and standard deviation over all
-    prompts under the policy (THEORY.md §4, exact form): ``(r - mu) / sigma`` with
+    prompts under the policy (docs/theory.md#experiments-of-razin-et-al, exact form): ``(r - mu) / sigma`` with
     ``mu = mean_x E_{pi(.|x)}[r]`` and ``sigma^2 = mean_x E_{pi(.|x)}[(r - mu)^2]``.
 
     Leading axes are independent sets of rewards (e.g. reward models), each normalized alone.
@@ -185,10 +186,11 @@ def kl(logits_p, logits_q, *, where=None):
     return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
 
 
-_KL_KINDS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+"""The per-sample KL estimators of :func:`kl_estimate`, chosen everywhere by ``kl_estimator=``."""
 
 
-def kl_estimate(logp, ref_logp, kind="k1"):
+def kl_estimate(logp, ref_logp, *, kl_estimator="k1"):
     """Per-sample estimators of ``KL(pi || pi_ref)`` from log-probs of samples ``y ~ pi``.
 
     With ``log_ratio = ref_logp - logp`` (log of ``pi_ref / pi`` at the sample):
@@ -200,17 +202,17 @@ def kl_estimate(logp, ref_logp, kind="k1"):
     Works elementwise on any shape (per token or per sequence).
 
     >>> import jax.numpy as jnp
-    >>> [round(float(kl_estimate(jnp.log(0.5), jnp.log(0.25), k)), 4) for k in ("k1", "k2", "k3")]
+    >>> [round(float(kl_estimate(jnp.log(0.5), jnp.log(0.25), kl_estimator=k)), 4) for k in KL_ESTIMATORS]
     [0.6931, 0.2402, 0.1931]
     """
-    check_choice("kind", kind, _KL_KINDS)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     check_same_shape(logp=logp, ref_logp=ref_logp)
     check_finite("logp", logp)
     check_finite("ref_logp", ref_logp)
     log_ratio = jnp.asarray(ref_logp) - jnp.asarray(logp)
-    if kind == "k1":
+    if kl_estimator == "k1":
         return -log_ratio
-    if kind == "k2":
+    if kl_estimator == "k2":
         return 0.5 * jnp.square(log_ratio)
     return jnp.expm1(log_ratio) - log_ratio
 

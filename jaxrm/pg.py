@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
 from jaxrm.metrics import kl_estimate
 
 AGGREGATIONS = ("token-mean", "sequence-mean", "sequence-sum")
 RATIO_LEVELS = ("token", "sequence")
+REWARD_NORMALIZATIONS = ("std", "rsqrt_var")
+"""How :func:`normalize_sampled_rewards` scales (docs/theory.md#conventions): ``std`` divides by
+``std + eps`` (ddof 0), ``rsqrt_var`` multiplies by ``rsqrt(var + eps)`` (ddof 1, the official RLOO)."""
 
 
 def _check_group(rewards, minimum: int, what: str):
@@ -79,27 +83,29 @@ def dr_grpo_advantages(rewards):
     return grpo_advantages(rewards, scale=False)
 
 
-ADVANTAGES = {
+ADVANTAGE_ESTIMATORS = {
     "rloo": rloo_advantages,
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,
     "reinforce": reinforce_advantages,
 }
-"""The advantage kernels by name, each with its defaults: ``advantages = ADVANTAGES[name](rewards)``."""
+"""The advantage kernels by name (chosen everywhere by ``advantage_estimator=``), each with its
+defaults: ``advantages = ADVANTAGE_ESTIMATORS[advantage_estimator](rewards)``."""
 
 
 def _masked_sum(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
 
 
-def kl_per_token(logp, ref_logp, mask, *, estimator: str = "k1"):
+def kl_per_token(logp, ref_logp, mask, *, kl_estimator: str = "k1"):
     """Per-token KL estimates (``k1``/``k2``/``k3`` of :func:`jaxrm.metrics.kl_estimate`), 0 off ``mask``."""
     check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
-    return jnp.where(mask, kl_estimate(logp, ref_logp, estimator), 0.0)
+    return jnp.where(mask, kl_estimate(logp, ref_logp, kl_estimator=kl_estimator), 0.0)
 
 
-def kl_penalized_rewards(rewards, logp, ref_logp, mask, *, kl_coef: float, estimator: str = "k1"):
-    """``r - kl_coef * sum_t KL_t``: the KL folded into the sequence reward (RLOO, THEORY.md §4).
+def kl_penalized_rewards(rewards, logp, ref_logp, mask, *, kl_coef: float, kl_estimator: str = "k1"):
+    """``r - kl_coef * sum_t KL_t``: the KL folded into the sequence reward (RLOO,
+    docs/theory.md#official-rloo-and-grpo-semantics).
 
     ``rewards`` is ``[...]`` and the per-token arrays ``[..., time]``; the result carries no gradient.
 
@@ -108,7 +114,9 @@ def kl_penalized_rewards(rewards, logp, ref_logp, mask, *, kl_coef: float, estim
     >>> round(float(r[0]), 6)
     0.9
     """
-    penalty = _masked_sum(kl_per_token(logp, ref_logp, mask, estimator=estimator), mask)
+    if is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
+        raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
+    penalty = _masked_sum(kl_per_token(logp, ref_logp, mask, kl_estimator=kl_estimator), mask)
     return jax.lax.stop_gradient(jnp.asarray(rewards) - kl_coef * penalty)
 
 
@@ -196,24 +204,41 @@ def entropy_per_token(logits, mask):
     return jnp.where(mask, entropy, 0.0)
 
 
-def reward_statistics(rewards):
-    """``(mean, std)`` over every sample (``ddof=0``), measured once on the initial policy (THEORY.md §4)."""
+def reward_statistics(rewards, *, ddof: int = 0):
+    """``(mean, std)`` over every sample, ``std`` with ``ddof`` (0: numpy; 1: torch and the
+    official RLOO), measured once on the initial policy
+    (docs/theory.md#experiments-of-razin-et-al).
+
+    >>> [round(float(v), 4) for v in reward_statistics(jnp.array([0.0, 2.0]), ddof=1)]
+    [1.0, 1.4142]
+    """
     check_finite("rewards", rewards)
     rewards = jnp.asarray(rewards)
     if rewards.size < 2:
         raise ValueError("reward_statistics needs at least 2 rewards.")
-    return jnp.mean(rewards), jnp.std(rewards)
+    return jnp.mean(rewards), jnp.std(rewards, ddof=ddof)
 
 
-def normalize_sampled_rewards(rewards, mean, std, *, eps: float = 1e-8, clip: float | None = None):
-    """``(r - mean) / (std + eps)``, optionally clipped to ``[-clip, clip]``.
+def normalize_sampled_rewards(
+    rewards, mean, std, *, normalization: str = "std", eps: float = 1e-8, clip: float | None = None
+):
+    """Shift and scale sampled rewards by fixed statistics, optionally clipped to ``[-clip, clip]``.
+
+    - ``normalization="std"``: ``(r - mean) / (std + eps)``;
+    - ``normalization="rsqrt_var"``: ``(r - mean) * rsqrt(std^2 + eps)`` (the official RLOO,
+      with ``std`` measured with ``ddof=1``; docs/theory.md#official-rloo-and-grpo-semantics).
 
     >>> normalize_sampled_rewards(jnp.array([0.0, 4.0]), 2.0, 2.0, eps=0.0).tolist()
     [-1.0, 1.0]
     """
+    check_choice("normalization", normalization, REWARD_NORMALIZATIONS)
     if is_concrete(std) and not float(std) >= 0:
         raise ValueError(f"std must be >= 0, got {std}.")
-    normalized = (jnp.asarray(rewards) - mean) / (std + eps)
+    centered = jnp.asarray(rewards) - mean
+    if normalization == "std":
+        normalized = centered / (std + eps)
+    else:
+        normalized = centered * jax.lax.rsqrt(jnp.square(std) + eps)
     return normalized if clip is None else jnp.clip(normalized, -clip, clip)
 
 

@@ -13,25 +13,28 @@ and shard like any pytree:
 - :class:`LogLinearPolicy`: ``pi(.|x) = softmax(Phi theta[x])`` with a feature matrix ``Phi``
   shared by all outputs; parameters ``[S, d]``, ``L = 1``, ``J = ||Phi||_2``.
 
-Both expose ``log_probs(logits) -> [..., S, Y]`` and the closed-form ``log_prob_vjp(logits, c)
-= sum_y c[y] grad log pi(y)``, from which the exact gradient of the RLHF objective follows
-(Lemma 7 for tabular policies, the score-function form for autoregressive ones).
+All three implement :class:`ExactPolicy`: ``log_probs(logits) -> [..., S, Y]`` and the
+closed-form ``log_prob_vjp(logits, c) = sum_y c[y] grad log pi(y)``, from which the exact gradient
+of the RLHF objective follows (Lemma 7 for tabular policies, the score-function form otherwise;
+docs/theory.md#setting).
 
-The RLHF objective (THEORY.md Eq. 1), with ``pi_ref`` the reference (initial) policy:
+The RLHF objective (docs/theory.md#setting, Eq. 1), with ``pi_ref`` the reference (initial) policy:
 ``phi(theta) = mean_x ( E_{y~pi(.|x)} r(x,y) - lam KL(pi(.|x) || pi_ref(.|x)) )``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 __all__ = [
     "AutoregressiveTabularPolicy",
+    "ExactPolicy",
     "LogLinearPolicy",
     "TabularPolicy",
     "kl_rewards",
@@ -41,49 +44,96 @@ __all__ = [
 ]
 
 
+Logits = Any
+"""A policy's parameters: an array or a tuple of arrays, prompt axis leading after any batch axes."""
+
+
+@runtime_checkable
+class ExactPolicy(Protocol):
+    """The interface of the exact softmax policies: small, hashable structures (static ``jit``
+    arguments) whose parameters are passed separately.
+
+    Attributes:
+      num_outputs: ``|Y|``, the number of outputs per prompt (enumerated exactly).
+      length: ``L``, the number of tokens of an output (docs/theory.md#setting).
+      jacobian_norm: ``J``, the bound on the spectral norm of the Jacobian of the next-token
+        logits with respect to the parameters (docs/theory.md#setting).
+    """
+
+    num_outputs: int
+    length: int
+    jacobian_norm: float
+
+    def log_probs(self, logits: Logits) -> jax.Array:
+        """``[..., S, Y]`` exact log-probabilities of every output."""
+        ...
+
+    def log_probs_and_probs(self, logits: Logits) -> tuple[jax.Array, jax.Array]:
+        """``(log pi, pi)``, each ``[..., S, Y]``."""
+        ...
+
+    def log_prob_vjp(self, logits: Logits, cotangent: ArrayLike, *, centered: bool = False) -> Logits:
+        """``sum_y c[y] grad_theta log pi(y)`` per prompt, shaped like ``logits``; ``centered=True``
+        promises ``sum_y c[y] = 0`` per prompt (a cheaper path)."""
+        ...
+
+    def random_logits(self, key: jax.Array, num_prompts: int, *, scale: float = 1.0, dtype=None) -> Logits:
+        """Parameters for ``num_prompts`` prompts, each entry ``scale * N(0, 1)``."""
+        ...
+
+
+def _check_count(name: str, value) -> None:
+    if not (isinstance(value, (int, np.integer)) and value >= 1):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TabularPolicy:
-    """``pi(.|x) = softmax(theta[x, :])``: one logit per prompt and whole output.
+    """``pi(.|x) = softmax(theta[x, :])``: one logit per prompt and whole output; logits ``[S, Y]``.
+
+    Attributes:
+      num_outputs: ``|Y|``, the number of outputs per prompt.
 
     >>> import jax.numpy as jnp
-    >>> print(TabularPolicy().log_probs(jnp.zeros((1, 2))).round(4))
+    >>> print(TabularPolicy(2).log_probs(jnp.zeros((1, 2))).round(4))
     [[-0.6931 -0.6931]]
     """
 
+    num_outputs: int
     length: ClassVar[int] = 1
     jacobian_norm: ClassVar[float] = 1.0
 
-    def num_outputs(self, logits) -> int:
-        return jnp.shape(logits)[-1]
+    def __post_init__(self):
+        if not (isinstance(self.num_outputs, (int, np.integer)) and self.num_outputs >= 2):
+            raise ValueError(f"num_outputs must be an int >= 2, got {self.num_outputs!r}.")
 
     def log_probs(self, logits):
         return jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
 
     def log_probs_and_probs(self, logits):
         """``(log pi, pi)`` from a single exponential pass (the flow's hot path)."""
-        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        unnormalized = jnp.exp(shifted)
-        total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-        return shifted - jnp.log(total), unnormalized / total
+        return _softmax_pair(logits)
 
     def log_prob_vjp(self, logits, cotangent, *, centered=False):
         """``sum_y c[y] grad_theta log pi(y) = c - pi * sum(c)`` (per prompt row).
 
         ``centered=True`` promises ``sum(c) = 0`` per row, which makes it ``c`` itself.
         """
-        if centered:
-            return cotangent
-        probs = jax.nn.softmax(logits, axis=-1)
-        return cotangent - probs * jnp.sum(cotangent, axis=-1, keepdims=True)
+        return _softmax_vjp(logits, cotangent, centered=centered)
 
-    def random_logits(self, key, num_prompts, num_outputs, *, scale=1.0, dtype=None):
-        """Logits ``scale * N(0, 1)``: larger ``scale`` gives sharper initial policies."""
-        return scale * jax.random.normal(key, (num_prompts, num_outputs), dtype=dtype)
+    def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
+        """Logits ``scale * N(0, 1)``, ``[num_prompts, Y]``: larger ``scale`` gives sharper policies."""
+        _check_count("num_prompts", num_prompts)
+        return scale * jax.random.normal(key, (num_prompts, self.num_outputs), dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class AutoregressiveTabularPolicy:
     """``pi(y|x) = prod_l softmax(theta_l[x, y_<l])[y_l]`` with one logit vector per prefix.
+
+    Attributes:
+      vocab_size: ``V``, tokens per position (>= 2).
+      length: ``L``, tokens per output; the ``V**L`` outputs are enumerated in lexicographic order.
 
     >>> import jax.numpy as jnp
     >>> policy = AutoregressiveTabularPolicy(vocab_size=2, length=2)
@@ -161,6 +211,7 @@ class AutoregressiveTabularPolicy:
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Per-prefix logits ``scale * N(0, 1)``."""
+        _check_count("num_prompts", num_prompts)
         keys = jax.random.split(key, self.length)
         return tuple(
             scale * jax.random.normal(k, (num_prompts, self.vocab_size**level, self.vocab_size), dtype=dtype)
@@ -174,6 +225,9 @@ class LogLinearPolicy:
 
     The logits ``Phi theta`` have Jacobian ``Phi``, so ``J = ||Phi||_2`` (its largest singular
     value). Equal feature matrices make equal policies (and share compiled programs).
+
+    Attributes:
+      features: ``Phi``, a finite ``[outputs, d]`` matrix (stored read-only).
 
     >>> import numpy as np
     >>> policy = LogLinearPolicy(np.eye(3))  # identity features: the tabular policy
@@ -209,15 +263,31 @@ class LogLinearPolicy:
         return jax.nn.log_softmax(jnp.asarray(logits) @ self.features.T, axis=-1)
 
     def log_probs_and_probs(self, logits):
-        return TabularPolicy().log_probs_and_probs(jnp.asarray(logits) @ self.features.T)
+        return _softmax_pair(jnp.asarray(logits) @ self.features.T)
 
     def log_prob_vjp(self, logits, cotangent, *, centered=False):
         """``Phi^T (c - pi sum(c))``: the tabular VJP pulled back through the features."""
-        tabular = TabularPolicy().log_prob_vjp(jnp.asarray(logits) @ self.features.T, cotangent, centered=centered)
+        tabular = _softmax_vjp(jnp.asarray(logits) @ self.features.T, cotangent, centered=centered)
         return tabular @ self.features
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
+        """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
+        _check_count("num_prompts", num_prompts)
         return scale * jax.random.normal(key, (num_prompts, self.features.shape[1]), dtype=dtype)
+
+
+def _softmax_pair(logits):
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(shifted)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return shifted - jnp.log(total), unnormalized / total
+
+
+def _softmax_vjp(logits, cotangent, *, centered):
+    if centered:
+        return cotangent
+    probs = jax.nn.softmax(logits, axis=-1)
+    return cotangent - probs * jnp.sum(cotangent, axis=-1, keepdims=True)
 
 
 def kl_rewards(log_probs, rewards, ref_log_probs, *, kl_coef=0.0):
@@ -241,7 +311,7 @@ def objective(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
       kl_coef: ``lam >= 0``.
 
     >>> import jax.numpy as jnp
-    >>> policy = TabularPolicy()
+    >>> policy = TabularPolicy(2)
     >>> logits = jnp.zeros((1, 2))
     >>> float(objective(policy, logits, jnp.array([[0.0, 1.0]]), policy.log_probs(logits)))
     0.5
@@ -269,7 +339,7 @@ def objective_grad(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
     Equals ``jax.grad(objective)`` (tested to 1e-10 in float64) at a fraction of the cost.
 
     >>> import jax.numpy as jnp
-    >>> policy = TabularPolicy()
+    >>> policy = TabularPolicy(2)
     >>> logits = jnp.zeros((1, 2))
     >>> objective_grad(policy, logits, jnp.array([[0.0, 1.0]]), policy.log_probs(logits)).tolist()
     [[-0.25, 0.25]]

@@ -34,7 +34,7 @@ def test_variance_exponents():
 @pytest.mark.parametrize(
     "policy,make",
     [
-        (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 64, 5, scale=3.0)),
+        (TabularPolicy(5), lambda k: TabularPolicy(5).random_logits(k, 64, scale=3.0)),
         (
             AutoregressiveTabularPolicy(3, 2),
             lambda k: AutoregressiveTabularPolicy(3, 2).random_logits(k, 64, scale=3.0),

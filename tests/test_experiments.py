@@ -8,6 +8,7 @@ import pytest
 
 from experiments import paradox, teacher
 from experiments.tasks import TopicTask
+from jaxrm.studies import config_with_overrides
 
 
 def test_the_task_ground_truth_is_graded_exact_and_prompt_dependent():
@@ -47,9 +48,10 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     assert table1["reward variance"][5] < table1["reward variance"][6]
     assert (tmp_path / "report.md").read_text().startswith("# The reward-model teacher study")
     assert (tmp_path / "figures" / "teacher.png").stat().st_size > 10_000
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len(config.student_sharpness) * 7 * config.seeds * config.iterations
-    assert {"teacher", "seed", "iteration", "ground_truth_reward", "kl"} <= set(json.loads(lines[0]))
+    for student in range(len(config.student_sharpness)):
+        lines = (tmp_path / "runs" / f"student_{student}" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 7 * config.seeds * config.iterations
+        assert {"teacher", "seed", "iteration", "ground_truth_reward", "kl"} <= set(json.loads(lines[0]))
     # A second run on the same directory reuses every stage and reproduces the summary.
     again = []
     assert teacher.run(tmp_path, config, log=again.append) == json.loads((tmp_path / "summary.json").read_text())
@@ -86,11 +88,11 @@ def test_a_local_pythia_style_checkpoint_is_the_starting_policy(tmp_path):
         max_position_embeddings=32,
     )
     transformers.GPTNeoXForCausalLM(hf).save_pretrained(checkpoint)
-    config = teacher.config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={checkpoint}"])
-    (student, _) = teacher._students(config, TopicTask(), tmp_path / "run", log=lambda line: None)
+    config = config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={checkpoint}"])
+    (student, _) = teacher.train_students(config, TopicTask(), tmp_path / "run", log=lambda line: None)
     assert student.config.vocab_size == 64 and student.config.hidden_size == 32
     assert (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
-        teacher.config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={tmp_path}"])
+        config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={tmp_path}"])
     with pytest.raises(ValueError, match="unknown preset"):
         teacher.TeacherConfig.preset("gpu")

@@ -5,7 +5,7 @@ import optax
 import pytest
 from scipy.integrate import solve_ivp
 
-from jaxrm import flow
+from jaxrm import ascent, flow
 from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, objective
 
 
@@ -59,7 +59,7 @@ def test_unreachable_gain_is_inf():
 
 
 CASES = {
-    "tabular_kl_gt": (TabularPolicy(), lambda k: TabularPolicy().random_logits(k, 2, 5), 0.3),
+    "tabular_kl_gt": (TabularPolicy(5), lambda k: TabularPolicy(5).random_logits(k, 2), 0.3),
     "autoregressive": (
         AutoregressiveTabularPolicy(2, 2),
         lambda k: AutoregressiveTabularPolicy(2, 2).random_logits(k, 2),
@@ -103,8 +103,8 @@ def test_batch_equals_problems_one_at_a_time_on_any_device_count_and_queue_size(
         alone = flow.t_gamma(logits[b], rm[b], 0.05, eval_rewards=gt[b], kl_coef=kl_coef[b], slots=2)
         np.testing.assert_allclose(np.asarray(together.t_gamma[b]), np.asarray(alone), rtol=1e-9)
     status = np.asarray(together.status)
-    assert set(status.ravel()) <= {flow.REACHED, flow.NOT_REACHED}
-    assert (np.isfinite(together.t_gamma) == (status == flow.REACHED)).all()
+    assert set(status.ravel()) <= {flow.Status.REACHED, flow.Status.NOT_REACHED}
+    assert (np.isfinite(together.t_gamma) == (status == flow.Status.REACHED)).all()
 
 
 def test_vmap_over_problems(batch):
@@ -157,7 +157,7 @@ def test_discrete_ascent_converges_to_the_flow(batch):
     )
     errors = []
     for num_steps in (10, 40, 160):
-        _, metrics = flow.exact_gradient_ascent(
+        _, metrics = ascent.exact_gradient_ascent(
             logits[0],
             rm[0],
             optimizer=optax.sgd(horizon / num_steps),
@@ -180,6 +180,11 @@ def test_bad_input_fails_early():
         flow.t_gamma(jnp.zeros((1, 3)), jnp.zeros((1, 2)), 0.1)
     with pytest.raises(ValueError, match="kl_coef"):
         flow.t_gamma(jnp.zeros((1, 2)), jnp.zeros((1, 2)), 0.1, kl_coef=-1.0)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        flow.t_gamma(jnp.zeros((1, 2)), jnp.zeros((1, 2)), np.nan)
+    # Integer rewards are cast to floats, not refused by the solver.
+    t = flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0, 1]]), 0.25)
+    np.testing.assert_allclose(t, [2.43195], rtol=1e-4)
     with pytest.raises(ValueError, match="prompts, outputs"):
         flow.t_gamma(jnp.zeros(2), jnp.zeros(2), 0.1)
 
@@ -195,5 +200,8 @@ def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
     limit_gain = float(((p_star - p0) * rewards).sum())
     above = flow.first_passage(logits, rewards, 1.01 * limit_gain, kl_coef=lam)
     below = flow.first_passage(logits, rewards, 0.99 * limit_gain, kl_coef=lam)
-    assert int(above.status[0]) == flow.NOT_REACHED and int(above.num_steps[0]) < 500
-    assert int(below.status[0]) == flow.REACHED
+    assert int(above.status[0]) == flow.Status.NOT_REACHED and int(above.num_steps[0]) < 500
+    assert int(below.status[0]) == flow.Status.REACHED
+    # The KL branch is chosen by giving kl_coef at all, never by its Python type.
+    as_array = flow.first_passage(logits, rewards, 1.01 * limit_gain, kl_coef=jnp.asarray(lam))
+    assert int(as_array.status[0]) == flow.Status.NOT_REACHED and int(as_array.num_steps[0]) < 500

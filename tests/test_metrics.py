@@ -189,13 +189,15 @@ class TestKL:
         ref = jax.nn.log_softmax(jnp.array(rng.normal(size=6)))
         exact = metrics.kl(logp, ref)
         for kind in ("k1", "k3"):
-            np.testing.assert_allclose(jnp.sum(jnp.exp(logp) * metrics.kl_estimate(logp, ref, kind)), exact, rtol=1e-12)
-        assert bool(jnp.all(metrics.kl_estimate(logp, ref, "k2") >= 0))
-        assert bool(jnp.all(metrics.kl_estimate(logp, ref, "k3") >= 0))
+            np.testing.assert_allclose(
+                jnp.sum(jnp.exp(logp) * metrics.kl_estimate(logp, ref, kl_estimator=kind)), exact, rtol=1e-12
+            )
+        assert bool(jnp.all(metrics.kl_estimate(logp, ref, kl_estimator="k2") >= 0))
+        assert bool(jnp.all(metrics.kl_estimate(logp, ref, kl_estimator="k3") >= 0))
 
     def test_unknown_kind(self):
-        with pytest.raises(ValueError, match="kind='k4'"):
-            metrics.kl_estimate(jnp.zeros(2), jnp.zeros(2), "k4")
+        with pytest.raises(ValueError, match="kl_estimator='k4'"):
+            metrics.kl_estimate(jnp.zeros(2), jnp.zeros(2), kl_estimator="k4")
 
 
 class TestBestOfNAndCorrelations:

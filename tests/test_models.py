@@ -11,8 +11,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxrm.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset
+from jaxrm.models.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models.hf import load_hf, read_safetensors
 from jaxrm.sharding import make_mesh, param_shardings, shard_batch, shard_model
 

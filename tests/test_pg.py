@@ -33,8 +33,8 @@ def test_kl_penalties_by_hand():
     k1 = np.array([0.5, -1.0])
     k3 = np.expm1(-k1) + k1
     np.testing.assert_allclose(pg.kl_per_token(logp, ref, mask)[0, :2], k1)
-    np.testing.assert_allclose(pg.kl_per_token(logp, ref, mask, estimator="k3")[0, :2], k3, rtol=1e-6)
-    assert float(pg.kl_per_token(logp, ref, mask, estimator="k3")[0, 2]) == 0.0
+    np.testing.assert_allclose(pg.kl_per_token(logp, ref, mask, kl_estimator="k3")[0, :2], k3, rtol=1e-6)
+    assert float(pg.kl_per_token(logp, ref, mask, kl_estimator="k3")[0, 2]) == 0.0
     np.testing.assert_allclose(pg.kl_penalized_rewards(jnp.array([2.0]), logp, ref, mask, kl_coef=0.5), [2.25])
 
 

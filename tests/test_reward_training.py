@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.checkpoint import load_model, read_metadata
 from jaxrm.models import RewardModel, preset
+from jaxrm.models.checkpoint import load_model, read_metadata
 from jaxrm.train import (
     PreferencePairs,
     RewardTrainConfig,

@@ -18,6 +18,7 @@ import rlhf_task
 from flax import nnx
 from rlhf_task import CONFIG, ground_truth, policy, prompts
 
+from jaxrm import pg
 from jaxrm.models import RewardModel, preset
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh
@@ -44,13 +45,14 @@ def _leaves(params):
 
 
 def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_path):
-    state, history = _run(tmp_path, "run", 24, log_every=8)
-    first, last = (
-        np.mean([h["ground_truth_reward"] for h in history[:4]]),
-        np.mean([h["ground_truth_reward"] for h in history[-4:]]),
-    )
+    lines = []
+    state, history = _run(tmp_path, "run", 24, log_every=8, log=lines.append)
+    truth = history["ground_truth_reward"]
+    first, last = truth[:4].mean(), truth[-4:].mean()
     assert last > first + 0.15, (first, last)
-    assert history[-1]["kl"] > 0 and all(h["clip_fraction"] == 0.0 for h in history)  # one epoch: ratio 1
+    assert history["kl"][-1] > 0 and (history["clip_fraction"] == 0.0).all()  # one minibatch: ratio 1
+    assert history["iteration"].tolist() == list(range(24))
+    assert lines[0].startswith("compiling") and any(line.startswith("iteration 24/24") for line in lines)
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == list(range(24))
@@ -69,6 +71,7 @@ def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_pa
     assert expected <= set(lines[0])
     assert json.loads((run / "config.json").read_text())["config"]["samples_per_prompt"] == 2
     assert json.loads((run / "summary.json").read_text())["iterations"] == 24 == int(state.step)
+    assert json.loads((run / "config.json").read_text())["seeds"] == 0
 
 
 def test_one_iteration_on_1_and_4_devices_gives_the_same_parameters(tmp_path):
@@ -162,9 +165,11 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     for file in (tmp_path / "broken" / "checkpoints" / "4").rglob("*"):
         if file.is_file():
             file.write_bytes(b"garbage")
+    lines = []
     with pytest.warns(UserWarning, match="step 4 is unreadable"):
-        resumed, history = _run(tmp_path, "broken", 6, checkpoint_every=2)
-    assert history[0]["iteration"] == 2
+        resumed, history = _run(tmp_path, "broken", 6, checkpoint_every=2, log=lines.append)
+    assert "resuming" in lines[0] and lines[0].endswith("iteration 2")
+    assert history["iteration"].tolist() == list(range(6))
     for a, b in zip(_leaves(straight.params), _leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
 
@@ -198,8 +203,10 @@ def test_a_reward_model_teacher_and_bad_configs():
     np.testing.assert_array_equal(rewards, np.zeros(4))  # a fresh head scores 0
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         RLHFConfig(samples_per_prompt=1)
-    with pytest.raises(ValueError, match="algorithm"):
-        RLHFConfig(algorithm="dpo")
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        RLHFConfig(advantage_estimator="dpo")
+    with pytest.raises(ValueError, match="reward_normalization"):
+        RLHFConfig(reward_normalization="whiten")
     with pytest.raises(ValueError, match="minibatches"):
         RLHFConfig(prompts_per_iteration=3, samples_per_prompt=2, minibatches=4)
     with pytest.raises(ValueError, match="temperature"):
@@ -223,7 +230,7 @@ def test_bad_prompts_fail_before_the_run_directory_is_written(tmp_path):
 def test_grpo_with_kl_in_the_loss_minibatches_and_epochs():
     config = dataclasses.replace(
         CONFIG,
-        algorithm="grpo",
+        advantage_estimator="grpo",
         kl_placement="loss",
         kl_estimator="k3",
         ratio_level="token",
@@ -238,7 +245,7 @@ def test_grpo_with_kl_in_the_loss_minibatches_and_epochs():
     graphdef, params = nnx.split(model)
     tokens, mask = prompts()
     data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), params, None, jnp.float32(0.0), jnp.float32(1.0))
-    iteration, _ = make_iteration(config, graphdef, ground_truth, ground_truth_fn=ground_truth)
+    iteration = make_iteration(config, graphdef, ground_truth, ground_truth_fn=ground_truth)
     iteration = jax.jit(iteration)
     state = init_state(model, config, jax.random.key(0))
     history = []
@@ -262,3 +269,29 @@ def test_reward_statistics_are_measured_once_on_the_initial_policy():
     scores = np.concatenate([np.asarray(ground_truth(None, tokens, mask, d.tokens, d.mask)) for d in drawn])
     np.testing.assert_allclose([float(mean), float(std)], [scores.mean(), scores.std()], rtol=1e-6)
     assert 0 < float(mean) < 1 and float(std) > 0
+
+
+def test_official_rloo_reproduces_the_official_settings_and_normalization():
+    official = RLHFConfig.official_rloo(max_new_tokens=6)
+    assert (official.minibatches, official.learning_rate, official.max_grad_norm) == (2, 1e-7, None)
+    assert (official.kl_coef, official.kl_estimator, official.kl_placement, official.ratio_level) == (
+        0.05,
+        "k1",
+        "reward",
+        "sequence",
+    )
+    assert official.reward_ddof == 1 and RLHFConfig().reward_ddof == 0
+    # With two minibatches the second update sees ratios != 1 (the clip can act); one never does.
+    model = policy()
+    graphdef, params = nnx.split(model)
+    tokens, mask = prompts()
+    data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), params, None, jnp.float32(0.5), jnp.float32(0.2))
+    config = dataclasses.replace(official, learning_rate=3e-2, prompts_per_iteration=8, clip_eps=1e-3)
+    _, out = jax.jit(make_iteration(config, graphdef, ground_truth))(init_state(model, config, jax.random.key(0)), data)
+    assert float(out["clip_fraction"]) > 0
+    # The two normalisations: (r - m) / (s + 1e-8) against (r - m) * rsqrt(s^2 + 1e-8).
+    rewards = jnp.array([[0.0, 1.0]])
+    plain = pg.normalize_sampled_rewards(rewards, 0.5, 1e-4, normalization="std")
+    official_scaled = pg.normalize_sampled_rewards(rewards, 0.5, 1e-4, normalization="rsqrt_var")
+    np.testing.assert_allclose(plain, [[-0.5 / (1e-4 + 1e-8), 0.5 / (1e-4 + 1e-8)]], rtol=1e-9)
+    np.testing.assert_allclose(official_scaled, [[-0.5 / np.sqrt(1e-8 + 1e-8), 0.5 / np.sqrt(2e-8)]], rtol=1e-9)

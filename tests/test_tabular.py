@@ -17,7 +17,7 @@ from jaxrm.tabular import (
 FEATURES = np.random.default_rng(0).normal(size=(6, 3))
 POLICIES = [
     (LogLinearPolicy(FEATURES), lambda key: LogLinearPolicy(FEATURES).random_logits(key, 3, scale=2.0)),
-    (TabularPolicy(), lambda key: TabularPolicy().random_logits(key, 3, 6, scale=2.0)),
+    (TabularPolicy(6), lambda key: TabularPolicy(6).random_logits(key, 3, scale=2.0)),
     (
         AutoregressiveTabularPolicy(vocab_size=3, length=3),
         lambda key: AutoregressiveTabularPolicy(3, 3).random_logits(key, 2, scale=2.0),
@@ -41,7 +41,7 @@ def test_length_one_autoregressive_is_tabular():
     theta = jax.random.normal(jax.random.key(1), (2, 4))
     np.testing.assert_allclose(
         AutoregressiveTabularPolicy(vocab_size=4, length=1).log_probs((theta[:, None, :],)),
-        TabularPolicy().log_probs(theta),
+        TabularPolicy(4).log_probs(theta),
     )
 
 
@@ -61,8 +61,8 @@ def test_closed_form_gradient_equals_autodiff(policy, make, kl_coef):
 
 def test_lemma7_tabular_gradient_form():
     """d theta[x]/dt = (1/|S|) pi (r_KL - E_pi r_KL), row by row."""
-    policy = TabularPolicy()
-    logits = policy.random_logits(jax.random.key(5), 4, 5)
+    policy = TabularPolicy(5)
+    logits = policy.random_logits(jax.random.key(5), 4)
     rewards = jax.random.uniform(jax.random.key(6), (4, 5))
     ref = policy.log_probs(jnp.zeros((4, 5)))
     lam = 0.3
@@ -76,7 +76,7 @@ def test_lemma7_tabular_gradient_form():
 
 
 def test_objective_is_reward_minus_kl():
-    policy = TabularPolicy()
+    policy = TabularPolicy(2)
     logits = jnp.log(jnp.array([[0.2, 0.8]]))
     ref = jnp.log(jnp.array([[0.5, 0.5]]))
     rewards = jnp.array([[1.0, -1.0]])
@@ -89,6 +89,10 @@ def test_bad_structure():
         AutoregressiveTabularPolicy(vocab_size=1, length=2)
     with pytest.raises(ValueError, match="length"):
         AutoregressiveTabularPolicy(vocab_size=2, length=0)
+    with pytest.raises(ValueError, match="num_outputs"):
+        TabularPolicy(1)
+    with pytest.raises(ValueError, match="num_prompts"):
+        TabularPolicy(3).random_logits(jax.random.key(0), -1)
     with pytest.raises(ValueError, match="logits\\[1\\]"):
         AutoregressiveTabularPolicy(2, 2).log_probs((jnp.zeros((1, 1, 2)), jnp.zeros((1, 3, 2))))
 
@@ -99,6 +103,6 @@ def test_log_linear_policy_is_hashable_by_value_and_reports_its_jacobian_norm():
     np.testing.assert_allclose(a.jacobian_norm, np.linalg.svd(FEATURES, compute_uv=False)[0])
     identity = LogLinearPolicy(np.eye(4))
     theta = jax.random.normal(jax.random.key(7), (2, 4))
-    np.testing.assert_allclose(identity.log_probs(theta), TabularPolicy().log_probs(theta))
+    np.testing.assert_allclose(identity.log_probs(theta), TabularPolicy(4).log_probs(theta))
     with pytest.raises(ValueError, match="features"):
         LogLinearPolicy(np.ones(3))

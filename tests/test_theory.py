@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from jaxrm import metrics
+from jaxrm.studies import config_from_dict
 from theory import theorem1, theorem2, theorem3
 from theory.__main__ import STUDIES, main
-from theory.common import config_from_dict, loglog_slope
+from theory.common import loglog_slope
 
 
 @pytest.fixture(scope="module")

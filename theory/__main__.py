@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from theory.common import write_text
+from jaxrm.studies import write_text
 
 # name -> (module, one-line description); run in this order.
 STUDIES = {

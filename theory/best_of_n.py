@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm import flow, metrics
-from theory.common import (
+from jaxrm.studies import (
     POSITIVE,
     Progress,
     StudyConfig,

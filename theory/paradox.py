@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxrm import flow, metrics
-from theory.common import (
+from jaxrm.studies import (
     POSITIVE,
     POSITIVE_INT,
     Progress,

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
-from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
-from theory.common import (
+from jaxrm.studies import (
     POSITIVE,
     POSITIVE_INT,
     SMALL_TOLERANCE,
@@ -44,12 +43,13 @@ from theory.common import (
     checked,
     fmt,
     int_at_least,
-    loglog_slope,
     pyplot,
     save_figure,
     write_json,
     write_text,
 )
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
+from theory.common import loglog_slope
 
 NAME = "theorem1"
 
@@ -141,7 +141,7 @@ def _sharpness(key, batch_ndim, n):
 def make_families(config: Theorem1Config, only=None) -> list[Family]:
     key = jax.random.key(config.seed)
     k_scaled, k_random, k_kl, k_ar = jax.random.split(key, 4)
-    tabular = TabularPolicy()
+    tabular = TabularPolicy(config.num_outputs)
     y = config.num_outputs
     families = []
 
@@ -219,7 +219,7 @@ def _gradient_check(policy, logits, rm, ref_log_probs, kl_coef):
 def _measure(family: Family, config: Theorem1Config) -> dict:
     policy, rm, gt = family.policy, family.rm_rewards, family.gt_rewards
     has_gt = np.isfinite(family.gt_gamma)
-    kl_coef = family.kl_coef if np.any(family.kl_coef) else 0.0  # a plain 0 skips the KL machinery
+    kl_coef = family.kl_coef if np.any(family.kl_coef) else None  # None leaves out the KL machinery
     options = dict(policy=policy, kl_coef=kl_coef, t_max=config.t_max, rtol=config.rtol, atol=config.atol)
     # Instances without a ground-truth target re-time the proxy, so both solves share one
     # compiled program; their ground-truth entries are discarded below.
@@ -248,7 +248,7 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
             kl_var, reward_bound=np.maximum(reward_bound, 1.0 + 1e-12), length=length
         )
         sqrt = norms / bounds.score_gradient_bound(kl_var, length=length)
-    measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.REACHED)])
+    measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.Status.REACHED)])
 
     def timed(run, gamma, valid):
         t = np.where(valid, np.asarray(run.t_gamma), np.nan)
@@ -327,7 +327,7 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         "variance_decades": float(np.log10(variance.max() / variance.min())),
         "no_ground_truth_gain": int((~np.isfinite(gt["gamma"])).sum()),
         "not_reached": int(
-            sum(((r["status"] != flow.REACHED) & np.isfinite(r["gamma"])).sum() for r in (gt, result["rm"]))
+            sum(((r["status"] != flow.Status.REACHED) & np.isfinite(r["gamma"])).sum() for r in (gt, result["rm"]))
         ),
         "violations": {k: int(v.sum()) for k, v in violations.items()},
         "min_ratio": {b: _min_ratio(result, b) for b in ("theorem4", "prop3", "sharpened") if b in gt},

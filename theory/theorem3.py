@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
-from theory.common import (
+from jaxrm.studies import (
     POSITIVE_INT,
     SMALL_TOLERANCE,
     Progress,

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm import bounds, flow, metrics
-from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, TabularPolicy
-from theory.common import (
+from jaxrm.studies import (
     POSITIVE_INT,
     Progress,
     StudyConfig,
@@ -43,6 +42,7 @@ from theory.common import (
     write_json,
     write_text,
 )
+from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, TabularPolicy
 
 NAME = "tightness"
 
@@ -82,7 +82,7 @@ class PolicyClass(NamedTuple):
 def policy_classes(seed: int) -> list[PolicyClass]:
     features = np.random.default_rng(seed).normal(size=(8, 4)) / 2.0
     return [
-        PolicyClass("tabular", TabularPolicy(), ((8,),)),
+        PolicyClass("tabular", TabularPolicy(8), ((8,),)),
         PolicyClass("autoregressive_L2", AutoregressiveTabularPolicy(3, 2), ((1, 3), (3, 3))),
         PolicyClass("autoregressive_L3", AutoregressiveTabularPolicy(2, 3), ((1, 2), (2, 2), (4, 2))),
         PolicyClass("log_linear", LogLinearPolicy(features), ((4,),)),

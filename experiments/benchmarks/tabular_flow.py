@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jaxrm import flow  # noqa: E402
+from jaxrm import ascent, flow  # noqa: E402
 
 
 def make_problems(num_problems, num_outputs, seed=0):
@@ -240,7 +240,7 @@ def bench_ascent(args):
     logits = jax.device_put(jax.random.normal(keys[0], (s, y), dtype), prompts)
     rewards = jax.device_put(jax.random.uniform(keys[1], (s, y), dtype, -1.0, 1.0), prompts)
     optimizer = optax.sgd(0.1)  # one object: the optimizer is static, a new one recompiles
-    run = lambda: flow.exact_gradient_ascent(  # noqa: E731
+    run = lambda: ascent.exact_gradient_ascent(  # noqa: E731
         logits, rewards, optimizer=optimizer, num_steps=steps, kl_coef=jnp.asarray(0.05, dtype), track=False
     )
     jax.block_until_ready(run())

@@ -6,9 +6,11 @@
 - :func:`sample`: batched KV-cache generation with temperature / top-k / top-p / EOS, and
   :func:`make_sampler`, its pure form for use inside a jitted training step;
 - :func:`sequence_log_probs` / :func:`token_log_probs`: log-probs of sampled tokens by a plain
-  forward pass, under the same sampling distribution.
+  forward pass, under the same sampling distribution;
+- :func:`save_model` / :func:`load_model` / :func:`read_metadata`: atomic model checkpoints.
 """
 
+from jaxrm.models.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models.config import PRESETS, TransformerConfig, preset
 from jaxrm.models.hf import load_hf, read_safetensors
 from jaxrm.models.sampling import (
@@ -38,11 +40,14 @@ __all__ = [
     "inverse_cdf_sample",
     "last_token_index",
     "load_hf",
+    "load_model",
     "make_sampler",
     "pad_sequences",
     "preset",
+    "read_metadata",
     "read_safetensors",
     "sample",
+    "save_model",
     "sequence_log_probs",
     "token_log_probs",
 ]

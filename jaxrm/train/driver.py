@@ -1,11 +1,18 @@
-"""The Python driver of an RLHF run: chunks of compiled iterations, a run directory, resume.
+"""The one driver of RLHF runs: a batch of teachers x seeds in compiled chunks, a run directory, resume.
 
-The run directory holds ``config.json``, ``metrics.jsonl`` (one line per iteration),
-``summary.json`` and ``checkpoints/``. A run started again on the same directory continues from
-its newest readable checkpoint and ends with the same parameters, bit for bit, as a run that was
-never interrupted: iteration ``t`` draws its randomness from ``fold_in(key, t)`` and the prompts
-it visits from ``t``, and chunks always end on checkpoint steps, so the same compiled programs run
-on the same inputs.
+:func:`run_rlhf` runs :func:`jaxrm.train.rlhf.make_train` (vmapped over seeds and, when several
+are given, over teachers) in chunks of iterations, and writes a run directory:
+
+- ``config.json``: the :class:`~jaxrm.train.rlhf.RLHFConfig`, the seeds, the teachers' names,
+  the reward statistics and a fingerprint of the reference policy;
+- ``metrics.jsonl``: one line per (iteration, teacher, seed) with every metric;
+- ``summary.json``: the last iteration's metrics;
+- ``checkpoints/``: orbax checkpoints of the whole batched state.
+
+A run started again on the same directory continues from its newest readable checkpoint and ends
+with the same parameters, bit for bit, as a run that was never interrupted: iteration ``t`` draws
+its randomness from ``fold_in(key, t)`` and the prompts it visits from ``t``, and chunks always end
+on checkpoint steps, so the same compiled programs run on the same inputs.
 """
 
 from __future__ import annotations
@@ -15,19 +22,39 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrm.checkpoint import RunCheckpoints
 from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
 from jaxrm.sharding import param_shardings, put_global
-from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_iteration
+from jaxrm.train.checkpoints import RunCheckpoints
+from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_train
+
+__all__ = ["RLHFRun", "params_fingerprint", "read_history", "run_rlhf"]
+
+# In-chunk progress lines are printed at most this often (seconds).
+_PROGRESS_INTERVAL = 10.0
+
+
+class RLHFRun(NamedTuple):
+    """What :func:`run_rlhf` returns.
+
+    Attributes:
+      state: the final :class:`~jaxrm.train.rlhf.TrainState`, with leading ``[teachers]`` (when
+        ``teachers`` was given) and ``[seeds]`` (when ``seeds`` was a sequence) axes.
+      history: every metric of every iteration of the run (resumed ones included), each an array
+        ``[teachers?, seeds?, iterations]``; ``iteration`` holds the iteration numbers.
+    """
+
+    state: TrainState
+    history: dict[str, np.ndarray]
 
 
 def params_fingerprint(params) -> str:
@@ -43,71 +70,183 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def _write_json(path: Path, value) -> None:
+def _write_text(path: Path, text: str) -> None:
     if not _is_writer():
         return
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(value, indent=1))
+    staging.write_text(text)
     os.replace(staging, path)
 
 
-def _keep_metric_lines(path: Path, before_step: int) -> None:
-    """Drop lines of iterations at or after ``before_step`` (written after the checkpoint resumed from)."""
-    if not path.exists() or not _is_writer():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < before_step]
-    path.write_text("".join(f"{line}\n" for line in kept))
+def _read_lines(path: Path, before_step: int) -> list[dict]:
+    """The lines of ``metrics.jsonl`` for iterations before ``before_step``."""
+    if not path.exists():
+        return []
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line)
+    return [line for line in lines if line["iteration"] < before_step]
+
+
+def read_history(path: str | Path, *, teachers: Sequence[str] | None = None, seeds=0) -> dict[str, np.ndarray]:
+    """A run's ``metrics.jsonl`` as arrays ``[teachers?, seeds?, iterations]`` (see :class:`RLHFRun`)."""
+    return _history(_read_lines(Path(path), np.iinfo(np.int64).max), teachers, seeds)
+
+
+def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
+    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    teacher_list = [None] if teachers is None else list(teachers)
+    iterations = sorted({line["iteration"] for line in lines})
+    if not iterations:
+        return {}
+    position = {it: i for i, it in enumerate(iterations)}
+    names = [k for k in lines[0] if k not in ("teacher", "seed")]
+    out = {name: np.full((len(teacher_list), len(seed_list), len(iterations)), np.nan) for name in names}
+    for line in lines:
+        t = teacher_list.index(line.get("teacher"))
+        s = seed_list.index(line["seed"])
+        for name in names:
+            out[name][t, s, position[line["iteration"]]] = line[name]
+    shape = ((len(teacher_list),) if teachers is not None else ()) + (
+        (len(seed_list),) if not isinstance(seeds, int) else ()
+    )
+    return {name: values.reshape(*shape, len(iterations)) for name, values in out.items()}
+
+
+def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every):
+    if not isinstance(num_iterations, int) or isinstance(num_iterations, bool) or num_iterations < 1:
+        raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}.")
+    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    if (
+        not seed_list
+        or not all(isinstance(s, (int, np.integer)) for s in seed_list)
+        or len(set(seed_list)) < len(seed_list)
+    ):
+        raise ValueError(f"seeds must be an int or a non-empty sequence of distinct ints, got {seeds!r}.")
+    for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    means, stds = (np.asarray(v, np.float64) for v in reward_stats)
+    expected = () if teachers is None else (len(teachers),)
+    if teachers is not None:
+        if not teachers or len(set(teachers)) < len(teachers) or not all(isinstance(t, str) for t in teachers):
+            raise ValueError(f"teachers must be a non-empty sequence of distinct names, got {teachers!r}.")
+        for leaf in jax.tree.leaves(reward_params):
+            if np.shape(leaf)[:1] != expected:
+                raise ValueError(
+                    f"with {len(teachers)} teachers, every leaf of reward_params needs a leading axis of "
+                    f"{len(teachers)}; one has shape {np.shape(leaf)}."
+                )
+    if means.shape != expected or stds.shape != expected:
+        raise ValueError(
+            f"reward_stats must be (mean, std), each of shape {expected} (one per teacher); got shapes "
+            f"{means.shape} and {stds.shape}."
+        )
+    if not (np.isfinite(means).all() and np.isfinite(stds).all() and (stds > 0).all()):
+        raise ValueError(f"reward_stats must be finite with std > 0, got mean {means} and std {stds}.")
+    return seed_list, means, stds
+
+
+def _batched_shardings(unbatched, num_batch_axes: int):
+    return jax.tree.map(
+        lambda s: NamedSharding(s.mesh, PartitionSpec(*([None] * num_batch_axes), *s.spec)),
+        unbatched,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+class _InChunkProgress:
+    """Host callback of the compiled chunk: a line at most every ``_PROGRESS_INTERVAL`` seconds."""
+
+    def __init__(self, log, total):
+        self.log, self.total = log, total
+        self.began = self.last_print = time.perf_counter()
+        self.newest = -1
+
+    def restart(self):
+        self.began = self.last_print = time.perf_counter()
+
+    def __call__(self, step):
+        step = int(np.max(step))
+        now = time.perf_counter()
+        if step > self.newest and now - self.last_print >= _PROGRESS_INTERVAL:
+            self.last_print = now
+            self.log(f"  ... at iteration {step}/{self.total} ({now - self.began:.0f} s into this chunk)")
+        self.newest = max(self.newest, step)
 
 
 def run_rlhf(
     policy: CausalLM,
     reward_fn: RewardFn,
-    reward_params,
+    reward_params: Any,
     prompts,
     prompt_mask,
     config: RLHFConfig,
     *,
     num_iterations: int,
     out_dir: str | Path,
-    reward_stats: tuple[float, float] = (0.0, 1.0),
+    reward_stats=(0.0, 1.0),
     reference: CausalLM | None = None,
     ground_truth_fn: RewardFn | None = None,
-    seed: int = 0,
+    seeds: int | Sequence[int] = 0,
+    teachers: Sequence[str] | None = None,
     checkpoint_every: int = 0,
     keep_checkpoints: int = 3,
     log_every: int = 10,
     mesh: Mesh | None = None,
     param_sharding: str = "replicated",
     log: Callable[[str], None] | None = print,
-) -> tuple[TrainState, list[dict]]:
-    """Train ``policy`` for ``num_iterations`` RLHF iterations, writing and resuming ``out_dir``.
+) -> RLHFRun:
+    """Train ``policy`` by RLHF for ``num_iterations``, for every teacher and seed, writing and resuming ``out_dir``.
 
-    Args:
+    Everyday arguments:
       policy: the initial policy (also the reference unless ``reference`` is given).
-      reward_fn, reward_params: the teacher (see :func:`jaxrm.train.rlhf.reward_model_fn`).
+      reward_fn, reward_params: the teacher (see :func:`jaxrm.train.rlhf.reward_model_fn`); with
+        ``teachers``, every leaf of ``reward_params`` has a leading axis, one entry per teacher.
       prompts, prompt_mask: ``[num_prompts, prompt_len]`` left-padded prompts.
+      config: the :class:`~jaxrm.train.rlhf.RLHFConfig`.
+      num_iterations: iterations of the whole run (a resumed run continues up to it).
+      out_dir: the run directory.
       reward_stats: ``(mean, std)`` normalising the teacher's rewards (see
-        :func:`jaxrm.train.rlhf.measure_reward_statistics`).
-      checkpoint_every: save every this many iterations (0: only at the end).
-      mesh: a ``(data, model)`` mesh (:func:`jaxrm.sharding.make_mesh`); prompts are sharded along
-        ``data`` and parameters placed by ``param_sharding``. ``None``: the default device.
+        :func:`jaxrm.train.rlhf.measure_reward_statistics`); with ``teachers``, two arrays of one
+        entry per teacher.
+      ground_truth_fn: a reward that is only measured (ground-truth reward, on-policy accuracy).
+      seeds: one seed (an int), or a sequence of seeds run side by side in one program.
+      teachers: names of several teachers run side by side (None: one teacher).
 
-    Returns the final state and the metrics of every iteration of this call.
+    Expert arguments:
+      reference: the KL reference (default: ``policy``).
+      checkpoint_every: save every this many iterations (0: only at the end); chunks end there.
+      keep_checkpoints: how many checkpoints to keep.
+      log_every: iterations per progress line and per chunk when ``checkpoint_every`` is 0.
+      mesh: a ``(data, model)`` mesh (:func:`jaxrm.sharding.make_mesh`); prompts are sharded along
+        ``data`` and parameters placed by ``param_sharding``. None: the default device.
+      param_sharding: a strategy of :mod:`jaxrm.sharding`.
+      log: where progress lines go (None: silent).
+
+    Every argument is checked before the run directory is written.
     """
     check_prompts(prompts, prompt_mask, policy.config.vocab_size)
-    if not isinstance(num_iterations, int) or num_iterations < 1:
-        raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}.")
+    seed_list, means, stds = _check_run_arguments(
+        num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every
+    )
+    if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep_checkpoints!r}.")
+    if mesh is not None and config.prompts_per_iteration % mesh.shape["data"]:
+        raise ValueError(
+            f"prompts_per_iteration={config.prompts_per_iteration} must be a multiple of the mesh's data axis "
+            f"({mesh.shape['data']} devices), so that every device samples whole prompts."
+        )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    graphdef, _ = nnx.split(policy)
-    reference = policy if reference is None else reference
-    ref_params = nnx.state(reference, nnx.Param)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} exists and is not a directory.")
+    graphdef = nnx.graphdef(policy)
+    ref_params = nnx.state(policy if reference is None else reference, nnx.Param)
     record = {
         "config": config.to_dict(),
         "num_iterations": num_iterations,
-        "seed": seed,
+        "seeds": seeds if isinstance(seeds, int) else seed_list,
+        "teachers": None if teachers is None else list(teachers),
         "reference_fingerprint": params_fingerprint(ref_params),
-        "reward_stats": list(map(float, reward_stats)),
+        "reward_stats": [means.tolist(), stds.tolist()],
     }
     config_path = out_dir / "config.json"
     if config_path.exists():
@@ -115,35 +254,39 @@ def run_rlhf(
         changed = sorted(k for k in record if k != "num_iterations" and previous.get(k) != record[k])
         if changed:
             raise ValueError(f"{out_dir} holds a run with different {changed}; use a new out_dir to start another run.")
-    _write_json(config_path, record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(config_path, json.dumps(record, indent=1))
 
-    batch_sharding = None
-    state = init_state(policy, config, jax.random.key(seed))
+    batch_axes = (() if teachers is None else (len(teachers),)) + (() if isinstance(seeds, int) else (len(seed_list),))
+    single = [init_state(policy, config, jax.random.key(int(s))) for s in seed_list]
+    state = single[0] if isinstance(seeds, int) else jax.tree.map(lambda *x: jnp.stack(x), *single)
+    if teachers is not None:
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(teachers), *x.shape)), state)
     data = TrainData(
         jnp.asarray(prompts),
         jnp.asarray(prompt_mask, bool),
         ref_params,
         reward_params,
-        jnp.float32(reward_stats[0]),
-        jnp.float32(reward_stats[1]),
+        jnp.asarray(means, jnp.float32),
+        jnp.asarray(stds, jnp.float32),
     )
+    batch_sharding = None
     if mesh is not None:
-        if config.prompts_per_iteration % mesh.shape["data"]:
-            raise ValueError(
-                f"prompts_per_iteration={config.prompts_per_iteration} must be a multiple of the mesh's data axis "
-                f"({mesh.shape['data']} devices), so that every device samples whole prompts."
-            )
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
-        params = put_global(state.params, param_shardings(state.params, mesh, strategy=param_sharding))
-        # Optimizer moments inherit the parameters' shardings; scalars (Adam's count) are replicated.
-        opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == mesh.size else put_global(x, replicated),
-            config.optimizer().init(params),
+        unbatched = param_shardings(ref_params, mesh, strategy=param_sharding)
+        params = _batched_shardings(unbatched, len(batch_axes))
+        opt_state = optax.tree_map_params(
+            config.optimizer(),
+            lambda _, sharding: sharding,
+            state.opt_state,
+            params,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
         )
-        state = TrainState(params, opt_state, *put_global((state.step, state.key), replicated))
+        state = put_global(state, TrainState(params, opt_state, replicated, replicated))
         data = put_global(data.replace(ref_params=None), replicated).replace(
-            ref_params=put_global(ref_params, param_shardings(ref_params, mesh, strategy=param_sharding))
+            ref_params=put_global(ref_params, unbatched)
         )
 
     checkpoints = RunCheckpoints(out_dir / "checkpoints", keep=keep_checkpoints)
@@ -154,61 +297,81 @@ def run_rlhf(
             raise ValueError(f"the checkpoint at iteration {step} was trained against another reference policy.")
         if log is not None:
             log(f"resuming {out_dir} from the checkpoint at iteration {step}")
-    start = int(state.step)
-    _keep_metric_lines(out_dir / "metrics.jsonl", start)
+    start = int(np.max(jax.device_get(state.step)))
+    lines = _read_lines(out_dir / "metrics.jsonl", start)
+    _write_text(out_dir / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
 
-    iteration, _ = make_iteration(
-        config, graphdef, reward_fn, ground_truth_fn=ground_truth_fn, batch_sharding=batch_sharding
-    )
+    progress = _InChunkProgress(log, num_iterations) if log is not None else None
     programs: dict[int, Callable] = {}
 
     def program(length):
         if length not in programs:
+            train = make_train(
+                config,
+                graphdef,
+                reward_fn,
+                length,
+                ground_truth_fn=ground_truth_fn,
+                batch_sharding=batch_sharding,
+                on_iteration=progress,
+            )
+            if not isinstance(seeds, int):
+                train = jax.vmap(train, in_axes=(0, None))
+            if teachers is not None:
+                train = jax.vmap(train, in_axes=(0, TrainData(None, None, None, 0, 0, 0)))
             began = time.perf_counter()
-            scan = jax.jit(lambda s, d: jax.lax.scan(lambda c, _: iteration(c, d), s, None, length=length))
-            programs[length] = scan.lower(state, data).compile()
             if log is not None:
-                log(f"compiled {length} iteration(s) in one program in {time.perf_counter() - began:.1f} s")
+                log(f"compiling {length} iteration(s) for a batch of {list(batch_axes) or 'one run'} ...")
+            programs[length] = jax.jit(train).lower(state, data).compile()
+            if log is not None:
+                log(f"compiled in {time.perf_counter() - began:.1f} s")
         return programs[length]
 
-    history: list[dict] = []
+    teacher_names = [None] if teachers is None else list(teachers)
     chunk = checkpoint_every or log_every or num_iterations
-    tokens_per_iteration = config.prompts_per_iteration * config.samples_per_prompt
+    responses_per_iteration = config.prompts_per_iteration * config.samples_per_prompt
     step = start
     while step < num_iterations:
         length = min(chunk - step % chunk, num_iterations - step)
         run_chunk = program(length)
+        if progress is not None:
+            progress.restart()
         began = time.perf_counter()
         state, stacked = run_chunk(state, data)
-        stacked = jax.device_get(stacked)
+        stacked = {
+            k: np.asarray(v).reshape(len(teacher_names), len(seed_list), length)
+            for k, v in jax.device_get(stacked).items()
+        }
         seconds = time.perf_counter() - began
-        generated = float(np.sum(stacked["response_length"])) * tokens_per_iteration
-        lines = [{"iteration": step + i, **{k: float(v[i]) for k, v in stacked.items()}} for i in range(length)]
-        for line in lines:
-            line["tokens_per_s"] = generated / seconds
-        history += lines
+        generated = float(np.sum(stacked["response_length"])) * responses_per_iteration
+        new = []
+        for i in range(length):
+            for t, teacher in enumerate(teacher_names):
+                for s, seed in enumerate(seed_list):
+                    line = {
+                        "iteration": step + i,
+                        **({} if teacher is None else {"teacher": teacher}),
+                        "seed": int(seed),
+                    }
+                    line.update({k: float(v[t, s, i]) for k, v in stacked.items()})
+                    line["tokens_per_s"] = generated / seconds
+                    new.append(line)
+        lines += new
         if _is_writer():
             with (out_dir / "metrics.jsonl").open("a") as file:
-                file.writelines(json.dumps(line) + "\n" for line in lines)
+                file.writelines(json.dumps(line) + "\n" for line in new)
         step += length
         if checkpoint_every and (step % checkpoint_every == 0 or step == num_iterations):
-            checkpoints.save(
-                step,
-                state,
-                {
-                    "iteration": step,
-                    "data_position": step * config.prompts_per_iteration,
-                    "reference_fingerprint": record["reference_fingerprint"],
-                },
-            )
+            checkpoints.save(step, state, {"iteration": step, "reference_fingerprint": record["reference_fingerprint"]})
         if log is not None and (step % (log_every or chunk) == 0 or step == num_iterations):
-            last = history[-1]
+            last = {k: float(np.mean(v[..., -1])) for k, v in stacked.items()}
             truth = f" ground truth {last['ground_truth_reward']:+.4f}" if "ground_truth_reward" in last else ""
             log(
                 f"iteration {step}/{num_iterations}: proxy {last['proxy_reward']:+.4f}{truth} "
-                f"kl {last['kl']:.4f} ({last['tokens_per_s']:.0f} tokens/s)"
+                f"kl {last['kl']:.4f} ({generated / seconds:.0f} tokens/s)"
             )
     checkpoints.close()
-    summary = {"iterations": int(state.step), "final": history[-1] if history else None}
-    _write_json(out_dir / "summary.json", summary)
-    return state, history
+    history = _history(lines, teachers, seeds)
+    final = {k: v[..., -1].tolist() for k, v in history.items() if k != "iteration"}
+    _write_text(out_dir / "summary.json", json.dumps({"iterations": num_iterations, "final": final}, indent=1))
+    return RLHFRun(state, history)

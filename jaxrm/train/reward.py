@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from jaxrm._checks import check_token_ids
-from jaxrm.checkpoint import save_model
+from jaxrm.models.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
 from jaxrm.train.loop import epoch_order, make_minibatch_loop

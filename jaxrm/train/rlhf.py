@@ -1,6 +1,6 @@
 """RLHF for transformer policies: RLOO / GRPO / REINFORCE iterations as one pure, compiled step.
 
-One iteration (THEORY.md §4, the official RLOO semantics by default):
+One iteration (docs/theory.md#official-rloo-and-grpo-semantics):
 
 1. take the next ``prompts_per_iteration`` prompts and draw ``k`` responses each with the KV-cache
    sampler;
@@ -12,8 +12,8 @@ One iteration (THEORY.md §4, the official RLOO semantics by default):
 5. ``epochs`` passes of ``minibatches`` optax updates on the clipped surrogate.
 
 ``make_iteration(...)`` returns the pure ``iteration(state, data) -> (state, metrics)``;
-``make_train(...)`` scans it for a whole run (``vmap`` it over seeds). :func:`train` drives
-chunks of iterations from Python for progress, ``metrics.jsonl`` and checkpoints.
+``make_train(...)`` scans it for a run (``vmap`` it over seeds and teachers): the one compiled
+unit that :func:`jaxrm.train.driver.run_rlhf`, the one driver, runs in chunks.
 
 Log-probs for training (new, old and reference) use ``logits / temperature``; top-k/top-p only
 shape which tokens are drawn (as TRL does).
@@ -43,25 +43,58 @@ from jaxrm._checks import check_choice
 from jaxrm.models.sampling import SamplingOptions, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 
-ALGORITHMS = tuple(pg.ADVANTAGES)
 KL_PLACEMENTS = ("reward", "loss")
 
-# A teacher maps (prompt, prompt_mask, response, response_mask) -> rewards [batch]; ``params`` is
-# the reward model's state (or None for a ground-truth function).
+# A teacher maps (params, prompt, prompt_mask, response, response_mask) -> rewards [batch]; ``params``
+# is the reward model's state (or None for a ground-truth function).
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class RLHFConfig:
-    """Hyperparameters of an RLHF run. Defaults: the official RLOO of THEORY.md §4.
+    """Hyperparameters of an RLHF run, validated on construction.
 
-    ``algorithm`` picks the advantages: ``rloo`` (leave-one-out), ``grpo`` (group mean/std, std
-    with ``ddof=1``), ``dr_grpo`` (group mean only), ``reinforce`` (no baseline).
-    ``kl_placement="reward"`` folds ``kl_coef * sum_t KL_t`` into each sequence's reward before the
-    advantages; ``"loss"`` adds ``kl_coef * aggregate(KL_t)`` to the loss (GRPO, with ``k3``).
+    The plain defaults follow the official RLOO (docs/theory.md#official-rloo-and-grpo-semantics)
+    except in four settings chosen for small models trained for few iterations: one minibatch
+    (the official run takes two optimizer steps per rollout batch, so its clip can act),
+    learning rate 1e-6 (official 1e-7), gradient clipping at norm 1 (official: none) and the
+    ``std`` reward normalisation (official: ``rsqrt_var``). :meth:`official_rloo` gives the
+    official values exactly.
+
+    Attributes:
+      advantage_estimator: a key of :data:`jaxrm.pg.ADVANTAGE_ESTIMATORS`: ``rloo``
+        (leave-one-out), ``grpo`` (group mean/std, std with ``ddof=1``), ``dr_grpo`` (group mean
+        only) or ``reinforce`` (no baseline).
+      samples_per_prompt: ``k``, responses drawn per prompt (>= 2 unless ``reinforce``).
+      prompts_per_iteration: prompts per rollout batch; a multiple of the mesh's ``data`` axis.
+      max_new_tokens: longest response.
+      temperature: sampling temperature (> 0); training log-probs use ``logits / temperature``.
+      top_k: keep the ``top_k`` largest logits when sampling (0: off).
+      top_p: nucleus threshold in (0, 1] (1: off).
+      eos_id: token that ends a response (included in its mask); None: fixed length.
+      pad_id: token written after the end of a response.
+      kl_coef: ``lam >= 0``, weight of the KL to the reference.
+      kl_estimator: a name of :data:`jaxrm.metrics.KL_ESTIMATORS` (``k1``, ``k2``, ``k3``).
+      kl_placement: ``reward`` folds ``kl_coef * sum_t KL_t`` into each sequence's reward before
+        the advantages (RLOO); ``loss`` adds ``kl_coef * aggregate(KL_t)`` to the loss (GRPO).
+      clip_eps: PPO clip range of the ratio, ``[1 - eps, 1 + eps]``.
+      ratio_level: ``sequence`` (one ratio per response, the official RLOO) or ``token``.
+      aggregation: how a token-level loss is reduced (:data:`jaxrm.pg.AGGREGATIONS`); with
+        ``ratio_level="sequence"`` the surrogate is a mean over sequences whatever this says.
+      entropy_coef: weight of an entropy bonus (0: none).
+      epochs: passes over each rollout batch.
+      minibatches: optimizer steps per pass; must divide ``prompts_per_iteration x k``.
+      learning_rate: Adam learning rate (> 0).
+      adam_eps: Adam's epsilon (> 0).
+      max_grad_norm: clip the global gradient norm to this (> 0), or None for no clipping.
+      reward_clip: clip normalised rewards to ``[-reward_clip, reward_clip]``, or None.
+      reward_normalization: a name of :data:`jaxrm.pg.REWARD_NORMALIZATIONS`: ``std``
+        (``(r - mean) / (std + 1e-8)``, std with ddof 0) or ``rsqrt_var``
+        (``(r - mean) * rsqrt(var + 1e-8)``, var with ddof 1, the official RLOO); the statistics
+        are measured once by :func:`measure_reward_statistics` with the matching ddof.
     """
 
-    algorithm: str = "rloo"
+    advantage_estimator: str = "rloo"
     samples_per_prompt: int = 2
     prompts_per_iteration: int = 32
     max_new_tokens: int = 64
@@ -81,21 +114,59 @@ class RLHFConfig:
     minibatches: int = 1
     learning_rate: float = 1e-6
     adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
     reward_clip: float | None = None
+    reward_normalization: str = "std"
+
+    @classmethod
+    def official_rloo(cls, **overrides) -> RLHFConfig:
+        """The official RLOO run's hyperparameters and normalisation, each field's source in
+        docs/theory.md#rlhfconfigofficial_rloo; ``overrides`` replace fields (for example
+        ``max_new_tokens`` and ``eos_id``, which depend on the data).
+
+        >>> config = RLHFConfig.official_rloo()
+        >>> config.minibatches, config.learning_rate, config.reward_normalization
+        (2, 1e-07, 'rsqrt_var')
+        """
+        official = dict(
+            advantage_estimator="rloo",
+            samples_per_prompt=2,
+            prompts_per_iteration=32,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            kl_coef=0.05,
+            kl_estimator="k1",
+            kl_placement="reward",
+            clip_eps=0.2,
+            ratio_level="sequence",
+            entropy_coef=0.0,
+            epochs=1,
+            minibatches=2,
+            learning_rate=1e-7,
+            adam_eps=1e-8,
+            max_grad_norm=None,
+            reward_clip=None,
+            reward_normalization="rsqrt_var",
+        )
+        return cls(**{**official, **overrides})
 
     def __post_init__(self):
-        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_choice("advantage_estimator", self.advantage_estimator, pg.ADVANTAGE_ESTIMATORS)
         check_choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
-        check_choice("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        check_choice("kl_estimator", self.kl_estimator, metrics.KL_ESTIMATORS)
         check_choice("ratio_level", self.ratio_level, pg.RATIO_LEVELS)
         check_choice("aggregation", self.aggregation, pg.AGGREGATIONS)
+        check_choice("reward_normalization", self.reward_normalization, pg.REWARD_NORMALIZATIONS)
         for name in ("samples_per_prompt", "prompts_per_iteration", "max_new_tokens", "epochs", "minibatches"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"RLHFConfig.{name} must be a positive int, got {value!r}.")
-        if self.algorithm != "reinforce" and self.samples_per_prompt < 2:
-            raise ValueError(f"algorithm={self.algorithm!r} needs samples_per_prompt >= 2 (a baseline from the group).")
+        if self.advantage_estimator != "reinforce" and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator!r} needs samples_per_prompt >= 2 "
+                "(a baseline from the group)."
+            )
         if (self.prompts_per_iteration * self.samples_per_prompt) % self.minibatches:
             raise ValueError(
                 f"minibatches={self.minibatches} must divide prompts_per_iteration x samples_per_prompt = "
@@ -106,8 +177,9 @@ class RLHFConfig:
                 raise ValueError(f"RLHFConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.temperature == 0:
             raise ValueError("RLHFConfig.temperature must be > 0: policy gradients need a stochastic policy.")
-        if not (self.learning_rate > 0 and self.max_grad_norm > 0 and self.adam_eps > 0):
-            raise ValueError("RLHFConfig.learning_rate, adam_eps and max_grad_norm must be > 0.")
+        for name in ("learning_rate", "adam_eps") + (("max_grad_norm",) if self.max_grad_norm is not None else ()):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RLHFConfig.{name} must be > 0, got {getattr(self, name)!r}.")
 
     @property
     def sampling(self) -> SamplingOptions:
@@ -120,10 +192,14 @@ class RLHFConfig:
             pad_id=self.pad_id,
         )
 
+    @property
+    def reward_ddof(self) -> int:
+        """The ddof of the reward statistics that ``reward_normalization`` expects."""
+        return 1 if self.reward_normalization == "rsqrt_var" else 0
+
     def optimizer(self) -> optax.GradientTransformation:
-        return optax.chain(
-            optax.clip_by_global_norm(self.max_grad_norm), optax.adam(self.learning_rate, eps=self.adam_eps)
-        )
+        adam = optax.adam(self.learning_rate, eps=self.adam_eps)
+        return adam if self.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adam)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,7 +207,14 @@ class RLHFConfig:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during a run: enough to continue it exactly."""
+    """Everything that changes during a run: enough to continue it exactly.
+
+    Attributes:
+      params: the policy's ``nnx.Param`` state.
+      opt_state: the optax state of :meth:`RLHFConfig.optimizer`.
+      step: iterations done; iteration ``t`` draws from ``fold_in(key, t)``.
+      key: the run's random key.
+    """
 
     params: Any
     opt_state: Any
@@ -143,9 +226,15 @@ class TrainState:
 class TrainData:
     """What an iteration reads but never changes.
 
-    ``prompts``/``prompt_mask``: ``[num_prompts, prompt_len]`` left-padded, visited in order and
-    wrapped around; ``ref_params``: the frozen reference policy; ``reward_params``: the teacher's
-    parameters (None for a function); ``reward_mean``/``reward_std``: the fixed normalisation.
+    Attributes:
+      prompts: ``[num_prompts, prompt_len]`` left-padded token ids, visited in order and wrapped
+        around.
+      prompt_mask: their boolean mask.
+      ref_params: the frozen reference policy's parameters.
+      reward_params: the teacher's parameters (None for a function).
+      reward_mean: the fixed normalisation's mean.
+      reward_std: the fixed normalisation's standard deviation (see
+        :attr:`RLHFConfig.reward_normalization`).
     """
 
     prompts: jax.Array
@@ -217,7 +306,7 @@ def make_iteration(
         )
         entropy = pg.aggregate(pg.entropy_per_token(logits, response_mask), response_mask)
         if config.kl_placement == "loss":
-            kl = pg.kl_per_token(logp, ref_logp, response_mask, estimator=config.kl_estimator)
+            kl = pg.kl_per_token(logp, ref_logp, response_mask, kl_estimator=config.kl_estimator)
             loss = loss + config.kl_coef * pg.aggregate(kl, response_mask, mode=config.aggregation)
         loss = loss - config.entropy_coef * entropy
         return loss, {"clip_fraction": clip_fraction, "entropy": entropy}
@@ -248,14 +337,16 @@ def make_iteration(
         old_logp, ref_logp = jax.lax.stop_gradient(old_logp), jax.lax.stop_gradient(ref_logp)
 
         raw = reward_fn(data.reward_params, prompt, prompt_mask, response, response_mask).reshape(num_prompts, k)
-        rewards = pg.normalize_sampled_rewards(raw, data.reward_mean, data.reward_std, clip=config.reward_clip)
+        rewards = pg.normalize_sampled_rewards(
+            raw, data.reward_mean, data.reward_std, normalization=config.reward_normalization, clip=config.reward_clip
+        )
         kl_sequence = jnp.sum(pg.kl_per_token(old_logp, ref_logp, response_mask), axis=-1).reshape(num_prompts, k)
         if config.kl_placement == "reward":
             per_prompt = [a.reshape(num_prompts, k, -1) for a in (old_logp, ref_logp, response_mask)]
             rewards = pg.kl_penalized_rewards(
-                rewards, *per_prompt, kl_coef=config.kl_coef, estimator=config.kl_estimator
+                rewards, *per_prompt, kl_coef=config.kl_coef, kl_estimator=config.kl_estimator
             )
-        advantages = pg.ADVANTAGES[config.algorithm](rewards).reshape(batch)
+        advantages = pg.ADVANTAGE_ESTIMATORS[config.advantage_estimator](rewards).reshape(batch)
 
         everything = (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages)
 
@@ -282,7 +373,7 @@ def make_iteration(
             out["on_policy_accuracy"] = jnp.mean(metrics.accuracy(raw, truth)) if k > 1 else jnp.nan
         return TrainState(params, opt_state, state.step + 1, state.key), out
 
-    return iteration, optimizer
+    return iteration
 
 
 def init_state(policy: CausalLM, config: RLHFConfig, key) -> TrainState:
@@ -291,16 +382,36 @@ def init_state(policy: CausalLM, config: RLHFConfig, key) -> TrainState:
     return TrainState(params, config.optimizer().init(params), jnp.zeros((), jnp.int32), key)
 
 
-def make_train(config: RLHFConfig, policy_graphdef, reward_fn, num_iterations: int, *, ground_truth_fn=None):
+def make_train(
+    config: RLHFConfig,
+    policy_graphdef: nnx.GraphDef,
+    reward_fn: RewardFn,
+    num_iterations: int,
+    *,
+    ground_truth_fn: RewardFn | None = None,
+    batch_sharding=None,
+    on_iteration: Callable[[jax.Array], None] | None = None,
+):
     """A pure ``train(state, data) -> (state, metrics)`` running ``num_iterations`` under ``lax.scan``.
 
     Metrics come back stacked, ``[num_iterations]`` each. ``jax.vmap`` over states with different
-    keys (and parameters) runs several seeds in one program.
+    keys runs several seeds in one program; over ``data.reward_params`` / ``reward_mean`` /
+    ``reward_std`` too, several teachers. ``on_iteration(step)``, when given, is called on the host
+    after every iteration (once per vmapped element) through ``jax.debug.callback``: progress
+    output from inside a compiled chunk. Other arguments as in :func:`make_iteration`.
     """
-    iteration, _ = make_iteration(config, policy_graphdef, reward_fn, ground_truth_fn=ground_truth_fn)
+    iteration = make_iteration(
+        config, policy_graphdef, reward_fn, ground_truth_fn=ground_truth_fn, batch_sharding=batch_sharding
+    )
 
     def train(state: TrainState, data: TrainData):
-        return jax.lax.scan(lambda s, _: iteration(s, data), state, None, length=num_iterations)
+        def one(state, _):
+            state, out = iteration(state, data)
+            if on_iteration is not None:
+                jax.debug.callback(on_iteration, state.step)
+            return state, out
+
+        return jax.lax.scan(one, state, None, length=num_iterations)
 
     return train
 
@@ -318,7 +429,9 @@ def measure_reward_statistics(
 ):
     """``(mean, std)`` of the teacher's rewards over ``samples`` responses per prompt of ``policy``.
 
-    The paper's normalisation (THEORY.md §4: 500 prompts x 10 samples of the initial policy).
+    The paper's normalisation (docs/theory.md#experiments-of-razin-et-al: 500 prompts x 10
+    samples of the initial policy); ``std`` with the ddof that ``config.reward_normalization``
+    expects (:attr:`RLHFConfig.reward_ddof`).
     """
     graphdef, params = nnx.split(policy)
     sampler = jax.jit(make_sampler(graphdef, config.sampling))
@@ -327,4 +440,4 @@ def measure_reward_statistics(
     for draw in range(samples):
         out = sampler(params, prompts, prompt_mask, jax.random.fold_in(key, draw))
         rewards.append(score(reward_params, prompts, prompt_mask, out.tokens, out.mask))
-    return pg.reward_statistics(jnp.stack(rewards))
+    return pg.reward_statistics(jnp.stack(rewards), ddof=config.reward_ddof)

@@ -1,28 +1,27 @@
-"""jaxrm.tabular_pg: sampled policy gradients on tabular policies against the exact dynamics."""
+"""jaxrm.ascent: exact and sampled-gradient ascent on tabular policies against the exact dynamics."""
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from jaxrm import flow
+from jaxrm.ascent import SampledGradient, exact_gradient_ascent, sampled_gradient_ascent
 from jaxrm.tabular import TabularPolicy, objective_grad
-from jaxrm.tabular_pg import SampledGradient, sampled_gradient_ascent
 
-POLICY = TabularPolicy()
+POLICY = TabularPolicy(8)
 
 
 @pytest.fixture(scope="module")
 def problem():
-    logits = POLICY.random_logits(jax.random.key(0), 3, 8)
+    logits = POLICY.random_logits(jax.random.key(0), 3)
     rewards = jax.random.uniform(jax.random.key(1), (3, 8))
     return logits, rewards
 
 
 def test_rloo_estimates_average_to_the_exact_gradient_with_kl(problem):
     logits, rewards = problem
-    ref_log_probs = POLICY.log_probs(POLICY.random_logits(jax.random.key(2), 3, 8))
-    estimate = SampledGradient(k=3, estimator="rloo")
+    ref_log_probs = POLICY.log_probs(POLICY.random_logits(jax.random.key(2), 3))
+    estimate = SampledGradient(k=3, advantage_estimator="rloo")
     keys = jax.random.split(jax.random.key(3), 20_000)
     samples = np.asarray(
         jax.jit(jax.vmap(lambda key: estimate(POLICY, logits, rewards, ref_log_probs, 0.2, key)))(keys)
@@ -35,7 +34,7 @@ def test_rloo_estimates_average_to_the_exact_gradient_with_kl(problem):
 def test_many_samples_track_the_exact_ascent_and_seeds_vmap(problem):
     logits, rewards = problem
     optimizer = optax.sgd(5.0)
-    _, exact = flow.exact_gradient_ascent(logits, rewards, optimizer=optimizer, num_steps=30)
+    _, exact = exact_gradient_ascent(logits, rewards, optimizer=optimizer, num_steps=30)
 
     def run(key):
         return sampled_gradient_ascent(logits, rewards, key, k=256, optimizer=optimizer, num_steps=30)[1]
@@ -53,8 +52,8 @@ def test_many_samples_track_the_exact_ascent_and_seeds_vmap(problem):
 def test_bad_estimators_fail_clearly(problem):
     logits, rewards = problem
     with pytest.raises(ValueError, match="too few"):
-        SampledGradient(k=1, estimator="rloo")
+        SampledGradient(k=1, advantage_estimator="rloo")
     with pytest.raises(ValueError, match="estimator"):
-        SampledGradient(k=4, estimator="ppo")
+        SampledGradient(k=4, advantage_estimator="ppo")
     with pytest.raises(ValueError, match="match rm_rewards"):
         sampled_gradient_ascent(logits, rewards[:, :4], jax.random.key(0), k=2, optimizer=optax.sgd(1.0), num_steps=1)

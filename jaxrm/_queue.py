@@ -1,0 +1,155 @@
+"""A work queue of independent, resumable integrations (the scheduler behind :func:`jaxrm.flow.first_passage`).
+
+A fixed number of *slots* integrate one item each for a short *segment* of steps; a slot whose
+item finished takes the next queued item. A batch therefore costs about the sum of the items'
+step counts, not ``batch x slowest``. Once few items are left, the stragglers move to a narrow
+set of slots so they no longer pay for idle ones.
+
+The scheduler knows nothing of ODEs: a segment is any pure function
+``segment(tau, state, dt, args) -> Segment`` that advances one item by at most a fixed number
+of steps and reports its :class:`Status`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Slots per device, and the width of the queue's last phase.
+DEFAULT_SLOTS = 64
+TAIL_SLOTS = 16
+
+
+class Status(enum.IntEnum):
+    """Where an item's integration stands."""
+
+    RUNNING = 0
+    REACHED = 1  # the event (the gain) was reached
+    NOT_REACHED = 2  # t_max passed, or the gain was proven out of reach
+    FAILED = 3  # a solver error, or max_steps spent
+
+
+class Segment(NamedTuple):
+    """One item after a segment: where to resume (or where it ended) and its status."""
+
+    tau: Any
+    state: Any
+    dt: Any
+    num_steps: Any
+    status: Any
+
+
+class _Slots(NamedTuple):
+    item: Any  # index of the item in each slot; -1 when idle
+    tau: Any
+    state: Any
+    dt: Any
+    steps: Any
+
+
+class Outputs(NamedTuple):
+    """Per item: the time and state where it ended, the steps it took and its :class:`Status`."""
+
+    tau: Any
+    state: Any
+    steps: Any
+    status: Any
+
+
+def drain(
+    segment: Callable[..., Segment],
+    states,
+    first_dt,
+    args,
+    num_valid,
+    *,
+    num_slots: int,
+    max_steps: int,
+) -> Outputs:
+    """Run items ``0 .. num_valid - 1`` through ``num_slots`` slots until each is done (traceable).
+
+    ``states`` (a pytree), ``first_dt`` and ``args`` have a leading item axis; entries past
+    ``num_valid`` are padding and never run. An item whose steps pass ``max_steps`` is FAILED.
+    """
+    num_items = first_dt.shape[0]
+    dtype = first_dt.dtype
+    vmapped = jax.vmap(segment)
+    take = lambda tree, index: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
+
+    def load(item):
+        """Slots holding ``item`` (-1: idle) at the start of their integration."""
+        index = jnp.clip(item, 0, num_items - 1)
+        return _Slots(
+            item, jnp.zeros(item.shape, dtype), take(states, index), first_dt[index], jnp.zeros(item.shape, jnp.int32)
+        )
+
+    def body(carry):
+        slots, next_item, out = carry
+        active = slots.item >= 0
+        result = vmapped(slots.tau, slots.state, slots.dt, take(args, jnp.clip(slots.item, 0, num_items - 1)))
+        steps = slots.steps + result.num_steps
+        status = jnp.where((result.status == Status.RUNNING) & (steps >= max_steps), Status.FAILED, result.status)
+        finished = active & (status != Status.RUNNING)
+        write = jnp.where(finished, slots.item, num_items)  # out of range: dropped
+        out = Outputs(
+            out.tau.at[write].set(result.tau, mode="drop"),
+            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.state, result.state),
+            out.steps.at[write].set(steps, mode="drop"),
+            out.status.at[write].set(status, mode="drop"),
+        )
+        # Finished slots take the next items of the queue, in slot order.
+        queued = next_item + jnp.cumsum(finished) - 1
+        item = jnp.where(finished, jnp.where(queued < num_valid, queued, -1), slots.item)
+        fresh = finished & (item >= 0)
+        continued = _Slots(item, result.tau, result.state, result.dt, steps)
+        slots = jax.tree.map(
+            lambda new, old: jnp.where(fresh.reshape(-1, *([1] * (old.ndim - 1))), new, old), load(item), continued
+        )
+        return slots, next_item + jnp.sum(finished), out
+
+    def run(slots, next_item, out, keep_going):
+        return jax.lax.while_loop(lambda c: keep_going(*c), body, (slots, next_item, out))
+
+    out = Outputs(
+        jnp.full(num_items, jnp.inf, dtype),
+        states,
+        jnp.zeros(num_items, jnp.int32),
+        jnp.zeros(num_items, jnp.int32),
+    )
+    first = jnp.arange(num_slots)
+    slots, next_item = load(jnp.where(first < num_valid, first, -1)), jnp.asarray(num_slots)
+    tail = min(TAIL_SLOTS, num_slots)
+    slots, next_item, out = run(slots, next_item, out, lambda s, n, o: (n < num_valid) | (jnp.sum(s.item >= 0) > tail))
+    order = jnp.argsort(slots.item < 0, stable=True)[:tail]
+    slots, next_item, out = run(take(slots, order), next_item, out, lambda s, n, o: jnp.any(s.item >= 0))
+    return out
+
+
+def on_devices(run_queue: Callable, items, num_items: int, devices) -> Any:
+    """One work queue per device, all running at once; returns the outputs in item order.
+
+    ``run_queue(shard, num_valid, device)`` runs one device's items (a pytree with a leading item
+    axis). Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
+    spread out; padding sits past each device's count of valid items. Each queue is launched
+    from its own thread: a CPU program with host callbacks (diffrax's error checks) runs
+    synchronously in the thread that launched it. Each device compiles the queue once (XLA
+    executables are bound to a device); the compiles run in parallel too.
+    """
+    num_devices = len(devices)
+    per_device = -(-num_items // num_devices)
+    pad = per_device * num_devices - num_items
+    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), items)
+
+    def run(device):
+        shard = jax.tree.map(lambda x: x[device::num_devices], padded)
+        return jax.block_until_ready(run_queue(shard, len(range(device, num_items, num_devices)), devices[device]))
+
+    with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:
+        runs = list(pool.map(run, range(num_devices)))
+    home = jax.devices()[0]
+    gathered = jax.tree.map(lambda *parts: jnp.stack([jax.device_put(p, home) for p in parts], axis=1), *runs)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_items], gathered)

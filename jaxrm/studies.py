@@ -1,0 +1,188 @@
+"""Study plumbing shared by ``python -m theory`` and ``python -m experiments.*``.
+
+Configs (frozen dataclasses whose fields carry their checks, built from dicts and ``--set
+KEY=VALUE`` overrides that name unknown keys), run directories (a rerun on a directory that holds
+another config is refused, naming the keys that differ), timestamped progress lines, and atomic
+JSON / Markdown / figure output (a killed run never leaves a half-written file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def validate_config(config) -> None:
+    """Check a frozen config dataclass against the ``metadata["check"]`` of its fields.
+
+    A check is ``(predicate, "allowed values")``; a failure names the field and what is allowed.
+    """
+    for field in dataclasses.fields(config):
+        check = field.metadata.get("check")
+        if check is None:
+            continue
+        predicate, allowed = check
+        value = getattr(config, field.name)
+        if not predicate(value):
+            raise ValueError(f"{type(config).__name__}.{field.name}={value!r}: must be {allowed}.")
+
+
+# Field checks shared by the studies' configs: (predicate, "allowed values").
+def int_at_least(low: int):
+    return (lambda v: isinstance(v, int) and v >= low, f"an int >= {low}")
+
+
+POSITIVE_INT = int_at_least(1)
+POSITIVE = (lambda v: v > 0, "> 0")
+SMALL_TOLERANCE = (lambda v: 0 <= v < 0.1, "in [0, 0.1)")
+
+
+def checked(default, check):
+    """A dataclass field with a default and a check for :func:`validate_config`."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+class StudyConfig:
+    """Base of the studies' frozen config dataclasses: every field is checked on construction."""
+
+    def __post_init__(self):
+        validate_config(self)
+
+    def quick(self):
+        """A smaller run for smoke tests; studies override it."""
+        return self
+
+    @classmethod
+    def resolve(cls, config=None, *, quick=False):
+        """The config a study runs with (defaults, then ``--quick``), with float64 switched on:
+        the exact studies compare against bounds at 1e-6."""
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        config = cls() if config is None else config
+        return config.quick() if quick else config
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (studies run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def config_from_dict(cls, values: dict):
+    """Build a config, rejecting unknown keys by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known: {sorted(known)}.")
+    return cls(**values)
+
+
+def config_with_overrides(config, items):
+    """``config`` with ``KEY=VALUE`` items replaced (values read as JSON, else as a string; JSON
+    lists become tuples); unknown keys are named."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE items, got {item!r}.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare string, e.g. a path
+            overrides[key] = value
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return config_from_dict(type(config), {**dataclasses.asdict(config), **overrides})
+
+
+def prepare_run_directory(out_dir, config) -> Path:
+    """Create ``out_dir`` and write ``config.json``, or check that it holds a run of the same config.
+
+    A directory that holds another config is refused with the keys that differ; a path that is a
+    file is refused before anything is written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory.")
+    record = json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable))
+    path = out_dir / "config.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        differ = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
+        if differ:
+            raise ValueError(
+                f"{out_dir} holds a run with another config (keys that differ: {differ}); use a new --out."
+            )
+    write_json(path, record)
+    return out_dir
+
+
+class Progress:
+    """Timestamped progress lines on stderr: ``[study   12.3s] message``."""
+
+    def __init__(self, study: str, stream=None):
+        self.study = study
+        self.start = time.perf_counter()
+        self.stream = sys.stderr if stream is None else stream
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.study} {self.elapsed:6.1f}s] {message}", file=self.stream, flush=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write atomically: a killed run never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def fmt(value, digits=3) -> str:
+    """Compact number for tables: 3 significant digits, scientific when large or small."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:.{digits}g}"
+    return f"{value:.{digits - 1}e}"
