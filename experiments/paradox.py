@@ -25,18 +25,8 @@ from flax import nnx
 
 from experiments import teacher as study
 from experiments.tasks import TopicTask
-from jaxrm import metrics
+from jaxrm import metrics, studies
 from jaxrm.models import load_model, read_metadata
-from jaxrm.studies import (
-    Progress,
-    config_with_overrides,
-    fmt,
-    prepare_run_directory,
-    pyplot,
-    save_figure,
-    write_json,
-    write_text,
-)
 from jaxrm.train import RewardTrainConfig, train_reward_model
 
 
@@ -137,8 +127,8 @@ def _stop_at_budget(kl, truth, budget, window):
 
 
 def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
-    log = log or Progress("paradox")
-    out_dir = prepare_run_directory(out_dir, config)
+    log = log or studies.Progress("paradox")
+    out_dir = studies.prepare_run_directory(out_dir, config)
     task = TopicTask(seed=config.seed)
     (sft,) = study.train_students(config, task, out_dir, log)
     steps, models, accuracy = _train_checkpoints(config, task, sft, out_dir, log)
@@ -146,21 +136,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[nnx.state(m) for m in models])
     params = (stacked, jnp.ones(count), jnp.zeros(count), jnp.zeros(count, bool))
     teacher = study.make_teacher(task, nnx.graphdef(models[0]))
-    rng = np.random.default_rng(config.seed + 4)
-    eval_prompts = task.prompts(config.eval_prompts, rng)
-    off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
-    off_pairs = study.label_pairs(task, eval_prompts, off[:, 0], off[:, 1])[:3]
-    stats = study.measure_teachers(
-        task,
-        sft,
-        teacher,
-        params,
-        eval_prompts,
-        config.eval_samples,
-        jax.random.key(config.seed + 5),
-        off_pairs,
-        ddof=config.rl_config(task).reward_ddof,
-    )
+    (stats,) = study.measure_teachers(config, task, [sft], teacher, params)
     (result,) = study.run_students(
         config, task, [sft], teacher, params, [stats], out_dir, log, teacher_names=[f"step {s}" for s in steps]
     )
@@ -193,15 +169,15 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
             )
         },
     }
-    write_json(out_dir / "summary.json", summary)
+    studies.write_json(out_dir / "summary.json", summary)
     plot(summary, out_dir / "figures" / "paradox.png")
-    write_text(out_dir / "report.md", report(config, summary))
+    studies.write_text(out_dir / "report.md", report(config, summary))
     log(f"wrote {out_dir / 'report.md'}")
     return summary
 
 
 def plot(summary, path):
-    plt = pyplot()
+    plt = studies.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     truth, spread = np.asarray(summary["ground_truth_at_stop"]), np.asarray(summary["ground_truth_at_stop_spread"])
     for ax, key, label in (
@@ -213,7 +189,7 @@ def plot(summary, path):
         ax.errorbar(x, truth, yerr=spread, fmt="o")
         ax.set(xlabel=label, ylabel="ground truth at the KL stop")
     axes[1].set_xscale("symlog")
-    save_figure(fig, path)
+    studies.save_figure(fig, path)
 
 
 def report(config, summary) -> str:
@@ -222,7 +198,7 @@ def report(config, summary) -> str:
         "",
         f"One reward-model run, {len(summary['steps'])} checkpoints; each teaches the SFT policy by RLOO until "
         f"its KL reaches {config.kl_budget} (or {config.iterations} iterations); mean ± std over {config.seeds} "
-        f"seeds. Initial ground truth {fmt(summary['initial_ground_truth'])}.",
+        f"seeds. Initial ground truth {studies.fmt(summary['initial_ground_truth'])}.",
         "",
         "| step | held-out accuracy | reward mean | reward std | variance (normalized) | on-policy accuracy | "
         "ground truth at stop | stop iteration |",
@@ -230,19 +206,19 @@ def report(config, summary) -> str:
     ]
     for i, step in enumerate(summary["steps"]):
         lines.append(
-            f"| {step} | {fmt(summary['accuracy'][i])} | {fmt(summary['reward_mean'][i])} | {fmt(summary['reward_std'][i])} | "
-            f"{fmt(summary['reward_variance'][i])} | {fmt(summary['on_policy_accuracy'][i])} | "
-            f"{fmt(summary['ground_truth_at_stop'][i])} ± {fmt(summary['ground_truth_at_stop_spread'][i], 2)} | "
-            f"{fmt(summary['stop_iteration'][i])} |"
+            f"| {step} | {studies.fmt(summary['accuracy'][i])} | {studies.fmt(summary['reward_mean'][i])} | {studies.fmt(summary['reward_std'][i])} | "
+            f"{studies.fmt(summary['reward_variance'][i])} | {studies.fmt(summary['on_policy_accuracy'][i])} | "
+            f"{studies.fmt(summary['ground_truth_at_stop'][i])} ± {studies.fmt(summary['ground_truth_at_stop_spread'][i], 2)} | "
+            f"{studies.fmt(summary['stop_iteration'][i])} |"
         )
     best, top = summary["best_checkpoint"], summary["most_accurate_checkpoint"]
     lines += [
         "",
-        f"Best teacher: step {best['step']} (accuracy {fmt(best['accuracy'])}); most accurate: step "
-        f"{top['step']} (accuracy {fmt(top['accuracy'])}).",
+        f"Best teacher: step {best['step']} (accuracy {studies.fmt(best['accuracy'])}); most accurate: step "
+        f"{top['step']} (accuracy {studies.fmt(top['accuracy'])}).",
         "",
         "Correlation with the ground truth at the stop (Pearson / Spearman): "
-        + "; ".join(f"{k} {fmt(v[0])} / {fmt(v[1])}" for k, v in summary["correlations"].items()),
+        + "; ".join(f"{k} {studies.fmt(v[0])} / {studies.fmt(v[1])}" for k, v in summary["correlations"].items()),
         "",
         "![accuracy paradox](figures/paradox.png)",
         "",
@@ -256,7 +232,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/paradox"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)
-    run(args.out, config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
+    run(args.out, studies.config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,36 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class TopicTask:
+    """The task's sizes and the seed of its tables (see the module docstring for the model).
+
+    Token ids: 0 is unused by the task (free for padding), ``1 .. num_topics`` are the topic
+    markers and ``num_topics + 1 .. vocab_size - 1`` the response tokens. ``vocab_size``,
+    ``num_topics``, ``prompt_len``, ``response_len`` and ``topic_spread`` are checked on
+    construction.
+
+    Attributes:
+      vocab_size: number of token ids; must leave at least 4 response tokens
+        (``vocab_size - num_topics - 1 >= 4``).
+      num_topics: number of topics ``t`` (>= 2); a prompt starts with the marker ``1 + t``,
+        topics drawn uniformly.
+      prompt_len: tokens per prompt (>= 1): the topic marker, then ``prompt_len - 1`` filler
+        tokens drawn uniformly from the response tokens (they carry no information).
+      response_len: tokens per response (>= 1); ``r_G`` is the mean token score over the
+        response mask.
+      topic_spread: in ``[0, 1)``; each topic's score offset is drawn from
+        ``U(-topic_spread, topic_spread)`` and its token part from
+        ``U(topic_spread - 1, 1 - topic_spread)``, so scores stay in ``[-1, 1]``. Larger values
+        put more of the reward variance between prompts.
+      demo_sharpness: ``a`` of the SFT demonstrator ``p_demo(y | t) ∝ exp(a s[t, y] + noise[t, y])``;
+        0 makes it ignore the scores, larger values make it greedier.
+      demo_noise: standard deviation of the Gaussian ``noise[t, y]`` in the demonstrator's
+        logits (>= 0; 0: the demonstrator follows the scores exactly).
+      off_policy_sharpness: ``b`` of the off-policy source ``p_off(y | t) ∝ exp(b z[t, y])``
+        with ``z ~ U(-1, 1)`` unrelated to the scores; 0 makes it uniform.
+      seed: seed of the score, demonstrator and off-policy tables; prompts and responses are
+        drawn from the ``numpy`` generator passed to each method.
+    """
+
     vocab_size: int = 40
     num_topics: int = 8
     prompt_len: int = 4

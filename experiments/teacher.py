@@ -323,7 +323,7 @@ def _teacher_params(reward_models):
     return stacked, w_rm, w_gt, low
 
 
-def measure_teachers(task, policy, teacher, params, prompts, samples, key, off_pairs, *, ddof=0):
+def _measure_on(task, policy, teacher, params, prompts, samples, key, off_pairs, *, ddof):
     """Per teacher: normalisation mean/std (std with ``ddof``), reward variance, on- and
     off-policy accuracy (Table 1)."""
     repeated = np.repeat(prompts, samples, axis=0)
@@ -386,6 +386,21 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
         )
         results.append(history)
     return results
+
+
+def measure_teachers(config, task, students, teacher, params):
+    """Table 1 for every student: per teacher, the normalisation mean/std (std with the ddof of the
+    study's reward normalisation), reward variance, on- and off-policy accuracy, measured on
+    ``eval_prompts`` x ``eval_samples`` responses and off-policy pairs of the same prompts."""
+    rng = np.random.default_rng(config.seed + 4)
+    eval_prompts = task.prompts(config.eval_prompts, rng)
+    off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
+    off_pairs = label_pairs(task, eval_prompts, off[:, 0], off[:, 1])[:3]
+    key, ddof = jax.random.key(config.seed + 5), config.rl_config(task).reward_ddof
+    return [
+        _measure_on(task, s, teacher, params, eval_prompts, config.eval_samples, key, off_pairs, ddof=ddof)
+        for s in students
+    ]
 
 
 def _gains(curves, window):
@@ -522,24 +537,7 @@ def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
     reward_models = _reward_models(config, task, students[0], out_dir, log)
     teacher = make_teacher(task, nnx.graphdef(reward_models[0]))
     params = _teacher_params(reward_models)
-    rng = np.random.default_rng(config.seed + 4)
-    eval_prompts = task.prompts(config.eval_prompts, rng)
-    off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
-    off_pairs = label_pairs(task, eval_prompts, off[:, 0], off[:, 1])[:3]
-    stats = [
-        measure_teachers(
-            task,
-            s,
-            teacher,
-            params,
-            eval_prompts,
-            config.eval_samples,
-            jax.random.key(config.seed + 5),
-            off_pairs,
-            ddof=config.rl_config(task).reward_ddof,
-        )
-        for s in students
-    ]
+    stats = measure_teachers(config, task, students, teacher, params)
     log("Table 1 (main student): variance " + " ".join(fmt(v) for v in stats[0]["reward variance"]))
     results = run_students(config, task, students, teacher, params, stats, out_dir, log)
     summary = summarize(config, stats, results)

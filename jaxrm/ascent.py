@@ -76,13 +76,27 @@ def _exact_gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key):
     return objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=kl_coef)
 
 
-def _checked(policy, init_logits, rm_rewards, eval_rewards, kl_coef, num_steps):
+def _checked_ascent(
+    init_logits, rm_rewards, key, *, gradient, policy, kl_coef, eval_rewards, optimizer, num_steps, track
+):
+    """Validate a problem before any work, then run the compiled ascent loop."""
     policy = default_policy(policy, rm_rewards)
     rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     if not (isinstance(num_steps, int) and num_steps >= 0):
         raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
     kl_coef = jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype)
-    return policy, rm_rewards, eval_rewards, kl_coef
+    return _ascent(
+        init_logits,
+        rm_rewards,
+        eval_rewards,
+        kl_coef,
+        key,
+        policy=policy,
+        optimizer=optimizer,
+        num_steps=num_steps,
+        track=track,
+        gradient=gradient,
+    )
 
 
 def exact_gradient_ascent(
@@ -123,20 +137,9 @@ def exact_gradient_ascent(
     >>> m.rm_reward.shape, bool(m.rm_reward[-1, 0] > m.rm_reward[0, 0])
     ((4, 1), True)
     """
-    policy, rm_rewards, eval_rewards, kl_coef = _checked(
-        policy, init_logits, rm_rewards, eval_rewards, kl_coef, num_steps
-    )
-    return _ascent(
-        init_logits,
-        rm_rewards,
-        eval_rewards,
-        kl_coef,
-        jax.random.key(0),
-        policy=policy,
-        optimizer=optimizer,
-        num_steps=num_steps,
-        track=track,
-        gradient=_exact_gradient,
+    options = dict(policy=policy, kl_coef=kl_coef, eval_rewards=eval_rewards, optimizer=optimizer, track=track)
+    return _checked_ascent(
+        init_logits, rm_rewards, jax.random.key(0), gradient=_exact_gradient, num_steps=num_steps, **options
     )
 
 
@@ -166,22 +169,9 @@ def sampled_gradient_ascent(
     >>> bool(m.rm_reward[-1, 0] > m.rm_reward[0, 0] + 0.3)
     True
     """
+    options = dict(policy=policy, kl_coef=kl_coef, eval_rewards=eval_rewards, optimizer=optimizer, track=track)
     gradient = SampledGradient(k, advantage_estimator)
-    policy, rm_rewards, eval_rewards, kl_coef = _checked(
-        policy, init_logits, rm_rewards, eval_rewards, kl_coef, num_steps
-    )
-    return _ascent(
-        init_logits,
-        rm_rewards,
-        eval_rewards,
-        kl_coef,
-        key,
-        policy=policy,
-        optimizer=optimizer,
-        num_steps=num_steps,
-        track=track,
-        gradient=gradient,
-    )
+    return _checked_ascent(init_logits, rm_rewards, key, gradient=gradient, num_steps=num_steps, **options)
 
 
 @jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient"))

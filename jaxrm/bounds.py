@@ -1,13 +1,15 @@
 """The papers' bounds with their explicit constants, as pure functions (numpy or jax arrays).
 
-Notation of THEORY.md: ``gamma`` the gain, ``variance`` the reward-model variance under the
-initial policy, ``lam`` the KL coefficient, ``L`` the output length, ``J`` the bound on the
-Jacobian of the logits, ``|S|`` the number of prompts.
+Notation of docs/theory.md#setting: ``gamma`` the gain, ``variance`` the reward-model variance
+under the initial policy, ``lam`` the KL coefficient, ``L`` the output length, ``J`` the bound on
+the Jacobian of the logits, ``|S|`` the number of prompts. Array arguments broadcast against each
+other; results are numpy (a 0-d result comes back as a numpy scalar).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from jax.typing import ArrayLike
 
 __all__ = [
     "proposition2_gradient_bound",
@@ -25,9 +27,12 @@ __all__ = [
 ]
 
 
-def theorem4_lower_bound(gamma, variance, *, kl_coef=0.0, length=1, jacobian_norm=1.0):
-    """Theorem 1 / 4 of Razin et al.: ``t_gamma >= min(1 - e^(-gamma/9), 1 - e^(-7/(3 lam)))
-    / (8 L^2 J^2 Var^(1/3))`` with ``Var`` the prompt-mean variance and ``e^(-7/0) := 0``.
+def theorem4_lower_bound(
+    gamma: ArrayLike, variance: ArrayLike, *, kl_coef: ArrayLike = 0.0, length: int = 1, jacobian_norm: float = 1.0
+) -> np.ndarray:
+    """Theorem 1 / 4 of Razin et al. (docs/theory.md#theorem-4):
+    ``t_gamma >= min(1 - e^(-gamma/9), 1 - e^(-7/(3 lam))) / (8 L^2 J^2 Var^(1/3))`` with ``Var``
+    the prompt-mean variance and ``e^(-7/0) := 0``.
 
     >>> round(float(theorem4_lower_bound(0.1, 1e-6)), 4)
     0.1381
@@ -39,9 +44,9 @@ def theorem4_lower_bound(gamma, variance, *, kl_coef=0.0, length=1, jacobian_nor
     return numerator / (8.0 * length**2 * jacobian_norm**2 * np.cbrt(variance))
 
 
-def proposition3_lower_bound(gamma, variance, *, num_prompts):
-    """Proposition 3 (tabular): ``t_gamma >= 2 |S| (1 - e^(-gamma/2)) / sqrt(Var_x)`` with
-    ``Var_x`` the prompt's own variance.
+def proposition3_lower_bound(gamma: ArrayLike, variance: ArrayLike, *, num_prompts: int) -> np.ndarray:
+    """Proposition 3 (tabular; docs/theory.md#proposition-3):
+    ``t_gamma >= 2 |S| (1 - e^(-gamma/2)) / sqrt(Var_x)`` with ``Var_x`` the prompt's own variance.
 
     >>> round(float(proposition3_lower_bound(0.1, 1e-6, num_prompts=1)), 3)
     97.541
@@ -49,8 +54,10 @@ def proposition3_lower_bound(gamma, variance, *, num_prompts):
     return 2.0 * num_prompts * -np.expm1(-np.asarray(gamma) / 2.0) / np.sqrt(variance)
 
 
-def proposition_a_lower_bound(gamma, variance, *, length=1, jacobian_norm=1.0):
-    """Proposition A of THEORY.md §3b (this project's sharper Theorem 4, to be checked):
+def proposition_a_lower_bound(
+    gamma: ArrayLike, variance: ArrayLike, *, length: int = 1, jacobian_norm: float = 1.0
+) -> np.ndarray:
+    """Proposition A (docs/theory.md#proposition-a; this project's sharper Theorem 4):
     ``t_gamma >= (1 - e^(-gamma/2)) / (L^2 J^2 sqrt(Var))``, ``Var`` the prompt mean.
 
     >>> round(float(proposition_a_lower_bound(0.1, 1e-6)), 3)
@@ -59,9 +66,12 @@ def proposition_a_lower_bound(gamma, variance, *, length=1, jacobian_norm=1.0):
     return -np.expm1(-np.asarray(gamma) / 2.0) / (length**2 * jacobian_norm**2 * np.sqrt(variance))
 
 
-def proposition2_gradient_bound(kl_variance, *, reward_bound, length=1, jacobian_norm=1.0):
-    """Proposition 2: ``||grad phi(theta; x)|| <= 6 M^(1/3) L J Var[r_KL]^(1/3)`` when
-    ``r_KL`` lies in ``[-M, M]`` with ``M > 1``.
+def proposition2_gradient_bound(
+    kl_variance: ArrayLike, *, reward_bound: ArrayLike, length: int = 1, jacobian_norm: float = 1.0
+) -> np.ndarray:
+    """Proposition 2 (docs/theory.md#proposition-2-and-lemma-8):
+    ``||grad phi(theta; x)|| <= 6 M^(1/3) L J Var[r_KL]^(1/3)`` when ``r_KL`` lies in ``[-M, M]``
+    with ``M > 1``.
 
     >>> round(float(proposition2_gradient_bound(1e-3, reward_bound=1.0)), 6)
     0.6
@@ -70,8 +80,9 @@ def proposition2_gradient_bound(kl_variance, *, reward_bound, length=1, jacobian
     return 6.0 * np.cbrt(m) * length * jacobian_norm * np.cbrt(kl_variance)
 
 
-def score_gradient_bound(kl_variance, *, length=1, jacobian_norm=1.0):
-    """Cauchy-Schwarz on the score-function form: ``||grad phi_x|| <= sqrt(2) L J sqrt(Var[r_KL])``.
+def score_gradient_bound(kl_variance: ArrayLike, *, length: int = 1, jacobian_norm: float = 1.0) -> np.ndarray:
+    """Cauchy-Schwarz on the score-function form (docs/theory.md#proposition-2-and-lemma-8):
+    ``||grad phi_x|| <= sqrt(2) L J sqrt(Var[r_KL])``.
 
     >>> round(float(score_gradient_bound(0.5)), 6)
     1.0
@@ -79,15 +90,16 @@ def score_gradient_bound(kl_variance, *, length=1, jacobian_norm=1.0):
     return np.sqrt(2.0) * length * jacobian_norm * np.sqrt(kl_variance)
 
 
-def theorem2_rho(initial_value, gamma, good_reward):
+def theorem2_rho(initial_value: ArrayLike, gamma: ArrayLike, good_reward: ArrayLike) -> np.ndarray:
     """``rho = (E_{pi0}[r_G] + gamma + 1) / (r_G(y_g) + 1)``: the mass on ``y_g`` that
-    guarantees the gain (Theorems 2 and 3; with ``y_g'`` for the family ``Pi'``)."""
+    guarantees the gain (docs/theory.md#theorems-2-and-5 and docs/theory.md#theorems-3-and-6;
+    with ``y_g'`` for the family ``Pi'``)."""
     return (np.asarray(initial_value) + gamma + 1.0) / (np.asarray(good_reward) + 1.0)
 
 
-def theorem2_slow_lower_bound(gamma, horizon, *, num_prompts):
-    """Theorem 2, slow accurate teacher (values in ``(0, 1/T)``):
-    ``t_gamma(r_G) >= 2 |S| (1 - e^(-gamma/2)) T``.
+def theorem2_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_prompts: int) -> np.ndarray:
+    """Theorem 2 (docs/theory.md#theorems-2-and-5), slow accurate teacher (values in
+    ``(0, 1/T)``): ``t_gamma(r_G) >= 2 |S| (1 - e^(-gamma/2)) T``.
 
     >>> round(float(theorem2_slow_lower_bound(0.2, 100, num_prompts=1)), 3)
     19.033
@@ -95,34 +107,34 @@ def theorem2_slow_lower_bound(gamma, horizon, *, num_prompts):
     return 2.0 * num_prompts * -np.expm1(-np.asarray(gamma) / 2.0) * horizon
 
 
-def theorem2_fast_upper_bound(rho, good_prob, *, num_prompts):
-    """Theorem 2, fast inaccurate teacher (``1`` on ``y_g``, below ``pi0(y_g)`` elsewhere):
-    ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1 / pi0(y_g) - 1 / rho)``."""
+def theorem2_fast_upper_bound(rho: ArrayLike, good_prob: ArrayLike, *, num_prompts: int) -> np.ndarray:
+    """Theorem 2 (docs/theory.md#theorems-2-and-5), fast inaccurate teacher (``1`` on ``y_g``,
+    below ``pi0(y_g)`` elsewhere): ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1 / pi0(y_g) - 1 / rho)``."""
     rho = np.asarray(rho)
     return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / np.asarray(good_prob) - 1.0 / rho)
 
 
-def theorem2_kl_limit(good_prob, rho, min_prob):
+def theorem2_kl_limit(good_prob: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
     """Largest ``lam`` for Theorem 2's fast bound:
     ``pi0(y_g) (1 - rho)^4 / (8 (1/(2e) - 2 ln min_y pi0(y)))``."""
     return np.asarray(good_prob) * (1.0 - np.asarray(rho)) ** 4 / (8.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 
-def theorem3_fast_upper_bound(rho, good_prob_floor, *, num_prompts):
-    """Theorem 3, the teacher that rewards the output the policy already favours (``pi0(y_g) >= c``):
-    ``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``."""
+def theorem3_fast_upper_bound(rho: ArrayLike, good_prob_floor: ArrayLike, *, num_prompts: int) -> np.ndarray:
+    """Theorem 3 (docs/theory.md#theorems-3-and-6), the teacher that rewards the output the policy
+    already favours (``pi0(y_g) >= c``): ``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``."""
     rho = np.asarray(rho)
     return 2.0 * num_prompts / (1.0 - rho) ** 3 * (1.0 / np.asarray(good_prob_floor) - 1.0 / rho)
 
 
-def theorem3_kl_limit(good_prob_floor, rho, min_prob):
+def theorem3_kl_limit(good_prob_floor: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
     """Largest ``lam`` for Theorem 3's fast bound: ``c (1 - rho)^3 / (16 (1/(2e) - 2 ln min pi0))``."""
     return np.asarray(good_prob_floor) * (1.0 - np.asarray(rho)) ** 3 / (16.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 
-def theorem3_slow_lower_bound(gamma, horizon, *, num_prompts):
-    """Theorem 3, the teacher that rewards an output the policy neglects (``pi0 <= T^-2``):
-    ``t_gamma >= (|S| / sqrt 2) (1 - e^(-gamma/2)) T``.
+def theorem3_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_prompts: int) -> np.ndarray:
+    """Theorem 3 (docs/theory.md#theorems-3-and-6), the teacher that rewards an output the policy
+    neglects (``pi0 <= T^-2``): ``t_gamma >= (|S| / sqrt 2) (1 - e^(-gamma/2)) T``.
 
     >>> round(float(theorem3_slow_lower_bound(0.2, 100, num_prompts=2)), 3)
     13.458

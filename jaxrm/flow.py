@@ -52,21 +52,41 @@ __all__ = [
 
 
 class FlowMetrics(NamedTuple):
-    """Per-prompt quantities along a trajectory (each ``[..., S]``, time axis first)."""
+    """Per-prompt quantities along a trajectory (each ``[..., S]``, time axis first).
 
-    rm_reward: Any  # E_pi[r_RM]
-    eval_reward: Any  # E_pi[r_eval] (e.g. the ground truth)
-    rm_variance: Any  # Var_pi[r_RM]
-    kl: Any  # KL(pi || pi_ref)
+    Attributes:
+      rm_reward: ``E_pi[r_RM]``, the expected reward the policy is trained on.
+      eval_reward: ``E_pi[r_eval]``, the expected timed or evaluated reward (e.g. the ground
+        truth; ``r_RM`` itself when none is given).
+      rm_variance: ``Var_pi[r_RM]``, the exact reward variance under the current policy
+        (docs/theory.md#accuracy-and-reward-variance).
+      kl: ``KL(pi || pi_ref)`` to the reference (initial) policy, >= 0.
+    """
+
+    rm_reward: Any
+    eval_reward: Any
+    rm_variance: Any
+    kl: Any
 
 
 class FirstPassage(NamedTuple):
-    """Result of :func:`first_passage`; arrays are ``[..., S]`` (one entry per prompt)."""
+    """Result of :func:`first_passage`; arrays are ``[..., S]`` (one entry per prompt).
 
-    t_gamma: Any  # first time E_pi[r_eval] >= E_pi0[r_eval] + gamma; inf if not reached
-    logits: Any  # each prompt's logits at t_gamma (or where its solve stopped)
-    num_steps: Any  # ODE steps taken (accepted and rejected)
-    status: Any  # a :class:`Status`: REACHED, NOT_REACHED (by t_max, or out of reach), FAILED
+    Attributes:
+      t_gamma: the first flow time at which ``E_pi[r_eval] >= E_pi0[r_eval] + gamma``
+        (docs/theory.md#setting); ``inf`` unless ``status`` is ``REACHED``.
+      logits: each prompt's logits at ``t_gamma`` (or where its solve stopped), shaped like the
+        initial logits.
+      num_steps: ODE steps taken per prompt (accepted and rejected).
+      status: a :class:`Status` per prompt: ``REACHED``, ``NOT_REACHED`` (``t_max`` passed, or
+        the gain was proven out of reach under a KL penalty) or ``FAILED`` (a solver error, or
+        ``max_steps`` spent).
+    """
+
+    t_gamma: Any
+    logits: Any
+    num_steps: Any
+    status: Any
 
 
 def flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) -> FlowMetrics:

@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
 
@@ -43,7 +44,7 @@ __all__ = [
 _DENSE_PAIR_LIMIT = 256
 
 
-def probabilities(logits, *, where=None):
+def probabilities(logits: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
     """``softmax(logits)`` over the last axis, with ``where=False`` outputs given probability 0.
 
     >>> import jax.numpy as jnp
@@ -67,7 +68,7 @@ def _validate_exact(logits, rewards, where):
     check_finite("logits", _masked(logits, where) if where is not None else logits)
 
 
-def expected_reward(logits, rewards, *, where=None):
+def expected_reward(logits: ArrayLike, rewards: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
     """Exact ``E_{y ~ softmax(logits)}[r(y)] = sum_y p(y) r(y)`` over the last axis.
 
     >>> import jax.numpy as jnp
@@ -79,7 +80,7 @@ def expected_reward(logits, rewards, *, where=None):
     return jnp.sum(probs * _masked(jnp.asarray(rewards), where), axis=-1)
 
 
-def reward_variance(logits, rewards, *, where=None):
+def reward_variance(logits: ArrayLike, rewards: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
     """Exact reward variance under the policy, over the last axis.
 
     ``Var_{y ~ p}[r] = sum_y p(y) (r(y) - sum_y' p(y') r(y'))^2`` with ``p = softmax(logits)``
@@ -105,7 +106,7 @@ def reward_variance(logits, rewards, *, where=None):
     return jnp.sum(probs * jnp.square(rewards - mean), axis=-1)
 
 
-def normalize_rewards(logits, rewards):
+def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
     """Rewards ``[..., S, Y]`` shifted and scaled by one mean and standard deviation over all
     prompts under the policy (docs/theory.md#experiments-of-razin-et-al, exact form): ``(r - mu) / sigma`` with
     ``mu = mean_x E_{pi(.|x)}[r]`` and ``sigma^2 = mean_x E_{pi(.|x)}[(r - mu)^2]``.
@@ -126,7 +127,7 @@ def normalize_rewards(logits, rewards):
     return (rewards - mean) / std
 
 
-def sample_reward_variance(rewards, *, ddof=1, where=None):
+def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLike | None = None) -> jax.Array:
     """Per-prompt variance of sampled rewards ``[..., k]`` (``k`` samples on the last axis).
 
     ``sum_i (r_i - mean(r))^2 / (n - ddof)`` with ``n`` the number of valid samples
@@ -161,7 +162,7 @@ def sample_reward_variance(rewards, *, ddof=1, where=None):
     return jnp.sum(squares, axis=-1) / (count - ddof)
 
 
-def kl(logits_p, logits_q, *, where=None):
+def kl(logits_p: ArrayLike, logits_q: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
     """Exact ``KL(p || q) = sum_y p(y) (log p(y) - log q(y))`` over the last axis.
 
     ``p = softmax(logits_p)``, ``q = softmax(logits_q)``; ``where`` restricts both supports.
@@ -190,7 +191,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 """The per-sample KL estimators of :func:`kl_estimate`, chosen everywhere by ``kl_estimator=``."""
 
 
-def kl_estimate(logp, ref_logp, *, kl_estimator="k1"):
+def kl_estimate(logp: ArrayLike, ref_logp: ArrayLike, *, kl_estimator: str = "k1") -> jax.Array:
     """Per-sample estimators of ``KL(pi || pi_ref)`` from log-probs of samples ``y ~ pi``.
 
     With ``log_ratio = ref_logp - logp`` (log of ``pi_ref / pi`` at the sample):
@@ -217,7 +218,13 @@ def kl_estimate(logp, ref_logp, *, kl_estimator="k1"):
     return jnp.expm1(log_ratio) - log_ratio
 
 
-def accuracy(rm_rewards, gt_rewards, *, probs=None, where=None):
+def accuracy(
+    rm_rewards: ArrayLike,
+    gt_rewards: ArrayLike,
+    *,
+    probs: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Pairwise accuracy of a reward model against the ground truth, over the last axis.
 
     ``acc = sum_{i<j} w_i w_j 1[sign(rm_i - rm_j) == sign(gt_i - gt_j)] / sum_{i<j} w_i w_j``
@@ -353,7 +360,14 @@ def _sorted_agreement_row(rm, gt, weights):
     return concordant + tied_both, total
 
 
-def best_of_n_reward(logits, rm_rewards, gt_rewards, n, *, where=None):
+def best_of_n_reward(
+    logits: ArrayLike,
+    rm_rewards: ArrayLike,
+    gt_rewards: ArrayLike,
+    n: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Exact expected ground-truth reward of Best-of-N sampling, over the last axis.
 
     Draw ``N`` outputs i.i.d. from ``p = softmax(logits)`` and keep one with the highest
@@ -416,7 +430,7 @@ def _group_end_values(cum, last_of_group):
     return jax.lax.cummin(at_end, axis=cum.ndim - 1, reverse=True)
 
 
-def pearson(x, y, *, axis=-1):
+def pearson(x: ArrayLike, y: ArrayLike, *, axis: int = -1) -> jax.Array:
     """Pearson correlation of ``x`` and ``y`` along ``axis``.
 
     >>> import jax.numpy as jnp
@@ -430,7 +444,7 @@ def pearson(x, y, *, axis=-1):
     return jnp.sum(x * y, axis=axis) / jnp.sqrt(jnp.sum(x * x, axis=axis) * jnp.sum(y * y, axis=axis))
 
 
-def spearman(x, y, *, axis=-1):
+def spearman(x: ArrayLike, y: ArrayLike, *, axis: int = -1) -> jax.Array:
     """Spearman rank correlation along ``axis``: Pearson of the ranks, ties given their average rank.
 
     Ranks come from all pairwise comparisons (``n x n`` memory): meant for comparing tens to

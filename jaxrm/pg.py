@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
 from jaxrm.metrics import kl_estimate
@@ -34,7 +35,7 @@ def _check_group(rewards, minimum: int, what: str):
     check_finite("rewards", rewards)
 
 
-def reinforce_advantages(rewards, *, baseline=0.0):
+def reinforce_advantages(rewards: ArrayLike, *, baseline: ArrayLike = 0.0) -> jax.Array:
     """``A = r - b``: REINFORCE, with a baseline ``b`` (a scalar or an array broadcasting to ``rewards``).
 
     A baseline that does not depend on the sample keeps the gradient estimate unbiased.
@@ -46,7 +47,7 @@ def reinforce_advantages(rewards, *, baseline=0.0):
     return jax.lax.stop_gradient(jnp.asarray(rewards) - baseline)
 
 
-def rloo_advantages(rewards):
+def rloo_advantages(rewards: ArrayLike) -> jax.Array:
     """Leave-one-out: ``A_i = r_i - mean_{j != i} r_j = k / (k - 1) (r_i - mean_j r_j)`` over the last axis.
 
     Each sample's baseline uses only the other samples of its prompt, so the estimate stays
@@ -61,7 +62,7 @@ def rloo_advantages(rewards):
     return jax.lax.stop_gradient(k / (k - 1) * (rewards - jnp.mean(rewards, axis=-1, keepdims=True)))
 
 
-def grpo_advantages(rewards, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4):
+def grpo_advantages(rewards: ArrayLike, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4) -> jax.Array:
     """GRPO group advantages ``(r_i - mean_j r_j) / (std_j r_j + eps)`` over the last axis.
 
     ``ddof=1`` (default) is torch's ``std``, as in TRL's GRPO; ``scale=False`` gives Dr. GRPO
@@ -78,7 +79,7 @@ def grpo_advantages(rewards, *, scale: bool = True, ddof: int = 1, eps: float = 
     return jax.lax.stop_gradient(centered)
 
 
-def dr_grpo_advantages(rewards):
+def dr_grpo_advantages(rewards: ArrayLike) -> jax.Array:
     """Dr. GRPO: ``r_i - mean_j r_j`` (GRPO without the standard-deviation scaling)."""
     return grpo_advantages(rewards, scale=False)
 
@@ -97,17 +98,26 @@ def _masked_sum(values, mask):
     return jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
 
 
-def kl_per_token(logp, ref_logp, mask, *, kl_estimator: str = "k1"):
+def kl_per_token(logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike, *, kl_estimator: str = "k1") -> jax.Array:
     """Per-token KL estimates (``k1``/``k2``/``k3`` of :func:`jaxrm.metrics.kl_estimate`), 0 off ``mask``."""
     check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
     return jnp.where(mask, kl_estimate(logp, ref_logp, kl_estimator=kl_estimator), 0.0)
 
 
-def kl_penalized_rewards(rewards, logp, ref_logp, mask, *, kl_coef: float, kl_estimator: str = "k1"):
+def kl_penalized_rewards(
+    rewards: ArrayLike,
+    logp: ArrayLike,
+    ref_logp: ArrayLike,
+    mask: ArrayLike,
+    *,
+    kl_coef: ArrayLike,
+    kl_estimator: str = "k1",
+) -> jax.Array:
     """``r - kl_coef * sum_t KL_t``: the KL folded into the sequence reward (RLOO,
     docs/theory.md#official-rloo-and-grpo-semantics).
 
-    ``rewards`` is ``[...]`` and the per-token arrays ``[..., time]``; the result carries no gradient.
+    ``rewards`` is ``[...]`` and the per-token arrays ``[..., time]``; ``kl_coef`` (``>= 0``) is a
+    scalar or an array broadcasting to ``rewards``. The result carries no gradient.
 
     >>> r = kl_penalized_rewards(jnp.array([1.0]), jnp.array([[-1.0, -2.0]]), jnp.array([[-1.5, -2.5]]),
     ...                          jnp.array([[True, True]]), kl_coef=0.1)
@@ -120,7 +130,7 @@ def kl_penalized_rewards(rewards, logp, ref_logp, mask, *, kl_coef: float, kl_es
     return jax.lax.stop_gradient(jnp.asarray(rewards) - kl_coef * penalty)
 
 
-def aggregate(per_token, mask, *, mode: str = "token-mean"):
+def aggregate(per_token: ArrayLike, mask: ArrayLike, *, mode: str = "token-mean") -> jax.Array:
     """Reduce a ``[..., time]`` per-token loss to a scalar.
 
     - ``token-mean``: sum over every response token / number of response tokens (long responses
@@ -143,7 +153,9 @@ def aggregate(per_token, mask, *, mode: str = "token-mean"):
     return jnp.mean(sums)
 
 
-def reinforce_loss(logp, advantages, mask, *, aggregation: str = "sequence-sum"):
+def reinforce_loss(
+    logp: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *, aggregation: str = "sequence-sum"
+) -> jax.Array:
     """``-A * log pi(y_t | ...)`` per token, aggregated: the score-function surrogate.
 
     ``logp`` and ``mask`` are ``[..., time]`` and ``advantages`` ``[...]`` (one per sequence).
@@ -155,15 +167,15 @@ def reinforce_loss(logp, advantages, mask, *, aggregation: str = "sequence-sum")
 
 
 def clipped_surrogate_loss(
-    logp,
-    old_logp,
-    advantages,
-    mask,
+    logp: ArrayLike,
+    old_logp: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
     *,
     clip_eps: float = 0.2,
     ratio_level: str = "token",
     aggregation: str = "token-mean",
-):
+) -> tuple[jax.Array, jax.Array]:
     """PPO's clipped surrogate ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A)``; returns ``(loss, clip_fraction)``.
 
     ``ratio_level="token"``: ``rho_t = pi(y_t) / pi_old(y_t)`` per token (PPO, GRPO), aggregated by
@@ -194,7 +206,7 @@ def clipped_surrogate_loss(
     return loss, jnp.sum(was_clipped) / count
 
 
-def entropy_per_token(logits, mask):
+def entropy_per_token(logits: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Entropy ``-sum_v p_v log p_v`` of each position's next-token distribution, 0 off ``mask``.
 
     ``logits`` is ``[..., time, vocab]`` and ``mask`` ``[..., time]``.
@@ -204,7 +216,7 @@ def entropy_per_token(logits, mask):
     return jnp.where(mask, entropy, 0.0)
 
 
-def reward_statistics(rewards, *, ddof: int = 0):
+def reward_statistics(rewards: ArrayLike, *, ddof: int = 0) -> tuple[jax.Array, jax.Array]:
     """``(mean, std)`` over every sample, ``std`` with ``ddof`` (0: numpy; 1: torch and the
     official RLOO), measured once on the initial policy
     (docs/theory.md#experiments-of-razin-et-al).
@@ -220,8 +232,14 @@ def reward_statistics(rewards, *, ddof: int = 0):
 
 
 def normalize_sampled_rewards(
-    rewards, mean, std, *, normalization: str = "std", eps: float = 1e-8, clip: float | None = None
-):
+    rewards: ArrayLike,
+    mean: ArrayLike,
+    std: ArrayLike,
+    *,
+    normalization: str = "std",
+    eps: float = 1e-8,
+    clip: float | None = None,
+) -> jax.Array:
     """Shift and scale sampled rewards by fixed statistics, optionally clipped to ``[-clip, clip]``.
 
     - ``normalization="std"``: ``(r - mean) / (std + eps)``;
@@ -242,7 +260,7 @@ def normalize_sampled_rewards(
     return normalized if clip is None else jnp.clip(normalized, -clip, clip)
 
 
-def scale_per_group(rewards, *, ddof: int = 1, eps: float = 1e-8):
+def scale_per_group(rewards: ArrayLike, *, ddof: int = 1, eps: float = 1e-8) -> jax.Array:
     """Divide each prompt's rewards by their own standard deviation over the last (``k``) axis."""
     _check_group(rewards, 2, "scale_per_group")
     rewards = jnp.asarray(rewards)

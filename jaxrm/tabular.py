@@ -290,8 +290,14 @@ def _softmax_vjp(logits, cotangent, *, centered):
     return cotangent - probs * jnp.sum(cotangent, axis=-1, keepdims=True)
 
 
-def kl_rewards(log_probs, rewards, ref_log_probs, *, kl_coef=0.0):
-    """``r_KL = r - lam (log pi - log pi_ref)``: the reward whose expectation is the objective."""
+def kl_rewards(
+    log_probs: ArrayLike, rewards: ArrayLike, ref_log_probs: ArrayLike, *, kl_coef: ArrayLike = 0.0
+) -> jax.Array:
+    """``r_KL = r - lam (log pi - log pi_ref)``: the reward whose expectation is the objective.
+
+    Elementwise with broadcasting; ``kl_coef`` (``lam >= 0``) is a scalar or an array
+    broadcasting against the others (e.g. ``[problems, 1, 1]`` against ``[problems, S, Y]``).
+    """
     return rewards - kl_coef * (log_probs - ref_log_probs)
 
 
@@ -300,7 +306,9 @@ def _per_prompt_objective(log_probs, rewards, ref_log_probs, kl_coef):
     return jnp.sum(probs * kl_rewards(log_probs, rewards, ref_log_probs, kl_coef=kl_coef), axis=-1)
 
 
-def objective(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
+def objective(
+    policy: ExactPolicy, logits: Logits, rewards: ArrayLike, ref_log_probs: ArrayLike, *, kl_coef: ArrayLike = 0.0
+) -> jax.Array:
     """``phi(theta) = mean_x (E_pi r(x, .) - lam KL(pi(.|x) || pi_ref(.|x)))``.
 
     Args:
@@ -308,7 +316,11 @@ def objective(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
       logits: its parameters, prompt axis leading.
       rewards: ``[S, Y]`` rewards of every output.
       ref_log_probs: ``[S, Y]`` log-probs of the reference policy.
-      kl_coef: ``lam >= 0``.
+      kl_coef: ``lam >= 0``, a scalar or an array broadcasting against ``[S, 1]`` (per prompt) or
+        ``[..., 1, 1]`` (per problem of a leading batch).
+
+    Returns:
+      ``phi``, the mean over the prompt axis (``[...]`` for leading batch axes).
 
     >>> import jax.numpy as jnp
     >>> policy = TabularPolicy(2)
@@ -320,12 +332,16 @@ def objective(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
     return jnp.mean(_per_prompt_objective(log_probs, rewards, ref_log_probs, kl_coef), axis=-1)
 
 
-def prompt_gradient(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
+def prompt_gradient(
+    policy: ExactPolicy, logits: Logits, rewards: ArrayLike, ref_log_probs: ArrayLike, *, kl_coef: ArrayLike = 0.0
+) -> Logits:
     """Exact gradient of each prompt's own objective ``phi_x`` (no ``1/|S|`` factor).
 
     Score-function form ``grad phi_x = sum_y pi(y) (r_KL(y) - phi_x) grad log pi(y)`` (the
     ``-lam grad log pi`` term has mean zero); for a tabular policy this is Lemma 7:
-    ``pi * (r_KL - E_pi r_KL)``. Works on logits with or without a prompt axis.
+    ``pi * (r_KL - E_pi r_KL)``. Works on logits with or without a prompt axis. Arguments as in
+    :func:`objective`; returns a gradient shaped like ``logits`` (a tuple of arrays for
+    :class:`AutoregressiveTabularPolicy`).
     """
     log_probs, probs = policy.log_probs_and_probs(logits)
     reward = kl_rewards(log_probs, rewards, ref_log_probs, kl_coef=kl_coef)
@@ -333,8 +349,12 @@ def prompt_gradient(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
     return policy.log_prob_vjp(logits, probs * (reward - baseline), centered=True)
 
 
-def objective_grad(policy, logits, rewards, ref_log_probs, *, kl_coef=0.0):
+def objective_grad(
+    policy: ExactPolicy, logits: Logits, rewards: ArrayLike, ref_log_probs: ArrayLike, *, kl_coef: ArrayLike = 0.0
+) -> Logits:
     """Exact ``grad phi(theta)`` in closed form: each prompt's gradient divided by ``|S|``.
+
+    Arguments as in :func:`objective`; the result is shaped like ``logits``.
 
     Equals ``jax.grad(objective)`` (tested to 1e-10 in float64) at a fraction of the cost.
 

@@ -2,6 +2,8 @@
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +26,31 @@ def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0
+
+
+ROOT = Path(__file__).parents[1]
+CITATION = re.compile(r"docs/(theory|design)\.md#([\w-]+)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+\s+(.+)$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def _repository_texts():
+    for pattern in ("jaxrm/**/*.py", "theory/*.py", "experiments/**/*.py", "tests/*.py", "*.md", "docs/*.md"):
+        yield from ROOT.glob(pattern)
+
+
+def test_citations_point_into_the_repositorys_own_docs():
+    anchors = {name: _anchors(ROOT / "docs" / f"{name}.md") for name in ("theory", "design")}
+    cited = 0
+    for path in _repository_texts():
+        text = path.read_text()
+        if path.name != "test_docs.py":
+            assert not re.search(r"\b(THEORY|DESIGN)\.md", text), f"{path} cites a file outside the repository"
+        for name, anchor in CITATION.findall(text):
+            assert anchor in anchors[name], f"{path} cites docs/{name}.md#{anchor}, which has no such heading"
+            cited += 1
+    assert cited > 20

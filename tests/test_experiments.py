@@ -5,6 +5,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_checkpoint import save_tiny_gpt_neox
 
 from experiments import paradox, teacher
 from experiments.tasks import TopicTask
@@ -76,18 +77,7 @@ def test_checkpoint_steps_are_spread_and_end_at_the_total():
 
 
 def test_a_local_pythia_style_checkpoint_is_the_starting_policy(tmp_path):
-    import transformers
-
-    checkpoint = tmp_path / "pythia-like"
-    hf = transformers.GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    transformers.GPTNeoXForCausalLM(hf).save_pretrained(checkpoint)
+    checkpoint = save_tiny_gpt_neox(tmp_path / "pythia-like", vocab_size=64)
     config = config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={checkpoint}"])
     (student, _) = teacher.train_students(config, TopicTask(), tmp_path / "run", log=lambda line: None)
     assert student.config.vocab_size == 64 and student.config.hidden_size == 32

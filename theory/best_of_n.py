@@ -4,7 +4,8 @@ For random policies over several prompts, reward models on a grid of within-prom
 (which lowers accuracy) and per-prompt offsets (which leave accuracy at its value but, after
 normalization, move variance from within prompts to between them), plus the perfectly accurate
 but low-variance model of the paper (``r_G`` times 0.001 on half the prompts), are each
-normalized by one global mean and standard deviation under the initial policy (THEORY.md §4).
+normalized by one global mean and standard deviation under the initial policy
+(docs/theory.md#experiments-of-razin-et-al).
 For each:
 
 - the exact expected ground-truth reward of Best-of-N for ``N = 1..64``
@@ -43,6 +44,31 @@ NAME = "best_of_n"
 
 @dataclasses.dataclass(frozen=True)
 class BestOfNConfig(StudyConfig):
+    """Sizes and grids of the Best-of-N study (docs/theory.md#proposition-1-best-of-n); the
+    reward models are described in the module docstring. Fields with a range are checked on
+    construction.
+
+    Attributes:
+      seed: seed of the random policies, ground truths and reward-model noise.
+      problems: independent problems (an int >= 2), each with its own policy and ``r_G``.
+      prompts: ``|S|``, prompts per problem (an int >= 2); the first ``prompts // 2`` get the
+        ``low_variance_scale`` in the perfectly accurate, low-variance model.
+      num_outputs: ``|Y|`` (an int >= 2).
+      noise: standard deviations (>= 0) of the Gaussian within-prompt noise added to ``r_G``,
+        which lowers accuracy; must contain 0.
+      offsets: standard deviations (>= 0) of a Gaussian offset per prompt added to ``r_G``,
+        which leaves accuracy unchanged; must contain 0 (noise 0 with offset 0 is the perfect
+        model).
+      max_n: Best-of-N is evaluated exactly for ``N = 1 .. max_n`` (an int >= 2).
+      ranking_n: the ``N`` whose Best-of-N gain ranks the models in the summary
+        (``1 <= ranking_n <= max_n``).
+      low_variance_scale: factor on ``r_G`` on half the prompts in the perfectly accurate,
+        low-variance model (the paper's 0.001).
+      pg_time: flow time (> 0) at which the policy-gradient gain is measured.
+      tolerance: absolute slack: a model counts as beating the perfect one (a violation of
+        Proposition 1) only when its Best-of-N reward exceeds it by more than this.
+    """
+
     seed: int = 0
     problems: int = checked(64, int_at_least(2))
     prompts: int = checked(

@@ -2,7 +2,7 @@
 
 Many prompts with a ground truth ``r_G`` that a linear reward model over fixed features cannot
 represent exactly. Reward models are fitted by Bradley-Terry (with the centering term of
-THEORY.md §4) on finite preference data: pairs drawn on-policy from the initial policy or
+docs/theory.md#experiments-of-razin-et-al) on finite preference data: pairs drawn on-policy from the initial policy or
 off-policy from another one, in several mixes as in Razin et al., labelled with Bradley-Terry
 noise. Every run keeps checkpoints along training, as in Chen et al.; all runs train in one
 ``vmap``-ed ``lax.scan``. For each checkpoint (a reward model):
@@ -52,6 +52,36 @@ PAPER_TABLE2 = {
 
 @dataclasses.dataclass(frozen=True)
 class ParadoxConfig(StudyConfig):
+    """Sizes, data and training settings of the exact accuracy-paradox study
+    (docs/theory.md#the-accuracy-paradox-of-chen-et-al); the setting is described in the module
+    docstring. Fields with a range are checked on construction.
+
+    Attributes:
+      seed: seed of the world (features, ``r_G``, policies); ``seed + 1`` draws the preference
+        data, and the reward models' initialisations come from ``jax.random.key(seed)``.
+      prompts: ``|S|`` (an int >= 1).
+      num_outputs: ``|Y|`` (an int >= 3).
+      features: ``d``, the dimension of the shared reward features ``phi(x, y)`` (an int >= 1).
+      misspecification: standard deviation (>= 0) of the part of ``r_G``'s score outside the
+        features' span: ``r_G = tanh(phi . w* + misspecification * N(0, 1))``; 0 makes ``r_G``
+        representable up to the ``tanh``.
+      on_policy_shares: one set of runs per share in ``[0, 1]``: the probability that a pair is
+        drawn from the initial policy rather than from the off-policy distribution.
+      dataset_sizes: preference pairs per run (ints >= 2); pairs of two equal outputs carry no
+        weight.
+      seeds: runs per (share, size), each with its own data and initialisation (an int >= 1).
+      label_sharpness: ``beta > 0`` of the Bradley-Terry labels: the first output wins with
+        probability ``sigmoid(beta (r_G(y1) - r_G(y2)))``.
+      learning_rate: Adam learning rate of reward-model training.
+      centering: coefficient of the centering term ``(r_c + r_r)^2`` in the training loss.
+      init_scale: standard deviation (>= 0) of the initial free score ``b[x, y]`` of each
+        output (the feature weights start at ``0.1 * N(0, 1)``).
+      checkpoints: increasing optimizer-step counts (>= 0) at which each run's reward model is
+        kept; the last one is the number of training steps (:attr:`steps`).
+      pg_time: flow time (> 0) at which the proxy and ground-truth gains and the KL are
+        measured.
+    """
+
     seed: int = 0
     prompts: int = checked(32, POSITIVE_INT)
     num_outputs: int = checked(16, int_at_least(3))

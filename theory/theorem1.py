@@ -3,7 +3,7 @@
 For every instance (one prompt of one problem) the gradient flow is integrated exactly and
 ``t_gamma`` located for the ground-truth reward and for the proxy itself; each is compared
 with Theorem 4's bound, Proposition 3 (tabular) and this project's sharper Proposition A
-(THEORY.md §3b). Per family, the log-log slope of the ground-truth ``t_gamma`` against the
+(docs/theory.md#proposition-a). Per family, the log-log slope of the ground-truth ``t_gamma`` against the
 initial reward variance is fitted with a bootstrap interval; gradient norms are compared with
 Proposition 2 and with the Cauchy-Schwarz bound ``sqrt(2) L J sqrt(Var)``.
 
@@ -56,6 +56,39 @@ NAME = "theorem1"
 
 @dataclasses.dataclass(frozen=True)
 class Theorem1Config(StudyConfig):
+    """Sizes, grids and solver settings of the Theorem 1 / 4 study (docs/theory.md#theorem-4);
+    the families are described in the module docstring. Fields with a range are checked on
+    construction.
+
+    Attributes:
+      seed: seed of the ``jax.random`` key that draws every family, and of the bootstrap.
+      num_outputs: ``|Y|`` of the tabular families (an int >= 2).
+      scaled_problems: base problems (one prompt each) of the ``scaled`` family, each run at
+        every ``eps`` (an int >= 1).
+      scaled_eps: number of ``eps`` values of the ``scaled`` family (an int >= 3), log-spaced
+        from ``10^-decades`` to 1.
+      scaled_gamma: the ground-truth gain timed in the ``scaled`` family, in ``(0, 0.5)``;
+        instances whose teacher offers no more than this in the limit get no ground-truth time.
+      random_problems: problems of the ``random`` family (an int >= 1).
+      random_prompts: ``|S|``, prompts per problem of the ``random`` family (an int >= 1).
+      kl_problems: problems (one prompt each) of every ``kl_<lam>`` family (an int >= 1).
+      kl_coefs: one ``kl_<lam>`` family per value of ``lam`` (a non-empty tuple of values > 0).
+      autoregressive_problems: problems (one prompt each) of every autoregressive family (an
+        int >= 1).
+      vocab_size: ``V`` of the autoregressive-tabular families (an int >= 2).
+      lengths: one ``autoregressive_L<L>`` family per output length ``L`` (a tuple of ints >= 1).
+      decades: the proxies' scale ``eps`` or ``s`` spans ``10^-decades .. 1``, so the variance
+        spans twice as many decades (>= 3).
+      gain_fraction: where ``gamma`` is not fixed, this share of the gain the teacher makes
+        available in the limit (in ``(0, 1)``).
+      rtol: relative tolerance of the adaptive ODE solver (> 0).
+      atol: absolute tolerance of the adaptive ODE solver (> 0).
+      t_max: flow time (> 0) after which a gain counts as not reached.
+      violation_tolerance: relative slack in ``[0, 0.1)``: a finite ``t_gamma`` violates a lower
+        bound only when it is below ``(1 - violation_tolerance) * bound``.
+      bootstrap: bootstrap resamples of every slope's 95% interval (an int >= 100).
+    """
+
     seed: int = 0
     num_outputs: int = checked(16, int_at_least(2))
     scaled_problems: int = checked(64, POSITIVE_INT)

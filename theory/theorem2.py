@@ -42,6 +42,27 @@ NAME = "theorem2"
 
 @dataclasses.dataclass(frozen=True)
 class Theorem2Config(StudyConfig):
+    """Sizes, grids and solver settings of the Theorem 2 / 5 study
+    (docs/theory.md#theorems-2-and-5); the teachers are described in the module docstring.
+    Fields with a range are checked on construction.
+
+    Attributes:
+      seed: seed of the random policies, ground truths, gains and order shuffles.
+      problems: random one-prompt problems (initial policy and ground truth), an int >= 1.
+      num_outputs: ``|Y|`` (an int >= 3).
+      horizons: the values of ``T`` of the slow teachers, whose values lie in ``(0, 1/T)`` (a
+        tuple of at least two values >= 1).
+      shuffled: fractions in ``[0, 1]`` of each teacher's order that is randomly permuted
+        (Theorem 5's intermediate accuracies); 0 gives Theorem 2's own teachers (accuracy 1 and
+        ``2/|Y|``), which the summary tables read, so it belongs in the tuple.
+      rtol: relative tolerance of the adaptive ODE solver.
+      atol: absolute tolerance of the adaptive ODE solver.
+      t_max: flow time after which a gain counts as not reached (``t_gamma = inf``).
+      tolerance: relative slack in ``[0, 0.1)``: a slow teacher violates its lower bound when
+        ``t_gamma < (1 - tolerance) * bound``, a fast one its upper bound unless
+        ``t_gamma <= (1 + tolerance) * bound`` (an infinite time violates it).
+    """
+
     seed: int = 0
     problems: int = checked(128, POSITIVE_INT)
     num_outputs: int = checked(12, int_at_least(3))

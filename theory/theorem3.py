@@ -39,6 +39,25 @@ TEACHERS = ("r_RM", "r'_RM")
 
 @dataclasses.dataclass(frozen=True)
 class Theorem3Config(StudyConfig):
+    """Sizes, grids and solver settings of the Theorem 3 / 6 study
+    (docs/theory.md#theorems-3-and-6); the families ``Pi``, ``Pi'`` and the two teachers are
+    described in the module docstring. Fields with a range are checked on construction.
+
+    Attributes:
+      seed: seed of the random ground truths, initial policies and gains.
+      problems: random one-prompt problems (an int >= 1), each measured in every cell.
+      num_outputs: ``|Y|`` (an int >= 3).
+      horizons: the values of ``T`` (a non-empty tuple of values > 1); the neglected good output
+        gets initial mass ``T^-2``.
+      good_mass: ``c``, the initial mass of the favoured good output, in ``(0, 0.9)``.
+      rtol: relative tolerance of the adaptive ODE solver.
+      atol: absolute tolerance of the adaptive ODE solver.
+      t_max: flow time after which a gain counts as not reached (``t_gamma = inf``).
+      tolerance: relative slack in ``[0, 0.1)``: the fast teacher violates its upper bound
+        unless ``t_gamma <= (1 + tolerance) * bound`` (an infinite time violates it), the slow
+        one its lower bound when ``t_gamma < (1 - tolerance) * bound``.
+    """
+
     seed: int = 0
     problems: int = checked(64, POSITIVE_INT)
     num_outputs: int = checked(12, int_at_least(3))

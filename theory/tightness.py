@@ -2,7 +2,7 @@
 
 Razin et al. prove ``t_gamma = Omega(Var^(-1/3))`` for general autoregressive policies and
 ``Omega(Var^(-1/2))`` for tabular ones, without saying whether ``-1/3`` is attained; this
-project's Proposition A (THEORY.md §3b) claims ``-1/2`` for all. For four policy classes -
+project's Proposition A (docs/theory.md#proposition-a) claims ``-1/2`` for all. For four policy classes -
 tabular, autoregressive tabular with ``L = 2`` and ``L = 3``, and a log-linear policy with shared
 features (``J = ||Phi||_2``) - an evolution strategy searches, over initial logits, the reward
 model's direction, the timed reward ``r`` in ``[-1, 1]`` and ``lam``, for the smallest
@@ -49,6 +49,30 @@ NAME = "tightness"
 
 @dataclasses.dataclass(frozen=True)
 class TightnessConfig(StudyConfig):
+    """Search and solver settings of the tightness atlas; the search is described in the module
+    docstring. Fields with a range are checked on construction.
+
+    Attributes:
+      seed: seed of the evolution strategy, the bootstrap and the log-linear class's features.
+      population: candidates per generation (an int >= 4), each evaluated at every variance
+        level.
+      generations: generations of the evolution strategy (an int >= 1).
+      elite: best candidates kept each generation (an int >= 1, below ``population``); the
+        rest of the next generation are mutated copies of them.
+      step_size: initial standard deviation of the Gaussian mutations of the search vectors,
+        multiplied by 0.85 after every generation.
+      log10_variances: the variance levels ``Var[r_RM] = 10^x`` under the initial policy (at
+        least 3); a candidate whose scaled reward model leaves ``[-1, 1]`` is infeasible there.
+      gamma: the gain of the timed reward, fixed for every instance, in ``(0, 1)``.
+      max_kl_coef: scale of the searched KL coefficient: ``lam = max(z, 0) * max_kl_coef`` for
+        the candidate's last coordinate ``z`` (0 forces ``lam = 0``).
+      bootstrap: bootstrap resamples of the 95% interval of each envelope slope.
+      t_max: flow time after which a gain counts as not reached; far beyond the fastest times,
+        which are all the atlas keeps.
+      rtol: relative tolerance of the adaptive ODE solver.
+      atol: absolute tolerance of the adaptive ODE solver.
+    """
+
     seed: int = 0
     population: int = checked(48, int_at_least(4))
     generations: int = checked(8, POSITIVE_INT)
@@ -58,7 +82,7 @@ class TightnessConfig(StudyConfig):
     gamma: float = checked(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
     max_kl_coef: float = 0.5
     bootstrap: int = 500
-    t_max: float = 1e9  # far beyond the fastest times, which are all the atlas keeps
+    t_max: float = 1e9
     rtol: float = 1e-8
     atol: float = 1e-10
 

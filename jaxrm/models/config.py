@@ -19,7 +19,37 @@ class TransformerConfig:
     embeddings (Pythia: 0.25); ``parallel_residual`` adds attention and MLP outputs to the same
     residual, ``x + attn(ln1(x)) + mlp(ln2(x))`` (Pythia), instead of applying them in turn.
     ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype; attention logits and
-    softmax always run in float32.
+    softmax always run in float32. Every field is checked on construction.
+
+    Attributes:
+      vocab_size: number of token ids (rows of the input embedding, columns of the LM head);
+        a positive int (the Pythia presets: 50304).
+      hidden_size: ``d``, width of the residual stream; a positive int divisible by
+        ``num_heads``.
+      num_layers: number of transformer blocks; a positive int.
+      num_heads: attention heads per block; a positive int dividing ``hidden_size``, each head
+        of ``head_dim = hidden_size // num_heads`` dimensions.
+      intermediate_size: width of the MLP's hidden layer (Pythia: ``4 * hidden_size``); a
+        positive int.
+      rotary_pct: fraction in ``[0, 1]`` of each head's dimensions rotated by the rotary
+        embedding; ``rotary_dim = int(head_dim * rotary_pct)`` must be even (0 turns rotary
+        embeddings off). Default 0.25 (Pythia).
+      rotary_base: base ``b > 0`` of the rotary frequencies ``b^(-2i / rotary_dim)``; default
+        10000.
+      max_position: context length of the checkpoint (Hugging Face
+        ``max_position_embeddings``), a positive int; recorded and checked only, since rotary
+        embeddings are computed for any position and nothing here truncates longer inputs.
+      layer_norm_eps: epsilon (> 0) added to the variance in every LayerNorm; default 1e-5.
+      parallel_residual: True for ``x + attn(ln1(x)) + mlp(ln2(x))`` (Pythia), False for the
+        sequential ``x = x + attn(ln1(x)); x + mlp(ln2(x))``.
+      attention_bias: whether the attention's query/key/value and output projections have
+        biases (the MLP projections always do).
+      activation: the MLP nonlinearity, one of ``ACTIVATIONS``: ``gelu`` (exact erf form),
+        ``gelu_new``, ``gelu_fast`` and ``gelu_pytorch_tanh`` (all the tanh approximation), or
+        ``relu``.
+      dtype: compute dtype of activations and matmuls, one of ``DTYPES`` (``float32``,
+        ``bfloat16``, ``float16``, ``float64``).
+      param_dtype: storage dtype of the parameters, one of ``DTYPES``.
     """
 
     vocab_size: int

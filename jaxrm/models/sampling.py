@@ -30,6 +30,20 @@ class SamplingOptions:
 
     ``temperature=0`` is greedy decoding; its log-probs are then those of the unscaled softmax
     (after the top-k/top-p filters). ``top_k=0`` and ``top_p=1`` switch the filters off.
+    Checked on construction; hashable, so one compiled sampler serves each distinct value.
+
+    Attributes:
+      max_new_tokens: most tokens generated per row (a positive int); the width of every
+        :class:`Samples` array. Generation stops earlier once every row has emitted ``eos_id``.
+      temperature: ``>= 0``; logits are divided by it before the filters and the softmax. 0 is
+        greedy decoding (argmax of the filtered logits). Default 1 (plain sampling).
+      top_k: keep only the ``top_k`` largest logits (ties at the cut-off kept); an int
+        ``>= 0``, with 0 (default) or any value ``>= vocab`` meaning off.
+      top_p: nucleus threshold in ``(0, 1]``: after ``top_k``, keep the smallest set of most
+        likely tokens whose probabilities sum to at least ``top_p``; 1 (default) is off.
+      eos_id: token id that ends a row (the EOS itself is kept and masked in); None (default):
+        every row runs for ``max_new_tokens``.
+      pad_id: token id written after a row has ended (default 0).
     """
 
     max_new_tokens: int
@@ -56,6 +70,13 @@ class Samples:
 
     ``mask`` is True for generated tokens up to and including EOS; ``tokens`` hold ``pad_id`` and
     ``log_probs`` hold 0 where it is False.
+
+    Attributes:
+      tokens: int32 token ids of the continuations; ``pad_id`` after a row's EOS.
+      log_probs: float32 log-probability of each drawn token under the distribution it was drawn
+        from, ``log_softmax(filter_logits(logits, temperature, top_k, top_p))`` (see
+        :class:`SamplingOptions`); 0 where ``mask`` is False.
+      mask: bool, True on generated tokens up to and including the row's EOS, False after it.
     """
 
     tokens: jax.Array

@@ -1,7 +1,7 @@
 """Bradley-Terry reward-model training on preference pairs.
 
-The loss (THEORY.md §4, as TRL's ``center_rewards_coefficient``) for rewards ``r_c`` of chosen
-and ``r_r`` of rejected responses is
+The loss (docs/theory.md#experiments-of-razin-et-al, as TRL's ``center_rewards_coefficient``)
+for rewards ``r_c`` of chosen and ``r_r`` of rejected responses is
 
     L = mean(-log sigmoid(r_c - r_r)) + centering * mean((r_c + r_r)^2),
 
@@ -55,7 +55,17 @@ class PreferencePairs:
     """``n`` preference pairs: a left-padded prompt and two right-padded responses each.
 
     Arrays: ``prompt``/``prompt_mask`` ``[n, P]``, ``chosen``/``chosen_mask`` and
-    ``rejected``/``rejected_mask`` ``[n, R]``. Build from token lists with :meth:`from_lists`.
+    ``rejected``/``rejected_mask`` ``[n, R]``. Build from token lists with :meth:`from_lists`
+    (int32 ids and bool masks, both responses padded to one width ``R``); a pytree, so it can be
+    indexed and moved with ``jax.tree.map``.
+
+    Attributes:
+      prompt: ``[n, P]`` token ids of the prompts, left-padded (padding first).
+      prompt_mask: ``[n, P]`` True (or 1) on the prompts' real tokens, False on padding.
+      chosen: ``[n, R]`` token ids of the preferred responses, right-padded (padding last).
+      chosen_mask: ``[n, R]`` True on the preferred responses' real tokens.
+      rejected: ``[n, R]`` token ids of the dispreferred responses, right-padded.
+      rejected_mask: ``[n, R]`` True on the dispreferred responses' real tokens.
     """
 
     prompt: jax.Array
@@ -115,7 +125,26 @@ def pair_rewards(model: RewardModel, pairs: PreferencePairs):
 
 @dataclasses.dataclass(frozen=True)
 class RewardTrainConfig:
-    """Bradley-Terry training hyperparameters (defaults: THEORY.md §4 except the learning rate)."""
+    """Bradley-Terry training hyperparameters, checked on construction (defaults: those of the
+    reward models of docs/theory.md#experiments-of-razin-et-al, one epoch, batch 32, centering
+    0.01, except the learning rate).
+
+    The optimizer is global-norm clipping followed by AdamW (:meth:`optimizer`).
+
+    Attributes:
+      learning_rate: AdamW learning rate (> 0), constant after the warmup; default 1e-5 (the
+        official reward models: 5e-7).
+      batch_size: preference pairs per optimizer step (>= 1); each epoch drops its last
+        incomplete batch.
+      epochs: passes over the pairs (>= 1), each in a fresh random order.
+      centering: coefficient (>= 0) of the centering term ``mean((r_c + r_r)^2)`` added to the
+        Bradley-Terry loss; 0 turns it off.
+      warmup_steps: optimizer steps (>= 0) of a linear warmup of the learning rate from 0; 0
+        (default): no warmup.
+      weight_decay: AdamW's decoupled weight decay (>= 0); default 0.
+      max_grad_norm: the gradient is clipped to this global norm (> 0) before each update.
+      seed: seed of the shuffling of the pairs (the model's initialisation is not drawn here).
+    """
 
     learning_rate: float = 1e-5
     batch_size: int = 32
@@ -192,6 +221,22 @@ def _compiled_pair_rewards(graphdef):
 
 @dataclasses.dataclass
 class RewardTrainResult:
+    """What :func:`train_reward_model` returns.
+
+    Attributes:
+      model: the trained reward model (the object passed in, updated in place).
+      losses: ``[num_steps]`` float32 training loss of every optimizer step (Bradley-Terry plus
+        the centering term) on that step's batch, at the parameters before the update;
+        ``num_steps = epochs * (len(pairs) // batch_size)``.
+      accuracies: ``[num_steps]`` float32 pairwise accuracy (share of ``r_c > r_r``) of each
+        step's batch, at the same parameters.
+      evaluations: one dict per step of ``eval_steps``, in step order: ``step``, and the
+        ``accuracy``, ``loss`` (Bradley-Terry without centering) and mean reward ``margin``
+        ``r_c - r_r`` over ``eval_pairs`` (:func:`evaluate_reward_model`).
+      checkpoints: directories ``checkpoint_dir/step_{step:06d}`` written at ``checkpoint_steps``,
+        in step order.
+    """
+
     model: RewardModel
     losses: np.ndarray
     accuracies: np.ndarray

@@ -30,6 +30,7 @@ the pairs of each prompt's samples, a tie agreeing only with a tie).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import flax.struct
@@ -440,4 +441,10 @@ def measure_reward_statistics(
     for draw in range(samples):
         out = sampler(params, prompts, prompt_mask, jax.random.fold_in(key, draw))
         rewards.append(score(reward_params, prompts, prompt_mask, out.tokens, out.mask))
-    return pg.reward_statistics(jnp.stack(rewards), ddof=config.reward_ddof)
+    mean, std = pg.reward_statistics(jnp.stack(rewards), ddof=config.reward_ddof)
+    if float(std) == 0:
+        warnings.warn(
+            "the teacher gave every sampled response the same reward (std 0): normalised rewards will be "
+            "0 and the policy will not move; is the reward model trained?"
+        )
+    return mean, std

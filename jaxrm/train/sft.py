@@ -35,6 +35,20 @@ def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
+    """Supervised fine-tuning hyperparameters, checked on construction.
+
+    The optimizer is global-norm clipping followed by Adam at a constant learning rate.
+
+    Attributes:
+      learning_rate: Adam learning rate (> 0); default 1e-3.
+      batch_size: demonstrations per optimizer step (>= 1); each epoch drops its last
+        incomplete batch.
+      epochs: passes over the demonstrations (>= 1), each in a fresh random order.
+      max_grad_norm: the gradient is clipped to this global norm (> 0) before each update.
+      seed: seed of the shuffling of the demonstrations (the model's initialisation is not drawn
+        here).
+    """
+
     learning_rate: float = 1e-3
     batch_size: int = 32
     epochs: int = 1
