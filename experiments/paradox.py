@@ -13,7 +13,6 @@ accuracy, training step, and the mean and variance of its rewards under the init
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
 from pathlib import Path
@@ -227,10 +226,17 @@ def report(config, summary) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="cpu (default), ci (a smoke run) or paper (GPU/TPU)")
-    parser.add_argument("--out", type=Path, default=Path("results/paradox"))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    parser = studies.study_parser(
+        ParadoxConfig,
+        prog="python -m experiments.paradox",
+        description=__doc__.split("\n\n")[0],
+        default_out="results/paradox",
+        presets={
+            "cpu": "the default, about 4 min on 2 CPU cores",
+            "ci": "a smoke run for the tests",
+            "paper": "the paper's rates and the official RLOO, from --set policy_checkpoint=DIR (GPU/TPU)",
+        },
+    )
     args = parser.parse_args(argv)
     run(args.out, studies.config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
 

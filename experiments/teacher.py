@@ -23,7 +23,6 @@ seed), ``summary.json``, ``report.md``, ``figures/teacher.png`` and ``checkpoint
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from jaxrm.studies import (
     prepare_run_directory,
     pyplot,
     save_figure,
+    study_parser,
     write_json,
     write_text,
 )
@@ -549,12 +549,17 @@ def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--preset", default="cpu", help="cpu (default, ~10 min on 2 cores), ci (a smoke run) or paper (GPU/TPU)"
+    parser = study_parser(
+        TeacherConfig,
+        prog="python -m experiments.teacher",
+        description=__doc__.split("\n\n")[0],
+        default_out="results/teacher",
+        presets={
+            "cpu": "the default, about 7 min on 2 CPU cores",
+            "ci": "a smoke run for the tests",
+            "paper": "the paper's rates and the official RLOO, from --set policy_checkpoint=DIR (GPU/TPU)",
+        },
     )
-    parser.add_argument("--out", type=Path, default=Path("results/teacher"))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
     args = parser.parse_args(argv)
     run(args.out, config_with_overrides(TeacherConfig.preset(args.preset), args.set))
 

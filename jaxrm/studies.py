@@ -8,12 +8,16 @@ JSON / Markdown / figure output (a killed run never leaves a half-written file).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -186,3 +190,46 @@ def fmt(value, digits=3) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e4:
         return f"{value:.{digits}g}"
     return f"{value:.{digits - 1}e}"
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each field's description from the ``Attributes:`` sections of ``cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        doc = inspect.getdoc(klass) if "__doc__" in vars(klass) else None
+        if not doc or "Attributes:" not in doc:
+            continue
+        section = doc.split("Attributes:", 1)[1]
+        for name, text in re.findall(r"^  (\w+): (.*?)(?=^  \w+: |\Z|^\S)", section, re.M | re.S):
+            docs[name] = " ".join(text.split())
+    return docs
+
+
+def study_parser(config_cls, *, prog: str, description: str, default_out: str, presets: dict[str, str]):
+    """The command line of a study: ``--preset``, ``--out``, ``--set KEY=VALUE``; the help lists
+    every config key with its default (of the first preset) and meaning."""
+    default = config_cls.preset(next(iter(presets)))
+    docs = field_docs(config_cls)
+    keys = "\n".join(
+        textwrap.fill(
+            f"{f.name} (default {getattr(default, f.name)!r}): {docs.get(f.name, '')}",
+            width=100,
+            subsequent_indent="    ",
+        )
+        for f in dataclasses.fields(config_cls)
+    )
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"config keys for --set (defaults of the {next(iter(presets))!r} preset):\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        default=next(iter(presets)),
+        choices=list(presets),
+        help="; ".join(f"{name}: {what}" for name, what in presets.items()),
+    )
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"run directory (default: {default_out})")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (JSON values)")
+    return parser

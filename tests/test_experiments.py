@@ -1,5 +1,6 @@
 """experiments/: the controlled task and a smoke run of the teacher study (preset ci)."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -86,3 +87,14 @@ def test_a_local_pythia_style_checkpoint_is_the_starting_policy(tmp_path):
         config_with_overrides(teacher.TeacherConfig.preset("ci"), [f"policy_checkpoint={tmp_path}"])
     with pytest.raises(ValueError, match="unknown preset"):
         teacher.TeacherConfig.preset("gpu")
+
+
+@pytest.mark.parametrize("study", [teacher, paradox])
+def test_help_names_the_command_and_every_config_key(study, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--help"])
+    out = capsys.readouterr().out
+    assert f"python -m experiments.{study.__name__.split('.')[-1]}" in out
+    config_cls = teacher.TeacherConfig if study is teacher else paradox.ParadoxConfig
+    for field in dataclasses.fields(config_cls):
+        assert f"\n{field.name} (default " in out
