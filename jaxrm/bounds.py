@@ -11,6 +11,28 @@ from __future__ import annotations
 import numpy as np
 from jax.typing import ArrayLike
 
+
+def _checked(name: str, value, *, positive: bool = False):
+    """``value`` as a float array; ``ValueError`` naming ``name`` if any entry is NaN or out of range."""
+    array = np.asarray(value, float)
+    bad = ~(array > 0) if positive else ~(array >= 0)
+    if bad.any():
+        rule = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be {rule} (and not NaN); got {array[bad].ravel()[:4].tolist()}.")
+    return array
+
+
+def _checked_count(name: str, value) -> int:
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def _checked_structure(length, jacobian_norm):
+    _checked_count("length", length)
+    _checked("jacobian_norm", jacobian_norm, positive=True)
+
+
 __all__ = [
     "proposition2_gradient_bound",
     "proposition3_lower_bound",
@@ -37,11 +59,13 @@ def theorem4_lower_bound(
     >>> round(float(theorem4_lower_bound(0.1, 1e-6)), 4)
     0.1381
     """
-    kl_coef = np.asarray(kl_coef, float)
+    gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
+    kl_coef = _checked("kl_coef", kl_coef)
+    _checked_structure(length, jacobian_norm)
     with np.errstate(divide="ignore"):
         kl_term = np.where(kl_coef > 0, -np.expm1(-7.0 / (3.0 * kl_coef)), 1.0)
-    numerator = np.minimum(-np.expm1(-np.asarray(gamma) / 9.0), kl_term)
-    return numerator / (8.0 * length**2 * jacobian_norm**2 * np.cbrt(variance))
+        numerator = np.minimum(-np.expm1(-gamma / 9.0), kl_term)
+        return numerator / (8.0 * length**2 * jacobian_norm**2 * np.cbrt(variance))
 
 
 def proposition3_lower_bound(gamma: ArrayLike, variance: ArrayLike, *, num_prompts: int) -> np.ndarray:
@@ -51,7 +75,10 @@ def proposition3_lower_bound(gamma: ArrayLike, variance: ArrayLike, *, num_promp
     >>> round(float(proposition3_lower_bound(0.1, 1e-6, num_prompts=1)), 3)
     97.541
     """
-    return 2.0 * num_prompts * -np.expm1(-np.asarray(gamma) / 2.0) / np.sqrt(variance)
+    gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
+    num_prompts = _checked_count("num_prompts", num_prompts)
+    with np.errstate(divide="ignore"):
+        return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) / np.sqrt(variance)
 
 
 def proposition_a_lower_bound(
@@ -63,7 +90,10 @@ def proposition_a_lower_bound(
     >>> round(float(proposition_a_lower_bound(0.1, 1e-6)), 3)
     48.771
     """
-    return -np.expm1(-np.asarray(gamma) / 2.0) / (length**2 * jacobian_norm**2 * np.sqrt(variance))
+    gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
+    _checked_structure(length, jacobian_norm)
+    with np.errstate(divide="ignore"):
+        return -np.expm1(-gamma / 2.0) / (length**2 * jacobian_norm**2 * np.sqrt(variance))
 
 
 def proposition2_gradient_bound(
@@ -77,7 +107,8 @@ def proposition2_gradient_bound(
     0.6
     """
     m = np.maximum(reward_bound, 1.0)
-    return 6.0 * np.cbrt(m) * length * jacobian_norm * np.cbrt(kl_variance)
+    _checked_structure(length, jacobian_norm)
+    return 6.0 * np.cbrt(m) * length * jacobian_norm * np.cbrt(_checked("kl_variance", kl_variance))
 
 
 def score_gradient_bound(kl_variance: ArrayLike, *, length: int = 1, jacobian_norm: float = 1.0) -> np.ndarray:
@@ -87,7 +118,8 @@ def score_gradient_bound(kl_variance: ArrayLike, *, length: int = 1, jacobian_no
     >>> round(float(score_gradient_bound(0.5)), 6)
     1.0
     """
-    return np.sqrt(2.0) * length * jacobian_norm * np.sqrt(kl_variance)
+    _checked_structure(length, jacobian_norm)
+    return np.sqrt(2.0) * length * jacobian_norm * np.sqrt(_checked("kl_variance", kl_variance))
 
 
 def theorem2_rho(initial_value: ArrayLike, gamma: ArrayLike, good_reward: ArrayLike) -> np.ndarray:
@@ -104,14 +136,16 @@ def theorem2_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
     >>> round(float(theorem2_slow_lower_bound(0.2, 100, num_prompts=1)), 3)
     19.033
     """
-    return 2.0 * num_prompts * -np.expm1(-np.asarray(gamma) / 2.0) * horizon
+    gamma, num_prompts = _checked("gamma", gamma, positive=True), _checked_count("num_prompts", num_prompts)
+    return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) * _checked("horizon", horizon, positive=True)
 
 
 def theorem2_fast_upper_bound(rho: ArrayLike, good_prob: ArrayLike, *, num_prompts: int) -> np.ndarray:
     """Theorem 2 (docs/theory.md#theorems-2-and-5), fast inaccurate teacher (``1`` on ``y_g``,
     below ``pi0(y_g)`` elsewhere): ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1 / pi0(y_g) - 1 / rho)``."""
     rho = np.asarray(rho)
-    return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / np.asarray(good_prob) - 1.0 / rho)
+    num_prompts = _checked_count("num_prompts", num_prompts)
+    return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / _checked("good_prob", good_prob, positive=True) - 1.0 / rho)
 
 
 def theorem2_kl_limit(good_prob: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
@@ -124,7 +158,9 @@ def theorem3_fast_upper_bound(rho: ArrayLike, good_prob_floor: ArrayLike, *, num
     """Theorem 3 (docs/theory.md#theorems-3-and-6), the teacher that rewards the output the policy
     already favours (``pi0(y_g) >= c``): ``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``."""
     rho = np.asarray(rho)
-    return 2.0 * num_prompts / (1.0 - rho) ** 3 * (1.0 / np.asarray(good_prob_floor) - 1.0 / rho)
+    num_prompts = _checked_count("num_prompts", num_prompts)
+    floor = _checked("good_prob_floor", good_prob_floor, positive=True)
+    return 2.0 * num_prompts / (1.0 - rho) ** 3 * (1.0 / floor - 1.0 / rho)
 
 
 def theorem3_kl_limit(good_prob_floor: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
@@ -139,4 +175,5 @@ def theorem3_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
     >>> round(float(theorem3_slow_lower_bound(0.2, 100, num_prompts=2)), 3)
     13.458
     """
-    return num_prompts / np.sqrt(2.0) * -np.expm1(-np.asarray(gamma) / 2.0) * horizon
+    gamma, num_prompts = _checked("gamma", gamma, positive=True), _checked_count("num_prompts", num_prompts)
+    return num_prompts / np.sqrt(2.0) * -np.expm1(-gamma / 2.0) * _checked("horizon", horizon, positive=True)

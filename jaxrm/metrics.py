@@ -64,6 +64,8 @@ def _masked(values, where):
 
 def _validate_exact(logits, rewards, where):
     check_same_shape(logits=logits, rewards=rewards, where=where)
+    if np.ndim(rewards) < 1 or np.shape(rewards)[-1] == 0:
+        raise ValueError(f"rewards need a non-empty last axis of outputs, got shape {np.shape(rewards)}.")
     check_finite("rewards", _masked(rewards, where) if where is not None else rewards)
     check_finite("logits", _masked(logits, where) if where is not None else logits)
 
@@ -112,7 +114,8 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
     ``mu = mean_x E_{pi(.|x)}[r]`` and ``sigma^2 = mean_x E_{pi(.|x)}[(r - mu)^2]``.
 
     Leading axes are independent sets of rewards (e.g. reward models), each normalized alone.
-    The within-prompt variance of the result is what a policy-gradient learner feels.
+    The within-prompt variance of the result is what a policy-gradient learner feels. Rewards
+    that are constant under the policy (``sigma = 0``) normalise to 0: they teach nothing.
 
     >>> import jax.numpy as jnp
     >>> print(normalize_rewards(jnp.zeros((2, 2)), jnp.array([[0.0, 2.0], [4.0, 6.0]])).round(4))
@@ -124,7 +127,7 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
     rewards = jnp.asarray(rewards)
     mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
     std = jnp.sqrt(jnp.mean(jnp.sum(probs * jnp.square(rewards - mean), -1), -1))[..., None, None]
-    return (rewards - mean) / std
+    return jnp.where(std > 0, (rewards - mean) / jnp.where(std > 0, std, 1.0), 0.0)
 
 
 def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLike | None = None) -> jax.Array:
@@ -252,8 +255,10 @@ def accuracy(
     """
     rm_rewards, gt_rewards = jnp.asarray(rm_rewards), jnp.asarray(gt_rewards)
     check_same_shape(rm_rewards=rm_rewards, gt_rewards=gt_rewards, probs=probs, where=where)
-    if rm_rewards.ndim < 1:
-        raise ValueError("accuracy needs at least one axis of outputs.")
+    if rm_rewards.ndim < 1 or rm_rewards.shape[-1] < 2:
+        raise ValueError(
+            f"accuracy needs at least 2 outputs on the last axis (one pair), got shape {rm_rewards.shape}."
+        )
     check_finite("rm_rewards", _masked(rm_rewards, where))
     check_finite("gt_rewards", _masked(gt_rewards, where))
     if probs is not None:
@@ -389,8 +394,10 @@ def best_of_n_reward(
     check_same_shape(logits=logits, rm_rewards=rm_rewards, gt_rewards=gt_rewards, where=where)
     check_finite("rm_rewards", _masked(rm_rewards, where))
     check_finite("gt_rewards", _masked(gt_rewards, where))
-    if is_concrete(n) and np.any(np.asarray(n) < 1):
-        raise ValueError(f"n must be >= 1, got {n}.")
+    if is_concrete(n) and not np.all((np.asarray(n) >= 1) & (np.asarray(n) == np.floor(np.asarray(n)))):
+        raise ValueError(f"n must hold whole numbers >= 1 (samples drawn), got {n}.")
+    if np.ndim(rm_rewards) < 1 or np.shape(rm_rewards)[-1] == 0:
+        raise ValueError(f"rm_rewards need a non-empty last axis of outputs, got shape {np.shape(rm_rewards)}.")
     probs = probabilities(logits, where=where)
     rm = jnp.asarray(rm_rewards)
     if where is not None:

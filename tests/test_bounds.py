@@ -58,3 +58,27 @@ def test_gradient_norms_obey_both_gradient_bounds(policy, make):
     # Not vacuous: the largest ratio is within a small factor of the score-form bound.
     ratio = float(np.max(norm / bounds.score_gradient_bound(var, length=policy.length)))
     assert ratio > 0.3 / policy.length, ratio
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: bounds.theorem4_lower_bound(-0.1, 1e-3), "gamma"),
+        (lambda: bounds.theorem4_lower_bound(np.nan, 1e-3), "gamma"),
+        (lambda: bounds.theorem4_lower_bound(0.1, -1e-3), "variance"),
+        (lambda: bounds.theorem4_lower_bound(0.1, 1e-3, kl_coef=-0.5), "kl_coef"),
+        (lambda: bounds.theorem4_lower_bound(0.1, 1e-3, length=0), "length"),
+        (lambda: bounds.proposition3_lower_bound(0.1, 1e-3, num_prompts=0), "num_prompts"),
+        (lambda: bounds.proposition_a_lower_bound(0.1, np.array([1e-3, np.nan])), "variance"),
+        (lambda: bounds.proposition_a_lower_bound(0.1, 1e-3, jacobian_norm=0.0), "jacobian_norm"),
+        (lambda: bounds.theorem2_slow_lower_bound(0.1, 10, num_prompts=2.5), "num_prompts"),
+        (lambda: bounds.score_gradient_bound(-1.0), "kl_variance"),
+    ],
+)
+def test_bad_arguments_are_named(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_zero_variance_gives_an_infinite_lower_bound():
+    assert np.isinf(bounds.proposition_a_lower_bound(0.1, 0.0)) and np.isinf(bounds.theorem4_lower_bound(0.1, 0.0))

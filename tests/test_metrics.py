@@ -234,3 +234,23 @@ class TestBestOfNAndCorrelations:
         y = np.array([2.0, 1.0, 2.0, 5.0, 3.0, 3.0, 0.5])
         np.testing.assert_allclose(metrics.spearman(x, y), stats.spearmanr(x, y).statistic, rtol=1e-12)
         np.testing.assert_allclose(metrics.pearson(x, y), stats.pearsonr(x, y).statistic, rtol=1e-12)
+
+
+class TestDegenerateInputs:
+    def test_empty_or_single_output_axes_are_refused_by_name(self):
+        with pytest.raises(ValueError, match="non-empty last axis"):
+            metrics.reward_variance(jnp.zeros((2, 0)), jnp.zeros((2, 0)))
+        with pytest.raises(ValueError, match="at least 2 outputs"):
+            metrics.accuracy(jnp.zeros((3, 1)), jnp.zeros((3, 1)))
+        with pytest.raises(ValueError, match="non-empty last axis"):
+            metrics.best_of_n_reward(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0), 2)
+
+    def test_best_of_n_takes_whole_sample_counts(self):
+        with pytest.raises(ValueError, match="whole numbers"):
+            metrics.best_of_n_reward(jnp.zeros(2), jnp.arange(2.0), jnp.arange(2.0), 2.5)
+        with pytest.raises(ValueError, match="whole numbers"):
+            metrics.best_of_n_reward(jnp.zeros(2), jnp.arange(2.0), jnp.arange(2.0), 0)
+
+    def test_constant_rewards_normalise_to_zero(self):
+        out = metrics.normalize_rewards(jnp.zeros((2, 3)), jnp.full((2, 3), 0.7))
+        np.testing.assert_array_equal(out, np.zeros((2, 3)))

@@ -157,8 +157,13 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     accuracy = np.asarray(metrics.accuracy(t["rm"], t["gt"]))
     variance = np.asarray(metrics.reward_variance(t["logits"], t["rm"]))
     slow, fast = t["kind"] == "slow", t["kind"] == "fast"
-    lower = bounds.theorem2_slow_lower_bound(t["gamma"], t["horizon"], num_prompts=1)
-    upper = bounds.theorem2_fast_upper_bound(t["rho"], t["good_prob"], num_prompts=1)
+    # Each bound applies to its own kind of teacher; the other rows carry NaN placeholders.
+    lower = np.where(
+        slow, bounds.theorem2_slow_lower_bound(t["gamma"], np.where(slow, t["horizon"], 1.0), num_prompts=1), np.nan
+    )
+    upper = np.where(
+        fast, bounds.theorem2_fast_upper_bound(t["rho"], np.where(fast, t["good_prob"], 1.0), num_prompts=1), np.nan
+    )
     with np.errstate(invalid="ignore"):
         slow_bad = slow & (time < (1 - config.tolerance) * lower)
         fast_bad = fast & ~(time <= (1 + config.tolerance) * upper)  # inf counts against the bound
