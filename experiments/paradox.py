@@ -1,6 +1,8 @@
 """The accuracy paradox of Chen et al. (2024) in miniature: do the most accurate reward models teach best?
 
-    python -m experiments.paradox [--preset cpu|ci] [--out DIR]
+    python -m experiments.paradox [--preset cpu|ci|paper] [--out DIR] [--set KEY=VALUE ...]
+
+The finding it tests: docs/theory.md#the-accuracy-paradox-of-chen-et-al.
 
 One Bradley-Terry run (half on-policy, half off-policy pairs of the teacher study's task) is
 checkpointed at many steps, so its checkpoints span a wide range of held-out accuracy. Each

@@ -1,6 +1,8 @@
 """The reward-model teacher study of Razin et al. (2025, §4) in miniature, on transformer policies.
 
-    python -m experiments.teacher [--preset cpu|ci] [--out DIR]
+    python -m experiments.teacher [--preset cpu|ci|paper] [--out DIR] [--set KEY=VALUE ...]
+
+The setup and the paper's tables: docs/theory.md#experiments-of-razin-et-al.
 
 Stages (each saved in the run directory and skipped when a restarted run finds it done):
 
@@ -14,11 +16,13 @@ Stages (each saved in the run directory and skipped when a restarted run finds i
    of the prompts) and the ground truth itself; each normalised by a mean/std measured once on
    the initial policy. Table 1: reward variance, on-policy and off-policy accuracy.
 4. RLOO (k = 2, KL 0.05 in the reward, sequence-level clip) for every teacher and seed in one
-   vmapped program, checkpointed every chunk; proxy and ground-truth gains; Table 2
-   correlations beside the paper's. Then the same teachers for the other students (§4.2).
+   vmapped program through :func:`jaxrm.train.driver.run_rlhf`, checkpointed every chunk; proxy
+   and ground-truth gains; Table 2 correlations beside the paper's. Then the same teachers for
+   the other students (§4.2).
 
-Writes ``config.json``, ``metrics.jsonl`` (every RLOO iteration of every student, teacher and
-seed), ``summary.json``, ``report.md``, ``figures/teacher.png`` and ``checkpoints/`` (per stage).
+Writes ``config.json``, ``summary.json``, ``report.md``, ``figures/teacher.png``,
+``checkpoints/`` (SFT and reward models) and one ``run_rlhf`` directory per student,
+``runs/student_N/`` (its ``metrics.jsonl`` holds every RLOO iteration of every teacher and seed).
 """
 
 from __future__ import annotations

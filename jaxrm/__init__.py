@@ -1,13 +1,15 @@
 """jaxrm: controlled experiments on what makes a reward model a good teacher, in JAX.
 
-Modules: :mod:`jaxrm.metrics` (reward variance, accuracy, KL), :mod:`jaxrm.tabular` (exact
-tabular policies and the RLHF objective), :mod:`jaxrm.flow` (gradient flow, ``t_gamma``,
-discrete ascent), :mod:`jaxrm.bounds` (the papers' bounds with their constants).
+Exact side: :mod:`jaxrm.metrics` (reward variance, accuracy, KL), :mod:`jaxrm.pg`
+(policy-gradient kernels), :mod:`jaxrm.tabular` (exact policies and the RLHF objective),
+:mod:`jaxrm.flow` (gradient flow, ``t_gamma``), :mod:`jaxrm.ascent` (exact and sampled discrete
+ascent), :mod:`jaxrm.bounds` (the papers' bounds with their constants, docs/theory.md),
+:mod:`jaxrm.studies` (plumbing of the runnable studies).
 
 Transformer side (imported on demand, they load flax and orbax): :mod:`jaxrm.models` (GPT-NeoX /
-Pythia policies and reward models, KV-cache sampling, Hugging Face import), :mod:`jaxrm.train`
-(Bradley-Terry reward-model training), :mod:`jaxrm.sharding` (meshes and parameter placement),
-:mod:`jaxrm.checkpoint` (atomic orbax model checkpoints).
+Pythia policies and reward models, KV-cache sampling, Hugging Face import, model checkpoints),
+:mod:`jaxrm.train` (reward models, SFT, RLHF iterations, the run driver), :mod:`jaxrm.sharding`
+(meshes and parameter placement).
 """
 
 from jaxrm import bounds, flow, metrics, tabular

@@ -11,6 +11,7 @@ exact dynamics can be compared step by step.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +65,15 @@ class SampledGradient:
         )
         advantages = pg.ADVANTAGE_ESTIMATORS[self.advantage_estimator](penalized)
 
+        # Leading axes before [prompts, k] are independent problems: each problem's surrogate is
+        # its own mean over prompts x k, so the sum over problems (not the mean) keeps each
+        # problem's gradient unscaled, as the exact gradient is.
+        num_problems = math.prod(outputs.shape[:-2])
+
         def surrogate(theta):
             # The mean over prompts x k of -A log pi: its expected gradient is -objective_grad.
-            return pg.reinforce_loss(sampled(policy.log_probs(theta)), advantages, mask, aggregation="sequence-sum")
+            loss = pg.reinforce_loss(sampled(policy.log_probs(theta)), advantages, mask, aggregation="sequence-sum")
+            return num_problems * loss
 
         return jax.tree.map(jnp.negative, jax.grad(surrogate)(logits))
 

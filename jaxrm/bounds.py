@@ -106,7 +106,7 @@ def proposition2_gradient_bound(
     >>> round(float(proposition2_gradient_bound(1e-3, reward_bound=1.0)), 6)
     0.6
     """
-    m = np.maximum(reward_bound, 1.0)
+    m = np.maximum(_checked("reward_bound", reward_bound), 1.0)
     _checked_structure(length, jacobian_norm)
     return 6.0 * np.cbrt(m) * length * jacobian_norm * np.cbrt(_checked("kl_variance", kl_variance))
 
@@ -151,6 +151,8 @@ def theorem2_fast_upper_bound(rho: ArrayLike, good_prob: ArrayLike, *, num_promp
 def theorem2_kl_limit(good_prob: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
     """Largest ``lam`` for Theorem 2's fast bound:
     ``pi0(y_g) (1 - rho)^4 / (8 (1/(2e) - 2 ln min_y pi0(y)))``."""
+    _checked("good_prob", good_prob, positive=True)
+    _checked("min_prob", min_prob, positive=True)
     return np.asarray(good_prob) * (1.0 - np.asarray(rho)) ** 4 / (8.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 
@@ -165,6 +167,8 @@ def theorem3_fast_upper_bound(rho: ArrayLike, good_prob_floor: ArrayLike, *, num
 
 def theorem3_kl_limit(good_prob_floor: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
     """Largest ``lam`` for Theorem 3's fast bound: ``c (1 - rho)^3 / (16 (1/(2e) - 2 ln min pi0))``."""
+    _checked("good_prob_floor", good_prob_floor, positive=True)
+    _checked("min_prob", min_prob, positive=True)
     return np.asarray(good_prob_floor) * (1.0 - np.asarray(rho)) ** 3 / (16.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 

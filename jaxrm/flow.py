@@ -27,18 +27,19 @@ choice never depends on the coefficient's values or on whether it is a Python nu
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+from jax.typing import ArrayLike
 
 from jaxrm import _queue, metrics
 from jaxrm._checks import check_finite, is_concrete
 from jaxrm._queue import Status
-from jaxrm.tabular import TabularPolicy, objective_grad, prompt_gradient
+from jaxrm.tabular import ExactPolicy, Logits, TabularPolicy, objective_grad, prompt_gradient
 
 __all__ = [
     "FirstPassage",
@@ -89,7 +90,9 @@ class FirstPassage(NamedTuple):
     status: Any
 
 
-def flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) -> FlowMetrics:
+def flow_metrics(
+    policy: ExactPolicy, logits: Logits, rm_rewards: ArrayLike, eval_rewards: ArrayLike, ref_log_probs: ArrayLike
+) -> FlowMetrics:
     """Expected proxy and eval reward, proxy-reward variance and KL to the reference."""
     log_probs = policy.log_probs(logits)
     return FlowMetrics(
@@ -133,21 +136,21 @@ def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
 
 
 def first_passage(
-    init_logits,
-    rm_rewards,
-    gamma,
+    init_logits: Logits,
+    rm_rewards: ArrayLike,
+    gamma: ArrayLike,
     *,
-    policy=None,
-    kl_coef=None,
-    eval_rewards=None,
-    t_max=1e9,
-    rtol=1e-8,
-    atol=1e-10,
-    solver=None,
-    max_steps=100_000,
-    slots=None,
-    segment_steps=16,
-    devices=None,
+    policy: ExactPolicy | None = None,
+    kl_coef: ArrayLike | None = None,
+    eval_rewards: ArrayLike | None = None,
+    t_max: float = 1e9,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    solver: diffrax.AbstractSolver | None = None,
+    max_steps: int = 100_000,
+    slots: int | None = None,
+    segment_steps: int = 16,
+    devices: Sequence[jax.Device] | None = None,
 ) -> FirstPassage:
     """Integrate the gradient flow of each prompt until its ``eval_rewards`` gain reaches ``gamma``.
 
@@ -258,7 +261,7 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
     )
 
 
-def t_gamma(init_logits, rm_rewards, gamma, **options):
+def t_gamma(init_logits: Logits, rm_rewards: ArrayLike, gamma: ArrayLike, **options) -> jax.Array:
     """``t_gamma`` per prompt, ``[..., S]`` (``inf`` where not reached by ``t_max``).
 
     The first time the expected ``eval_rewards`` (default ``rm_rewards``) under the
@@ -419,17 +422,17 @@ def _solve_items(
 
 
 def trajectory(
-    init_logits,
-    rm_rewards,
-    ts,
+    init_logits: Logits,
+    rm_rewards: ArrayLike,
+    ts: ArrayLike,
     *,
-    policy=None,
-    kl_coef=None,
-    eval_rewards=None,
-    rtol=1e-8,
-    atol=1e-10,
-    solver=None,
-    max_steps=100_000,
+    policy: ExactPolicy | None = None,
+    kl_coef: ArrayLike | None = None,
+    eval_rewards: ArrayLike | None = None,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    solver: diffrax.AbstractSolver | None = None,
+    max_steps: int = 100_000,
 ) -> FlowMetrics:
     """:class:`FlowMetrics` of the gradient flow at times ``ts`` (each ``[T, ..., S]``).
 

@@ -86,7 +86,7 @@ def reward_variance(logits: ArrayLike, rewards: ArrayLike, *, where: ArrayLike |
     """Exact reward variance under the policy, over the last axis.
 
     ``Var_{y ~ p}[r] = sum_y p(y) (r(y) - sum_y' p(y') r(y'))^2`` with ``p = softmax(logits)``
-    (Definition 2 of Razin et al.; no ddof). Computed in two passes from a max-shifted softmax,
+    (Definition 2 of Razin et al., docs/theory.md#accuracy-and-reward-variance; no ddof). Computed in two passes from a max-shifted softmax,
     so it is never negative and stays finite for logits up to ``+-1e4`` and ``10^6`` outputs.
 
     Args:

@@ -4,14 +4,14 @@ A policy here is a small frozen dataclass describing the *structure*; its parame
 are plain arrays (or a tuple of arrays) with the prompt axis leading, so they ``vmap``, ``jit``
 and shard like any pytree:
 
-- :class:`TabularPolicy` (Eq. 3 of Razin et al.): one free logit per (prompt, whole output),
+- :class:`TabularPolicy` (Eq. 3 of Razin et al., docs/theory.md#setting): one free logit per (prompt, whole output),
   logits ``[S, Y]``, ``pi(.|x) = softmax(theta[x])``. Length ``L = 1``, Jacobian norm ``J = 1``.
 - :class:`AutoregressiveTabularPolicy`: vocabulary ``V``, length ``L``, one free logit vector per
   (prompt, prefix); logits ``(theta_0, ..., theta_{L-1})`` with ``theta_l: [S, V**l, V]``.
   Outputs are all ``V**L`` sequences in lexicographic order (token ``l`` of output ``i`` is
   ``(i // V**(L-1-l)) % V``), enumerated exactly. ``J = 1`` for any ``L``.
 - :class:`LogLinearPolicy`: ``pi(.|x) = softmax(Phi theta[x])`` with a feature matrix ``Phi``
-  shared by all outputs; parameters ``[S, d]``, ``L = 1``, ``J = ||Phi||_2``.
+  (one feature vector per output) shared by all prompts; parameters ``[S, d]``, ``L = 1``, ``J = ||Phi||_2``.
 
 All three implement :class:`ExactPolicy`: ``log_probs(logits) -> [..., S, Y]`` and the
 closed-form ``log_prob_vjp(logits, c) = sum_y c[y] grad log pi(y)``, from which the exact gradient

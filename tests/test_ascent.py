@@ -57,3 +57,18 @@ def test_bad_estimators_fail_clearly(problem):
         SampledGradient(k=4, advantage_estimator="ppo")
     with pytest.raises(ValueError, match="match rm_rewards"):
         sampled_gradient_ascent(logits, rewards[:, :4], jax.random.key(0), k=2, optimizer=optax.sgd(1.0), num_steps=1)
+
+
+def test_a_batch_of_problems_estimates_each_problems_own_gradient(problem):
+    """Leading axes are independent problems: the batched estimate averages to each problem's own gradient."""
+    logits, rewards = problem
+    batch_logits, batch_rewards = jax.numpy.stack([logits, -logits]), jax.numpy.stack([rewards, 1 - rewards])
+    ref = POLICY.log_probs(batch_logits)
+    estimate = SampledGradient(k=4)
+    keys = jax.random.split(jax.random.key(5), 4000)
+    many = jax.jit(jax.vmap(lambda k: estimate(POLICY, batch_logits, batch_rewards, ref, 0.1, k)))(keys)
+    exact = np.stack(
+        [np.asarray(objective_grad(POLICY, batch_logits[b], batch_rewards[b], ref[b], kl_coef=0.1)) for b in range(2)]
+    )
+    z = (np.asarray(many).mean(0) - exact) / (np.asarray(many).std(0, ddof=1) / np.sqrt(len(keys)))
+    assert np.abs(z).max() < 5.0 and np.abs(exact).max() > 1e-2  # a mean over problems would halve it

@@ -211,6 +211,9 @@ def test_a_reward_model_teacher_and_bad_configs():
         RLHFConfig(prompts_per_iteration=3, samples_per_prompt=2, minibatches=4)
     with pytest.raises(ValueError, match="temperature"):
         RLHFConfig(temperature=0.0)
+    for bad, name in ((dict(top_p=2.0), "top_p"), (dict(reward_clip=-1.0), "reward_clip"), (dict(eos_id=-1), "eos_id")):
+        with pytest.raises(ValueError, match=name):
+            RLHFConfig(**bad)
 
 
 def test_bad_prompts_fail_before_the_run_directory_is_written(tmp_path):

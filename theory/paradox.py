@@ -42,7 +42,8 @@ from jaxrm.studies import (
 
 NAME = "paradox"
 
-# Razin et al., Table 2 (Pythia-2.8B): Pearson / Spearman with the reward increase after one epoch.
+# Razin et al., Table 2 (Pythia-2.8B; docs/theory.md#experiments-of-razin-et-al): Pearson / Spearman
+# with the reward increase after one epoch.
 PAPER_TABLE2 = {
     "variance": {"proxy": (0.982, 1.000), "gt": (0.834, 0.714)},
     "on_policy_accuracy": {"proxy": (-0.762, 0.143), "gt": (-0.283, 0.200)},

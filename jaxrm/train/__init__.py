@@ -1,4 +1,6 @@
-"""Training loops: Bradley-Terry reward models (:mod:`jaxrm.train.reward`)."""
+"""Training: Bradley-Terry reward models (:mod:`jaxrm.train.reward`, exported here), SFT
+(:mod:`jaxrm.train.sft`), RLHF iterations (:mod:`jaxrm.train.rlhf`), the one run driver
+(:mod:`jaxrm.train.driver`) and its checkpoints (:mod:`jaxrm.train.checkpoints`)."""
 
 from jaxrm.train.reward import (
     PreferencePairs,

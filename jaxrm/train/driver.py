@@ -31,9 +31,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxrm._checks import check_choice
 from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
-from jaxrm.sharding import param_shardings, put_global
+from jaxrm.sharding import STRATEGIES, param_shardings, put_global
 from jaxrm.train.checkpoints import RunCheckpoints
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_train
 
@@ -114,13 +115,14 @@ def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
 def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every):
     if not isinstance(num_iterations, int) or isinstance(num_iterations, bool) or num_iterations < 1:
         raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}.")
-    seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+    seed_list = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
     if (
         not seed_list
         or not all(isinstance(s, (int, np.integer)) for s in seed_list)
         or len(set(seed_list)) < len(seed_list)
     ):
         raise ValueError(f"seeds must be an int or a non-empty sequence of distinct ints, got {seeds!r}.")
+    seed_list = [int(s) for s in seed_list]
     for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
@@ -214,7 +216,8 @@ def run_rlhf(
 
     Expert arguments:
       reference: the KL reference (default: ``policy``).
-      checkpoint_every: save every this many iterations (0: only at the end); chunks end there.
+      checkpoint_every: save every this many iterations, and always at the end (0: only at the
+        end); chunks end there.
       keep_checkpoints: how many checkpoints to keep.
       log_every: iterations per progress line and per chunk when ``checkpoint_every`` is 0.
       mesh: a ``(data, model)`` mesh (:func:`jaxrm.sharding.make_mesh`); prompts are sharded along
@@ -228,6 +231,10 @@ def run_rlhf(
     seed_list, means, stds = _check_run_arguments(
         num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every
     )
+    seeds = int(seeds) if isinstance(seeds, (int, np.integer)) else seed_list
+    check_choice("param_sharding", param_sharding, STRATEGIES)
+    # With several processes (jax.distributed) only process 0 reports.
+    log = log if _is_writer() else None
     if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep_checkpoints!r}.")
     if mesh is not None and config.prompts_per_iteration % mesh.shape["data"]:
@@ -298,6 +305,11 @@ def run_rlhf(
         if log is not None:
             log(f"resuming {out_dir} from the checkpoint at iteration {step}")
     start = int(np.max(jax.device_get(state.step)))
+    if start > num_iterations:
+        raise ValueError(
+            f"{out_dir} holds a checkpoint at iteration {start}, past num_iterations={num_iterations}; "
+            "ask for at least as many iterations, or use a new out_dir."
+        )
     lines = _read_lines(out_dir / "metrics.jsonl", start)
     _write_text(out_dir / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
 
@@ -361,7 +373,7 @@ def run_rlhf(
             with (out_dir / "metrics.jsonl").open("a") as file:
                 file.writelines(json.dumps(line) + "\n" for line in new)
         step += length
-        if checkpoint_every and (step % checkpoint_every == 0 or step == num_iterations):
+        if step == num_iterations or (checkpoint_every and step % checkpoint_every == 0):
             checkpoints.save(step, state, {"iteration": step, "reference_fingerprint": record["reference_fingerprint"]})
         if log is not None and (step % (log_every or chunk) == 0 or step == num_iterations):
             last = {k: float(np.mean(v[..., -1])) for k, v in stacked.items()}

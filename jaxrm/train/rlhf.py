@@ -56,11 +56,11 @@ class RLHFConfig:
     """Hyperparameters of an RLHF run, validated on construction.
 
     The plain defaults follow the official RLOO (docs/theory.md#official-rloo-and-grpo-semantics)
-    except in four settings chosen for small models trained for few iterations: one minibatch
+    except in five settings chosen for small models trained for few iterations: one minibatch
     (the official run takes two optimizer steps per rollout batch, so its clip can act),
-    learning rate 1e-6 (official 1e-7), gradient clipping at norm 1 (official: none) and the
-    ``std`` reward normalisation (official: ``rsqrt_var``). :meth:`official_rloo` gives the
-    official values exactly.
+    learning rate 1e-6 (official 1e-7), gradient clipping at norm 1 (official: none), the
+    ``std`` reward normalisation (official: ``rsqrt_var``) and 64 new tokens (official 512).
+    :meth:`official_rloo` gives the official values.
 
     Attributes:
       advantage_estimator: a key of :data:`jaxrm.pg.ADVANTAGE_ESTIMATORS`: ``rloo``
@@ -77,7 +77,10 @@ class RLHFConfig:
       kl_coef: ``lam >= 0``, weight of the KL to the reference.
       kl_estimator: a name of :data:`jaxrm.metrics.KL_ESTIMATORS` (``k1``, ``k2``, ``k3``).
       kl_placement: ``reward`` folds ``kl_coef * sum_t KL_t`` into each sequence's reward before
-        the advantages (RLOO); ``loss`` adds ``kl_coef * aggregate(KL_t)`` to the loss (GRPO).
+        the advantages (the official RLOO); ``loss`` adds ``kl_coef * aggregate(KL_t)`` of the
+        current log-probs to the loss, so it acts on the update (TRL / DeepSeek-style GRPO; the
+        official GRPO of Razin et al. subtracts a detached k3 term instead,
+        docs/theory.md#official-rloo-and-grpo-semantics).
       clip_eps: PPO clip range of the ratio, ``[1 - eps, 1 + eps]``.
       ratio_level: ``sequence`` (one ratio per response, the official RLOO) or ``token``.
       aggregation: how a token-level loss is reduced (:data:`jaxrm.pg.AGGREGATIONS`); with
@@ -123,7 +126,7 @@ class RLHFConfig:
     def official_rloo(cls, **overrides) -> RLHFConfig:
         """The official RLOO run's hyperparameters and normalisation, each field's source in
         docs/theory.md#rlhfconfigofficial_rloo; ``overrides`` replace fields (for example
-        ``max_new_tokens`` and ``eos_id``, which depend on the data).
+        ``eos_id`` and ``pad_id``, which depend on the tokenizer).
 
         >>> config = RLHFConfig.official_rloo()
         >>> config.minibatches, config.learning_rate, config.reward_normalization
@@ -133,6 +136,7 @@ class RLHFConfig:
             advantage_estimator="rloo",
             samples_per_prompt=2,
             prompts_per_iteration=32,
+            max_new_tokens=512,
             temperature=1.0,
             top_k=0,
             top_p=1.0,
@@ -178,9 +182,17 @@ class RLHFConfig:
                 raise ValueError(f"RLHFConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.temperature == 0:
             raise ValueError("RLHFConfig.temperature must be > 0: policy gradients need a stochastic policy.")
-        for name in ("learning_rate", "adam_eps") + (("max_grad_norm",) if self.max_grad_norm is not None else ()):
+        positive = ("learning_rate", "adam_eps") + tuple(
+            name for name in ("max_grad_norm", "reward_clip") if getattr(self, name) is not None
+        )
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"RLHFConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        for name in ("pad_id",) + (("eos_id",) if self.eos_id is not None else ()):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"RLHFConfig.{name} must be a token id (an int >= 0), got {value!r}.")
+        self.sampling  # noqa: B018 -- SamplingOptions checks top_k, top_p and max_new_tokens now, not at the first iteration
 
     @property
     def sampling(self) -> SamplingOptions:
