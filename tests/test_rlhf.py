@@ -22,6 +22,7 @@ from jaxrm import pg
 from jaxrm.models import RewardModel, preset
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh
+from jaxrm.train import driver
 from jaxrm.train.rlhf import (
     RLHFConfig,
     TrainData,
@@ -72,6 +73,7 @@ def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_pa
     assert json.loads((run / "config.json").read_text())["config"]["samples_per_prompt"] == 2
     assert json.loads((run / "summary.json").read_text())["iterations"] == 24 == int(state.step)
     assert json.loads((run / "config.json").read_text())["seeds"] == 0
+    assert (run / "checkpoints" / "24").is_dir()  # checkpoint_every=0: saved at the end
 
 
 def test_one_iteration_on_1_and_4_devices_gives_the_same_parameters(tmp_path):
@@ -298,3 +300,10 @@ def test_official_rloo_reproduces_the_official_settings_and_normalization():
     official_scaled = pg.normalize_sampled_rewards(rewards, 0.5, 1e-4, normalization="rsqrt_var")
     np.testing.assert_allclose(plain, [[-0.5 / (1e-4 + 1e-8), 0.5 / (1e-4 + 1e-8)]], rtol=1e-9)
     np.testing.assert_allclose(official_scaled, [[-0.5 / np.sqrt(1e-8 + 1e-8), 0.5 / np.sqrt(2e-8)]], rtol=1e-9)
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 0, "seed": 0, "kl": 0.1}\n{"iteration": 1, "seed": 0, "kl": 0.2}\n{"iterat')
+    assert [line["iteration"] for line in driver._read_lines(path, 5)] == [0, 1]
+    assert [line["iteration"] for line in driver._read_lines(path, 1)] == [0]

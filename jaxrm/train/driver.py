@@ -38,7 +38,7 @@ from jaxrm.sharding import STRATEGIES, param_shardings, put_global
 from jaxrm.train.checkpoints import RunCheckpoints
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_train
 
-__all__ = ["RLHFRun", "params_fingerprint", "read_history", "run_rlhf"]
+__all__ = ["RLHFRun", "params_fingerprint", "run_rlhf"]
 
 # In-chunk progress lines are printed at most this often (seconds).
 _PROGRESS_INTERVAL = 10.0
@@ -80,16 +80,17 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _read_lines(path: Path, before_step: int) -> list[dict]:
-    """The lines of ``metrics.jsonl`` for iterations before ``before_step``."""
+    """The lines of ``metrics.jsonl`` for iterations before ``before_step``. A line torn by a kill
+    while it was being appended (always after the checkpoint resumed from) is dropped."""
     if not path.exists():
         return []
-    lines = (json.loads(line) for line in path.read_text().splitlines() if line)
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
     return [line for line in lines if line["iteration"] < before_step]
-
-
-def read_history(path: str | Path, *, teachers: Sequence[str] | None = None, seeds=0) -> dict[str, np.ndarray]:
-    """A run's ``metrics.jsonl`` as arrays ``[teachers?, seeds?, iterations]`` (see :class:`RLHFRun`)."""
-    return _history(_read_lines(Path(path), np.iinfo(np.int64).max), teachers, seeds)
 
 
 def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
