@@ -44,12 +44,23 @@ class ParadoxConfig(study.TeacherConfig):
       kl_budget: a run is read off where its KL to the initial policy first reaches this.
     """
 
-    student_sharpness: tuple[float, ...] = (1.5,)
-    rm_epochs: int = 2
-    rm_learning_rate: float = 1e-3
-    on_policy_fraction: float = 0.5
-    checkpoints: int = 10
-    kl_budget: float = 1.0
+    student_sharpness: tuple[float, ...] = studies.checked(
+        (1.5,), (lambda v: len(v) == 1 and v[0] > 0, "one sharpness > 0")
+    )
+    rm_epochs: int = studies.checked(2, studies.POSITIVE_INT)
+    rm_learning_rate: float = studies.checked(1e-3, studies.POSITIVE)
+    on_policy_fraction: float = studies.checked(0.5, studies.FRACTION)
+    checkpoints: int = studies.checked(10, studies.int_at_least(2))
+    kl_budget: float = studies.checked(1.0, studies.POSITIVE)
+
+    def __post_init__(self):
+        super().__post_init__()
+        most = self.rm_epochs * (self.rm_prompts // study.RM_BATCH)
+        if self.checkpoints > most:
+            raise ValueError(
+                f"ParadoxConfig.checkpoints={self.checkpoints}: the reward-model run has at most {most} steps "
+                f"(rm_epochs x rm_prompts // {study.RM_BATCH}), so at most that many distinct checkpoints."
+            )
 
     @classmethod
     def preset(cls, name: str) -> ParadoxConfig:
@@ -77,13 +88,11 @@ def checkpoint_steps(total: int, count: int) -> list[int]:
 
 def _train_checkpoints(config, task, sft, out_dir, log):
     directory = out_dir / "checkpoints" / "reward_run"
-    on_pairs, off_pairs = study.preference_sources(config, task, sft, config.seed + 2)
+    on_pairs, off_pairs = study.preference_sources(config.rm_prompts, task, sft, config.seed + 2)
     data = study.mixed_pairs(on_pairs, off_pairs, config.on_policy_fraction)
-    held_on, held_off = study.preference_sources(
-        dataclasses.replace(config, rm_prompts=config.eval_prompts), task, sft, config.seed + 6
-    )
+    held_on, held_off = study.preference_sources(config.eval_prompts, task, sft, config.seed + 6)
     held_out = study.mixed_pairs(held_on, held_off, config.on_policy_fraction)
-    total = (len(data) // 32) * config.rm_epochs
+    total = (len(data) // study.RM_BATCH) * config.rm_epochs
     steps = checkpoint_steps(total, config.checkpoints)
     paths = [directory / f"step_{s:06d}" for s in steps]
     if not all(p.exists() for p in paths):
@@ -91,7 +100,7 @@ def _train_checkpoints(config, task, sft, out_dir, log):
             shutil.rmtree(directory)
         rm_config = RewardTrainConfig(
             learning_rate=config.rm_learning_rate,
-            batch_size=32,
+            batch_size=study.RM_BATCH,
             epochs=config.rm_epochs,
             centering=0.01,
             seed=config.seed,
@@ -239,8 +248,7 @@ def main(argv=None):
             "paper": "the paper's rates and the official RLOO, from --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
-    args = parser.parse_args(argv)
-    run(args.out, studies.config_with_overrides(ParadoxConfig.preset(args.preset), args.set))
+    run(*studies.parse_study(parser, ParadoxConfig, argv))
 
 
 if __name__ == "__main__":

@@ -39,9 +39,16 @@ from experiments.tasks import TopicTask
 from jaxrm import metrics
 from jaxrm.models import CausalLM, RewardModel, load_hf, load_model, preset, sample, save_model
 from jaxrm.studies import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
     Progress,
-    config_with_overrides,
+    check_fields,
+    checked,
+    each,
     fmt,
+    int_at_least,
+    parse_study,
     prepare_run_directory,
     pyplot,
     save_figure,
@@ -54,6 +61,8 @@ from jaxrm.train.driver import run_rlhf
 from jaxrm.train.rlhf import RLHFConfig
 from jaxrm.train.sft import SFTConfig, train_sft
 
+# Preference pairs per reward-model optimizer step (the paper's batch size).
+RM_BATCH = 32
 ON_POLICY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
 TEACHERS = ("RM 100%", "RM 75%", "RM 50%", "RM 25%", "RM 0%", "perfect, low variance", "ground truth")
 # Razin et al. Table 1 (Pythia-2.8B) and Table 2, for the report.
@@ -107,27 +116,26 @@ class TeacherConfig:
     """
 
     policy_checkpoint: str = ""
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    sft_examples: int = 8192
-    sft_epochs: int = 2
-    sft_learning_rate: float = 3e-3
-    # Demonstrator sharpness of each student's SFT data: the main student first, then the §4.2 ones.
-    student_sharpness: tuple[float, ...] = (1.5, 0.5, 3.0)
-    rm_prompts: int = 8192
-    rm_learning_rate: float = 2e-3
-    eval_prompts: int = 256
-    eval_samples: int = 10
-    pg_prompts: int = 1024
-    prompts_per_iteration: int = 64
-    iterations: int = 200
-    chunk: int = 25
-    seeds: int = 3
-    learning_rate: float = 3e-4
-    kl_coef: float = 0.05
-    rloo: str = "plain"
-    seed: int = 0
+    hidden_size: int = checked(64, POSITIVE_INT)
+    num_layers: int = checked(2, POSITIVE_INT)
+    num_heads: int = checked(4, POSITIVE_INT)
+    sft_examples: int = checked(8192, int_at_least(64))
+    sft_epochs: int = checked(2, POSITIVE_INT)
+    sft_learning_rate: float = checked(3e-3, POSITIVE)
+    student_sharpness: tuple[float, ...] = checked((1.5, 0.5, 3.0), each(POSITIVE))
+    rm_prompts: int = checked(8192, int_at_least(RM_BATCH))
+    rm_learning_rate: float = checked(2e-3, POSITIVE)
+    eval_prompts: int = checked(256, int_at_least(2))
+    eval_samples: int = checked(10, int_at_least(2))
+    pg_prompts: int = checked(1024, POSITIVE_INT)
+    prompts_per_iteration: int = checked(64, POSITIVE_INT)
+    iterations: int = checked(200, POSITIVE_INT)
+    chunk: int = checked(25, POSITIVE_INT)
+    seeds: int = checked(3, POSITIVE_INT)
+    learning_rate: float = checked(3e-4, POSITIVE)
+    kl_coef: float = checked(0.05, NON_NEGATIVE)
+    rloo: str = checked("plain", (lambda v: v in ("plain", "official"), "one of 'plain', 'official'"))
+    seed: int = checked(0, NON_NEGATIVE)
 
     @classmethod
     def preset(cls, name: str) -> TeacherConfig:
@@ -168,10 +176,22 @@ class TeacherConfig:
         return presets[name]
 
     def __post_init__(self):
-        if self.policy_checkpoint and not Path(self.policy_checkpoint, "config.json").exists():
-            raise ValueError(f"policy_checkpoint={self.policy_checkpoint!r} is not a Hugging Face model directory.")
-        if self.rloo not in ("plain", "official"):
-            raise ValueError(f"rloo={self.rloo!r} is not one of ['official', 'plain'].")
+        check_fields(self)
+        name = type(self).__name__
+        if self.policy_checkpoint and not Path(self.policy_checkpoint, "config.json").is_file():
+            raise ValueError(
+                f"{name}.policy_checkpoint={self.policy_checkpoint!r} is not a Hugging Face model directory "
+                "(no config.json there)."
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{name}.hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}.")
+        if self.chunk > self.iterations:
+            raise ValueError(f"{name}.chunk={self.chunk} must be <= iterations={self.iterations}.")
+        if self.prompts_per_iteration > self.pg_prompts:
+            raise ValueError(
+                f"{name}.prompts_per_iteration={self.prompts_per_iteration} must be <= pg_prompts={self.pg_prompts}."
+            )
+        self.rl_config(TopicTask(seed=self.seed))  # RLHFConfig checks its own relations now, not after SFT
 
     def rl_config(self, task: TopicTask) -> RLHFConfig:
         """The RLOO configuration of the study: k = 2, ``kl_coef`` folded into the reward, the
@@ -247,14 +267,14 @@ def _pairs(prompts, chosen, rejected):
     return PreferencePairs(prompts, np.ones(prompts.shape, bool), chosen, mask, rejected, mask)
 
 
-def preference_sources(config, task, sft, seed):
-    """On-policy pairs (two samples of ``sft``) and off-policy pairs for the same prompts, labelled.
+def preference_sources(num_prompts, task, sft, seed):
+    """On-policy pairs (two samples of ``sft``) and off-policy pairs for ``num_prompts`` prompts, labelled.
 
     Each is ``(prompts, chosen, rejected, kept)``, ``kept`` marking the prompts whose two
     responses differ in ground truth (the others have no preference and are dropped).
     """
     rng = np.random.default_rng(seed)
-    prompts = task.prompts(config.rm_prompts, rng)
+    prompts = task.prompts(num_prompts, rng)
     both = np.repeat(prompts, 2, axis=0)
     drawn = sample(sft, both, np.ones(both.shape, bool), jax.random.key(seed), max_new_tokens=task.response_len)
     drawn = np.asarray(drawn.tokens).reshape(len(prompts), 2, -1)
@@ -281,9 +301,9 @@ def reward_model_from(sft: CausalLM) -> RewardModel:
 
 
 def _reward_models(config, task, sft, out_dir, log):
-    on_pairs, off_pairs = preference_sources(config, task, sft, config.seed + 2)
+    on_pairs, off_pairs = preference_sources(config.rm_prompts, task, sft, config.seed + 2)
     rm_config = RewardTrainConfig(
-        learning_rate=config.rm_learning_rate, batch_size=32, centering=0.01, seed=config.seed
+        learning_rate=config.rm_learning_rate, batch_size=RM_BATCH, centering=0.01, seed=config.seed
     )
     models = []
     for fraction in ON_POLICY_FRACTIONS:
@@ -564,8 +584,7 @@ def main(argv=None):
             "paper": "the paper's rates and the official RLOO, from --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
-    args = parser.parse_args(argv)
-    run(args.out, config_with_overrides(TeacherConfig.preset(args.preset), args.set))
+    run(*parse_study(parser, TeacherConfig, argv))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ checks still apply.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
+
 import jax
 import numpy as np
 
@@ -59,3 +64,93 @@ def check_token_ids(name: str, tokens, vocab_size: int) -> None:
             f"{name} holds {int(bad.sum())} token id(s) outside the vocabulary [0, {vocab_size}) "
             f"(first at index {where}: {values[where]})."
         )
+
+
+# Config dataclasses: every field is checked against its annotation (an int field refuses 2.5 and
+# True, a float field takes an int too and refuses NaN/inf, a tuple field takes a list) and then
+# against the ``(predicate, "what is allowed")`` in its ``metadata["check"]``.
+
+
+def checked(default, check):
+    """A dataclass field with a default and a ``(predicate, "allowed values")`` check."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+def int_at_least(low: int):
+    return (lambda v: v >= low, f">= {low}")
+
+
+def each(check):
+    """The check ``check`` applied to every element of a non-empty tuple."""
+    predicate, allowed = check
+    return (lambda v: len(v) >= 1 and all(predicate(x) for x in v), f"a non-empty tuple of values {allowed}")
+
+
+def one_of(allowed):
+    return (lambda v: v in allowed, f"one of {sorted(allowed)}")
+
+
+POSITIVE_INT = int_at_least(1)
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
+SMALL_TOLERANCE = (lambda v: 0 <= v < 0.1, "in [0, 0.1)")
+
+
+def check_fields(config) -> None:
+    """Check (and normalise) every field of a frozen config dataclass; raise ``ValueError`` naming
+    the field, the value and what is allowed.
+
+    Lists become tuples (JSON has no tuples); other annotations (paths, callables) are left to
+    the config itself.
+    """
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        label = f"{cls.__name__}.{field.name}={value!r}"
+        value = _coerce(label, hints.get(field.name), value)
+        object.__setattr__(config, field.name, value)
+        check = field.metadata.get("check")
+        if check is not None and value is not None:
+            predicate, allowed = check
+            if not predicate(value):
+                raise ValueError(f"{label}: must be {allowed}.")
+
+
+def _coerce(label: str, annotation, value):
+    """``value`` as ``annotation`` asks (see :func:`check_fields`), or ``ValueError``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(label, options[0], value)
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{label}: must be true or false.")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{label}: must be an int.")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{label}: must be a number.")
+        if not math.isfinite(value):
+            raise ValueError(f"{label}: must be finite.")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{label}: must be a string.")
+        return value
+    if annotation is tuple or origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"{label}: must be a list of values.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(label, args[0], v) for v in value)
+        return tuple(value)
+    return value

@@ -88,7 +88,7 @@ def _checked_ascent(
 ):
     """Validate a problem before any work, then run the compiled ascent loop."""
     policy = default_policy(policy, rm_rewards)
-    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     if not (isinstance(num_steps, int) and num_steps >= 0):
         raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
     kl_coef = jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype)

@@ -113,10 +113,15 @@ def default_policy(policy, rm_rewards):
 
 
 def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
-    """Check a tabular problem before any work; returns ``(rm_rewards, eval_rewards)`` as arrays."""
+    """Check a tabular problem before any work; returns ``(init_logits, rm_rewards, eval_rewards)``
+    as floating arrays (integer inputs are cast to the default float dtype)."""
     rm_rewards = jnp.asarray(rm_rewards)
     if not jnp.issubdtype(rm_rewards.dtype, jnp.floating):
         rm_rewards = rm_rewards.astype(jnp.result_type(float))
+    init_logits = jax.tree.map(
+        lambda x: x if jnp.issubdtype(jnp.result_type(x), jnp.floating) else jnp.asarray(x, rm_rewards.dtype),
+        init_logits,
+    )
     if rm_rewards.ndim < 2:
         raise ValueError(f"rewards must be shaped [..., prompts, outputs], got {rm_rewards.shape}.")
     log_probs = jax.eval_shape(policy.log_probs, init_logits)
@@ -132,7 +137,7 @@ def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
         check_finite("init_logits", leaf)
     if kl_coef is not None and is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
         raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
-    return rm_rewards, (rm_rewards if eval_rewards is None else eval_rewards)
+    return init_logits, rm_rewards, (rm_rewards if eval_rewards is None else eval_rewards)
 
 
 def first_passage(
@@ -185,7 +190,7 @@ def first_passage(
       :class:`FirstPassage` with ``[..., S]`` arrays.
     """
     policy = default_policy(policy, rm_rewards)
-    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
         raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
     if is_concrete(t_max) and not float(t_max) > 0:
@@ -441,7 +446,7 @@ def trajectory(
     ``kl_coef``: None (no KL term) or ``lam >= 0`` broadcasting to the batch shape.
     """
     policy = default_policy(policy, rm_rewards)
-    rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
     ts = jnp.asarray(ts, rm_rewards.dtype)
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-d array of times, got shape {ts.shape}.")

@@ -123,6 +123,11 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
      [ 0.4472  1.3416]]
     """
     _validate_exact(logits, rewards, None)
+    if np.ndim(rewards) < 2:
+        raise ValueError(
+            f"normalize_rewards takes rewards [..., S, Y] with a prompt axis, got shape {np.shape(rewards)}; "
+            "for one prompt pass shape [1, Y]."
+        )
     probs = probabilities(logits)
     rewards = jnp.asarray(rewards)
     mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]

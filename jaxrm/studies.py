@@ -23,42 +23,27 @@ from pathlib import Path
 
 import numpy as np
 
-
-def validate_config(config) -> None:
-    """Check a frozen config dataclass against the ``metadata["check"]`` of its fields.
-
-    A check is ``(predicate, "allowed values")``; a failure names the field and what is allowed.
-    """
-    for field in dataclasses.fields(config):
-        check = field.metadata.get("check")
-        if check is None:
-            continue
-        predicate, allowed = check
-        value = getattr(config, field.name)
-        if not predicate(value):
-            raise ValueError(f"{type(config).__name__}.{field.name}={value!r}: must be {allowed}.")
-
-
-# Field checks shared by the studies' configs: (predicate, "allowed values").
-def int_at_least(low: int):
-    return (lambda v: isinstance(v, int) and v >= low, f"an int >= {low}")
-
-
-POSITIVE_INT = int_at_least(1)
-POSITIVE = (lambda v: v > 0, "> 0")
-SMALL_TOLERANCE = (lambda v: 0 <= v < 0.1, "in [0, 0.1)")
-
-
-def checked(default, check):
-    """A dataclass field with a default and a check for :func:`validate_config`."""
-    return dataclasses.field(default=default, metadata={"check": check})
+from jaxrm._checks import (  # noqa: F401 -- the field checks of study configs, re-exported
+    FRACTION,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
+    POSITIVE_INT,
+    SMALL_TOLERANCE,
+    check_fields,
+    checked,
+    each,
+    int_at_least,
+    one_of,
+)
 
 
 class StudyConfig:
-    """Base of the studies' frozen config dataclasses: every field is checked on construction."""
+    """Base of the studies' frozen config dataclasses: every field is checked on construction
+    (its type from the annotation, its range from :func:`checked`), before any work is done."""
 
     def __post_init__(self):
-        validate_config(self)
+        check_fields(self)
 
     def quick(self):
         """A smaller run for smoke tests; studies override it."""
@@ -119,19 +104,41 @@ def config_with_overrides(config, items):
     return config_from_dict(type(config), {**dataclasses.asdict(config), **overrides})
 
 
-def prepare_run_directory(out_dir, config) -> Path:
-    """Create ``out_dir`` and write ``config.json``, or check that it holds a run of the same config.
-
-    A directory that holds another config is refused with the keys that differ; a path that is a
-    file is refused before anything is written.
-    """
+def check_out_directory(out_dir) -> Path:
+    """``out_dir`` as a ``Path``, refused (``ValueError`` naming it) before anything is computed or
+    written when it is empty, a file, or inside a directory that cannot be written."""
+    if str(out_dir) == "":
+        raise ValueError("--out is empty; name a directory (it is created if missing).")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a directory.")
+    existing = out_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out_dir}: {existing} is a file, so the directory cannot be created.")
+    try:  # os.access says yes to root everywhere; a probe file tells the truth and is gone at once
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {out_dir}: cannot write in {existing} ({error.strerror}).") from None
+    return out_dir
+
+
+def prepare_run_directory(out_dir, config) -> Path:
+    """Create ``out_dir`` and write ``config.json``, or check that it holds a run of the same config.
+
+    A directory that holds another config is refused with the keys that differ; a bad ``out_dir``
+    (see :func:`check_out_directory`) is refused before anything is written.
+    """
+    out_dir = check_out_directory(out_dir)
     record = json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable))
     path = out_dir / "config.json"
     if path.exists():
-        previous = json.loads(path.read_text())
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); use a new --out.") from None
         differ = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
         if differ:
             raise ValueError(
@@ -164,7 +171,17 @@ def write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
     os.replace(tmp, path)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def write_json(path: Path, obj) -> None:
@@ -230,6 +247,17 @@ def study_parser(config_cls, *, prog: str, description: str, default_out: str, p
         choices=list(presets),
         help="; ".join(f"{name}: {what}" for name, what in presets.items()),
     )
-    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"run directory (default: {default_out})")
+    parser.add_argument("--out", default=default_out, help=f"run directory (default: {default_out})")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (JSON values)")
     return parser
+
+
+def parse_study(parser: argparse.ArgumentParser, config_cls, argv=None):
+    """``(out_dir, config)`` from a :func:`study_parser` command line; a bad ``--out`` or
+    ``--set`` ends the program with a usage error (status 2) before any work or file."""
+    args = parser.parse_args(argv)
+    try:
+        config = config_with_overrides(config_cls.preset(args.preset), args.set)
+        return check_out_directory(args.out), config
+    except ValueError as error:
+        parser.error(str(error))

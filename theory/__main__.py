@@ -1,7 +1,9 @@
 """``python -m theory``: run the exact-dynamics studies and write a report.
 
 Each study writes ``NAME.json`` (with ``instances`` and ``violations`` where bounds are
-checked), ``NAME.md`` and ``figures/NAME.png`` into ``--out``; ``report.md`` collects them.
+checked, and ``quick``), ``NAME.md`` and ``figures/NAME.png`` into ``--out``; ``report.md``
+collects the studies in ``--out`` that ran at the same size as this run (a ``--quick`` report says
+so at the top and never lists full results, nor the other way round).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from jaxrm.studies import write_text
+from jaxrm.studies import check_out_directory, write_text
 
 # name -> (module, one-line description); run in this order.
 STUDIES = {
@@ -47,43 +49,57 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", choices=sorted(STUDIES), help="run only these studies (see --list)"
     )
+    parser.add_argument("--out", default="results/theory", help="output directory (default: results/theory)")
     parser.add_argument(
-        "--out", type=Path, default=Path("results/theory"), help="output directory (default: results/theory)"
+        "--quick", action="store_true", help="small instance counts: a smoke test of every study, not results"
     )
-    parser.add_argument("--quick", action="store_true", help="smaller instance counts, for smoke tests")
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     return parser
 
 
-def _report(out: Path, names: list[str]) -> str:
+def _report(out: Path, names: list[str], *, quick: bool) -> str:
+    """``report.md``: the studies of ``names`` found in ``out`` that ran with the same ``quick``."""
+    found = {n: json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()}
+    same = [n for n, summary in found.items() if summary.get("quick", False) == quick]
+    other = [n for n in found if n not in same]
     lines = ["# jaxrm theory report", ""]
-    for name in names:
-        summary = json.loads((out / f"{name}.json").read_text())
-        lines.append(f"- **{name}** ({summary['seconds']} s): {summary['verdict']}.")
+    if quick:
+        lines += ["**Quick run** (`--quick`): small instance counts, a smoke test of the code, not results.", ""]
+    if other:
+        lines += [
+            f"Left out: {', '.join(other)} (from a {'full' if quick else 'quick'} run in the same directory).",
+            "",
+        ]
+    for name in same:
+        lines.append(f"- **{name}** ({found[name]['seconds']} s): {found[name]['verdict']}.")
     lines.append("")
-    for name in names:
+    for name in same:
         lines += [(out / f"{name}.md").read_text(), ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.list:
         for name, (_, description) in STUDIES.items():
             print(f"{name:12s} {description}")
         return 0
+    try:
+        out = check_out_directory(args.out)
+    except ValueError as error:
+        parser.error(str(error))
     jax.config.update("jax_enable_x64", True)
     names = args.only or list(STUDIES)
     start = time.perf_counter()
     violations = 0
     for name in names:
         module = importlib.import_module(STUDIES[name][0])
-        summary = module.run(args.out, quick=args.quick)
+        summary = module.run(out, quick=args.quick)
         violations += sum(summary["violations"].values())
-    done = [n for n in STUDIES if (args.out / f"{n}.json").exists() and (args.out / f"{n}.md").exists()]
-    write_text(args.out / "report.md", _report(args.out, done))
+    write_text(out / "report.md", _report(out, list(STUDIES), quick=args.quick))
     print(
-        f"wrote {args.out / 'report.md'} in {time.perf_counter() - start:.0f} s; {violations} bound violation(s)",
+        f"wrote {out / 'report.md'} in {time.perf_counter() - start:.0f} s; {violations} bound violation(s)",
         file=sys.stderr,
     )
     return 1 if violations else 0

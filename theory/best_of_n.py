@@ -75,8 +75,12 @@ class BestOfNConfig(StudyConfig):
         8, (lambda v: isinstance(v, int) and v >= 2, "an int >= 2 (half get the low-variance scale)")
     )
     num_outputs: int = checked(16, int_at_least(2))
-    noise: tuple = checked((0.0, 0.3, 1.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "noise scales >= 0"))
-    offsets: tuple = checked((0.0, 1.0, 3.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "offset scales >= 0"))
+    noise: tuple[float, ...] = checked(
+        (0.0, 0.3, 1.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "noise scales >= 0")
+    )
+    offsets: tuple[float, ...] = checked(
+        (0.0, 1.0, 3.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "offset scales >= 0")
+    )
     max_n: int = checked(64, int_at_least(2))
     ranking_n: int = 16
     low_variance_scale: float = 0.001
@@ -115,7 +119,9 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     b, m = rm.shape[:2]
     lg, g = np.broadcast_to(logits[:, None], rm.shape), np.broadcast_to(gt[:, None], rm.shape)
     ns = np.arange(1, config.max_n + 1)
-    bon = np.asarray(jax.jit(jax.vmap(lambda n: metrics.best_of_n_reward(lg, rm, g, n)))(ns)).mean(-1)  # [N, B, M]
+    # The arrays go in as arguments: closed over, XLA would constant-fold the sort at compile time.
+    best_of = jax.jit(jax.vmap(metrics.best_of_n_reward, in_axes=(None, None, None, 0)))
+    bon = np.asarray(best_of(lg, rm, g, ns)).mean(-1)  # [N, B, M]
     start = np.asarray(metrics.expected_reward(logits, gt)).mean(-1)  # [B]
     bon_gain = bon - start[None, :, None]
     accuracy = np.asarray(metrics.accuracy(rm, g)).mean(-1)
@@ -167,6 +173,7 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     progress(f"violations of Proposition 1: {violations}")
     _figure(names, ns, bon_gain, accuracy, variance, pg_gain, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")

@@ -88,10 +88,10 @@ class ParadoxConfig(StudyConfig):
     num_outputs: int = checked(16, int_at_least(3))
     features: int = checked(6, POSITIVE_INT)
     misspecification: float = checked(0.7, (lambda v: v >= 0, ">= 0"))
-    on_policy_shares: tuple = checked(
+    on_policy_shares: tuple[float, ...] = checked(
         (1.0, 0.75, 0.5, 0.25, 0.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")
     )
-    dataset_sizes: tuple = checked(
+    dataset_sizes: tuple[int, ...] = checked(
         (64, 256, 1024), (lambda v: all(isinstance(n, int) and n >= 2 for n in v), "ints >= 2")
     )
     seeds: int = checked(8, POSITIVE_INT)
@@ -99,7 +99,7 @@ class ParadoxConfig(StudyConfig):
     learning_rate: float = 0.05
     centering: float = 0.01
     init_scale: float = checked(0.3, (lambda v: v >= 0, ">= 0"))
-    checkpoints: tuple = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+    checkpoints: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
     pg_time: float = checked(16.0, POSITIVE)
 
     def __post_init__(self):
@@ -283,6 +283,7 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
     )
     _figure(on_policy, variance, gt_gain, shape, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")

@@ -41,6 +41,7 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    each,
     fmt,
     int_at_least,
     pyplot,
@@ -97,12 +98,12 @@ class Theorem1Config(StudyConfig):
     random_problems: int = checked(5120, POSITIVE_INT)
     random_prompts: int = checked(2, POSITIVE_INT)
     kl_problems: int = checked(1024, POSITIVE_INT)
-    kl_coefs: tuple = checked(
+    kl_coefs: tuple[float, ...] = checked(
         (0.05, 0.5), (lambda v: len(v) >= 1 and all(c > 0 for c in v), "a non-empty tuple of values > 0")
     )
     autoregressive_problems: int = checked(1024, POSITIVE_INT)
     vocab_size: int = checked(4, int_at_least(2))
-    lengths: tuple = checked((2, 3), (lambda v: all(isinstance(n, int) and n >= 1 for n in v), "a tuple of ints >= 1"))
+    lengths: tuple[int, ...] = checked((2, 3), each(POSITIVE_INT))
     decades: float = checked(3.5, (lambda v: v >= 3.0, ">= 3 (6 decades of variance)"))
     gain_fraction: float = checked(0.5, (lambda v: 0 < v < 1, "in (0, 1)"))
     rtol: float = checked(1e-8, POSITIVE)
@@ -112,7 +113,7 @@ class Theorem1Config(StudyConfig):
     bootstrap: int = checked(1000, int_at_least(100))
 
     def quick(self) -> "Theorem1Config":
-        """A smaller run with the same families, for smoke tests."""
+        """A smaller run for smoke tests: fewer instances, one KL family and one autoregressive one."""
         return dataclasses.replace(
             self,
             scaled_problems=8,
@@ -120,6 +121,8 @@ class Theorem1Config(StudyConfig):
             random_problems=256,
             kl_problems=64,
             autoregressive_problems=64,
+            kl_coefs=self.kl_coefs[-1:],
+            lengths=self.lengths[:1],
             bootstrap=200,
         )
 
@@ -550,7 +553,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
         progress(f"!!! {len(saved)} BOUND VIOLATIONS: instances saved to {out_dir / 'theorem1_violations.json'}")
     _figure(families, results, summary, config, out_dir / "figures" / "theorem1.png")
     np.savez_compressed(
-        out_dir / "theorem1_instances.npz",
+        out_dir / "theorem1_all_instances.npz",
         **{f"{f.name}/{k}": v for f, r in zip(families, results) for k, v in _flat_arrays(r).items()},
     )
     plain = [f["slope"] for f in family_summaries.values() if f["kl_coef"] == 0]
@@ -560,6 +563,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
         f"{fmt(min_ratio['prop3'])}, {fmt(min_ratio['sharpened'])}; slopes without KL {min(plain):.3f} to {max(plain):.3f}"
     )
     summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
     write_json(out_dir / "theorem1.json", summary)
     write_text(out_dir / "theorem1.md", _markdown(summary))
     progress(f"done: {summary['instances']} instances, violations {total}, wrote {out_dir}/theorem1.*")

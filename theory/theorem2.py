@@ -66,10 +66,12 @@ class Theorem2Config(StudyConfig):
     seed: int = 0
     problems: int = checked(128, POSITIVE_INT)
     num_outputs: int = checked(12, int_at_least(3))
-    horizons: tuple = checked(
+    horizons: tuple[float, ...] = checked(
         (1, 10, 100, 1000, 10000), (lambda v: len(v) >= 2 and all(t >= 1 for t in v), "a tuple of T >= 1")
     )
-    shuffled: tuple = checked((0.0, 0.35, 0.7, 1.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]"))
+    shuffled: tuple[float, ...] = checked(
+        (0.0, 0.35, 0.7, 1.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")
+    )
     rtol: float = 1e-8
     atol: float = 1e-10
     t_max: float = 1e14
@@ -209,6 +211,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         f"{100 * faster[str(config.horizons[-1])]:.0f}% of problems at T = {config.horizons[-1]}"
     )
     summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")

@@ -24,6 +24,7 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    each,
     fmt,
     int_at_least,
     pyplot,
@@ -61,7 +62,7 @@ class Theorem3Config(StudyConfig):
     seed: int = 0
     problems: int = checked(64, POSITIVE_INT)
     num_outputs: int = checked(12, int_at_least(3))
-    horizons: tuple = checked((10, 100, 1000), (lambda v: len(v) >= 1 and all(t > 1 for t in v), "a tuple of T > 1"))
+    horizons: tuple[float, ...] = checked((10, 100, 1000), each((lambda t: t > 1, "T > 1")))
     good_mass: float = checked(0.3, (lambda v: 0 < v < 0.9, "in (0, 0.9)"))
     rtol: float = 1e-8
     atol: float = 1e-10
@@ -175,6 +176,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     progress(f"violations {summary['violations']}")
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")

@@ -35,8 +35,10 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    each,
     fmt,
     int_at_least,
+    one_of,
     pyplot,
     save_figure,
     write_json,
@@ -45,6 +47,7 @@ from jaxrm.studies import (
 from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, TabularPolicy
 
 NAME = "tightness"
+CLASS_NAMES = ("tabular", "autoregressive_L2", "autoregressive_L3", "log_linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,8 @@ class TightnessConfig(StudyConfig):
         which are all the atlas keeps.
       rtol: relative tolerance of the adaptive ODE solver.
       atol: absolute tolerance of the adaptive ODE solver.
+      classes: the policy classes searched, by name (``tabular``, ``autoregressive_L2``,
+        ``autoregressive_L3``, ``log_linear``).
     """
 
     seed: int = 0
@@ -78,13 +83,16 @@ class TightnessConfig(StudyConfig):
     generations: int = checked(8, POSITIVE_INT)
     elite: int = checked(8, POSITIVE_INT)
     step_size: float = 0.5
-    log10_variances: tuple = checked((-2, -3, -4, -5, -6, -7, -8), (lambda v: len(v) >= 3, "at least 3 levels"))
+    log10_variances: tuple[float, ...] = checked(
+        (-2, -3, -4, -5, -6, -7, -8), (lambda v: len(v) >= 3, "at least 3 levels")
+    )
     gamma: float = checked(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
     max_kl_coef: float = 0.5
     bootstrap: int = 500
     t_max: float = 1e9
     rtol: float = 1e-8
     atol: float = 1e-10
+    classes: tuple[str, ...] = checked(CLASS_NAMES, each(one_of(CLASS_NAMES)))
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,7 +101,13 @@ class TightnessConfig(StudyConfig):
 
     def quick(self) -> "TightnessConfig":
         return dataclasses.replace(
-            self, population=12, generations=2, elite=3, log10_variances=(-2, -4, -6), bootstrap=100
+            self,
+            population=12,
+            generations=2,
+            elite=3,
+            log10_variances=(-2, -4, -6),
+            bootstrap=100,
+            classes=("tabular", "autoregressive_L2"),
         )
 
 
@@ -103,14 +117,15 @@ class PolicyClass(NamedTuple):
     param_shapes: tuple  # shapes of the policy's logits for one prompt
 
 
-def policy_classes(seed: int) -> list[PolicyClass]:
+def policy_classes(seed: int, names=CLASS_NAMES) -> list[PolicyClass]:
     features = np.random.default_rng(seed).normal(size=(8, 4)) / 2.0
-    return [
+    classes = [
         PolicyClass("tabular", TabularPolicy(8), ((8,),)),
         PolicyClass("autoregressive_L2", AutoregressiveTabularPolicy(3, 2), ((1, 3), (3, 3))),
         PolicyClass("autoregressive_L3", AutoregressiveTabularPolicy(2, 3), ((1, 2), (2, 2), (4, 2))),
         PolicyClass("log_linear", LogLinearPolicy(features), ((4,),)),
     ]
+    return [c for c in classes if c.name in names]
 
 
 def _decode(cls: PolicyClass, z, num_outputs, variance, config):
@@ -216,7 +231,7 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
     progress = Progress(NAME)
     rng = np.random.default_rng(config.seed)
     classes, attaining, total = {}, {}, 0
-    for cls in policy_classes(config.seed):
+    for cls in policy_classes(config.seed, config.classes):
         t, variance, z, num_outputs = search(cls, config, progress)
         total += t.size
         length, jac = cls.policy.length, cls.policy.jacobian_norm
@@ -269,9 +284,10 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
         f"envelope slopes {min(slopes):.3f} to {max(slopes):.3f}; classes reaching -1/3: "
         f"{', '.join(n for n, c in classes.items() if c['reaches_minus_third']) or 'none'}"
     )
-    write_json(out_dir / "tightness_instances.json", attaining)
+    write_json(out_dir / "tightness_minimizers.json", attaining)
     _figure(classes, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")
@@ -327,7 +343,7 @@ Classes whose worst case reaches -1/3: {", ".join(third) or "none"}. Classes tha
 {", ".join(half) or "none"}. With `lam = 0` scaling the reward model by `s` rescales time by
 `1/s` for every policy, so along any such path the exponent is exactly -1/2; the search looks
 for instances whose structure changes with the variance. {conclusion} The instances with the
-smallest ratio to Proposition A are in `tightness_instances.json`.
+smallest ratio to Proposition A are in `tightness_minimizers.json`.
 
 ![lower envelopes](figures/{NAME}.png)
 """

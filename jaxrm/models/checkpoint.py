@@ -1,9 +1,10 @@
 """Model checkpoints: an nnx model's parameters (orbax) plus its config (JSON), written atomically.
 
 A checkpoint directory holds ``model.json`` (model class, :class:`TransformerConfig`, user
-metadata) and ``params/`` (an orbax ``StandardCheckpointer`` tree). It is written under a
-temporary name and renamed into place, so a killed run never leaves a half-written checkpoint
-under the final name.
+metadata, a checksum of every parameter) and ``params/`` (an orbax ``StandardCheckpointer``
+tree). It is written under a temporary name and renamed into place, so a killed run never leaves
+a half-written checkpoint under the final name; a checkpoint damaged afterwards fails its checksum
+at load instead of loading garbage values.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -21,6 +24,40 @@ from jaxrm.models.config import TransformerConfig
 from jaxrm.models.transformer import CausalLM, RewardModel
 
 _MODEL_CLASSES = {"CausalLM": CausalLM, "RewardModel": RewardModel}
+
+
+def tree_checksum(tree) -> list[int]:
+    """One 32-bit checksum per leaf of a pytree of arrays: ``sum_i w_i (2 i + 1) mod 2^32`` over
+    the leaf's bits read as 32-bit words ``w_i`` (narrower dtypes widened, wider ones split).
+
+    Any change of a single word changes it (odd multipliers are invertible mod ``2^32``). It runs
+    where the arrays live, sharded or not, so no array is gathered to the host.
+    """
+    leaves = [jax.random.key_data(x) if is_prng_key(x) else x for x in jax.tree.leaves(tree)]
+    return [int(v) for v in np.asarray(_checksums(leaves).addressable_data(0))] if leaves else []
+
+
+def is_prng_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+@jax.jit
+def _checksums(leaves):
+    def words(x):
+        if x.dtype == jnp.bool_:
+            return x.astype(jnp.uint32)
+        width = x.dtype.itemsize
+        if width < 4:
+            unsigned = {1: jnp.uint8, 2: jnp.uint16}[width]
+            return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+    def checksum(x):
+        w = words(x).ravel()
+        odd = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
+        return jnp.sum(w * odd, dtype=jnp.uint32)
+
+    return jnp.stack([checksum(x) for x in leaves])
 
 
 def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata: dict | None = None) -> Path:
@@ -38,28 +75,56 @@ def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(staging / "params", params)
         checkpointer.wait_until_finished()
-    record = {"class": kind, "config": model.config.to_dict(), "metadata": metadata or {}}
+    record = {
+        "class": kind,
+        "config": model.config.to_dict(),
+        "metadata": metadata or {},
+        "checksum": tree_checksum(params),
+    }
     (staging / "model.json").write_text(json.dumps(record, indent=1))
     os.replace(staging, directory)
     return directory
 
 
+def _read_record(directory: Path) -> dict:
+    path = directory / "model.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a jaxrm model checkpoint (no model.json).")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    missing = [
+        k for k in ("class", "config", "metadata", "checksum") if not isinstance(record, dict) or k not in record
+    ]
+    if missing:
+        raise ValueError(f"{path} is not a jaxrm model record (missing {missing}).")
+    if record["class"] not in _MODEL_CLASSES:
+        raise ValueError(f"{path}: class {record['class']!r} is not one of {list(_MODEL_CLASSES)}.")
+    return record
+
+
 def read_metadata(directory: str | Path) -> dict:
     """The ``metadata`` dict stored with a checkpoint."""
-    return json.loads((Path(directory) / "model.json").read_text())["metadata"]
+    return _read_record(Path(directory))["metadata"]
 
 
-def load_model(directory: str | Path, *, sharding=None) -> CausalLM | RewardModel:
+def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = False) -> CausalLM | RewardModel:
     """Rebuild the model saved by :func:`save_model`.
 
     ``sharding``: optional pytree of ``jax.sharding.Sharding`` matching the parameters (as from
     :func:`jaxrm.sharding.param_shardings`), to restore straight onto a mesh.
+    ``allow_nonfinite``: load parameters holding NaN or inf instead of refusing them.
+
+    A damaged checkpoint (unreadable files, or parameters whose checksum differs from the one
+    recorded at save) raises ``ValueError`` naming the directory.
     """
     directory = Path(directory).absolute()
-    if not (directory / "model.json").exists():
-        raise FileNotFoundError(f"{directory} is not a jaxrm model checkpoint (no model.json).")
-    record = json.loads((directory / "model.json").read_text())
-    config = TransformerConfig.from_dict(record["config"])
+    record = _read_record(directory)
+    try:
+        config = TransformerConfig.from_dict(record["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{directory / 'model.json'}: bad model config ({error}).") from None
     abstract = nnx.eval_shape(lambda: _MODEL_CLASSES[record["class"]](config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
@@ -69,7 +134,22 @@ def load_model(directory: str | Path, *, sharding=None) -> CausalLM | RewardMode
             target,
             nnx.to_pure_dict(sharding),
         )
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory / "params", target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(directory / "params", target)
+    except Exception as error:  # noqa: BLE001 -- tensorstore and orbax raise many types for damaged files
+        raise ValueError(f"{directory}: the parameters cannot be read ({type(error).__name__}: {error}).") from None
+    if tree_checksum(restored) != record["checksum"]:
+        raise ValueError(f"{directory}: the parameters differ from those saved (checksum mismatch): damaged.")
+    if not allow_nonfinite:
+        bad = [
+            "/".join(str(getattr(key, "key", key)) for key in path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+            if not bool(jnp.isfinite(leaf).all())
+        ]
+        if bad:
+            raise ValueError(
+                f"{directory}: parameters {bad[:4]} hold NaN/inf values; pass allow_nonfinite=True to load them anyway."
+            )
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

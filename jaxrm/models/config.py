@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxrm._checks import check_fields
+
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -68,9 +70,10 @@ class TransformerConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
         if self.hidden_size % self.num_heads:
             raise ValueError(

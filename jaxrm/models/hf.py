@@ -1,36 +1,29 @@
-"""Hugging Face GPT-NeoX (Pythia) checkpoints: a safetensors reader and ``load_hf``.
+"""Hugging Face GPT-NeoX (Pythia) checkpoints: ``load_hf`` and a safetensors reader.
 
-Only ``config.json`` + ``*.safetensors`` are read, straight into numpy memory maps: no network,
-no ``torch``, and never a pickle (``*.bin``/``*.pt`` files can run arbitrary code when loaded).
+Only ``config.json`` + ``*.safetensors`` are read, with the ``safetensors`` library (which
+memory-maps the file and validates its header: offsets, sizes, dtypes) and one tensor at a time:
+no network, no ``torch``, and never a pickle (``*.bin``/``*.pt`` files can run arbitrary code
+when loaded). A damaged file, a malformed ``config.json`` and non-finite weights are refused with
+an error that names the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import struct
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401 -- registers bfloat16 with numpy, so safetensors can return BF16 tensors
 import numpy as np
+import safetensors
 from flax import nnx
 
 from jaxrm.models.config import TransformerConfig
 from jaxrm.models.transformer import CausalLM, RewardModel
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers that old GPT-NeoX checkpoints store but that are recomputed here.
 _IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
@@ -38,26 +31,58 @@ _HEADS = {"lm": (CausalLM, "embed_out"), "reward": (RewardModel, "score")}
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of one ``.safetensors`` file (read-only numpy arrays)."""
-    path = Path(path)
-    with path.open("rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_size))
-    data_start = 8 + header_size
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        begin, end = info["data_offsets"]
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end - begin != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {count * dtype.itemsize}.")
-        array = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,))
-        tensors[name] = array.reshape(info["shape"])
-    return tensors
+    """Every tensor of one ``.safetensors`` file as a numpy array; a damaged file raises
+    ``ValueError`` naming it."""
+    with _SafetensorsFiles([Path(path)]) as files:
+        return {name: files.tensor(name) for name in files.names()}
+
+
+class _SafetensorsFiles:
+    """The tensors of several ``.safetensors`` files, by name, read one at a time."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.stack = contextlib.ExitStack()
+        self.where: dict[str, tuple[Path, Any]] = {}
+
+    def __enter__(self):
+        for path in self.paths:
+            try:
+                handle = self.stack.enter_context(safetensors.safe_open(path, framework="numpy"))
+            except Exception as error:  # noqa: BLE001 -- SafetensorError, OSError, ...: all mean a bad file
+                self.stack.close()
+                raise ValueError(f"{path} is not a readable safetensors file ({error}).") from None
+            for name in handle.keys():
+                self.where[name] = (path, handle)
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def tensor(self, name: str) -> np.ndarray:
+        path, handle = self.where[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as error:  # noqa: BLE001 -- e.g. a dtype numpy cannot hold
+            raise ValueError(f"{path}: tensor {name!r} cannot be read ({error}).") from None
+
+
+def _read_config(directory: Path, overrides: dict) -> TransformerConfig:
+    path = directory / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a {type(hf).__name__}, not a JSON object of model settings.")
+    try:
+        return TransformerConfig.from_hf(hf, **overrides)
+    except (KeyError, TypeError, ValueError) as error:
+        what = f"has no {error}" if isinstance(error, KeyError) else f"is not a usable model config: {error}"
+        raise ValueError(f"{path} {what}") from None
 
 
 def _checkpoint_files(directory: Path) -> list[Path]:
@@ -87,7 +112,9 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return ".".join([*module, leaf_name]), leaf == "kernel"
 
 
-def load_hf(path: str | Path, *, head: str = "lm", **config_overrides) -> CausalLM | RewardModel:
+def load_hf(
+    path: str | Path, *, head: str = "lm", allow_nonfinite: bool = False, **config_overrides
+) -> CausalLM | RewardModel:
     """Load a local Hugging Face GPT-NeoX directory into a :class:`CausalLM` or :class:`RewardModel`.
 
     Args:
@@ -96,42 +123,52 @@ def load_hf(path: str | Path, *, head: str = "lm", **config_overrides) -> Causal
         model (``score.weight`` of ``GPTNeoXForSequenceClassification``; when the checkpoint is a
         causal LM without it, the head starts at zero, as a reward model initialised from an SFT
         model).
+      allow_nonfinite: load tensors holding NaN or inf instead of refusing them.
       **config_overrides: fields of :class:`TransformerConfig` to change, e.g. ``param_dtype``.
 
-    Tensors are converted to ``param_dtype`` (float32 by default, whatever the file stores).
+    Tensors are converted to ``param_dtype`` (float32 by default, whatever the file stores). A
+    damaged or non-safetensors file, a malformed ``config.json``, a missing tensor, a shape that
+    does not match the config and (unless ``allow_nonfinite``) a NaN/inf weight raise
+    ``ValueError`` naming the file or the tensor.
     """
     if head not in _HEADS:
         raise ValueError(f"head={head!r} is not one of {list(_HEADS)}.")
     directory = Path(path)
     files = _checkpoint_files(directory)
-    config = TransformerConfig.from_hf(json.loads((directory / "config.json").read_text()), **config_overrides)
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        tensors.update(read_safetensors(file))
-    # A bare GPTNeoXModel saves the trunk's tensors without the "gpt_neox." prefix.
-    trunk_names = ("embed_in.", "layers.", "final_layer_norm.")
-    tensors = {f"gpt_neox.{n}" if n.startswith(trunk_names) else n: value for n, value in tensors.items()}
-
+    config = _read_config(directory, config_overrides)
     module_type, head_name = _HEADS[head]
     abstract = nnx.eval_shape(lambda: module_type(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    used, missing, loaded = set(), [], []
-    for param_path, variable in nnx.to_flat_state(abstract_state):
-        name, transposed = _hf_name(param_path)
-        if name not in tensors:
-            if param_path[0] == head_name and head == "reward":
-                loaded.append((param_path, variable.replace(jnp.zeros(variable.shape, variable.dtype))))
+    with _SafetensorsFiles(files) as tensors:
+        # A bare GPTNeoXModel saves the trunk's tensors without the "gpt_neox." prefix.
+        trunk_names = ("embed_in.", "layers.", "final_layer_norm.")
+        stored = {f"gpt_neox.{n}" if n.startswith(trunk_names) else n: n for n in tensors.names()}
+        used, missing, loaded = set(), [], []
+        for param_path, variable in nnx.to_flat_state(abstract_state):
+            name, transposed = _hf_name(param_path)
+            if name not in stored:
+                if param_path[0] == head_name and head == "reward":
+                    loaded.append((param_path, variable.replace(jnp.zeros(variable.shape, variable.dtype))))
+                    continue
+                missing.append(name)
                 continue
-            missing.append(name)
-            continue
-        value = tensors[name].T if transposed else tensors[name]
-        if value.shape != variable.shape:
-            raise ValueError(f"{name}: checkpoint shape {value.shape} does not match the config's {variable.shape}.")
-        used.add(name)
-        loaded.append((param_path, variable.replace(jnp.asarray(np.asarray(value), dtype=variable.dtype))))
+            value = tensors.tensor(stored[name])
+            value = value.T if transposed else value
+            if value.shape != variable.shape:
+                raise ValueError(
+                    f"{directory}: tensor {name} has shape {value.shape}, which does not match the config's "
+                    f"{variable.shape}."
+                )
+            if not allow_nonfinite and not np.isfinite(value).all():
+                raise ValueError(
+                    f"{directory}: tensor {name} holds {int((~np.isfinite(value)).sum())} NaN/inf value(s); "
+                    "pass allow_nonfinite=True to load it anyway."
+                )
+            used.add(name)
+            loaded.append((param_path, variable.replace(jnp.asarray(value, dtype=variable.dtype))))
     if missing:
         raise ValueError(f"{directory}: missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}.")
-    unused = sorted(n for n in set(tensors) - used if not n.endswith(_IGNORED_SUFFIXES))
+    unused = sorted(n for n in set(stored) - used if not n.endswith(_IGNORED_SUFFIXES))
     if head == "reward":
         unused = [n for n in unused if n != "embed_out.weight"]
     if unused:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrm._checks import check_token_ids, is_concrete
+from jaxrm._checks import NON_NEGATIVE, POSITIVE_INT, check_fields, check_token_ids, checked, is_concrete
 from jaxrm.models.transformer import CausalLM, KVCache, default_positions
 
 
@@ -46,22 +46,22 @@ class SamplingOptions:
       pad_id: token id written after a row has ended (default 0).
     """
 
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_id: int | None = None
-    pad_id: int = 0
+    max_new_tokens: int = checked(None, POSITIVE_INT)
+    temperature: float = checked(1.0, NON_NEGATIVE)
+    top_k: int = checked(0, NON_NEGATIVE)
+    top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
+    eos_id: int | None = checked(None, NON_NEGATIVE)
+    pad_id: int = checked(0, NON_NEGATIVE)
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}.")
+        check_fields(self)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` unless ``eos_id`` and ``pad_id`` are ids of a ``vocab_size`` vocabulary."""
+        for name in ("eos_id", "pad_id"):
+            value = getattr(self, name)
+            if value is not None and value >= vocab_size:
+                raise ValueError(f"{name}={value} is outside the model's vocabulary [0, {vocab_size}).")
 
 
 @flax.struct.dataclass
@@ -248,10 +248,10 @@ def sample(model: CausalLM, prompt_tokens, prompt_mask, key, **options) -> Sampl
     an input, so training them does not recompile.
     """
     check_prompts(prompt_tokens, prompt_mask, model.config.vocab_size)
+    options = SamplingOptions(**options)
+    options.check_vocabulary(model.config.vocab_size)
     graphdef, state = nnx.split(model)
-    return _compiled_sampler(graphdef, SamplingOptions(**options))(
-        state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key
-    )
+    return _compiled_sampler(graphdef, options)(state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key)
 
 
 def pad_sequences(sequences, *, length: int | None = None, side: str = "left", pad_id: int = 0):

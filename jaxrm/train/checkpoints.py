@@ -1,4 +1,4 @@
-"""Checkpoints of a run's training state (orbax), every few steps, with fallback on unreadable ones."""
+"""Checkpoints of a run's training state (orbax), every few steps, with fallback on damaged ones."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxrm.models.checkpoint import is_prng_key, tree_checksum
+
 
 class RunCheckpoints:
     """Checkpoints of a training state every few steps, keeping the last ``keep`` (orbax manager).
 
     A state is any pytree of arrays (typed PRNG keys are stored as their raw key data); each
-    checkpoint also carries a small JSON record. Saves are atomic (orbax writes to a temporary
-    directory and renames it when complete), so a run killed while saving leaves the previous
-    checkpoints intact; :meth:`restore_latest` falls back to an older checkpoint, with a warning,
-    when the newest one cannot be read.
+    checkpoint also carries a small JSON record, with the state's
+    :func:`~jaxrm.models.checkpoint.tree_checksum` added. Saves are atomic (orbax writes to a
+    temporary directory and renames it when complete), so a run killed while saving leaves the
+    previous checkpoints intact; :meth:`restore_latest` falls back to an older checkpoint, with a
+    warning, when the newest one cannot be read or its values fail the checksum (damaged files).
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
@@ -28,7 +31,8 @@ class RunCheckpoints:
         )
 
     def save(self, step: int, state, record: dict) -> None:
-        state = jax.tree.map(_storable, state, is_leaf=_is_key)
+        state = jax.tree.map(_storable, state, is_leaf=is_prng_key)
+        record = {**record, "checksum": tree_checksum(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
         self.manager.save(step, args=args)
         self.manager.wait_until_finished()
@@ -42,7 +46,7 @@ class RunCheckpoints:
         ``template`` is a state of the same structure (arrays or ``jax.ShapeDtypeStruct``, with
         the shardings to restore onto).
         """
-        abstract = jax.tree.map(_abstract, template, is_leaf=_is_key)
+        abstract = jax.tree.map(_abstract, template, is_leaf=is_prng_key)
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(
@@ -54,13 +58,16 @@ class RunCheckpoints:
                     f"checkpoint at step {step} is unreadable ({type(error).__name__}: {error}); trying an older one."
                 )
                 continue
+            if tree_checksum(restored["state"]) != restored["record"].get("checksum"):
+                warnings.warn(f"checkpoint at step {step} is damaged (checksum mismatch); trying an older one.")
+                continue
             state = jax.tree.map(
                 lambda stored, like: (
-                    jax.random.wrap_key_data(stored, impl=jax.random.key_impl(like)) if _is_key(like) else stored
+                    jax.random.wrap_key_data(stored, impl=jax.random.key_impl(like)) if is_prng_key(like) else stored
                 ),
                 restored["state"],
                 template,
-                is_leaf=_is_key,
+                is_leaf=is_prng_key,
             )
             return step, state, restored["record"]
         return None
@@ -69,14 +76,10 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _storable(x):
-    return jax.random.key_data(x) if _is_key(x) else x
+    return jax.random.key_data(x) if is_prng_key(x) else x
 
 
 def _abstract(x):
-    x = jax.random.key_data(x) if _is_key(x) else x
+    x = jax.random.key_data(x) if is_prng_key(x) else x
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrm._checks import check_choice
+from jaxrm.models.checkpoint import tree_checksum
 from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
 from jaxrm.sharding import STRATEGIES, param_shardings, put_global
@@ -60,10 +61,7 @@ class RLHFRun(NamedTuple):
 
 def params_fingerprint(params) -> str:
     """A short hash of parameter values: checks that a resumed run uses the same reference."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        digest.update(np.asarray(jax.device_get(leaf)).tobytes())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256(json.dumps(tree_checksum(params)).encode()).hexdigest()[:16]
 
 
 def _is_writer() -> bool:
@@ -229,6 +227,7 @@ def run_rlhf(
     Every argument is checked before the run directory is written.
     """
     check_prompts(prompts, prompt_mask, policy.config.vocab_size)
+    config.sampling.check_vocabulary(policy.config.vocab_size)
     seed_list, means, stds = _check_run_arguments(
         num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every
     )

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrm._checks import check_token_ids
+from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
 from jaxrm.models.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
@@ -146,25 +146,17 @@ class RewardTrainConfig:
       seed: seed of the shuffling of the pairs (the model's initialisation is not drawn here).
     """
 
-    learning_rate: float = 1e-5
-    batch_size: int = 32
-    epochs: int = 1
-    centering: float = 0.01
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    learning_rate: float = checked(1e-5, POSITIVE)
+    batch_size: int = checked(32, POSITIVE_INT)
+    epochs: int = checked(1, POSITIVE_INT)
+    centering: float = checked(0.01, NON_NEGATIVE)
+    warmup_steps: int = checked(0, NON_NEGATIVE)
+    weight_decay: float = checked(0.0, NON_NEGATIVE)
+    max_grad_norm: float = checked(1.0, POSITIVE)
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RewardTrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("learning_rate", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RewardTrainConfig.{name} must be > 0, got {getattr(self, name)}.")
-        for name in ("centering", "weight_decay", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"RewardTrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        check_fields(self)
 
     def optimizer(self) -> optax.GradientTransformation:
         schedule = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps) if self.warmup_steps else None

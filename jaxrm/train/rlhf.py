@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from jaxrm import metrics, pg
-from jaxrm._checks import check_choice
+from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, checked, one_of
 from jaxrm.models.sampling import SamplingOptions, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 
@@ -98,29 +98,29 @@ class RLHFConfig:
         are measured once by :func:`measure_reward_statistics` with the matching ddof.
     """
 
-    advantage_estimator: str = "rloo"
-    samples_per_prompt: int = 2
-    prompts_per_iteration: int = 32
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_id: int | None = None
-    pad_id: int = 0
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    kl_placement: str = "reward"
-    clip_eps: float = 0.2
-    ratio_level: str = "sequence"
-    aggregation: str = "token-mean"
-    entropy_coef: float = 0.0
-    epochs: int = 1
-    minibatches: int = 1
-    learning_rate: float = 1e-6
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    reward_clip: float | None = None
-    reward_normalization: str = "std"
+    advantage_estimator: str = checked("rloo", one_of(pg.ADVANTAGE_ESTIMATORS))
+    samples_per_prompt: int = checked(2, POSITIVE_INT)
+    prompts_per_iteration: int = checked(32, POSITIVE_INT)
+    max_new_tokens: int = checked(64, POSITIVE_INT)
+    temperature: float = checked(1.0, POSITIVE)
+    top_k: int = checked(0, NON_NEGATIVE)
+    top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
+    eos_id: int | None = checked(None, NON_NEGATIVE)
+    pad_id: int = checked(0, NON_NEGATIVE)
+    kl_coef: float = checked(0.05, NON_NEGATIVE)
+    kl_estimator: str = checked("k1", one_of(metrics.KL_ESTIMATORS))
+    kl_placement: str = checked("reward", one_of(KL_PLACEMENTS))
+    clip_eps: float = checked(0.2, NON_NEGATIVE)
+    ratio_level: str = checked("sequence", one_of(pg.RATIO_LEVELS))
+    aggregation: str = checked("token-mean", one_of(pg.AGGREGATIONS))
+    entropy_coef: float = checked(0.0, NON_NEGATIVE)
+    epochs: int = checked(1, POSITIVE_INT)
+    minibatches: int = checked(1, POSITIVE_INT)
+    learning_rate: float = checked(1e-6, POSITIVE)
+    adam_eps: float = checked(1e-8, POSITIVE)
+    max_grad_norm: float | None = checked(1.0, POSITIVE)
+    reward_clip: float | None = checked(None, POSITIVE)
+    reward_normalization: str = checked("std", one_of(pg.REWARD_NORMALIZATIONS))
 
     @classmethod
     def official_rloo(cls, **overrides) -> RLHFConfig:
@@ -157,16 +157,7 @@ class RLHFConfig:
         return cls(**{**official, **overrides})
 
     def __post_init__(self):
-        check_choice("advantage_estimator", self.advantage_estimator, pg.ADVANTAGE_ESTIMATORS)
-        check_choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
-        check_choice("kl_estimator", self.kl_estimator, metrics.KL_ESTIMATORS)
-        check_choice("ratio_level", self.ratio_level, pg.RATIO_LEVELS)
-        check_choice("aggregation", self.aggregation, pg.AGGREGATIONS)
-        check_choice("reward_normalization", self.reward_normalization, pg.REWARD_NORMALIZATIONS)
-        for name in ("samples_per_prompt", "prompts_per_iteration", "max_new_tokens", "epochs", "minibatches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RLHFConfig.{name} must be a positive int, got {value!r}.")
+        check_fields(self)
         if self.advantage_estimator != "reinforce" and self.samples_per_prompt < 2:
             raise ValueError(
                 f"advantage_estimator={self.advantage_estimator!r} needs samples_per_prompt >= 2 "
@@ -177,22 +168,6 @@ class RLHFConfig:
                 f"minibatches={self.minibatches} must divide prompts_per_iteration x samples_per_prompt = "
                 f"{self.prompts_per_iteration * self.samples_per_prompt}."
             )
-        for name in ("kl_coef", "clip_eps", "entropy_coef", "temperature"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"RLHFConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
-        if self.temperature == 0:
-            raise ValueError("RLHFConfig.temperature must be > 0: policy gradients need a stochastic policy.")
-        positive = ("learning_rate", "adam_eps") + tuple(
-            name for name in ("max_grad_norm", "reward_clip") if getattr(self, name) is not None
-        )
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RLHFConfig.{name} must be > 0, got {getattr(self, name)!r}.")
-        for name in ("pad_id",) + (("eos_id",) if self.eos_id is not None else ()):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"RLHFConfig.{name} must be a token id (an int >= 0), got {value!r}.")
-        self.sampling  # noqa: B018 -- SamplingOptions checks top_k, top_p and max_new_tokens now, not at the first iteration
 
     @property
     def sampling(self) -> SamplingOptions:
@@ -390,7 +365,10 @@ def make_iteration(
 
 
 def init_state(policy: CausalLM, config: RLHFConfig, key) -> TrainState:
-    """The state of a run that starts from ``policy`` (its parameters are copied, not donated)."""
+    """The state of a run that starts from ``policy`` (its parameters are copied, not donated).
+
+    Refuses (``ValueError``) an ``eos_id`` or ``pad_id`` outside the policy's vocabulary."""
+    config.sampling.check_vocabulary(policy.config.vocab_size)
     params = nnx.state(policy, nnx.Param)
     return TrainState(params, config.optimizer().init(params), jnp.zeros((), jnp.int32), key)
 
@@ -446,6 +424,7 @@ def measure_reward_statistics(
     samples of the initial policy); ``std`` with the ddof that ``config.reward_normalization``
     expects (:attr:`RLHFConfig.reward_ddof`).
     """
+    config.sampling.check_vocabulary(policy.config.vocab_size)
     graphdef, params = nnx.split(policy)
     sampler = jax.jit(make_sampler(graphdef, config.sampling))
     score = jax.jit(reward_fn)

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrm._checks import check_token_ids
+from jaxrm._checks import POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
 from jaxrm.models.transformer import CausalLM
 from jaxrm.train.loop import epoch_order, make_minibatch_loop
 
@@ -49,17 +49,14 @@ class SFTConfig:
         here).
     """
 
-    learning_rate: float = 1e-3
-    batch_size: int = 32
-    epochs: int = 1
-    max_grad_norm: float = 1.0
+    learning_rate: float = checked(1e-3, POSITIVE)
+    batch_size: int = checked(32, POSITIVE_INT)
+    epochs: int = checked(1, POSITIVE_INT)
+    max_grad_norm: float = checked(1.0, POSITIVE)
     seed: int = 0
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("SFTConfig.batch_size and epochs must be >= 1.")
-        if not (self.learning_rate > 0 and self.max_grad_norm > 0):
-            raise ValueError("SFTConfig.learning_rate and max_grad_norm must be > 0.")
+        check_fields(self)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,0 +1,367 @@
+"""A catalogue of bad input, as a user would stumble on it: each case names the exception it must
+raise and a pattern that the message must contain (the offending argument, field or file). The
+command-line cases also check that the run never started and that nothing was written."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import experiments.paradox
+import experiments.teacher
+import theory.__main__
+from jaxrm import bounds, flow, metrics, pg, tabular
+from jaxrm.models import CausalLM, load_hf, load_model, preset, read_metadata, sample, save_model
+from jaxrm.models.config import TransformerConfig
+from jaxrm.models.sampling import SamplingOptions
+from jaxrm.train import RewardTrainConfig
+from jaxrm.train.rlhf import RLHFConfig
+from jaxrm.train.sft import SFTConfig
+from theory.theorem1 import Theorem1Config
+from theory.tightness import TightnessConfig
+
+# ---------------------------------------------------------------------------------------------
+# Study command lines: refused with a usage error (status 2) before the run starts or writes.
+
+STUDY_CASES = [
+    # (module, --set items, what the message names)
+    (experiments.teacher, ["iterations=1.5"], r"iterations=1\.5: must be an int"),
+    (experiments.teacher, ["iterations=-1"], r"iterations=-1: must be >= 1"),
+    (experiments.teacher, ["iterations=0"], r"iterations=0"),
+    (experiments.teacher, ["seeds=0"], r"seeds=0: must be >= 1"),
+    (experiments.teacher, ["chunk=500"], r"chunk=500 must be <= iterations"),
+    (experiments.teacher, ["learning_rate=NaN"], r"learning_rate=nan: must be finite"),
+    (experiments.teacher, ["learning_rate=0"], r"learning_rate=0"),
+    (experiments.teacher, ["kl_coef=-0.1"], r"kl_coef=-0\.1: must be >= 0"),
+    (experiments.teacher, ['rloo="fast"'], r"rloo='fast'"),
+    (experiments.teacher, ["rloo=fast"], r"rloo='fast'"),
+    (experiments.teacher, ["student_sharpness=[]"], r"student_sharpness=\(\)"),
+    (experiments.teacher, ["student_sharpness=[1, -2]"], r"student_sharpness"),
+    (experiments.teacher, ["hidden_size=true"], r"hidden_size=True: must be an int"),
+    (experiments.teacher, ["hidden_size=30"], r"hidden_size=30 must be a multiple of num_heads"),
+    (experiments.teacher, ["prompts_per_iteration=4096"], r"prompts_per_iteration=4096 must be <= pg_prompts"),
+    (experiments.teacher, ["eval_samples=1"], r"eval_samples=1"),
+    (experiments.teacher, ["rm_prompts=8"], r"rm_prompts=8"),
+    (experiments.teacher, ["sft_examples=2.5"], r"sft_examples=2\.5: must be an int"),
+    (experiments.teacher, ["policy_checkpoint=/no/such/model"], r"policy_checkpoint='/no/such/model'"),
+    (experiments.teacher, ["bogus=1"], r"unknown TeacherConfig key\(s\) \['bogus'\]"),
+    (experiments.teacher, ["seeds"], r"KEY=VALUE.*'seeds'"),
+    (experiments.paradox, ["kl_budget=-1"], r"kl_budget=-1: must be > 0"),
+    (experiments.paradox, ["on_policy_fraction=2"], r"on_policy_fraction=2: must be in \[0, 1\]"),
+    (experiments.paradox, ["checkpoints=0"], r"checkpoints=0: must be >= 2"),
+    (experiments.paradox, ["checkpoints=5000"], r"checkpoints=5000: the reward-model run has at most"),
+    (experiments.paradox, ["rm_epochs=0"], r"rm_epochs=0: must be >= 1"),
+    (experiments.paradox, ["student_sharpness=[1, 2]"], r"student_sharpness=\(1, 2\): must be one sharpness"),
+]
+
+
+@pytest.fixture
+def no_study_run(monkeypatch):
+    """Fails the test if a study's ``run`` (SFT, reward models, RLOO) is ever entered."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the study started although its input was bad")
+
+    monkeypatch.setattr(experiments.teacher, "run", refuse)
+    monkeypatch.setattr(experiments.paradox, "run", refuse)
+
+
+@pytest.mark.parametrize(("module", "items", "message"), STUDY_CASES, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_a_study_refuses_a_bad_setting_before_anything(module, items, message, tmp_path, capsys, no_study_run):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--preset", "ci", "--out", str(out), "--set", *items])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: python -m {module.__name__}" in err
+    assert __import__("re").search(message, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("out", ["", "a_file", "/proc/jaxrm_cannot_write_here"], ids=["empty", "file", "unwritable"])
+def test_a_study_refuses_a_bad_out_directory(module, out, tmp_path, capsys, no_study_run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--preset", "ci", "--out", out])
+    assert exit_.value.code == 2
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(experiments.teacher, "train_students", no_training)
+    out = tmp_path / "run"
+    out.mkdir()
+    first = dataclasses.replace(experiments.teacher.TeacherConfig.preset("ci"), seeds=3, kl_coef=0.1)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(first)))
+    before = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"keys that differ: \['kl_coef', 'seeds'\]"):
+        experiments.teacher.main(["--preset", "ci", "--out", str(out)])
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--out", ""], "--out is empty"),
+        (["--out", "a_file"], "--out a_file is a file"),
+        (["--out", "/proc/jaxrm_cannot_write_here"], "cannot write in /proc"),
+        (["--out", "a_file/results"], "a_file is a file"),
+        (["--only", "theorem9"], "invalid choice: 'theorem9'"),
+    ],
+    ids=["empty", "file", "unwritable", "inside-a-file", "unknown-study"],
+)
+def test_python_m_theory_refuses_a_bad_command_line_before_computing(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(theory.__main__.importlib, "import_module", lambda name: pytest.fail(f"{name} was run"))
+    with pytest.raises(SystemExit) as exit_:
+        theory.__main__.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_theory_reports_never_mix_quick_and_full_results(tmp_path):
+    for name, quick in (("theorem2", False), ("theorem3", True)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"seconds": 1, "verdict": f"{name} verdict", "quick": quick}))
+        (tmp_path / f"{name}.md").write_text(f"## {name}\n")
+    quick = theory.__main__._report(tmp_path, list(theory.__main__.STUDIES), quick=True)
+    full = theory.__main__._report(tmp_path, list(theory.__main__.STUDIES), quick=False)
+    assert "**Quick run**" in quick and "theorem3 verdict" in quick and "theorem2 verdict" not in quick
+    assert "Left out: theorem2 (from a full run" in quick
+    assert "Quick run" not in full and "theorem2 verdict" in full and "theorem3 verdict" not in full
+    assert "Left out: theorem3 (from a quick run" in full
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: types and ranges checked on construction.
+
+CONFIG_CASES = [
+    (lambda: RewardTrainConfig(epochs=2.5), r"RewardTrainConfig\.epochs=2\.5: must be an int"),
+    (lambda: RewardTrainConfig(batch_size=True), r"RewardTrainConfig\.batch_size=True: must be an int"),
+    (lambda: RewardTrainConfig(learning_rate=-1.0), r"RewardTrainConfig\.learning_rate=-1\.0: must be > 0"),
+    (lambda: RewardTrainConfig(learning_rate="1e-3"), r"RewardTrainConfig\.learning_rate='1e-3': must be a number"),
+    (lambda: RewardTrainConfig(centering=math.inf), r"RewardTrainConfig\.centering=inf: must be finite"),
+    (lambda: SFTConfig(batch_size=0), r"SFTConfig\.batch_size=0: must be >= 1"),
+    (lambda: SFTConfig(epochs=1.0), r"SFTConfig\.epochs=1\.0: must be an int"),
+    (lambda: RLHFConfig(top_p=2.0), r"RLHFConfig\.top_p=2\.0: must be in \(0, 1\]"),
+    (lambda: RLHFConfig(temperature=0.0), r"RLHFConfig\.temperature=0\.0: must be > 0"),
+    (lambda: RLHFConfig(minibatches=3), r"minibatches=3 must divide"),
+    (lambda: RLHFConfig(kl_estimator="k4"), r"RLHFConfig\.kl_estimator='k4': must be one of"),
+    (lambda: RLHFConfig(eos_id=-1), r"RLHFConfig\.eos_id=-1: must be >= 0"),
+    (lambda: RLHFConfig(samples_per_prompt=1), r"samples_per_prompt >= 2"),
+    (lambda: RLHFConfig(learning_rate=math.nan), r"RLHFConfig\.learning_rate=nan: must be finite"),
+    (lambda: RLHFConfig(max_new_tokens=2.5), r"RLHFConfig\.max_new_tokens=2\.5: must be an int"),
+    (lambda: SamplingOptions(max_new_tokens=4, top_k=1.5), r"SamplingOptions\.top_k=1\.5: must be an int"),
+    (lambda: SamplingOptions(max_new_tokens=0), r"SamplingOptions\.max_new_tokens=0: must be >= 1"),
+    (lambda: TransformerConfig(97, 30, 1, 4, 64), r"hidden_size=30 must be divisible by num_heads=4"),
+    (lambda: TransformerConfig(97.0, 32, 1, 4, 64), r"TransformerConfig\.vocab_size=97\.0: must be an int"),
+    (lambda: Theorem1Config(num_outputs=1), r"Theorem1Config\.num_outputs=1: must be >= 2"),
+    (lambda: Theorem1Config(lengths=(2, 0.5)), r"Theorem1Config\.lengths=\(2, 0\.5\): must be an int"),
+    (lambda: TightnessConfig(classes=("tabular", "mlp")), r"TightnessConfig\.classes=\('tabular', 'mlp'\)"),
+]
+
+
+@pytest.mark.parametrize(("build", "message"), CONFIG_CASES)
+def test_a_config_refuses_a_bad_field(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_config_fields_take_ints_for_floats_and_lists_for_tuples():
+    assert RewardTrainConfig(learning_rate=1).learning_rate == 1
+    assert Theorem1Config(lengths=[2]).lengths == (2,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels and bounds: a ValueError naming the argument, or a documented defined value.
+
+KERNEL_CASES = [
+    (lambda: bounds.theorem4_lower_bound(-0.1, 1e-3), r"gamma"),
+    (lambda: bounds.theorem4_lower_bound(math.nan, 1e-3), r"gamma"),
+    (lambda: bounds.theorem4_lower_bound(0.1, -1e-3), r"variance"),
+    (lambda: bounds.theorem4_lower_bound(0.1, 1e-3, kl_coef=-1.0), r"kl_coef"),
+    (lambda: bounds.proposition3_lower_bound(0.1, 1e-3, num_prompts=0), r"num_prompts"),
+    (lambda: metrics.accuracy(jnp.ones((3, 1)), jnp.ones((3, 1))), r"accuracy.*2 outputs|outputs"),
+    (lambda: metrics.best_of_n_reward(jnp.zeros(4), jnp.arange(4.0), jnp.arange(4.0), 2.5), r"\bn\b"),
+    (lambda: metrics.reward_variance(jnp.zeros((2, 0)), jnp.zeros((2, 0))), r"empty|output"),
+    (lambda: metrics.kl_estimate(jnp.zeros(3), jnp.zeros(3), kl_estimator="k9"), r"kl_estimator='k9'"),
+    (lambda: flow.t_gamma(jnp.zeros((1, 4)), jnp.eye(4)[:1], math.nan), r"gamma"),
+    (lambda: flow.t_gamma(jnp.zeros((1, 4)), jnp.eye(4)[:1], -0.1), r"gamma"),
+    (lambda: flow.t_gamma(jnp.zeros((1, 4)), jnp.eye(4)[:1], 0.1, t_max=-1.0), r"t_max"),
+    (
+        lambda: pg.kl_penalized_rewards(
+            jnp.zeros(2), jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), kl_coef=-1
+        ),
+        r"kl_coef",
+    ),
+    (lambda: tabular.TabularPolicy(4).random_logits(jax.random.key(0), -1), r"num_prompts"),
+    (lambda: pg.rloo_advantages(jnp.zeros((3, 1))), r"2"),
+    (lambda: metrics.normalize_rewards(jnp.zeros(4), jnp.arange(4.0)), r"prompt axis.*shape \[1, Y\]"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), KERNEL_CASES)
+def test_a_kernel_refuses_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_defined_values_instead_of_nan():
+    # Constant rewards normalise to 0 (docs: a constant reward teaches nothing), not 0/0.
+    np.testing.assert_array_equal(metrics.normalize_rewards(jnp.zeros((2, 4)), jnp.full((2, 4), 0.3)), np.zeros((2, 4)))
+    # Integer inputs to the exact flow are cast, not refused with a diffrax message.
+    t = flow.t_gamma(jnp.zeros((1, 4), int), jnp.eye(4, dtype=int)[:1], 0.1)
+    assert np.isfinite(t).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders and checkpoints.
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    from tests.tiny_checkpoint import save_tiny_gpt_neox
+
+    return save_tiny_gpt_neox(tmp_path_factory.mktemp("hf") / "tiny", vocab_size=64)
+
+
+def _copy(directory, tmp_path):
+    import shutil
+
+    return shutil.copytree(directory, tmp_path / "copy")
+
+
+def _damage_safetensors(directory, how):
+    (file,) = directory.glob("*.safetensors")
+    data = file.read_bytes()
+    file.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello, not safetensors" * 4}[how])
+    return file.name
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "text"])
+def test_load_hf_names_a_damaged_safetensors_file(hf_checkpoint, tmp_path, how):
+    directory = _copy(hf_checkpoint, tmp_path)
+    name = _damage_safetensors(directory, how)
+    with pytest.raises(ValueError, match=rf"{name} is not a readable safetensors file"):
+        load_hf(directory)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "message"),
+    [
+        ("{not json", r"config\.json is not valid JSON"),
+        ("[1, 2]", r"config\.json holds a list"),
+        ('{"model_type": "gpt_neox"}', r"config\.json has no 'vocab_size'"),
+        ('{"model_type": "llama"}', r"config\.json is not a usable model config.*model_type='llama'"),
+    ],
+    ids=["not-json", "not-an-object", "missing-key", "other-model"],
+)
+def test_load_hf_names_a_malformed_config(hf_checkpoint, tmp_path, config_text, message):
+    directory = _copy(hf_checkpoint, tmp_path)
+    (directory / "config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=message):
+        load_hf(directory)
+
+
+def test_load_hf_refuses_non_finite_weights_unless_allowed(hf_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    directory = _copy(hf_checkpoint, tmp_path)
+    (file,) = directory.glob("*.safetensors")
+    tensors = load_file(file)
+    tensors["gpt_neox.final_layer_norm.weight"][3] = np.nan
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"gpt_neox\.final_layer_norm\.weight holds 1 NaN/inf.*allow_nonfinite"):
+        load_hf(directory)
+    model = load_hf(directory, allow_nonfinite=True)
+    assert np.isnan(np.asarray(model.trunk.final_layer_norm.scale[...])).sum() == 1
+
+
+def test_load_hf_names_a_missing_directory_and_refuses_pickles(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_hf(tmp_path / "nothing")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(ValueError, match="refuses them because unpickling"):
+        load_hf(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
+
+
+def _flip_a_byte_of_the_largest_file(directory):
+    data = max((f for f in directory.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+
+
+def test_load_model_detects_a_damaged_checkpoint(tiny_model, tmp_path):
+    directory = save_model(tiny_model, tmp_path / "model")
+    _flip_a_byte_of_the_largest_file(directory / "params")
+    with pytest.raises(ValueError, match=r"model: the parameters differ from those saved \(checksum mismatch\)"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ("{oops", r"model\.json is not valid JSON"),
+        ('{"class": "CausalLM"}', r"model\.json is not a jaxrm model record"),
+    ],
+    ids=["not-json", "missing-fields"],
+)
+def test_load_model_names_a_malformed_record(tiny_model, tmp_path, record, message):
+    directory = save_model(tiny_model, tmp_path / "model")
+    (directory / "model.json").write_text(record)
+    with pytest.raises(ValueError, match=message):
+        load_model(directory)
+    with pytest.raises(ValueError, match=message):
+        read_metadata(directory)
+
+
+def test_load_model_refuses_non_finite_parameters_unless_allowed(tmp_path):
+    model = CausalLM(preset("tiny"), rngs=nnx.Rngs(0))
+    model.trunk.final_layer_norm.scale[...] = model.trunk.final_layer_norm.scale[...].at[0].set(jnp.inf)
+    directory = save_model(model, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"final_layer_norm/scale.*NaN/inf.*allow_nonfinite"):
+        load_model(directory)
+    assert np.isinf(np.asarray(load_model(directory, allow_nonfinite=True).trunk.final_layer_norm.scale[...])).any()
+
+
+def test_load_model_names_a_directory_without_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a jaxrm model checkpoint"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["eos_id", "pad_id"])
+def test_sampling_refuses_token_ids_outside_the_vocabulary(tiny_model, option):
+    tokens = jnp.ones((2, 3), jnp.int32)
+    vocab = tiny_model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"{option}={vocab} is outside the model's vocabulary \[0, {vocab}\)"):
+        sample(tiny_model, tokens, jnp.ones((2, 3), bool), jax.random.key(0), max_new_tokens=2, **{option: vocab})
+
+
+def test_run_rlhf_refuses_an_eos_outside_the_vocabulary_before_writing(tiny_model, tmp_path):
+    from jaxrm.train.driver import run_rlhf
+    from tests.rlhf_task import CONFIG, ground_truth, prompts
+
+    tokens, mask = prompts(8)
+    config = dataclasses.replace(CONFIG, eos_id=tiny_model.config.vocab_size + 5)
+    with pytest.raises(ValueError, match=r"eos_id=\d+ is outside the model's vocabulary"):
+        run_rlhf(tiny_model, ground_truth, None, tokens, mask, config, num_iterations=1, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
