@@ -2,8 +2,8 @@
 
 A fixed number of *slots* integrate one item each for a short *segment* of steps; a slot whose
 item finished takes the next queued item. A batch therefore costs about the sum of the items'
-step counts, not ``batch x slowest``. Once few items are left, the stragglers move to a narrow
-set of slots so they no longer pay for idle ones.
+step counts, not ``batch x slowest``. When there are more items than slots, the stragglers move
+to a narrow set of slots once few items are left, so they no longer pay for idle ones.
 
 The scheduler knows nothing of ODEs: a segment is any pure function
 ``segment(tau, state, dt, args) -> Segment`` that advances one item by at most a fixed number
@@ -122,6 +122,10 @@ def drain(
     )
     first = jnp.arange(num_slots)
     slots, next_item = load(jnp.where(first < num_valid, first, -1)), jnp.asarray(num_slots)
+    if num_items <= num_slots:
+        # Every item starts at once. A narrow last phase would be a second copy of the segment
+        # to compile (most of a small batch's cost), for a gain on stragglers alone.
+        return run(slots, next_item, out, lambda s, n, o: jnp.any(s.item >= 0))[2]
     tail = min(TAIL_SLOTS, num_slots)
     slots, next_item, out = run(slots, next_item, out, lambda s, n, o: (n < num_valid) | (jnp.sum(s.item >= 0) > tail))
     order = jnp.argsort(slots.item < 0, stable=True)[:tail]

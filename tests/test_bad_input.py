@@ -118,13 +118,14 @@ def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkey
         (["--out", "/proc/jaxrm_cannot_write_here"], "cannot write in /proc"),
         (["--out", "a_file/results"], "a_file is a file"),
         (["--only", "theorem9"], "invalid choice: 'theorem9'"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
     ],
-    ids=["empty", "file", "unwritable", "inside-a-file", "unknown-study"],
+    ids=["empty", "file", "unwritable", "inside-a-file", "unknown-study", "no-jobs"],
 )
 def test_python_m_theory_refuses_a_bad_command_line_before_computing(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("x")
-    monkeypatch.setattr(theory.__main__.importlib, "import_module", lambda name: pytest.fail(f"{name} was run"))
+    monkeypatch.setattr(theory.__main__, "run_study", lambda name, *args: pytest.fail(f"{name} was run"))
     with pytest.raises(SystemExit) as exit_:
         theory.__main__.main(argv)
     assert exit_.value.code == 2

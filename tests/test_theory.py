@@ -37,7 +37,7 @@ def test_every_study_reports_instances_violations_and_a_verdict(quick_run):
 def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
     status, out, summaries = quick_run
     summary = summaries["theorem1"]
-    assert summary["instances"] == 8 * 8 + 256 * 2 + 64 + 64
+    assert summary["instances"] == 8 * 8 + 32 * 2 + 64 + 64
     assert summary["violations"] == {"theorem4": 0, "prop3": 0, "sharpened": 0}
     assert set(summary["families"]) == {"scaled", "random", "kl_0.5", "autoregressive_L2"}
     for family in summary["families"].values():

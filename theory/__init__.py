@@ -1,1 +1,33 @@
 """Runnable studies on exact tabular dynamics: ``python -m theory`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+# name -> (module, one-line description); run in this order.
+STUDIES = {
+    "theorem1": (
+        "theory.theorem1",
+        "Theorem 1/4, Proposition 3 and Proposition A at scale: t_gamma vs reward variance",
+    ),
+    "theorem2": ("theory.theorem2", "Theorem 2/5: slow accurate vs fast inaccurate teachers over T and accuracy"),
+    "theorem3": ("theory.theorem3", "Theorem 3/6: the 2x2 table of two equally accurate teachers and two students"),
+    "best_of_n": (
+        "theory.best_of_n",
+        "Proposition 1: exact Best-of-N against policy gradient for models of varying accuracy",
+    ),
+    "tightness": ("theory.tightness", "Tightness atlas: adversarial search for the fastest low-variance teachers"),
+    "paradox": (
+        "theory.paradox",
+        "The accuracy paradox: Bradley-Terry reward models and their checkpoints, Table 2 in exact form",
+    ),
+}
+
+
+def run_study(name: str, out: Path, quick: bool) -> dict:
+    """Run one study (also the entry point of a worker process) and return its summary."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    return importlib.import_module(STUDIES[name][0]).run(out, quick=quick)

@@ -118,7 +118,7 @@ class Theorem1Config(StudyConfig):
             self,
             scaled_problems=8,
             scaled_eps=8,
-            random_problems=256,
+            random_problems=32,
             kl_problems=64,
             autoregressive_problems=64,
             kl_coefs=self.kl_coefs[-1:],
