@@ -155,3 +155,54 @@ def test_theorem3_policies_belong_to_their_families():
     assert np.all(variance[~cells["fast"]] <= 8 / cells["horizon"][~cells["fast"]] ** 2)
     start = (probs * cells["gt"]).sum(-1)
     assert np.all(cells["gt"][rows, second] > start + cells["gamma"])
+
+
+def test_censored_slopes_recover_a_slope_that_dropping_the_censored_biases():
+    from theory.common import censored_slopes
+
+    rng = np.random.default_rng(0)
+    variance = 10 ** rng.uniform(-8, 0, 4000)
+    log_t = 2 - 0.5 * np.log(variance) + 0.3 * rng.normal(size=variance.size)
+    t_max = float(np.exp(np.quantile(log_t, 0.9)))  # the slowest tenth never arrives
+    fit = censored_slopes(variance, np.where(np.exp(log_t) > t_max, np.inf, np.exp(log_t)), t_max)
+    assert fit["censored"] == 400 and fit["reached"] == 3600
+    assert fit["tobit"] == pytest.approx(-0.5, abs=0.01)
+    assert fit["reached_slope"] > -0.497  # dropping the slowest flattens the slope
+    assert fit["at_t_max_is_upper_bound"] and fit["at_t_max"] >= fit["tobit"]
+    uncensored = censored_slopes(variance, np.exp(log_t), t_max)
+    assert uncensored["censored"] == 0 and uncensored["tobit"] == uncensored["at_t_max"] == uncensored["reached_slope"]
+
+
+def test_theorem1_prose_follows_the_measurements(quick_run):
+    import copy
+
+    summary = quick_run[2]["theorem1"]
+    text, verdict = theorem1._interpretation(summary), theorem1._verdict(summary)
+    assert "Violated" not in text and f"{summary['censored']} timings censored" in verdict
+    altered = copy.deepcopy(summary)
+    altered["violations"]["prop3"] = 3
+    altered["censored"] = 12345
+    altered["families"]["random"]["slope_ci"] = [-0.40, -0.20]
+    altered["families"]["random"]["censored_fit"].update(censored=7, at_t_max=-0.61, tobit=-0.66)
+    altered_text = theorem1._interpretation(altered)
+    assert "Violated: Proposition 3 on 3 instances" in altered_text
+    assert "cannot rule out a -1/3 exponent for random" in altered_text
+    assert "-0.610; Tobit -0.660 (7 censored)" in altered_text
+    assert "12345 timings censored" in theorem1._verdict(altered)
+
+
+def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
+    import copy
+
+    summary = copy.deepcopy(quick_run[2]["theorem2"])
+    summary["not_reached"]["slow"] = {
+        "censored": 5,
+        "unattainable": 6,
+        "unattainable_unshuffled": 4,
+        "unattainable_with_kl": 1,
+    }
+    text = theorem2._unreached_text(summary)
+    assert "11 slow teachers did not reach the gain: 6 cannot" in text
+    assert "4 of them have unshuffled orders and 1 a KL penalty), 5 could but were censored" in text
+    summary["by_horizon"] = {"10": {"slow_median_t": 1.0}, "1000": {"slow_median_t": 10.0}}
+    assert "`T^0.50`" in theorem2._growth_text(summary)

@@ -19,6 +19,7 @@ two rankings are compared: accuracy ranks Best-of-N teachers, variance ranks pol
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
@@ -210,6 +211,26 @@ def _figure(names, ns, bon_gain, accuracy, variance, pg_gain, path: Path):
     save_figure(fig, path)
 
 
+def _low_variance_text(summary: dict, n: int) -> str:
+    """How the low-variance perfect model compares with the perfect one, from the table."""
+    perfect, low = summary["models"]["perfect"], summary["models"]["perfect, low variance"]
+    ties = math.isclose(perfect[f"bon{n}_gain"], low[f"bon{n}_gain"], rel_tol=1e-9, abs_tol=1e-12)
+    text = (
+        f"The low-variance perfect model {'ties' if ties else 'does not tie'} the perfect one at Best-of-{n} "
+        f"(gain {fmt(low[f'bon{n}_gain'])} against {fmt(perfect[f'bon{n}_gain'])}; the order is all that "
+        f"matters there); under policy gradient its gain is {fmt(low['pg_gain'])} against "
+        f"{fmt(perfect['pg_gain'])}."
+    )
+    if low["variance"] >= perfect["variance"]:
+        text += (
+            f" Its normalized variance ({fmt(low['variance'])}) is not below the perfect model's "
+            f"({fmt(perfect['variance'])}), so this pair does not isolate the variance."
+        )
+    else:
+        text += f" Its normalized variance is {fmt(low['variance'])} against {fmt(perfect['variance'])}."
+    return text
+
+
 def _markdown(summary: dict, config: BestOfNConfig) -> str:
     n = config.ranking_n
     rows = "\n".join(
@@ -228,8 +249,7 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
 Spearman correlation across reward models (per problem, averaged): accuracy with Best-of-{n} gain
 {s["accuracy_vs_bon"]:+.3f}, variance with Best-of-{n} gain {s["variance_vs_bon"]:+.3f};
 accuracy with policy-gradient gain {s["accuracy_vs_pg"]:+.3f}, variance with policy-gradient gain
-{s["variance_vs_pg"]:+.3f}. The low-variance perfect model ties the perfect one at Best-of-N (the
-order is all that matters there) but not under policy gradient; the most frequent best
+{s["variance_vs_pg"]:+.3f}. {_low_variance_text(summary, n)} The most frequent best
 policy-gradient teacher is `{summary["pg_best_model"]}`.
 
 ![Best-of-N and policy gradient](figures/{NAME}.png)

@@ -40,3 +40,75 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95):
     tail = (1 - level) / 2 * 100
     low, high = np.nanpercentile(resampled, [tail, 100 - tail])
     return float(slope(sums.sum(-1))), (float(low), float(high))
+
+
+def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> dict:
+    """Slopes of ``log t`` on ``log x`` when some times are censored: ``t = inf`` means not reached
+    by ``t_max``, so the true time is above ``t_max``.
+
+    Returns a dict with the counts ``reached`` and ``censored`` and three fits:
+
+    - ``reached``: least squares on the reached points alone (what dropping the censored does);
+    - ``at_t_max``: least squares with every censored time placed at ``t_max``. Raising a point
+      lowers the slope exactly when its ``log x`` lies below the mean (of its group), so when every
+      censored point does (``at_t_max_is_upper_bound``), the slope with the true times is at most
+      this value;
+    - ``tobit``: maximum likelihood of ``log t = a + b log x + sigma N(0, 1)`` right-censored at
+      ``log t_max`` (Tobin 1958), by EM from the ``at_t_max`` fit; with ``groups``, one
+      intercept per group. NaN when fewer than 3 points.
+    """
+    log_x = np.log(np.asarray(x, float))
+    t = np.asarray(t, float)
+    censored = ~np.isfinite(t)
+    log_t = np.where(censored, math.log(t_max), np.log(np.where(censored, 1.0, t)))
+    group_index = np.zeros(log_x.size, int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    out = {"reached": int((~censored).sum()), "censored": int(censored.sum())}
+    if log_x.size < 3:
+        return {**out, "at_t_max_is_upper_bound": False} | dict.fromkeys(
+            ("reached_slope", "at_t_max", "tobit"), math.nan
+        )
+    design = np.concatenate([np.eye(group_index.max() + 1)[group_index], log_x[:, None]], axis=1)
+
+    def fit(rows, y):
+        coef, *_ = np.linalg.lstsq(design[rows], y[rows], rcond=None)
+        return coef
+
+    out["reached_slope"] = float(fit(~censored, log_t)[-1]) if (~censored).sum() >= 3 else math.nan
+    coef = fit(np.ones(log_x.size, bool), log_t)
+    out["at_t_max"] = float(coef[-1])
+    group_mean = (np.bincount(group_index, log_x) / np.bincount(group_index))[group_index]
+    out["at_t_max_is_upper_bound"] = bool(np.all(log_x[censored] <= group_mean[censored]))
+    if not censored.any():
+        out["tobit"] = out["at_t_max"]
+        return out
+    sigma = max(float(np.std(log_t - design @ coef)), 1e-6)
+    limit = math.log(t_max)
+    for _ in range(iterations):  # EM: censored values replaced by their conditional moments
+        mean = design @ coef
+        alpha = (limit - mean[censored]) / sigma
+        ratio = _inverse_mills(alpha)
+        expected = log_t.copy()
+        expected[censored] = mean[censored] + sigma * ratio
+        second = log_t**2
+        second[censored] = sigma**2 * (1 + alpha * ratio - ratio**2) + expected[censored] ** 2
+        new = fit(np.ones(log_x.size, bool), expected)
+        fitted = design @ new
+        sigma_new = math.sqrt(max(np.mean(second - 2 * fitted * expected + fitted**2), 1e-12))
+        converged = np.max(np.abs(new - coef)) < tol and abs(sigma_new - sigma) < tol
+        coef, sigma = new, sigma_new
+        if converged:
+            break
+    out["tobit"] = float(coef[-1])
+    return out
+
+
+def _inverse_mills(alpha):
+    """``phi(a) / (1 - Phi(a))`` elementwise, stable for large ``a`` (where it tends to ``a``)."""
+    alpha = np.asarray(alpha, float)
+    survival = 0.5 * np.vectorize(math.erfc)(alpha / math.sqrt(2.0))
+    density = np.exp(-0.5 * alpha**2) / math.sqrt(2.0 * math.pi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        direct = density / survival
+    # Past a ~ 8 the ratio is a + 1/a - 2/a^3 to 1e-6 relative, and survival underflows later.
+    asymptotic = alpha + 1 / alpha - 2 / alpha**3
+    return np.where(alpha > 8, asymptotic, direct)

@@ -212,6 +212,28 @@ def _figure(cells, time, config, path: Path):
     save_figure(fig, path)
 
 
+def _conclusion(summary: dict) -> str:
+    """Whether the student decides the better teacher, worded from the measured share."""
+    share = summary["student_decides"]
+    first, second = (summary["accuracy"][name] for name in TEACHERS)
+    text = (
+        f"The reward model that rewards the output the student already favours wins in {100 * share:.0f}% of "
+        "the (problem, T, student, lam) cases."
+    )
+    if share >= 0.95:
+        less = "*less* accurate" if second < first else "no less accurate"
+        text += (
+            f" Swap the student and the other model wins, so for students from `Pi'` the {less} `r'_RM` is "
+            "the better teacher. Accuracy, a property of the reward model alone, cannot say this; the reward "
+            "variance under the student (at most `8/T^2` for the teacher of the neglected output) does."
+        )
+    elif share > 0.5:
+        text += " The student tips the choice in most cases but not reliably: accuracy and variance both fail to decide it alone here."
+    else:
+        text += " The student does not decide the better teacher in these cases."
+    return text
+
+
 def _markdown(summary: dict, config: Theorem3Config) -> str:
     v, s = summary["violations"], summary["min_slack"]
     header = "| T | student | t_gamma with r_RM (+1 on y_g) | t_gamma with r'_RM (+1 on y_g') |\n|---|---|---|---|"
@@ -229,11 +251,7 @@ Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at t
 {header}
 {chr(10).join(rows)}
 
-The reward model that rewards the output the student already favours wins in
-{100 * summary["student_decides"]:.0f}% of the (problem, T, student, lam) cases: swap the student
-and the other model wins, so for students from `Pi'` the *less* accurate `r'_RM` is the better
-teacher. Accuracy, a property of the reward model alone, cannot say this; the reward variance
-under the student (at most `8/T^2` for the teacher of the neglected output) does.
+{_conclusion(summary)}
 
 ![2x2 table over T](figures/{NAME}.png)
 """
