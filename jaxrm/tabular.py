@@ -12,8 +12,12 @@ and shard like any pytree:
   ``(i // V**(L-1-l)) % V``), enumerated exactly. ``J = 1`` for any ``L``.
 - :class:`LogLinearPolicy`: ``pi(.|x) = softmax(Phi theta[x])`` with a feature matrix ``Phi``
   (one feature vector per output) shared by all prompts; parameters ``[S, d]``, ``L = 1``, ``J = ||Phi||_2``.
+- :class:`SharedAutoregressivePolicy`: Eq. 2 with parameters shared across positions: the
+  next-token logits are ``Phi[s] theta[x]`` where ``s`` is the previous token (or the start),
+  ``Phi: [V + 1, V, d]``; parameters ``[S, d]``, any ``L``, ``J = max_s ||Phi[s]||_2``; the
+  ``V**L`` outputs are enumerated as for the autoregressive-tabular policy.
 
-All three implement :class:`ExactPolicy`: ``log_probs(logits) -> [..., S, Y]`` and the
+All four implement :class:`ExactPolicy`: ``log_probs(logits) -> [..., S, Y]`` and the
 closed-form ``log_prob_vjp(logits, c) = sum_y c[y] grad log pi(y)``, from which the exact gradient
 of the RLHF objective follows (Lemma 7 for tabular policies, the score-function form otherwise;
 docs/theory.md#setting).
@@ -36,6 +40,7 @@ __all__ = [
     "AutoregressiveTabularPolicy",
     "ExactPolicy",
     "LogLinearPolicy",
+    "SharedAutoregressivePolicy",
     "TabularPolicy",
     "kl_rewards",
     "objective",
@@ -274,6 +279,106 @@ class LogLinearPolicy:
         """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
         _check_count("num_prompts", num_prompts)
         return scale * jax.random.normal(key, (num_prompts, self.features.shape[1]), dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SharedAutoregressivePolicy:
+    """``pi(y|x) = prod_l softmax(Phi[s_l] theta[x])[y_l]``, one parameter vector for every position.
+
+    ``s_1`` is the start state ``V`` and ``s_l = y_{l-1}`` after it, so the next-token logits
+    depend on the prompt through ``theta[x]`` and on the prefix through its last token. The
+    Jacobian of ``f_theta(x, y_<l) = Phi[s_l] theta`` is ``Phi[s_l]``, so
+    ``J = max_s ||Phi[s]||_2`` exactly as Theorem 4 defines it (docs/theory.md#setting), for any
+    ``L``. Equal features and lengths make equal policies (and share compiled programs).
+
+    Attributes:
+      features: ``Phi``, a finite ``[V + 1, V, d]`` array: the features of every next token
+        after each previous token (rows ``0 .. V - 1``) and at the start (row ``V``); stored
+        read-only.
+      length: ``L >= 1``, tokens per output; the ``V**L`` outputs are in lexicographic order.
+
+    >>> import numpy as np
+    >>> policy = SharedAutoregressivePolicy(np.ones((3, 2, 1)) * [[[1.0], [-1.0]]], length=3)
+    >>> policy.num_outputs, policy.jacobian_norm
+    (8, 1.4142135623730951)
+    >>> float(np.exp(policy.log_probs(np.zeros((1, 1)))).sum().round(6))
+    1.0
+    """
+
+    features: np.ndarray
+    length: int
+
+    def __post_init__(self):
+        features = np.array(self.features, dtype=float)
+        if features.ndim != 3 or features.shape[0] != features.shape[1] + 1 or not np.isfinite(features).all():
+            raise ValueError(f"features must be a finite [V + 1, V, d] array, got shape {features.shape}.")
+        if features.shape[1] < 2:
+            raise ValueError(f"features need V >= 2 tokens, got shape {features.shape}.")
+        if not (isinstance(self.length, int) and not isinstance(self.length, bool) and self.length >= 1):
+            raise ValueError(f"length must be an int >= 1, got {self.length!r}.")
+        features.setflags(write=False)
+        object.__setattr__(self, "features", features)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, SharedAutoregressivePolicy)
+            and self.length == other.length
+            and np.array_equal(self.features, other.features)
+        )
+
+    def __hash__(self):
+        return hash((self.length, self.features.shape, self.features.tobytes()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def jacobian_norm(self) -> float:
+        return float(max(np.linalg.norm(block, 2) for block in self.features))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.vocab_size**self.length
+
+    def outputs(self) -> np.ndarray:
+        """``[V**L, L]`` token ids of every output, in the order used by rewards and log-probs."""
+        return AutoregressiveTabularPolicy(self.vocab_size, self.length).outputs()
+
+    def _visits(self) -> np.ndarray:
+        """``[V**L, (V + 1) V]``: how often each output draws token ``v`` in state ``s`` (column ``s V + v``)."""
+        tokens = self.outputs()
+        states = np.concatenate([np.full((len(tokens), 1), self.vocab_size), tokens[:, :-1]], axis=1)
+        counts = np.zeros((len(tokens), (self.vocab_size + 1) * self.vocab_size))
+        np.add.at(counts, (np.arange(len(tokens))[:, None], states * self.vocab_size + tokens), 1.0)
+        return counts
+
+    def _token_log_probs(self, logits):
+        """``[..., V + 1, V]``: ``log softmax(Phi[s] theta)`` for every state ``s``."""
+        return jax.nn.log_softmax(jnp.einsum("svd,...d->...sv", self.features, jnp.asarray(logits)), axis=-1)
+
+    def log_probs(self, logits):
+        """``[..., V**L]`` exact log-probabilities of all outputs."""
+        token = self._token_log_probs(logits)
+        return token.reshape(*token.shape[:-2], -1) @ self._visits().T
+
+    def log_probs_and_probs(self, logits):
+        log_probs = self.log_probs(logits)
+        return log_probs, jnp.exp(log_probs)
+
+    def log_prob_vjp(self, logits, cotangent, *, centered=False):
+        """``sum_s Phi[s]^T (a[s] - pi(.|s) sum_v a[s, v])``, where ``a[s, v]`` sums ``c`` over the
+        outputs weighted by how often they draw ``v`` in state ``s``."""
+        del centered  # every state's softmax is needed: the start state's too, since Phi mixes tokens
+        visits = jnp.asarray(self._visits(), jnp.result_type(cotangent))
+        mass = (jnp.asarray(cotangent) @ visits).reshape(*jnp.shape(cotangent)[:-1], self.vocab_size + 1, -1)
+        probs = jnp.exp(self._token_log_probs(logits))
+        return jnp.einsum("...sv,svd->...d", mass - probs * jnp.sum(mass, axis=-1, keepdims=True), self.features)
+
+    def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
+        """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
+        _check_count("num_prompts", num_prompts)
+        return scale * jax.random.normal(key, (num_prompts, self.features.shape[2]), dtype=dtype)
 
 
 def _softmax_pair(logits):

@@ -8,6 +8,7 @@ import pytest
 from jaxrm.tabular import (
     AutoregressiveTabularPolicy,
     LogLinearPolicy,
+    SharedAutoregressivePolicy,
     TabularPolicy,
     objective,
     objective_grad,
@@ -15,7 +16,9 @@ from jaxrm.tabular import (
 )
 
 FEATURES = np.random.default_rng(0).normal(size=(6, 3))
+SHARED = SharedAutoregressivePolicy(np.random.default_rng(1).normal(size=(4, 3, 2)), length=3)
 POLICIES = [
+    (SHARED, lambda key: SHARED.random_logits(key, 3, scale=2.0)),
     (LogLinearPolicy(FEATURES), lambda key: LogLinearPolicy(FEATURES).random_logits(key, 3, scale=2.0)),
     (TabularPolicy(6), lambda key: TabularPolicy(6).random_logits(key, 3, scale=2.0)),
     (
@@ -106,3 +109,24 @@ def test_log_linear_policy_is_hashable_by_value_and_reports_its_jacobian_norm():
     np.testing.assert_allclose(identity.log_probs(theta), TabularPolicy(4).log_probs(theta))
     with pytest.raises(ValueError, match="features"):
         LogLinearPolicy(np.ones(3))
+
+
+def test_shared_autoregressive_policy_multiplies_the_conditionals_of_one_parameter_vector():
+    theta = SHARED.random_logits(jax.random.key(3), 2)
+    log_probs = SHARED.log_probs(theta)
+    np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-12)
+    for index, tokens in enumerate(SHARED.outputs()):
+        states = [3, *tokens[:-1]]  # the start state is V = 3, then the previous token
+        manual = sum(jax.nn.log_softmax(SHARED.features[s] @ theta[1])[t] for s, t in zip(states, tokens))
+        np.testing.assert_allclose(log_probs[1, index], manual, atol=1e-12)
+    # J is the largest spectral norm of the Jacobian d f / d theta = Phi[s] over the states.
+    jacobians = [jax.jacobian(lambda t, s=s: SHARED.features[s] @ t)(theta[0]) for s in range(4)]
+    assert SHARED.jacobian_norm == pytest.approx(max(np.linalg.norm(j, 2) for j in jacobians))
+    assert SHARED == SharedAutoregressivePolicy(SHARED.features.copy(), 3) and hash(SHARED) == hash(
+        SharedAutoregressivePolicy(SHARED.features.copy(), 3)
+    )
+    assert SHARED != SharedAutoregressivePolicy(SHARED.features, 2)
+    with pytest.raises(ValueError, match=r"\[V \+ 1, V, d\]"):
+        SharedAutoregressivePolicy(np.ones((3, 3, 2)), 2)
+    with pytest.raises(ValueError, match="length"):
+        SharedAutoregressivePolicy(np.ones((3, 2, 2)), 0)

@@ -16,10 +16,15 @@ Families (``gamma`` is the gain timed):
   correlated with ``r_G`` at random strength and scaled by ``s`` over 3.5 decades, ``lam = 0``.
 - ``kl_0.05``, ``kl_0.5``: as ``random`` (one prompt) with a KL penalty.
 - ``autoregressive_L2``, ``autoregressive_L3``: autoregressive tabular policies, ``V = 4``.
+- ``shared_L3``: the setting of Theorem 4 itself, an autoregressive policy whose next-token
+  logits ``Phi[s] theta[x]`` share one parameter vector across positions (``V = 4``, ``d = 3``),
+  so ``J = max_s ||Phi[s]||_2 != 1`` and ``L = 3`` both enter the bounds.
 
 Where ``gamma`` is not fixed it is half the gain the teacher makes available in the limit
 (``argmax r_RM`` for ``lam = 0``, ``pi* ∝ pi0 exp(r_RM / lam)`` otherwise), so it is reachable;
 instances whose teacher makes the ground truth worse in the limit have no ground-truth time.
+The shared-parameter class cannot reach ``argmax r_RM`` in general, so there ``gamma`` is that
+share of the gain its flow has made by time ``10^4 / max|r_RM|`` (reached by then).
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
-    each,
     fmt,
     int_at_least,
     pyplot,
@@ -49,7 +53,13 @@ from jaxrm.studies import (
     write_json,
     write_text,
 )
-from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
+from jaxrm.tabular import (
+    AutoregressiveTabularPolicy,
+    SharedAutoregressivePolicy,
+    TabularPolicy,
+    kl_rewards,
+    prompt_gradient,
+)
 from theory.common import censored_slopes, loglog_slope
 
 NAME = "theorem1"
@@ -77,7 +87,13 @@ class Theorem1Config(StudyConfig):
       autoregressive_problems: problems (one prompt each) of every autoregressive family (an
         int >= 1).
       vocab_size: ``V`` of the autoregressive-tabular families (an int >= 2).
-      lengths: one ``autoregressive_L<L>`` family per output length ``L`` (a tuple of ints >= 1).
+      lengths: one ``autoregressive_L<L>`` family per output length ``L`` (a tuple of ints >= 1,
+        possibly empty).
+      shared_problems: problems (one prompt each) of the ``shared_L<L>`` family, whose policy
+        shares one parameter vector across positions (:class:`~jaxrm.tabular.SharedAutoregressivePolicy`,
+        ``V = vocab_size``, features ``N(0, 1/d)``), an int >= 1.
+      shared_features: ``d`` of that family (an int >= 1).
+      shared_length: ``L`` of that family (an int >= 2).
       decades: the proxies' scale ``eps`` or ``s`` spans ``10^-decades .. 1``, so the variance
         spans twice as many decades (>= 3).
       gain_fraction: where ``gamma`` is not fixed, this share of the gain the teacher makes
@@ -103,7 +119,10 @@ class Theorem1Config(StudyConfig):
     )
     autoregressive_problems: int = checked(1024, POSITIVE_INT)
     vocab_size: int = checked(4, int_at_least(2))
-    lengths: tuple[int, ...] = checked((2, 3), each(POSITIVE_INT))
+    lengths: tuple[int, ...] = checked((2, 3), (lambda v: all(n >= 1 for n in v), "ints >= 1 (or none)"))
+    shared_problems: int = checked(1024, POSITIVE_INT)
+    shared_features: int = checked(3, POSITIVE_INT)
+    shared_length: int = checked(3, int_at_least(2))
     decades: float = checked(3.5, (lambda v: v >= 3.0, ">= 3 (6 decades of variance)"))
     gain_fraction: float = checked(0.5, (lambda v: 0 < v < 1, "in (0, 1)"))
     rtol: float = checked(1e-8, POSITIVE)
@@ -113,7 +132,8 @@ class Theorem1Config(StudyConfig):
     bootstrap: int = checked(1000, int_at_least(100))
 
     def quick(self) -> "Theorem1Config":
-        """A smaller run for smoke tests: fewer instances, one KL family and one autoregressive one."""
+        """A smaller run for smoke tests: fewer instances, one KL family, and of the autoregressive
+        families only the shared-parameter one."""
         return dataclasses.replace(
             self,
             scaled_problems=8,
@@ -121,8 +141,9 @@ class Theorem1Config(StudyConfig):
             random_problems=32,
             kl_problems=64,
             autoregressive_problems=64,
+            shared_problems=64,
             kl_coefs=self.kl_coefs[-1:],
-            lengths=self.lengths[:1],
+            lengths=(),  # --quick's tightness study runs the autoregressive-tabular class
             bootstrap=200,
         )
 
@@ -234,7 +255,43 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
                 *_gammas(policy, logits, rm, gt, kl_coef, config.gain_fraction),
             )
         )
+    k_shared = jax.random.fold_in(key, 5)
+    k0, k1, k2, k3 = jax.random.split(k_shared, 4)
+    v, d = config.vocab_size, config.shared_features
+    features = np.asarray(jax.random.normal(k0, (v + 1, v, d))) / np.sqrt(d)
+    policy = SharedAutoregressivePolicy(features, config.shared_length)
+    n = config.shared_problems
+    logits = _sharpness(k1, 2, n) * jax.random.normal(k2, (n, 1, d))
+    rm, gt = _random_teacher(k3, (n, 1, policy.num_outputs), config.decades)
+    kl_coef = np.zeros(n)
+    families.append(
+        Family(
+            f"shared_L{config.shared_length}",
+            policy,
+            logits,
+            rm,
+            gt,
+            kl_coef,
+            *_reachable_gammas(policy, logits, rm, gt, config.gain_fraction),
+        )
+    )
     return [f for f in families if only is None or f.name in only]
+
+
+# Flow time, in units of 1 / max|r_RM|, after which a restricted class's gain is read off.
+_SETTLING_TIME = 1e4
+
+
+def _reachable_gammas(policy, logits, rm, gt, fraction):
+    """Targets for a class that cannot reach ``argmax r_RM``: ``fraction`` of the gains the flow
+    has made at time ``_SETTLING_TIME / max|r_RM|`` (lam = 0). At ``lam = 0`` scaling the reward
+    by ``s`` rescales time by ``1/s``, so that is the flow on ``r_RM / max|r_RM|`` at
+    ``_SETTLING_TIME``; ``E[r_RM]`` rises monotonically, so its target is reached by then."""
+    scale = np.max(np.abs(np.asarray(rm)), axis=-1, keepdims=True)
+    start = flow.trajectory(logits, rm / scale, [0.0, _SETTLING_TIME], policy=policy, eval_rewards=gt)
+    gt_gain = np.asarray(start.eval_reward[1] - start.eval_reward[0])
+    rm_gain = np.asarray(start.rm_reward[1] - start.rm_reward[0]) * scale[..., 0]
+    return np.where(gt_gain > 0, fraction * gt_gain, np.nan), fraction * rm_gain
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -278,12 +335,12 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
     norms = np.stack([np.asarray(g[0]) for g in grad])
     kl_var = np.stack([np.asarray(g[1]) for g in grad])
     reward_bound = np.stack([np.asarray(g[2]) for g in grad])
-    length = policy.length
+    length, jac = policy.length, policy.jacobian_norm
     with np.errstate(divide="ignore", invalid="ignore"):
         prop2 = norms / bounds.proposition2_gradient_bound(
-            kl_var, reward_bound=np.maximum(reward_bound, 1.0 + 1e-12), length=length
+            kl_var, reward_bound=np.maximum(reward_bound, 1.0 + 1e-12), length=length, jacobian_norm=jac
         )
-        sqrt = norms / bounds.score_gradient_bound(kl_var, length=length)
+        sqrt = norms / bounds.score_gradient_bound(kl_var, length=length, jacobian_norm=jac)
     measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.Status.REACHED)])
 
     def timed(run, gamma, valid):
@@ -291,8 +348,10 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         out = dict(
             gamma=np.where(valid, gamma, np.nan),
             t_gamma=t,
-            theorem4=bounds.theorem4_lower_bound(gamma, mean_variance, kl_coef=kl_coef, length=length),
-            sharpened=bounds.proposition_a_lower_bound(gamma, mean_variance, length=length),
+            theorem4=bounds.theorem4_lower_bound(
+                gamma, mean_variance, kl_coef=kl_coef, length=length, jacobian_norm=jac
+            ),
+            sharpened=bounds.proposition_a_lower_bound(gamma, mean_variance, length=length, jacobian_norm=jac),
             status=np.asarray(run.status),
         )
         if isinstance(policy, TabularPolicy):
@@ -391,6 +450,7 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         "max_ratio_sqrt": result["max_ratio_sqrt"],
         "kl_coef": float(np.max(result["kl_coef"])),
         "length": family.policy.length,
+        "jacobian_norm": family.policy.jacobian_norm,
     }
 
 
@@ -493,15 +553,16 @@ def _markdown(summary: dict) -> str:
         f"{'all' if not summary['inconclusive'] else 'all but ' + str(summary['inconclusive'])} of them); "
         f"{summary['no_ground_truth_gain']} prompts offer no ground-truth gain to time.",
         "",
-        "| family | lam | L | timed (r_G) | censored r_G / proxy | no r_G gain | variance decades "
+        "| family | lam | L | J | timed (r_G) | censored r_G / proxy | no r_G gain | variance decades "
         "| slope of t_gamma(r_G), reached [95% CI] | slope with the censored | proxy slope "
         "| min t/Thm 4 | min t/Prop 3 | min t/Prop A | violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in summary["families"].items():
         lo, hi = f["slope_ci"]
         lines.append(
-            f"| {name} | {fmt(f['kl_coef'])} | {f['length']} | {f['n'] + f['censored']['gt']} | "
+            f"| {name} | {fmt(f['kl_coef'])} | {f['length']} | {fmt(f['jacobian_norm'])} | "
+            f"{f['n'] + f['censored']['gt']} | "
             f"{f['censored']['gt']} / {f['censored']['rm']} | {f['no_ground_truth_gain']} | "
             f"{f['variance_decades']:.1f} | {f['slope']:.3f} [{lo:.3f}, {hi:.3f}] | "
             f"{_censored_slope_text(f['censored_fit'])} | {f['proxy_slope']:.3f} | "

@@ -107,7 +107,7 @@ class TightnessConfig(StudyConfig):
             elite=3,
             log10_variances=(-2, -4, -6),
             bootstrap=100,
-            classes=("tabular", "autoregressive_L2"),
+            classes=("autoregressive_L2",),
         )
 
 
