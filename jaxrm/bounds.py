@@ -35,9 +35,11 @@ def _checked_structure(length, jacobian_norm):
 
 __all__ = [
     "proposition2_gradient_bound",
+    "proposition2_variance_rate_bound",
     "proposition3_lower_bound",
     "proposition_a_lower_bound",
     "score_gradient_bound",
+    "variance_rate_bound",
     "theorem2_fast_upper_bound",
     "theorem2_kl_limit",
     "theorem2_rho",
@@ -120,6 +122,30 @@ def score_gradient_bound(kl_variance: ArrayLike, *, length: int = 1, jacobian_no
     """
     _checked_structure(length, jacobian_norm)
     return np.sqrt(2.0) * length * jacobian_norm * np.sqrt(_checked("kl_variance", kl_variance))
+
+
+def variance_rate_bound(kl_variance: ArrayLike, *, length: int = 1, jacobian_norm: float = 1.0) -> np.ndarray:
+    """Step 4 of the proof of Proposition A (docs/theory.md#proof): along the flow,
+    ``d/dt Var_KL <= 2 L^2 J^2 Var_KL^(3/2)`` with ``Var_KL`` the prompt mean of ``Var_pi[r_KL]``.
+
+    >>> round(float(variance_rate_bound(0.01)), 6)
+    0.002
+    """
+    _checked_structure(length, jacobian_norm)
+    return 2.0 * length**2 * jacobian_norm**2 * _checked("kl_variance", kl_variance) ** 1.5
+
+
+def proposition2_variance_rate_bound(
+    kl_variance: ArrayLike, *, length: int = 1, jacobian_norm: float = 1.0
+) -> np.ndarray:
+    """The variance inequality in the proof of Proposition 2 (docs/theory.md#proposition-2-and-lemma-8):
+    ``d/dt Var[r_KL] <= 24 L^2 J^2 Var[r_KL]^(4/3)``.
+
+    >>> round(float(proposition2_variance_rate_bound(1e-3)), 6)
+    0.0024
+    """
+    _checked_structure(length, jacobian_norm)
+    return 24.0 * length**2 * jacobian_norm**2 * _checked("kl_variance", kl_variance) ** (4.0 / 3.0)
 
 
 def theorem2_rho(initial_value: ArrayLike, gamma: ArrayLike, good_reward: ArrayLike) -> np.ndarray:

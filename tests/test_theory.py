@@ -38,7 +38,9 @@ def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
     status, out, summaries = quick_run
     summary = summaries["theorem1"]
     assert summary["instances"] == 8 * 8 + 32 * 2 + 64 + 64
-    assert summary["violations"] == {"theorem4": 0, "prop3": 0, "sharpened": 0}
+    assert summary["violations"] == dict.fromkeys(
+        ("theorem4", "prop3", "sharpened", "variance_rate", "prop2_rate", "lam_gain"), 0
+    )
     assert set(summary["families"]) == {"scaled", "random", "kl_0.5", "shared_L3"}
     # The shared-parameter class: J is Phi's largest block norm, and its targets are reachable.
     assert summary["families"]["shared_L3"]["length"] == 3 and summary["families"]["shared_L3"]["censored"]["rm"] == 0
@@ -192,6 +194,13 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     assert "cannot rule out a -1/3 exponent for random" in altered_text
     assert "-0.610; Tobit -0.660 (7 censored)" in altered_text
     assert "12345 timings censored" in theorem1._verdict(altered)
+    # The lam branch: the measured largest lam * gamma is at most 2 (docs/theory.md#theorem-4).
+    kl = summary["families"]["kl_0.5"]
+    assert 0 < kl["max_lam_times_gain"] <= 2 and kl["lam_branch_binds"] == 0
+    altered["violations"]["lam_gain"] = 2
+    altered["families"]["kl_0.5"].update(max_lam_times_gain=30.0, lam_branch_binds=4)
+    lam_text = theorem1._lam_branch_text(altered)
+    assert "largest `lam * gamma` is 30 (2 above the bound 2" in lam_text and "smaller one for 4 targets" in lam_text
 
 
 def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
@@ -209,3 +218,23 @@ def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
     assert "4 of them have unshuffled orders and 1 a KL penalty), 5 could but were censored" in text
     summary["by_horizon"] = {"10": {"slow_median_t": 1.0}, "1000": {"slow_median_t": 10.0}}
     assert "`T^0.50`" in theorem2._growth_text(summary)
+
+
+def test_the_variance_rate_is_the_derivative_along_the_flow():
+    """``_variance_rate`` (a JVP in the direction of grad phi, with its 1/|S|) against finite
+    differences of the variance along the integrated flow, two prompts, no KL."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrm import flow
+    from jaxrm.tabular import TabularPolicy
+
+    policy = TabularPolicy(5)
+    logits = jax.random.normal(jax.random.key(0), (3, 2, 5))
+    rm = jax.random.uniform(jax.random.key(1), (3, 2, 5), minval=-1.0, maxval=1.0)
+    value, rate = theorem1._variance_rate(policy, logits, rm, policy.log_probs(logits), jnp.zeros(3))
+    h = 1e-4
+    path = flow.trajectory(logits, rm, jnp.array([0.0, h, 2 * h]), policy=policy, rtol=1e-12, atol=1e-14)
+    variance = np.asarray(path.rm_variance).mean(-1)  # [times, problems]: the prompt mean
+    np.testing.assert_allclose(value, variance[0], rtol=1e-10)
+    np.testing.assert_allclose(rate, (-3 * variance[0] + 4 * variance[1] - variance[2]) / (2 * h), rtol=1e-5)

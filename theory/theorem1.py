@@ -309,6 +309,45 @@ def _gradient_check(policy, logits, rm, ref_log_probs, kl_coef):
     return norm, metrics.reward_variance(log_probs, r_kl), jnp.max(jnp.abs(r_kl), -1)
 
 
+@jax.jit(static_argnames="policy")
+def _variance_rate(policy, logits, rm, ref_log_probs, kl_coef):
+    """Per problem, ``Var_KL`` (the prompt mean of ``Var_pi[r_KL]``) and its exact rate of change
+    along the flow, ``d/dt Var_KL = <grad Var_KL, grad phi>``, as a forward-mode derivative."""
+    lam = kl_coef[:, None, None]
+    num_prompts = rm.shape[-2]
+    velocity = jax.tree.map(lambda g: g / num_prompts, prompt_gradient(policy, logits, rm, ref_log_probs, kl_coef=lam))
+
+    def var_kl(theta):
+        log_probs = policy.log_probs(theta)
+        r_kl = kl_rewards(log_probs, rm, ref_log_probs, kl_coef=lam)
+        return metrics.reward_variance(log_probs, r_kl).mean(-1)
+
+    return jax.jvp(var_kl, (logits,), (velocity,))
+
+
+def _rate_ratios(policy, points, rm, ref, kl_coef, measured):
+    """Largest ``d/dt Var_KL`` over Step 4's ``2 L^2 J^2 Var_KL^(3/2)`` and over Proposition 2's
+    ``24 L^2 J^2 Var_KL^(4/3)`` at the measured points (each ``[problems]``), and the counts above 1."""
+    length, jac = policy.length, policy.jacobian_norm
+    step4, prop2 = [], []
+    for point, valid in zip(points, measured):
+        value, rate = (np.asarray(x) for x in _variance_rate(policy, point, rm, ref, kl_coef))
+        keep = valid & (value > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step4.append(
+                np.where(keep, rate / bounds.variance_rate_bound(value, length=length, jacobian_norm=jac), np.nan)
+            )
+            prop2.append(
+                np.where(
+                    keep,
+                    rate / bounds.proposition2_variance_rate_bound(value, length=length, jacobian_norm=jac),
+                    np.nan,
+                )
+            )
+    step4, prop2 = np.stack(step4), np.stack(prop2)
+    return step4, prop2
+
+
 def _measure(family: Family, config: Theorem1Config) -> dict:
     policy, rm, gt = family.policy, family.rm_rewards, family.gt_rewards
     has_gt = np.isfinite(family.gt_gamma)
@@ -342,6 +381,18 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         )
         sqrt = norms / bounds.score_gradient_bound(kl_var, length=length, jacobian_norm=jac)
     measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.Status.REACHED)])
+    # Step 4 of Proposition A and Proposition 2's rate, at three points of each trajectory: the
+    # start and where the proxy and the ground-truth targets were reached.
+    reached_rm = np.asarray(rm_run.status) == flow.Status.REACHED
+    step4, prop2_rate = _rate_ratios(
+        policy,
+        [family.logits, rm_run.logits, gt_run.logits],
+        rm,
+        ref,
+        jnp.asarray(family.kl_coef),
+        [np.ones(len(has_gt), bool), reached_rm.all(-1), measured[1].all(-1)],
+    )
+    tolerance = 1 + config.violation_tolerance
 
     def timed(run, gamma, valid):
         t = np.where(valid, np.asarray(run.t_gamma), np.nan)
@@ -369,6 +420,13 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         max_ratio_prop2=float(np.nanmax(np.where(measured, prop2, np.nan))),
         max_ratio_sqrt=float(np.nanmax(np.where(measured, sqrt, np.nan))),
         gradient_points=int(measured.sum()),
+        max_ratio_variance_rate=float(np.nanmax(step4)),
+        max_ratio_prop2_rate=float(np.nanmax(prop2_rate)),
+        rate_points=int(np.isfinite(step4).sum()),
+        rate_violations={
+            "variance_rate": int((step4 > tolerance).sum()),
+            "prop2_rate": int((prop2_rate > tolerance).sum()),
+        },
     )
 
 
@@ -430,8 +488,20 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         for b in ("theorem4", "prop3", "sharpened")
         if b in r
     )
+    # docs/theory.md#theorem-4: with lam > 0 every reached gain is at most 2 / lam, so the lam term
+    # of Theorem 4 never binds (it would need gamma > 21 / lam).
+    lam_times_gain = np.concatenate(
+        [
+            np.where(r["status"] == flow.Status.REACHED, r["gamma"] * result["kl_coef"], np.nan).ravel()
+            for r in (gt, result["rm"])
+        ]
+    )
+    measured_lam = np.any(result["kl_coef"] > 0) and np.isfinite(lam_times_gain).any()
     return {
         "n": int(fit.sum()),
+        "max_lam_times_gain": float(np.nanmax(lam_times_gain)) if measured_lam else math.nan,
+        "lam_branch_binds": int(np.sum(lam_times_gain > 21.0)),
+        "lam_gain_violations": int(np.sum(lam_times_gain > 2.0 * (1 + config.violation_tolerance))),
         "censored": censored,
         "failed": int(sum((r["status"] == flow.Status.FAILED).sum() for r in (gt, result["rm"]))),
         "inconclusive": inconclusive,
@@ -448,6 +518,8 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         "min_ratio": {b: _min_ratio(result, b) for b in ("theorem4", "prop3", "sharpened") if b in gt},
         "max_ratio_prop2": result["max_ratio_prop2"],
         "max_ratio_sqrt": result["max_ratio_sqrt"],
+        "max_ratio_variance_rate": result["max_ratio_variance_rate"],
+        "max_ratio_prop2_rate": result["max_ratio_prop2_rate"],
         "kl_coef": float(np.max(result["kl_coef"])),
         "length": family.policy.length,
         "jacobian_norm": family.policy.jacobian_norm,
@@ -526,9 +598,26 @@ def _verdict(summary: dict) -> str:
     slopes = f"; slopes without KL {min(plain):.3f} to {max(plain):.3f} (reached times only)" if plain else ""
     return (
         f"{summary['instances']} instances; violations Theorem 4 {total['theorem4']}, Proposition 3 "
-        f"{total['prop3']}, Proposition A {total['sharpened']}; {summary['censored']} timings censored at t_max, "
+        f"{total['prop3']}, Proposition A {total['sharpened']}, variance-rate inequalities (Prop A Step 4, "
+        f"Prop 2) {total['variance_rate']} and {total['prop2_rate']}, lam * gain <= 2 {total['lam_gain']}; "
+        f"{summary['censored']} timings censored at t_max, "
         f"{summary['no_ground_truth_gain']} prompts with no ground-truth gain to time; smallest time over bound "
         f"{fmt(ratio['theorem4'])}, {fmt(ratio['prop3'])}, {fmt(ratio['sharpened'])}{slopes}"
+    )
+
+
+def _lam_branch_text(summary: dict) -> str:
+    """The check that Theorem 4's lam term cannot bind (docs/theory.md#theorem-4), from the counts."""
+    penalized = {k: f for k, f in summary["families"].items() if f["kl_coef"] > 0}
+    if not penalized:
+        return "No family has a KL penalty, so the `lam` branch of Theorem 4 is not examined."
+    largest = max(f["max_lam_times_gain"] for f in penalized.values())
+    binds = sum(f["lam_branch_binds"] for f in penalized.values())
+    return (
+        f"The `lam` branch of Theorem 4: over every reached target of the KL families the largest "
+        f"`lam * gamma` is {fmt(largest)} ({summary['violations']['lam_gain']} above the bound 2 derived in "
+        f"docs/theory.md#theorem-4), and the `lam` term is the smaller one for {binds} targets "
+        "(it would need `lam * gamma > 21`)."
     )
 
 
@@ -580,6 +669,14 @@ def _markdown(summary: dict) -> str:
         f"Gradient norms at {g['points']} points (initial and at `t_gamma`): largest `||grad phi_x||` over "
         f"Proposition 2's `6 M^(1/3) L J Var[r_KL]^(1/3)`: {fmt(g['max_ratio_prop2'])}; over the "
         f"Cauchy-Schwarz `sqrt(2) L J sqrt(Var[r_KL])`: {fmt(g['max_ratio_sqrt'])} (both must be <= 1).",
+        "",
+        f"The variance along the flow, at {g['rate_points']} points (start, proxy target, ground-truth "
+        f"target of each problem; exact `d/dt Var_KL` by forward-mode differentiation): largest "
+        f"`d/dt Var_KL` over Proposition A's Step 4 `2 L^2 J^2 Var_KL^(3/2)`: {fmt(g['max_ratio_variance_rate'])} "
+        f"({v['variance_rate']} above 1); over Proposition 2's `24 L^2 J^2 Var^(4/3)`: "
+        f"{fmt(g['max_ratio_prop2_rate'])} ({v['prop2_rate']} above 1).",
+        "",
+        _lam_branch_text(summary),
         "",
         _interpretation(summary),
         "",
@@ -676,6 +773,9 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
     total = {
         b: sum(f["violations"].get(b, 0) for f in family_summaries.values()) for b in ("theorem4", "prop3", "sharpened")
     }
+    for rate in ("variance_rate", "prop2_rate"):
+        total[rate] = sum(r["rate_violations"][rate] for r in results)
+    total["lam_gain"] = sum(f["lam_gain_violations"] for f in family_summaries.values())
     min_ratio = {
         b: min((f["min_ratio"][b] for f in family_summaries.values() if b in f["min_ratio"]), default=math.nan)
         for b in ("theorem4", "prop3", "sharpened")
@@ -692,6 +792,9 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
             "max_ratio_prop2": max(r["max_ratio_prop2"] for r in results),
             "max_ratio_sqrt": max(r["max_ratio_sqrt"] for r in results),
             "points": int(sum(r["gradient_points"] for r in results)),
+            "max_ratio_variance_rate": max(r["max_ratio_variance_rate"] for r in results),
+            "max_ratio_prop2_rate": max(r["max_ratio_prop2_rate"] for r in results),
+            "rate_points": int(sum(r["rate_points"] for r in results)),
         },
         "config": dataclasses.asdict(config),
     }
