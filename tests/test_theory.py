@@ -37,11 +37,14 @@ def test_every_study_reports_instances_violations_and_a_verdict(quick_run):
 def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
     status, out, summaries = quick_run
     summary = summaries["theorem1"]
-    assert summary["instances"] == 8 * 8 + 32 * 2 + 64 + 64
+    assert summary["instances"] == 8 * 8 + 32 * 2 + 64 + 64 + 64
     assert summary["violations"] == dict.fromkeys(
         ("theorem4", "prop3", "sharpened", "variance_rate", "prop2_rate", "lam_gain"), 0
     )
-    assert set(summary["families"]) == {"scaled", "random", "kl_0.5", "shared_L3"}
+    assert set(summary["families"]) == {"scaled", "random", "kl_0.5", "kl_0.5_fixed", "shared_L3"}
+    # The same instances, with the ground-truth gain absolute instead of a share of the offer.
+    share, fixed = summary["families"]["kl_0.5"], summary["families"]["kl_0.5_fixed"]
+    assert fixed["instances"] == share["instances"] and fixed["no_ground_truth_gain"] > share["no_ground_truth_gain"]
     # The shared-parameter class: J is Phi's largest block norm, and its targets are reachable.
     assert summary["families"]["shared_L3"]["length"] == 3 and summary["families"]["shared_L3"]["censored"]["rm"] == 0
     for family in summary["families"].values():

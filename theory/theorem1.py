@@ -15,6 +15,8 @@ Families (``gamma`` is the gain timed):
 - ``random``: tabular, 2 prompts per problem, random logits of random sharpness, proxies
   correlated with ``r_G`` at random strength and scaled by ``s`` over 3.5 decades, ``lam = 0``.
 - ``kl_0.05``, ``kl_0.5``: as ``random`` (one prompt) with a KL penalty.
+- ``kl_0.05_fixed``, ``kl_0.5_fixed``: the same instances with the ground-truth ``gamma`` fixed
+  at ``scaled_gamma`` instead of a share of the gain on offer (no time where less is offered).
 - ``autoregressive_L2``, ``autoregressive_L3``: autoregressive tabular policies, ``V = 4``.
 - ``shared_L3``: the setting of Theorem 4 itself, an autoregressive policy whose next-token
   logits ``Phi[s] theta[x]`` share one parameter vector across positions (``V = 4``, ``d = 3``),
@@ -78,8 +80,9 @@ class Theorem1Config(StudyConfig):
         every ``eps`` (an int >= 1).
       scaled_eps: number of ``eps`` values of the ``scaled`` family (an int >= 3), log-spaced
         from ``10^-decades`` to 1.
-      scaled_gamma: the ground-truth gain timed in the ``scaled`` family, in ``(0, 0.5)``;
-        instances whose teacher offers no more than this in the limit get no ground-truth time.
+      scaled_gamma: the ground-truth gain timed in the ``scaled`` and ``kl_<lam>_fixed`` families,
+        in ``(0, 0.5)``; instances whose teacher offers no more than this in the limit get no
+        ground-truth time.
       random_problems: problems of the ``random`` family (an int >= 1).
       random_prompts: ``|S|``, prompts per problem of the ``random`` family (an int >= 1).
       kl_problems: problems (one prompt each) of every ``kl_<lam>`` family (an int >= 1).
@@ -234,7 +237,15 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
         )
     )
     for lam, k in zip(config.kl_coefs, jax.random.split(k_kl, len(config.kl_coefs))):
-        families.append(random_family(f"kl_{lam:g}", k, config.kl_problems, 1, np.full(config.kl_problems, lam)))
+        shared = random_family(f"kl_{lam:g}", k, config.kl_problems, 1, np.full(config.kl_problems, lam))
+        families.append(shared)
+        # The same instances with an absolute ground-truth gain: where the teacher offers less, no time.
+        ref = tabular.log_probs(shared.logits)
+        offered = _limit_rewards(ref, shared.rm_rewards, shared.gt_rewards, shared.kl_coef) - np.asarray(
+            metrics.expected_reward(ref, shared.gt_rewards)
+        )
+        fixed = np.where(offered > config.scaled_gamma, config.scaled_gamma, np.nan)
+        families.append(shared._replace(name=f"kl_{lam:g}_fixed", gt_gamma=fixed))
 
     for length, k in zip(config.lengths, jax.random.split(k_ar, len(config.lengths))):
         policy = AutoregressiveTabularPolicy(config.vocab_size, length)
@@ -737,14 +748,26 @@ def _interpretation(summary: dict) -> str:
         )
     if broken:
         text.append(f"Violated: {', '.join(broken)} instances (saved in `theorem1_violations.json`).")
-    if penalized and plain:
-        described = ", ".join(f"{k}: {f['slope']:.3f}" for k, f in penalized.items())
-        flatter = min(f["slope"] for f in penalized.values()) > max(f["slope"] for f in plain.values())
+    share = {k: f for k, f in penalized.items() if not k.endswith("_fixed")}
+    fixed = {k: f for k, f in penalized.items() if k.endswith("_fixed")}
+    if share and plain:
+        described = ", ".join(f"{k}: {f['slope']:.3f}" for k, f in share.items())
+        flatter = min(f["slope"] for f in share.values()) > max(f["slope"] for f in plain.values())
         text.append(
-            f"With a KL penalty ({described}) every slope is "
+            f"With a KL penalty and `gamma` a share of the gain the teacher offers ({described}) every slope is "
             + ("flatter than every one without" if flatter else "not uniformly flatter than those without")
-            + "; in these families `gamma` is a fixed share of the gain the teacher offers, which shrinks with "
-            "the reward scale, so their slopes reflect that choice as well as the variance."
+            + "; that share shrinks with the reward scale, so these slopes reflect the choice of `gamma` as well "
+            "as the variance."
+        )
+    if fixed:
+        described = "; ".join(
+            f"{k}: {f['slope']:.3f} [{f['slope_ci'][0]:.3f}, {f['slope_ci'][1]:.3f}] over {f['n']} timed, "
+            f"{f['no_ground_truth_gain']} offering less than `gamma`"
+            for k, f in fixed.items()
+        )
+        text.append(
+            f"On the same instances with an absolute `gamma` ({described}) only the teachers that offer the "
+            "gain are timed."
         )
     return " ".join(text)
 
