@@ -247,45 +247,31 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
         fixed = np.where(offered > config.scaled_gamma, config.scaled_gamma, np.nan)
         families.append(shared._replace(name=f"kl_{lam:g}_fixed", gt_gamma=fixed))
 
+    def one_prompt_family(name, policy, logits, key, *, reachable=False):
+        """``policy`` from ``logits [problems, 1, ...]`` under a random teacher, ``lam = 0``."""
+        n = len(jax.tree.leaves(logits)[0])
+        rm, gt = _random_teacher(key, (n, 1, policy.num_outputs), config.decades)
+        kl_coef = np.zeros(n)
+        if reachable:
+            gammas = _reachable_gammas(policy, logits, rm, gt, config.gain_fraction)
+        else:
+            gammas = _gammas(policy, logits, rm, gt, kl_coef, config.gain_fraction)
+        return Family(name, policy, logits, rm, gt, kl_coef, *gammas)
+
     for length, k in zip(config.lengths, jax.random.split(k_ar, len(config.lengths))):
         policy = AutoregressiveTabularPolicy(config.vocab_size, length)
         k1, k2, k3 = jax.random.split(k, 3)
         n = config.autoregressive_problems
         sharp = _sharpness(k1, 3, n)
         logits = tuple(sharp * theta[:, None] for theta in policy.random_logits(k2, n))  # [problems, S=1, V^l, V]
-        rm, gt = _random_teacher(k3, (n, 1, policy.num_outputs), config.decades)
-        kl_coef = np.zeros(n)
-        families.append(
-            Family(
-                f"autoregressive_L{length}",
-                policy,
-                logits,
-                rm,
-                gt,
-                kl_coef,
-                *_gammas(policy, logits, rm, gt, kl_coef, config.gain_fraction),
-            )
-        )
-    k_shared = jax.random.fold_in(key, 5)
-    k0, k1, k2, k3 = jax.random.split(k_shared, 4)
+        families.append(one_prompt_family(f"autoregressive_L{length}", policy, logits, k3))
+
+    k0, k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 5), 4)
     v, d = config.vocab_size, config.shared_features
     features = np.asarray(jax.random.normal(k0, (v + 1, v, d))) / np.sqrt(d)
     policy = SharedAutoregressivePolicy(features, config.shared_length)
-    n = config.shared_problems
-    logits = _sharpness(k1, 2, n) * jax.random.normal(k2, (n, 1, d))
-    rm, gt = _random_teacher(k3, (n, 1, policy.num_outputs), config.decades)
-    kl_coef = np.zeros(n)
-    families.append(
-        Family(
-            f"shared_L{config.shared_length}",
-            policy,
-            logits,
-            rm,
-            gt,
-            kl_coef,
-            *_reachable_gammas(policy, logits, rm, gt, config.gain_fraction),
-        )
-    )
+    logits = _sharpness(k1, 2, config.shared_problems) * jax.random.normal(k2, (config.shared_problems, 1, d))
+    families.append(one_prompt_family(f"shared_L{config.shared_length}", policy, logits, k3, reachable=True))
     return [f for f in families if only is None or f.name in only]
 
 
