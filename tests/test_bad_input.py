@@ -194,6 +194,8 @@ KERNEL_CASES = [
     (lambda: bounds.theorem4_lower_bound(0.1, -1e-3), r"variance"),
     (lambda: bounds.theorem4_lower_bound(0.1, 1e-3, kl_coef=-1.0), r"kl_coef"),
     (lambda: bounds.proposition3_lower_bound(0.1, 1e-3, num_prompts=0), r"num_prompts"),
+    (lambda: bounds.variance_rate_bound(-1e-3), r"kl_variance"),
+    (lambda: bounds.proposition2_variance_rate_bound(0.1, length=0), r"length"),
     (lambda: metrics.accuracy(jnp.ones((3, 1)), jnp.ones((3, 1))), r"accuracy.*2 outputs|outputs"),
     (lambda: metrics.best_of_n_reward(jnp.zeros(4), jnp.arange(4.0), jnp.arange(4.0), 2.5), r"\bn\b"),
     (lambda: metrics.reward_variance(jnp.zeros((2, 0)), jnp.zeros((2, 0))), r"empty|output"),
