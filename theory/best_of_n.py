@@ -128,7 +128,19 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     bon_gain = bon - start[None, :, None]
     accuracy = np.asarray(metrics.accuracy(rm, g)).mean(-1)
     on_policy = np.asarray(metrics.accuracy(rm, g, probs=jax.nn.softmax(lg, -1))).mean(-1)
-    variance = np.asarray(metrics.reward_variance(lg, rm)).mean(-1)
+    per_prompt_variance = np.asarray(metrics.reward_variance(lg, rm))  # [B, M, S]
+    variance = per_prompt_variance.mean(-1)
+    # The low-variance model scales the first half of the prompts (make_models); after the one
+    # global normalization, how each half's variance ends up.
+    scaled_half = np.arange(rm.shape[2]) < rm.shape[2] // 2
+    halves = {
+        name: {
+            "variance_scaled_half": float(per_prompt_variance[:, i][:, scaled_half].mean()),
+            "variance_other_half": float(per_prompt_variance[:, i][:, ~scaled_half].mean()),
+        }
+        for i, name in enumerate(names)
+        if name in ("perfect", "perfect, low variance")
+    }
     progress(f"Best-of-N for N = 1..{config.max_n}: {b} problems x {m} reward models")
     path = flow.trajectory(
         lg.reshape(b * m, *rm.shape[2:]),
@@ -157,6 +169,7 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
                 "variance": float(variance[:, i].mean()),
                 f"bon{config.ranking_n}_gain": float(bon_gain[ranking, :, i].mean()),
                 "pg_gain": float(pg_gain[:, i].mean()),
+                **halves.get(name, {}),
             }
             for i, name in enumerate(names)
         },
@@ -240,6 +253,13 @@ def _low_variance_text(summary: dict, n: int) -> str:
         )
     else:
         text += f" Its normalized variance is {fmt(low['variance'])} against {fmt(perfect['variance'])}."
+    if "variance_scaled_half" in low:
+        text += (
+            f" One global normalization moves the variance between the halves rather than lowering it: "
+            f"{fmt(low['variance_scaled_half'])} on the scaled half and {fmt(low['variance_other_half'])} on "
+            f"the other (the perfect model: {fmt(perfect['variance_scaled_half'])} and "
+            f"{fmt(perfect['variance_other_half'])})."
+        )
     return text
 
 
