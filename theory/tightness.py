@@ -44,10 +44,10 @@ from jaxrm.studies import (
     write_json,
     write_text,
 )
-from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, TabularPolicy
+from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, SharedAutoregressivePolicy, TabularPolicy
 
 NAME = "tightness"
-CLASS_NAMES = ("tabular", "autoregressive_L2", "autoregressive_L3", "log_linear")
+CLASS_NAMES = ("tabular", "autoregressive_L2", "autoregressive_L3", "log_linear", "shared_L3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,8 @@ class TightnessConfig(StudyConfig):
       rtol: relative tolerance of the adaptive ODE solver.
       atol: absolute tolerance of the adaptive ODE solver.
       classes: the policy classes searched, by name (``tabular``, ``autoregressive_L2``,
-        ``autoregressive_L3``, ``log_linear``).
+        ``autoregressive_L3``, ``log_linear``, ``shared_L3``: the shared-parameter autoregressive
+        policy of Theorem 4, ``V = 2``, ``d = 3``).
     """
 
     seed: int = 0
@@ -118,12 +119,15 @@ class PolicyClass(NamedTuple):
 
 
 def policy_classes(seed: int, names=CLASS_NAMES) -> list[PolicyClass]:
-    features = np.random.default_rng(seed).normal(size=(8, 4)) / 2.0
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(8, 4)) / 2.0
+    shared = rng.normal(size=(3, 2, 3)) / np.sqrt(3)  # V = 2, d = 3: next-token features per state
     classes = [
         PolicyClass("tabular", TabularPolicy(8), ((8,),)),
         PolicyClass("autoregressive_L2", AutoregressiveTabularPolicy(3, 2), ((1, 3), (3, 3))),
         PolicyClass("autoregressive_L3", AutoregressiveTabularPolicy(2, 3), ((1, 2), (2, 2), (4, 2))),
         PolicyClass("log_linear", LogLinearPolicy(features), ((4,),)),
+        PolicyClass("shared_L3", SharedAutoregressivePolicy(shared, 3), ((3,),)),
     ]
     return [c for c in classes if c.name in names]
 
@@ -137,7 +141,7 @@ def _decode(cls: PolicyClass, z, num_outputs, variance, config):
     cuts = np.cumsum(sizes + [num_outputs, num_outputs])
     parts = np.split(z, cuts, axis=-1)
     logits = [p.reshape(len(z), 1, *shape) for p, shape in zip(parts[: len(sizes)], cls.param_shapes)]
-    logits = logits[0] if isinstance(cls.policy, (TabularPolicy, LogLinearPolicy)) else tuple(logits)
+    logits = logits[0] if len(cls.param_shapes) == 1 else tuple(logits)
     direction, timed, lam = parts[len(sizes)], np.tanh(parts[len(sizes) + 1]), parts[-1][:, 0]
     probs = np.asarray(jnp.exp(cls.policy.log_probs(logits)))[:, 0]
     centred = direction - (probs * direction).sum(-1, keepdims=True)
