@@ -323,26 +323,17 @@ def _variance_rate(policy, logits, rm, ref_log_probs, kl_coef):
 
 
 def _rate_ratios(policy, points, rm, ref, kl_coef, measured):
-    """Largest ``d/dt Var_KL`` over Step 4's ``2 L^2 J^2 Var_KL^(3/2)`` and over Proposition 2's
-    ``24 L^2 J^2 Var_KL^(4/3)`` at the measured points (each ``[problems]``), and the counts above 1."""
-    length, jac = policy.length, policy.jacobian_norm
+    """``d/dt Var_KL`` over Step 4's ``2 L^2 J^2 Var_KL^(3/2)`` and over Proposition 2's
+    ``24 L^2 J^2 Var_KL^(4/3)``, each ``[points, problems]``, NaN where a point was not measured."""
+    structure = dict(length=policy.length, jacobian_norm=policy.jacobian_norm)
     step4, prop2 = [], []
     for point, valid in zip(points, measured):
         value, rate = (np.asarray(x) for x in _variance_rate(policy, point, rm, ref, kl_coef))
         keep = valid & (value > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step4.append(
-                np.where(keep, rate / bounds.variance_rate_bound(value, length=length, jacobian_norm=jac), np.nan)
-            )
-            prop2.append(
-                np.where(
-                    keep,
-                    rate / bounds.proposition2_variance_rate_bound(value, length=length, jacobian_norm=jac),
-                    np.nan,
-                )
-            )
-    step4, prop2 = np.stack(step4), np.stack(prop2)
-    return step4, prop2
+        for ratios, bound in ((step4, bounds.variance_rate_bound), (prop2, bounds.proposition2_variance_rate_bound)):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios.append(np.where(keep, rate / bound(value, **structure), np.nan))
+    return np.stack(step4), np.stack(prop2)
 
 
 def _measure(family: Family, config: Theorem1Config) -> dict:

@@ -9,6 +9,7 @@ at load instead of loading garbage values.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -33,31 +34,39 @@ def tree_checksum(tree) -> list[int]:
     Any change of a single word changes it (odd multipliers are invertible mod ``2^32``). It runs
     where the arrays live, sharded or not, so no array is gathered to the host.
     """
-    leaves = [jax.random.key_data(x) if is_prng_key(x) else x for x in jax.tree.leaves(tree)]
-    return [int(v) for v in np.asarray(_checksums(leaves).addressable_data(0))] if leaves else []
+    return [int(v) for v in _per_leaf(_word_checksum, tree)]
 
 
 def is_prng_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-@jax.jit
-def _checksums(leaves):
-    def words(x):
-        if x.dtype == jnp.bool_:
-            return x.astype(jnp.uint32)
-        width = x.dtype.itemsize
-        if width < 4:
-            unsigned = {1: jnp.uint8, 2: jnp.uint16}[width]
-            return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+def _per_leaf(reduce, tree) -> list:
+    """``reduce`` (a scalar per array) of every leaf, in one compiled program on the arrays'
+    devices; read from this process's copy, so it also works when the arrays span several hosts."""
+    leaves = [jax.random.key_data(x) if is_prng_key(x) else x for x in jax.tree.leaves(tree)]
+    return np.asarray(_stack_per_leaf(reduce, leaves).addressable_data(0)).tolist() if leaves else []
 
-    def checksum(x):
-        w = words(x).ravel()
-        odd = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
-        return jnp.sum(w * odd, dtype=jnp.uint32)
 
-    return jnp.stack([checksum(x) for x in leaves])
+@functools.partial(jax.jit, static_argnums=0)
+def _stack_per_leaf(reduce, leaves):
+    return jnp.stack([reduce(x) for x in leaves])
+
+
+def _word_checksum(x):
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    elif x.dtype.itemsize < 4:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+        words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    words = words.ravel()
+    return jnp.sum(words * (2 * jnp.arange(words.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+
+
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
 
 
 def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata: dict | None = None) -> Path:
@@ -142,10 +151,11 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
     if tree_checksum(restored) != record["checksum"]:
         raise ValueError(f"{directory}: the parameters differ from those saved (checksum mismatch): damaged.")
     if not allow_nonfinite:
+        paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(restored)]
         bad = [
             "/".join(str(getattr(key, "key", key)) for key in path)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
-            if not bool(jnp.isfinite(leaf).all())
+            for path, finite in zip(paths, _per_leaf(_all_finite, restored))
+            if not finite
         ]
         if bad:
             raise ValueError(

@@ -46,7 +46,7 @@ class SamplingOptions:
       pad_id: token id written after a row has ended (default 0).
     """
 
-    max_new_tokens: int = checked(None, POSITIVE_INT)
+    max_new_tokens: int = dataclasses.field(metadata={"check": POSITIVE_INT})
     temperature: float = checked(1.0, NON_NEGATIVE)
     top_k: int = checked(0, NON_NEGATIVE)
     top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
