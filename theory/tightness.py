@@ -1,22 +1,38 @@
-"""Tightness atlas: how fast can a low-variance teacher be, adversarially?
+"""Tightness atlas: how fast can a teacher of a given reward variance be, adversarially?
 
-Razin et al. prove ``t_gamma = Omega(Var^(-1/3))`` for general autoregressive policies and
-``Omega(Var^(-1/2))`` for tabular ones, without saying whether ``-1/3`` is attained; this
-project's Proposition A (docs/theory.md#proposition-a) claims ``-1/2`` for all. For four policy classes -
-tabular, autoregressive tabular with ``L = 2`` and ``L = 3``, and a log-linear policy with shared
-features (``J = ||Phi||_2``) - an evolution strategy searches, over initial logits, the reward
-model's direction, the timed reward ``r`` in ``[-1, 1]`` and ``lam``, for the smallest
-``t_gamma`` (gain ``gamma`` fixed) at each of several variance levels ``Var[r_RM] = v``. Each
-generation is one batched exact solve (:func:`jaxrm.flow.first_passage`) of the whole
-population at every level.
+Razin et al. prove ``t_gamma = Omega(Var^(-1/3))`` for general autoregressive policies (Theorem 4)
+and ``Omega(Var^(-1/2))`` for tabular ones (Proposition 3), without saying whether ``-1/3`` is
+attained; this project's Proposition A (docs/theory.md#proposition-a) claims ``-1/2`` for all.
 
-At a fixed variance level, minimizing ``t_gamma Var^a`` is minimizing ``t_gamma`` for every ``a``,
-so one search serves both objectives (``a = 1/3``: Theorem 4; ``a = 1/2``: Propositions 3 and A);
-the exponent itself is read off how the minimum moves across levels.
+At every variance level ``Var[r_RM] = v`` under the initial policy, *independent* searches look
+for the instance with the smallest ``t_gamma`` (gain ``gamma`` of a timed reward in ``[-1, 1]``,
+fixed), over the initial policy, the reward model, the timed reward and ``lam``. The variance is
+fixed, so that is the smallest ratio to each bound at once (``lam <= max_kl_coef < 21 / gamma``
+keeps Theorem 4's ``lam`` branch out; theorem1's ``lam`` family checks it). Searches never
+share candidates across levels: the exponent is read off how the minimum moves.
 
-Per class the atlas reports the lower envelope of ``t_gamma`` over the variance levels and its
-log-log slope (the worst-case exponent; bootstrap interval over the evaluated instances), the
-smallest ratio to each bound, and the instance attaining the smallest ratio to Proposition A.
+Why independence matters (docs/theory.md#the-tightness-atlas): at ``lam = 0`` scaling ``r_RM`` by
+``s`` rescales time by ``1/s``, so a fixed structure scaled to every level gives slope ``-1/2`` by
+construction. What can change the exponent is structure that is only *feasible* (``|r_RM| <= 1``)
+at small variance: reward on outputs whose probability is of the order of ``v``, policies whose
+mode holds all but about ``v`` of the mass. The searches start there as well as at random:
+
+- ``free``: every logit, every output's reward-model and timed reward, a temperature, ``lam``
+  and the timed reward's alignment with the reward model are coordinates (classes with at most ``max_free_outputs`` outputs).
+- ``free_peaked``: the same, started with the temperature at which the initial policy's mode
+  holds all but ``2 v`` of the mass.
+- ``by_probability``: random logit direction times a searched temperature; both rewards are
+  functions (piecewise linear in ``log10 pi_0(y)``, knots every two decades) of each output's
+  initial probability, which scales to ``|Y| = 1000``.
+- ``rare_outputs``: ``by_probability`` started with the reward concentrated on outputs of
+  probability about ``v``.
+- ``peaked``: ``by_probability`` started near-deterministic, like ``free_peaked``.
+
+Each search is an evolution strategy (elitist, Gaussian mutations with a decaying step) on
+``log(t_gamma / Proposition A bound)``, repeated ``restarts`` times from fresh draws; every
+generation of every search, level and restart of a class is one batched exact solve
+(:func:`jaxrm.flow.first_passage`). An instance below a bound is saved to
+``tightness_violations.json`` and fails the run.
 """
 
 from __future__ import annotations
@@ -26,11 +42,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import scipy.special
+import scipy.stats
 
 from jaxrm import bounds, flow, metrics
 from jaxrm.studies import (
+    POSITIVE,
     POSITIVE_INT,
     Progress,
     StudyConfig,
@@ -47,67 +65,98 @@ from jaxrm.studies import (
 from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, SharedAutoregressivePolicy, TabularPolicy
 
 NAME = "tightness"
-CLASS_NAMES = ("tabular", "autoregressive_L2", "autoregressive_L3", "log_linear", "shared_L3")
+CLASS_NAMES = (
+    "tabular",
+    "tabular_1000",
+    "autoregressive_L2",
+    "autoregressive_L3",
+    "autoregressive_1000",
+    "log_linear",
+    "shared_L3",
+)
+START_NAMES = ("free", "free_peaked", "by_probability", "rare_outputs", "peaked")
+# Knots of the by-probability rewards, in log10 of an output's initial probability.
+KNOTS = np.linspace(-16.0, 0.0, 9)
+VIOLATION_TOLERANCE = 1e-6  # relative: the solver's tolerance is 1e-8
+SLOPE_TOLERANCE = 0.005  # an envelope "differs from -1/2" when its interval clears -1/2 by this much
+UNREACHED_FITNESS = 50.0  # log-ratio of an unreached or infeasible candidate (all reached ones are far below)
 
 
 @dataclasses.dataclass(frozen=True)
 class TightnessConfig(StudyConfig):
-    """Search and solver settings of the tightness atlas; the search is described in the module
-    docstring. Fields with a range are checked on construction.
+    """Search and solver settings of the tightness atlas; the searches are described in the
+    module docstring. Fields with a range are checked on construction.
 
     Attributes:
-      seed: seed of the evolution strategy, the bootstrap and the log-linear class's features.
-      population: candidates per generation (an int >= 4), each evaluated at every variance
-        level.
-      generations: generations of the evolution strategy (an int >= 1).
+      seed: seed of the searches' draws and of the log-linear and shared classes' features.
+      population: candidates per generation of each search (an int >= 4).
+      generations: generations of each search (an int >= 1).
       elite: best candidates kept each generation (an int >= 1, below ``population``); the
         rest of the next generation are mutated copies of them.
-      step_size: initial standard deviation of the Gaussian mutations of the search vectors,
-        multiplied by 0.85 after every generation.
+      restarts: independent repetitions of every search from fresh draws (an int >= 1).
+      step_size: initial standard deviation of the Gaussian mutations, multiplied by 0.85
+        after every generation.
       log10_variances: the variance levels ``Var[r_RM] = 10^x`` under the initial policy (at
-        least 3); a candidate whose scaled reward model leaves ``[-1, 1]`` is infeasible there.
+        least 3, each in ``[-12, 0)``); a candidate whose reward model leaves ``[-1, 1]`` at a
+        level is infeasible there.
       gamma: the gain of the timed reward, fixed for every instance, in ``(0, 1)``.
-      max_kl_coef: scale of the searched KL coefficient: ``lam = max(z, 0) * max_kl_coef`` for
-        the candidate's last coordinate ``z`` (0 forces ``lam = 0``).
-      bootstrap: bootstrap resamples of the 95% interval of each envelope slope.
-      t_max: flow time after which a gain counts as not reached; far beyond the fastest times,
-        which are all the atlas keeps.
+      max_kl_coef: scale of the searched KL coefficient, ``lam = max(z, 0) * max_kl_coef`` for
+        the candidate's last coordinate ``z`` (0 forces ``lam = 0``); below ``21 / gamma``.
+      t_max: flow time after which a gain counts as not reached (censored); far beyond the
+        fastest times, which are all the atlas keeps.
+      max_steps: ODE steps after which a solve gives up (counted with the censored, and apart
+        as ``solver_failures``): the fastest instances take tens of steps, and one stiff
+        candidate would otherwise hold the batched solve for minutes.
       rtol: relative tolerance of the adaptive ODE solver.
       atol: absolute tolerance of the adaptive ODE solver.
-      classes: the policy classes searched, by name (``tabular``, ``autoregressive_L2``,
-        ``autoregressive_L3``, ``log_linear``, ``shared_L3``: the shared-parameter autoregressive
-        policy of Theorem 4, ``V = 2``, ``d = 3``).
+      classes: the policy classes searched, by name: ``tabular`` (8 outputs),
+        ``tabular_1000``, ``autoregressive_L2`` (``V = 3``), ``autoregressive_L3`` (``V = 2``),
+        ``autoregressive_1000`` (``V = 10, L = 3``), ``log_linear`` (8 outputs, ``d = 4``,
+        ``J = ||Phi||_2``) and ``shared_L3`` (the shared-parameter autoregressive policy of
+        Theorem 4, ``V = 2, L = 3, d = 3``).
+      starts: the searches run at every level, by name (see the module docstring).
+      max_free_outputs: the ``free`` searches run only on classes with at most this many
+        outputs (their dimension grows with ``|Y|``).
     """
 
     seed: int = 0
-    population: int = checked(48, int_at_least(4))
-    generations: int = checked(8, POSITIVE_INT)
-    elite: int = checked(8, POSITIVE_INT)
-    step_size: float = 0.5
+    population: int = checked(12, int_at_least(4))
+    generations: int = checked(10, POSITIVE_INT)
+    elite: int = checked(3, POSITIVE_INT)
+    restarts: int = checked(2, POSITIVE_INT)
+    step_size: float = checked(0.5, POSITIVE)
     log10_variances: tuple[float, ...] = checked(
-        (-2, -3, -4, -5, -6, -7, -8), (lambda v: len(v) >= 3, "at least 3 levels")
+        (-2, -3, -4, -5, -6, -7, -8),
+        (lambda v: len(v) >= 3 and all(-12 <= x < 0 for x in v), "at least 3 levels, each in [-12, 0)"),
     )
     gamma: float = checked(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
-    max_kl_coef: float = 0.5
-    bootstrap: int = 500
-    t_max: float = 1e9
-    rtol: float = 1e-8
-    atol: float = 1e-10
+    max_kl_coef: float = checked(0.5, (lambda v: v >= 0, "must be >= 0"))
+    t_max: float = checked(1e9, POSITIVE)
+    max_steps: int = checked(5000, POSITIVE_INT)
+    rtol: float = checked(1e-8, POSITIVE)
+    atol: float = checked(1e-10, POSITIVE)
     classes: tuple[str, ...] = checked(CLASS_NAMES, each(one_of(CLASS_NAMES)))
+    starts: tuple[str, ...] = checked(START_NAMES, each(one_of(START_NAMES)))
+    max_free_outputs: int = checked(64, POSITIVE_INT)
 
     def __post_init__(self):
         super().__post_init__()
         if self.elite >= self.population:
             raise ValueError(f"TightnessConfig.elite={self.elite}: must be < population={self.population}.")
+        if self.max_kl_coef >= 21.0 / self.gamma:
+            raise ValueError(
+                f"TightnessConfig.max_kl_coef={self.max_kl_coef}: must be below 21 / gamma = {21 / self.gamma:g}, "
+                "where Theorem 4's bound would depend on lam and one search could not serve every bound."
+            )
 
     def quick(self) -> "TightnessConfig":
         return dataclasses.replace(
             self,
-            population=12,
+            population=6,
             generations=2,
-            elite=3,
+            elite=2,
+            restarts=1,
             log10_variances=(-2, -4, -6),
-            bootstrap=100,
             classes=("autoregressive_L2",),
         )
 
@@ -115,7 +164,21 @@ class TightnessConfig(StudyConfig):
 class PolicyClass(NamedTuple):
     name: str
     policy: Any
-    param_shapes: tuple  # shapes of the policy's logits for one prompt
+    param_shapes: tuple  # shapes of the policy's parameters for one prompt
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(s)) for s in self.param_shapes)
+
+    def unflatten(self, flat):
+        """``[N, num_params]`` -> the policy's parameters for ``N`` one-prompt problems."""
+        parts = np.split(flat, np.cumsum([int(np.prod(s)) for s in self.param_shapes])[:-1], axis=-1)
+        leaves = [p.reshape(len(flat), 1, *shape) for p, shape in zip(parts, self.param_shapes)]
+        return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
+    def log_probs(self, flat):
+        """``[N, |Y|]`` initial log-probabilities of the parameters ``flat [N, num_params]``."""
+        return np.asarray(self.policy.log_probs(self.unflatten(flat)))[:, 0]
 
 
 def policy_classes(seed: int, names=CLASS_NAMES) -> list[PolicyClass]:
@@ -124,182 +187,381 @@ def policy_classes(seed: int, names=CLASS_NAMES) -> list[PolicyClass]:
     shared = rng.normal(size=(3, 2, 3)) / np.sqrt(3)  # V = 2, d = 3: next-token features per state
     classes = [
         PolicyClass("tabular", TabularPolicy(8), ((8,),)),
+        PolicyClass("tabular_1000", TabularPolicy(1000), ((1000,),)),
         PolicyClass("autoregressive_L2", AutoregressiveTabularPolicy(3, 2), ((1, 3), (3, 3))),
         PolicyClass("autoregressive_L3", AutoregressiveTabularPolicy(2, 3), ((1, 2), (2, 2), (4, 2))),
+        PolicyClass("autoregressive_1000", AutoregressiveTabularPolicy(10, 3), ((1, 10), (10, 10), (100, 10))),
         PolicyClass("log_linear", LogLinearPolicy(features), ((4,),)),
         PolicyClass("shared_L3", SharedAutoregressivePolicy(shared, 3), ((3,),)),
     ]
     return [c for c in classes if c.name in names]
 
 
-def _decode(cls: PolicyClass, z, num_outputs, variance, config):
-    """Search vectors ``z [P, D]`` -> instances at variance level ``v`` (one prompt each).
+# ---------------------------------------------------------------------------------------------
+# Searches: a start names a parametrization of the instance and how its first generation is drawn.
 
-    Layout of ``z``: policy logits, reward-model direction (standardized under the initial
-    policy, then scaled to variance ``v``), timed reward (through ``tanh``), ``lam``."""
-    sizes = [int(np.prod(s)) for s in cls.param_shapes]
-    cuts = np.cumsum(sizes + [num_outputs, num_outputs])
-    parts = np.split(z, cuts, axis=-1)
-    logits = [p.reshape(len(z), 1, *shape) for p, shape in zip(parts[: len(sizes)], cls.param_shapes)]
-    logits = logits[0] if len(cls.param_shapes) == 1 else tuple(logits)
-    direction, timed, lam = parts[len(sizes)], np.tanh(parts[len(sizes) + 1]), parts[-1][:, 0]
-    probs = np.asarray(jnp.exp(cls.policy.log_probs(logits)))[:, 0]
-    centred = direction - (probs * direction).sum(-1, keepdims=True)
+
+class Instances(NamedTuple):
+    """Candidates decoded at one variance level; leading axis ``N``."""
+
+    log_temperature: np.ndarray  # [N]: the logits are exp(this) times a direction
+    params: np.ndarray  # [N, num_params] initial policy parameters
+    log_probs: np.ndarray  # [N, |Y|] initial log-probabilities
+    rm: np.ndarray  # [N, |Y|] reward model, Var = v under the initial policy
+    timed: np.ndarray  # [N, |Y|] timed reward in [-1, 1]
+    kl_coef: np.ndarray  # [N]
+    feasible: np.ndarray  # [N] |r_RM| <= 1
+
+
+def _by_probability(start: str) -> bool:
+    return start in ("by_probability", "rare_outputs", "peaked")
+
+
+def _dimension(cls: PolicyClass, start: str, num_outputs: int) -> int:
+    """Search coordinates: [temperature, (free logits), reward model, timed reward, alignment, lam]."""
+    if _by_probability(start):
+        return 1 + 2 * len(KNOTS) + 2
+    return 1 + cls.num_params + 2 * num_outputs + 2
+
+
+def _standardized(values, log_probs):
+    """``values`` centred and scaled to unit variance under ``pi_0``, and that spread."""
+    probs = np.exp(log_probs)
+    centred = values - (probs * values).sum(-1, keepdims=True)
     spread = np.sqrt((probs * centred**2).sum(-1, keepdims=True))
-    rm = np.sqrt(variance) * centred / np.maximum(spread, 1e-300)
-    lam = np.clip(lam, 0.0, None) * config.max_kl_coef
-    feasible = (np.abs(rm).max(-1) <= 1.0) & (spread[:, 0] > 1e-12)
-    return logits, rm[:, None], timed[:, None], lam, feasible
+    return centred / np.maximum(spread, 1e-300), spread[:, 0]
 
 
-def _evaluate(cls, z, num_outputs, config):
-    """``t_gamma [P, levels]`` (inf when infeasible or not reached), the variances, which
-    instances are feasible, and the instances."""
+def _decode(cls: PolicyClass, start: str, z, direction, variance: float, config: TightnessConfig) -> Instances:
+    """Search vectors ``z [N, D]`` -> instances at variance level ``v``; ``direction [N, P]`` is
+    the logit direction of the by-probability starts (drawn once per restart)."""
+    log_temperature = np.clip(z[:, 0], -5.0, 8.0)  # beyond e^8 every class is deterministic in float64
+    lam = np.clip(z[:, -1], 0.0, None) * config.max_kl_coef
+    if _by_probability(start):
+        params = np.exp(log_temperature)[:, None] * direction
+        log_probs = cls.log_probs(params)
+        position = np.clip(log_probs / np.log(10.0), KNOTS[0], 0.0)
+        rm_shape, timed_shape = np.split(z[:, 1:-2], 2, axis=-1)
+        interpolate = lambda values: np.stack([np.interp(p, KNOTS, v) for p, v in zip(position, values)])  # noqa: E731
+        raw_rm, raw_timed = interpolate(rm_shape), interpolate(timed_shape)
+    else:
+        params = np.exp(log_temperature)[:, None] * z[:, 1 : 1 + cls.num_params]
+        log_probs = cls.log_probs(params)
+        raw_rm, raw_timed = np.split(z[:, 1 + cls.num_params : -2], 2, axis=-1)
+    unit, spread = _standardized(raw_rm, log_probs)
+    rm = np.sqrt(variance) * unit
+    feasible = (np.abs(rm).max(-1) <= 1.0) & (spread > 1e-12)
+    # The alignment coordinate lets the timed reward follow the reward model's ranking at once.
+    timed = np.tanh(raw_timed + z[:, -2:-1] * np.clip(unit, -3.0, 3.0))
+    return Instances(log_temperature, params, log_probs, rm, timed, lam, feasible)
+
+
+def _temperature_for(cls: PolicyClass, direction, statistic, target, *, steps=40):
+    """Per row, the log-temperature ``b`` in [-3, 6] at which ``statistic(log pi_0)`` of
+    ``exp(b) * direction`` equals ``target`` (both decrease as the policy sharpens; bisection)."""
+    low, high = np.full(len(direction), -3.0), np.full(len(direction), 6.0)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        above = statistic(cls.log_probs(np.exp(middle)[:, None] * direction)) > target
+        low, high = np.where(above, middle, low), np.where(above, high, middle)
+    return (low + high) / 2
+
+
+def _off_mode_mass(log_probs):
+    """``log(1 - max_y pi_0(y))``, accurate when the mode holds nearly everything."""
+    others = np.where(np.arange(log_probs.shape[-1]) == log_probs.argmax(-1)[:, None], -np.inf, log_probs)
+    return scipy.special.logsumexp(others, axis=-1)
+
+
+def _smallest_probability(log_probs):
+    return log_probs.min(-1)
+
+
+def _first_generation(cls, start, num_outputs, variance, direction, rng, config):
+    """The starting population of one search at one level (``[population, D]``)."""
+    z = rng.normal(size=(config.population, _dimension(cls, start, num_outputs)))
+    if start == "rare_outputs":
+        # Reward-model shape: a bump two decades wide at probability v; the temperature puts
+        # the least likely outputs a decade below v.
+        bump = 3.0 * np.exp(-0.5 * ((KNOTS - np.log10(variance)) / 1.0) ** 2)
+        z[:, 1 : 1 + len(KNOTS)] = bump + 0.3 * z[:, 1 : 1 + len(KNOTS)]
+        z[:, 0] = _temperature_for(cls, direction, _smallest_probability, np.log(variance / 10))
+    elif start in ("peaked", "free_peaked"):
+        logits = direction if start == "peaked" else z[:, 1 : 1 + cls.num_params]
+        z[:, 0] = _temperature_for(cls, logits, _off_mode_mass, np.log(2 * variance))
+    return z
+
+
+def _fitness(ratio, instances: Instances):
+    """``log(t / bound)``; unreached candidates at ``UNREACHED_FITNESS``, infeasible ones above
+    it by how far their reward model leaves ``[-1, 1]`` (a slope back to feasibility)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(np.isfinite(ratio), np.log(ratio), UNREACHED_FITNESS)
+    excess = np.log(np.maximum(np.abs(instances.rm).max(-1), 1.0))
+    return np.where(instances.feasible, value, UNREACHED_FITNESS + 1.0 + excess)
+
+
+class Search(NamedTuple):
+    """One evolution strategy: a start at one level in one restart."""
+
+    start: str
+    level: int
+    restart: int
+    direction: np.ndarray  # [population, P] logit direction (by-probability starts)
+
+
+def search_class(cls: PolicyClass, config: TightnessConfig, progress=None) -> dict:
+    """Every search of one class, generation by generation, all searches in one solve each.
+
+    Returns the evaluated instances, flattened over (generation, search, candidate), with
+    the search each came from, and per level the best ratio to Proposition A after each
+    generation (``trace``)."""
+    rng = np.random.default_rng([config.seed, CLASS_NAMES.index(cls.name)])
+    num_outputs = cls.log_probs(np.zeros((1, cls.num_params))).shape[-1]
     levels = 10.0 ** np.asarray(config.log10_variances, float)
-    decoded = [_decode(cls, z, num_outputs, v, config) for v in levels]
-    stack = lambda i: jax.tree.map(lambda *xs: np.concatenate(xs), *[d[i] for d in decoded])  # noqa: E731
-    logits, rm, timed, lam, feasible = (stack(i) for i in range(5))
-    result = flow.first_passage(
-        logits,
-        rm,
-        config.gamma,
-        policy=cls.policy,
-        eval_rewards=timed,
-        kl_coef=lam,
-        rtol=config.rtol,
-        atol=config.atol,
-        t_max=config.t_max,
-    )
-    t = np.where(feasible, np.asarray(result.t_gamma)[:, 0], np.inf).reshape(len(levels), len(z)).T
-    feasible = feasible.reshape(len(levels), len(z)).T
-    variance = (
-        np.asarray(metrics.reward_variance(cls.policy.log_probs(logits), rm))[:, 0].reshape(len(levels), len(z)).T
-    )
-    return t, variance, feasible, (logits, rm, timed, lam)
-
-
-def search(cls: PolicyClass, config: TightnessConfig, progress=None):
-    """Evolution strategy on ``mean_levels log(t_gamma / Proposition A bound)``; every
-    evaluated instance is kept for the atlas."""
-    rng = np.random.default_rng(config.seed)
-    num_outputs = cls.policy.log_probs(
-        np.zeros((1, *cls.param_shapes[0]))
-        if len(cls.param_shapes) == 1
-        else tuple(np.zeros((1, *s)) for s in cls.param_shapes)
-    ).shape[-1]
-    dim = sum(int(np.prod(s)) for s in cls.param_shapes) + 2 * num_outputs + 1
-    length, jac = cls.policy.length, cls.policy.jacobian_norm
-    z = rng.normal(size=(config.population, dim))
-    seen_t, seen_var, seen_z, seen_feasible = [], [], [], []
+    starts = [s for s in config.starts if _by_probability(s) or num_outputs <= config.max_free_outputs]
+    searches = [
+        Search(start, level, restart, rng.normal(size=(config.population, cls.num_params)))
+        for restart in range(config.restarts)
+        for start in starts
+        for level in range(len(levels))
+    ]
+    population = [
+        _first_generation(cls, s.start, num_outputs, levels[s.level], s.direction, rng, config) for s in searches
+    ]
     sigma = config.step_size
+    seen, trace = [], []
     for generation in range(config.generations):
-        t, variance, feasible, _ = _evaluate(cls, z, num_outputs, config)
-        ratio = t / bounds.proposition_a_lower_bound(config.gamma, variance, length=length, jacobian_norm=jac)
-        fitness = np.where(np.isfinite(ratio), np.log(ratio), 50.0).mean(-1)
-        seen_t.append(t), seen_var.append(variance), seen_z.append(z), seen_feasible.append(feasible)
-        elite = z[np.argsort(fitness)[: config.elite]]
-        z = np.concatenate(
-            [
-                elite,
-                elite[rng.integers(0, len(elite), config.population - len(elite))]
-                + sigma * rng.normal(size=(config.population - len(elite), dim)),
-            ]
+        decoded = [_decode(cls, s.start, z, s.direction, levels[s.level], config) for s, z in zip(searches, population)]
+        batch = Instances(*(np.concatenate(parts) for parts in zip(*decoded)))
+        rm = np.where(batch.feasible[:, None], batch.rm, 0.0)  # infeasible ones stand still, and count as unreached
+        result = flow.first_passage(
+            cls.unflatten(batch.params),
+            rm[:, None],
+            config.gamma,
+            policy=cls.policy,
+            eval_rewards=batch.timed[:, None],
+            kl_coef=batch.kl_coef,
+            rtol=config.rtol,
+            atol=config.atol,
+            t_max=config.t_max,
+            max_steps=config.max_steps,
         )
+        t = np.where(batch.feasible, np.asarray(result.t_gamma)[:, 0], np.inf)
+        variance = np.asarray(metrics.reward_variance(batch.log_probs, rm))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = t / bounds.proposition_a_lower_bound(
+                config.gamma, variance, length=cls.policy.length, jacobian_norm=cls.policy.jacobian_norm
+            )
+        seen.append(
+            dict(
+                instances=batch,
+                t=t,
+                variance=variance,
+                steps=np.asarray(result.num_steps)[:, 0],
+                failed=np.asarray(result.status)[:, 0] == flow.Status.FAILED,
+                search=np.repeat(np.arange(len(searches)), config.population),
+            )
+        )
+        level_of_row = np.repeat([s.level for s in searches], config.population)
+        finite_ratio = np.where(np.isfinite(ratio), ratio, np.inf)
+        generation_best = [finite_ratio[level_of_row == level].min(initial=np.inf) for level in range(len(levels))]
+        trace.append(np.minimum(trace[-1], generation_best) if trace else np.asarray(generation_best))
+        best = np.inf
+        for i, (s, z) in enumerate(zip(searches, population)):
+            rows = slice(i * config.population, (i + 1) * config.population)
+            fitness = _fitness(ratio[rows], decoded[i])
+            order = np.argsort(fitness)[: config.elite]
+            best = min(best, fitness[order[0]])
+            parents = rng.integers(0, config.elite, config.population - config.elite)
+            children = z[order][parents] + sigma * rng.normal(size=(len(parents), z.shape[1]))
+            population[i] = np.concatenate([z[order], children])
+            searches[i] = s._replace(direction=np.concatenate([s.direction[order], s.direction[order][parents]]))
         sigma *= 0.85
         if progress:
             progress(
-                f"{cls.name:18s} generation {generation + 1}/{config.generations}: best mean log(t / Prop A) {fitness.min():.3f}"
+                f"{cls.name:19s} generation {generation + 1}/{config.generations}: {len(t)} instances, "
+                f"best log(t / Prop A) {best:.3f}"
             )
-    seen = (seen_t, seen_var, seen_z, seen_feasible)
-    return (*(np.concatenate(x) for x in seen), num_outputs)
+    merged = {key: np.concatenate([s[key] for s in seen]) for key in ("t", "variance", "steps", "failed", "search")}
+    merged["instances"] = Instances(*(np.concatenate(parts) for parts in zip(*(s["instances"] for s in seen))))
+    merged["searches"] = searches
+    merged["trace"] = np.stack(trace)  # [generation, level]: best ratio to Proposition A so far
+    merged["num_outputs"] = num_outputs
+    return merged
 
 
-def _envelope_slope(t, variance, config, rng):
-    """Slope of log(min t per level) on log(level), with a bootstrap over evaluated instances."""
-    log_v = np.log(10.0) * np.asarray(config.log10_variances, float)
+# ---------------------------------------------------------------------------------------------
+# The atlas: per class and level, the smallest ratios, the effort, and what the minimizers look like.
 
-    def slope(rows):
-        low = np.min(t[rows], axis=0)
-        ok = np.isfinite(low)
-        if ok.sum() < 2:
-            return np.nan
-        x, y = log_v[ok] - log_v[ok].mean(), np.log(low[ok]) - np.log(low[ok]).mean()
-        return float((x * y).sum() / (x * x).sum())
 
-    point = slope(np.arange(len(t)))
-    samples = [slope(rng.integers(0, len(t), len(t))) for _ in range(config.bootstrap)]
-    lo, hi = np.nanpercentile(samples, [2.5, 97.5])
-    return point, [float(lo), float(hi)], np.min(t, axis=0)
+def bound_ratios(cls: PolicyClass, t, variance, kl_coef, gamma) -> dict[str, np.ndarray]:
+    """``t_gamma / bound`` for every bound that applies to the class (NaN where both are inf)."""
+    length, jac = cls.policy.length, cls.policy.jacobian_norm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = {
+            "theorem4": t
+            / bounds.theorem4_lower_bound(gamma, variance, kl_coef=kl_coef, length=length, jacobian_norm=jac),
+            "sharpened": t / bounds.proposition_a_lower_bound(gamma, variance, length=length, jacobian_norm=jac),
+        }
+        if isinstance(cls.policy, TabularPolicy):
+            ratios["prop3"] = t / bounds.proposition3_lower_bound(gamma, variance, num_prompts=1)
+    return ratios
+
+
+def describe(instances: Instances, row: int) -> dict:
+    """What an instance looks like: how peaked its initial policy is and where its reward sits."""
+    log_probs, rm = instances.log_probs[row], instances.rm[row]
+    probs = np.exp(log_probs)
+    rewarded = rm > 0
+    return {
+        "max_probability": float(probs.max()),
+        "rewarded_mass": float(probs[rewarded].sum()),
+        "max_abs_rm": float(np.abs(rm).max()),
+        "entropy": float(-(probs * log_probs).sum()),
+        "kl_coef": float(instances.kl_coef[row]),
+    }
+
+
+def full_instance(cls: PolicyClass, instances: Instances, row: int, **extra) -> dict:
+    """Everything needed to re-solve the instance, as JSON."""
+    params = jax.tree.map(lambda a: np.asarray(a)[0, 0].tolist(), cls.unflatten(instances.params[row : row + 1]))
+    return {
+        "class": cls.name,
+        "params": params,
+        "rm_rewards": instances.rm[row].tolist(),
+        "timed_rewards": instances.timed[row].tolist(),
+        "kl_coef": float(instances.kl_coef[row]),
+        **extra,
+    }
+
+
+def envelope_slope(log10_variances, envelope):
+    """Least-squares slope of ``log t`` on ``log Var`` over the levels reached, with a 95%
+    t-interval from the residuals (few points: the interval is wide when the envelope bends)."""
+    x, y = np.log(10.0) * np.asarray(log10_variances, float), np.log(np.asarray(envelope, float))
+    ok = np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3:
+        return float("nan"), [float("nan"), float("nan")]
+    fit = scipy.stats.linregress(x, y)
+    half = scipy.stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+    return float(fit.slope), [float(fit.slope - half), float(fit.slope + half)]
+
+
+def rescaling_gaps(ratios, kl_coefs):
+    """Per level (in order of decreasing variance), the best ratio found here over the best one at any
+    larger variance whose instance has ``lam = 0``: scaled down, that instance is feasible here
+    and keeps its ratio, so a gap above 1 is a miss of this level's search."""
+    gaps, best_above = [], np.inf
+    for ratio, lam in zip(ratios, kl_coefs):
+        gaps.append(float(ratio / best_above) if np.isfinite(best_above) else None)
+        if lam == 0:
+            best_above = min(best_above, ratio)
+    return gaps
+
+
+def atlas_class(cls: PolicyClass, found: dict, config: TightnessConfig) -> tuple[dict, dict, list]:
+    """The class's row of the atlas, its minimizers per level, and its instances below a bound."""
+    instances, t, variance = found["instances"], found["t"], found["variance"]
+    searches = found["searches"]
+    search_level = np.array([s.level for s in searches])[found["search"]]
+    ratios = bound_ratios(cls, t, variance, instances.kl_coef, config.gamma)
+    reached = np.isfinite(t)
+    levels, minimizers = [], {}
+    for level, log10_v in enumerate(config.log10_variances):
+        here = search_level == level
+        sharpened = np.where(here & reached, ratios["sharpened"], np.inf)
+        row = int(np.argmin(sharpened))
+        entry = {
+            "log10_variance": log10_v,
+            "evaluated": int(here.sum()),
+            "feasible": int((here & instances.feasible).sum()),
+            "censored": int((here & instances.feasible & ~reached).sum()),
+            "ode_steps": int(found["steps"][here].sum()),
+            "best_by_generation": [float(r) for r in found["trace"][:, level]],
+        }
+        if np.isfinite(sharpened[row]):
+            search = searches[found["search"][row]]
+            entry |= {
+                "t_gamma": float(t[row]),
+                "min_ratio": {k: float(np.min(np.where(here & reached, r, np.inf))) for k, r in ratios.items()},
+                "found_by": search.start,
+                "restart": search.restart,
+                **describe(instances, row),
+            }
+            minimizers[f"1e{log10_v}"] = full_instance(
+                cls, instances, row, variance=float(variance[row]), t_gamma=float(t[row]), found_by=search.start
+            )
+        levels.append(entry)
+    reached_levels = sorted((e for e in levels if "t_gamma" in e), key=lambda e: -e["log10_variance"])
+    gaps = rescaling_gaps([e["min_ratio"]["sharpened"] for e in reached_levels], [e["kl_coef"] for e in reached_levels])
+    for entry, gap in zip(reached_levels, gaps):
+        entry["rescaling_gap"] = gap
+    envelope = [e.get("t_gamma", np.inf) for e in levels]
+    slope, interval = envelope_slope(config.log10_variances, envelope)
+    below = {k: reached & (r < 1 - VIOLATION_TOLERANCE) for k, r in ratios.items()}
+    violating = np.flatnonzero(np.any(list(below.values()), axis=0))
+    saved = [
+        full_instance(
+            cls,
+            instances,
+            row,
+            variance=float(variance[row]),
+            t_gamma=float(t[row]),
+            ratios={k: float(r[row]) for k, r in ratios.items()},
+        )
+        for row in violating
+    ]
+    summary = {
+        "num_outputs": found["num_outputs"],
+        "length": cls.policy.length,
+        "jacobian_norm": cls.policy.jacobian_norm,
+        "starts": sorted({s.start for s in searches}, key=START_NAMES.index),
+        "evaluated": int(t.size),
+        "feasible": int(instances.feasible.sum()),
+        "censored": int((instances.feasible & ~reached).sum()),
+        "solver_failures": int(found["failed"].sum()),
+        "ode_steps": int(found["steps"].sum()),
+        "below_bound": {k: int(b.sum()) for k, b in below.items()},
+        "min_ratio": {k: float(np.min(np.where(reached, r, np.inf))) for k, r in ratios.items()},
+        "min_scaled_time": float((t * np.sqrt(variance))[reached].min(initial=np.inf) / -np.expm1(-config.gamma / 2)),
+        "envelope_slope": slope,
+        "envelope_slope_ci": interval,
+        "reaches_minus_third": bool(interval[1] >= -1 / 3 - 0.02),
+        "levels": levels,
+    }
+    return summary, minimizers, saved
 
 
 def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = None) -> dict:
     config = TightnessConfig.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
-    rng = np.random.default_rng(config.seed)
-    classes, attaining, total = {}, {}, 0
+    classes, minimizers, violating = {}, {}, []
     for cls in policy_classes(config.seed, config.classes):
-        t, variance, z, feasible, num_outputs = search(cls, config, progress)
-        total += t.size
-        length, jac = cls.policy.length, cls.policy.jacobian_norm
-        kl = np.clip(z[:, -1], 0.0, None) * config.max_kl_coef
-        theorem4 = bounds.theorem4_lower_bound(
-            config.gamma, variance, kl_coef=kl[:, None], length=length, jacobian_norm=jac
-        )
-        prop_a = bounds.proposition_a_lower_bound(config.gamma, variance, length=length, jacobian_norm=jac)
-        slope, interval, envelope = _envelope_slope(t, variance, config, rng)
-        ratios = {"theorem4": t / theorem4, "sharpened": t / prop_a}
-        if isinstance(cls.policy, TabularPolicy):
-            ratios["prop3"] = t / bounds.proposition3_lower_bound(config.gamma, variance, num_prompts=1)
-        finite = np.isfinite(t)
-        member, level = np.unravel_index(np.argmin(np.where(finite, ratios["sharpened"], np.inf)), t.shape)
-        logits, rm, timed, lam, _ = _decode(
-            cls, z[member : member + 1], num_outputs, 10.0 ** config.log10_variances[level], config
-        )
-        attaining[cls.name] = {
-            "logits": jax.tree.map(lambda a: np.asarray(a)[0, 0].tolist(), logits),
-            "rm_rewards": rm[0, 0].tolist(),
-            "timed_rewards": timed[0, 0].tolist(),
-            "kl_coef": float(lam[0]),
-            "gamma": config.gamma,
-            "variance": float(variance[member, level]),
-            "t_gamma": float(t[member, level]),
-        }
-        classes[cls.name] = {
-            "length": length,
-            "jacobian_norm": jac,
-            "evaluated": int(t.size),
-            "feasible_reached": int(finite.sum()),
-            "censored": int((feasible & ~finite).sum()),
-            "below_bound": {k: int((finite & (r < 1)).sum()) for k, r in ratios.items()},
-            "envelope_slope": slope,
-            "envelope_slope_ci": interval,
-            "envelope": {f"1e{lv}": float(e) for lv, e in zip(config.log10_variances, envelope)},
-            "min_ratio": {k: float(np.min(np.where(finite, r, np.inf))) for k, r in ratios.items()},
-            "reaches_minus_third": bool(interval[1] >= -1 / 3 - 0.02),
-        }
+        summary, minimizers[cls.name], saved = atlas_class(cls, search_class(cls, config, progress), config)
+        classes[cls.name], violating = summary, violating + saved
         progress(
-            f"{cls.name:18s} envelope slope {slope:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}], "
-            f"min t/Prop A {fmt(classes[cls.name]['min_ratio']['sharpened'])}"
+            f"{cls.name:19s} envelope slope {summary['envelope_slope']:+.3f} "
+            f"[{summary['envelope_slope_ci'][0]:+.3f}, {summary['envelope_slope_ci'][1]:+.3f}], "
+            f"min t/Prop A {fmt(summary['min_ratio']['sharpened'])}"
         )
     violations = {
         b: int(sum(c["below_bound"].get(b, 0) for c in classes.values())) for b in ("theorem4", "prop3", "sharpened")
     }
     summary = {
-        "instances": total,
+        "instances": int(sum(c["evaluated"] for c in classes.values())),
         "violations": violations,
         "censored": int(sum(c["censored"] for c in classes.values())),
+        "instances_below_a_bound": len(violating),
         "classes": classes,
         "config": dataclasses.asdict(config),
     }
-    slopes = [c["envelope_slope"] for c in classes.values()]
-    summary["verdict"] = (
-        f"{total} searched instances, {len(classes)} classes; instances below a bound: {sum(violations.values())}; "
-        f"{summary['censored']} feasible instances censored at t_max; "
-        f"envelope slopes {min(slopes):.3f} to {max(slopes):.3f}; classes reaching -1/3: "
-        f"{', '.join(n for n, c in classes.items() if c['reaches_minus_third']) or 'none'}"
-    )
-    write_json(out_dir / "tightness_minimizers.json", attaining)
+    summary["verdict"] = _verdict(summary)
+    write_json(out_dir / "tightness_minimizers.json", minimizers)
+    if violating:
+        write_json(out_dir / "tightness_violations.json", violating)
     _figure(classes, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
     summary["quick"] = quick
@@ -309,57 +571,167 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
     return summary
 
 
+# ---------------------------------------------------------------------------------------------
+# Report: every sentence computed from the atlas.
+
+
+def reference_scaled_time(gamma: float) -> float:
+    """``t sqrt(Var) / (1 - e^(-gamma/2))`` of the two-output tabular instance of
+    docs/theory.md#the-tightness-atlas (its ratio to Proposition A).
+
+    >>> round(reference_scaled_time(0.1), 3)
+    4.128
+    """
+    p = (1 + gamma) / 2
+    return float((-1 / p + 1 / (1 - p) + 2 * np.log(p / (1 - p))) / 4 / -np.expm1(-gamma / 2))
+
+
+def _verdict(summary: dict) -> str:
+    classes = summary["classes"]
+    slopes = [c["envelope_slope"] for c in classes.values()]
+    third = [n for n, c in classes.items() if c["reaches_minus_third"]]
+    return (
+        f"{summary['instances']} searched instances, {len(classes)} classes; instances below a bound: "
+        f"{summary['instances_below_a_bound']}; {summary['censored']} feasible instances censored at t_max; "
+        f"envelope slopes {min(slopes):.3f} to {max(slopes):.3f}; classes whose interval reaches -1/3: "
+        f"{', '.join(third) or 'none'}"
+    )
+
+
+def _conclusion(summary: dict) -> str:
+    classes = summary["classes"]
+    third = [n for n, c in classes.items() if c["reaches_minus_third"]]
+    below = summary["instances_below_a_bound"]
+    flat = [n for n, c in classes.items() if c["envelope_slope_ci"][0] > -0.5 + SLOPE_TOLERANCE]
+    steep = [n for n, c in classes.items() if c["envelope_slope_ci"][1] < -0.5 - SLOPE_TOLERANCE]
+    missed = [
+        f"{n} at 1e{e['log10_variance']} ({e['rescaling_gap']:.2f}x)"
+        for n, c in classes.items()
+        for e in c["levels"]
+        if e.get("rescaling_gap") is not None and e["rescaling_gap"] > 1.05
+    ]
+    finders = sorted({e["found_by"] for c in classes.values() for e in c["levels"] if "found_by" in e})
+    text = [
+        f"{below} searched instances fall below a bound (saved to `tightness_violations.json`)."
+        if below
+        else "No searched instance falls below Theorem 4, Proposition 3 or Proposition A."
+    ]
+    if third:
+        text.append(
+            f"On {', '.join(third)} the envelope's interval reaches `Var^(-1/3)`: Theorem 4's exponent may be attained there."
+        )
+    else:
+        text.append("No class's envelope is as flat as `Var^(-1/3)` within its interval.")
+    if flat:
+        text.append(
+            f"The envelope is flatter than `Var^(-1/2)` on {', '.join(flat)}: the smallest `t sqrt(Var)` found falls "
+            "as the variance falls, which structure feasible only at small variance makes possible."
+        )
+    if steep:
+        text.append(
+            f"It is steeper than `Var^(-1/2)` on {', '.join(steep)}, which the rescaling argument rules out for the "
+            "true minimum: there the searches at small variance fell short."
+        )
+    if not flat and not steep:
+        text.append(f"Every class's interval reaches -1/2 (within {SLOPE_TOLERANCE}).")
+    scaled = {n: c["min_scaled_time"] for n, c in classes.items()}
+    allowance = {n: c["length"] ** 2 * c["jacobian_norm"] ** 2 for n, c in classes.items()}
+    fastest = min(scaled, key=scaled.get)
+    reference = reference_scaled_time(summary["config"]["gamma"])
+    text.append(
+        f"Without Proposition A's structure constant `L^2 J^2`, the smallest `t sqrt(Var) / (1 - e^(-gamma/2))` "
+        f"lies between {min(scaled.values()):.2f} ({fastest}) and {max(scaled.values()):.2f} across classes, against "
+        f"{reference:.2f} for the tabular reference instance: no class's teachers were found faster per "
+        f"unit `sqrt(Var)` than that instance by more than {max(reference / min(scaled.values()), 1.0):.2f}x, "
+        f"while Proposition A allows up to `L^2 J^2` = {max(allowance.values()):.1f}x ({max(allowance, key=allowance.get)})."
+    )
+    text.append(
+        "Levels where the search found a ratio more than 5% above a rescaled instance from a larger variance: "
+        + (", ".join(missed) if missed else "none")
+        + "."
+    )
+    text.append(f"The minimizers were found by the {', '.join(finders)} searches." if finders else "")
+    return " ".join(t for t in text if t)
+
+
 def _figure(classes, config, path: Path):
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     levels = 10.0 ** np.asarray(config.log10_variances, float)
     for name, c in classes.items():
-        ax.loglog(levels, list(c["envelope"].values()), "o-", label=f"{name} (slope {c['envelope_slope']:.3f})")
-    ref = list(classes.values())[0]["envelope"]
-    anchor = list(ref.values())[0]
+        t = [e.get("t_gamma", np.nan) for e in c["levels"]]
+        ratio = [e["min_ratio"]["sharpened"] if "min_ratio" in e else np.nan for e in c["levels"]]
+        left.loglog(levels, t, "o-", label=f"{name} (slope {c['envelope_slope']:.3f})")
+        right.loglog(levels, ratio, "o-", label=name)
+    anchor = np.nanmin([e.get("t_gamma", np.nan) for c in classes.values() for e in c["levels"][:1]])
     for exponent, style in ((-1 / 3, "k:"), (-1 / 2, "k--")):
-        ax.loglog(levels, anchor * (levels / levels[0]) ** exponent, style, label=f"slope {exponent:.3f}")
-    ax.set(
+        left.loglog(levels, anchor * (levels / levels[0]) ** exponent, style, label=f"slope {exponent:.3f}")
+    left.set(
         xlabel="reward variance Var[r_RM]",
         ylabel=f"smallest t_gamma found (gamma = {config.gamma})",
-        title="lower envelope of t_gamma, adversarial search",
+        title="lower envelope, independent search per level",
     )
-    ax.legend(fontsize=7)
+    right.axhline(1.0, color="red", lw=0.8)
+    right.set(
+        xlabel="reward variance Var[r_RM]",
+        ylabel="smallest t_gamma / Proposition A bound",
+        title="flat: exponent -1/2; falling: flatter than -1/2",
+    )
+    highest = np.nanmax([e["min_ratio"]["sharpened"] for c in classes.values() for e in c["levels"] if "min_ratio" in e])
+    right.set_ylim(0.5, 30 * highest)  # room for the legend above the curves
+    left.legend(fontsize=7)
+    right.legend(fontsize=7, ncol=3, loc="upper center")
     save_figure(fig, path)
 
 
 def _markdown(summary: dict, config: TightnessConfig) -> str:
     rows = "\n".join(
-        f"| {name} | {c['length']} | {c['jacobian_norm']:.3f} | {c['evaluated']} | {c['envelope_slope']:+.3f} "
-        f"[{c['envelope_slope_ci'][0]:+.3f}, {c['envelope_slope_ci'][1]:+.3f}] | {fmt(c['min_ratio']['theorem4'])} | "
-        f"{fmt(c['min_ratio'].get('prop3'))} | {fmt(c['min_ratio']['sharpened'])} |"
+        f"| {name} | {c['num_outputs']} | {c['length']} | {c['jacobian_norm']:.3f} | {c['evaluated']} | {c['censored']} | "
+        f"{c['envelope_slope']:+.3f} [{c['envelope_slope_ci'][0]:+.3f}, {c['envelope_slope_ci'][1]:+.3f}] | "
+        f"{fmt(c['min_ratio']['theorem4'])} | {fmt(c['min_ratio'].get('prop3'))} | {fmt(c['min_ratio']['sharpened'])} |"
         for name, c in summary["classes"].items()
     )
-    third = [n for n, c in summary["classes"].items() if c["reaches_minus_third"]]
-    half = [n for n, c in summary["classes"].items() if not c["reaches_minus_third"]]
-    v = summary["violations"]
-    conclusion = (
-        "It found none faster than `Var^(-1/2)`. Each candidate keeps its structure across the levels (only "
-        "the reward model's scale changes), so this does not show that `-1/3` is never attained: it shows "
-        "that this search did not find such instances."
-        if not third
-        else f"On {', '.join(third)} the envelope is as flat as `Var^(-1/3)`: there Theorem 4's exponent may be attained."
+    level_rows = "\n".join(
+        f"| {name} | 1e{e['log10_variance']} | "
+        + (
+            f"{fmt(e['min_ratio']['sharpened'])} | {fmt(e['min_ratio']['theorem4'])} | {e['found_by']} | "
+            f"{e['evaluated']} / {e['ode_steps']} | {e['max_probability']:.3g} | {e['rewarded_mass']:.3g} | "
+            f"{e['max_abs_rm']:.3g} | {e['kl_coef']:.3g} | {fmt(e['rescaling_gap'])} |"
+            if "min_ratio" in e
+            else f"none reached | | | {e['evaluated']} / {e['ode_steps']} | | | | | |"
+        )
+        for name, c in summary["classes"].items()
+        for e in c["levels"]
     )
+    v = summary["violations"]
+    searches = len(config.starts) * config.restarts
     return f"""## Tightness atlas: is the -1/3 exponent attained?
 
 **Verdict:** {summary["instances"]} searched instances over {len(summary["classes"])} policy classes and
 {len(config.log10_variances)} variance levels ({summary["censored"]} feasible instances censored at `t_max`); instances below a bound: Theorem 4 {v["theorem4"]},
 Proposition 3 {v["prop3"]}, Proposition A {v["sharpened"]}.
 
-| class | L | J | instances | envelope slope [95% CI] | min t / Thm 4 | min t / Prop 3 | min t / Prop A |
-|---|---|---|---|---|---|---|---|
+At each level, up to {searches} independent searches ({", ".join(config.starts)}; {config.restarts} restart(s);
+population {config.population}, {config.generations} generations) minimize `t_gamma` at that variance, over the
+initial policy, both rewards and `lam`. The envelope slope is the least-squares slope of the
+smallest `t_gamma` per level on the variance (95% t-interval over the levels).
+
+| class | Y | L | J | instances | censored | envelope slope [95% CI] | min t / Thm 4 | min t / Prop 3 | min t / Prop A |
+|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
-Classes whose worst case reaches -1/3: {", ".join(third) or "none"}. Classes that stay at -1/2:
-{", ".join(half) or "none"}. With `lam = 0` scaling the reward model by `s` rescales time by
-`1/s` for every policy, so along any such path the exponent is exactly -1/2; a candidate here
-is one structure (policy, reward direction, `lam`) rescaled to every level. {conclusion} The instances with the
-smallest ratio to Proposition A are in `tightness_minimizers.json`.
+{_conclusion(summary)}
+
+Per class and level: the smallest ratios, the search that found the minimizer, the effort
+(instances / ODE steps at that level), and the minimizer's initial largest probability, the
+initial mass of the outputs its reward model rewards (`r_RM > 0`), its largest `|r_RM|` and `lam`.
+The rescaling gap divides the ratio by the best one at any larger variance with `lam = 0` (a
+scaled copy of that instance is feasible here with the same ratio, so the true minimum is never
+above it). The minimizers are in `tightness_minimizers.json`.
+
+| class | Var | min t / Prop A | min t / Thm 4 | found by | effort | max pi_0 | rewarded mass | max abs r_RM | lam | rescaling gap |
+|---|---|---|---|---|---|---|---|---|---|---|
+{level_rows}
 
 ![lower envelopes](figures/{NAME}.png)
 """
