@@ -677,7 +677,9 @@ def _figure(classes, config, path: Path):
         ylabel="smallest t_gamma / Proposition A bound",
         title="flat: exponent -1/2; falling: flatter than -1/2",
     )
-    highest = np.nanmax([e["min_ratio"]["sharpened"] for c in classes.values() for e in c["levels"] if "min_ratio" in e])
+    highest = np.nanmax(
+        [e["min_ratio"]["sharpened"] for c in classes.values() for e in c["levels"] if "min_ratio" in e]
+    )
     right.set_ylim(0.5, 30 * highest)  # room for the legend above the curves
     left.legend(fontsize=7)
     right.legend(fontsize=7, ncol=3, loc="upper center")
