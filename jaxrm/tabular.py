@@ -214,6 +214,27 @@ class AutoregressiveTabularPolicy:
             grads.append(mass - probs * jnp.sum(mass, axis=-1, keepdims=True))
         return tuple(grads)
 
+    def logits_from_log_probs(self, log_probs):
+        """Per-prefix logits whose policy is the distribution ``log_probs [..., V**L]``:
+        ``theta_l[p, v] = log P(y_<=l = (p, v))`` (the shift by ``log P(p)`` cancels in the
+        softmax), so :meth:`log_probs` inverts it for every distribution with full support.
+
+        >>> import jax.numpy as jnp
+        >>> policy = AutoregressiveTabularPolicy(vocab_size=2, length=2)
+        >>> target = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
+        >>> print(jnp.exp(policy.log_probs(policy.logits_from_log_probs(target))).round(6))
+        [[0.1 0.2 0.3 0.4]]
+        """
+        log_probs = jnp.asarray(log_probs)
+        batch = log_probs.shape[:-1]
+        joint = log_probs.reshape(*batch, *(self.vocab_size,) * self.length)
+        logits = []
+        for level in range(self.length):
+            later = tuple(range(len(batch) + level + 1, len(batch) + self.length))
+            prefix = jax.scipy.special.logsumexp(joint, axis=later) if later else joint
+            logits.append(prefix.reshape(*batch, self.vocab_size**level, self.vocab_size))
+        return tuple(logits)
+
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Per-prefix logits ``scale * N(0, 1)``."""
         _check_count("num_prompts", num_prompts)

@@ -5,9 +5,10 @@ import pytest
 
 from jaxrm import bounds, flow, metrics
 from jaxrm.studies import config_from_dict
-from theory import theorem1, theorem2, theorem3, tightness
+from jaxrm.tabular import AutoregressiveTabularPolicy
+from theory import best_of_n, theorem1, theorem2, theorem3, tightness
 from theory.__main__ import STUDIES, main
-from theory.common import loglog_slope
+from theory.common import general_policy_passage, general_text, loglog_slope
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +221,23 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     bon = summaries["best_of_n"]
     assert bon["spearman"]["accuracy_vs_bon"] > 0.8
     assert bon["spearman"]["variance_vs_pg"] > bon["spearman"]["accuracy_vs_pg"]
+    # The paper's low-variance construction lowers the mean variance only from a raw mean away from 0.
+    models, perfect = bon["models"], bon["models"]["perfect"]
+    centred, offset = models[best_of_n.low_variance_name(0.0)], models[best_of_n.low_variance_name(1.0)]
+    assert abs(centred["variance"] - perfect["variance"]) < 0.05 * perfect["variance"]
+    assert offset["variance"] < 0.6 * perfect["variance"] and offset["pg_gain"] < perfect["pg_gain"]
+    text = best_of_n._low_variance_text(bon, 16)
+    assert text.count("really lower") == 1
+    altered = json.loads(json.dumps(bon))
+    altered["models"][best_of_n.low_variance_name(0.0)]["variance"] = 0.1
+    assert best_of_n._low_variance_text(altered, 16).count("really lower") == 2
     assert summaries["theorem3"]["student_decides"] == 1.0
     assert summaries["theorem2"]["fast_beats_accurate_slow"]["10000"] == 1.0
+    for name, per_problem in (("theorem2", 12), ("theorem3", 24)):  # the general-policy arm ran and was checked
+        general = summaries[name]["general_policy"]
+        assert general["instances"] == per_problem * (8 if name == "theorem2" else 4) and general["prompts"] == 4
+        assert general["prop_a_violations"] == summaries[name]["violations"]["general_prop_a"] == 0
+        assert general["min_ratio_prop_a"] >= 1
     paradox = summaries["paradox"]
     assert set(paradox["table2"]) == {"variance", "on_policy_accuracy", "off_policy_accuracy"}
     assert paradox["instances"] >= 100
@@ -339,3 +355,39 @@ def test_the_variance_rate_is_the_derivative_along_the_flow():
     variance = np.asarray(path.rm_variance).mean(-1)  # [times, problems]: the prompt mean
     np.testing.assert_allclose(value, variance[0], rtol=1e-10)
     np.testing.assert_allclose(rate, (-3 * variance[0] + 4 * variance[1] - variance[2]) / (2 * h), rtol=1e-5)
+
+
+def test_general_policy_rows_run_at_the_speed_of_their_problem_size():
+    """Rows grouped into problems of |S| prompts take |S| times their one-prompt time, and a
+    group shares the smallest lam of its rows."""
+    policy = AutoregressiveTabularPolicy(2, 2)
+    rng = np.random.default_rng(0)
+    log_probs = np.log(rng.dirichlet(np.ones(4), 3))
+    gt = rng.uniform(-1, 1, (3, 4))
+    rm = 0.5 * gt  # ordered like the ground truth: every gain below the best is reached
+    gamma = 0.3 * (gt.max(-1) - (np.exp(log_probs) * gt).sum(-1))
+    lam = np.array([0.0, 0.02, 0.0])
+    two, used = general_policy_passage(log_probs, rm, gt, gamma, lam, policy=policy, num_prompts=2)
+    one, _ = general_policy_passage(log_probs, rm, gt, gamma, lam, policy=policy, num_prompts=1)
+    assert np.isfinite(one).all()
+    np.testing.assert_allclose(two, 2 * one, rtol=1e-6)
+    np.testing.assert_array_equal(used, lam)
+
+
+def test_general_policy_text_counts_what_fell_outside_the_tabular_formulas():
+    general = {
+        "policy": "autoregressive-tabular (V = 3, L = 2)",
+        "prompts": 4,
+        "instances": 96,
+        "censored": 0,
+        "prop_a_violations": 0,
+        "min_ratio_prop_a": 30.0,
+        "tabular_slow_lower": {"outside": 0, "min_slack": 12.0},
+        "tabular_fast_upper": {"outside": 0, "min_slack": 80.0},
+    }
+    text = general_text(general, "Theorem 2")
+    assert "slow lower bound holds on every instance" in text and "holds on every flow" in text
+    general["tabular_fast_upper"] = {"outside": 5, "min_slack": 0.5}
+    general["prop_a_violations"] = 2
+    changed = general_text(general, "Theorem 2")
+    assert "fast upper bound fails on 5 instances" in changed and "violated on 2 flows" in changed

@@ -2,10 +2,10 @@
 
 For random policies over several prompts, reward models on a grid of within-prompt noise
 (which lowers accuracy) and per-prompt offsets (which leave accuracy at its value but, after
-normalization, move variance from within prompts to between them), plus the perfectly accurate
-but low-variance model of the paper (``r_G`` times 0.001 on half the prompts), are each
-normalized by one global mean and standard deviation under the initial policy
-(docs/theory.md#experiments-of-razin-et-al).
+normalization, move variance from within prompts to between them), plus perfectly accurate
+but low-variance models built as the paper builds one (a raw reward times 0.001 on half the
+prompts; raw means 0 and 1), are each normalized by one global mean and standard deviation
+under the initial policy (docs/theory.md#experiments-of-razin-et-al).
 For each:
 
 - the exact expected ground-truth reward of Best-of-N for ``N = 1..64``
@@ -64,7 +64,12 @@ class BestOfNConfig(StudyConfig):
       ranking_n: the ``N`` whose Best-of-N gain ranks the models in the summary
         (``1 <= ranking_n <= max_n``).
       low_variance_scale: factor on ``r_G`` on half the prompts in the perfectly accurate,
-        low-variance model (the paper's 0.001).
+        low-variance models (the paper's 0.001).
+      low_variance_means: one perfectly accurate, low-variance model per value: the raw reward
+        ``r_G + mean`` (``r_G`` itself has mean 0) is scaled on half the prompts, then
+        normalized. With a mean of 0 the normalization undoes most of the scaling; away from
+        0 the scaling opens a gap between the halves that the global standard deviation
+        absorbs (docs/theory.md#experiments-of-razin-et-al).
       pg_time: flow time (> 0) at which the policy-gradient gain is measured.
       tolerance: absolute slack: a model counts as beating the perfect one (a violation of
         Proposition 1) only when its Best-of-N reward exceeds it by more than this.
@@ -85,11 +90,16 @@ class BestOfNConfig(StudyConfig):
     max_n: int = checked(64, int_at_least(2))
     ranking_n: int = 16
     low_variance_scale: float = 0.001
+    low_variance_means: tuple[float, ...] = (0.0, 1.0)
     pg_time: float = checked(8.0, POSITIVE)
     tolerance: float = 1e-12
 
     def quick(self) -> "BestOfNConfig":
         return dataclasses.replace(self, problems=8)
+
+
+def low_variance_name(mean: float) -> str:
+    return f"perfect, low variance (raw mean {mean:g})"
 
 
 def make_models(config: BestOfNConfig):
@@ -99,7 +109,8 @@ def make_models(config: BestOfNConfig):
     logits = rng.uniform(0.5, 2.0, (b, 1, 1)) * rng.normal(size=(b, s, y))
     gt = rng.uniform(-1.0, 1.0, (b, s, y))
     scale = np.where(np.arange(s) < s // 2, config.low_variance_scale, 1.0)[None, :, None]
-    models, names = [scale * gt], ["perfect, low variance"]
+    models = [scale * (gt + mean) for mean in config.low_variance_means]
+    names = [low_variance_name(mean) for mean in config.low_variance_means]
     for sigma in config.noise:
         for offset in config.offsets:
             models.append(gt + sigma * rng.normal(size=gt.shape) + offset * rng.normal(size=(b, s, 1)))
@@ -130,7 +141,7 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     on_policy = np.asarray(metrics.accuracy(rm, g, probs=jax.nn.softmax(lg, -1))).mean(-1)
     per_prompt_variance = np.asarray(metrics.reward_variance(lg, rm))  # [B, M, S]
     variance = per_prompt_variance.mean(-1)
-    # The low-variance model scales the first half of the prompts (make_models); after the one
+    # The low-variance models scale the first half of the prompts (make_models); after the one
     # global normalization, how each half's variance ends up.
     scaled_half = np.arange(rm.shape[2]) < rm.shape[2] // 2
     halves = {
@@ -139,7 +150,7 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
             "variance_other_half": float(per_prompt_variance[:, i][:, ~scaled_half].mean()),
         }
         for i, name in enumerate(names)
-        if name in ("perfect", "perfect, low variance")
+        if name.startswith("perfect")
     }
     progress(f"Best-of-N for N = 1..{config.max_n}: {b} problems x {m} reward models")
     path = flow.trajectory(
@@ -237,30 +248,28 @@ def _figure(names, ns, bon_gain, accuracy, variance, pg_gain, spearman, path: Pa
 
 
 def _low_variance_text(summary: dict, n: int) -> str:
-    """How the low-variance perfect model compares with the perfect one, from the table."""
-    perfect, low = summary["models"]["perfect"], summary["models"]["perfect, low variance"]
-    ties = math.isclose(perfect[f"bon{n}_gain"], low[f"bon{n}_gain"], rel_tol=1e-9, abs_tol=1e-12)
-    text = (
-        f"The low-variance perfect model {'ties' if ties else 'does not tie'} the perfect one at Best-of-{n} "
-        f"(gain {fmt(low[f'bon{n}_gain'])} against {fmt(perfect[f'bon{n}_gain'])}; the order is all that "
-        f"matters there); under policy gradient its gain is {fmt(low['pg_gain'])} against "
-        f"{fmt(perfect['pg_gain'])}."
-    )
-    if low["variance"] >= perfect["variance"]:
-        text += (
-            f" Its normalized variance ({fmt(low['variance'])}) is not below the perfect model's "
-            f"({fmt(perfect['variance'])}), so this pair does not isolate the variance."
+    """How each low-variance perfect model compares with the perfect one, from the table."""
+    perfect = summary["models"]["perfect"]
+    texts = []
+    for mean in summary["config"]["low_variance_means"]:
+        low = summary["models"][low_variance_name(mean)]
+        ties = math.isclose(perfect[f"bon{n}_gain"], low[f"bon{n}_gain"], rel_tol=1e-9, abs_tol=1e-12)
+        lower = low["variance"] < 0.9 * perfect["variance"]
+        texts.append(
+            f"Built from a raw reward of mean {mean:g}, the low-variance perfect model "
+            f"{'ties' if ties else 'does not tie'} the perfect one at Best-of-{n} (gain {fmt(low[f'bon{n}_gain'])} "
+            f"against {fmt(perfect[f'bon{n}_gain'])}) and gains {fmt(low['pg_gain'])} against "
+            f"{fmt(perfect['pg_gain'])} under policy gradient; its normalized variance is {fmt(low['variance'])} "
+            f"against {fmt(perfect['variance'])} ({fmt(low['variance_scaled_half'])} on the scaled half, "
+            f"{fmt(low['variance_other_half'])} on the other), "
+            + (
+                "really lower."
+                if lower
+                else "not lower by 10%: the global normalization moved the variance between the halves, so "
+                "this pair does not isolate the variance."
+            )
         )
-    else:
-        text += f" Its normalized variance is {fmt(low['variance'])} against {fmt(perfect['variance'])}."
-    if "variance_scaled_half" in low:
-        text += (
-            f" One global normalization moves the variance between the halves rather than lowering it: "
-            f"{fmt(low['variance_scaled_half'])} on the scaled half and {fmt(low['variance_other_half'])} on "
-            f"the other (the perfect model: {fmt(perfect['variance_scaled_half'])} and "
-            f"{fmt(perfect['variance_other_half'])})."
-        )
-    return text
+    return " ".join(texts)
 
 
 def _markdown(summary: dict, config: BestOfNConfig) -> str:

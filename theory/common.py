@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from jaxrm.studies import fmt
+
 
 def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95):
     """Least-squares slope of ``log y`` on ``log x`` with a percentile bootstrap interval.
@@ -112,3 +114,62 @@ def _inverse_mills(alpha):
     # Past a ~ 8 the ratio is a + 1/a - 2/a^3 to 1e-6 relative, and survival underflows later.
     asymptotic = alpha + 1 / alpha - 2 / alpha**3
     return np.where(alpha > 8, asymptotic, direct)
+
+
+def general_policy_passage(log_probs, rm, gt, gamma, lam, *, policy, num_prompts, **options):
+    """Times of one-prompt rows re-solved as problems of ``num_prompts`` prompts each under an
+    autoregressive ``policy`` started at each row's distribution ``log_probs [rows, V**L]``.
+
+    The objective has one ``lam`` per problem, so rows with ``lam = 0`` and with ``lam > 0`` are
+    grouped apart, and a group takes the smallest ``lam`` of its rows (below each row's own
+    limit, where a theorem's condition asks for one). Groups are filled up with copies of their
+    last row, whose results are dropped. Returns ``(t_gamma [rows], lam used [rows])``; the
+    flow of each prompt runs at speed ``1 / num_prompts`` (docs/theory.md#setting).
+    """
+    from jaxrm import flow
+
+    rows = len(rm)
+    index = np.concatenate([np.flatnonzero(lam == 0), np.flatnonzero(lam > 0)])
+    groups = []
+    for part in (index[lam[index] == 0], index[lam[index] > 0]):
+        if len(part):
+            padded = np.concatenate([part, np.repeat(part[-1:], -len(part) % num_prompts)])
+            groups.append(padded.reshape(-1, num_prompts))
+    groups = np.concatenate(groups)
+    group_lam = lam[groups].min(-1)
+    result = flow.first_passage(
+        policy.logits_from_log_probs(log_probs[groups]),
+        rm[groups],
+        gamma[groups],
+        policy=policy,
+        eval_rewards=gt[groups],
+        kl_coef=group_lam,
+        **options,
+    )
+    t, used = np.full(rows, np.nan), np.full(rows, np.nan)
+    t[groups.ravel()] = np.asarray(result.t_gamma).ravel()  # a padded copy rewrites its own row's value
+    used[groups.ravel()] = np.repeat(group_lam, num_prompts)
+    return t, used
+
+
+def general_text(general: dict, theorem: str) -> str:
+    """The general-policy arm's findings, counted (shared by Theorems 2 and 3)."""
+
+    def held(entry, name):
+        if entry["outside"] == 0:
+            return f"the {name} holds on every instance (smallest slack {fmt(entry['min_slack'])})"
+        return f"the {name} fails on {entry['outside']} instances (smallest slack {fmt(entry['min_slack'])})"
+
+    prop_a = (
+        f"Proposition A (per prompt, times `|S|`), which is proven there, holds on every flow (smallest ratio "
+        f"{fmt(general['min_ratio_prop_a'])})"
+        if general["prop_a_violations"] == 0
+        else f"Proposition A (per prompt, times `|S|`) is violated on {general['prop_a_violations']} flows"
+    )
+    return (
+        f"**General policy.** The same constructions on an {general['policy']} policy started at the same "
+        f"distributions, {general['prompts']} prompts to a problem ({general['instances']} flows, "
+        f"{general['censored']} censored at `t_max`): {prop_a}. {theorem}'s formulas, proven for tabular policies only, "
+        f"measured here with `|S| = {general['prompts']}`: {held(general['tabular_slow_lower'], 'slow lower bound')}; "
+        f"{held(general['tabular_fast_upper'], 'fast upper bound')}."
+    )

@@ -12,6 +12,10 @@ output and ``gamma`` a random share of the gain it offers, two kinds of teacher 
 Theorem 5's form: the same bounds hold at any accuracy, so each teacher is also built with a
 share of its order shuffled (intermediate accuracies). Every teacher is run with ``lam = 0`` and
 with ``lam`` at the limit of the fast bound; ``t_gamma`` on ``r_G`` comes from the exact flow.
+
+The general-policy arm (:func:`general_policy_arm`) runs the unshuffled teachers on an
+autoregressive-tabular policy with several prompts per problem: Proposition A is a bound there,
+and the tabular formulas are measured, since [R] proves them for tabular policies only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from jaxrm.studies import (
     write_json,
     write_text,
 )
+from jaxrm.tabular import AutoregressiveTabularPolicy
+from theory.common import general_policy_passage, general_text
 
 NAME = "theorem2"
 
@@ -62,6 +68,12 @@ class Theorem2Config(StudyConfig):
       tolerance: relative slack in ``[0, 0.1)``: a slow teacher violates its lower bound when
         ``t_gamma < (1 - tolerance) * bound``, a fast one its upper bound unless
         ``t_gamma <= (1 + tolerance) * bound`` (an infinite time violates it).
+      general_problems: one-prompt problems of the general-policy arm (an int >= 1): the same
+        teachers (unshuffled) on an autoregressive-tabular policy, started at the same
+        distribution, solved ``general_prompts`` prompts to a problem.
+      general_prompts: ``|S|``, prompts per problem of the general-policy arm (an int >= 1).
+      general_vocab: ``V`` of the general-policy arm's policy (an int >= 2).
+      general_length: ``L`` of the general-policy arm's policy (an int >= 2); ``|Y| = V^L``.
     """
 
     seed: int = 0
@@ -77,9 +89,13 @@ class Theorem2Config(StudyConfig):
     atol: float = 1e-10
     t_max: float = 1e14
     tolerance: float = checked(1e-6, SMALL_TOLERANCE)
+    general_problems: int = checked(64, POSITIVE_INT)
+    general_prompts: int = checked(4, POSITIVE_INT)
+    general_vocab: int = checked(3, int_at_least(2))
+    general_length: int = checked(2, int_at_least(2))
 
     def quick(self) -> "Theorem2Config":
-        return dataclasses.replace(self, problems=12)
+        return dataclasses.replace(self, problems=12, general_problems=8)
 
 
 def _partial_shuffle(scores, fraction, rng):
@@ -140,6 +156,57 @@ def make_teachers(config: Theorem2Config):
     )
 
 
+def general_policy_arm(config: Theorem2Config) -> dict:
+    """Theorem 2's unshuffled teachers on an autoregressive-tabular policy with several prompts
+    (docs/theory.md#theorems-2-and-5). Proposition A's consequence is proven there and counted as
+    a bound; Theorem 2's tabular formulas (with ``|S|``) are measured against, not assumed."""
+    policy = AutoregressiveTabularPolicy(config.general_vocab, config.general_length)
+    arm = dataclasses.replace(
+        config, problems=config.general_problems, num_outputs=policy.num_outputs, shuffled=(0.0,), seed=config.seed + 1
+    )
+    t = make_teachers(arm)
+    prompts = config.general_prompts
+    time, lam = general_policy_passage(
+        np.asarray(jax.nn.log_softmax(t["logits"], axis=-1)),
+        t["rm"],
+        t["gt"],
+        t["gamma"],
+        t["lam"],
+        policy=policy,
+        num_prompts=prompts,
+        rtol=config.rtol,
+        atol=config.atol,
+        t_max=config.t_max,
+    )
+    slow, fast = t["kind"] == "slow", t["kind"] == "fast"
+    variance = np.asarray(metrics.reward_variance(t["logits"], t["rm"]))
+    prop_a = prompts * bounds.proposition_a_lower_bound(t["gamma"], variance, length=policy.length)
+    lower = bounds.theorem2_slow_lower_bound(t["gamma"], np.where(slow, t["horizon"], 1.0), num_prompts=prompts)
+    upper = bounds.theorem2_fast_upper_bound(t["rho"], t["good_prob"], num_prompts=prompts)
+    tol = config.tolerance
+    return {
+        "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
+        "prompts": prompts,
+        "instances": int(len(time)),
+        "censored": int((~np.isfinite(time)).sum()),
+        "prop_a_violations": int((time < (1 - tol) * prop_a).sum()),
+        "min_ratio_prop_a": float(np.min(time / prop_a)),
+        "tabular_slow_lower": {
+            "outside": int((slow & (time < (1 - tol) * lower)).sum()),
+            "min_slack": float(np.min(time[slow] / lower[slow])),
+        },
+        "tabular_fast_upper": {
+            "outside": int((fast & ~(time <= (1 + tol) * upper)).sum()),
+            "min_slack": float(np.min(upper[fast] / time[fast])),
+            "largest_lam": float(lam[fast].max()),
+        },
+        "fast_beats_accurate_slow": {
+            str(h): float(np.mean(time[fast & (lam == 0)] < time[slow & (t["horizon"] == h) & (lam == 0)]))
+            for h in config.horizons
+        },
+    }
+
+
 def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = None) -> dict:
     config = Theorem2Config.resolve(config, quick=quick)
     out_dir = Path(out_dir)
@@ -198,6 +265,11 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
             "slow_median_bound": float(np.median(lower[chosen])),
             "max_variance": float(variance[chosen].max()),
         }
+    general = general_policy_arm(config)
+    progress(
+        f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
+        f"Proposition A violations {general['prop_a_violations']}"
+    )
     faster = {}
     for horizon in config.horizons:
         s = time[slow & (t["horizon"] == horizon) & (t["fraction"] == 0) & (t["lam"] == 0)]
@@ -205,7 +277,11 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         faster[str(horizon)] = float(np.mean(f < s))
     summary = {
         "instances": int(len(time)),
-        "violations": {"slow_lower": int(slow_bad.sum()), "fast_upper": int(fast_bad.sum())},
+        "violations": {
+            "slow_lower": int(slow_bad.sum()),
+            "fast_upper": int(fast_bad.sum()),
+            "general_prop_a": general["prop_a_violations"],
+        },
         "min_slack": {
             "slow_lower": float(np.min(time[slow] / lower[slow])),
             "fast_upper": float(np.min(upper[fast] / time[fast])),
@@ -220,6 +296,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         "not_reached": {"slow": unreached_counts(slow), "fast": unreached_counts(fast)},
         "by_horizon": by_horizon,
         "fast_beats_accurate_slow": faster,
+        "general_policy": general,
         "config": dataclasses.asdict(config),
     }
     _figure(t, time, lower, upper, accuracy, config, out_dir / "figures" / f"{NAME}.png")
@@ -227,7 +304,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         f"{summary['instances']} flows; violations slow bound {summary['violations']['slow_lower']}, fast bound "
         f"{summary['violations']['fast_upper']}; smallest slack {fmt(summary['min_slack']['slow_lower'])} and "
         f"{fmt(summary['min_slack']['fast_upper'])}; {summary['censored']} censored at t_max; the inaccurate teacher wins on "
-        f"{100 * faster[str(config.horizons[-1])]:.0f}% of problems at T = {config.horizons[-1]}"
+        f"{100 * faster[str(config.horizons[-1])]:.0f}% of problems at T = {config.horizons[-1]}; general-policy arm "
+        f"({general['policy']}, |S| = {general['prompts']}): Proposition A violations {general['prop_a_violations']}"
     )
     summary["seconds"] = round(progress.elapsed, 1)
     summary["quick"] = quick
@@ -333,6 +411,9 @@ Slow teachers have accuracy {acc["slow"][0]:.2f} to {acc["slow"][1]:.2f}, fast t
 
 {_growth_text(summary)} The inaccurate teacher that puts its reward on the best output has no `T`
 (its median time is the same number in every row): {verdict}. {_unreached_text(summary)}
+
+{general_text(summary["general_policy"], "Theorem 2")} The inaccurate teacher is the faster one on
+{100 * summary["general_policy"]["fast_beats_accurate_slow"][str(config.horizons[-1])]:.0f}% of these problems at `T = {config.horizons[-1]}`.
 
 ![t_gamma against T and accuracy](figures/{NAME}.png)
 """

@@ -8,6 +8,10 @@ teaches in ``O(1)`` time (``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``, for 
 explicit limit) while ``r'_RM`` needs ``t_gamma >= (|S| / sqrt 2)(1 - e^(-gamma/2)) T``; and the
 other way round for ``Pi'``. Each cell of the 2x2 table is measured by exact flow, at several
 ``T`` and with ``lam = 0`` and at the limit.
+
+The general-policy arm (:func:`general_policy_arm`) runs the same cells on an
+autoregressive-tabular policy with several prompts per problem: Proposition A is a bound there,
+and the tabular formulas are measured, since [R] proves them for tabular policies only.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from jaxrm.studies import (
     write_json,
     write_text,
 )
-from theory.common import loglog_slope
+from jaxrm.tabular import AutoregressiveTabularPolicy
+from theory.common import general_policy_passage, general_text, loglog_slope
 
 NAME = "theorem3"
 FAMILIES = ("Pi", "Pi'")
@@ -58,6 +63,12 @@ class Theorem3Config(StudyConfig):
       tolerance: relative slack in ``[0, 0.1)``: the fast teacher violates its upper bound
         unless ``t_gamma <= (1 + tolerance) * bound`` (an infinite time violates it), the slow
         one its lower bound when ``t_gamma < (1 - tolerance) * bound``.
+      general_problems: one-prompt problems of the general-policy arm (an int >= 1): the same
+        cells on an autoregressive-tabular policy, started at the same distributions, solved
+        ``general_prompts`` prompts to a problem.
+      general_prompts: ``|S|``, prompts per problem of the general-policy arm (an int >= 1).
+      general_vocab: ``V`` of the general-policy arm's policy (an int >= 2).
+      general_length: ``L`` of the general-policy arm's policy (an int >= 2); ``|Y| = V^L``.
     """
 
     seed: int = 0
@@ -69,9 +80,13 @@ class Theorem3Config(StudyConfig):
     atol: float = 1e-10
     t_max: float = 1e14
     tolerance: float = checked(1e-6, SMALL_TOLERANCE)
+    general_problems: int = checked(32, POSITIVE_INT)
+    general_prompts: int = checked(4, POSITIVE_INT)
+    general_vocab: int = checked(3, int_at_least(2))
+    general_length: int = checked(2, int_at_least(2))
 
     def quick(self) -> "Theorem3Config":
-        return dataclasses.replace(self, problems=8)
+        return dataclasses.replace(self, problems=8, general_problems=4)
 
 
 def make_cells(config: Theorem3Config):
@@ -117,6 +132,54 @@ def make_cells(config: Theorem3Config):
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
+def general_policy_arm(config: Theorem3Config) -> dict:
+    """Theorem 3's cells on an autoregressive-tabular policy with several prompts
+    (docs/theory.md#theorems-3-and-6). Proposition A's consequence is proven there and counted as
+    a bound; Theorem 3's tabular formulas (with ``|S|``) are measured against, not assumed."""
+    policy = AutoregressiveTabularPolicy(config.general_vocab, config.general_length)
+    arm = dataclasses.replace(
+        config, problems=config.general_problems, num_outputs=policy.num_outputs, seed=config.seed + 1
+    )
+    cells = make_cells(arm)
+    prompts = config.general_prompts
+    time, lam = general_policy_passage(
+        cells["logits"],
+        cells["rm"],
+        cells["gt"],
+        cells["gamma"],
+        cells["lam"],
+        policy=policy,
+        num_prompts=prompts,
+        rtol=config.rtol,
+        atol=config.atol,
+        t_max=config.t_max,
+    )
+    fast = cells["fast"]
+    variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
+    prop_a = prompts * bounds.proposition_a_lower_bound(cells["gamma"], variance, length=policy.length)
+    upper = bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=prompts)
+    lower = bounds.theorem3_slow_lower_bound(cells["gamma"], cells["horizon"], num_prompts=prompts)
+    tol = config.tolerance
+    return {
+        "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
+        "prompts": prompts,
+        "instances": int(len(time)),
+        "censored": int((~np.isfinite(time)).sum()),
+        "prop_a_violations": int((time < (1 - tol) * prop_a).sum()),
+        "min_ratio_prop_a": float(np.min(time / prop_a)),
+        "tabular_slow_lower": {
+            "outside": int((~fast & (time < (1 - tol) * lower)).sum()),
+            "min_slack": float(np.min(time[~fast] / lower[~fast])),
+        },
+        "tabular_fast_upper": {
+            "outside": int((fast & ~(time <= (1 + tol) * upper)).sum()),
+            "min_slack": float(np.min(upper[fast] / time[fast])),
+            "largest_lam": float(lam[fast].max()),
+        },
+        "student_decides": float(np.mean(_fast_wins(cells | {"lam": lam}, time))),
+    }
+
+
 def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = None) -> dict:
     config = Theorem3Config.resolve(config, quick=quick)
     out_dir = Path(out_dir)
@@ -144,6 +207,11 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         slow_bad = ~fast & (time < (1 - config.tolerance) * lower)
     accuracy = np.asarray(metrics.accuracy(cells["rm"], cells["gt"]))
     variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
+    general = general_policy_arm(config)
+    progress(
+        f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
+        f"Proposition A violations {general['prop_a_violations']}"
+    )
 
     table = {}
     for horizon in config.horizons:
@@ -158,7 +226,11 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
                 }
     summary = {
         "instances": int(len(time)),
-        "violations": {"fast_upper": int(fast_bad.sum()), "slow_lower": int(slow_bad.sum())},
+        "violations": {
+            "fast_upper": int(fast_bad.sum()),
+            "slow_lower": int(slow_bad.sum()),
+            "general_prop_a": general["prop_a_violations"],
+        },
         # Unreached by t_max; a slow cell's time is then only known to exceed t_max, which
         # satisfies its lower bound, and a fast cell's counts against its upper bound above.
         "censored": int((~np.isfinite(time)).sum()),
@@ -170,6 +242,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         "student_decides": float(np.mean(_fast_wins(cells, time))),
         "slow_slope": _slow_slope(time, variance, fast, config),
         "table": table,
+        "general_policy": general,
         "config": dataclasses.asdict(config),
     }
     summary["verdict"] = (
@@ -177,7 +250,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         f"{summary['violations']['slow_lower']}; smallest slack {fmt(summary['min_slack']['fast_upper'])} and "
         f"{fmt(summary['min_slack']['slow_lower'])}; {summary['censored']} censored at t_max; the student decides "
         "the better teacher in "
-        f"{100 * summary['student_decides']:.0f}% of cases"
+        f"{100 * summary['student_decides']:.0f}% of cases (general-policy arm: {100 * general['student_decides']:.0f}%, "
+        f"Proposition A violations {general['prop_a_violations']})"
     )
     progress(f"violations {summary['violations']}")
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
@@ -281,6 +355,9 @@ Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at t
 {chr(10).join(rows)}
 
 {_conclusion(summary)}
+
+{general_text(summary["general_policy"], "Theorem 3")} There the student decides the better teacher
+in {100 * summary["general_policy"]["student_decides"]:.0f}% of cases.
 
 {_slow_slope_text(summary)}
 
