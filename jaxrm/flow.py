@@ -82,12 +82,16 @@ class FirstPassage(NamedTuple):
       status: a :class:`Status` per prompt: ``REACHED``, ``NOT_REACHED`` (``t_max`` passed, or
         the gain was proven out of reach under a KL penalty) or ``FAILED`` (a solver error, or
         ``max_steps`` spent).
+      t_end: the flow time where each prompt's solve ended: ``t_gamma`` when reached, and
+        otherwise a time before which the gain was not reached (a lower bound on ``t_gamma``
+        where the solve ``FAILED``).
     """
 
     t_gamma: Any
     logits: Any
     num_steps: Any
     status: Any
+    t_end: Any
 
 
 def flow_metrics(
@@ -232,7 +236,13 @@ def first_passage(
         out = _queue.on_devices(run_queue, items, num_items, devices)
     unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
     t = jnp.where(out.status == Status.REACHED, out.tau * item_shape[-1], jnp.inf)
-    return FirstPassage(unflat(t), jax.tree.map(unflat, out.state), unflat(out.steps), unflat(out.status))
+    return FirstPassage(
+        unflat(t),
+        jax.tree.map(unflat, out.state),
+        unflat(out.steps),
+        unflat(out.status),
+        unflat(out.tau * item_shape[-1]),
+    )
 
 
 @jax.jit(static_argnames="policy")

@@ -202,6 +202,9 @@ def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
     below = flow.first_passage(logits, rewards, 0.99 * limit_gain, kl_coef=lam)
     assert int(above.status[0]) == flow.Status.NOT_REACHED and int(above.num_steps[0]) < 500
     assert int(below.status[0]) == flow.Status.REACHED
+    # t_end is t_gamma when reached; where the solve stopped (before any crossing) otherwise.
+    assert float(below.t_end[0]) == float(below.t_gamma[0])
+    assert 0 < float(above.t_end[0]) < np.inf
     # The KL branch is chosen by giving kl_coef at all, never by its Python type.
     as_array = flow.first_passage(logits, rewards, 1.01 * limit_gain, kl_coef=jnp.asarray(lam))
     assert int(as_array.status[0]) == flow.Status.NOT_REACHED and int(as_array.num_steps[0]) < 500

@@ -40,6 +40,12 @@ def test_autoregressive_log_probs_are_products_of_conditionals():
     assert policy.outputs().tolist()[:4] == [[0, 0], [0, 1], [0, 2], [1, 0]]
 
 
+def test_autoregressive_logits_from_log_probs_inverts_log_probs():
+    policy = AutoregressiveTabularPolicy(vocab_size=3, length=3)
+    target = jax.nn.log_softmax(jax.random.normal(jax.random.key(2), (2, 4, 27)) * 3, -1)
+    np.testing.assert_allclose(policy.log_probs(policy.logits_from_log_probs(target)), target, atol=1e-12)
+
+
 def test_length_one_autoregressive_is_tabular():
     theta = jax.random.normal(jax.random.key(1), (2, 4))
     np.testing.assert_allclose(

@@ -67,9 +67,10 @@ class BestOfNConfig(StudyConfig):
         low-variance models (the paper's 0.001).
       low_variance_means: one perfectly accurate, low-variance model per value: the raw reward
         ``r_G + mean`` (``r_G`` itself has mean 0) is scaled on half the prompts, then
-        normalized. With a mean of 0 the normalization undoes most of the scaling; away from
-        0 the scaling opens a gap between the halves that the global standard deviation
-        absorbs (docs/theory.md#experiments-of-razin-et-al).
+        normalized. With a mean of 0 the scaled half keeps almost no variance but the other
+        half's doubles, so the mean barely moves; away from 0 the scaling also opens a gap
+        between the halves' means that the global standard deviation absorbs, and the mean
+        falls (docs/theory.md#experiments-of-razin-et-al).
       pg_time: flow time (> 0) at which the policy-gradient gain is measured.
       tolerance: absolute slack: a model counts as beating the perfect one (a violation of
         Proposition 1) only when its Best-of-N reward exceeds it by more than this.

@@ -5,20 +5,31 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.stats
 
 from jaxrm.studies import fmt
 
 
-def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95):
+def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, interval="bootstrap"):
     """Least-squares slope of ``log y`` on ``log x`` with a percentile bootstrap interval.
 
     With ``groups``, the slope is the within-group one (each group's logs are centred, as in a
-    fixed-effects fit) and the bootstrap resamples whole groups. Returns ``(slope, (low,
-    high))``; NaNs when fewer than 3 points are given.
+    fixed-effects fit) and the bootstrap resamples whole groups. ``interval="t"`` gives instead
+    the classical t-interval from the residuals (``n - 2`` degrees of freedom, no groups), the
+    one to use for a handful of points, where a bootstrap has too few distinct resamples.
+    Returns ``(slope, (low, high))``; NaNs when fewer than 3 points are given.
     """
     log_x, log_y = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
     if log_x.size < 3:
         return math.nan, (math.nan, math.nan)
+    if interval == "t":
+        if groups is not None:
+            raise ValueError("interval='t' fits one line: groups are not supported.")
+        fit = scipy.stats.linregress(log_x, log_y)
+        half = scipy.stats.t.ppf(0.5 + level / 2, log_x.size - 2) * fit.stderr
+        return float(fit.slope), (float(fit.slope - half), float(fit.slope + half))
+    if interval != "bootstrap":
+        raise ValueError(f"interval must be 'bootstrap' or 't', got {interval!r}.")
     if groups is None:
         clusters = np.arange(log_x.size)
     else:
@@ -129,9 +140,8 @@ def general_policy_passage(log_probs, rm, gt, gamma, lam, *, policy, num_prompts
     from jaxrm import flow
 
     rows = len(rm)
-    index = np.concatenate([np.flatnonzero(lam == 0), np.flatnonzero(lam > 0)])
     groups = []
-    for part in (index[lam[index] == 0], index[lam[index] > 0]):
+    for part in (np.flatnonzero(lam == 0), np.flatnonzero(lam > 0)):
         if len(part):
             padded = np.concatenate([part, np.repeat(part[-1:], -len(part) % num_prompts)])
             groups.append(padded.reshape(-1, num_prompts))
@@ -152,6 +162,38 @@ def general_policy_passage(log_probs, rm, gt, gamma, lam, *, policy, num_prompts
     return t, used
 
 
+def general_arm_summary(policy, prompts, time, lam, *, slow, fast, prop_a, slow_lower, fast_upper, tolerance) -> dict:
+    """The counts and slacks a general-policy arm reports (shared by Theorems 2 and 3): Proposition
+    A is a bound there (violations counted), the tabular formulas are only measured against."""
+    return {
+        "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
+        "num_outputs": policy.num_outputs,
+        "prompts": prompts,
+        "instances": int(len(time)),
+        "censored": int((~np.isfinite(time)).sum()),
+        "prop_a_violations": int((time < (1 - tolerance) * prop_a).sum()),
+        "min_ratio_prop_a": float(np.min(time / prop_a)),
+        "tabular_slow_lower": {
+            "outside": int((slow & (time < (1 - tolerance) * slow_lower)).sum()),
+            "min_slack": float(np.min(time[slow] / slow_lower[slow])),
+        },
+        "tabular_fast_upper": {
+            "outside": int((fast & ~(time <= (1 + tolerance) * fast_upper)).sum()),
+            "min_slack": float(np.min(fast_upper[fast] / time[fast])),
+            "largest_lam": float(lam[fast].max()),
+        },
+    }
+
+
+def violating_rows(rows: dict, masks: dict) -> list[dict]:
+    """One JSON record per (bound, row) flagged in ``masks``: the row's every field, for replay."""
+    return [
+        {"bound": bound, "row": int(i), **{k: np.asarray(v[i]).tolist() for k, v in rows.items()}}
+        for bound, mask in masks.items()
+        for i in np.flatnonzero(mask)
+    ]
+
+
 def general_text(general: dict, theorem: str) -> str:
     """The general-policy arm's findings, counted (shared by Theorems 2 and 3)."""
 
@@ -167,8 +209,9 @@ def general_text(general: dict, theorem: str) -> str:
         else f"Proposition A (per prompt, times `|S|`) is violated on {general['prop_a_violations']} flows"
     )
     return (
-        f"**General policy.** The same constructions on an {general['policy']} policy started at the same "
-        f"distributions, {general['prompts']} prompts to a problem ({general['instances']} flows, "
+        f"**General policy.** The same constructions, on new random problems with {general['num_outputs']} "
+        f"outputs, each solved on an {general['policy']} policy started at its initial distribution, "
+        f"{general['prompts']} prompts to a problem ({general['instances']} flows, "
         f"{general['censored']} censored at `t_max`): {prop_a}. {theorem}'s formulas, proven for tabular policies only, "
         f"measured here with `|S| = {general['prompts']}`: {held(general['tabular_slow_lower'], 'slow lower bound')}; "
         f"{held(general['tabular_fast_upper'], 'fast upper bound')}."

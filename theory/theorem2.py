@@ -42,7 +42,7 @@ from jaxrm.studies import (
     write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import general_policy_passage, general_text
+from theory.common import general_arm_summary, general_policy_passage, general_text, violating_rows
 
 NAME = "theorem2"
 
@@ -156,10 +156,11 @@ def make_teachers(config: Theorem2Config):
     )
 
 
-def general_policy_arm(config: Theorem2Config) -> dict:
+def general_policy_arm(config: Theorem2Config) -> tuple[dict, list]:
     """Theorem 2's unshuffled teachers on an autoregressive-tabular policy with several prompts
     (docs/theory.md#theorems-2-and-5). Proposition A's consequence is proven there and counted as
-    a bound; Theorem 2's tabular formulas (with ``|S|``) are measured against, not assumed."""
+    a bound; Theorem 2's tabular formulas (with ``|S|``) are measured against, not assumed.
+    Returns the arm's summary and its rows that violate Proposition A."""
     policy = AutoregressiveTabularPolicy(config.general_vocab, config.general_length)
     arm = dataclasses.replace(
         config, problems=config.general_problems, num_outputs=policy.num_outputs, shuffled=(0.0,), seed=config.seed + 1
@@ -180,31 +181,27 @@ def general_policy_arm(config: Theorem2Config) -> dict:
     )
     slow, fast = t["kind"] == "slow", t["kind"] == "fast"
     variance = np.asarray(metrics.reward_variance(t["logits"], t["rm"]))
-    prop_a = prompts * bounds.proposition_a_lower_bound(t["gamma"], variance, length=policy.length)
-    lower = bounds.theorem2_slow_lower_bound(t["gamma"], np.where(slow, t["horizon"], 1.0), num_prompts=prompts)
-    upper = bounds.theorem2_fast_upper_bound(t["rho"], t["good_prob"], num_prompts=prompts)
-    tol = config.tolerance
-    return {
-        "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
-        "prompts": prompts,
-        "instances": int(len(time)),
-        "censored": int((~np.isfinite(time)).sum()),
-        "prop_a_violations": int((time < (1 - tol) * prop_a).sum()),
-        "min_ratio_prop_a": float(np.min(time / prop_a)),
-        "tabular_slow_lower": {
-            "outside": int((slow & (time < (1 - tol) * lower)).sum()),
-            "min_slack": float(np.min(time[slow] / lower[slow])),
-        },
-        "tabular_fast_upper": {
-            "outside": int((fast & ~(time <= (1 + tol) * upper)).sum()),
-            "min_slack": float(np.min(upper[fast] / time[fast])),
-            "largest_lam": float(lam[fast].max()),
-        },
-        "fast_beats_accurate_slow": {
-            str(h): float(np.mean(time[fast & (lam == 0)] < time[slow & (t["horizon"] == h) & (lam == 0)]))
-            for h in config.horizons
-        },
+    prop_a = prompts * bounds.proposition_a_lower_bound(
+        t["gamma"], variance, length=policy.length, jacobian_norm=policy.jacobian_norm
+    )
+    summary = general_arm_summary(
+        policy,
+        prompts,
+        time,
+        lam,
+        slow=slow,
+        fast=fast,
+        prop_a=prop_a,
+        slow_lower=bounds.theorem2_slow_lower_bound(t["gamma"], np.where(slow, t["horizon"], 1.0), num_prompts=prompts),
+        fast_upper=bounds.theorem2_fast_upper_bound(t["rho"], t["good_prob"], num_prompts=prompts),
+        tolerance=config.tolerance,
+    )
+    summary["fast_beats_accurate_slow"] = {
+        str(h): float(np.mean(time[fast & (lam == 0)] < time[slow & (t["horizon"] == h) & (lam == 0)]))
+        for h in config.horizons
     }
+    rows = {k: t[k] for k in ("logits", "rm", "gt", "gamma", "rho", "kind", "horizon")} | {"lam": lam, "t_gamma": time}
+    return summary, violating_rows(rows, {"general_prop_a": time < (1 - config.tolerance) * prop_a})
 
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = None) -> dict:
@@ -265,7 +262,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
             "slow_median_bound": float(np.median(lower[chosen])),
             "max_variance": float(variance[chosen].max()),
         }
-    general = general_policy_arm(config)
+    general, general_violating = general_policy_arm(config)
     progress(
         f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
         f"Proposition A violations {general['prop_a_violations']}"
@@ -309,6 +306,10 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     )
     summary["seconds"] = round(progress.elapsed, 1)
     summary["quick"] = quick
+    rows = {k: t[k] for k in ("logits", "rm", "gt", "gamma", "rho", "kind", "horizon", "fraction", "lam")}
+    violating = violating_rows(rows | {"t_gamma": time}, {"slow_lower": slow_bad, "fast_upper": fast_bad})
+    if violating or general_violating:
+        write_json(out_dir / f"{NAME}_violations.json", violating + general_violating)
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")

@@ -37,7 +37,7 @@ from jaxrm.studies import (
     write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import general_policy_passage, general_text, loglog_slope
+from theory.common import general_arm_summary, general_policy_passage, general_text, loglog_slope, violating_rows
 
 NAME = "theorem3"
 FAMILIES = ("Pi", "Pi'")
@@ -132,10 +132,11 @@ def make_cells(config: Theorem3Config):
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
-def general_policy_arm(config: Theorem3Config) -> dict:
+def general_policy_arm(config: Theorem3Config) -> tuple[dict, list]:
     """Theorem 3's cells on an autoregressive-tabular policy with several prompts
     (docs/theory.md#theorems-3-and-6). Proposition A's consequence is proven there and counted as
-    a bound; Theorem 3's tabular formulas (with ``|S|``) are measured against, not assumed."""
+    a bound; Theorem 3's tabular formulas (with ``|S|``) are measured against, not assumed.
+    Returns the arm's summary and its rows that violate Proposition A."""
     policy = AutoregressiveTabularPolicy(config.general_vocab, config.general_length)
     arm = dataclasses.replace(
         config, problems=config.general_problems, num_outputs=policy.num_outputs, seed=config.seed + 1
@@ -156,28 +157,24 @@ def general_policy_arm(config: Theorem3Config) -> dict:
     )
     fast = cells["fast"]
     variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
-    prop_a = prompts * bounds.proposition_a_lower_bound(cells["gamma"], variance, length=policy.length)
-    upper = bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=prompts)
-    lower = bounds.theorem3_slow_lower_bound(cells["gamma"], cells["horizon"], num_prompts=prompts)
-    tol = config.tolerance
-    return {
-        "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
-        "prompts": prompts,
-        "instances": int(len(time)),
-        "censored": int((~np.isfinite(time)).sum()),
-        "prop_a_violations": int((time < (1 - tol) * prop_a).sum()),
-        "min_ratio_prop_a": float(np.min(time / prop_a)),
-        "tabular_slow_lower": {
-            "outside": int((~fast & (time < (1 - tol) * lower)).sum()),
-            "min_slack": float(np.min(time[~fast] / lower[~fast])),
-        },
-        "tabular_fast_upper": {
-            "outside": int((fast & ~(time <= (1 + tol) * upper)).sum()),
-            "min_slack": float(np.min(upper[fast] / time[fast])),
-            "largest_lam": float(lam[fast].max()),
-        },
-        "student_decides": float(np.mean(_fast_wins(cells | {"lam": lam}, time))),
-    }
+    prop_a = prompts * bounds.proposition_a_lower_bound(
+        cells["gamma"], variance, length=policy.length, jacobian_norm=policy.jacobian_norm
+    )
+    summary = general_arm_summary(
+        policy,
+        prompts,
+        time,
+        lam,
+        slow=~fast,
+        fast=fast,
+        prop_a=prop_a,
+        slow_lower=bounds.theorem3_slow_lower_bound(cells["gamma"], cells["horizon"], num_prompts=prompts),
+        fast_upper=bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=prompts),
+        tolerance=config.tolerance,
+    )
+    summary["student_decides"] = float(np.mean(_fast_wins(cells | {"lam": lam}, time)))
+    rows = cells | {"lam": lam, "t_gamma": time}
+    return summary, violating_rows(rows, {"general_prop_a": time < (1 - config.tolerance) * prop_a})
 
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = None) -> dict:
@@ -207,7 +204,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         slow_bad = ~fast & (time < (1 - config.tolerance) * lower)
     accuracy = np.asarray(metrics.accuracy(cells["rm"], cells["gt"]))
     variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
-    general = general_policy_arm(config)
+    general, general_violating = general_policy_arm(config)
     progress(
         f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
         f"Proposition A violations {general['prop_a_violations']}"
@@ -257,6 +254,9 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
     summary["seconds"] = round(progress.elapsed, 1)
     summary["quick"] = quick
+    violating = violating_rows(cells | {"t_gamma": time}, {"fast_upper": fast_bad, "slow_lower": slow_bad})
+    if violating or general_violating:
+        write_json(out_dir / f"{NAME}_violations.json", violating + general_violating)
     write_json(out_dir / f"{NAME}.json", summary)
     write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
     progress(f"done, wrote {out_dir}/{NAME}.*")
