@@ -138,7 +138,7 @@ class TightnessConfig(StudyConfig):
     gamma: float = checked(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
     max_kl_coef: float = checked(0.5, (lambda v: v >= 0, "must be >= 0"))
     t_max: float = checked(1e9, POSITIVE)
-    max_steps: int = checked(5000, POSITIVE_INT)
+    max_steps: int = checked(2000, POSITIVE_INT)
     rtol: float = checked(1e-8, POSITIVE)
     atol: float = checked(1e-10, POSITIVE)
     classes: tuple[str, ...] = checked(CLASS_NAMES, each(one_of(CLASS_NAMES)))
@@ -489,9 +489,11 @@ def rescaled_references(ratio, variance, max_abs_rm, lam_zero, level_of_row, lev
     level that, scaled to variance ``v``, stays feasible: ``lam = 0`` and
     ``max |r_RM| sqrt(v / v_row) <= 1`` (always true downwards). Scaling keeps the ratio, so
     the true minimum at ``v`` is never above it (``inf`` when there is none)."""
+    candidates = lam_zero & np.isfinite(ratio)
     references = []
     for level, v in enumerate(levels):
-        usable = lam_zero & np.isfinite(ratio) & (level_of_row != level) & (max_abs_rm * np.sqrt(v / variance) <= 1.0)
+        usable = candidates & (level_of_row != level)
+        usable[usable] = max_abs_rm[usable] * np.sqrt(v / variance[usable]) <= 1.0
         references.append(float(ratio[usable].min(initial=np.inf)))
     return references
 
@@ -581,7 +583,9 @@ def atlas_class(cls: PolicyClass, found: dict, config: TightnessConfig) -> tuple
         "ode_steps": int(found["steps"].sum()),
         "below_bound": {k: int(b.sum()) for k, b in below.items()},
         "min_ratio": {k: float(np.min(np.where(reached, r, np.inf))) for k, r in ratios.items()},
-        "min_scaled_time": float((t * np.sqrt(variance))[reached].min(initial=np.inf) / -np.expm1(-config.gamma / 2)),
+        "min_scaled_time": float(
+            (t[reached] * np.sqrt(variance[reached])).min(initial=np.inf) / -np.expm1(-config.gamma / 2)
+        ),
         "envelope_slope": slope,
         "envelope_slope_ci": interval,
         "best_known_slope": known_slope,
