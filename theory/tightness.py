@@ -762,7 +762,7 @@ def _figure(classes, config, path: Path):
     right.set(
         xlabel="reward variance Var[r_RM]",
         ylabel="smallest t_gamma / Proposition A bound",
-        title="flat: exponent -1/2; falling: flatter than -1/2",
+        title="flat: exponent -1/2; lower at small Var: flatter than -1/2",
     )
     highest = np.nanmax(
         [e["min_ratio"]["sharpened"] for c in classes.values() for e in c["levels"] if "min_ratio" in e]
