@@ -162,16 +162,38 @@ def general_policy_passage(log_probs, rm, gt, gamma, lam, *, policy, num_prompts
     return t, used
 
 
-def general_arm_summary(policy, prompts, time, lam, *, slow, fast, prop_a, slow_lower, fast_upper, tolerance) -> dict:
-    """The counts and slacks a general-policy arm reports (shared by Theorems 2 and 3): Proposition
-    A is a bound there (violations counted), the tabular formulas are only measured against."""
-    return {
+def general_policy_arm(rows: dict, *, policy, prompts, slow, fast, slow_lower, fast_upper, tolerance, **options):
+    """A theorem's one-prompt rows (``log_probs``, ``rm``, ``gt``, ``gamma``, ``lam`` and any
+    fields worth saving) solved on an autoregressive ``policy``, ``prompts`` to a problem
+    (:func:`general_policy_passage`; ``options`` go to the solver). Proposition A is a bound
+    there, per prompt and times ``|S|`` (docs/theory.md#theorems-2-and-5), so its violations are
+    counted; the tabular formulas ``slow_lower`` (for the ``slow`` rows) and ``fast_upper``
+    (``fast`` rows) are only measured against. Returns ``(summary, t_gamma, lam used,
+    violating rows)``."""
+    from jaxrm import bounds, metrics
+
+    time, lam = general_policy_passage(
+        rows["log_probs"],
+        rows["rm"],
+        rows["gt"],
+        rows["gamma"],
+        rows["lam"],
+        policy=policy,
+        num_prompts=prompts,
+        **options,
+    )
+    variance = np.asarray(metrics.reward_variance(rows["log_probs"], rows["rm"]))
+    prop_a = prompts * bounds.proposition_a_lower_bound(
+        rows["gamma"], variance, length=policy.length, jacobian_norm=policy.jacobian_norm
+    )
+    below_prop_a = time < (1 - tolerance) * prop_a
+    summary = {
         "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
         "num_outputs": policy.num_outputs,
         "prompts": prompts,
         "instances": int(len(time)),
         "censored": int((~np.isfinite(time)).sum()),
-        "prop_a_violations": int((time < (1 - tolerance) * prop_a).sum()),
+        "prop_a_violations": int(below_prop_a.sum()),
         "min_ratio_prop_a": float(np.min(time / prop_a)),
         "tabular_slow_lower": {
             "outside": int((slow & (time < (1 - tolerance) * slow_lower)).sum()),
@@ -183,6 +205,8 @@ def general_arm_summary(policy, prompts, time, lam, *, slow, fast, prop_a, slow_
             "largest_lam": float(lam[fast].max()),
         },
     }
+    violating = violating_rows(rows | {"lam": lam, "t_gamma": time}, {"general_prop_a": below_prop_a})
+    return summary, time, lam, violating
 
 
 def violating_rows(rows: dict, masks: dict) -> list[dict]:

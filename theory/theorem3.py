@@ -9,7 +9,7 @@ explicit limit) while ``r'_RM`` needs ``t_gamma >= (|S| / sqrt 2)(1 - e^(-gamma/
 other way round for ``Pi'``. Each cell of the 2x2 table is measured by exact flow, at several
 ``T`` and with ``lam = 0`` and at the limit.
 
-The general-policy arm (:func:`general_policy_arm`) runs the same cells on an
+The general-policy arm (:func:`general_arm`) runs the same cells on an
 autoregressive-tabular policy with several prompts per problem: Proposition A is a bound there,
 and the tabular formulas are measured, since [R] proves them for tabular policies only.
 """
@@ -37,7 +37,7 @@ from jaxrm.studies import (
     write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import general_arm_summary, general_policy_passage, general_text, loglog_slope, violating_rows
+from theory.common import general_policy_arm, general_text, loglog_slope, violating_rows
 
 NAME = "theorem3"
 FAMILIES = ("Pi", "Pi'")
@@ -132,7 +132,7 @@ def make_cells(config: Theorem3Config):
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
-def general_policy_arm(config: Theorem3Config) -> tuple[dict, list]:
+def general_arm(config: Theorem3Config) -> tuple[dict, list]:
     """Theorem 3's cells on an autoregressive-tabular policy with several prompts
     (docs/theory.md#theorems-3-and-6). Proposition A's consequence is proven there and counted as
     a bound; Theorem 3's tabular formulas (with ``|S|``) are measured against, not assumed.
@@ -142,39 +142,23 @@ def general_policy_arm(config: Theorem3Config) -> tuple[dict, list]:
         config, problems=config.general_problems, num_outputs=policy.num_outputs, seed=config.seed + 1
     )
     cells = make_cells(arm)
-    prompts = config.general_prompts
-    time, lam = general_policy_passage(
-        cells["logits"],
-        cells["rm"],
-        cells["gt"],
-        cells["gamma"],
-        cells["lam"],
+    summary, time, lam, violating = general_policy_arm(
+        cells | {"log_probs": cells["logits"]},
         policy=policy,
-        num_prompts=prompts,
+        prompts=config.general_prompts,
+        slow=~cells["fast"],
+        fast=cells["fast"],
+        slow_lower=bounds.theorem3_slow_lower_bound(
+            cells["gamma"], cells["horizon"], num_prompts=config.general_prompts
+        ),
+        fast_upper=bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=config.general_prompts),
+        tolerance=config.tolerance,
         rtol=config.rtol,
         atol=config.atol,
         t_max=config.t_max,
     )
-    fast = cells["fast"]
-    variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
-    prop_a = prompts * bounds.proposition_a_lower_bound(
-        cells["gamma"], variance, length=policy.length, jacobian_norm=policy.jacobian_norm
-    )
-    summary = general_arm_summary(
-        policy,
-        prompts,
-        time,
-        lam,
-        slow=~fast,
-        fast=fast,
-        prop_a=prop_a,
-        slow_lower=bounds.theorem3_slow_lower_bound(cells["gamma"], cells["horizon"], num_prompts=prompts),
-        fast_upper=bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=prompts),
-        tolerance=config.tolerance,
-    )
     summary["student_decides"] = float(np.mean(_fast_wins(cells | {"lam": lam}, time)))
-    rows = cells | {"lam": lam, "t_gamma": time}
-    return summary, violating_rows(rows, {"general_prop_a": time < (1 - config.tolerance) * prop_a})
+    return summary, violating
 
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = None) -> dict:
@@ -204,7 +188,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         slow_bad = ~fast & (time < (1 - config.tolerance) * lower)
     accuracy = np.asarray(metrics.accuracy(cells["rm"], cells["gt"]))
     variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
-    general, general_violating = general_policy_arm(config)
+    general, general_violating = general_arm(config)
     progress(
         f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
         f"Proposition A violations {general['prop_a_violations']}"
