@@ -1,5 +1,6 @@
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -418,3 +419,21 @@ def test_violating_rows_record_every_field_of_each_flagged_row():
     }
     saved = violating_rows(rows, {"slow_lower": np.array([True, False]), "fast_upper": np.array([False, False])})
     assert saved == [{"bound": "slow_lower", "row": 0, "rm": [1.0, 0.0], "kind": "slow", "t_gamma": 1.0}]
+
+
+def test_best_of_n_saves_the_checks_where_the_perfect_model_is_beaten(tmp_path, monkeypatch):
+    """Proposition 1 cannot fail on exact numbers, so a fake Best-of-N ranks the models by
+    their index: every other model beats the perfect one (index 0) on every check."""
+
+    def by_index(log_probs, rewards, gt, n):
+        index = jnp.arange(rewards.shape[-3], dtype=rewards.dtype)[:, None]
+        return jnp.broadcast_to(index, rewards.shape[:-1]) + 0 * n
+
+    monkeypatch.setattr(metrics, "best_of_n_reward", by_index)
+    config = best_of_n.BestOfNConfig(
+        problems=2, prompts=2, num_outputs=3, max_n=2, ranking_n=2, noise=(0.0,), offsets=(0.0,)
+    )
+    summary = best_of_n.run(tmp_path, config=config)
+    saved = json.loads((tmp_path / "best_of_n_violations.json").read_text())
+    assert summary["violations"]["perfect_not_optimal"] == len(saved) == 2 * 2 * 2
+    assert saved[0]["model"] == best_of_n.low_variance_name(1.0) and len(saved[0]["rm_rewards"]) == 3

@@ -165,7 +165,25 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
 
     # Proposition 1 holds prompt by prompt: on every prompt and N, no model beats the perfect one.
     best_other = per_prompt[:, :, 1:].max(2)
-    violations = int((best_other > per_prompt[:, :, 0] + config.tolerance).sum())
+    beaten = best_other > per_prompt[:, :, 0] + config.tolerance  # [N, B, S]
+    violations = int(beaten.sum())
+    if violations:
+        write_json(
+            out_dir / f"{NAME}_violations.json",
+            [
+                {
+                    "n": int(ns[n]),
+                    "problem": int(p),
+                    "prompt": int(s),
+                    "model": names[1 + int(per_prompt[n, p, 1:, s].argmax())],
+                    "logits": logits[p, s].tolist(),
+                    "gt_rewards": gt[p, s].tolist(),
+                    "rm_rewards": rm[p, :, s].tolist(),
+                    "best_of_n": per_prompt[n, p, :, s].tolist(),
+                }
+                for n, p, s in zip(*np.nonzero(beaten))
+            ],
+        )
     ranking = config.ranking_n - 1
     corr = lambda x, y: float(np.mean(np.asarray(metrics.spearman(x, y))))  # noqa: E731  (per problem, averaged)
     summary = {
