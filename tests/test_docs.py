@@ -18,6 +18,7 @@ MODULES = [
     "jaxrm.models.config",
     "jaxrm.models.sampling",
     "jaxrm.train.reward",
+    "jaxrm.estimators",
     "theory.tightness",
 ]
 

@@ -1,0 +1,415 @@
+"""Exact moments of sampled policy-gradient estimators (docs/theory.md#what-each-estimator-optimizes).
+
+A trainer estimates the gradient of ``J(theta) = E_pi[r] - lam KL(pi || pi_ref)`` from a group of
+``k`` outputs sampled from the current policy: it builds a surrogate loss from the samples'
+log-probs with the kernels of :mod:`jaxrm.pg` and differentiates it. On an exact policy
+(:mod:`jaxrm.tabular`) every group can be enumerated, so the estimate's mean and covariance are
+*exact*: :func:`estimate_moments` sums ``P(y_1..y_k) g(y_1..y_k)`` over all ``|Y|^k`` ordered
+groups (chunked; about 1e6 groups on a CPU in seconds), where ``g`` is minus the gradient of the
+very loss the trainer minimises (:func:`sampled_gradient`).
+
+The estimators (:class:`Estimator`) cover REINFORCE with and without a baseline, RLOO(k),
+GRPO(k) with its standard-deviation scaling, Dr. GRPO; the KL estimators ``k1``/``k2``/``k3``
+folded into the reward, added to the loss, or added to the loss *detached* (computed from the
+rollout's log-probs, so it carries no gradient); zero-variance-group filtering; global or
+per-group reward normalization; and PPO's clipped surrogate at ratio 1 (the first step on fresh
+samples). :func:`compare` measures the mean against a target gradient: bias, cosine, total
+variance and signal-to-noise ratio. :func:`kl_gradients` gives the exact gradients of the
+objectives that the biased placements follow instead (derived in docs/theory.md).
+
+Everything is float64-friendly, pure and jit-compatible; the policy is one prompt's (its
+parameters carry a leading prompt axis of size 1, as :mod:`jaxrm.tabular` expects).
+
+>>> import jax.numpy as jnp
+>>> from jaxrm.tabular import TabularPolicy
+>>> policy, logits = TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]])
+>>> rewards = jnp.array([1.0, 0.0, -1.0])
+>>> moments = estimate_moments(Estimator("rloo", k=2), policy, logits, rewards)
+>>> target = objective_gradient(policy, logits, rewards)
+>>> bool(jnp.allclose(moments.mean, target))  # RLOO is unbiased
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jaxrm import pg
+from jaxrm._checks import check_fields, checked, int_at_least, one_of
+from jaxrm.metrics import KL_ESTIMATORS, kl_estimate
+from jaxrm.tabular import ExactPolicy, Logits
+
+__all__ = [
+    "ADVANTAGES",
+    "Comparison",
+    "Estimator",
+    "KL_PLACEMENTS",
+    "Moments",
+    "REWARD_NORMALIZATIONS",
+    "SURROGATES",
+    "compare",
+    "estimate_moments",
+    "kl_gradients",
+    "objective_gradient",
+    "sampled_gradient",
+    "token_log_probs",
+]
+
+ADVANTAGES = ("reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo")
+KL_PLACEMENTS = ("reward", "loss", "detached")
+REWARD_NORMALIZATIONS = ("none", "global", "group")
+SURROGATES = ("reinforce", "clipped")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """One way a trainer turns ``k`` samples of a prompt into a gradient estimate.
+
+    Attributes:
+      advantage: ``reinforce`` (``A = r``), ``reinforce_baseline`` (``A = r - E_pi[r]``, the
+        exact mean: a baseline that does not depend on the samples), ``rloo``, ``grpo`` (std
+        scaling, ``ddof = 1``, ``eps = 1e-4`` as :func:`jaxrm.pg.grpo_advantages`) or ``dr_grpo``.
+      k: samples per prompt (an int >= 1; >= 2 for ``rloo`` and ``grpo``).
+      kl_estimator: ``k1``, ``k2`` or ``k3`` (:func:`jaxrm.metrics.kl_estimate`), per token.
+      kl_placement: where ``lam`` times the KL estimate goes: ``reward`` (summed over tokens and
+        subtracted from each sample's reward, no gradient: RLOO), ``loss`` (added to the loss,
+        summed over tokens and averaged over samples, differentiated: GRPO) or ``detached``
+        (added to the loss but computed from the rollout's log-probs, so no gradient flows).
+      filter_zero_variance: drop the group (estimate 0) when its ``k`` task rewards are all equal.
+      reward_normalization: ``none``; ``global`` (``(r - E_pi r) / std_pi r``, exact statistics
+        that do not depend on the samples, like statistics measured once on a large batch); or
+        ``group`` (``(r - mean_k r) / (std_k r + 1e-8)`` over the group's samples, ``ddof = 0``).
+        Applied to the task reward, before the KL.
+      surrogate: ``reinforce`` (``-A log pi`` summed over tokens, averaged over samples: the
+        sequence-level score-function loss) or ``clipped`` (PPO's clipped surrogate with
+        per-token ratios and the token mean, at ratio 1: fresh samples).
+    """
+
+    advantage: str = checked("rloo", one_of(ADVANTAGES))
+    k: int = checked(2, int_at_least(1))
+    kl_estimator: str = checked("k1", one_of(KL_ESTIMATORS))
+    kl_placement: str = checked("reward", one_of(KL_PLACEMENTS))
+    filter_zero_variance: bool = False
+    reward_normalization: str = checked("none", one_of(REWARD_NORMALIZATIONS))
+    surrogate: str = checked("reinforce", one_of(SURROGATES))
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.advantage in ("rloo", "grpo") and self.k < 2:
+            raise ValueError(f"Estimator.k={self.k}: {self.advantage} needs k >= 2 samples per prompt.")
+
+    @property
+    def name(self) -> str:
+        parts = [f"{self.advantage}(k={self.k})", f"{self.kl_estimator} in {self.kl_placement}"]
+        if self.filter_zero_variance:
+            parts.append("filtered")
+        if self.reward_normalization != "none":
+            parts.append(f"{self.reward_normalization} normalization")
+        if self.surrogate != "reinforce":
+            parts.append(f"{self.surrogate} surrogate")
+        return ", ".join(parts)
+
+
+class Moments(NamedTuple):
+    """Exact moments of a gradient estimate, flattened over the policy's parameters.
+
+    Attributes:
+      mean: ``[D]``, ``E[g]``.
+      covariance: ``[D, D]``, ``Cov[g]`` of one group's estimate.
+      groups: how many ordered groups were enumerated (``|Y|^k``).
+    """
+
+    mean: Any
+    covariance: Any
+    groups: int
+
+
+class Comparison(NamedTuple):
+    """An estimator's mean against a target gradient ``t`` (:func:`compare`).
+
+    Attributes:
+      relative_bias: ``||E g - t|| / ||t||``.
+      cosine: cosine of the angle between ``E g`` and ``t``.
+      scale: ``<E g, t> / ||t||^2``, the multiple of ``t`` closest to ``E g``.
+      direction_bias: ``||E g - scale t|| / ||E g||``: the part of the mean that no rescaling of
+        ``t`` explains (0 for an estimator unbiased up to a constant factor).
+      total_variance: ``trace Cov[g]``.
+      snr: ``||E g||^2 / trace Cov[g]``, the signal-to-noise ratio of one group's estimate.
+    """
+
+    relative_bias: float
+    cosine: float
+    scale: float
+    direction_bias: float
+    total_variance: float
+    snr: float
+
+
+def token_log_probs(log_probs: jax.Array, *, vocab_size: int, length: int) -> jax.Array:
+    """``[V**L, L]``: ``log pi(y_t | y_<t)`` of every output's tokens, from the exact
+    distribution ``log_probs [V**L]`` over outputs in lexicographic order (prefix marginals, so
+    any exact policy works, whatever its parametrization).
+
+    >>> import jax.numpy as jnp
+    >>> lp = jnp.log(jnp.array([0.1, 0.3, 0.2, 0.4]))
+    >>> print(jnp.exp(token_log_probs(lp, vocab_size=2, length=2)).round(3))
+    [[0.4   0.25 ]
+     [0.4   0.75 ]
+     [0.6   0.333]
+     [0.6   0.667]]
+    """
+    joint = log_probs.reshape((vocab_size,) * length)
+    index = jnp.arange(vocab_size**length)
+    prefix = [jnp.zeros(1)]  # log P(empty prefix) = 0
+    for level in range(1, length + 1):
+        later = tuple(range(level, length))
+        marginal = jax.scipy.special.logsumexp(joint, axis=later) if later else joint
+        prefix.append(marginal.reshape(-1))
+    return jnp.stack(
+        [
+            prefix[t + 1][index // vocab_size ** (length - t - 1)] - prefix[t][index // vocab_size ** (length - t)]
+            for t in range(length)
+        ],
+        axis=-1,
+    )
+
+
+def _structure(policy: ExactPolicy) -> tuple[int, int]:
+    length = int(policy.length)
+    vocab = int(round(policy.num_outputs ** (1.0 / length)))
+    if vocab**length != policy.num_outputs:
+        raise ValueError(f"{type(policy).__name__} has {policy.num_outputs} outputs, not V**L for L = {length}.")
+    return vocab, length
+
+
+def objective_gradient(
+    policy: ExactPolicy, logits: Logits, rewards: jax.Array, *, kl_coef: float = 0.0, ref_logits: Logits | None = None
+) -> jax.Array:
+    """``[D]``: the exact gradient of ``J = E_pi[r] - lam KL(pi || pi_ref)`` for one prompt
+    (``pi_ref`` is ``ref_logits``' policy, the current one by default), flattened."""
+    grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits)
+    return grads["reward"] - kl_coef * grads["reverse_kl"]
+
+
+def kl_gradients(
+    policy: ExactPolicy, logits: Logits, rewards: jax.Array, *, ref_logits: Logits | None = None
+) -> dict[str, jax.Array]:
+    """Exact flattened gradients of the objectives the estimators follow (docs/theory.md):
+    ``reward`` (``E_pi r``), ``reverse_kl`` (``KL(pi || pi_ref)``), ``forward_kl``
+    (``KL(pi_ref || pi)``), ``half_square`` (``E_pi[(log pi - log pi_ref)^2 / 2]``) and
+    ``token_reverse_kl``: ``sum_t E_{y_<t ~ pi}[KL(pi(.|y_<t) || pi_ref(.|y_<t))]`` and
+    ``token_forward_kl`` (the same with ``KL(pi_ref(.|y_<t) || pi(.|y_<t))``), each with the
+    prefix distribution held fixed: what a per-token k2 or k3 in the loss follows. For ``L = 1``
+    they are ``reverse_kl`` and ``forward_kl``. ``held_k1``, ``held_k2``, ``held_k3``: the
+    score-function gradient of ``E_pi[c(y)]`` with ``c(y) = sum_t k(y_t)`` held at its current
+    value, which a KL estimate folded into the reward follows (``held_k1 = reverse_kl``)."""
+    ref_logits = logits if ref_logits is None else ref_logits
+    vocab, length = _structure(policy)
+    ref_lp = jax.lax.stop_gradient(policy.log_probs(ref_logits)[0])
+    ref_tokens = token_log_probs(ref_lp, vocab_size=vocab, length=length)
+    flat, unravel = ravel_pytree(logits)
+    held = jax.lax.stop_gradient(jnp.exp(policy.log_probs(logits)[0]))
+
+    def values(flat_params):
+        lp = policy.log_probs(unravel(flat_params))[0]
+        p = jnp.exp(lp)
+        tokens = token_log_probs(lp, vocab_size=vocab, length=length)
+        # Per-token KL of the next-token distributions, weighted by the (fixed) probability of the prefix:
+        # sum over outputs of P(y) * (log pi_t - log ref_t) equals E_prefix KL_t for each t.
+        reweight = jnp.exp(tokens - jax.lax.stop_gradient(tokens))  # pi_t / pi_t held: 1, with pi_t's gradient
+        token_kl = jnp.sum(held[:, None] * (tokens - ref_tokens) * reweight)
+        ref_weight = jnp.exp(ref_tokens - jax.lax.stop_gradient(tokens))  # ref_t / pi_t held
+        token_forward = jnp.sum(held[:, None] * ref_weight * (ref_tokens - tokens))
+        held_penalties = {  # a KL estimate folded into the reward: sum_t k(y_t), no gradient
+            f"held_{name}": jnp.sum(
+                p
+                * jax.lax.stop_gradient(
+                    jnp.sum(kl_estimate(jax.lax.stop_gradient(tokens), ref_tokens, kl_estimator=name), axis=-1)
+                )
+            )
+            for name in KL_ESTIMATORS
+        }
+        return held_penalties | {
+            "reward": jnp.sum(p * rewards),
+            "reverse_kl": jnp.sum(p * (lp - ref_lp)),
+            "forward_kl": jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp)),
+            "half_square": jnp.sum(p * 0.5 * jnp.square(lp - ref_lp)),
+            "token_reverse_kl": token_kl,
+            "token_forward_kl": token_forward,
+        }
+
+    return jax.jacrev(values)(flat)
+
+
+def sampled_gradient(
+    estimator: Estimator,
+    policy: ExactPolicy,
+    logits: Logits,
+    rewards: jax.Array,
+    samples: jax.Array,
+    *,
+    kl_coef: float = 0.0,
+    ref_logits: Logits | None = None,
+) -> jax.Array:
+    """``[D]``: the ascent direction ``-grad loss`` that ``estimator`` computes from the output
+    indices ``samples [k]`` of one prompt, built from the :mod:`jaxrm.pg` kernels exactly as a
+    trainer builds it (flattened over the policy's parameters)."""
+    ref_logits = logits if ref_logits is None else ref_logits
+    vocab, length = _structure(policy)
+    flat, unravel = ravel_pytree(logits)
+    log_probs_now = policy.log_probs(logits)[0]
+    ref_tokens = token_log_probs(policy.log_probs(ref_logits)[0], vocab_size=vocab, length=length)[samples]
+    task = rewards[samples]
+    mask = jnp.ones((estimator.k, length), bool)
+    if estimator.reward_normalization == "global":
+        mean = jnp.sum(jnp.exp(log_probs_now) * rewards)
+        std = jnp.sqrt(jnp.sum(jnp.exp(log_probs_now) * jnp.square(rewards - mean)))
+        task = pg.normalize_sampled_rewards(task, mean, std)
+    elif estimator.reward_normalization == "group":
+        task = pg.normalize_sampled_rewards(task, jnp.mean(task), jnp.std(task))
+    task = jax.lax.stop_gradient(task)
+    rollout_tokens = jax.lax.stop_gradient(token_log_probs(log_probs_now, vocab_size=vocab, length=length)[samples])
+
+    def loss(flat_params):
+        log_probs = policy.log_probs(unravel(flat_params))[0]
+        tokens = token_log_probs(log_probs, vocab_size=vocab, length=length)[samples]
+        shaped = task
+        if estimator.kl_placement == "reward":
+            shaped = pg.kl_penalized_rewards(
+                task, rollout_tokens, ref_tokens, mask, kl_coef=kl_coef, kl_estimator=estimator.kl_estimator
+            )
+        advantages = _advantages(estimator, shaped, log_probs_now, rewards)
+        if estimator.surrogate == "clipped":
+            value, _ = pg.clipped_surrogate_loss(tokens, rollout_tokens, advantages, mask)
+        else:
+            value = pg.reinforce_loss(tokens, advantages, mask, aggregation="sequence-sum")
+        if estimator.kl_placement in ("loss", "detached"):
+            kl_tokens = tokens if estimator.kl_placement == "loss" else rollout_tokens
+            kl = pg.kl_per_token(kl_tokens, ref_tokens, mask, kl_estimator=estimator.kl_estimator)
+            value = value + kl_coef * pg.aggregate(kl, mask, mode="sequence-sum")
+        return value
+
+    gradient = -jax.grad(loss)(flat)
+    if estimator.filter_zero_variance:
+        gradient = jnp.where(jnp.all(rewards[samples] == rewards[samples][0]), 0.0, gradient)
+    return gradient
+
+
+def _advantages(estimator: Estimator, rewards, log_probs_now, all_rewards):
+    group = rewards[None]  # one prompt: [1, k]
+    if estimator.advantage == "reinforce":
+        return pg.reinforce_advantages(group)[0]
+    if estimator.advantage == "reinforce_baseline":
+        baseline = jnp.sum(jnp.exp(log_probs_now) * all_rewards)
+        return pg.reinforce_advantages(group, baseline=baseline)[0]
+    return pg.ADVANTAGE_ESTIMATORS[estimator.advantage](group)[0]
+
+
+def estimate_moments(
+    estimator: Estimator,
+    policy: ExactPolicy,
+    logits: Logits,
+    rewards: jax.Array,
+    *,
+    kl_coef: float = 0.0,
+    ref_logits: Logits | None = None,
+    chunk: int = 16_384,
+    max_groups: int = 2_000_000,
+) -> Moments:
+    """Exact mean and covariance of ``estimator``'s gradient estimate for one prompt, by
+    enumerating all ``|Y|^k`` ordered groups of samples with their probabilities
+    ``prod_i pi(y_i)``.
+
+    Args:
+      estimator: the :class:`Estimator`.
+      policy: an exact policy; ``logits`` its parameters for one prompt (prompt axis of size 1).
+      rewards: ``[|Y|]`` task rewards of every output.
+      kl_coef: ``lam >= 0``.
+      ref_logits: the reference policy's parameters (default: the current ones, where every KL
+        and its gradient vanish).
+      chunk: groups per vectorized batch (memory ~ ``chunk * D``).
+      max_groups: refuse more groups than this (``|Y|^k`` grows fast).
+    """
+    num_outputs = policy.num_outputs
+    groups = num_outputs**estimator.k
+    if groups > max_groups:
+        raise ValueError(
+            f"|Y|^k = {num_outputs}^{estimator.k} = {groups} groups exceeds max_groups={max_groups}; "
+            "lower k or |Y|, or raise max_groups."
+        )
+    rewards = jnp.asarray(rewards)
+    if rewards.shape != (num_outputs,):
+        raise ValueError(f"rewards must be shaped [{num_outputs}] (one per output), got {rewards.shape}.")
+    dim = ravel_pytree(logits)[0].size
+    size = min(chunk, groups)
+    num_chunks = -(-groups // size)
+    index = np.arange(num_chunks * size)
+    samples = np.stack([(index // num_outputs**i) % num_outputs for i in range(estimator.k)], -1)
+    valid = index < groups
+    ref_logits = logits if ref_logits is None else ref_logits
+    carry = (jnp.zeros(dim), jnp.zeros((dim, dim)))
+    for i in range(num_chunks):
+        rows = slice(i * size, (i + 1) * size)
+        carry = _accumulate(
+            carry, samples[rows], valid[rows], logits, rewards, kl_coef, ref_logits, estimator=estimator, policy=policy
+        )
+    mean, second = carry
+    return Moments(mean, second - jnp.outer(mean, mean), groups)
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "policy"))
+def _accumulate(carry, samples, valid, logits, rewards, kl_coef, ref_logits, *, estimator, policy):
+    """Add one chunk of groups to the running ``(sum p g, sum p g g^T)``; the instance is an
+    argument, so one compiled program serves every instance of a shape."""
+    log_probs = policy.log_probs(logits)[0]
+    weight = jnp.where(valid, jnp.exp(jnp.sum(log_probs[samples], axis=-1)), 0.0)
+    g = jax.vmap(
+        lambda s: sampled_gradient(estimator, policy, logits, rewards, s, kl_coef=kl_coef, ref_logits=ref_logits)
+    )(samples)
+    g = jnp.where(valid[:, None], g, 0.0)
+    first, second = carry
+    return first + weight @ g, second + (weight[:, None] * g).T @ g
+
+
+def compare(moments: Moments, target: jax.Array) -> Comparison:
+    """Bias, cosine, best scale, direction bias, total variance and signal-to-noise ratio of
+    ``moments`` against the gradient ``target`` (see :class:`Comparison`)."""
+    mean, target = np.asarray(moments.mean), np.asarray(target)
+    target_norm, mean_norm = np.linalg.norm(target), np.linalg.norm(mean)
+    scale = float(mean @ target / target_norm**2) if target_norm > 0 else float("nan")
+    total = float(np.trace(np.asarray(moments.covariance)))
+    return Comparison(
+        relative_bias=float(np.linalg.norm(mean - target) / target_norm),
+        cosine=float(mean @ target / (mean_norm * target_norm)) if mean_norm > 0 else float("nan"),
+        scale=scale,
+        direction_bias=float(np.linalg.norm(mean - scale * target) / mean_norm) if mean_norm > 0 else float("nan"),
+        total_variance=total,
+        snr=float(mean_norm**2 / total) if total > 0 else float("inf"),
+    )
+
+
+def grid(*, ks=(2, 4), kl_estimators=KL_ESTIMATORS) -> list[Estimator]:
+    """The estimators of the atlas: every advantage and KL placement at each ``k``, plus the
+    variants (filtering, normalizations, clipped surrogate) on RLOO with ``k1`` in the reward."""
+    estimators = [
+        Estimator(advantage, k=k, kl_estimator=kl, kl_placement=placement)
+        for k, advantage, kl, placement in itertools.product(ks, ADVANTAGES, kl_estimators, KL_PLACEMENTS)
+        if not (advantage in ("rloo", "grpo") and k < 2)
+    ]
+    for k in ks:
+        base = dict(advantage="rloo", k=max(k, 2), kl_estimator="k1", kl_placement="reward")
+        estimators += [
+            Estimator(**base, filter_zero_variance=True),
+            Estimator(**base, reward_normalization="global"),
+            Estimator(**base, reward_normalization="group"),
+            Estimator(**base, surrogate="clipped"),
+        ]
+    return estimators

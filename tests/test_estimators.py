@@ -1,0 +1,154 @@
+"""Exact moments of sampled gradient estimators (jaxrm.estimators): the known answers, the
+objectives the biased placements follow, and a Monte Carlo check of the exact moments."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrm import estimators as E
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy
+
+LAM = 0.3
+POLICIES = {"tabular": TabularPolicy(4), "autoregressive": AutoregressiveTabularPolicy(2, 2)}
+
+
+def _instance(policy):
+    logits = policy.random_logits(jax.random.key(0), 1)
+    ref = policy.random_logits(jax.random.key(1), 1)
+    rewards = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, policy.num_outputs))
+    return logits, ref, rewards
+
+
+def _mean(estimator, policy, kl_coef=LAM):
+    logits, ref, rewards = _instance(policy)
+    return E.estimate_moments(estimator, policy, logits, rewards, kl_coef=kl_coef, ref_logits=ref)
+
+
+# (estimator, the gradient its mean equals: a function of the exact gradients G)
+FOLLOWS = [
+    (E.Estimator("rloo", k=3), lambda G: G["reward"] - LAM * G["reverse_kl"]),
+    (E.Estimator("reinforce", k=2), lambda G: G["reward"] - LAM * G["reverse_kl"]),
+    (E.Estimator("reinforce_baseline", k=2), lambda G: G["reward"] - LAM * G["reverse_kl"]),
+    (E.Estimator("rloo", k=3, kl_placement="loss"), lambda G: G["reward"]),
+    (
+        E.Estimator("rloo", k=3, kl_estimator="k2", kl_placement="loss"),
+        lambda G: G["reward"] - LAM * G["token_reverse_kl"],
+    ),
+    (
+        E.Estimator("rloo", k=3, kl_estimator="k3", kl_placement="loss"),
+        lambda G: G["reward"] - LAM * G["token_forward_kl"],
+    ),
+    (E.Estimator("rloo", k=3, kl_estimator="k2"), lambda G: G["reward"] - LAM * G["held_k2"]),
+    (E.Estimator("rloo", k=3, kl_estimator="k3"), lambda G: G["reward"] - LAM * G["held_k3"]),
+    (E.Estimator("rloo", k=3, kl_estimator="k3", kl_placement="detached"), lambda G: G["reward"]),
+]
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+@pytest.mark.parametrize(("estimator", "follows"), FOLLOWS, ids=[e.name for e, _ in FOLLOWS])
+def test_each_placement_follows_its_objective_exactly(policy_name, estimator, follows):
+    policy = POLICIES[policy_name]
+    logits, ref, rewards = _instance(policy)
+    moments = _mean(estimator, policy)
+    target = follows(E.kl_gradients(policy, logits, rewards, ref_logits=ref))
+    np.testing.assert_allclose(moments.mean, target, atol=1e-12)
+    assert moments.groups == policy.num_outputs**estimator.k
+
+
+def test_one_token_closed_forms_of_the_followed_objectives():
+    """docs/theory.md#what-each-estimator-optimizes, for L = 1: k3 in the reward follows
+    KL(pi||ref) - KL(ref||pi), k2 in the reward E[delta^2/2] - KL(pi||ref); per-token and
+    sequence KLs coincide. For L = 2 the held penalties differ from those forms."""
+    for name, policy in POLICIES.items():
+        logits, ref, rewards = _instance(policy)
+        G = E.kl_gradients(policy, logits, rewards, ref_logits=ref)
+        np.testing.assert_allclose(G["held_k1"], G["reverse_kl"], atol=1e-12)
+        close = np.allclose(G["held_k3"], G["reverse_kl"] - G["forward_kl"], atol=1e-12)
+        assert close == (name == "tabular")
+        close = np.allclose(G["held_k2"], G["half_square"] - G["reverse_kl"], atol=1e-12)
+        assert close == (name == "tabular")
+        if name == "tabular":
+            np.testing.assert_allclose(G["token_reverse_kl"], G["reverse_kl"], atol=1e-12)
+            np.testing.assert_allclose(G["token_forward_kl"], G["forward_kl"], atol=1e-12)
+
+
+def test_the_objective_gradient_is_the_autodiff_gradient_of_the_objective():
+    policy = POLICIES["autoregressive"]
+    logits, ref, rewards = _instance(policy)
+    flat, unravel = jax.flatten_util.ravel_pytree(logits)
+
+    def objective(x):
+        lp = policy.log_probs(unravel(x))[0]
+        ref_lp = policy.log_probs(ref)[0]
+        return jnp.sum(jnp.exp(lp) * (rewards - LAM * (lp - ref_lp)))
+
+    expected = jax.grad(objective)(flat)
+    np.testing.assert_allclose(
+        E.objective_gradient(policy, logits, rewards, kl_coef=LAM, ref_logits=ref), expected, atol=1e-12
+    )
+
+
+def test_variants_scale_filter_and_clip_as_derived():
+    policy = POLICIES["tabular"]
+    logits, ref, rewards = _instance(policy)
+    reward_gradient = E.kl_gradients(policy, logits, rewards)["reward"]
+    probs = jnp.exp(policy.log_probs(logits)[0])
+    std = float(jnp.sqrt(jnp.sum(probs * (rewards - jnp.sum(probs * rewards)) ** 2)))
+    # Global normalization divides by a constant: unbiased up to the scale 1 / std.
+    normalized = E.compare(_mean(E.Estimator("rloo", k=2, reward_normalization="global"), policy, 0.0), reward_gradient)
+    # (the kernel divides by std + 1e-8)
+    assert normalized.scale == pytest.approx(1 / (std + 1e-8), rel=1e-12) and normalized.direction_bias < 1e-10
+    # Dr. GRPO's advantage is (k - 1)/k times RLOO's: a pure scale; GRPO's std also turns it.
+    target = E.objective_gradient(policy, logits, rewards, kl_coef=LAM, ref_logits=ref)
+    dr = E.compare(_mean(E.Estimator("dr_grpo", k=3), policy), target)
+    assert dr.scale == pytest.approx(2 / 3, rel=1e-12) and dr.direction_bias < 1e-12
+    assert E.compare(_mean(E.Estimator("grpo", k=3), policy), target).direction_bias > 1e-3
+    # Per-group normalization depends on the samples: a direction bias, not only a scale.
+    grouped = E.compare(_mean(E.Estimator("rloo", k=2, reward_normalization="group"), policy, 0.0), reward_gradient)
+    assert grouped.direction_bias > 1e-3
+    # RLOO gives zero advantages to a group of equal rewards: filtering it changes nothing without
+    # a KL term, and drops the KL gradient of such groups with k2 in the loss.
+    plain, filtered = (_mean(E.Estimator("rloo", k=2, filter_zero_variance=f), policy, 0.0).mean for f in (False, True))
+    np.testing.assert_allclose(plain, filtered, atol=1e-14)
+    kl = dict(k=2, kl_estimator="k2", kl_placement="loss")
+    plain, filtered = (_mean(E.Estimator("rloo", **kl, filter_zero_variance=f), policy).mean for f in (False, True))
+    assert float(jnp.max(jnp.abs(plain - filtered))) > 1e-4
+    # The clipped surrogate at ratio 1 is the token mean of the score-function loss: 1 / L of it.
+    ar = POLICIES["autoregressive"]
+    clipped, sequence = (_mean(E.Estimator("rloo", k=2, surrogate=s), ar).mean for s in ("clipped", "reinforce"))
+    np.testing.assert_allclose(clipped, sequence / ar.length, atol=1e-12)
+
+
+def test_exact_moments_match_monte_carlo():
+    """z-tests of the exact mean and total variance against 40,000 sampled groups (GRPO,
+    biased, and with k3 in the loss)."""
+    policy = POLICIES["autoregressive"]
+    logits, ref, rewards = _instance(policy)
+    estimator = E.Estimator("grpo", k=3, kl_estimator="k3", kl_placement="loss")
+    exact = E.estimate_moments(estimator, policy, logits, rewards, kl_coef=LAM, ref_logits=ref)
+    n = 40_000
+    samples = jax.random.categorical(jax.random.key(3), policy.log_probs(logits)[0], shape=(n, estimator.k))
+    draws = jax.vmap(lambda s: E.sampled_gradient(estimator, policy, logits, rewards, s, kl_coef=LAM, ref_logits=ref))(
+        samples
+    )
+    z = (draws.mean(0) - exact.mean) / jnp.sqrt(jnp.diag(exact.covariance) / n)
+    assert float(jnp.max(jnp.abs(z))) < 4.5, z
+    total = float(jnp.trace(exact.covariance))
+    assert float(jnp.sum(draws.var(0))) == pytest.approx(total, rel=0.05)
+    assert (
+        E.compare(exact, E.objective_gradient(policy, logits, rewards, kl_coef=LAM, ref_logits=ref)).relative_bias > 0.1
+    )
+
+
+def test_bad_estimators_and_instances_are_refused():
+    with pytest.raises(ValueError, match="k >= 2"):
+        E.Estimator("rloo", k=1)
+    with pytest.raises(ValueError, match="kl_placement"):
+        E.Estimator(kl_placement="advantage")
+    policy = POLICIES["tabular"]
+    logits, _, rewards = _instance(policy)
+    with pytest.raises(ValueError, match="rewards must be shaped"):
+        E.estimate_moments(E.Estimator(), policy, logits, rewards[:3])
+    with pytest.raises(ValueError, match="max_groups"):
+        E.estimate_moments(E.Estimator(k=12), policy, logits, rewards)
