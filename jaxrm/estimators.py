@@ -56,7 +56,9 @@ __all__ = [
     "REWARD_NORMALIZATIONS",
     "SURROGATES",
     "compare",
+    "estimate_many_moments",
     "estimate_moments",
+    "followed_gradient",
     "kl_gradients",
     "objective_gradient",
     "sampled_gradient",
@@ -249,6 +251,44 @@ def kl_gradients(
     return jax.jacrev(values)(flat)
 
 
+def followed_gradient(
+    estimator: Estimator,
+    policy: ExactPolicy,
+    logits: Logits,
+    rewards: jax.Array,
+    *,
+    kl_coef: float = 0.0,
+    ref_logits: Logits | None = None,
+) -> jax.Array | None:
+    """``[D]``: the exact gradient that ``estimator``'s mean equals, from the closed forms of
+    docs/theory.md#what-each-estimator-optimizes, or ``None`` where there is none (GRPO's std
+    scaling, per-group normalization, zero-variance filtering: their bias depends on the
+    samples' joint law).
+
+    Advantages scale the reward part (1, or ``(k - 1)/k`` for Dr. GRPO); ``global``
+    normalization divides the task reward by ``std_pi r + 1e-8``; a KL in the reward adds
+    ``-lam held_k`` (scaled like the advantages), in the loss ``0`` (``k1``),
+    ``-lam token_reverse_kl`` (``k2``) or ``-lam token_forward_kl`` (``k3``); detached adds 0;
+    the clipped surrogate divides the score-function part by ``L``.
+    """
+    if estimator.advantage == "grpo" or estimator.reward_normalization == "group" or estimator.filter_zero_variance:
+        return None
+    grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits)
+    factor = (estimator.k - 1) / estimator.k if estimator.advantage == "dr_grpo" else 1.0
+    task = grads["reward"]
+    if estimator.reward_normalization == "global":
+        probs = jnp.exp(policy.log_probs(logits)[0])
+        task = task / (jnp.sqrt(jnp.sum(probs * jnp.square(rewards - jnp.sum(probs * rewards)))) + 1e-8)
+    score = task
+    if estimator.kl_placement == "reward":
+        score = score - kl_coef * grads[f"held_{estimator.kl_estimator}"]
+    score = factor * score / (policy.length if estimator.surrogate == "clipped" else 1)
+    if estimator.kl_placement == "loss":
+        loss_kl = {"k1": 0.0, "k2": grads["token_reverse_kl"], "k3": grads["token_forward_kl"]}
+        score = score - kl_coef * loss_kl[estimator.kl_estimator]
+    return score
+
+
 def sampled_gradient(
     estimator: Estimator,
     policy: ExactPolicy,
@@ -338,11 +378,31 @@ def estimate_moments(
       chunk: groups per vectorized batch (memory ~ ``chunk * D``).
       max_groups: refuse more groups than this (``|Y|^k`` grows fast).
     """
-    num_outputs = policy.num_outputs
-    groups = num_outputs**estimator.k
+    options = dict(kl_coef=kl_coef, ref_logits=ref_logits, chunk=chunk, max_groups=max_groups)
+    return estimate_many_moments((estimator,), policy, logits, rewards, **options)[0]
+
+
+def estimate_many_moments(
+    estimators: tuple[Estimator, ...],
+    policy: ExactPolicy,
+    logits: Logits,
+    rewards: jax.Array,
+    *,
+    kl_coef: float = 0.0,
+    ref_logits: Logits | None = None,
+    chunk: int = 16_384,
+    max_groups: int = 2_000_000,
+) -> list[Moments]:
+    """:func:`estimate_moments` of several estimators with the same ``k``, in one pass over the
+    groups and one compiled program (arguments as there)."""
+    estimators = tuple(estimators)
+    if len({e.k for e in estimators}) != 1:
+        raise ValueError(f"estimate_many_moments needs one k, got {sorted({e.k for e in estimators})}.")
+    k, num_outputs = estimators[0].k, policy.num_outputs
+    groups = num_outputs**k
     if groups > max_groups:
         raise ValueError(
-            f"|Y|^k = {num_outputs}^{estimator.k} = {groups} groups exceeds max_groups={max_groups}; "
+            f"|Y|^k = {num_outputs}^{k} = {groups} groups exceeds max_groups={max_groups}; "
             "lower k or |Y|, or raise max_groups."
         )
     rewards = jnp.asarray(rewards)
@@ -352,31 +412,42 @@ def estimate_moments(
     size = min(chunk, groups)
     num_chunks = -(-groups // size)
     index = np.arange(num_chunks * size)
-    samples = np.stack([(index // num_outputs**i) % num_outputs for i in range(estimator.k)], -1)
+    samples = np.stack([(index // num_outputs**i) % num_outputs for i in range(k)], -1)
     valid = index < groups
     ref_logits = logits if ref_logits is None else ref_logits
-    carry = (jnp.zeros(dim), jnp.zeros((dim, dim)))
+    carry = (jnp.zeros((len(estimators), dim)), jnp.zeros((len(estimators), dim, dim)))
     for i in range(num_chunks):
         rows = slice(i * size, (i + 1) * size)
         carry = _accumulate(
-            carry, samples[rows], valid[rows], logits, rewards, kl_coef, ref_logits, estimator=estimator, policy=policy
+            carry,
+            samples[rows],
+            valid[rows],
+            logits,
+            rewards,
+            kl_coef,
+            ref_logits,
+            estimators=estimators,
+            policy=policy,
         )
-    mean, second = carry
-    return Moments(mean, second - jnp.outer(mean, mean), groups)
+    first, second = carry
+    return [Moments(m, s - jnp.outer(m, m), groups) for m, s in zip(first, second)]
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "policy"))
-def _accumulate(carry, samples, valid, logits, rewards, kl_coef, ref_logits, *, estimator, policy):
-    """Add one chunk of groups to the running ``(sum p g, sum p g g^T)``; the instance is an
-    argument, so one compiled program serves every instance of a shape."""
+@functools.partial(jax.jit, static_argnames=("estimators", "policy"))
+def _accumulate(carry, samples, valid, logits, rewards, kl_coef, ref_logits, *, estimators, policy):
+    """Add one chunk of groups to every estimator's running ``(sum p g, sum p g g^T)``; the
+    instance is an argument, so one compiled program serves every instance of a shape."""
     log_probs = policy.log_probs(logits)[0]
     weight = jnp.where(valid, jnp.exp(jnp.sum(log_probs[samples], axis=-1)), 0.0)
-    g = jax.vmap(
-        lambda s: sampled_gradient(estimator, policy, logits, rewards, s, kl_coef=kl_coef, ref_logits=ref_logits)
-    )(samples)
-    g = jnp.where(valid[:, None], g, 0.0)
+
+    def gradients(estimator):
+        return jax.vmap(
+            lambda s: sampled_gradient(estimator, policy, logits, rewards, s, kl_coef=kl_coef, ref_logits=ref_logits)
+        )(samples)
+
+    g = jnp.where(valid[None, :, None], jnp.stack([gradients(e) for e in estimators]), 0.0)  # [E, chunk, D]
     first, second = carry
-    return first + weight @ g, second + (weight[:, None] * g).T @ g
+    return first + jnp.einsum("c,ecd->ed", weight, g), second + jnp.einsum("c,ecd,ecf->edf", weight, g, g)
 
 
 def compare(moments: Moments, target: jax.Array) -> Comparison:

@@ -152,3 +152,46 @@ def test_bad_estimators_and_instances_are_refused():
         E.estimate_moments(E.Estimator(), policy, logits, rewards[:3])
     with pytest.raises(ValueError, match="max_groups"):
         E.estimate_moments(E.Estimator(k=12), policy, logits, rewards)
+
+
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_followed_gradient_is_every_closed_form_estimator_mean(policy_name):
+    """Every estimator of the atlas's grid at k = 3 (one compiled program): where
+    followed_gradient has a closed form the exact mean equals it; where it has none (GRPO,
+    per-group normalization, filtering), the mean is really off the objective's direction."""
+    policy = POLICIES[policy_name]
+    logits, ref, rewards = _instance(policy)
+    grid = tuple(E.grid(ks=(3,)))
+    means = E.estimate_many_moments(grid, policy, logits, rewards, kl_coef=LAM, ref_logits=ref)
+    target = E.objective_gradient(policy, logits, rewards, kl_coef=LAM, ref_logits=ref)
+    closed = 0
+    for estimator, moments in zip(grid, means):
+        followed = E.followed_gradient(estimator, policy, logits, rewards, kl_coef=LAM, ref_logits=ref)
+        if followed is None:
+            # Off the objective's direction, except filtering: with distinct rewards an all-equal
+            # group repeats one output, whose RLOO advantages are 0 anyway (ties: next test).
+            if not estimator.filter_zero_variance:
+                assert E.compare(moments, target).direction_bias > 1e-4, estimator.name
+        else:
+            closed += 1
+            np.testing.assert_allclose(moments.mean, followed, atol=1e-12, err_msg=estimator.name)
+    assert closed == 4 * 3 * 3 + 2  # four advantages x three KLs x three placements, global norm, clipped
+
+
+def test_filtering_biases_when_rewards_tie():
+    """Binary rewards: a group whose samples all score 1 can hold different outputs, with
+    different KL terms; dropping it drops their KL gradient."""
+    policy = POLICIES["autoregressive"]
+    logits, ref, _ = _instance(policy)
+    binary = jnp.array([1.0, 1.0, 0.0, 0.0])
+    target = E.objective_gradient(policy, logits, binary, kl_coef=LAM, ref_logits=ref)
+    plain, filtered = E.estimate_many_moments(
+        (E.Estimator("rloo", k=2), E.Estimator("rloo", k=2, filter_zero_variance=True)),
+        policy,
+        logits,
+        binary,
+        kl_coef=LAM,
+        ref_logits=ref,
+    )
+    np.testing.assert_allclose(plain.mean, target, atol=1e-12)
+    assert E.compare(filtered, target).relative_bias > 1e-3
