@@ -110,7 +110,8 @@ class Estimator:
 
     @property
     def name(self) -> str:
-        parts = [f"{self.advantage}(k={self.k})", f"{self.kl_estimator} in {self.kl_placement}"]
+        placement = "detached in loss" if self.kl_placement == "detached" else f"in {self.kl_placement}"
+        parts = [f"{self.advantage}(k={self.k})", f"{self.kl_estimator} {placement}"]
         if self.filter_zero_variance:
             parts.append("filtered")
         if self.reward_normalization != "none":
@@ -201,6 +202,7 @@ def objective_gradient(
     return grads["reward"] - kl_coef * grads["reverse_kl"]
 
 
+@functools.partial(jax.jit, static_argnames="policy")
 def kl_gradients(
     policy: ExactPolicy, logits: Logits, rewards: jax.Array, *, ref_logits: Logits | None = None
 ) -> dict[str, jax.Array]:
@@ -259,6 +261,7 @@ def followed_gradient(
     *,
     kl_coef: float = 0.0,
     ref_logits: Logits | None = None,
+    gradients: dict | None = None,
 ) -> jax.Array | None:
     """``[D]``: the exact gradient that ``estimator``'s mean equals, from the closed forms of
     docs/theory.md#what-each-estimator-optimizes, or ``None`` where there is none (GRPO's std
@@ -269,11 +272,13 @@ def followed_gradient(
     normalization divides the task reward by ``std_pi r + 1e-8``; a KL in the reward adds
     ``-lam held_k`` (scaled like the advantages), in the loss ``0`` (``k1``),
     ``-lam token_reverse_kl`` (``k2``) or ``-lam token_forward_kl`` (``k3``); detached adds 0;
-    the clipped surrogate divides the score-function part by ``L``.
+    the clipped surrogate divides the score-function part by ``L``. ``gradients``: the
+    :func:`kl_gradients` of the instance, when already computed (they are the same for every
+    estimator).
     """
     if estimator.advantage == "grpo" or estimator.reward_normalization == "group" or estimator.filter_zero_variance:
         return None
-    grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits)
+    grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits) if gradients is None else gradients
     factor = (estimator.k - 1) / estimator.k if estimator.advantage == "dr_grpo" else 1.0
     task = grads["reward"]
     if estimator.reward_normalization == "global":

@@ -16,12 +16,14 @@ import experiments.paradox
 import experiments.teacher
 import theory.__main__
 from jaxrm import bounds, flow, metrics, pg, tabular
+from jaxrm.estimators import Estimator
 from jaxrm.models import CausalLM, load_hf, load_model, preset, read_metadata, sample, save_model
 from jaxrm.models.config import TransformerConfig
 from jaxrm.models.sampling import SamplingOptions
 from jaxrm.train import RewardTrainConfig
 from jaxrm.train.rlhf import RLHFConfig
 from jaxrm.train.sft import SFTConfig
+from theory.estimators import EstimatorsConfig
 from theory.theorem1 import Theorem1Config
 from theory.tightness import TightnessConfig
 
@@ -171,6 +173,9 @@ CONFIG_CASES = [
     (lambda: Theorem1Config(num_outputs=1), r"Theorem1Config\.num_outputs=1: must be >= 2"),
     (lambda: Theorem1Config(lengths=(2, 0.5)), r"Theorem1Config\.lengths=\(2, 0\.5\): must be an int"),
     (lambda: TightnessConfig(classes=("tabular", "mlp")), r"TightnessConfig\.classes=\('tabular', 'mlp'\)"),
+    (lambda: EstimatorsConfig(ks=(2, 12)), r"EstimatorsConfig\.ks=\(2, 12\)"),
+    (lambda: Estimator("grpo", k=1), r"Estimator\.k=1"),
+    (lambda: Estimator(kl_estimator="k4"), r"kl_estimator"),
 ]
 
 

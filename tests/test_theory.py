@@ -7,7 +7,7 @@ import pytest
 from jaxrm import bounds, flow, metrics
 from jaxrm.studies import config_from_dict
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory import best_of_n, theorem1, theorem2, theorem3, tightness
+from theory import best_of_n, estimators, theorem1, theorem2, theorem3, tightness
 from theory.__main__ import STUDIES, main
 from theory.common import general_policy_passage, general_text, loglog_slope, violating_rows
 
@@ -437,3 +437,25 @@ def test_best_of_n_saves_the_checks_where_the_perfect_model_is_beaten(tmp_path, 
     saved = json.loads((tmp_path / "best_of_n_violations.json").read_text())
     assert summary["violations"]["perfect_not_optimal"] == len(saved) == 2 * 2 * 2
     assert saved[0]["model"] == best_of_n.low_variance_name(1.0) and len(saved[0]["rm_rewards"]) == 3
+
+
+@pytest.mark.slow
+def test_estimator_atlas_measures_every_estimator_and_says_what_it_found(quick_run):
+    summary = quick_run[2]["estimators"]
+    rows = summary["estimators"]
+    assert summary["instances"] == len(rows) * 2 * 2 and summary["violations"] == {"unbiased": 0, "followed": 0}
+    by_name = {r["name"]: r for r in rows}
+    assert max(by_name["rloo(k=2), k1 in reward"]["relative_bias"]) < 1e-9  # unbiased, as derived
+    assert min(by_name["rloo(k=2), k1 in loss"]["relative_bias"]) > 1e-3  # the KL gradient is dropped
+    assert by_name["dr_grpo(k=2), k1 in reward"]["scale"][0] == pytest.approx(0.5, rel=1e-9)
+    assert sum(r["followed_error"] is not None for r in rows) == 38 and all(
+        r["followed_error"] is None or r["followed_error"] < 1e-9 for r in rows
+    )
+    config = estimators.EstimatorsConfig().quick()
+    text = estimators._findings(summary, config)
+    assert "drops the KL gradient" in text and "Dr. GRPO's is" in text
+    altered = json.loads(json.dumps(summary))
+    for r in altered["estimators"]:
+        if r["name"] == "rloo(k=2), k1 in loss":
+            r["relative_bias"] = [0.5, 0.25]
+    assert "0.5 at the largest reward scale and 0.25 at the smallest" in estimators._findings(altered, config)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-# name -> (module, one-line description); run in this order.
+# name -> (module, one-line description); run in this order. With two workers, theorem2 and
+# theorem3 share one (and its compiled solver) while theorem1 runs, and tightness, the longest
+# after theorem1, starts early.
 STUDIES = {
     "theorem1": (
         "theory.theorem1",
@@ -13,11 +15,15 @@ STUDIES = {
     ),
     "theorem2": ("theory.theorem2", "Theorem 2/5: slow accurate vs fast inaccurate teachers over T and accuracy"),
     "theorem3": ("theory.theorem3", "Theorem 3/6: the 2x2 table of two equally accurate teachers and two students"),
+    "tightness": ("theory.tightness", "Tightness atlas: adversarial search for the fastest low-variance teachers"),
     "best_of_n": (
         "theory.best_of_n",
         "Proposition 1: exact Best-of-N against policy gradient for models of varying accuracy",
     ),
-    "tightness": ("theory.tightness", "Tightness atlas: adversarial search for the fastest low-variance teachers"),
+    "estimators": (
+        "theory.estimators",
+        "What each sampled estimator optimizes: exact gradient moments of RLOO, GRPO, KL placements",
+    ),
     "paradox": (
         "theory.paradox",
         "The accuracy paradox: Bradley-Terry reward models and their checkpoints, Table 2 in exact form",
