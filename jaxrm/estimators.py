@@ -44,7 +44,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxrm import pg
 from jaxrm._checks import check_fields, checked, int_at_least, one_of
-from jaxrm.metrics import KL_ESTIMATORS, kl_estimate
+from jaxrm.metrics import KL_ESTIMATORS, kl_estimate, reward_variance
 from jaxrm.tabular import ExactPolicy, Logits
 
 __all__ = [
@@ -53,12 +53,14 @@ __all__ = [
     "Estimator",
     "KL_PLACEMENTS",
     "Moments",
-    "REWARD_NORMALIZATIONS",
+    "NORMALIZATIONS",
     "SURROGATES",
     "compare",
     "estimate_many_moments",
     "estimate_moments",
     "followed_gradient",
+    "grid",
+    "has_closed_form",
     "kl_gradients",
     "objective_gradient",
     "sampled_gradient",
@@ -67,7 +69,7 @@ __all__ = [
 
 ADVANTAGES = ("reinforce", "reinforce_baseline", "rloo", "grpo", "dr_grpo")
 KL_PLACEMENTS = ("reward", "loss", "detached")
-REWARD_NORMALIZATIONS = ("none", "global", "group")
+NORMALIZATIONS = ("none", "global", "group")
 SURROGATES = ("reinforce", "clipped")
 
 
@@ -77,7 +79,8 @@ class Estimator:
 
     Attributes:
       advantage: ``reinforce`` (``A = r``), ``reinforce_baseline`` (``A = r - E_pi[r]``, the
-        exact mean: a baseline that does not depend on the samples), ``rloo``, ``grpo`` (std
+        exact mean of the raw task reward, whatever the KL shaping or normalization: a baseline
+        that does not depend on the samples), ``rloo``, ``grpo`` (std
         scaling, ``ddof = 1``, ``eps = 1e-4`` as :func:`jaxrm.pg.grpo_advantages`) or ``dr_grpo``.
       k: samples per prompt (an int >= 1; >= 2 for ``rloo`` and ``grpo``).
       kl_estimator: ``k1``, ``k2`` or ``k3`` (:func:`jaxrm.metrics.kl_estimate`), per token.
@@ -86,13 +89,17 @@ class Estimator:
         summed over tokens and averaged over samples, differentiated: GRPO) or ``detached``
         (added to the loss but computed from the rollout's log-probs, so no gradient flows).
       filter_zero_variance: drop the group (estimate 0) when its ``k`` task rewards are all equal.
-      reward_normalization: ``none``; ``global`` (``(r - E_pi r) / std_pi r``, exact statistics
-        that do not depend on the samples, like statistics measured once on a large batch); or
-        ``group`` (``(r - mean_k r) / (std_k r + 1e-8)`` over the group's samples, ``ddof = 0``).
-        Applied to the task reward, before the KL.
+      reward_normalization: ``none``; ``global`` (``(r - E_pi r) / (std_pi r + 1e-8)``, exact
+        statistics that do not depend on the samples, like statistics measured once on a large
+        batch); or ``group`` (``(r - mean_k r) / (std_k r + 1e-8)`` over the group's samples,
+        ``ddof = 0``: a per-batch normalization with one prompt per batch; under RLOO it is
+        GRPO's scaling up to ``ddof``, ``eps`` and the factor ``k / (k - 1)``). Applied to the
+        task reward, before the KL.
       surrogate: ``reinforce`` (``-A log pi`` summed over tokens, averaged over samples: the
         sequence-level score-function loss) or ``clipped`` (PPO's clipped surrogate with
-        per-token ratios and the token mean, at ratio 1: fresh samples).
+        per-token ratios, at ratio 1: fresh samples). The whole loss, KL term included, is
+        aggregated like the trainer's: the sequence sum for ``reinforce``, the token mean for
+        ``clipped``.
     """
 
     advantage: str = checked("rloo", one_of(ADVANTAGES))
@@ -100,7 +107,7 @@ class Estimator:
     kl_estimator: str = checked("k1", one_of(KL_ESTIMATORS))
     kl_placement: str = checked("reward", one_of(KL_PLACEMENTS))
     filter_zero_variance: bool = False
-    reward_normalization: str = checked("none", one_of(REWARD_NORMALIZATIONS))
+    reward_normalization: str = checked("none", one_of(NORMALIZATIONS))
     surrogate: str = checked("reinforce", one_of(SURROGATES))
 
     def __post_init__(self):
@@ -253,6 +260,15 @@ def kl_gradients(
     return jax.jacrev(values)(flat)
 
 
+def has_closed_form(estimator: Estimator) -> bool:
+    """Whether :func:`followed_gradient` has a closed form for ``estimator``: not for GRPO's
+    std scaling, per-group normalization or zero-variance filtering, whose bias depends on the
+    joint law of the group."""
+    return not (
+        estimator.advantage == "grpo" or estimator.reward_normalization == "group" or estimator.filter_zero_variance
+    )
+
+
 def followed_gradient(
     estimator: Estimator,
     policy: ExactPolicy,
@@ -272,26 +288,27 @@ def followed_gradient(
     normalization divides the task reward by ``std_pi r + 1e-8``; a KL in the reward adds
     ``-lam held_k`` (scaled like the advantages), in the loss ``0`` (``k1``),
     ``-lam token_reverse_kl`` (``k2``) or ``-lam token_forward_kl`` (``k3``); detached adds 0;
-    the clipped surrogate divides the score-function part by ``L``. ``gradients``: the
+    the clipped surrogate's token mean divides everything by ``L``. For ``L > 1`` the held and
+    per-token terms are directions, not gradients of an objective (the prefix distribution is
+    held fixed). ``gradients``: the
     :func:`kl_gradients` of the instance, when already computed (they are the same for every
     estimator).
     """
-    if estimator.advantage == "grpo" or estimator.reward_normalization == "group" or estimator.filter_zero_variance:
+    if not has_closed_form(estimator):
         return None
     grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits) if gradients is None else gradients
     factor = (estimator.k - 1) / estimator.k if estimator.advantage == "dr_grpo" else 1.0
     task = grads["reward"]
     if estimator.reward_normalization == "global":
-        probs = jnp.exp(policy.log_probs(logits)[0])
-        task = task / (jnp.sqrt(jnp.sum(probs * jnp.square(rewards - jnp.sum(probs * rewards)))) + 1e-8)
+        task = task / (jnp.sqrt(reward_variance(policy.log_probs(logits)[0], rewards)) + 1e-8)
     score = task
     if estimator.kl_placement == "reward":
         score = score - kl_coef * grads[f"held_{estimator.kl_estimator}"]
-    score = factor * score / (policy.length if estimator.surrogate == "clipped" else 1)
+    score = factor * score
     if estimator.kl_placement == "loss":
         loss_kl = {"k1": 0.0, "k2": grads["token_reverse_kl"], "k3": grads["token_forward_kl"]}
         score = score - kl_coef * loss_kl[estimator.kl_estimator]
-    return score
+    return score / policy.length if estimator.surrogate == "clipped" else score
 
 
 def sampled_gradient(
@@ -316,8 +333,7 @@ def sampled_gradient(
     mask = jnp.ones((estimator.k, length), bool)
     if estimator.reward_normalization == "global":
         mean = jnp.sum(jnp.exp(log_probs_now) * rewards)
-        std = jnp.sqrt(jnp.sum(jnp.exp(log_probs_now) * jnp.square(rewards - mean)))
-        task = pg.normalize_sampled_rewards(task, mean, std)
+        task = pg.normalize_sampled_rewards(task, mean, jnp.sqrt(reward_variance(log_probs_now, rewards)))
     elif estimator.reward_normalization == "group":
         task = pg.normalize_sampled_rewards(task, jnp.mean(task), jnp.std(task))
     task = jax.lax.stop_gradient(task)
@@ -332,14 +348,16 @@ def sampled_gradient(
                 task, rollout_tokens, ref_tokens, mask, kl_coef=kl_coef, kl_estimator=estimator.kl_estimator
             )
         advantages = _advantages(estimator, shaped, log_probs_now, rewards)
+        # One aggregation for the whole loss, as the trainer does (its config.aggregation).
+        aggregation = "token-mean" if estimator.surrogate == "clipped" else "sequence-sum"
         if estimator.surrogate == "clipped":
-            value, _ = pg.clipped_surrogate_loss(tokens, rollout_tokens, advantages, mask)
+            value, _ = pg.clipped_surrogate_loss(tokens, rollout_tokens, advantages, mask, aggregation=aggregation)
         else:
-            value = pg.reinforce_loss(tokens, advantages, mask, aggregation="sequence-sum")
+            value = pg.reinforce_loss(tokens, advantages, mask, aggregation=aggregation)
         if estimator.kl_placement in ("loss", "detached"):
             kl_tokens = tokens if estimator.kl_placement == "loss" else rollout_tokens
             kl = pg.kl_per_token(kl_tokens, ref_tokens, mask, kl_estimator=estimator.kl_estimator)
-            value = value + kl_coef * pg.aggregate(kl, mask, mode="sequence-sum")
+            value = value + kl_coef * pg.aggregate(kl, mask, mode=aggregation)
         return value
 
     gradient = -jax.grad(loss)(flat)
@@ -463,7 +481,7 @@ def compare(moments: Moments, target: jax.Array) -> Comparison:
     scale = float(mean @ target / target_norm**2) if target_norm > 0 else float("nan")
     total = float(np.trace(np.asarray(moments.covariance)))
     return Comparison(
-        relative_bias=float(np.linalg.norm(mean - target) / target_norm),
+        relative_bias=float(np.linalg.norm(mean - target) / target_norm) if target_norm > 0 else float("nan"),
         cosine=float(mean @ target / (mean_norm * target_norm)) if mean_norm > 0 else float("nan"),
         scale=scale,
         direction_bias=float(np.linalg.norm(mean - scale * target) / mean_norm) if mean_norm > 0 else float("nan"),
@@ -474,14 +492,15 @@ def compare(moments: Moments, target: jax.Array) -> Comparison:
 
 def grid(*, ks=(2, 4), kl_estimators=KL_ESTIMATORS) -> list[Estimator]:
     """The estimators of the atlas: every advantage and KL placement at each ``k``, plus the
-    variants (filtering, normalizations, clipped surrogate) on RLOO with ``k1`` in the reward."""
+    variants (filtering, normalizations, clipped surrogate) on RLOO with ``k1`` in the reward
+    (for ``k >= 2``; RLOO and GRPO need two samples)."""
     estimators = [
         Estimator(advantage, k=k, kl_estimator=kl, kl_placement=placement)
         for k, advantage, kl, placement in itertools.product(ks, ADVANTAGES, kl_estimators, KL_PLACEMENTS)
         if not (advantage in ("rloo", "grpo") and k < 2)
     ]
-    for k in ks:
-        base = dict(advantage="rloo", k=max(k, 2), kl_estimator="k1", kl_placement="reward")
+    for k in (k for k in ks if k >= 2):
+        base = dict(advantage="rloo", k=k, kl_estimator="k1", kl_placement="reward")
         estimators += [
             Estimator(**base, filter_zero_variance=True),
             Estimator(**base, reward_normalization="global"),

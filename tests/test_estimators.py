@@ -118,6 +118,10 @@ def test_variants_scale_filter_and_clip_as_derived():
     ar = POLICIES["autoregressive"]
     clipped, sequence = (_mean(E.Estimator("rloo", k=2, surrogate=s), ar).mean for s in ("clipped", "reinforce"))
     np.testing.assert_allclose(clipped, sequence / ar.length, atol=1e-12)
+    # One aggregation for the whole loss: the KL in the loss is token-averaged too.
+    in_loss = dict(k=2, kl_estimator="k2", kl_placement="loss")
+    clipped, sequence = (_mean(E.Estimator("rloo", **in_loss, surrogate=s), ar).mean for s in ("clipped", "reinforce"))
+    np.testing.assert_allclose(clipped, sequence / ar.length, atol=1e-12)
 
 
 def test_exact_moments_match_monte_carlo():

@@ -100,6 +100,8 @@ def test_loglog_slope_recovers_power_laws():
     x = 10 ** rng.uniform(-6, 0, 400)
     slope, (lo, hi) = loglog_slope(x, 2 * x**-0.4 * np.exp(rng.normal(0, 0.1, 400)))
     assert lo < -0.4 < hi and hi - lo < 0.02
+    t_slope, (t_lo, t_hi) = loglog_slope(x, 2 * x**-0.4 * np.exp(rng.normal(0, 0.1, 400)), interval="t")
+    assert t_lo < -0.4 < t_hi and t_hi - t_lo < 0.02
     groups = np.repeat(np.arange(40), 10)
     y = np.exp(rng.normal(0, 3, 40))[groups] * x**-0.5
     assert loglog_slope(x, y, groups=groups)[0] == pytest.approx(-0.5)
@@ -453,7 +455,7 @@ def test_estimator_atlas_measures_every_estimator_and_says_what_it_found(quick_r
     )
     config = estimators.EstimatorsConfig().quick()
     text = estimators._findings(summary, config)
-    assert "drops the KL gradient" in text and "Dr. GRPO's is" in text
+    assert "drops the KL gradient" in text and "Dr. GRPO's direction bias is" in text
     altered = json.loads(json.dumps(summary))
     for r in altered["estimators"]:
         if r["name"] == "rloo(k=2), k1 in loss":

@@ -37,7 +37,6 @@ from jaxrm.studies import (
     write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import loglog_slope
 
 NAME = "estimators"
 MEASURES = ("relative_bias", "cosine", "scale", "direction_bias", "total_variance", "snr")
@@ -54,8 +53,8 @@ class EstimatorsConfig(StudyConfig):
       vocab_size: ``V`` of the autoregressive-tabular policy (an int >= 2).
       length: ``L``, tokens per output (an int >= 1); ``|Y| = V^L``.
       ks: group sizes (each an int >= 2; ``|Y|^k`` groups are enumerated, at most 2e6).
-      log10_scales: the task rewards are ``10^x * U(-1, 1)``: the reward variance falls by
-        ``10^(2x)``.
+      log10_scales: the task rewards are ``10^x * U(-1, 1)``, so the reward variance is
+        multiplied by ``10^(2x)``; run from the largest scale down.
       kl_coef: ``lam > 0`` of the claimed objective and of every KL placement.
       ref_distance: the reference policy's logits are the current ones plus this times
         ``N(0, 1)`` (> 0, so the KL terms and their gradients are not zero).
@@ -86,8 +85,10 @@ class EstimatorsConfig(StudyConfig):
 
 
 def follows(estimator: E.Estimator) -> str:
-    """The objective whose gradient ``estimator``'s mean is, in words (docs/theory.md)."""
-    if estimator.advantage == "grpo" or estimator.reward_normalization == "group" or estimator.filter_zero_variance:
+    """The direction ``estimator``'s mean follows, in words (docs/theory.md): an objective's
+    gradient for ``L = 1``; for ``L > 1`` the held and per-token KL terms keep the prefix
+    distribution fixed, so they are directions rather than gradients of an objective."""
+    if not E.has_closed_form(estimator):
         return "no closed form (depends on the group)"
     task = "E r / std" if estimator.reward_normalization == "global" else "E r"
     kl = {
@@ -95,9 +96,11 @@ def follows(estimator: E.Estimator) -> str:
         "loss": {"k1": "", "k2": " - lam token KL(pi‖ref)", "k3": " - lam token KL(ref‖pi)"},
         "detached": {"k1": "", "k2": "", "k3": ""},
     }[estimator.kl_placement][estimator.kl_estimator]
-    factor = f"{(estimator.k - 1) / estimator.k:.3g} x " if estimator.advantage == "dr_grpo" else ""
-    clipped = " (score part / L)" if estimator.surrogate == "clipped" else ""
-    return f"{factor}{task}{kl}{clipped}"
+    scaled = f"{task}{kl}" if estimator.kl_placement == "reward" else task
+    if estimator.advantage == "dr_grpo":
+        scaled = f"{(estimator.k - 1) / estimator.k:.3g} x ({scaled})"
+    followed = scaled + (kl if estimator.kl_placement != "reward" else "")
+    return f"({followed}) / L" if estimator.surrogate == "clipped" else followed
 
 
 def should_be_unbiased(estimator: E.Estimator) -> bool:
@@ -131,7 +134,7 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
     out_dir = Path(out_dir)
     progress = Progress(NAME)
     policy, logits, refs, unit = make_problems(config)
-    scales = 10.0 ** np.asarray(config.log10_scales, float)
+    scales = 10.0 ** np.sort(np.asarray(config.log10_scales, float))[::-1]  # largest first: "high" to "low"
     lam = config.kl_coef
     rows = []  # one per (k, estimator)
     variance = np.zeros((config.problems, len(scales)))
@@ -184,7 +187,7 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
         "censored": 0,  # nothing is timed
         "estimators": rows,
         "variance": np.median(variance, axis=0).tolist(),
-        "snr_slopes": _snr_slopes(rows, variance, config),
+        "snr": _snr_ends(rows),
         "config": dataclasses.asdict(config),
     }
     summary["verdict"] = _verdict(summary, config)
@@ -197,18 +200,14 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
     return summary
 
 
-def _snr_slopes(rows, variance, config) -> dict:
-    """Per k, the log-log slope of RLOO's (k1 in the reward) signal-to-noise ratio on the
-    reward variance, with a t-interval over the scales."""
-    slopes = {}
-    levels = np.median(variance, axis=0)
-    for row in rows:
-        if row["name"] == f"rloo(k={row['k']}), k1 in reward":
-            slope, interval = (
-                loglog_slope(levels, row["snr"], interval="t") if len(levels) >= 3 else (np.nan, (np.nan, np.nan))
-            )
-            slopes[str(row["k"])] = {"slope": slope, "ci": list(interval)}
-    return slopes
+def _snr_ends(rows) -> dict:
+    """Per k, RLOO's (k1 in the reward) signal-to-noise ratio at the largest and the smallest
+    reward variance: a task-dominated and a KL-dominated plateau, not a power law."""
+    return {
+        str(row["k"]): {"high": row["snr"][0], "low": row["snr"][-1]}
+        for row in rows
+        if row["name"] == f"rloo(k={row['k']}), k1 in reward"
+    }
 
 
 def _verdict(summary: dict, config: EstimatorsConfig) -> str:
@@ -250,23 +249,19 @@ def _findings(summary: dict, config: EstimatorsConfig) -> str:
     dr = by_name.get(f"dr_grpo(k={k}), k1 in reward")
     if grpo and dr:
         text.append(
-            f"GRPO's std scaling: direction bias {fmt(grpo['direction_bias'][0])} at the largest scale, "
-            f"{fmt(grpo['direction_bias'][-1])} at the smallest (its `eps = 1e-4` competes with the group's std as the "
-            f"rewards shrink); Dr. GRPO's is {fmt(max(dr['direction_bias']))} (scale {fmt(dr['scale'][0])} = (k-1)/k)."
+            f"GRPO divides by the group's std of the KL-shaped rewards, which the KL term sets once the task rewards "
+            f"are small: relative bias {fmt(grpo['relative_bias'][0])} at the largest scale and "
+            f"{fmt(grpo['relative_bias'][-1])} at the smallest, direction bias {fmt(grpo['direction_bias'][0])} and "
+            f"{fmt(grpo['direction_bias'][-1])}; Dr. GRPO's direction bias is {fmt(max(dr['direction_bias']))} "
+            f"(scale {fmt(dr['scale'][0])} = (k-1)/k)."
         )
-    slopes = summary["snr_slopes"]
-    if slopes:
-        parts = [
-            f"k = {kk}: {s['slope']:+.2f} [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]"
-            for kk, s in slopes.items()
-            if np.isfinite(s["slope"])
-        ]
-        if parts:
-            text.append(
-                "Log-log slope of RLOO's signal-to-noise ratio (one group, k1 in the reward) on the reward variance: "
-                + "; ".join(parts)
-                + "."
-            )
+    ends = summary["snr"]
+    if ends:
+        text.append(
+            "Signal-to-noise ratio of one RLOO group (k1 in the reward), largest to smallest reward variance: "
+            + "; ".join(f"k = {kk}: {fmt(e['high'])} to {fmt(e['low'])}" for kk, e in ends.items())
+            + "."
+        )
     return " ".join(text)
 
 
