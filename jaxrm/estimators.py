@@ -419,6 +419,13 @@ def estimate_many_moments(
     """:func:`estimate_moments` of several estimators with the same ``k``, in one pass over the
     groups and one compiled program (arguments as there)."""
     estimators = tuple(estimators)
+    if not estimators or not all(isinstance(e, Estimator) for e in estimators):
+        raise ValueError(f"estimators must be a non-empty sequence of Estimator, got {estimators!r}.")
+    if not (np.isfinite(kl_coef) and kl_coef >= 0):
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef}.")
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}.")
+    _structure(policy)
     if len({e.k for e in estimators}) != 1:
         raise ValueError(f"estimate_many_moments needs one k, got {sorted({e.k for e in estimators})}.")
     k, num_outputs = estimators[0].k, policy.num_outputs

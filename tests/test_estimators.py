@@ -156,6 +156,14 @@ def test_bad_estimators_and_instances_are_refused():
         E.estimate_moments(E.Estimator(), policy, logits, rewards[:3])
     with pytest.raises(ValueError, match="max_groups"):
         E.estimate_moments(E.Estimator(k=12), policy, logits, rewards)
+    with pytest.raises(ValueError, match="kl_coef"):
+        E.estimate_moments(E.Estimator(), policy, logits, rewards, kl_coef=-0.1)
+    with pytest.raises(ValueError, match="chunk"):
+        E.estimate_moments(E.Estimator(), policy, logits, rewards, chunk=0)
+    with pytest.raises(ValueError, match="one k"):
+        E.estimate_many_moments((E.Estimator(k=2), E.Estimator(k=3)), policy, logits, rewards)
+    with pytest.raises(ValueError, match="non-empty sequence of Estimator"):
+        E.estimate_many_moments((), policy, logits, rewards)
 
 
 @pytest.mark.parametrize("policy_name", POLICIES)
