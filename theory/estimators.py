@@ -148,7 +148,7 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
                 variance[p, s] = float(metrics.reward_variance(policy.log_probs(logits[p])[0], rewards))
                 means = E.estimate_many_moments(grid, policy, logits[p], rewards, kl_coef=lam, ref_logits=refs[p])
                 gradients = E.kl_gradients(policy, logits[p], rewards, ref_logits=refs[p])
-                target = gradients["reward"] - lam * gradients["reverse_kl"]
+                target = E.objective_gradient(policy, logits[p], rewards, kl_coef=lam, ref_logits=refs[p])
                 for e, (estimator, moments) in enumerate(zip(grid, means)):
                     measured[e, :, p, s] = E.compare(moments, target)
                     closed = E.followed_gradient(
