@@ -12,18 +12,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from jaxrm import pg
-from jaxrm._checks import check_choice
+from jaxrm import metrics, pg
+from jaxrm._checks import check_choice, is_concrete
 from jaxrm.flow import FlowMetrics, default_policy, flow_metrics, validate_problem
 from jaxrm.tabular import ExactPolicy, objective_grad
 
-__all__ = ["SampledGradient", "exact_gradient_ascent", "sampled_gradient_ascent"]
+__all__ = [
+    "AscentPassage",
+    "SampledGradient",
+    "ascent_first_passage",
+    "exact_gradient_ascent",
+    "sampled_gradient_ascent",
+]
+
+
+class AscentPassage(NamedTuple):
+    """First passage of a discrete ascent (:func:`ascent_first_passage`), ``[..., S]`` arrays.
+
+    Attributes:
+      steps: updates after which the expected ``eval_rewards`` first rose by ``gamma`` over its
+        start (``max_steps`` where it did not). With ``optax.sgd(lr)``, ``lr * steps`` is the
+        time to compare with the flow's ``t_gamma``.
+      reached: whether the gain was reached within ``max_steps`` (the others are censored).
+      tied_share: the mean, over the updates taken (up to the passage), of the exact
+        probability that a group of ``k`` samples has all task rewards equal
+        (:func:`jaxrm.metrics.tied_group_probability`), where RLOO's advantages vanish; ``k = 1``
+        for the exact gradient, so 1.
+    """
+
+    steps: Any
+    reached: Any
+    tied_share: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +110,23 @@ def _exact_gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key):
     return objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=kl_coef)
 
 
+def _checked_problem(init_logits, rm_rewards, *, policy, kl_coef, eval_rewards, num_steps, name="num_steps"):
+    """Validate a problem before any work: ``(policy, init_logits, rm_rewards, eval_rewards, kl_coef)``."""
+    policy = default_policy(policy, rm_rewards)
+    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    if not (isinstance(num_steps, int) and num_steps >= 0):
+        raise ValueError(f"{name} must be a non-negative int, got {num_steps!r}.")
+    kl_coef = jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype)
+    return policy, init_logits, rm_rewards, eval_rewards, kl_coef
+
+
 def _checked_ascent(
     init_logits, rm_rewards, key, *, gradient, policy, kl_coef, eval_rewards, optimizer, num_steps, track
 ):
     """Validate a problem before any work, then run the compiled ascent loop."""
-    policy = default_policy(policy, rm_rewards)
-    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
-    if not (isinstance(num_steps, int) and num_steps >= 0):
-        raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
-    kl_coef = jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype)
+    policy, init_logits, rm_rewards, eval_rewards, kl_coef = _checked_problem(
+        init_logits, rm_rewards, policy=policy, kl_coef=kl_coef, eval_rewards=eval_rewards, num_steps=num_steps
+    )
     return _ascent(
         init_logits,
         rm_rewards,
@@ -181,6 +216,143 @@ def sampled_gradient_ascent(
     return _checked_ascent(init_logits, rm_rewards, key, gradient=gradient, num_steps=num_steps, **options)
 
 
+def ascent_first_passage(
+    init_logits,
+    rm_rewards: ArrayLike,
+    gamma: ArrayLike,
+    key: jax.Array | None = None,
+    *,
+    optimizer: optax.GradientTransformation,
+    max_steps: int,
+    k: int | None = None,
+    advantage_estimator: str = "rloo",
+    policy: ExactPolicy | None = None,
+    kl_coef: ArrayLike | None = None,
+    eval_rewards: ArrayLike | None = None,
+) -> AscentPassage:
+    """Run an ascent until each prompt's expected ``eval_rewards`` has risen by ``gamma``.
+
+    The discrete counterpart of :func:`jaxrm.flow.first_passage`: the ascent of
+    :func:`exact_gradient_ascent` (``k=None``) or of :func:`sampled_gradient_ascent` (``k``
+    samples per prompt and step, ``key`` required) runs under a ``lax.while_loop`` until every
+    prompt of the batch has passed or ``max_steps`` updates are done; nothing is stored per step,
+    so thousands of steps on thousands of problems fit in memory. Seeds: repeat the problem along
+    a leading batch axis (each problem of a batch draws its own samples) or ``jax.vmap`` over keys.
+
+    Args:
+      init_logits, rm_rewards, policy, kl_coef, eval_rewards, optimizer: as in
+        :func:`exact_gradient_ascent`.
+      gamma: gain to reach, broadcasting to ``[..., S]`` (> 0).
+      key: the sampling key (required with ``k``; step ``n`` uses ``fold_in(key, n)``).
+      max_steps: most updates (an int >= 0); a prompt not passed by then is censored. It is not
+        compiled in: one program serves every budget.
+      k, advantage_estimator: the :class:`SampledGradient`; ``k=None`` for the exact gradient.
+
+    Returns:
+      :class:`AscentPassage`.
+
+    >>> import jax.numpy as jnp, optax
+    >>> out = ascent_first_passage(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.25,
+    ...                            optimizer=optax.sgd(0.01), max_steps=1000)
+    >>> int(out.steps[0]), bool(out.reached[0])  # 0.01 * 244 ~ t_gamma = 2.4319 of the flow
+    (244, True)
+    """
+    policy, init_logits, rm_rewards, eval_rewards, kl_coef = _checked_problem(
+        init_logits,
+        rm_rewards,
+        policy=policy,
+        kl_coef=kl_coef,
+        eval_rewards=eval_rewards,
+        num_steps=max_steps,
+        name="max_steps",
+    )
+    if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
+        raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
+    if k is None:
+        gradient, group_size, key = _exact_gradient, 1, jax.random.key(0) if key is None else key
+    else:
+        if key is None:
+            raise ValueError("ascent_first_passage with k samples per step needs a key.")
+        gradient, group_size = SampledGradient(k, advantage_estimator), k
+    gamma = jnp.broadcast_to(jnp.asarray(gamma, rm_rewards.dtype), rm_rewards.shape[:-1])
+    return _passage(
+        init_logits,
+        rm_rewards,
+        eval_rewards,
+        kl_coef,
+        gamma,
+        key,
+        jnp.int32(max_steps),
+        policy=policy,
+        optimizer=optimizer,
+        gradient=gradient,
+        group_size=group_size,
+    )
+
+
+def _update(gradient, optimizer, policy, logits, opt_state, rm_rewards, ref_log_probs, lam, key):
+    """One ascent step: ``gradient`` (exact or sampled), negated for the optax minimizer."""
+    grads = gradient(policy, logits, rm_rewards, ref_log_probs, lam, key)
+    updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, grads), opt_state, logits)
+    return optax.apply_updates(logits, updates), opt_state
+
+
+def _per_problem(kl_coef):
+    return kl_coef[..., None, None] if kl_coef.ndim else kl_coef
+
+
+@jax.jit(static_argnames=("policy", "optimizer", "gradient", "group_size"))
+def _passage(
+    logits, rm_rewards, eval_rewards, kl_coef, gamma, key, max_steps, *, policy, optimizer, gradient, group_size
+):
+    """The first-passage loop; ``max_steps`` is traced, so one program serves every budget."""
+    ref_log_probs = policy.log_probs(logits)
+    lam = _per_problem(kl_coef)
+    target = metrics.expected_reward(ref_log_probs, eval_rewards) + gamma
+
+    class Carry(NamedTuple):
+        logits: Any
+        opt_state: Any
+        step: Any
+        steps: Any  # per prompt: updates until passage (so far)
+        reached: Any
+        tied: Any  # per prompt: sum of the tied-group probability over the updates taken
+
+    def running(carry):
+        return (carry.step < max_steps) & ~jnp.all(carry.reached)
+
+    def body(carry):
+        tied = metrics.tied_group_probability(policy.log_probs(carry.logits), rm_rewards, k=group_size)
+        logits, opt_state = _update(
+            gradient,
+            optimizer,
+            policy,
+            carry.logits,
+            carry.opt_state,
+            rm_rewards,
+            ref_log_probs,
+            lam,
+            jax.random.fold_in(key, carry.step),
+        )
+        active = ~carry.reached
+        passed = metrics.expected_reward(policy.log_probs(logits), eval_rewards) >= target
+        return Carry(
+            logits,
+            opt_state,
+            carry.step + 1,
+            carry.steps + active,
+            carry.reached | passed,
+            carry.tied + jnp.where(active, tied, 0.0),
+        )
+
+    zeros = jnp.zeros(gamma.shape, jnp.int32)
+    start = Carry(
+        logits, optimizer.init(logits), jnp.int32(0), zeros, gamma <= 0, jnp.zeros(gamma.shape, rm_rewards.dtype)
+    )
+    out = jax.lax.while_loop(running, body, start)
+    return AscentPassage(out.steps, out.reached, out.tied / jnp.maximum(out.steps, 1))
+
+
 @jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient"))
 def _ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer, num_steps, track, gradient):
     """The loop shared by exact and sampled gradients; inputs are validated by the public callers.
@@ -189,17 +361,25 @@ def _ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer
     (or an estimate of it) of the objective; step ``n`` passes it ``fold_in(key, n)``.
     """
     ref_log_probs = policy.log_probs(logits)
-    lam = kl_coef[..., None, None] if kl_coef.ndim else kl_coef
+    lam = _per_problem(kl_coef)
 
     def measure(logits) -> FlowMetrics | None:
         return flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) if track else None
 
     def step(carry, index):
         logits, opt_state = carry
-        grads = gradient(policy, logits, rm_rewards, ref_log_probs, lam, jax.random.fold_in(key, index))
-        ascent = jax.tree.map(jnp.negative, grads)  # optax minimizes
-        updates, opt_state = optimizer.update(ascent, opt_state, logits)
-        return (optax.apply_updates(logits, updates), opt_state), measure(logits)
+        next_carry = _update(
+            gradient,
+            optimizer,
+            policy,
+            logits,
+            opt_state,
+            rm_rewards,
+            ref_log_probs,
+            lam,
+            jax.random.fold_in(key, index),
+        )
+        return next_carry, measure(logits)
 
     (logits, _), history = jax.lax.scan(step, (logits, optimizer.init(logits)), jnp.arange(num_steps))
     if track:

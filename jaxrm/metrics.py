@@ -37,6 +37,7 @@ __all__ = [
     "reward_variance",
     "sample_reward_variance",
     "spearman",
+    "tied_group_probability",
 ]
 
 # Up to this many outputs per row, accuracy compares all pairs at once (an n x n block);
@@ -106,6 +107,36 @@ def reward_variance(logits: ArrayLike, rewards: ArrayLike, *, where: ArrayLike |
     rewards = _masked(jnp.asarray(rewards), where)
     mean = jnp.sum(probs * rewards, axis=-1, keepdims=True)
     return jnp.sum(probs * jnp.square(rewards - mean), axis=-1)
+
+
+def tied_group_probability(logits: ArrayLike, rewards: ArrayLike, *, k: int) -> jax.Array:
+    """Probability that ``k`` independent samples of the policy all get the same reward.
+
+    ``P(r(y_1) = ... = r(y_k)) = sum_y p(y) P(r = r(y))^(k - 1)`` with ``p = softmax(logits)``:
+    the share of groups whose sampled reward variance is zero, where RLOO's and GRPO's advantages
+    vanish (docs/theory.md#what-each-estimator-optimizes). With distinct rewards it is
+    ``sum_y p(y)^k``. Exact ties only (``O(Y^2)`` memory).
+
+    Args:
+      logits: ``[..., Y]`` unnormalized log-probabilities of the outputs.
+      rewards: ``[..., Y]`` reward of each output.
+      k: samples per group (an int >= 1).
+
+    Returns:
+      ``[...]`` probabilities.
+
+    >>> import jax.numpy as jnp
+    >>> float(tied_group_probability(jnp.log(jnp.array([0.5, 0.25, 0.25])), jnp.array([0.0, 1.0, 1.0]), k=2))
+    0.5
+    """
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be an int >= 1, got {k!r}.")
+    _validate_exact(logits, rewards, None)
+    probs = probabilities(logits)
+    rewards = jnp.asarray(rewards)
+    same = rewards[..., :, None] == rewards[..., None, :]
+    share = jnp.sum(jnp.where(same, probs[..., None, :], 0.0), axis=-1)  # P(r = r(y)) for each y
+    return jnp.sum(probs * share ** (k - 1), axis=-1)
 
 
 def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:

@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm.ascent import SampledGradient, exact_gradient_ascent, sampled_gradient_ascent
+from jaxrm import metrics
+from jaxrm.ascent import SampledGradient, ascent_first_passage, exact_gradient_ascent, sampled_gradient_ascent
 from jaxrm.tabular import TabularPolicy, objective_grad
 
 POLICY = TabularPolicy(8)
@@ -72,3 +73,52 @@ def test_a_batch_of_problems_estimates_each_problems_own_gradient(problem):
     )
     z = (np.asarray(many).mean(0) - exact) / (np.asarray(many).std(0, ddof=1) / np.sqrt(len(keys)))
     assert np.abs(z).max() < 5.0 and np.abs(exact).max() > 1e-2  # a mean over problems would halve it
+
+
+def test_first_passage_of_the_exact_ascent_converges_to_the_flow():
+    """Two outputs, lam = 0: t_gamma = z* - z0 + sinh z* - sinh z0 (jaxrm.flow.t_gamma's closed form)."""
+    logits, rewards = jax.numpy.zeros((1, 2)), jax.numpy.array([[0.0, 1.0]])
+    flow_t = float(np.log(3.0) + np.sinh(np.log(3.0)))  # gamma = 0.25
+    for lr in (0.01, 0.001):
+        out = ascent_first_passage(logits, rewards, 0.25, optimizer=optax.sgd(lr), max_steps=10**5)
+        assert bool(out.reached[0]) and abs(lr * int(out.steps[0]) - flow_t) <= 2 * lr
+        assert float(out.tied_share[0]) == 1.0  # the exact gradient is a "group" of one
+
+
+def test_sampled_first_passage_seeds_censoring_and_the_learning_rate_identity(problem):
+    logits, rewards = problem
+    seeds = 16
+    tile = lambda x: jax.numpy.broadcast_to(x, (seeds, *x.shape))  # noqa: E731
+    kwargs = dict(k=4, kl_coef=tile(jax.numpy.asarray(0.2)), max_steps=400)
+    out = ascent_first_passage(tile(logits), tile(rewards), 0.1, jax.random.key(6), optimizer=optax.sgd(2.0), **kwargs)
+    assert out.steps.shape == (seeds, 3) and bool(out.reached.all())
+    assert len(np.unique(np.asarray(out.steps))) > 3  # the seeds differ
+    exact = ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(2.0), max_steps=400, kl_coef=0.2)
+    mean = np.asarray(out.steps).mean(0)
+    assert np.all(np.abs(mean - np.asarray(exact.steps)) < 0.25 * np.asarray(exact.steps) + 2)
+    # sgd(lr) on (r, lam) is sgd(1) on (lr r, lr lam): the same runs, update for update.
+    kwargs["kl_coef"] = 2.0 * kwargs["kl_coef"]
+    unit = ascent_first_passage(
+        tile(logits),
+        tile(2.0 * rewards),
+        0.1,
+        jax.random.key(6),
+        optimizer=optax.sgd(1.0),
+        eval_rewards=tile(rewards),
+        **kwargs,
+    )
+    np.testing.assert_array_equal(unit.steps, out.steps)
+    # Censored: the gain is out of reach in 5 updates; the tied share is then its start value.
+    short = ascent_first_passage(logits, rewards, 0.5, jax.random.key(7), k=3, optimizer=optax.sgd(1e-6), max_steps=5)
+    assert not bool(short.reached.any()) and bool((short.steps == 5).all())
+    np.testing.assert_allclose(short.tied_share, metrics.tied_group_probability(logits, rewards, k=3), rtol=1e-4)
+
+
+def test_first_passage_refuses_bad_input(problem):
+    logits, rewards = problem
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        ascent_first_passage(logits, rewards, 0.0, optimizer=optax.sgd(1.0), max_steps=1)
+    with pytest.raises(ValueError, match="needs a key"):
+        ascent_first_passage(logits, rewards, 0.1, k=2, optimizer=optax.sgd(1.0), max_steps=1)
+    with pytest.raises(ValueError, match="max_steps must be a non-negative int"):
+        ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=-1)

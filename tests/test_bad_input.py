@@ -173,7 +173,9 @@ CONFIG_CASES = [
     (lambda: Theorem1Config(num_outputs=1), r"Theorem1Config\.num_outputs=1: must be >= 2"),
     (lambda: Theorem1Config(lengths=(2, 0.5)), r"Theorem1Config\.lengths=\(2, 0\.5\): must be an int"),
     (lambda: TightnessConfig(classes=("tabular", "mlp")), r"TightnessConfig\.classes=\('tabular', 'mlp'\)"),
-    (lambda: EstimatorsConfig(ks=(2, 12)), r"EstimatorsConfig\.ks=\(2, 12\)"),
+    (lambda: EstimatorsConfig(vocab_size=4, length=3, ks=(2, 8)), r"EstimatorsConfig\.ks=\(2, 8\).*exceed 2e6"),
+    (lambda: EstimatorsConfig(censor_factor=1.0), r"EstimatorsConfig\.censor_factor=1\.0: must be > 1"),
+    (lambda: EstimatorsConfig(passage_problems=1), r"EstimatorsConfig\.passage_problems=1: must be >= 2"),
     (lambda: Estimator("grpo", k=1), r"Estimator\.k=1"),
     (lambda: Estimator(kl_estimator="k4"), r"kl_estimator"),
 ]

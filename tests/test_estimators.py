@@ -1,6 +1,9 @@
 """Exact moments of sampled gradient estimators (jaxrm.estimators): the known answers, the
 objectives the biased placements follow, and a Monte Carlo check of the exact moments."""
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +56,7 @@ def test_each_placement_follows_its_objective_exactly(policy_name, estimator, fo
     moments = _mean(estimator, policy)
     target = follows(E.kl_gradients(policy, logits, rewards, ref_logits=ref))
     np.testing.assert_allclose(moments.mean, target, atol=1e-12)
-    assert moments.groups == policy.num_outputs**estimator.k
+    assert moments.groups == math.comb(policy.num_outputs + estimator.k - 1, estimator.k)
 
 
 def test_one_token_closed_forms_of_the_followed_objectives():
@@ -145,6 +148,44 @@ def test_exact_moments_match_monte_carlo():
     )
 
 
+@pytest.mark.parametrize("chunk", [7, 16_384])
+def test_multisets_weigh_what_every_ordered_group_weighs(chunk):
+    """The multiset sum (with a last chunk of padding when chunk = 7) equals the plain sum over
+    all |Y|^k ordered groups, mean and covariance, for an estimator whose samples interact."""
+    policy = POLICIES["autoregressive"]
+    logits, ref, rewards = _instance(policy)
+    estimator = E.Estimator("grpo", k=3, kl_estimator="k3", kl_placement="loss")
+    exact = E.estimate_moments(estimator, policy, logits, rewards, kl_coef=LAM, ref_logits=ref, chunk=chunk)
+    ordered = jnp.array(list(itertools.product(range(policy.num_outputs), repeat=estimator.k)))
+    p = jnp.exp(jnp.sum(policy.log_probs(logits)[0][ordered], axis=-1))
+    draws = jax.vmap(lambda s: E.sampled_gradient(estimator, policy, logits, rewards, s, kl_coef=LAM, ref_logits=ref))(
+        ordered
+    )
+    mean = p @ draws
+    np.testing.assert_allclose(float(jnp.sum(p)), 1.0, atol=1e-12)
+    np.testing.assert_allclose(exact.mean, mean, atol=1e-12)
+    np.testing.assert_allclose(exact.covariance, (draws * p[:, None]).T @ draws - jnp.outer(mean, mean), atol=1e-12)
+    assert exact.groups == 20 < len(ordered)
+
+
+def test_several_prompts_get_their_own_moments_in_one_call():
+    policy = POLICIES["autoregressive"]
+    logits, ref = policy.random_logits(jax.random.key(4), 3), policy.random_logits(jax.random.key(5), 3)
+    rewards = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (3, policy.num_outputs)))
+    estimator = E.Estimator("rloo", k=3, kl_estimator="k2", kl_placement="loss")
+    batch = E.estimate_moments(estimator, policy, logits, rewards, kl_coef=LAM, ref_logits=ref)
+    assert batch.mean.shape == (3, 6) and batch.covariance.shape == (3, 6, 6)
+    for s in range(3):
+        prompt = jax.tree.map(lambda x: x[s : s + 1], (logits, ref))
+        alone = E.estimate_moments(estimator, policy, prompt[0], rewards[s], kl_coef=LAM, ref_logits=prompt[1])
+        np.testing.assert_allclose(batch.mean[s], alone.mean, atol=1e-14)
+        np.testing.assert_allclose(batch.covariance[s], alone.covariance, atol=1e-14)
+    with pytest.raises(ValueError, match=r"rewards must be shaped \[3, 4\]"):
+        E.estimate_moments(estimator, policy, logits, rewards[0])
+    with pytest.raises(ValueError, match="ref_logits must hold the 3 prompt"):
+        E.estimate_moments(estimator, policy, logits, rewards, ref_logits=prompt[1])
+
+
 def test_bad_estimators_and_instances_are_refused():
     with pytest.raises(ValueError, match="k >= 2"):
         E.Estimator("rloo", k=1)
@@ -155,7 +196,7 @@ def test_bad_estimators_and_instances_are_refused():
     with pytest.raises(ValueError, match="rewards must be shaped"):
         E.estimate_moments(E.Estimator(), policy, logits, rewards[:3])
     with pytest.raises(ValueError, match="max_groups"):
-        E.estimate_moments(E.Estimator(k=12), policy, logits, rewards)
+        E.estimate_moments(E.Estimator(k=12), policy, logits, rewards, max_groups=454)  # C(15, 12) = 455
     with pytest.raises(ValueError, match="kl_coef"):
         E.estimate_moments(E.Estimator(), policy, logits, rewards, kl_coef=-0.1)
     with pytest.raises(ValueError, match="chunk"):

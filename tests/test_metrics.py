@@ -236,6 +236,30 @@ class TestBestOfNAndCorrelations:
         np.testing.assert_allclose(metrics.pearson(x, y), stats.pearsonr(x, y).statistic, rtol=1e-12)
 
 
+class TestTiedGroupProbability:
+    def test_matches_enumeration_with_ties_and_batches(self):
+        rng = np.random.default_rng(10)
+        logits = rng.normal(size=(2, 4))
+        rewards = np.array([[0.0, 1.0, 1.0, 2.0], [0.5, -0.5, 0.3, 0.1]])  # ties, then distinct
+        for k in (1, 2, 3):
+            got = metrics.tied_group_probability(logits, rewards, k=k)
+            for row in range(2):
+                p = softmax(logits[row])
+                brute = sum(
+                    np.prod(p[list(draw)])
+                    for draw in itertools.product(range(4), repeat=k)
+                    if len({rewards[row, i] for i in draw}) == 1
+                )
+                np.testing.assert_allclose(got[row], brute, rtol=1e-12)
+        np.testing.assert_allclose(  # distinct rewards: sum_y p(y)^k
+            metrics.tied_group_probability(logits[1], rewards[1], k=5), np.sum(softmax(logits[1]) ** 5), rtol=1e-12
+        )
+
+    def test_bad_k(self):
+        with pytest.raises(ValueError, match="k must be an int >= 1"):
+            metrics.tied_group_probability(jnp.zeros(2), jnp.zeros(2), k=0)
+
+
 class TestDegenerateInputs:
     def test_empty_or_single_output_axes_are_refused_by_name(self):
         with pytest.raises(ValueError, match="non-empty last axis"):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ from jaxrm import bounds, flow, metrics
 from jaxrm.studies import config_from_dict
 from jaxrm.tabular import AutoregressiveTabularPolicy
 from theory import best_of_n, estimators, theorem1, theorem2, theorem3, tightness
-from theory.__main__ import STUDIES, main
+from theory.__main__ import QUICK_XLA_FLAG, STUDIES, _quick_compiles, main
 from theory.common import general_policy_passage, general_text, loglog_slope, violating_rows
 
 
@@ -445,7 +446,9 @@ def test_best_of_n_saves_the_checks_where_the_perfect_model_is_beaten(tmp_path, 
 def test_estimator_atlas_measures_every_estimator_and_says_what_it_found(quick_run):
     summary = quick_run[2]["estimators"]
     rows = summary["estimators"]
-    assert summary["instances"] == len(rows) * 2 * 2 and summary["violations"] == {"unbiased": 0, "followed": 0}
+    passage = summary["passage"]
+    assert summary["means"] == len(rows) * 2 * 2 and summary["instances"] == summary["means"] + passage["instances"]
+    assert summary["violations"] == {"unbiased": 0, "followed": 0}
     by_name = {r["name"]: r for r in rows}
     assert max(by_name["rloo(k=2), k1 in reward"]["relative_bias"]) < 1e-9  # unbiased, as derived
     assert min(by_name["rloo(k=2), k1 in loss"]["relative_bias"]) > 1e-3  # the KL gradient is dropped
@@ -461,3 +464,43 @@ def test_estimator_atlas_measures_every_estimator_and_says_what_it_found(quick_r
         if r["name"] == "rloo(k=2), k1 in loss":
             r["relative_bias"] = [0.5, 0.25]
     assert "0.5 at the largest reward scale and 0.25 at the smallest" in estimators._findings(altered, config)
+
+
+@pytest.mark.slow
+def test_theorem1_under_sampling_times_flow_and_ascents_on_the_same_instances(quick_run):
+    passage = quick_run[2]["estimators"]["passage"]
+    config = estimators.EstimatorsConfig().quick()
+    assert passage["instances"] == 3 * config.passage_problems * config.passage_levels
+    assert set(passage["fits"]) == set(estimators.FAMILIES) and list(passage["k"]) == ["2"]
+    flow_t, run = np.asarray(passage["flow"]), passage["k"]["2"]
+    assert np.all(np.isfinite(flow_t)) and passage["censored_instances"] == 0
+    # Exact ascent and the mean of RLOO's seeds are close to the flow at this resolution.
+    np.testing.assert_allclose(passage["exact_ascent"], flow_t, rtol=0.15)
+    np.testing.assert_allclose(run["mean"], flow_t, rtol=0.5)
+    scaled = passage["fits"]["scaled"]
+    assert scaled["flow"]["slope"] == pytest.approx(-0.5, abs=1e-6)  # a time rescaling
+    assert scaled["k"]["2"]["snr"]["slope"] == pytest.approx(0.0, abs=1e-9)  # lam = 0: scale-free SNR
+    peaked = passage["fits"]["peaked"]["k"]["2"]
+    assert peaked["snr"]["slope"] > 0.5 and peaked["tied_start"][1] > 0.9  # concentrated: most groups tie
+    text = estimators._sampling_findings(passage)
+    assert "**peaked**" in text and "k = 2" in text
+    altered = json.loads(json.dumps(passage))
+    altered["fits"]["peaked"]["k"]["2"]["ratio_by_level"] = [1.5, 2.5, 3.5]
+    assert "k = 2: 1.5 and 3.5" in estimators._sampling_findings(altered)
+    assert (quick_run[1] / "figures" / "estimators_passage.png").stat().st_size > 0
+
+
+def test_quick_runs_compile_without_backend_optimizations_and_restore_the_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    with _quick_compiles(True):
+        assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {QUICK_XLA_FLAG}"
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")  # the user's level wins
+    with _quick_compiles(True):
+        assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=2"
+    monkeypatch.delenv("XLA_FLAGS")
+    with _quick_compiles(False):
+        assert "XLA_FLAGS" not in os.environ
+    with _quick_compiles(True):
+        assert os.environ["XLA_FLAGS"] == QUICK_XLA_FLAG
+    assert "XLA_FLAGS" not in os.environ

@@ -10,19 +10,31 @@ it follows (:func:`jaxrm.estimators.followed_gradient`).
 Violations: an estimator that should be unbiased for the claimed objective (REINFORCE with or
 without a baseline and RLOO, with ``k1`` in the reward) measured biased beyond ``tolerance``;
 a mean that misses its closed form by more than ``tolerance``.
+
+Theorem 1 under sampling (docs/theory.md#theorem-1-under-sampling): on one-prompt tabular
+problems whose reward variance spans several decades (:func:`make_passage_instances`), the
+exact flow's ``t_gamma`` (:func:`jaxrm.flow.t_gamma`), the exact-gradient ascent and RLOO
+ascent with ``k`` samples per step and many seeds (:func:`jaxrm.ascent.ascent_first_passage`,
+one SGD learning rate for all, so that time is ``lr x updates``) are timed side by side, with
+the share of groups whose ``k`` rewards tie and the exact signal-to-noise ratio of one group.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
+from jaxrm import ascent, flow, metrics
 from jaxrm import estimators as E
-from jaxrm import metrics
 from jaxrm.studies import (
+    OPEN_FRACTION,
     POSITIVE,
     POSITIVE_INT,
     Progress,
@@ -36,7 +48,8 @@ from jaxrm.studies import (
     write_json,
     write_text,
 )
-from jaxrm.tabular import AutoregressiveTabularPolicy
+from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy
+from theory.common import loglog_slope
 
 NAME = "estimators"
 MEASURES = ("relative_bias", "cosine", "scale", "direction_bias", "total_variance", "snr")
@@ -52,7 +65,8 @@ class EstimatorsConfig(StudyConfig):
       problems: random one-prompt problems (an int >= 1).
       vocab_size: ``V`` of the autoregressive-tabular policy (an int >= 2).
       length: ``L``, tokens per output (an int >= 1); ``|Y| = V^L``.
-      ks: group sizes (each an int >= 2; ``|Y|^k`` groups are enumerated, at most 2e6).
+      ks: group sizes (each an int >= 2; the ``C(|Y| + k - 1, k)`` multisets of ``k`` outputs are
+        enumerated, at most 2e6).
       log10_scales: the task rewards are ``10^x * U(-1, 1)``, so the reward variance is
         multiplied by ``10^(2x)``; run from the largest scale down.
       kl_coef: ``lam > 0`` of the claimed objective and of every KL placement.
@@ -60,6 +74,18 @@ class EstimatorsConfig(StudyConfig):
         ``N(0, 1)`` (> 0, so the KL terms and their gradients are not zero).
       tolerance: relative error in ``(0, 1e-3)`` beyond which a mean counts as biased, or as
         missing its closed form.
+      passage_outputs: ``|Y|`` of the tabular policy of Theorem 1 under sampling (an int >= 2).
+      passage_problems: base problems of each family (an int >= 2: slopes are within-problem).
+      passage_levels: reward-variance levels per base problem (an int >= 3).
+      passage_decades: decades of reward variance the levels span (> 0).
+      passage_ks: RLOO group sizes of the sampled ascent (each an int >= 2).
+      passage_seeds: sampled runs per instance and ``k`` (an int >= 2).
+      passage_resolution: SGD updates the fastest instance's flow time spans: the one learning
+        rate of every ascent is that ``t_gamma`` divided by this (an int >= 1).
+      censor_factor: an ascent stops after this times the slowest flow time; seeds not passed
+        by then are censored and counted (> 1).
+      gain_fraction: the gain timed, as a share of the gain each instance offers, in ``(0, 1)``.
+      passage_bootstrap: bootstrap resamples of each slope's 95% interval (an int >= 100).
     """
 
     seed: int = 0
@@ -71,17 +97,39 @@ class EstimatorsConfig(StudyConfig):
     kl_coef: float = checked(0.1, POSITIVE)
     ref_distance: float = checked(1.0, POSITIVE)
     tolerance: float = checked(1e-9, (lambda v: 0 < v < 1e-3, "in (0, 1e-3)"))
+    passage_outputs: int = checked(4, int_at_least(2))
+    passage_problems: int = checked(4, int_at_least(2))
+    passage_levels: int = checked(5, int_at_least(3))
+    passage_decades: float = checked(2.0, POSITIVE)
+    passage_ks: tuple[int, ...] = checked((2, 4, 8, 16), each((lambda k: k >= 2, "k >= 2")))
+    passage_seeds: int = checked(64, int_at_least(2))
+    passage_resolution: int = checked(20, POSITIVE_INT)
+    censor_factor: float = checked(4.0, (lambda v: v > 1, "> 1"))
+    gain_fraction: float = checked(0.5, OPEN_FRACTION)
+    passage_bootstrap: int = checked(1000, int_at_least(100))
 
     def __post_init__(self):
         super().__post_init__()
         outputs = self.vocab_size**self.length
-        if outputs ** max(self.ks) > 2_000_000:
+        if math.comb(outputs + max(self.ks) - 1, max(self.ks)) > 2_000_000:
             raise ValueError(
-                f"EstimatorsConfig.ks={self.ks}: |Y|^k = {outputs}^{max(self.ks)} groups exceeds 2e6; lower k or V^L."
+                f"EstimatorsConfig.ks={self.ks}: C(|Y| + k - 1, k) multisets for |Y| = {outputs}, k = {max(self.ks)} "
+                "exceed 2e6; lower k or V^L."
             )
 
     def quick(self) -> "EstimatorsConfig":
-        return dataclasses.replace(self, problems=2, ks=(2,), log10_scales=(0.0, -2.0))
+        return dataclasses.replace(
+            self,
+            problems=2,
+            ks=(2,),
+            log10_scales=(0.0, -2.0),
+            passage_problems=2,
+            passage_levels=3,
+            passage_decades=2.0,
+            passage_ks=(2,),
+            passage_seeds=8,
+            passage_resolution=10,
+        )
 
 
 def follows(estimator: E.Estimator) -> str:
@@ -133,65 +181,28 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
     config = EstimatorsConfig.resolve(config, quick=quick)
     out_dir = Path(out_dir)
     progress = Progress(NAME)
-    policy, logits, refs, unit = make_problems(config)
-    scales = 10.0 ** np.sort(np.asarray(config.log10_scales, float))[::-1]  # largest first: "high" to "low"
-    lam = config.kl_coef
-    rows = []  # one per (k, estimator)
-    variance = np.zeros((config.problems, len(scales)))
-    for k in config.ks:
-        grid = tuple(E.grid(ks=(k,)))
-        measured = np.full((len(grid), len(MEASURES), config.problems, len(scales)), np.nan)
-        followed_error = np.full((len(grid), config.problems, len(scales)), np.nan)
-        for p in range(config.problems):
-            for s, scale in enumerate(scales):
-                rewards = scale * unit[p]
-                variance[p, s] = float(metrics.reward_variance(policy.log_probs(logits[p])[0], rewards))
-                means = E.estimate_many_moments(grid, policy, logits[p], rewards, kl_coef=lam, ref_logits=refs[p])
-                gradients = E.kl_gradients(policy, logits[p], rewards, ref_logits=refs[p])
-                target = E.objective_gradient(policy, logits[p], rewards, kl_coef=lam, ref_logits=refs[p])
-                for e, (estimator, moments) in enumerate(zip(grid, means)):
-                    measured[e, :, p, s] = E.compare(moments, target)
-                    closed = E.followed_gradient(
-                        estimator, policy, logits[p], rewards, kl_coef=lam, ref_logits=refs[p], gradients=gradients
-                    )
-                    if closed is not None:
-                        followed_error[e, p, s] = float(
-                            np.linalg.norm(np.asarray(moments.mean) - np.asarray(closed))
-                            / max(np.linalg.norm(np.asarray(closed)), 1e-300)
-                        )
-        progress(f"k = {k}: {len(grid)} estimators x {config.problems} problems x {len(scales)} scales, exact")
-        for e, estimator in enumerate(grid):
-            rows.append(
-                {
-                    "name": estimator.name,
-                    "k": k,
-                    "estimator": dataclasses.asdict(estimator),
-                    "follows": follows(estimator),
-                    "should_be_unbiased": should_be_unbiased(estimator),
-                    # per scale, the median over problems
-                    **{m: np.nanmedian(measured[e, i], axis=0).tolist() for i, m in enumerate(MEASURES)},
-                    "max_relative_bias": float(np.max(measured[e, 0])),
-                    "followed_error": float(np.nanmax(followed_error[e]))
-                    if np.isfinite(followed_error[e]).any()
-                    else None,
-                }
-            )
+    rows, variance = _atlas(config, progress)
+    passage = _sampling(config, progress)
     tol = config.tolerance
     violations = {
         "unbiased": sum(r["should_be_unbiased"] and r["max_relative_bias"] > tol for r in rows),
         "followed": sum(r["followed_error"] is not None and r["followed_error"] > tol for r in rows),
     }
+    means = int(len(rows) * config.problems * len(config.log10_scales))
     summary = {
-        "instances": int(len(rows) * config.problems * len(scales)),
+        "instances": means + passage["instances"],  # plus the instances of Theorem 1 under sampling
+        "means": means,
         "violations": violations,
-        "censored": 0,  # nothing is timed
+        "censored": passage["censored_instances"],
         "estimators": rows,
         "variance": np.median(variance, axis=0).tolist(),
         "snr": _snr_ends(rows),
+        "passage": passage,
         "config": dataclasses.asdict(config),
     }
     summary["verdict"] = _verdict(summary, config)
     _figure(summary, config, out_dir / "figures" / f"{NAME}.png")
+    _passage_figure(passage, out_dir / "figures" / f"{NAME}_passage.png")
     summary["seconds"] = round(progress.elapsed, 1)
     summary["quick"] = quick
     write_json(out_dir / f"{NAME}.json", summary)
@@ -200,11 +211,346 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
     return summary
 
 
+def _atlas(config: EstimatorsConfig, progress: Progress) -> tuple[list[dict], np.ndarray]:
+    """Every estimator of the grid at every ``k``, problem and reward scale: one row per
+    ``(k, estimator)`` with its measures per scale (medians over problems), and the reward
+    variance ``[problems, scales]``."""
+    policy, logits, refs, unit = make_problems(config)
+    scales = 10.0 ** np.sort(np.asarray(config.log10_scales, float))[::-1]  # largest first: "high" to "low"
+    lam = config.kl_coef
+    rows = []
+    variance = np.zeros((config.problems, len(scales)))
+    for k in config.ks:
+        grid = tuple(E.grid(ks=(k,)))
+        rloo = grid.index(E.Estimator("rloo", k=k))
+        measured = np.full((len(grid), len(MEASURES), config.problems, len(scales)), np.nan)
+        snr_without_kl = np.full((config.problems, len(scales)), np.nan)
+        followed_error = np.full((len(grid), config.problems, len(scales)), np.nan)
+        for p in range(config.problems):
+            for s, scale in enumerate(scales):
+                rewards = scale * unit[p]
+                variance[p, s] = float(metrics.reward_variance(policy.log_probs(logits[p])[0], rewards))
+                options = dict(ref_logits=refs[p])
+                means = E.estimate_many_moments(grid, policy, logits[p], rewards, kl_coef=lam, **options)
+                without_kl = E.estimate_moments(grid[rloo], policy, logits[p], rewards, **options)
+                snr_without_kl[p, s] = E.compare(without_kl, E.objective_gradient(policy, logits[p], rewards)).snr
+                gradients = E.kl_gradients(policy, logits[p], rewards, **options)
+                target = E.objective_gradient(policy, logits[p], rewards, kl_coef=lam, **options)
+                for e, (estimator, moments) in enumerate(zip(grid, means)):
+                    measured[e, :, p, s] = E.compare(moments, target)
+                    closed = E.followed_gradient(
+                        estimator, policy, logits[p], rewards, kl_coef=lam, gradients=gradients, **options
+                    )
+                    if closed is not None:
+                        followed_error[e, p, s] = float(
+                            np.linalg.norm(np.asarray(moments.mean) - np.asarray(closed))
+                            / max(np.linalg.norm(np.asarray(closed)), 1e-300)
+                        )
+        progress(f"k = {k}: {len(grid)} estimators x {config.problems} problems x {len(scales)} scales, exact")
+        for e, estimator in enumerate(grid):
+            row = {
+                "name": estimator.name,
+                "k": k,
+                "estimator": dataclasses.asdict(estimator),
+                "follows": follows(estimator),
+                "should_be_unbiased": should_be_unbiased(estimator),
+                # per scale, the median over problems
+                **{m: np.nanmedian(measured[e, i], axis=0).tolist() for i, m in enumerate(MEASURES)},
+                "max_relative_bias": float(np.max(measured[e, 0])),
+                "followed_error": float(np.nanmax(followed_error[e])) if np.isfinite(followed_error[e]).any() else None,
+            }
+            if e == rloo:
+                row["snr_without_kl"] = np.median(snr_without_kl, axis=0).tolist()
+            rows.append(row)
+    return rows, variance
+
+
+# Theorem 1 under sampling (docs/theory.md#theorem-1-under-sampling)
+
+FAMILIES = ("scaled", "scaled_kl", "peaked")
+UNIT_SGD = optax.sgd(1.0)
+
+
+class PassageInstances(NamedTuple):
+    """One-prompt tabular problems, flattened over family x base problem x variance level."""
+
+    logits: np.ndarray  # [N, Y] initial (and reference) logits
+    rm: np.ndarray  # [N, Y] the reward taught
+    eval: np.ndarray  # [N, Y] the reward timed
+    kl_coef: np.ndarray  # [N]
+    gamma: np.ndarray  # [N] gain of the timed reward
+    family: np.ndarray  # [N] index into FAMILIES
+    problem: np.ndarray  # [N] base problem
+    level: np.ndarray  # [N] variance level (0: the largest)
+    variance: np.ndarray  # [N] Var_{pi_0}[r_RM]
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _mean_and_variance(logits, rewards):
+    p = np.exp(_log_softmax(logits))
+    mean = (p * rewards).sum(-1)
+    return mean, (p * (rewards - mean[..., None]) ** 2).sum(-1)
+
+
+def _peak(logits, rewards, mode, target):
+    """``logits + c e_mode`` with ``c >= 0`` set by bisection so that the reward variance is
+    ``target``, which must be at most the variance at ``c = 0`` (it falls to 0 as ``c`` grows
+    once the mode holds most of the mass; the variance at ``c = 60`` is below any target here)."""
+    low, high = np.zeros(len(target)), np.full(len(target), 60.0)
+    onehot = np.eye(logits.shape[-1])[mode]
+    for _ in range(100):
+        mid = (low + high) / 2
+        above = _mean_and_variance(logits + mid[:, None] * onehot, rewards)[1] > target
+        low, high = np.where(above, mid, low), np.where(above, high, mid)
+    return logits + high[:, None] * onehot
+
+
+def make_passage_instances(config: EstimatorsConfig) -> PassageInstances:
+    """The three families of docs/theory.md#theorem-1-under-sampling: ``passage_problems`` base
+    problems (``N(0, 1)`` logits, ``U(-1, 1)`` rewards ``r``) at ``passage_levels`` variance
+    levels, ``Var_{pi_0}[r_RM] = 10^(-j D / (n - 1))`` times its value at level 0
+    (``D = passage_decades``):
+
+    - ``scaled``: ``r_RM = eps r`` (``eps^2`` the variance factor), ``lam = 0``; the gain of ``r``
+      timed is fixed, so the flow is a time rescaling: ``t_gamma = t_gamma(eps = 1) / eps``;
+    - ``scaled_kl``: the same with ``lam = kl_coef``; the gain timed is a share of what the
+      KL-regularized limit ``pi* ~ pi_0 exp(eps r / lam)`` offers, which shrinks with ``eps``;
+    - ``peaked``: ``r_RM = r``, ``lam = 0``; the initial policy is sharpened on its worst output
+      (:func:`_peak`) until the variance is at the level: concentration instead of a small reward.
+
+    The gain timed is ``gain_fraction`` of the gain on offer (``max r - E_{pi_0} r`` for
+    ``lam = 0``), so the flow reaches it.
+    """
+    rng = np.random.default_rng(config.seed + 1)
+    P, Y, n = config.passage_problems, config.passage_outputs, config.passage_levels
+    base_logits = np.repeat(rng.normal(size=(P, 1, Y)), n, 1).reshape(P * n, Y)
+    rewards = np.repeat(rng.uniform(-1.0, 1.0, (P, 1, Y)), n, 1).reshape(P * n, Y)
+    drop = np.tile(10.0 ** -np.linspace(0.0, config.passage_decades, n), P)  # variance factors
+    eps = np.sqrt(drop)[:, None]
+    start, start_variance = _mean_and_variance(base_logits, rewards)
+    limit = np.exp(_log_softmax(base_logits + eps * rewards / config.kl_coef))
+    peaked = _peak(base_logits, rewards, rewards.argmin(-1), start_variance * drop)
+    top, frac = rewards.max(-1), config.gain_fraction
+    families = [  # (logits, taught reward, lam, gain timed), each over P * n rows
+        (base_logits, eps * rewards, 0.0, frac * (top - start)),
+        (base_logits, eps * rewards, config.kl_coef, frac * ((limit * rewards).sum(-1) - start)),
+        (peaked, rewards, 0.0, frac * (top - _mean_and_variance(peaked, rewards)[0])),
+    ]
+    logits = np.concatenate([f[0] for f in families])
+    rm = np.concatenate([f[1] for f in families])
+    return PassageInstances(
+        logits=logits,
+        rm=rm,
+        eval=np.tile(rewards, (len(FAMILIES), 1)),
+        kl_coef=np.concatenate([np.full(P * n, f[2]) for f in families]),
+        gamma=np.concatenate([f[3] for f in families]),
+        family=np.repeat(np.arange(len(FAMILIES)), P * n),
+        problem=np.tile(np.repeat(np.arange(P), n), len(FAMILIES)),
+        level=np.tile(np.arange(n), len(FAMILIES) * P),
+        variance=_mean_and_variance(logits, rm)[1],
+    )
+
+
+def _sampling(config: EstimatorsConfig, progress: Progress) -> dict:
+    """Theorem 1 under sampling: flow, exact ascent and RLOO ascent on the same instances.
+
+    Each family has one SGD learning rate, its fastest flow time over ``passage_resolution``,
+    so that an update is the same stretch of flow time at every variance level. The ascents
+    run per (family, level), each stopping once all of its runs have passed or at
+    ``censor_factor`` times its slowest flow time (one compiled program per ``k``)."""
+    inst = make_passage_instances(config)
+    num = len(inst.gamma)
+    policy = TabularPolicy(config.passage_outputs)
+    one_prompt = lambda x: jnp.asarray(x)[..., None, :]  # noqa: E731
+    flow_t = np.asarray(
+        flow.t_gamma(
+            one_prompt(inst.logits),
+            one_prompt(inst.rm),
+            jnp.asarray(inst.gamma)[:, None],
+            policy=policy,
+            kl_coef=jnp.asarray(inst.kl_coef),
+            eval_rewards=one_prompt(inst.eval),
+        )
+    )[:, 0]
+    timed = np.isfinite(flow_t)
+    lr = np.zeros(num)
+    for f in range(len(FAMILIES)):
+        rows = (inst.family == f) & timed
+        lr[inst.family == f] = np.min(flow_t[rows]) / config.passage_resolution if rows.any() else np.nan
+    progress(f"sampling: {num} instances, flow t_gamma {fmt(np.min(flow_t))} .. {fmt(np.max(flow_t))}")
+    buckets = [  # (rows, max_steps) per family and level with a timed flow
+        (rows, math.ceil(config.censor_factor * float(np.max(flow_t[rows])) / float(lr[rows][0])))
+        for f in range(len(FAMILIES))
+        for level in range(config.passage_levels)
+        if (rows := np.flatnonzero((inst.family == f) & (inst.level == level) & timed)).size
+    ]
+    max_steps = np.zeros(num, int)
+    for rows, steps in buckets:
+        max_steps[rows] = steps
+    seeds = config.passage_seeds
+
+    def first_passage(k, leading=()):
+        """``(steps [*leading, N], reached, tied share)`` of every timed instance, bucket by bucket.
+
+        SGD with learning rate ``lr`` on ``(r_RM, lam)`` is SGD with rate 1 on ``(lr r_RM, lr lam)``:
+        the exact gradient and RLOO's estimate are linear in the KL-penalized reward. So one
+        optimizer, and one compiled program per ``k``, serves every learning rate."""
+        steps, reached, tied = (
+            np.zeros((*leading, num)),
+            np.zeros((*leading, num), bool),
+            np.full((*leading, num), np.nan),
+        )
+        for b, (rows, budget) in enumerate(buckets):
+            tile = lambda x: jnp.broadcast_to(jnp.asarray(x), (*leading, *jnp.shape(x)))  # noqa: E731
+            out = ascent.ascent_first_passage(
+                tile(one_prompt(inst.logits[rows])),
+                tile(one_prompt(lr[rows, None] * inst.rm[rows])),
+                tile(jnp.asarray(inst.gamma[rows])[:, None]),
+                jax.random.fold_in(jax.random.key(config.seed), 1000 * (k or 0) + b),
+                k=k,
+                kl_coef=tile(lr[rows] * inst.kl_coef[rows]),
+                eval_rewards=tile(one_prompt(inst.eval[rows])),
+                optimizer=UNIT_SGD,
+                max_steps=budget,
+                policy=policy,
+            )
+            steps[..., rows] = np.asarray(out.steps)[..., 0]
+            reached[..., rows] = np.asarray(out.reached)[..., 0]
+            tied[..., rows] = np.asarray(out.tied_share)[..., 0]
+        return steps, reached, tied
+
+    steps, reached, _ = first_passage(None)
+    exact_t = np.where(reached, lr * steps, np.inf)
+    per_k = {}
+    for k in config.passage_ks:
+        steps, reached, tied = first_passage(k, (seeds,))
+        reached &= timed
+        times = np.where(reached, lr * steps, np.nan)
+        with np.errstate(invalid="ignore"):
+            mean, sd = np.nanmean(times, 0), np.nanstd(times, 0, ddof=1)  # over the seeds that passed
+        per_k[str(k)] = {
+            "censored": np.where(timed, (~reached).sum(0), 0).tolist(),  # seeds not passed in their budget
+            "mean": mean.tolist(),
+            "sd": sd.tolist(),
+            "tied_along": np.nanmean(tied, 0).tolist(),
+            "tied_start": np.asarray(
+                metrics.tied_group_probability(jnp.asarray(inst.logits), jnp.asarray(inst.rm), k=k)
+            ).tolist(),
+            "snr": _initial_snr(policy, inst.logits, inst.rm, k),
+        }
+        progress(
+            f"sampling: RLOO k = {k}, {seeds} seeds x {num} instances, {int((~reached & timed).sum())} runs censored"
+        )
+    passage = {
+        "instances": num,
+        "families": list(FAMILIES),
+        "family": inst.family.tolist(),
+        "problem": inst.problem.tolist(),
+        "level": inst.level.tolist(),
+        "variance": inst.variance.tolist(),
+        "kl_coef": inst.kl_coef.tolist(),
+        "flow": flow_t.tolist(),
+        "exact_ascent": exact_t.tolist(),
+        "learning_rate": lr.tolist(),
+        "max_steps": max_steps.tolist(),
+        "seeds": seeds,
+        "k": per_k,
+    }
+    incomplete = np.any([np.asarray(v["censored"]) > 0 for v in per_k.values()], axis=0)
+    passage["censored_instances"] = int(np.sum(~timed | incomplete))
+    passage["fits"] = _passage_fits(passage, config)
+    return passage
+
+
+def _initial_snr(policy, logits, rewards, k) -> list[float]:
+    """Exact signal-to-noise ratio ``||E g||^2 / trace Cov g`` of one RLOO group at each
+    instance's initial policy, all instances in one call. The reference is the initial policy,
+    so the KL and its gradient vanish there and ``lam`` does not enter: instances that differ
+    only in ``lam`` are computed once."""
+    unique, index = np.unique(np.concatenate([logits, rewards], -1), axis=0, return_inverse=True)
+    width = logits.shape[-1]
+    moments = E.estimate_moments(
+        E.Estimator("rloo", k=k), policy, jnp.asarray(unique[:, :width]), jnp.asarray(unique[:, width:])
+    )
+    mean, covariance = np.asarray(moments.mean), np.asarray(moments.covariance)
+    snr = np.sum(mean**2, -1) / np.trace(covariance, axis1=-2, axis2=-1)
+    return snr[index.ravel()].tolist()
+
+
+def _passage_fits(passage: dict, config: EstimatorsConfig) -> dict:
+    """Per family: log-log slopes against the initial variance (within base problems, bootstrap
+    over problems) of the flow's ``t_gamma``, the exact ascent's time and, per ``k``, the mean
+    sampled time (instances where every seed passed) and the initial signal-to-noise ratio;
+    sampled over flow time ratios; tied-group shares."""
+    family = np.asarray(passage["family"])
+    problem = np.asarray(passage["problem"])
+    variance = np.asarray(passage["variance"])
+    flow_t, exact_t = np.asarray(passage["flow"]), np.asarray(passage["exact_ascent"])
+    boot = dict(num_bootstrap=config.passage_bootstrap, seed=config.seed)
+
+    def slope(rows, y):
+        ok = rows & np.isfinite(y) & (y > 0)
+        value, (low, high) = loglog_slope(variance[ok], y[ok], groups=problem[ok], **boot)
+        return {"slope": value, "ci": [low, high], "n": int(ok.sum())}
+
+    fits = {}
+    for f, name in enumerate(passage["families"]):
+        rows = family == f
+        timed = rows & np.isfinite(flow_t)
+        entry = {
+            "instances": int(rows.sum()),
+            "flow_not_reached": int((rows & ~np.isfinite(flow_t)).sum()),
+            "variance_range": [float(variance[rows].min()), float(variance[rows].max())],
+            "flow": slope(rows, flow_t),
+            "exact_ascent": slope(rows, exact_t),
+            "exact_ratio": _ratio_summary(exact_t[timed] / flow_t[timed]),
+            "k": {},
+        }
+        for k, run in passage["k"].items():
+            mean = np.asarray(run["mean"], float)
+            complete = timed & (np.asarray(run["censored"]) == 0)
+            ratio = mean[complete] / flow_t[complete]
+            by_level = _level_medians(passage, f, np.where(complete, mean / flow_t, np.nan))[1]
+            entry["k"][k] = {
+                "sampled": slope(complete, mean),
+                "incomplete": int((timed & ~complete).sum()),
+                "ratio": _ratio_summary(ratio),
+                "ratio_by_level": by_level.tolist(),  # largest variance first
+                "cv": float(np.median(np.asarray(run["sd"])[complete] / mean[complete])) if complete.any() else None,
+                "tied_start": [
+                    float(np.min(np.asarray(run["tied_start"])[rows])),
+                    float(np.max(np.asarray(run["tied_start"])[rows])),
+                ],
+                "tied_along": float(np.median(np.asarray(run["tied_along"])[complete])) if complete.any() else None,
+                "snr": slope(rows, np.asarray(run["snr"])),
+                "snr_range": [float(np.min(np.asarray(run["snr"])[rows])), float(np.max(np.asarray(run["snr"])[rows]))],
+            }
+        fits[name] = entry
+    return fits
+
+
+def _ratio_summary(ratio) -> dict:
+    ratio = np.asarray(ratio, float)
+    if ratio.size == 0:
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(np.median(ratio)), "min": float(np.min(ratio)), "max": float(np.max(ratio))}
+
+
 def _snr_ends(rows) -> dict:
     """Per k, RLOO's (k1 in the reward) signal-to-noise ratio at the largest and the smallest
-    reward variance: a task-dominated and a KL-dominated plateau, not a power law."""
+    reward variance: a task-dominated and a KL-dominated plateau, not a power law; and the same
+    with ``lam = 0``, where rescaling the rewards rescales the mean and the noise alike."""
     return {
-        str(row["k"]): {"high": row["snr"][0], "low": row["snr"][-1]}
+        str(row["k"]): {
+            "high": row["snr"][0],
+            "low": row["snr"][-1],
+            "without_kl_high": row["snr_without_kl"][0],
+            "without_kl_low": row["snr_without_kl"][-1],
+        }
         for row in rows
         if row["name"] == f"rloo(k={row['k']}), k1 in reward"
     }
@@ -216,7 +562,7 @@ def _verdict(summary: dict, config: EstimatorsConfig) -> str:
     closed = [r for r in rows if r["followed_error"] is not None]
     grpo = [r for r in rows if r["name"] == f"grpo(k={r['k']}), k1 in reward"]
     text = (
-        f"{summary['instances']} exact estimator means; {len(claimed)} that should be unbiased for "
+        f"{summary['means']} exact estimator means; {len(claimed)} that should be unbiased for "
         f"E r - lam KL: {v['unbiased']} biased beyond {config.tolerance:g}; {len(closed)} with a closed form: "
         f"{v['followed']} off it"
     )
@@ -224,6 +570,15 @@ def _verdict(summary: dict, config: EstimatorsConfig) -> str:
         text += (
             f"; GRPO (k1 in the reward) relative bias {fmt(min(min(r['relative_bias']) for r in grpo))} to "
             f"{fmt(max(max(r['relative_bias']) for r in grpo))} across k and reward scales"
+        )
+    fits = summary["passage"]["fits"]
+    ratios = [run["ratio"] for fit in fits.values() for run in fit["k"].values() if run["ratio"]["median"] is not None]
+    gaps = [abs(run["sampled"]["slope"] - fit["flow"]["slope"]) for fit in fits.values() for run in fit["k"].values()]
+    if ratios:
+        text += (
+            f"; under sampling, RLOO's mean first-passage time is {fmt(min(r['min'] for r in ratios))} to "
+            f"{fmt(max(r['max'] for r in ratios))} times the flow's t_gamma, and its slope against the initial "
+            f"variance is within {fmt(max(gaps))} of the flow's in every family and k"
         )
     return text
 
@@ -260,42 +615,182 @@ def _findings(summary: dict, config: EstimatorsConfig) -> str:
         text.append(
             "Signal-to-noise ratio of one RLOO group (k1 in the reward), largest to smallest reward variance: "
             + "; ".join(f"k = {kk}: {fmt(e['high'])} to {fmt(e['low'])}" for kk, e in ends.items())
+            + "; with lam = 0: "
+            + "; ".join(
+                f"k = {kk}: {fmt(e['without_kl_high'])} to {fmt(e['without_kl_low'])}" for kk, e in ends.items()
+            )
             + "."
         )
     return " ".join(text)
 
 
+def _interval(fit: dict) -> str:
+    return f"{fmt(fit['slope'])} [{fmt(fit['ci'][0])}, {fmt(fit['ci'][1])}]"
+
+
+def _sampling_findings(passage: dict) -> str:
+    """Sentences computed from Theorem 1 under sampling."""
+    fits = passage["fits"]
+    ks = list(passage["k"])
+    text = []
+    for name, fit in fits.items():
+        runs = fit["k"]
+        slopes = [runs[k]["sampled"]["slope"] for k in ks]
+        overlap = [
+            max(runs[k]["sampled"]["ci"][0], fit["flow"]["ci"][0])
+            <= min(runs[k]["sampled"]["ci"][1], fit["flow"]["ci"][1])
+            for k in ks
+        ]
+        gap = max(abs(x - fit["flow"]["slope"]) for x in slopes)
+        ends = [(runs[k]["ratio_by_level"][0], runs[k]["ratio_by_level"][-1]) for k in ks]
+        text.append(
+            f"**{name}**: the flow's slope of t_gamma against the initial variance is {_interval(fit['flow'])}; "
+            f"RLOO's mean first-passage time has slopes {fmt(min(slopes))} to {fmt(max(slopes))} over k = "
+            f"{ks[0]}..{ks[-1]} (intervals overlapping the flow's for {sum(overlap)} of {len(ks)} k; largest "
+            f"difference {fmt(gap)}). Mean sampled time over flow time, median over problems at the largest and "
+            f"the smallest variance: "
+            + "; ".join(f"k = {k}: {fmt(hi)} and {fmt(lo)}" for k, (hi, lo) in zip(ks, ends))
+            + f". Exact-gradient ascent at the same learning rate: {fmt(fit['exact_ratio']['median'])}x the flow "
+            f"(median; at most {fmt(fit['exact_ratio']['max'])}x)."
+        )
+        for end, costlier in (
+            ("largest", all(hi > lo for hi, lo in ends)),
+            ("smallest", all(hi < lo for hi, lo in ends)),
+        ):
+            if costlier:
+                text[-1] += f" For every k, sampling costs most at the {end} variance."
+    peaked = fits.get("peaked")
+    if peaked:
+        runs = peaked["k"]
+        text.append(
+            f"In the peaked family the share of groups whose {ks[0]} rewards tie goes up to "
+            f"{fmt(runs[ks[0]]['tied_start'][1])} at the start (median along the run {fmt(runs[ks[0]]['tied_along'])}); "
+            f"with k = {ks[-1]} up to {fmt(runs[ks[-1]]['tied_start'][1])} (median {fmt(runs[ks[-1]]['tied_along'])}). "
+            f"One group's signal-to-noise ratio there grows with the variance with slopes "
+            + ", ".join(f"{_interval(runs[k]['snr'])} (k = {k})" for k in ks)
+            + "; the coefficient of variation of the sampled passage time is "
+            + ", ".join(f"{fmt(runs[k]['cv'])} (k = {k})" for k in ks)
+            + (
+                f", a factor {fmt(runs[ks[0]]['cv'] / runs[ks[-1]]['cv'])} from k = {ks[0]} to {ks[-1]} "
+                f"(sqrt({int(ks[-1]) // int(ks[0])}) = {fmt(math.sqrt(int(ks[-1]) / int(ks[0])))})"
+                if len(ks) > 1 and runs[ks[0]]["cv"] and runs[ks[-1]]["cv"]
+                else ""
+            )
+            + "."
+        )
+    scaled = fits.get("scaled")
+    if scaled:
+        runs = scaled["k"]
+        text.append(
+            "In the scaled family (lam = 0) one group's signal-to-noise ratio does not depend on the variance "
+            "(slopes " + ", ".join(fmt(runs[k]["snr"]["slope"]) for k in ks) + "): rescaling the reward rescales the "
+            "estimate's mean and its spread alike; it grows with k, from "
+            + f"{fmt(runs[ks[0]]['snr_range'][0])}-{fmt(runs[ks[0]]['snr_range'][1])} at k = {ks[0]} to "
+            f"{fmt(runs[ks[-1]]['snr_range'][0])}-{fmt(runs[ks[-1]]['snr_range'][1])} at k = {ks[-1]}."
+        )
+    return "\n\n".join(text)
+
+
+def _sampling_table(passage: dict) -> str:
+    rows = []
+    for name, fit in passage["fits"].items():
+        for k, run in fit["k"].items():
+            rows.append(
+                f"| {name} | {k} | {_interval(fit['flow'])} | {_interval(run['sampled'])} | "
+                f"{fmt(run['ratio']['median'])} ({fmt(run['ratio']['min'])}-{fmt(run['ratio']['max'])}) | "
+                f"{fmt(run['cv'])} | {fmt(run['tied_along'])} | {_interval(run['snr'])} | "
+                f"{run['incomplete']} |"
+            )
+    return "\n".join(rows)
+
+
+MAPS = (  # (panel title, estimator name at k without its "(k=...)", measure)
+    ("GRPO, k1 in reward: relative bias", "grpo, k1 in reward", "relative_bias"),
+    ("RLOO, k1 in loss: relative bias", "rloo, k1 in loss", "relative_bias"),
+    ("RLOO, k3 in loss: relative bias", "rloo, k3 in loss", "relative_bias"),
+    ("RLOO, k2 in reward: relative bias", "rloo, k2 in reward", "relative_bias"),
+    ("RLOO, group normalization: relative bias", "rloo, k1 in reward, group normalization", "relative_bias"),
+    ("REINFORCE, k1 in reward: SNR", "reinforce, k1 in reward", "snr"),
+    ("RLOO, k1 in reward: SNR", "rloo, k1 in reward", "snr"),
+    ("RLOO, lam = 0: SNR", "rloo, k1 in reward", "snr_without_kl"),
+)
+
+
+def _map_values(rows, name, measure, ks) -> np.ndarray:
+    """``[len(ks), scales]`` of ``measure`` for the estimator called ``name`` (its ``(k=...)`` left out)."""
+    adv, rest = name.split(", ", 1)
+    by_name = {r["name"]: r for r in rows}
+    return np.array([by_name[f"{adv}(k={k}), {rest}"][measure] for k in ks], float)
+
+
 def _figure(summary: dict, config: EstimatorsConfig, path: Path):
+    """Maps over reward variance (columns, largest first) and ``k`` (rows), one per measure."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    variance = np.asarray(summary["variance"])
-    k = config.ks[len(config.ks) // 2]
-    for name in (
-        f"grpo(k={k}), k1 in reward",
-        f"dr_grpo(k={k}), k1 in reward",
-        f"rloo(k={k}), k1 in loss",
-        f"rloo(k={k}), k3 in loss",
-        f"rloo(k={k}), k2 in reward",
-        f"rloo(k={k}), k1 in reward, group normalization",
-    ):
-        row = next((r for r in summary["estimators"] if r["name"] == name), None)
-        if row is not None:
-            left.loglog(variance, np.maximum(row["relative_bias"], 1e-17), "o-", label=name)
-    left.set(
-        xlabel="reward variance under the policy",
-        ylabel="relative bias against grad(E r - lam KL)",
-        title=f"exact bias, k = {k} (median over problems)",
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6.4))
+    variance = summary["variance"]
+    for ax, (title, name, measure) in zip(axes.ravel(), MAPS):
+        values = _map_values(summary["estimators"], name, measure, config.ks)
+        image = ax.imshow(np.log10(np.maximum(values, 1e-17)), aspect="auto", cmap="viridis")
+        for (i, j), value in np.ndenumerate(values):
+            ax.text(j, i, fmt(value, 2), ha="center", va="center", fontsize=7, color="white")
+        ax.set_xticks(range(len(variance)), [fmt(v, 2) for v in variance], fontsize=7)
+        ax.set_yticks(range(len(config.ks)), [str(k) for k in config.ks])
+        ax.set(xlabel="reward variance (median over problems)", ylabel="k", title=title)
+        ax.title.set_fontsize(9)
+        fig.colorbar(image, ax=ax, label="log10")
+    fig.suptitle(
+        f"Exact estimator moments against grad(E r - lam KL), lam = {config.kl_coef:g} (medians over problems)"
     )
-    left.legend(fontsize=7)
-    for row in summary["estimators"]:
-        if row["name"] == f"rloo(k={row['k']}), k1 in reward":
-            right.loglog(variance, row["snr"], "o-", label=f"RLOO k = {row['k']}")
-    right.set(
-        xlabel="reward variance under the policy",
-        ylabel="||E g||^2 / trace Cov g (one group)",
-        title="signal-to-noise ratio, RLOO with k1 in the reward",
+    save_figure(fig, path)
+
+
+def _level_medians(passage: dict, family: int, values) -> tuple[np.ndarray, np.ndarray]:
+    """Per variance level of ``family``: the median over base problems of the variance and of
+    ``values`` (NaN where any is missing)."""
+    family_rows = np.asarray(passage["family"]) == family
+    level = np.asarray(passage["level"])[family_rows]
+    variance = np.asarray(passage["variance"])[family_rows]
+    values = np.asarray(values, float)[family_rows]
+    levels = np.unique(level)
+    return (
+        np.array([np.median(variance[level == j]) for j in levels]),
+        np.array([np.median(values[level == j]) for j in levels]),
     )
-    right.legend(fontsize=7)
+
+
+def _passage_figure(passage: dict, path: Path):
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
+    colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(passage["k"])))
+    flow_t = np.asarray(passage["flow"])
+    for f, (ax, name) in enumerate(zip(axes[0], passage["families"])):
+        ax.loglog(*_level_medians(passage, f, flow_t), "k-", lw=2, label="exact flow t_gamma")
+        ax.loglog(*_level_medians(passage, f, passage["exact_ascent"]), "k--", label="exact-gradient ascent")
+        for color, (k, run) in zip(colors, passage["k"].items()):
+            ax.loglog(*_level_medians(passage, f, run["mean"]), "o", color=color, label=f"RLOO k = {k} (mean of seeds)")
+        ax.set(xlabel="initial reward variance", ylabel="time to gain gamma", title=f"{name} (medians over problems)")
+        ax.legend(fontsize=7)
+    ratio_ax, tied_ax, snr_ax = axes[1]
+    for f, (name, style) in enumerate(zip(passage["families"], ("s--", "^:", "o-"))):
+        for color, (k, run) in zip(colors, passage["k"].items()):
+            label = f"{name}, k = {k}"
+            variance, ratio = _level_medians(passage, f, np.asarray(run["mean"]) / flow_t)
+            ratio_ax.semilogx(variance, ratio, style, color=color, label=label, ms=4)
+            if name != "scaled_kl":  # the same groups as "scaled" at the start
+                tied_ax.loglog(*_level_medians(passage, f, run["tied_along"]), style, color=color, label=label, ms=4)
+                snr_ax.loglog(*_level_medians(passage, f, run["snr"]), style, color=color, label=label, ms=4)
+    ratio_ax.axhline(1.0, color="k", lw=0.8)
+    ratio_ax.set(xlabel="initial reward variance", ylabel="mean sampled time / flow t_gamma", title="cost of sampling")
+    tied_ax.set(
+        xlabel="initial reward variance",
+        ylabel="P(k rewards of a group tie)",
+        title="groups with zero sampled variance (mean along the run)",
+    )
+    snr_ax.set(
+        xlabel="initial reward variance", ylabel="||E g||^2 / trace Cov g", title="SNR of one RLOO group at the start"
+    )
+    for ax in axes[1]:
+        ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path)
 
 
@@ -308,7 +803,7 @@ def _markdown(summary: dict, config: EstimatorsConfig) -> str:
         for r in summary["estimators"]
         if r["k"] == k
     )
-    v = summary["violations"]
+    v, passage = summary["violations"], summary["passage"]
     high, low = summary["variance"][0], summary["variance"][-1]
     return f"""## What each estimator optimizes: the exact estimator atlas
 
@@ -317,10 +812,12 @@ def _markdown(summary: dict, config: EstimatorsConfig) -> str:
 {config.problems} random one-prompt problems on an autoregressive-tabular policy (V = {config.vocab_size},
 L = {config.length}), a reference policy at distance {config.ref_distance:g}, `lam = {config.kl_coef:g}`, task
 rewards scaled so that their variance under the policy runs from {fmt(high)} to {fmt(low)}; every estimator's
-gradient mean and covariance is exact (all `|Y|^k` groups). Violations: should-be-unbiased estimators
+gradient mean and covariance is exact (every multiset of k outputs). Violations: should-be-unbiased estimators
 biased beyond {config.tolerance:g}: {v["unbiased"]}; means off their closed form: {v["followed"]}.
 
 {_findings(summary, config)}
+
+![bias and signal-to-noise maps](figures/{NAME}.png)
 
 At k = {k} (medians over problems; "high"/"low" are the largest and smallest reward variance):
 
@@ -328,5 +825,28 @@ At k = {k} (medians over problems; "high"/"low" are the largest and smallest rew
 |---|---|---|---|---|---|---|---|---|
 {rows}
 
-![bias and signal-to-noise](figures/{NAME}.png)
+### Theorem 1 under sampling
+
+{passage["instances"]} one-prompt tabular problems (|Y| = {config.passage_outputs}; {config.passage_problems} base
+problems x {config.passage_levels} variance levels over {config.passage_decades:g} decades x 3 families:
+`scaled` (r_RM = eps r, lam = 0), `scaled_kl` (the same with lam = {config.kl_coef:g}), `peaked` (lam = 0, the initial
+policy concentrated on its worst output); docs/theory.md#theorem-1-under-sampling). Each is timed by the exact flow,
+by exact-gradient ascent and by RLOO ascent (k1 in the reward) with k = {", ".join(passage["k"])} and
+{passage["seeds"]} seeds; one SGD learning rate per family, its fastest flow time over
+{config.passage_resolution}. Runs not passed within {config.censor_factor:g}x their level's slowest flow time are
+censored: {passage["censored_instances"]} instances have a censored run or no flow time, and are left out of the
+fits below.
+
+{_sampling_findings(passage)}
+
+| family | k | flow slope [95%] | RLOO slope [95%] | sampled / flow time, median (range) | CV of sampled time | tied groups along the run | SNR slope [95%] | instances left out |
+|---|---|---|---|---|---|---|---|---|
+{_sampling_table(passage)}
+
+Slopes are within base problems, with bootstrap intervals over problems; "tied groups" is the median over instances
+of the mean, along a run, of the exact probability that a group's k rewards are all equal (its RLOO advantages are
+then 0); the coefficient of variation is over seeds (ddof = 1). The signal-to-noise ratio is that of one group at the
+initial policy, which is also the reference: the KL vanishes there, so `scaled_kl` shares `scaled`'s.
+
+![first-passage times under sampling](figures/{NAME}_passage.png)
 """
