@@ -44,8 +44,9 @@ class AscentPassage(NamedTuple):
       reached: whether the gain was reached within ``max_steps`` (the others are censored).
       tied_share: the mean, over the updates taken (up to the passage), of the exact
         probability that a group of ``k`` samples has all task rewards equal
-        (:func:`jaxrm.metrics.tied_group_probability`), where RLOO's advantages vanish; ``k = 1``
-        for the exact gradient, so 1.
+        (:func:`jaxrm.metrics.tied_group_probability`); RLOO's advantages vanish on such a group
+        when ``lam = 0``, or when it repeats one output. 1 for the exact gradient (a "group" of
+        one); 0 where no update was taken.
     """
 
     steps: Any
@@ -246,7 +247,8 @@ def ascent_first_passage(
       key: the sampling key (required with ``k``; step ``n`` uses ``fold_in(key, n)``).
       max_steps: most updates (an int >= 0); a prompt not passed by then is censored. It is not
         compiled in: one program serves every budget.
-      k, advantage_estimator: the :class:`SampledGradient`; ``k=None`` for the exact gradient.
+      k, advantage_estimator: the :class:`SampledGradient`; ``k=None`` for the exact gradient
+        (then ``advantage_estimator`` must stay at its default).
 
     Returns:
       :class:`AscentPassage`.
@@ -268,7 +270,11 @@ def ascent_first_passage(
     )
     if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
         raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
+    if max_steps > np.iinfo(np.int32).max:
+        raise ValueError(f"max_steps must fit in int32, got {max_steps}.")
     if k is None:
+        if advantage_estimator != "rloo":
+            raise ValueError(f"advantage_estimator={advantage_estimator!r} needs k samples per step (k is None).")
         gradient, group_size, key = _exact_gradient, 1, jax.random.key(0) if key is None else key
     else:
         if key is None:
@@ -322,7 +328,10 @@ def _passage(
         return (carry.step < max_steps) & ~jnp.all(carry.reached)
 
     def body(carry):
-        tied = metrics.tied_group_probability(policy.log_probs(carry.logits), rm_rewards, k=group_size)
+        if group_size == 1:
+            tied = jnp.ones_like(carry.tied)
+        else:
+            tied = metrics.tied_group_probability(policy.log_probs(carry.logits), rm_rewards, k=group_size)
         logits, opt_state = _update(
             gradient,
             optimizer,

@@ -20,8 +20,9 @@ samples). :func:`compare` measures the mean against a target gradient: bias, cos
 variance and signal-to-noise ratio. :func:`kl_gradients` gives the exact gradients of the
 objectives that the biased placements follow instead (derived in docs/theory.md).
 
-Everything is float64-friendly, pure and jit-compatible; the policy is one prompt's (its
-parameters carry a leading prompt axis of size 1, as :mod:`jaxrm.tabular` expects).
+Everything is float64-friendly, pure and jit-compatible. The policy's parameters carry a
+leading prompt axis, as :mod:`jaxrm.tabular` expects: of size 1 for one prompt (the moments of
+several prompts come stacked from one call of :func:`estimate_moments`).
 
 >>> import jax.numpy as jnp
 >>> from jaxrm.tabular import TabularPolicy
@@ -136,8 +137,8 @@ class Moments(NamedTuple):
     """Exact moments of a gradient estimate, flattened over the policy's parameters.
 
     Attributes:
-      mean: ``[D]``, ``E[g]``.
-      covariance: ``[D, D]``, ``Cov[g]`` of one group's estimate.
+      mean: ``[D]``, ``E[g]`` (``[S, D]`` for ``S`` prompts).
+      covariance: ``[D, D]``, ``Cov[g]`` of one group's estimate (``[S, D, D]``).
       groups: how many multisets of ``k`` outputs were enumerated (``C(|Y| + k - 1, k)``).
     """
 
@@ -391,7 +392,10 @@ def _gradient(estimator: Estimator, tables: _Tables, rewards, samples, kl_coef) 
             value = value + kl_coef * pg.aggregate(kl, mask, mode=aggregation)
         return value
 
-    gradient = -jnp.einsum("kl,kld->d", jax.grad(loss)(rollout_tokens), tables.jacobian[samples])
+    # The samples' token cotangents, summed per output: one [Y, L] x [Y, L, D] contraction
+    # (a batch of groups is one matrix product, in memory ~ groups x Y x L).
+    cotangent = jnp.zeros(tables.tokens.shape, tables.tokens.dtype).at[samples].add(jax.grad(loss)(rollout_tokens))
+    gradient = -jnp.einsum("yl,yld->d", cotangent, tables.jacobian)
     if estimator.filter_zero_variance:
         gradient = jnp.where(jnp.all(raw == raw[0]), 0.0, gradient)
     return gradient
@@ -428,12 +432,12 @@ def estimate_moments(
 
     Args:
       estimator: the :class:`Estimator`.
-      policy: an exact policy; ``logits`` its parameters for one prompt (prompt axis of size 1).
+      policy: an exact policy; ``logits`` its parameters (prompt axis of size 1, or ``S``).
       rewards: ``[|Y|]`` task rewards of every output (``[S, |Y|]`` for ``S`` prompts).
       kl_coef: ``lam >= 0``.
       ref_logits: the reference policy's parameters (default: the current ones, where every KL
         and its gradient vanish).
-      chunk: multisets per vectorized batch (memory ~ ``chunk * D``).
+      chunk: multisets per vectorized batch (memory ~ ``chunk * max(|Y| * L, D)`` per prompt).
       max_groups: refuse more multisets than this.
     """
     options = dict(kl_coef=kl_coef, ref_logits=ref_logits, chunk=chunk, max_groups=max_groups)
@@ -505,7 +509,7 @@ def estimate_many_moments(
     return [Moments(first[..., e, :], covariance[..., e, :, :], groups) for e in range(len(estimators))]
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def _multisets(num_outputs: int, k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """``(samples [rows, k], log_counts [rows])``: every multiset of ``k`` of ``num_outputs``
     outputs as a sorted index tuple, with the log of the number of orderings it stands for
@@ -516,11 +520,14 @@ def _multisets(num_outputs: int, k: int, rows: int) -> tuple[np.ndarray, np.ndar
         itertools.chain.from_iterable(itertools.combinations_with_replacement(range(num_outputs), k)), np.int32
     ).reshape(-1, k)
     samples[: len(combos)] = combos
-    counts = np.zeros((len(combos), num_outputs), np.int64)
-    np.add.at(counts, (np.arange(len(combos))[:, None], combos), 1)
-    log_factorial = np.array([math.lgamma(c + 1) for c in range(k + 1)])
+    # Sorted tuples: an output occurring c times is a run of length c, and log c! is the sum of
+    # log(position within the run) along it, so no [multisets, |Y|] count table is needed.
+    run = np.ones(len(combos))
     log_counts = np.full(rows, -np.inf)
-    log_counts[: len(combos)] = log_factorial[k] - log_factorial[counts].sum(-1)
+    log_counts[: len(combos)] = math.lgamma(k + 1)
+    for j in range(1, k):
+        run = np.where(combos[:, j] == combos[:, j - 1], run + 1, 1.0)
+        log_counts[: len(combos)] -= np.log(run)
     return samples, log_counts
 
 

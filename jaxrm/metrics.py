@@ -113,9 +113,11 @@ def tied_group_probability(logits: ArrayLike, rewards: ArrayLike, *, k: int) -> 
     """Probability that ``k`` independent samples of the policy all get the same reward.
 
     ``P(r(y_1) = ... = r(y_k)) = sum_y p(y) P(r = r(y))^(k - 1)`` with ``p = softmax(logits)``:
-    the share of groups whose sampled reward variance is zero, where RLOO's and GRPO's advantages
-    vanish (docs/theory.md#what-each-estimator-optimizes). With distinct rewards it is
-    ``sum_y p(y)^k``. Exact ties only (``O(Y^2)`` memory).
+    the share of groups whose sampled reward variance is zero (docs/theory.md#theorem-1-under-sampling).
+    RLOO's and GRPO's task advantages vanish on them; with a KL folded into the reward, so do
+    the whole advantages when the group repeats one output, which is the only way to tie when
+    rewards are distinct (then the probability is ``sum_y p(y)^k``). Exact ties only (``O(Y^2)``
+    memory).
 
     Args:
       logits: ``[..., Y]`` unnormalized log-probabilities of the outputs.
@@ -129,7 +131,7 @@ def tied_group_probability(logits: ArrayLike, rewards: ArrayLike, *, k: int) -> 
     >>> float(tied_group_probability(jnp.log(jnp.array([0.5, 0.25, 0.25])), jnp.array([0.0, 1.0, 1.0]), k=2))
     0.5
     """
-    if not (isinstance(k, int) and k >= 1):
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         raise ValueError(f"k must be an int >= 1, got {k!r}.")
     _validate_exact(logits, rewards, None)
     probs = probabilities(logits)

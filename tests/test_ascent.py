@@ -122,3 +122,9 @@ def test_first_passage_refuses_bad_input(problem):
         ascent_first_passage(logits, rewards, 0.1, k=2, optimizer=optax.sgd(1.0), max_steps=1)
     with pytest.raises(ValueError, match="max_steps must be a non-negative int"):
         ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=-1)
+    with pytest.raises(ValueError, match="max_steps must fit in int32"):
+        ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=2**31)
+    with pytest.raises(ValueError, match="advantage_estimator='grpo' needs k samples"):
+        ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=1, advantage_estimator="grpo")
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        metrics.tied_group_probability(logits, rewards, k=True)

@@ -175,6 +175,14 @@ CONFIG_CASES = [
     (lambda: TightnessConfig(classes=("tabular", "mlp")), r"TightnessConfig\.classes=\('tabular', 'mlp'\)"),
     (lambda: EstimatorsConfig(vocab_size=4, length=3, ks=(2, 8)), r"EstimatorsConfig\.ks=\(2, 8\).*exceed 2e6"),
     (lambda: EstimatorsConfig(censor_factor=1.0), r"EstimatorsConfig\.censor_factor=1\.0: must be > 1"),
+    (
+        lambda: EstimatorsConfig(passage_ks=(2, 2)),
+        r"EstimatorsConfig\.passage_ks=\(2, 2\): the group sizes must be distinct",
+    ),
+    (
+        lambda: EstimatorsConfig(passage_outputs=30, passage_ks=(16,)),
+        r"EstimatorsConfig\.passage_ks=\(16,\).*exceed 2e6",
+    ),
     (lambda: EstimatorsConfig(passage_problems=1), r"EstimatorsConfig\.passage_problems=1: must be >= 2"),
     (lambda: Estimator("grpo", k=1), r"Estimator\.k=1"),
     (lambda: Estimator(kl_estimator="k4"), r"kl_estimator"),

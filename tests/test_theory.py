@@ -481,12 +481,15 @@ def test_theorem1_under_sampling_times_flow_and_ascents_on_the_same_instances(qu
     assert scaled["flow"]["slope"] == pytest.approx(-0.5, abs=1e-6)  # a time rescaling
     assert scaled["k"]["2"]["snr"]["slope"] == pytest.approx(0.0, abs=1e-9)  # lam = 0: scale-free SNR
     peaked = passage["fits"]["peaked"]["k"]["2"]
-    assert peaked["snr"]["slope"] > 0.5 and peaked["tied_start"][1] > 0.9  # concentrated: most groups tie
+    assert peaked["snr"]["slope"] > 0.5 and peaked["tied_start_max"] > 0.9  # concentrated: most groups tie
     text = estimators._sampling_findings(passage)
     assert "**peaked**" in text and "k = 2" in text
     altered = json.loads(json.dumps(passage))
-    altered["fits"]["peaked"]["k"]["2"]["ratio_by_level"] = [1.5, 2.5, 3.5]
-    assert "k = 2: 1.5 and 3.5" in estimators._sampling_findings(altered)
+    altered["fits"]["peaked"]["k"]["2"]["sampling_by_level"] = [1.5, 2.5, 3.5]
+    altered["fits"]["peaked"]["k"]["2"]["snr"]["ci"] = [-2.0, -1.0]
+    altered_text = estimators._sampling_findings(altered)
+    assert "k = 2: 1.5 and 3.5" in altered_text and "sampling costs most at the smallest variance" in altered_text
+    assert "falls with the variance at k = 2" in altered_text and "falls with" not in text
     assert (quick_run[1] / "figures" / "estimators_passage.png").stat().st_size > 0
 
 

@@ -22,7 +22,8 @@ STUDIES = {
     ),
     "estimators": (
         "theory.estimators",
-        "What each sampled estimator optimizes: exact gradient moments of RLOO, GRPO, KL placements",
+        "What each sampled estimator optimizes: exact gradient moments of RLOO, GRPO, KL placements; "
+        "Theorem 1 under sampling (RLOO ascent against the flow)",
     ),
     "paradox": (
         "theory.paradox",

@@ -58,8 +58,8 @@ QUICK_XLA_FLAG = "--xla_backend_optimization_level=0"
 def _quick_compiles(quick: bool):
     """For a quick run, XLA_FLAGS with the backend optimizations off while the studies run (and
     in the processes they run in), then as before. A quick run is mostly compiling, and its small
-    programs gain less run time from the optimizations than they cost to compile: 67 s against
-    44 s for the whole quick run on 2 CPU cores. XLA reads the flags when a process first
+    programs gain less run time from the optimizations than they cost to compile: about 67 s
+    against 49 s for the whole quick run on 2 CPU cores. XLA reads the flags when a process first
     computes, so an interpreter that already has computed keeps its own."""
     previous = os.environ.get("XLA_FLAGS")
     if quick and "xla_backend_optimization_level" not in (previous or ""):

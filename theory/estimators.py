@@ -3,7 +3,7 @@
 For random one-prompt problems on an autoregressive-tabular policy (a current and a reference
 policy, task rewards ``scale * U(-1, 1)`` at several scales), every estimator of
 :func:`jaxrm.estimators.grid` at every ``k`` gets its exact gradient mean and covariance
-(:func:`jaxrm.estimators.estimate_many_moments`, all ``|Y|^k`` groups), compared with the
+(:func:`jaxrm.estimators.estimate_many_moments`, every multiset of ``k`` outputs), compared with the
 gradient of the objective it claims, ``E r - lam KL(pi || pi_ref)``, and with the closed form
 it follows (:func:`jaxrm.estimators.followed_gradient`).
 
@@ -15,7 +15,7 @@ Theorem 1 under sampling (docs/theory.md#theorem-1-under-sampling): on one-promp
 problems whose reward variance spans several decades (:func:`make_passage_instances`), the
 exact flow's ``t_gamma`` (:func:`jaxrm.flow.t_gamma`), the exact-gradient ascent and RLOO
 ascent with ``k`` samples per step and many seeds (:func:`jaxrm.ascent.ascent_first_passage`,
-one SGD learning rate for all, so that time is ``lr x updates``) are timed side by side, with
+one SGD learning rate per family, so that time is ``lr x updates``) are timed side by side, with
 the share of groups whose ``k`` rewards tie and the exact signal-to-noise ratio of one group.
 """
 
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.special
 
 from jaxrm import ascent, flow, metrics
 from jaxrm import estimators as E
@@ -78,10 +79,11 @@ class EstimatorsConfig(StudyConfig):
       passage_problems: base problems of each family (an int >= 2: slopes are within-problem).
       passage_levels: reward-variance levels per base problem (an int >= 3).
       passage_decades: decades of reward variance the levels span (> 0).
-      passage_ks: RLOO group sizes of the sampled ascent (each an int >= 2).
+      passage_ks: RLOO group sizes of the sampled ascent (distinct ints >= 2, with at most 2e6
+        multisets of ``k`` of ``passage_outputs`` outputs for the exact signal-to-noise ratio).
       passage_seeds: sampled runs per instance and ``k`` (an int >= 2).
-      passage_resolution: SGD updates the fastest instance's flow time spans: the one learning
-        rate of every ascent is that ``t_gamma`` divided by this (an int >= 1).
+      passage_resolution: SGD updates the fastest flow time of a family spans: the family's one
+        learning rate is that ``t_gamma`` divided by this (an int >= 1).
       censor_factor: an ascent stops after this times the slowest flow time; seeds not passed
         by then are censored and counted (> 1).
       gain_fraction: the gain timed, as a share of the gain each instance offers, in ``(0, 1)``.
@@ -110,12 +112,17 @@ class EstimatorsConfig(StudyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        outputs = self.vocab_size**self.length
-        if math.comb(outputs + max(self.ks) - 1, max(self.ks)) > 2_000_000:
-            raise ValueError(
-                f"EstimatorsConfig.ks={self.ks}: C(|Y| + k - 1, k) multisets for |Y| = {outputs}, k = {max(self.ks)} "
-                "exceed 2e6; lower k or V^L."
-            )
+        for name, ks, outputs in (
+            ("ks", self.ks, self.vocab_size**self.length),
+            ("passage_ks", self.passage_ks, self.passage_outputs),
+        ):
+            if len(set(ks)) != len(ks):
+                raise ValueError(f"EstimatorsConfig.{name}={ks}: the group sizes must be distinct.")
+            if math.comb(outputs + max(ks) - 1, max(ks)) > 2_000_000:
+                raise ValueError(
+                    f"EstimatorsConfig.{name}={ks}: C(|Y| + k - 1, k) multisets for |Y| = {outputs}, k = {max(ks)} "
+                    "exceed 2e6; lower k or |Y|."
+                )
 
     def quick(self) -> "EstimatorsConfig":
         return dataclasses.replace(
@@ -285,15 +292,8 @@ class PassageInstances(NamedTuple):
     variance: np.ndarray  # [N] Var_{pi_0}[r_RM]
 
 
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _mean_and_variance(logits, rewards):
-    p = np.exp(_log_softmax(logits))
-    mean = (p * rewards).sum(-1)
-    return mean, (p * (rewards - mean[..., None]) ** 2).sum(-1)
+def _mean_and_variance(logits, rewards) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(metrics.expected_reward(logits, rewards)), np.asarray(metrics.reward_variance(logits, rewards))
 
 
 def _peak(logits, rewards, mode, target):
@@ -332,7 +332,7 @@ def make_passage_instances(config: EstimatorsConfig) -> PassageInstances:
     drop = np.tile(10.0 ** -np.linspace(0.0, config.passage_decades, n), P)  # variance factors
     eps = np.sqrt(drop)[:, None]
     start, start_variance = _mean_and_variance(base_logits, rewards)
-    limit = np.exp(_log_softmax(base_logits + eps * rewards / config.kl_coef))
+    limit = scipy.special.softmax(base_logits + eps * rewards / config.kl_coef, axis=-1)
     peaked = _peak(base_logits, rewards, rewards.argmin(-1), start_variance * drop)
     top, frac = rewards.max(-1), config.gain_fraction
     families = [  # (logits, taught reward, lam, gain timed), each over P * n rows
@@ -410,7 +410,7 @@ def _sampling(config: EstimatorsConfig, progress: Progress) -> dict:
                 tile(one_prompt(inst.logits[rows])),
                 tile(one_prompt(lr[rows, None] * inst.rm[rows])),
                 tile(jnp.asarray(inst.gamma[rows])[:, None]),
-                jax.random.fold_in(jax.random.key(config.seed), 1000 * (k or 0) + b),
+                jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), k or 0), b),
                 k=k,
                 kl_coef=tile(lr[rows] * inst.kl_coef[rows]),
                 eval_rewards=tile(one_prompt(inst.eval[rows])),
@@ -460,10 +460,19 @@ def _sampling(config: EstimatorsConfig, progress: Progress) -> dict:
         "seeds": seeds,
         "k": per_k,
     }
-    incomplete = np.any([np.asarray(v["censored"]) > 0 for v in per_k.values()], axis=0)
-    passage["censored_instances"] = int(np.sum(~timed | incomplete))
+    passage["censored_instances"] = int(np.sum(~_usable(passage)))
     passage["fits"] = _passage_fits(passage, config)
     return passage
+
+
+def _usable(passage: dict, k: str | None = None) -> np.ndarray:
+    """Instances whose times all count: the flow and the exact ascent reached the gain and no
+    seed of RLOO was censored (at ``k``, or at every ``k``). The others are left out of the
+    fits and counted."""
+    ok = np.isfinite(passage["flow"]) & np.isfinite(passage["exact_ascent"])
+    for key in passage["k"] if k is None else (k,):
+        ok &= np.asarray(passage["k"][key]["censored"]) == 0
+    return ok
 
 
 def _initial_snr(policy, logits, rewards, k) -> list[float]:
@@ -483,9 +492,11 @@ def _initial_snr(policy, logits, rewards, k) -> list[float]:
 
 def _passage_fits(passage: dict, config: EstimatorsConfig) -> dict:
     """Per family: log-log slopes against the initial variance (within base problems, bootstrap
-    over problems) of the flow's ``t_gamma``, the exact ascent's time and, per ``k``, the mean
-    sampled time (instances where every seed passed) and the initial signal-to-noise ratio;
-    sampled over flow time ratios; tied-group shares."""
+    over problems) of the flow's ``t_gamma``, the exact ascent's time and, per ``k``, RLOO's mean
+    time and the initial signal-to-noise ratio; time ratios (the exact ascent over the flow:
+    whole updates and the Euler step; RLOO over the exact ascent at the same rate: the cost of
+    sampling alone), per level and overall; tied-group shares; coefficients of variation. Times
+    use only the instances of :func:`_usable`; the others are counted."""
     family = np.asarray(passage["family"])
     problem = np.asarray(passage["problem"])
     variance = np.asarray(passage["variance"])
@@ -497,37 +508,40 @@ def _passage_fits(passage: dict, config: EstimatorsConfig) -> dict:
         value, (low, high) = loglog_slope(variance[ok], y[ok], groups=problem[ok], **boot)
         return {"slope": value, "ci": [low, high], "n": int(ok.sum())}
 
+    def by_level(f, values, rows):
+        return _level_medians(passage, f, np.where(rows, values, np.nan))[1].tolist()  # largest variance first
+
     fits = {}
     for f, name in enumerate(passage["families"]):
         rows = family == f
-        timed = rows & np.isfinite(flow_t)
+        timed = rows & np.isfinite(flow_t) & np.isfinite(exact_t)
         entry = {
             "instances": int(rows.sum()),
             "flow_not_reached": int((rows & ~np.isfinite(flow_t)).sum()),
+            "exact_not_reached": int((rows & np.isfinite(flow_t) & ~np.isfinite(exact_t)).sum()),
             "variance_range": [float(variance[rows].min()), float(variance[rows].max())],
             "flow": slope(rows, flow_t),
-            "exact_ascent": slope(rows, exact_t),
+            "exact_ascent": slope(timed, exact_t),
             "exact_ratio": _ratio_summary(exact_t[timed] / flow_t[timed]),
+            "exact_ratio_by_level": by_level(f, exact_t / flow_t, timed),
             "k": {},
         }
         for k, run in passage["k"].items():
-            mean = np.asarray(run["mean"], float)
-            complete = timed & (np.asarray(run["censored"]) == 0)
-            ratio = mean[complete] / flow_t[complete]
-            by_level = _level_medians(passage, f, np.where(complete, mean / flow_t, np.nan))[1]
+            mean, snr = np.asarray(run["mean"], float), np.asarray(run["snr"])
+            usable = rows & _usable(passage, k)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cv = np.asarray(run["sd"]) / mean
             entry["k"][k] = {
-                "sampled": slope(complete, mean),
-                "incomplete": int((timed & ~complete).sum()),
-                "ratio": _ratio_summary(ratio),
-                "ratio_by_level": by_level.tolist(),  # largest variance first
-                "cv": float(np.median(np.asarray(run["sd"])[complete] / mean[complete])) if complete.any() else None,
-                "tied_start": [
-                    float(np.min(np.asarray(run["tied_start"])[rows])),
-                    float(np.max(np.asarray(run["tied_start"])[rows])),
-                ],
-                "tied_along": float(np.median(np.asarray(run["tied_along"])[complete])) if complete.any() else None,
-                "snr": slope(rows, np.asarray(run["snr"])),
-                "snr_range": [float(np.min(np.asarray(run["snr"])[rows])), float(np.max(np.asarray(run["snr"])[rows]))],
+                "sampled": slope(usable, mean),
+                "left_out": int((rows & ~usable).sum()),
+                "ratio": _ratio_summary(mean[usable] / flow_t[usable]),
+                "sampling_ratio": _ratio_summary(mean[usable] / exact_t[usable]),
+                "sampling_by_level": by_level(f, mean / exact_t, usable),
+                "cv": float(np.median(cv[usable])) if usable.any() else None,
+                "tied_start_max": float(np.max(np.asarray(run["tied_start"])[rows])),
+                "tied_along": float(np.median(np.asarray(run["tied_along"])[usable])) if usable.any() else None,
+                "snr": slope(rows, snr),
+                "snr_range": [float(np.min(snr[rows])), float(np.max(snr[rows]))],
             }
         fits[name] = entry
     return fits
@@ -574,11 +588,13 @@ def _verdict(summary: dict, config: EstimatorsConfig) -> str:
     fits = summary["passage"]["fits"]
     ratios = [run["ratio"] for fit in fits.values() for run in fit["k"].values() if run["ratio"]["median"] is not None]
     gaps = [abs(run["sampled"]["slope"] - fit["flow"]["slope"]) for fit in fits.values() for run in fit["k"].values()]
+    passage = summary["passage"]
     if ratios:
         text += (
             f"; under sampling, RLOO's mean first-passage time is {fmt(min(r['min'] for r in ratios))} to "
             f"{fmt(max(r['max'] for r in ratios))} times the flow's t_gamma, and its slope against the initial "
-            f"variance is within {fmt(max(gaps))} of the flow's in every family and k"
+            f"variance is within {fmt(max(gaps))} of the flow's in every family and k "
+            f"({passage['censored_instances']} of {passage['instances']} instances left out, censored)"
         )
     return text
 
@@ -628,6 +644,13 @@ def _interval(fit: dict) -> str:
     return f"{fmt(fit['slope'])} [{fmt(fit['ci'][0])}, {fmt(fit['ci'][1])}]"
 
 
+def _trend(fit: dict, rising: str, falling: str, flat: str) -> str:
+    """Words for a slope with its 95% interval: ``rising`` if the interval is above 0,
+    ``falling`` if below, ``flat`` if it holds 0."""
+    low, high = fit["ci"]
+    return rising if low > 0 else falling if high < 0 else flat
+
+
 def _sampling_findings(passage: dict) -> str:
     """Sentences computed from Theorem 1 under sampling."""
     fits = passage["fits"]
@@ -641,53 +664,86 @@ def _sampling_findings(passage: dict) -> str:
             <= min(runs[k]["sampled"]["ci"][1], fit["flow"]["ci"][1])
             for k in ks
         ]
-        gap = max(abs(x - fit["flow"]["slope"]) for x in slopes)
-        ends = [(runs[k]["ratio_by_level"][0], runs[k]["ratio_by_level"][-1]) for k in ks]
-        text.append(
-            f"**{name}**: the flow's slope of t_gamma against the initial variance is {_interval(fit['flow'])}; "
-            f"RLOO's mean first-passage time has slopes {fmt(min(slopes))} to {fmt(max(slopes))} over k = "
-            f"{ks[0]}..{ks[-1]} (intervals overlapping the flow's for {sum(overlap)} of {len(ks)} k; largest "
-            f"difference {fmt(gap)}). Mean sampled time over flow time, median over problems at the largest and "
-            f"the smallest variance: "
+        ratios = [runs[k]["ratio"] for k in ks if runs[k]["ratio"]["median"] is not None]
+        ends = [(runs[k]["sampling_by_level"][0], runs[k]["sampling_by_level"][-1]) for k in ks]
+        low, high = fit["variance_range"]
+        sentence = (
+            f"**{name}** (initial variance {fmt(low)} to {fmt(high)}): the flow's slope of t_gamma against the "
+            f"variance is {_interval(fit['flow'])}. Exact-gradient ascent at the family's learning rate: slope "
+            f"{_interval(fit['exact_ascent'])}, {fmt(fit['exact_ratio']['median'])}x the flow (median; "
+            f"{fmt(fit['exact_ratio_by_level'][0])}x at the largest variance, {fmt(fit['exact_ratio_by_level'][-1])}x "
+            f"at the smallest: whole updates and the Euler step). RLOO's mean first-passage time has slopes "
+            f"{fmt(min(slopes))} to {fmt(max(slopes))} over k = {', '.join(ks)} (intervals overlapping the flow's "
+            f"for {sum(overlap)} of {len(ks)} k; largest difference {fmt(max(abs(x - fit['flow']['slope']) for x in slopes))})"
+        )
+        if ratios:
+            sentence += (
+                f" and is {fmt(min(r['min'] for r in ratios))} to {fmt(max(r['max'] for r in ratios))} times the "
+                "flow's t_gamma"
+            )
+        sentence += (
+            ". RLOO over exact ascent at the same rate, the cost of sampling alone (median over problems at the "
+            "largest and the smallest variance): "
             + "; ".join(f"k = {k}: {fmt(hi)} and {fmt(lo)}" for k, (hi, lo) in zip(ks, ends))
-            + f". Exact-gradient ascent at the same learning rate: {fmt(fit['exact_ratio']['median'])}x the flow "
-            f"(median; at most {fmt(fit['exact_ratio']['max'])}x)."
+            + "."
         )
         for end, costlier in (
             ("largest", all(hi > lo for hi, lo in ends)),
             ("smallest", all(hi < lo for hi, lo in ends)),
         ):
             if costlier:
-                text[-1] += f" For every k, sampling costs most at the {end} variance."
+                sentence += f" For every k, sampling costs most at the {end} variance."
+        left_out = max(runs[k]["left_out"] for k in ks)
+        if left_out:
+            sentence += f" Left out of these times: up to {left_out} of {fit['instances']} instances (censored)."
+        text.append(sentence)
+    if len(ks) > 1:
+        first, last = ks[0], ks[-1]
+        factors = {
+            name: fit["k"][first]["cv"] / fit["k"][last]["cv"]
+            for name, fit in fits.items()
+            if fit["k"][first]["cv"] and fit["k"][last]["cv"]
+        }
+        if factors:
+            text.append(
+                f"From k = {first} to k = {last} the coefficient of variation of the sampled time (over seeds) "
+                "changes by a factor " + ", ".join(f"1/{fmt(f)} ({name})" for name, f in factors.items()) + "."
+            )
     peaked = fits.get("peaked")
     if peaked:
         runs = peaked["k"]
         text.append(
-            f"In the peaked family the share of groups whose {ks[0]} rewards tie goes up to "
-            f"{fmt(runs[ks[0]]['tied_start'][1])} at the start (median along the run {fmt(runs[ks[0]]['tied_along'])}); "
-            f"with k = {ks[-1]} up to {fmt(runs[ks[-1]]['tied_start'][1])} (median {fmt(runs[ks[-1]]['tied_along'])}). "
-            f"One group's signal-to-noise ratio there grows with the variance with slopes "
-            + ", ".join(f"{_interval(runs[k]['snr'])} (k = {k})" for k in ks)
-            + "; the coefficient of variation of the sampled passage time is "
-            + ", ".join(f"{fmt(runs[k]['cv'])} (k = {k})" for k in ks)
+            f"In the peaked family the share of groups whose {ks[0]} rewards tie is up to "
+            f"{fmt(runs[ks[0]]['tied_start_max'])} at the start (median along the run {fmt(runs[ks[0]]['tied_along'])})"
             + (
-                f", a factor {fmt(runs[ks[0]]['cv'] / runs[ks[-1]]['cv'])} from k = {ks[0]} to {ks[-1]} "
-                f"(sqrt({int(ks[-1]) // int(ks[0])}) = {fmt(math.sqrt(int(ks[-1]) / int(ks[0])))})"
-                if len(ks) > 1 and runs[ks[0]]["cv"] and runs[ks[-1]]["cv"]
+                f"; with k = {ks[-1]} up to {fmt(runs[ks[-1]]['tied_start_max'])} (median {fmt(runs[ks[-1]]['tied_along'])})"
+                if len(ks) > 1
                 else ""
+            )
+            + ". One group's signal-to-noise ratio there "
+            + "; ".join(
+                f"{_trend(runs[k]['snr'], 'grows', 'falls', 'shows no trend')} with the variance at k = {k} "
+                f"(slope {_interval(runs[k]['snr'])})"
+                for k in ks
             )
             + "."
         )
     scaled = fits.get("scaled")
     if scaled:
         runs = scaled["k"]
-        text.append(
-            "In the scaled family (lam = 0) one group's signal-to-noise ratio does not depend on the variance "
-            "(slopes " + ", ".join(fmt(runs[k]["snr"]["slope"]) for k in ks) + "): rescaling the reward rescales the "
-            "estimate's mean and its spread alike; it grows with k, from "
-            + f"{fmt(runs[ks[0]]['snr_range'][0])}-{fmt(runs[ks[0]]['snr_range'][1])} at k = {ks[0]} to "
-            f"{fmt(runs[ks[-1]]['snr_range'][0])}-{fmt(runs[ks[-1]]['snr_range'][1])} at k = {ks[-1]}."
+        steepest = max(abs(runs[k]["snr"]["slope"]) for k in ks)
+        sentence = (
+            "In the scaled family (lam = 0) one group's signal-to-noise ratio "
+            + (
+                f"does not depend on the variance (|slope| at most {fmt(steepest)})"
+                if steepest < 1e-6
+                else f"has slopes {', '.join(fmt(runs[k]['snr']['slope']) for k in ks)} against the variance"
+            )
+            + f"; it is {fmt(runs[ks[0]]['snr_range'][0])}-{fmt(runs[ks[0]]['snr_range'][1])} at k = {ks[0]}"
         )
+        if len(ks) > 1:
+            sentence += f" and {fmt(runs[ks[-1]]['snr_range'][0])}-{fmt(runs[ks[-1]]['snr_range'][1])} at k = {ks[-1]}"
+        text.append(sentence + ".")
     return "\n\n".join(text)
 
 
@@ -696,10 +752,12 @@ def _sampling_table(passage: dict) -> str:
     for name, fit in passage["fits"].items():
         for k, run in fit["k"].items():
             rows.append(
-                f"| {name} | {k} | {_interval(fit['flow'])} | {_interval(run['sampled'])} | "
+                f"| {name} | {k} | {_interval(fit['flow'])} | {_interval(fit['exact_ascent'])} | "
+                f"{_interval(run['sampled'])} | "
                 f"{fmt(run['ratio']['median'])} ({fmt(run['ratio']['min'])}-{fmt(run['ratio']['max'])}) | "
-                f"{fmt(run['cv'])} | {fmt(run['tied_along'])} | {_interval(run['snr'])} | "
-                f"{run['incomplete']} |"
+                f"{fmt(run['sampling_ratio']['median'])} ({fmt(run['sampling_ratio']['min'])}-"
+                f"{fmt(run['sampling_ratio']['max'])}) | "
+                f"{fmt(run['cv'])} | {fmt(run['tied_along'])} | {_interval(run['snr'])} | {run['left_out']} |"
             )
     return "\n".join(rows)
 
@@ -762,25 +820,30 @@ def _passage_figure(passage: dict, path: Path):
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
     colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(passage["k"])))
-    flow_t = np.asarray(passage["flow"])
+    flow_t, exact_t = np.asarray(passage["flow"]), np.asarray(passage["exact_ascent"])
+    # An instance with a censored run would show the mean of its faster seeds only: left out.
+    means = {k: np.where(_usable(passage, k), run["mean"], np.nan) for k, run in passage["k"].items()}
     for f, (ax, name) in enumerate(zip(axes[0], passage["families"])):
         ax.loglog(*_level_medians(passage, f, flow_t), "k-", lw=2, label="exact flow t_gamma")
-        ax.loglog(*_level_medians(passage, f, passage["exact_ascent"]), "k--", label="exact-gradient ascent")
-        for color, (k, run) in zip(colors, passage["k"].items()):
-            ax.loglog(*_level_medians(passage, f, run["mean"]), "o", color=color, label=f"RLOO k = {k} (mean of seeds)")
+        ax.loglog(*_level_medians(passage, f, exact_t), "k--", label="exact-gradient ascent")
+        for color, (k, mean) in zip(colors, means.items()):
+            ax.loglog(*_level_medians(passage, f, mean), "o", color=color, label=f"RLOO k = {k} (mean of seeds)")
         ax.set(xlabel="initial reward variance", ylabel="time to gain gamma", title=f"{name} (medians over problems)")
         ax.legend(fontsize=7)
     ratio_ax, tied_ax, snr_ax = axes[1]
     for f, (name, style) in enumerate(zip(passage["families"], ("s--", "^:", "o-"))):
         for color, (k, run) in zip(colors, passage["k"].items()):
             label = f"{name}, k = {k}"
-            variance, ratio = _level_medians(passage, f, np.asarray(run["mean"]) / flow_t)
-            ratio_ax.semilogx(variance, ratio, style, color=color, label=label, ms=4)
-            if name != "scaled_kl":  # the same groups as "scaled" at the start
-                tied_ax.loglog(*_level_medians(passage, f, run["tied_along"]), style, color=color, label=label, ms=4)
+            ratio_ax.semilogx(*_level_medians(passage, f, means[k] / exact_t), style, color=color, label=label, ms=4)
+            tied_ax.loglog(*_level_medians(passage, f, run["tied_along"]), style, color=color, label=label, ms=4)
+            if name != "scaled_kl":  # at the start, the reference, its groups are scaled's
                 snr_ax.loglog(*_level_medians(passage, f, run["snr"]), style, color=color, label=label, ms=4)
     ratio_ax.axhline(1.0, color="k", lw=0.8)
-    ratio_ax.set(xlabel="initial reward variance", ylabel="mean sampled time / flow t_gamma", title="cost of sampling")
+    ratio_ax.set(
+        xlabel="initial reward variance",
+        ylabel="mean RLOO time / exact-ascent time",
+        title="cost of sampling (same learning rate)",
+    )
     tied_ax.set(
         xlabel="initial reward variance",
         ylabel="P(k rewards of a group tie)",
@@ -834,18 +897,18 @@ policy concentrated on its worst output); docs/theory.md#theorem-1-under-samplin
 by exact-gradient ascent and by RLOO ascent (k1 in the reward) with k = {", ".join(passage["k"])} and
 {passage["seeds"]} seeds; one SGD learning rate per family, its fastest flow time over
 {config.passage_resolution}. Runs not passed within {config.censor_factor:g}x their level's slowest flow time are
-censored: {passage["censored_instances"]} instances have a censored run or no flow time, and are left out of the
-fits below.
+censored: {passage["censored_instances"]} instances have no flow time, an exact ascent that did not pass or a censored
+RLOO run, and are left out of the times below (counted in the last column).
 
 {_sampling_findings(passage)}
 
-| family | k | flow slope [95%] | RLOO slope [95%] | sampled / flow time, median (range) | CV of sampled time | tied groups along the run | SNR slope [95%] | instances left out |
-|---|---|---|---|---|---|---|---|---|
+| family | k | flow slope [95%] | exact ascent slope [95%] | RLOO slope [95%] | RLOO / flow time, median (range) | RLOO / exact ascent time | CV of RLOO time | tied groups along the run | SNR slope [95%] | instances left out |
+|---|---|---|---|---|---|---|---|---|---|---|
 {_sampling_table(passage)}
 
 Slopes are within base problems, with bootstrap intervals over problems; "tied groups" is the median over instances
-of the mean, along a run, of the exact probability that a group's k rewards are all equal (its RLOO advantages are
-then 0); the coefficient of variation is over seeds (ddof = 1). The signal-to-noise ratio is that of one group at the
+of the mean, along a run, of the exact probability that a group's k rewards are all equal (with these distinct
+rewards the group repeats one output, and its RLOO advantages are 0); the coefficient of variation is over seeds (ddof = 1). The signal-to-noise ratio is that of one group at the
 initial policy, which is also the reference: the KL vanishes there, so `scaled_kl` shares `scaled`'s.
 
 ![first-passage times under sampling](figures/{NAME}_passage.png)
