@@ -188,6 +188,17 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+def finish_study(out_dir: Path, name: str, summary: dict, markdown: str, *, progress: Progress, quick: bool) -> dict:
+    """Stamp a study's ``summary`` with its run time and ``quick``, write ``NAME.json`` and
+    ``NAME.md`` into ``out_dir`` (atomically), say so on the progress line, and return it."""
+    summary["seconds"] = round(progress.elapsed, 1)
+    summary["quick"] = quick
+    write_json(Path(out_dir) / f"{name}.json", summary)
+    write_text(Path(out_dir) / f"{name}.md", markdown)
+    progress(f"done, wrote {out_dir}/{name}.*")
+    return summary
+
+
 def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()

@@ -32,12 +32,12 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
     write_json,
-    write_text,
 )
 
 NAME = "best_of_n"
@@ -221,12 +221,7 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     )
     progress(f"violations of Proposition 1: {violations}")
     _figure(names, ns, bon_gain, accuracy, variance, pg_gain, summary["spearman"], out_dir / "figures" / f"{NAME}.png")
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
-    write_json(out_dir / f"{NAME}.json", summary)
-    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
-    progress(f"done, wrote {out_dir}/{NAME}.*")
-    return summary
+    return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
 def _most_common(values):

@@ -42,12 +42,11 @@ from jaxrm.studies import (
     StudyConfig,
     checked,
     each,
+    finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
-    write_json,
-    write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy
 from theory.common import loglog_slope
@@ -210,12 +209,7 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
     summary["verdict"] = _verdict(summary, config)
     _figure(summary, config, out_dir / "figures" / f"{NAME}.png")
     _passage_figure(passage, out_dir / "figures" / f"{NAME}_passage.png")
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
-    write_json(out_dir / f"{NAME}.json", summary)
-    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
-    progress(f"done, wrote {out_dir}/{NAME}.*")
-    return summary
+    return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
 def _atlas(config: EstimatorsConfig, progress: Progress) -> tuple[list[dict], np.ndarray]:

@@ -32,12 +32,11 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
-    write_json,
-    write_text,
 )
 
 NAME = "paradox"
@@ -283,12 +282,7 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
         f"{t2['off_policy_accuracy']['gt'][0]:+.2f} ({PAPER_TABLE2['off_policy_accuracy']['gt'][0]:+.2f})"
     )
     _figure(on_policy, variance, gt_gain, shape, config, out_dir / "figures" / f"{NAME}.png")
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
-    write_json(out_dir / f"{NAME}.json", summary)
-    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
-    progress(f"done, wrote {out_dir}/{NAME}.*")
-    return summary
+    return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
 def _moderate_accuracy(on_policy, gt_gain, share=0.05):

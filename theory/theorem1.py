@@ -48,12 +48,12 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
     write_json,
-    write_text,
 )
 from jaxrm.tabular import (
     AutoregressiveTabularPolicy,
@@ -807,12 +807,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
         **{f"{f.name}/{k}": v for f, r in zip(families, results) for k, v in _flat_arrays(r).items()},
     )
     summary["verdict"] = _verdict(summary)
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
-    write_json(out_dir / "theorem1.json", summary)
-    write_text(out_dir / "theorem1.md", _markdown(summary))
-    progress(f"done: {summary['instances']} instances, violations {total}, wrote {out_dir}/theorem1.*")
-    return summary
+    progress(f"{summary['instances']} instances, violations {total}")
+    return finish_study(out_dir, NAME, summary, _markdown(summary), progress=progress, quick=quick)
 
 
 def _flat_arrays(result: dict) -> dict:

@@ -34,12 +34,12 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
     write_json,
-    write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
 from theory.common import general_policy_arm, general_text, violating_rows
@@ -292,16 +292,11 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         f"{100 * faster[str(config.horizons[-1])]:.0f}% of problems at T = {config.horizons[-1]}; general-policy arm "
         f"({general['policy']}, |S| = {general['prompts']}): Proposition A violations {general['prop_a_violations']}"
     )
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
     rows = {k: t[k] for k in ("logits", "rm", "gt", "gamma", "rho", "kind", "horizon", "fraction", "lam")}
     violating = violating_rows(rows | {"t_gamma": time}, {"slow_lower": slow_bad, "fast_upper": fast_bad})
     if violating or general_violating:
         write_json(out_dir / f"{NAME}_violations.json", violating + general_violating)
-    write_json(out_dir / f"{NAME}.json", summary)
-    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
-    progress(f"done, wrote {out_dir}/{NAME}.*")
-    return summary
+    return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
 def _figure(t, time, lower, upper, accuracy, config, path: Path):

@@ -29,12 +29,12 @@ from jaxrm.studies import (
     StudyConfig,
     checked,
     each,
+    finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
     write_json,
-    write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
 from theory.common import general_policy_arm, general_text, loglog_slope, violating_rows
@@ -236,15 +236,10 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     )
     progress(f"violations {summary['violations']}")
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
     violating = violating_rows(cells | {"t_gamma": time}, {"fast_upper": fast_bad, "slow_lower": slow_bad})
     if violating or general_violating:
         write_json(out_dir / f"{NAME}_violations.json", violating + general_violating)
-    write_json(out_dir / f"{NAME}.json", summary)
-    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
-    progress(f"done, wrote {out_dir}/{NAME}.*")
-    return summary
+    return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
 def _fast_wins(cells, time):

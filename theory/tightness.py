@@ -57,13 +57,13 @@ from jaxrm.studies import (
     StudyConfig,
     checked,
     each,
+    finish_study,
     fmt,
     int_at_least,
     one_of,
     pyplot,
     save_figure,
     write_json,
-    write_text,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, SharedAutoregressivePolicy, TabularPolicy
 from theory.common import loglog_slope
@@ -625,12 +625,7 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
     if violating:
         write_json(out_dir / "tightness_violations.json", violating)
     _figure(classes, config, out_dir / "figures" / f"{NAME}.png")
-    summary["seconds"] = round(progress.elapsed, 1)
-    summary["quick"] = quick
-    write_json(out_dir / f"{NAME}.json", summary)
-    write_text(out_dir / f"{NAME}.md", _markdown(summary, config))
-    progress(f"done, wrote {out_dir}/{NAME}.*")
-    return summary
+    return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
 # ---------------------------------------------------------------------------------------------
