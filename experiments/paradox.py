@@ -26,7 +26,7 @@ from flax import nnx
 
 from experiments import teacher as study
 from experiments.tasks import TopicTask
-from jaxrm import metrics, studies
+from jaxrm import studies
 from jaxrm.models import load_model, read_metadata
 from jaxrm.train import RewardTrainConfig, train_reward_model
 
@@ -40,7 +40,8 @@ class ParadoxConfig(study.TeacherConfig):
       rm_epochs: epochs of the one reward-model training run.
       rm_learning_rate: its Adam learning rate.
       on_policy_fraction: share of its prompts with on-policy pairs, in [0, 1].
-      checkpoints: how many checkpoints of that run teach (spread geometrically over its steps).
+      checkpoints: how many checkpoints of that run teach (spread geometrically over its steps; at
+        least 3, for the correlations over checkpoints).
       kl_budget: a run is read off where its KL to the initial policy first reaches this.
     """
 
@@ -50,7 +51,7 @@ class ParadoxConfig(study.TeacherConfig):
     rm_epochs: int = studies.checked(2, studies.POSITIVE_INT)
     rm_learning_rate: float = studies.checked(1e-3, studies.POSITIVE)
     on_policy_fraction: float = studies.checked(0.5, studies.FRACTION)
-    checkpoints: int = studies.checked(10, studies.int_at_least(2))
+    checkpoints: int = studies.checked(10, studies.int_at_least(3))
     kl_budget: float = studies.checked(1.0, studies.POSITIVE)
 
     def __post_init__(self):
@@ -168,10 +169,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
         "best_checkpoint": {"step": steps[best], "accuracy": accuracy[best]},
         "most_accurate_checkpoint": {"step": steps[int(np.argmax(accuracy))], "accuracy": max(accuracy)},
         "correlations": {
-            name: [
-                float(metrics.pearson(jnp.asarray(x), jnp.asarray(final))),
-                float(metrics.spearman(jnp.asarray(x), jnp.asarray(final))),
-            ]
+            name: studies.correlations(x, outcome, seed=config.seed)
             for name, x in (
                 ("accuracy", accuracy),
                 ("reward variance", stats["reward variance"]),
@@ -227,8 +225,13 @@ def report(config, summary) -> str:
         f"Best teacher: step {best['step']} (accuracy {studies.fmt(best['accuracy'])}); most accurate: step "
         f"{top['step']} (accuracy {studies.fmt(top['accuracy'])}).",
         "",
-        "Correlation with the ground truth at the stop (Pearson / Spearman): "
-        + "; ".join(f"{k} {studies.fmt(v[0])} / {studies.fmt(v[1])}" for k, v in summary["correlations"].items()),
+        "Correlation over checkpoints with the ground truth at the stop, Pearson / Spearman with 95% bootstrap "
+        "intervals (checkpoints and seeds resampled; one reward-model training run, so the checkpoints are not "
+        "independent): "
+        + "; ".join(
+            f"{k} {studies.fmt_interval(v['pearson'])} / {studies.fmt_interval(v['spearman'])}"
+            for k, v in summary["correlations"].items()
+        ),
         "",
         "![accuracy paradox](figures/paradox.png)",
         "",

@@ -45,8 +45,10 @@ from jaxrm.studies import (
     Progress,
     check_fields,
     checked,
+    correlations,
     each,
     fmt,
+    fmt_interval,
     int_at_least,
     parse_study,
     prepare_run_directory,
@@ -442,8 +444,9 @@ def summarize(config, stats, results):
     table2 = {}
     for prop in PAPER_TABLE1:
         for target, gains in (("proxy", proxy_gain), ("ground truth", truth_gain)):
-            x, y = jnp.asarray(main_stats[prop][models]), jnp.asarray(gains.mean(-1)[models])
-            table2[f"{prop} / {target}"] = [float(metrics.pearson(x, y)), float(metrics.spearman(x, y))]
+            table2[f"{prop} / {target}"] = correlations(
+                np.asarray(main_stats[prop])[models], np.asarray(gains)[models], seed=config.seed
+            )
     students = []
     for index, result in enumerate(results):
         gains = _gains(result["ground_truth_reward"], window).mean(-1)
@@ -527,14 +530,20 @@ def report(config, summary) -> str:
         f"Gains: mean of the last {max(1, config.iterations // 10)} of {config.iterations} iterations minus "
         f"the first, mean ± std over {config.seeds} seeds; proxy in normalized units.",
         "",
-        "## Table 2: correlation with the reward increase over the reward models (Pearson / Spearman)",
+        "## Table 2: correlation with the reward increase over the reward models",
         "",
-        "| property | target | here | paper |",
-        "|---|---|---|---|",
+        f"Over the {len(TEACHERS) - 1} reward models (all teachers but the ground truth), with 95% bootstrap "
+        f"intervals that resample the reward models and, within each, its {config.seeds} seeds.",
+        "",
+        "| property | target | Pearson here [95%] | Spearman here [95%] | paper (Pearson / Spearman) |",
+        "|---|---|---|---|---|",
     ]
     for (prop, target), paper in PAPER_TABLE2.items():
         here = summary["table2"][f"{prop} / {target}"]
-        lines.append(f"| {prop} | {target} | {fmt(here[0])} / {fmt(here[1])} | {paper[0]} / {paper[1]} |")
+        lines.append(
+            f"| {prop} | {target} | {fmt_interval(here['pearson'])} | {fmt_interval(here['spearman'])} | "
+            f"{paper[0]} / {paper[1]} |"
+        )
     lines += [
         "",
         "## Which teacher is best depends on the student (§4.2)",

@@ -16,6 +16,7 @@ float32 and float64. Conventions (docs/theory.md#conventions):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,8 @@ from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concr
 __all__ = [
     "accuracy",
     "best_of_n_reward",
+    "bootstrap_correlation",
+    "CorrelationInterval",
     "expected_reward",
     "kl",
     "KL_ESTIMATORS",
@@ -500,6 +503,79 @@ def spearman(x: ArrayLike, y: ArrayLike, *, axis: int = -1) -> jax.Array:
     1.0
     """
     return pearson(_average_ranks(x, axis), _average_ranks(y, axis), axis=axis)
+
+
+class CorrelationInterval(NamedTuple):
+    """A correlation with its percentile-bootstrap interval (:func:`bootstrap_correlation`).
+
+    Attributes:
+      estimate: the correlation of ``x`` with ``y`` averaged over seeds.
+      low, high: the interval's ends.
+      resamples: resamples whose correlation is defined (a resample that repeats one model, or
+        whose ``x`` or averaged ``y`` is constant, has none and is left out).
+    """
+
+    estimate: jax.Array
+    low: jax.Array
+    high: jax.Array
+    resamples: jax.Array
+
+
+def bootstrap_correlation(
+    x: ArrayLike,
+    y: ArrayLike,
+    key: jax.Array,
+    *,
+    kind: str = "spearman",
+    num_resamples: int = 2000,
+    level: float = 0.95,
+) -> CorrelationInterval:
+    """Correlation over models of a property ``x`` with an outcome ``y`` measured on several
+    seeds, with a two-stage percentile-bootstrap interval.
+
+    The estimate is ``corr(x, mean_s y[:, s])``. Each resample draws ``M`` models with
+    replacement and, for each drawn model, its ``S`` seeds with replacement, so the interval
+    carries both the choice of models and the seed noise of each outcome (Davison & Hinkley
+    1997, §3.8, for resampling in two stages). With a handful of models the interval is wide:
+    that is the information, not a defect.
+
+    Args:
+      x: ``[M]`` property of each model (e.g. reward variance), ``M >= 3``.
+      y: ``[M]`` or ``[M, S]`` outcome of each model on each seed (e.g. ground-truth gain).
+      key: ``jax.random`` key of the resamples.
+      kind: ``spearman`` (ranks, ties averaged) or ``pearson``.
+      num_resamples: bootstrap resamples (an int >= 1).
+      level: coverage of the interval, in ``(0, 1)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.arange(8.0)
+    >>> y = x[:, None] + 0.1 * jax.random.normal(jax.random.key(0), (8, 5))
+    >>> out = bootstrap_correlation(x, y, jax.random.key(1))
+    >>> float(out.estimate), bool(0.9 < out.low <= out.high <= 1.0)
+    (1.0, True)
+    """
+    check_choice("kind", kind, ("spearman", "pearson"))
+    if not (isinstance(num_resamples, int) and not isinstance(num_resamples, bool) and num_resamples >= 1):
+        raise ValueError(f"num_resamples must be an int >= 1, got {num_resamples!r}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim != 1 or x.shape[0] < 3:
+        raise ValueError(f"x must be shaped [M] with M >= 3 models, got {x.shape}.")
+    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must be shaped [M] or [M, S] with M = {x.shape[0]} models, got {y.shape}.")
+    check_finite("x", x)
+    check_finite("y", y)
+    y = y if y.ndim == 2 else y[:, None]
+    correlate = spearman if kind == "spearman" else pearson
+    num_models, num_seeds = y.shape
+    model_key, seed_key = jax.random.split(key)
+    models = jax.random.randint(model_key, (num_resamples, num_models), 0, num_models)
+    seeds = jax.random.randint(seed_key, (num_resamples, num_models, num_seeds), 0, num_seeds)
+    outcome = jnp.take_along_axis(y[models], seeds, axis=-1).mean(-1)
+    resampled = correlate(x[models], outcome, axis=-1)
+    low, high = jnp.nanquantile(resampled, jnp.array([(1 - level) / 2, (1 + level) / 2]))
+    return CorrelationInterval(correlate(x, y.mean(-1)), low, high, jnp.sum(jnp.isfinite(resampled)).astype(jnp.int32))
 
 
 def _average_ranks(x, axis):

@@ -220,6 +220,34 @@ def fmt(value, digits=3) -> str:
     return f"{value:.{digits - 1}e}"
 
 
+def correlations(x, outcome, *, seed: int, num_resamples: int = 2000) -> dict[str, list[float]]:
+    """Pearson and Spearman correlations over models of a property ``x [M]`` with an outcome
+    ``[M]`` or ``[M, S]`` (``S`` seeds), each as ``[estimate, low, high]`` with the 95%
+    two-stage bootstrap interval of :func:`jaxrm.metrics.bootstrap_correlation` (models and
+    seeds resampled)."""
+    import jax
+
+    from jaxrm import metrics
+
+    out = {}
+    for kind in ("pearson", "spearman"):
+        fit = metrics.bootstrap_correlation(
+            np.asarray(x, float),
+            np.asarray(outcome, float),
+            jax.random.key(seed),
+            kind=kind,
+            num_resamples=num_resamples,
+        )
+        out[kind] = [float(fit.estimate), float(fit.low), float(fit.high)]
+    return out
+
+
+def fmt_interval(entry) -> str:
+    """``[estimate, low, high]`` as ``estimate [low, high]``."""
+    estimate, low, high = entry
+    return f"{fmt(estimate)} [{fmt(low)}, {fmt(high)}]"
+
+
 def field_docs(cls) -> dict[str, str]:
     """Each field's description from the ``Attributes:`` sections of ``cls`` and its bases."""
     docs: dict[str, str] = {}

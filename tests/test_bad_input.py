@@ -55,7 +55,7 @@ STUDY_CASES = [
     (experiments.teacher, ["seeds"], r"KEY=VALUE.*'seeds'"),
     (experiments.paradox, ["kl_budget=-1"], r"kl_budget=-1: must be > 0"),
     (experiments.paradox, ["on_policy_fraction=2"], r"on_policy_fraction=2: must be in \[0, 1\]"),
-    (experiments.paradox, ["checkpoints=0"], r"checkpoints=0: must be >= 2"),
+    (experiments.paradox, ["checkpoints=0"], r"checkpoints=0: must be >= 3"),
     (experiments.paradox, ["checkpoints=5000"], r"checkpoints=5000: the reward-model run has at most"),
     (experiments.paradox, ["rm_epochs=0"], r"rm_epochs=0: must be >= 1"),
     (experiments.paradox, ["student_sharpness=[1, 2]"], r"student_sharpness=\(1, 2\): must be one sharpness"),

@@ -48,7 +48,17 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     assert all(0 <= a <= 1 for a in table1["on-policy accuracy"] + table1["off-policy accuracy"])
     # Scaling half of the prompts by 0.001 lowers the ground truth's reward variance.
     assert table1["reward variance"][5] < table1["reward variance"][6]
-    assert (tmp_path / "report.md").read_text().startswith("# The reward-model teacher study")
+    # Table 2 over 5 reward models carries its bootstrap interval (models and seeds resampled).
+    for entry in summary["table2"].values():
+        for estimate, low, high in entry.values():
+            assert -1 <= low <= high <= 1 and -1 <= estimate <= 1
+    report = (tmp_path / "report.md").read_text()
+    here = summary["table2"]["reward variance / ground truth"]["spearman"]
+    assert (
+        f"| reward variance | ground truth | {teacher.fmt_interval(summary['table2']['reward variance / ground truth']['pearson'])} | {teacher.fmt_interval(here)} |"
+        in report
+    )
+    assert report.startswith("# The reward-model teacher study")
     assert (tmp_path / "figures" / "teacher.png").stat().st_size > 10_000
     for student in range(len(config.student_sharpness)):
         lines = (tmp_path / "runs" / f"student_{student}" / "metrics.jsonl").read_text().splitlines()
@@ -70,6 +80,8 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
     assert summary["most_accurate_checkpoint"]["accuracy"] == max(summary["accuracy"])
     assert all(1 <= s <= config.iterations for s in summary["stop_iteration"])
     assert (tmp_path / "report.md").exists() and (tmp_path / "figures" / "paradox.png").exists()
+    low, high = summary["correlations"]["accuracy"]["spearman"][1:]
+    assert -1 <= low <= high <= 1 and "accuracy " in (tmp_path / "report.md").read_text()
 
 
 def test_checkpoint_steps_are_spread_and_end_at_the_total():

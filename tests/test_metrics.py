@@ -260,6 +260,46 @@ class TestTiedGroupProbability:
             metrics.tied_group_probability(jnp.zeros(2), jnp.zeros(2), k=0)
 
 
+class TestBootstrapCorrelation:
+    def test_interval_reflects_models_and_seed_noise(self):
+        rng = np.random.default_rng(11)
+        x = np.linspace(0.0, 1.0, 12)
+        quiet = x[:, None] + 0.01 * rng.normal(size=(12, 6))
+        loud = x[:, None] + 2.0 * rng.normal(size=(12, 6))
+        strong = metrics.bootstrap_correlation(x, quiet, jax.random.key(0))
+        weak = metrics.bootstrap_correlation(x, loud, jax.random.key(0))
+        assert float(strong.estimate) == pytest.approx(1.0) and float(strong.low) > 0.9
+        assert float(weak.low) < float(strong.low) and float(weak.high - weak.low) > 0.3
+        # Seed noise enters the interval: the same seed means, but spread over seeds, widen it.
+        means = quiet.mean(-1, keepdims=True)
+        spread = means + np.array([-1.0, 1.0] * 3) * 0.5
+        tight = metrics.bootstrap_correlation(x, means, jax.random.key(1), kind="pearson")
+        wide = metrics.bootstrap_correlation(x, spread, jax.random.key(1), kind="pearson")
+        assert float(tight.estimate) == pytest.approx(float(wide.estimate))
+        assert float(wide.high - wide.low) > float(tight.high - tight.low) + 0.05
+
+    def test_independent_outcomes_give_an_interval_around_zero_and_1d_is_one_seed(self):
+        rng = np.random.default_rng(12)
+        x, y = rng.normal(size=40), rng.normal(size=40)
+        out = metrics.bootstrap_correlation(x, y, jax.random.key(2), num_resamples=500)
+        assert float(out.low) < 0.0 < float(out.high) and int(out.resamples) == 500
+        same = metrics.bootstrap_correlation(x, y[:, None], jax.random.key(2), num_resamples=500)
+        np.testing.assert_allclose([out.low, out.high], [same.low, same.high])
+
+    def test_bad_input(self):
+        key = jax.random.key(0)
+        with pytest.raises(ValueError, match="M >= 3"):
+            metrics.bootstrap_correlation(jnp.zeros(2), jnp.zeros(2), key)
+        with pytest.raises(ValueError, match="y must be shaped"):
+            metrics.bootstrap_correlation(jnp.arange(4.0), jnp.zeros((3, 2)), key)
+        with pytest.raises(ValueError, match="kind"):
+            metrics.bootstrap_correlation(jnp.arange(4.0), jnp.arange(4.0), key, kind="kendall")
+        with pytest.raises(ValueError, match="level"):
+            metrics.bootstrap_correlation(jnp.arange(4.0), jnp.arange(4.0), key, level=1.0)
+        with pytest.raises(ValueError, match="num_resamples"):
+            metrics.bootstrap_correlation(jnp.arange(4.0), jnp.arange(4.0), key, num_resamples=0)
+
+
 class TestDegenerateInputs:
     def test_empty_or_single_output_axes_are_refused_by_name(self):
         with pytest.raises(ValueError, match="non-empty last axis"):
