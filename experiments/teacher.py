@@ -54,6 +54,7 @@ from jaxrm.studies import (
     prepare_run_directory,
     pyplot,
     save_figure,
+    sign_verdict,
     study_parser,
     write_json,
     write_text,
@@ -447,6 +448,12 @@ def summarize(config, stats, results):
             table2[f"{prop} / {target}"] = correlations(
                 np.asarray(main_stats[prop])[models], np.asarray(gains)[models], seed=config.seed
             )
+    # Each row of Table 2 against the paper's, from the Spearman interval (ranks: robust to a
+    # single outlying reward model).
+    verdicts = {
+        f"{prop} / {target}": sign_verdict(table2[f"{prop} / {target}"]["spearman"], paper)
+        for (prop, target), paper in PAPER_TABLE2.items()
+    }
     students = []
     for index, result in enumerate(results):
         gains = _gains(result["ground_truth_reward"], window).mean(-1)
@@ -466,6 +473,7 @@ def summarize(config, stats, results):
         "ground_truth_gain": truth_gain.mean(-1).tolist(),
         "ground_truth_gain_spread": truth_gain.std(-1).tolist(),
         "table2": table2,
+        "table2_verdicts": verdicts,
         "students": students,
         "initial_ground_truth": [s["initial ground truth"] for s in stats],
     }
@@ -535,14 +543,19 @@ def report(config, summary) -> str:
         f"Over the {len(TEACHERS) - 1} reward models (all teachers but the ground truth), with 95% bootstrap "
         f"intervals that resample the reward models and, within each, its {config.seeds} seeds.",
         "",
-        "| property | target | Pearson here [95%] | Spearman here [95%] | paper (Pearson / Spearman) |",
-        "|---|---|---|---|---|",
+        "The verdict compares the Spearman interval with the paper: a relation the paper found (both its values "
+        "of one sign and at least 0.5) holds when the interval lies on that side of 0, does not hold when it lies "
+        "on the other, and is inconclusive when it holds 0; where the paper found no clear relation, an interval "
+        "holding 0 is consistent with it.",
+        "",
+        "| property | target | Pearson here [95%] | Spearman here [95%] | paper (Pearson / Spearman) | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for (prop, target), paper in PAPER_TABLE2.items():
         here = summary["table2"][f"{prop} / {target}"]
         lines.append(
             f"| {prop} | {target} | {fmt_interval(here['pearson'])} | {fmt_interval(here['spearman'])} | "
-            f"{paper[0]} / {paper[1]} |"
+            f"{paper[0]} / {paper[1]} | {summary['table2_verdicts'][f'{prop} / {target}']} |"
         )
     lines += [
         "",

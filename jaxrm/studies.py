@@ -242,6 +242,32 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000) -> dict[st
     return out
 
 
+def sign_verdict(entry, paper: tuple[float, ...], *, clear: float = 0.5) -> str:
+    """Whether a measured correlation ``[estimate, low, high]`` agrees with a paper's values.
+
+    The paper finds a relation when all its values share a sign and are at least ``clear`` in
+    size; then the finding ``holds`` when the interval lies on that side of 0, ``does not hold``
+    when it lies on the other side, and is ``inconclusive`` when it holds 0. When the paper finds
+    no clear relation, the interval is ``consistent`` with that when it holds 0, and otherwise
+    shows a relation of its own sign that the paper did not find.
+
+    >>> sign_verdict([0.7, 0.2, 0.9], (0.83, 0.71)), sign_verdict([0.1, -0.4, 0.6], (0.83, 0.71))
+    ('holds', 'inconclusive')
+    >>> sign_verdict([0.5, 0.1, 0.8], (-0.28, 0.20))
+    'a positive relation the paper did not find'
+    """
+    _, low, high = entry
+    signs = {np.sign(v) for v in paper}
+    if len(signs) == 1 and min(abs(v) for v in paper) >= clear:
+        (sign,) = signs
+        if (low > 0 and sign > 0) or (high < 0 and sign < 0):
+            return "holds"
+        return "does not hold" if (low > 0 or high < 0) else "inconclusive"
+    if low <= 0 <= high:
+        return "consistent"
+    return f"a {'positive' if low > 0 else 'negative'} relation the paper did not find"
+
+
 def fmt_interval(entry) -> str:
     """``[estimate, low, high]`` as ``estimate [low, high]``."""
     estimate, low, high = entry

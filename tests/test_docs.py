@@ -19,6 +19,7 @@ MODULES = [
     "jaxrm.models.sampling",
     "jaxrm.train.reward",
     "jaxrm.estimators",
+    "jaxrm.studies",
     "theory.tightness",
 ]
 

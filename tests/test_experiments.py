@@ -10,7 +10,7 @@ from tiny_checkpoint import save_tiny_gpt_neox
 
 from experiments import paradox, teacher
 from experiments.tasks import TopicTask
-from jaxrm.studies import config_with_overrides
+from jaxrm.studies import config_with_overrides, sign_verdict
 
 
 def test_the_task_ground_truth_is_graded_exact_and_prompt_dependent():
@@ -59,6 +59,10 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
         in report
     )
     assert report.startswith("# The reward-model teacher study")
+    allowed = {"holds", "does not hold", "inconclusive", "consistent"}
+    for key, verdict in summary["table2_verdicts"].items():
+        assert verdict in allowed or verdict.endswith("relation the paper did not find"), (key, verdict)
+        assert f"| {verdict} |" in report
     assert (tmp_path / "figures" / "teacher.png").stat().st_size > 10_000
     for student in range(len(config.student_sharpness)):
         lines = (tmp_path / "runs" / f"student_{student}" / "metrics.jsonl").read_text().splitlines()
@@ -110,3 +114,14 @@ def test_help_names_the_command_and_every_config_key(study, capsys):
     config_cls = teacher.TeacherConfig if study is teacher else paradox.ParadoxConfig
     for field in dataclasses.fields(config_cls):
         assert f"\n{field.name} (default " in out
+
+
+def test_sign_verdicts_follow_the_interval_and_the_paper():
+    strong_positive, no_relation, strong_negative = (0.83, 0.71), (-0.28, 0.2), (-0.93, -0.94)
+    assert sign_verdict([0.6, 0.1, 0.9], strong_positive) == "holds"
+    assert sign_verdict([-0.6, -0.9, -0.1], strong_positive) == "does not hold"
+    assert sign_verdict([0.3, -0.2, 0.8], strong_positive) == "inconclusive"
+    assert sign_verdict([-0.7, -0.9, -0.2], strong_negative) == "holds"
+    assert sign_verdict([0.1, -0.5, 0.6], no_relation) == "consistent"
+    assert sign_verdict([-0.6, -0.9, -0.3], no_relation) == "a negative relation the paper did not find"
+    assert sign_verdict([0.6, 0.1, 0.9], (0.45, 0.9)) == "a positive relation the paper did not find"
