@@ -68,6 +68,7 @@ from jaxrm.train.sft import SFTConfig, train_sft
 RM_BATCH = 32
 ON_POLICY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
 TEACHERS = ("RM 100%", "RM 75%", "RM 50%", "RM 25%", "RM 0%", "perfect, low variance", "ground truth")
+LEARNED = len(ON_POLICY_FRACTIONS)  # the first teachers are the learned reward models
 # Razin et al. Table 1 (Pythia-2.8B) and Table 2, for the report.
 PAPER_TABLE1 = {
     "reward variance": (0.630, 0.616, 0.555, 0.438, 0.314, 0.111, 0.256),
@@ -455,16 +456,20 @@ def summarize(config, stats, results):
         for (prop, target), paper in PAPER_TABLE2.items()
     }
     students = []
-    for index, result in enumerate(results):
-        gains = _gains(result["ground_truth_reward"], window).mean(-1)
+    per_seed = [_gains(result["ground_truth_reward"], window) for result in results]  # [teachers, seeds] each
+    best = best_under_seed_resampling([g[:LEARNED] for g in per_seed], np.random.default_rng(config.seed + 6))
+    for index, gains in enumerate(per_seed):
+        share = np.bincount(best[:, index], minlength=LEARNED) / len(best)
         students.append(
             {
                 "demonstrator_sharpness": config.student_sharpness[index],
-                "ground_truth_gain": gains.tolist(),
-                "best_reward_model": TEACHERS[int(np.argmax(gains[:5]))],
+                "ground_truth_gain": gains.mean(-1).tolist(),
+                "best_reward_model": TEACHERS[int(np.argmax(gains[:LEARNED].mean(-1)))],
+                "best_share": share.tolist(),  # how often each learned model is best over seed resamples
                 "variance": [float(v) for v in stats[index]["reward variance"]],
             }
         )
+    same = float(np.mean(np.all(best == best[:, :1], axis=1)))
     return {
         "teachers": list(TEACHERS),
         "table1": table1,
@@ -475,8 +480,34 @@ def summarize(config, stats, results):
         "table2": table2,
         "table2_verdicts": verdicts,
         "students": students,
+        # §4.2: P(every student has the same best learned reward model), over seed resamples
+        "same_best_probability": same,
+        "best_depends_on_student": _depends_verdict(same, len(results)),
         "initial_ground_truth": [s["initial ground truth"] for s in stats],
     }
+
+
+def best_under_seed_resampling(gains, rng, num_resamples: int = 2000) -> np.ndarray:
+    """``[num_resamples, students]``: the index of the best teacher (highest mean gain) of each
+    student when each teacher's seeds are resampled with replacement, independently per student
+    and teacher. ``gains`` holds one ``[teachers, seeds]`` array per student."""
+    best = []
+    for student in gains:
+        teachers, seeds = student.shape
+        picks = rng.integers(0, seeds, (num_resamples, teachers, seeds))
+        means = np.take_along_axis(np.broadcast_to(student, (num_resamples, teachers, seeds)), picks, -1).mean(-1)
+        best.append(means.argmax(-1))
+    return np.stack(best, axis=1)
+
+
+def _depends_verdict(same: float, students: int) -> str:
+    """Razin et al. §4.2 (the best reward model depends on the student), from the probability
+    that all students share one best model under seed resampling."""
+    if students < 2:
+        return "not measured (one student)"
+    if same < 0.05:
+        return "holds"
+    return "does not hold" if same > 0.95 else "inconclusive"
 
 
 def plot(config, stats, results, path):
@@ -559,17 +590,22 @@ def report(config, summary) -> str:
         )
     lines += [
         "",
-        "## Which teacher is best depends on the student (§4.2)",
+        "## Does the best teacher depend on the student? (§4.2)",
         "",
-        "| student | initial ground truth | best reward model | ground-truth gain per teacher |",
+        f"Verdict: **{summary['best_depends_on_student']}**. Resampling each run's {config.seeds} seeds, every "
+        f"student has the same best learned reward model in {100 * summary['same_best_probability']:.0f}% of "
+        "resamples (holds below 5%, does not hold above 95%).",
+        "",
+        "| student | initial ground truth | best reward model (share of seed resamples) | ground-truth gain per teacher |",
         "|---|---|---|---|",
     ]
     for index, student in enumerate(summary["students"]):
         gains = ", ".join(f"{fmt(g)}" for g in student["ground_truth_gain"])
+        share = student["best_share"][TEACHERS.index(student["best_reward_model"])]
         lines.append(
             f"| SFT on demonstrator sharpness {student['demonstrator_sharpness']} | "
             f"{fmt(summary['initial_ground_truth'][index])} | "
-            f"{student['best_reward_model']} | {gains} |"
+            f"{student['best_reward_model']} ({100 * share:.0f}%) | {gains} |"
         )
     lines += ["", "![teacher study](figures/teacher.png)", ""]
     return "\n".join(lines)

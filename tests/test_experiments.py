@@ -59,6 +59,9 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
         in report
     )
     assert report.startswith("# The reward-model teacher study")
+    assert f"Verdict: **{summary['best_depends_on_student']}**" in report
+    for student in summary["students"]:
+        assert sum(student["best_share"]) == pytest.approx(1.0) and len(student["best_share"]) == teacher.LEARNED
     allowed = {"holds", "does not hold", "inconclusive", "consistent"}
     for key, verdict in summary["table2_verdicts"].items():
         assert verdict in allowed or verdict.endswith("relation the paper did not find"), (key, verdict)
@@ -125,3 +128,16 @@ def test_sign_verdicts_follow_the_interval_and_the_paper():
     assert sign_verdict([0.1, -0.5, 0.6], no_relation) == "consistent"
     assert sign_verdict([-0.6, -0.9, -0.3], no_relation) == "a negative relation the paper did not find"
     assert sign_verdict([0.6, 0.1, 0.9], (0.45, 0.9)) == "a positive relation the paper did not find"
+
+
+def test_the_best_teacher_under_seed_resampling_and_the_section_4_2_verdict():
+    rng = np.random.default_rng(0)
+    clear = np.array([[1.0, 1.1, 0.9], [0.0, 0.1, -0.1], [0.2, 0.3, 0.1]])  # teacher 0 always best
+    flipped = clear[[1, 0, 2]]  # teacher 1 always best
+    best = teacher.best_under_seed_resampling([clear, flipped], rng, num_resamples=200)
+    assert best.shape == (200, 2) and np.all(best[:, 0] == 0) and np.all(best[:, 1] == 1)
+    tied = np.array([[0.0, 1.0, 0.5], [0.5, 0.0, 1.0], [-1.0, -1.0, -1.0]])  # two teachers with equal means
+    share = np.bincount(teacher.best_under_seed_resampling([tied], rng)[:, 0], minlength=3) / 2000
+    assert 0.35 < share[0] < 0.65 and share[2] == 0
+    assert teacher._depends_verdict(0.0, 3) == "holds" and teacher._depends_verdict(1.0, 3) == "does not hold"
+    assert teacher._depends_verdict(0.5, 3) == "inconclusive" and "not measured" in teacher._depends_verdict(1.0, 1)
