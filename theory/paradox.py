@@ -32,17 +32,25 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    correlations,
     finish_study,
     fmt,
+    fmt_interval,
     int_at_least,
     pyplot,
     save_figure,
+    sign_verdict,
 )
 
 NAME = "paradox"
 
 # Razin et al., Table 2 (Pythia-2.8B; docs/theory.md#experiments-of-razin-et-al): Pearson / Spearman
 # with the reward increase after one epoch.
+NAMES = {
+    "variance": "reward variance",
+    "on_policy_accuracy": "on-policy accuracy",
+    "off_policy_accuracy": "off-policy accuracy",
+}
 PAPER_TABLE2 = {
     "variance": {"proxy": (0.982, 1.000), "gt": (0.834, 0.714)},
     "on_policy_accuracy": {"proxy": (-0.762, 0.143), "gt": (-0.283, 0.200)},
@@ -235,12 +243,10 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
     final[:, -1] = data["size"] == max(config.dataset_sizes)
     final = final.ravel()
 
-    def correlations(mask):
+    def table2(mask):
+        # Over models: each gain is already the mean over the task's prompts, which every model shares.
         return {
-            prop: {
-                gain: (float(metrics.pearson(values[mask], g[mask])), float(metrics.spearman(values[mask], g[mask])))
-                for gain, g in gains.items()
-            }
+            prop: {gain: correlations(values[mask], g[mask], seed=config.seed) for gain, g in gains.items()}
             for prop, values in properties.items()
         }
 
@@ -251,9 +257,9 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
         "instances": models,
         "violations": {},
         "censored": 0,  # gains are measured at a fixed flow time: nothing is timed
-        "table2": correlations(final),
+        "table2": table2(final),
         "table2_models": int(final.sum()),
-        "table2_all_checkpoints": correlations(np.ones(models, bool)),
+        "table2_all_checkpoints": table2(np.ones(models, bool)),
         "paper_table2": PAPER_TABLE2,
         "accuracy_range": {
             "on_policy": [float(on_policy.min()), float(on_policy.max())],
@@ -275,11 +281,13 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
         "config": dataclasses.asdict(config),
     }
     t2 = summary["table2"]
-    summary["verdict"] = (
-        f"{models} reward models; trained models' Pearson with ground-truth gain: variance "
-        f"{t2['variance']['gt'][0]:+.2f} (paper {PAPER_TABLE2['variance']['gt'][0]:+.2f}), on-policy accuracy "
-        f"{t2['on_policy_accuracy']['gt'][0]:+.2f} ({PAPER_TABLE2['on_policy_accuracy']['gt'][0]:+.2f}), off-policy accuracy "
-        f"{t2['off_policy_accuracy']['gt'][0]:+.2f} ({PAPER_TABLE2['off_policy_accuracy']['gt'][0]:+.2f})"
+    summary["table2_verdicts"] = {
+        prop: sign_verdict(t2[prop]["gt"]["spearman"], PAPER_TABLE2[prop]["gt"]) for prop in t2
+    }
+    summary["verdict"] = f"{models} reward models; trained models' Pearson with ground-truth gain [95%]: " + ", ".join(
+        f"{NAMES[prop]} {fmt_interval(t2[prop]['gt']['pearson'])} (paper {PAPER_TABLE2[prop]['gt'][0]:+.2f}; "
+        f"{summary['table2_verdicts'][prop]})"
+        for prop in t2
     )
     _figure(on_policy, variance, gt_gain, shape, config, out_dir / "figures" / f"{NAME}.png")
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
@@ -341,15 +349,13 @@ def _figure(on_policy, variance, gt_gain, shape, config, path: Path):
 
 
 def _markdown(summary: dict, config: ParadoxConfig) -> str:
-    names = {
-        "variance": "reward variance",
-        "on_policy_accuracy": "on-policy accuracy",
-        "off_policy_accuracy": "off-policy accuracy",
-    }
+    names = NAMES
     pair = lambda p: f"{p[0]:+.3f} / {p[1]:+.3f}"  # noqa: E731
+    here = lambda v: f"{fmt_interval(v['pearson'])} / {fmt_interval(v['spearman'])}"  # noqa: E731
     rows = "\n".join(
-        f"| {names[prop]} | {pair(values['proxy'])} | {pair(PAPER_TABLE2[prop]['proxy'])} | {pair(values['gt'])} | "
-        f"{pair(PAPER_TABLE2[prop]['gt'])} | {pair(summary['table2_all_checkpoints'][prop]['gt'])} |"
+        f"| {names[prop]} | {here(values['proxy'])} | {pair(PAPER_TABLE2[prop]['proxy'])} | {here(values['gt'])} | "
+        f"{pair(PAPER_TABLE2[prop]['gt'])} | {summary['table2_verdicts'][prop]} | "
+        f"{here(summary['table2_all_checkpoints'][prop]['gt'])} |"
         for prop, values in summary["table2"].items()
     )
     shares = "\n".join(
@@ -361,8 +367,11 @@ def _markdown(summary: dict, config: ParadoxConfig) -> str:
         m["gain_of_best_teachers"] > m["gain_of_most_accurate"]
         and m["accuracy_of_best_teachers"] < m["accuracy_of_most_accurate"] - 0.01
     )
-    agree = [names[p] for p, v in summary["table2"].items() if np.sign(v["gt"][0]) == np.sign(PAPER_TABLE2[p]["gt"][0])]
-    signs = f"Among trained models the ground-truth correlation has the paper's sign for: {', '.join(agree) or 'none'}."
+    signs = (
+        "Against the paper's ground-truth correlations (Spearman intervals of the trained models): "
+        + "; ".join(f"{names[p]}: {v}" for p, v in summary["table2_verdicts"].items())
+        + "."
+    )
     verdict = signs + (
         " The best teachers sit at moderate accuracy here, as Chen et al. found."
         if moderate
@@ -373,12 +382,13 @@ def _markdown(summary: dict, config: ParadoxConfig) -> str:
 
 **Verdict:** {summary["instances"]} Bradley-Terry reward models ({c["runs"]} runs x {len(config.checkpoints)} checkpoints), each scored by exact flow. On-policy accuracy spans {summary["accuracy_range"]["on_policy"][0]:.2f} to {summary["accuracy_range"]["on_policy"][1]:.2f}.
 
-Correlation with the reward increase (Pearson / Spearman) over the {summary["table2_models"]} trained
-models (last checkpoint, largest datasets, every on-policy share), beside Razin et al. Table 2,
-and over all {summary["instances"]} checkpoints:
+Correlation with the reward increase (Pearson / Spearman, each with a 95% bootstrap interval over
+models) over the {summary["table2_models"]} trained models (last checkpoint, largest datasets, every
+on-policy share), beside Razin et al. Table 2 and a verdict from the Spearman interval
+(docs/theory.md#experiments-of-razin-et-al), and over all {summary["instances"]} checkpoints:
 
-| property | proxy gain (here) | proxy (paper) | ground-truth gain (here) | ground truth (paper) | ground truth, all checkpoints |
-|---|---|---|---|---|---|
+| property | proxy gain (here) | proxy (paper) | ground-truth gain (here) | ground truth (paper) | verdict | ground truth, all checkpoints |
+|---|---|---|---|---|---|---|
 {rows}
 
 Final reward models of the largest datasets, by share of on-policy pairs (Table 1's layout):
