@@ -241,6 +241,8 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     bon = summaries["best_of_n"]
     assert bon["spearman"]["accuracy_vs_bon"] > 0.8
     assert bon["spearman"]["variance_vs_pg"] > bon["spearman"]["accuracy_vs_pg"]
+    for name, (low, high) in bon["spearman_interval"].items():
+        assert low <= bon["spearman"][name] <= high, name
     # The paper's low-variance construction lowers the mean variance only from a raw mean away from 0.
     models, perfect = bon["models"], bon["models"]["perfect"]
     centred, offset = models[best_of_n.low_variance_name(0.0)], models[best_of_n.low_variance_name(1.0)]

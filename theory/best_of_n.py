@@ -186,6 +186,12 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
         )
     ranking = config.ranking_n - 1
     corr = lambda x, y: float(np.mean(np.asarray(metrics.spearman(x, y))))  # noqa: E731  (per problem, averaged)
+    pairs = {
+        "accuracy_vs_bon": (accuracy, bon_gain[ranking]),
+        "variance_vs_bon": (variance, bon_gain[ranking]),
+        "accuracy_vs_pg": (accuracy, pg_gain),
+        "variance_vs_pg": (variance, pg_gain),
+    }
     summary = {
         "instances": int(b * m),
         "violations": {"perfect_not_optimal": violations},
@@ -203,12 +209,9 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
             }
             for i, name in enumerate(names)
         },
-        "spearman": {
-            "accuracy_vs_bon": corr(accuracy, bon_gain[ranking]),
-            "variance_vs_bon": corr(variance, bon_gain[ranking]),
-            "accuracy_vs_pg": corr(accuracy, pg_gain),
-            "variance_vs_pg": corr(variance, pg_gain),
-        },
+        "spearman": {name: corr(*pair) for name, pair in pairs.items()},
+        # 95% percentile-bootstrap interval of each average, resampling the problems
+        "spearman_interval": {name: _problem_interval(*pair, seed=config.seed) for name, pair in pairs.items()},
         "pg_best_model": _most_common(np.array(names)[pg_gain.argmax(-1)]),
         "config": dataclasses.asdict(config),
     }
@@ -222,6 +225,14 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     progress(f"violations of Proposition 1: {violations}")
     _figure(names, ns, bon_gain, accuracy, variance, pg_gain, summary["spearman"], out_dir / "figures" / f"{NAME}.png")
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
+
+
+def _problem_interval(x, y, *, seed: int, num_resamples: int = 2000) -> list[float]:
+    """``[low, high]``: the 95% percentile-bootstrap interval of the mean over problems of the
+    per-problem Spearman correlation across reward models (``x``, ``y``: ``[problems, models]``)."""
+    per_problem = np.asarray(metrics.spearman(x, y))
+    picks = np.random.default_rng(seed).integers(0, len(per_problem), (num_resamples, len(per_problem)))
+    return np.percentile(per_problem[picks].mean(-1), [2.5, 97.5]).tolist()
 
 
 def _most_common(values):
@@ -292,7 +303,11 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
         f"| {name} | {m['accuracy']:.3f} | {m['on_policy_accuracy']:.3f} | {fmt(m['variance'])} | {fmt(m[f'bon{n}_gain'])} | {fmt(m['pg_gain'])} |"
         for name, m in summary["models"].items()
     )
-    s = summary["spearman"]
+    s, ci = summary["spearman"], summary["spearman_interval"]
+
+    def with_interval(name):
+        return f"{s[name]:+.3f} [{ci[name][0]:+.3f}, {ci[name][1]:+.3f}]"
+
     return f"""## Proposition 1: Best-of-N rewards accuracy, policy gradient rewards variance
 
 **Verdict:** {summary["instances"]} (problem, reward model) pairs, N = 1..{config.max_n}: the perfectly accurate model was beaten on {summary["violations"]["perfect_not_optimal"]} of {summary["prompt_checks"]} (N, problem, prompt) checks, each prompt on its own (Proposition 1 expects 0).
@@ -301,10 +316,10 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
 |---|---|---|---|---|---|
 {rows}
 
-Spearman correlation across reward models (per problem, averaged): accuracy with Best-of-{n} gain
-{s["accuracy_vs_bon"]:+.3f}, variance with Best-of-{n} gain {s["variance_vs_bon"]:+.3f};
-accuracy with policy-gradient gain {s["accuracy_vs_pg"]:+.3f}, variance with policy-gradient gain
-{s["variance_vs_pg"]:+.3f}. {_low_variance_text(summary, n)} The most frequent best
+Spearman correlation across reward models (per problem, averaged; 95% bootstrap interval over the
+{config.problems} problems): accuracy with Best-of-{n} gain {with_interval("accuracy_vs_bon")}, variance
+with Best-of-{n} gain {with_interval("variance_vs_bon")}; accuracy with policy-gradient gain
+{with_interval("accuracy_vs_pg")}, variance with policy-gradient gain {with_interval("variance_vs_pg")}. {_low_variance_text(summary, n)} The most frequent best
 policy-gradient teacher is `{summary["pg_best_model"]}`.
 
 ![Best-of-N and policy gradient](figures/{NAME}.png)
