@@ -128,3 +128,16 @@ def test_first_passage_refuses_bad_input(problem):
         ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=1, advantage_estimator="grpo")
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         metrics.tied_group_probability(logits, rewards, k=True)
+
+
+def test_first_passage_vmaps_over_seed_keys():
+    """Seeds by jax.vmap over keys: each key its own run, the same as the call with that key."""
+    logits, rewards = jax.numpy.zeros((1, 2)), jax.numpy.array([[0.0, 1.0]])
+    keys = jax.random.split(jax.random.key(8), 4)
+
+    def run(key):
+        return ascent_first_passage(logits, rewards, 0.25, key, k=2, optimizer=optax.sgd(0.05), max_steps=1000).steps
+
+    steps = jax.vmap(run)(keys)[:, 0]
+    assert len(np.unique(np.asarray(steps))) > 1
+    np.testing.assert_array_equal(steps[2], run(keys[2])[0])
