@@ -185,13 +185,13 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
             ],
         )
     ranking = config.ranking_n - 1
-    corr = lambda x, y: float(np.mean(np.asarray(metrics.spearman(x, y))))  # noqa: E731  (per problem, averaged)
     pairs = {
         "accuracy_vs_bon": (accuracy, bon_gain[ranking]),
         "variance_vs_bon": (variance, bon_gain[ranking]),
         "accuracy_vs_pg": (accuracy, pg_gain),
         "variance_vs_pg": (variance, pg_gain),
     }
+    spearman = {name: _problem_spearman(*pair, seed=config.seed) for name, pair in pairs.items()}
     summary = {
         "instances": int(b * m),
         "violations": {"perfect_not_optimal": violations},
@@ -209,9 +209,9 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
             }
             for i, name in enumerate(names)
         },
-        "spearman": {name: corr(*pair) for name, pair in pairs.items()},
-        # 95% percentile-bootstrap interval of each average, resampling the problems
-        "spearman_interval": {name: _problem_interval(*pair, seed=config.seed) for name, pair in pairs.items()},
+        # per problem, averaged, with the 95% percentile-bootstrap interval of the average over problems
+        "spearman": {name: spearman[name][0] for name in pairs},
+        "spearman_interval": {name: spearman[name][1] for name in pairs},
         "pg_best_model": _most_common(np.array(names)[pg_gain.argmax(-1)]),
         "config": dataclasses.asdict(config),
     }
@@ -227,12 +227,13 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
-def _problem_interval(x, y, *, seed: int, num_resamples: int = 2000) -> list[float]:
-    """``[low, high]``: the 95% percentile-bootstrap interval of the mean over problems of the
-    per-problem Spearman correlation across reward models (``x``, ``y``: ``[problems, models]``)."""
+def _problem_spearman(x, y, *, seed: int, num_resamples: int = 2000) -> tuple[float, list[float]]:
+    """The mean over problems of the per-problem Spearman correlation across reward models
+    (``x``, ``y``: ``[problems, models]``), and its 95% percentile-bootstrap interval
+    ``[low, high]`` over problems."""
     per_problem = np.asarray(metrics.spearman(x, y))
     picks = np.random.default_rng(seed).integers(0, len(per_problem), (num_resamples, len(per_problem)))
-    return np.percentile(per_problem[picks].mean(-1), [2.5, 97.5]).tolist()
+    return float(per_problem.mean()), np.percentile(per_problem[picks].mean(-1), [2.5, 97.5]).tolist()
 
 
 def _most_common(values):

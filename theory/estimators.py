@@ -398,8 +398,8 @@ def _sampling(config: EstimatorsConfig, progress: Progress) -> dict:
             np.zeros((*leading, num), bool),
             np.full((*leading, num), np.nan),
         )
+        tile = lambda x: jnp.broadcast_to(jnp.asarray(x), (*leading, *jnp.shape(x)))  # noqa: E731
         for b, (rows, budget) in enumerate(buckets):
-            tile = lambda x: jnp.broadcast_to(jnp.asarray(x), (*leading, *jnp.shape(x)))  # noqa: E731
             out = ascent.ascent_first_passage(
                 tile(one_prompt(inst.logits[rows])),
                 tile(one_prompt(lr[rows, None] * inst.rm[rows])),
