@@ -1,5 +1,8 @@
 """jaxrm.train.reward: the Bradley-Terry loss, a training run with checkpoints, and bad pairs."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from jaxrm.train import (
     evaluate_reward_model,
     pairwise_accuracy,
     train_reward_model,
+    train_reward_models,
 )
 
 VOCAB = preset("tiny").vocab_size
@@ -92,3 +96,40 @@ def test_bad_pairs_fail_before_training():
         train_reward_model(model, good, eval_pairs=good, eval_steps=(5,), log=None)
     with pytest.raises(ValueError, match="learning_rate"):
         RewardTrainConfig(learning_rate=0.0)
+
+
+def test_reward_models_trained_side_by_side_match_one_at_a_time(tmp_path):
+    datasets, held_out = [_pairs(96, seed=s) for s in (2, 3)], _pairs(64, seed=4)
+    start = RewardModel(preset("tiny"), rngs=nnx.Rngs(0))
+    before = nnx.state(start)
+    config = RewardTrainConfig(learning_rate=3e-3, batch_size=32, epochs=2)
+    batched = train_reward_models(
+        start,
+        datasets,
+        config,
+        seeds=[5, 6],
+        eval_pairs=held_out,
+        eval_steps=(6,),
+        checkpoint_dirs=[tmp_path / "a", tmp_path / "b"],
+        checkpoint_steps=(3,),
+        log=None,
+    )
+    # The initial model is left as it was; each run equals the same run alone (its data, its seed).
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(start))))
+    for result, data, seed in zip(batched, datasets, (5, 6)):
+        alone = train_reward_model(
+            RewardModel(preset("tiny"), rngs=nnx.Rngs(0)),
+            data,
+            dataclasses.replace(config, seed=seed),
+            eval_pairs=held_out,
+            eval_steps=(6,),
+            log=None,
+        )
+        np.testing.assert_allclose(result.losses, alone.losses, rtol=1e-4, atol=1e-6)
+        assert result.evaluations[0]["accuracy"] == pytest.approx(alone.evaluations[0]["accuracy"], abs=1 / 64)
+    assert not np.allclose(batched[0].losses, batched[1].losses)
+    assert [p.parent.name for r in batched for p in r.checkpoints] == ["a", "b"]
+    with pytest.raises(ValueError, match="same shapes"):
+        train_reward_models(start, [_pairs(96, 2), _pairs(64, 3)], config, log=None)
+    with pytest.raises(ValueError, match="one int per dataset"):
+        train_reward_models(start, datasets, config, seeds=[1], log=None)

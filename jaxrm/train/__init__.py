@@ -11,6 +11,7 @@ from jaxrm.train.reward import (
     pair_rewards,
     pairwise_accuracy,
     train_reward_model,
+    train_reward_models,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "pair_rewards",
     "pairwise_accuracy",
     "train_reward_model",
+    "train_reward_models",
 ]

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
@@ -169,15 +169,17 @@ class RewardTrainConfig:
 @functools.lru_cache(maxsize=16)
 def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig):
     """The compiled minibatch loop of Bradley-Terry training (see :func:`jaxrm.train.loop.make_minibatch_loop`),
-    its history rows the loss and the batch accuracy, and the optimizer: ``(run, optimizer)``.
-    Cached, so reward models of one graph and config share one program."""
+    vmapped over a leading axis of models (parameters, optimizer state, pairs, order and history;
+    the step range is shared), and the optimizer: ``(run, optimizer)``. History rows are the loss
+    and the batch accuracy. Cached, so reward models of one graph and config share one program."""
     optimizer = config.optimizer()
 
     def loss_fn(params, batch):
         chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
         return bradley_terry_loss(chosen, rejected, centering=config.centering), pairwise_accuracy(chosen, rejected)
 
-    return jax.jit(make_minibatch_loop(loss_fn, optimizer)), optimizer
+    loop = make_minibatch_loop(loss_fn, optimizer)
+    return jax.jit(jax.vmap(loop, in_axes=(0, 0, 0, 0, None, None, 0))), optimizer
 
 
 def evaluate_reward_model(model: RewardModel, pairs: PreferencePairs, *, batch_size: int = 64) -> dict:
@@ -249,55 +251,132 @@ def train_reward_model(
 ) -> RewardTrainResult:
     """Train ``model`` by Bradley-Terry on ``pairs`` for ``config.epochs`` epochs (``model`` is updated).
 
-    Each epoch visits the pairs in a fresh random order in batches of ``config.batch_size``; a
-    last incomplete batch is dropped. ``eval_steps`` and ``checkpoint_steps`` are optimizer-step
-    counts (0 = before training); at each, ``eval_pairs`` are scored and/or the model is saved to
-    ``checkpoint_dir/step_{step:06d}`` (with the evaluation in its metadata).
+    Each epoch visits the pairs in a fresh random order (seeded by ``config.seed``) in batches of
+    ``config.batch_size``; a last incomplete batch is dropped. ``eval_steps`` and
+    ``checkpoint_steps`` are optimizer-step counts (0 = before training); at each, ``eval_pairs``
+    are scored and/or the model is saved to ``checkpoint_dir/step_{step:06d}`` (with the
+    evaluation in its metadata). :func:`train_reward_models` trains several in one program.
     """
+    (result,) = train_reward_models(
+        model,
+        [pairs],
+        config,
+        seeds=[config.seed],
+        eval_pairs=eval_pairs,
+        eval_steps=eval_steps,
+        checkpoint_dirs=None if checkpoint_dir is None else [checkpoint_dir],
+        checkpoint_steps=checkpoint_steps,
+        log=log,
+    )
+    nnx.update(model, nnx.state(result.model))
+    return dataclasses.replace(result, model=model)
+
+
+def train_reward_models(
+    model: RewardModel,
+    datasets: Sequence[PreferencePairs],
+    config: RewardTrainConfig = RewardTrainConfig(),
+    *,
+    seeds: Sequence[int] | None = None,
+    eval_pairs: PreferencePairs | None = None,
+    eval_steps: tuple[int, ...] = (),
+    checkpoint_dirs: Sequence[str | Path] | None = None,
+    checkpoint_steps: tuple[int, ...] = (),
+    log: Callable[[str], None] | None = print,
+) -> list[RewardTrainResult]:
+    """Train one reward model per dataset, all from ``model``'s parameters, side by side in one
+    vmapped program (``model`` itself is left as it is).
+
+    Args:
+      model: the initial reward model of every run.
+      datasets: the preference pairs of each run; all of the same shapes (same number of pairs
+        and padded lengths), so that the runs share one compiled program.
+      config: the hyperparameters shared by the runs.
+      seeds: the shuffling seed of each run (default: ``config.seed`` for all).
+      eval_pairs, eval_steps: at each of these optimizer steps (0 = before training), every run
+        is scored on ``eval_pairs`` (:func:`evaluate_reward_model`).
+      checkpoint_dirs, checkpoint_steps: at each of these steps, run ``i`` is saved to
+        ``checkpoint_dirs[i]/step_{step:06d}`` with its evaluation in the metadata.
+      log: where progress lines go (None: silent); they report the mean over the runs.
+
+    Returns one :class:`RewardTrainResult` per dataset, in order. Every argument is checked
+    before training starts.
+    """
+    if not datasets:
+        raise ValueError("datasets must hold at least one set of preference pairs.")
+    shapes = [jax.tree.map(np.shape, pairs) for pairs in datasets]
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(
+            "every dataset must have the same shapes (one compiled program for all runs); got "
+            + ", ".join(f"{len(p)} pairs of widths {np.shape(p.chosen)[1]}" for p in datasets)
+            + ". Cut them to a common number of pairs and pad them to a common width."
+        )
+    seeds = [config.seed] * len(datasets) if seeds is None else list(seeds)
+    if len(seeds) != len(datasets) or not all(isinstance(s, (int, np.integer)) for s in seeds):
+        raise ValueError(f"seeds must hold one int per dataset ({len(datasets)}), got {seeds!r}.")
+    if checkpoint_dirs is not None and len(checkpoint_dirs) != len(datasets):
+        raise ValueError(f"checkpoint_dirs must hold one directory per dataset ({len(datasets)}).")
     vocab = model.config.vocab_size
-    pairs.validate(vocab)
+    for pairs in datasets:
+        pairs.validate(vocab)
     if eval_pairs is not None:
         eval_pairs.validate(vocab)
-    order = epoch_order(len(pairs), config.batch_size, config.epochs, config.seed)
-    num_steps, steps_per_epoch = len(order), len(order) // config.epochs
+    orders = np.stack([epoch_order(len(datasets[0]), config.batch_size, config.epochs, int(s)) for s in seeds])
+    num_steps, steps_per_epoch = orders.shape[1], orders.shape[1] // config.epochs
     stops = sorted({*eval_steps, *checkpoint_steps, num_steps})
     if stops[0] < 0 or stops[-1] > num_steps:
         raise ValueError(f"eval/checkpoint steps must lie in [0, {num_steps}], got {stops}.")
-    if checkpoint_steps and checkpoint_dir is None:
-        raise ValueError("checkpoint_steps need a checkpoint_dir.")
+    if checkpoint_steps and checkpoint_dirs is None:
+        raise ValueError("checkpoint_steps need checkpoint_dirs (checkpoint_dir for one model).")
     if eval_steps and eval_pairs is None:
         raise ValueError("eval_steps need eval_pairs.")
-    if checkpoint_dir is not None:
-        taken = [s for s in checkpoint_steps if (Path(checkpoint_dir) / f"step_{s:06d}").exists()]
+    for directory in checkpoint_dirs or ():
+        taken = [s for s in checkpoint_steps if (Path(directory) / f"step_{s:06d}").exists()]
         if taken:
-            raise FileExistsError(f"{checkpoint_dir} already holds checkpoints for steps {taken}.")
+            raise FileExistsError(f"{directory} already holds checkpoints for steps {taken}.")
 
-    pairs = jax.tree.map(jnp.asarray, pairs)
+    count = len(datasets)
+    pairs = jax.tree.map(lambda *arrays: jnp.stack([jnp.asarray(a) for a in arrays]), *datasets)
     graphdef, params = nnx.split(model)
     run, optimizer = make_reward_train(graphdef, config)
-    opt_state = optimizer.init(params)
-    history = jnp.zeros((2, num_steps), jnp.float32)
-    evaluations, checkpoints = [], []
+    params = jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), params)
+    opt_state = jax.vmap(optimizer.init)(params)
+    history = jnp.zeros((count, 2, num_steps), jnp.float32)
+    evaluations, checkpoints = [[] for _ in range(count)], [[] for _ in range(count)]
     done, started = 0, time.perf_counter()
     for stop in sorted({0, *stops}):
         if stop > done:
-            params, opt_state, history = run(params, opt_state, pairs, jnp.asarray(order), done, stop, history)
+            params, opt_state, history = run(params, opt_state, pairs, jnp.asarray(orders), done, stop, history)
             done = stop
-        record = {"step": done}
-        if done in eval_steps:
-            nnx.update(model, params)
-            record.update(evaluate_reward_model(model, eval_pairs))
-            evaluations.append(record)
-        if done in checkpoint_steps:
-            nnx.update(model, params)
-            checkpoints.append(save_model(model, Path(checkpoint_dir) / f"step_{done:06d}", metadata=record))
+        if done not in eval_steps and done not in checkpoint_steps and (log is None or done == 0):
+            continue
+        records = []
+        for index in range(count):
+            record = {"step": done}
+            trained = nnx.merge(graphdef, jax.tree.map(lambda x: x[index], params))
+            if done in eval_steps:
+                record.update(evaluate_reward_model(trained, eval_pairs))
+                evaluations[index].append(record)
+            if done in checkpoint_steps:
+                path = Path(checkpoint_dirs[index]) / f"step_{done:06d}"
+                checkpoints[index].append(save_model(trained, path, metadata=record))
+            records.append(record)
         if log is not None and done > 0:
-            recent = np.asarray(history[:, max(0, done - steps_per_epoch) : done]).mean(axis=1)
-            extra = f" eval accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+            recent = np.asarray(history[:, :, max(0, done - steps_per_epoch) : done]).mean(axis=(0, 2))
+            extra = f" eval accuracy {np.mean([r['accuracy'] for r in records]):.3f}" if done in eval_steps else ""
+            runs = f" (mean of {count} runs)" if count > 1 else ""
             log(
                 f"reward model step {done}/{num_steps}: loss {recent[0]:.4f} batch accuracy {recent[1]:.3f}"
-                f"{extra} ({time.perf_counter() - started:.1f} s)"
+                f"{extra}{runs} ({time.perf_counter() - started:.1f} s)"
             )
-    nnx.update(model, params)
     history = np.asarray(history)
-    return RewardTrainResult(model, history[0], history[1], evaluations, checkpoints)
+    return [
+        RewardTrainResult(
+            nnx.merge(graphdef, jax.tree.map(lambda x: x[index], params)),
+            history[index, 0],
+            history[index, 1],
+            evaluations[index],
+            checkpoints[index],
+        )
+        for index in range(count)
+    ]
