@@ -9,16 +9,20 @@ Stages (each saved in the run directory and skipped when a restarted run finds i
 1. SFT: a small Pythia-shaped policy imitates the noisy demonstrator of
    :class:`experiments.tasks.TopicTask`; the other students (§4.2) imitate sharper or flatter
    demonstrators of the same task.
-2. Reward models: Bradley-Terry (centering 0.01, one epoch) from the SFT model on pairs where
-   100/75/50/25/0 % of the prompts carry on-policy pairs (two SFT samples) and the rest
-   off-policy pairs, all labelled by the ground truth.
-3. Teachers: those five, the perfectly accurate low-variance model (ground truth x 0.001 on half
-   of the prompts) and the ground truth itself; each normalised by a mean/std measured once on
-   the initial policy. Table 1: reward variance, on-policy and off-policy accuracy.
-4. RLOO (k = 2, KL 0.05 in the reward, sequence-level clip) for every teacher and seed in one
-   vmapped program through :func:`jaxrm.train.driver.run_rlhf`, checkpointed every chunk; proxy
-   and ground-truth gains; Table 2 correlations beside the paper's. Then the same teachers for
-   the other students (§4.2).
+2. Reward models: Bradley-Terry (centering 0.01, batch 32) from the SFT model, one run per
+   on-policy share (100/75/50/25/0 % of the prompts carry on-policy pairs, two SFT samples; the
+   rest off-policy pairs), label-noise level and reward-model seed, all side by side in one
+   vmapped program (:func:`jaxrm.train.train_reward_models`); each run is saved after each of
+   ``rm_epochs`` epochs, and every save is a teacher.
+3. Teachers: those, the perfectly accurate low-variance model (ground truth x 0.001 on half of
+   the prompts, the even topics) and the ground truth itself; each normalised by a mean/std
+   measured once on the initial policy. Table 1: reward variance, on-policy and off-policy
+   accuracy.
+4. RLOO (the semantics of ``RLHFConfig.official_rloo()`` at the miniature's sizes by default)
+   for every teacher and seed in one vmapped program through
+   :func:`jaxrm.train.driver.run_rlhf`, checkpointed every chunk; proxy and ground-truth gains;
+   Table 2 correlations with bootstrap intervals; the same for the other students (§4.2); a map
+   of both correlations over students and reward-model groups; a verdict per finding.
 
 Writes ``config.json``, ``summary.json``, ``report.md``, ``figures/teacher.png``,
 ``checkpoints/`` (SFT and reward models) and one ``run_rlhf`` directory per student,
@@ -28,6 +32,8 @@ Writes ``config.json``, ``summary.json``, ``report.md``, ``figures/teacher.png``
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import shutil
 from pathlib import Path
 
 import jax
@@ -45,6 +51,7 @@ from jaxrm.studies import (
     Progress,
     check_fields,
     checked,
+    compare_to_reference,
     correlations,
     each,
     fmt,
@@ -59,7 +66,7 @@ from jaxrm.studies import (
     write_json,
     write_text,
 )
-from jaxrm.train import PreferencePairs, RewardTrainConfig, train_reward_model
+from jaxrm.train import PreferencePairs, RewardTrainConfig, train_reward_models
 from jaxrm.train.driver import run_rlhf
 from jaxrm.train.rlhf import RLHFConfig
 from jaxrm.train.sft import SFTConfig, train_sft
@@ -67,9 +74,10 @@ from jaxrm.train.sft import SFTConfig, train_sft
 # Preference pairs per reward-model optimizer step (the paper's batch size).
 RM_BATCH = 32
 ON_POLICY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
-TEACHERS = ("RM 100%", "RM 75%", "RM 50%", "RM 25%", "RM 0%", "perfect, low variance", "ground truth")
-LEARNED = len(ON_POLICY_FRACTIONS)  # the first teachers are the learned reward models
-# Razin et al. Table 1 (Pythia-2.8B) and Table 2, for the report.
+PERFECT, TRUTH = "perfect, low variance", "ground truth"
+PROPERTIES = ("reward variance", "on-policy accuracy", "off-policy accuracy")
+# Razin et al. Table 1 (Pythia-2.8B; the five reward models by on-policy share, then the perfect
+# low-variance model and the ground truth) and Table 2 (Pearson, Spearman), for the report.
 PAPER_TABLE1 = {
     "reward variance": (0.630, 0.616, 0.555, 0.438, 0.314, 0.111, 0.256),
     "on-policy accuracy": (0.660, 0.656, 0.640, 0.616, 0.587, 1.0, 1.0),
@@ -83,6 +91,33 @@ PAPER_TABLE2 = {
     ("off-policy accuracy", "proxy"): (-0.933, -0.943),
     ("off-policy accuracy", "ground truth"): (-0.507, -0.543),
 }
+# Random streams (see TeacherConfig.seed): stream i of a run uses seed * STREAMS + i.
+STREAMS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelSpec:
+    """One learned teacher: a Bradley-Terry run (on-policy share, label noise, seed) saved after
+    ``epochs`` epochs."""
+
+    fraction: float
+    noise: float
+    seed_index: int
+    epochs: int
+
+    @property
+    def name(self) -> str:
+        noise = f" noise {self.noise:g}" if self.noise else ""
+        return f"RM {self.fraction:.0%}{noise} s{self.seed_index} e{self.epochs}"
+
+    @property
+    def run(self) -> tuple[float, float, int]:
+        """The training run this model is a save of."""
+        return self.fraction, self.noise, self.seed_index
+
+
+def _increasing(values) -> bool:
+    return len(values) > 0 and values[0] >= 1 and all(b > a for a, b in zip(values, values[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +135,18 @@ class TeacherConfig:
       sft_learning_rate: Adam learning rate of SFT.
       student_sharpness: demonstrator sharpness of each student's SFT data: the main student
         first, then the §4.2 ones (docs/theory.md#experiments-of-razin-et-al).
-      rm_prompts: prompts of the preference data of each reward model (pairs whose two responses
-        tie in ground truth are dropped).
-      rm_learning_rate: Adam learning rate of reward-model training (one epoch, batch 32,
-        centering 0.01).
+      rm_prompts: prompts of the preference data of each reward-model run (pairs whose two
+        responses tie in ground truth are dropped, then every run is cut to the smallest count,
+        so that all runs share one compiled program).
+      rm_learning_rate: AdamW learning rate of reward-model training (batch 32, centering 0.01).
+      rm_seeds: reward-model runs per on-policy share and label-noise level, each with its own
+        preference data (prompts and samples) and order.
+      rm_epochs: increasing training lengths, in epochs: each run is saved after each, and every
+        save is a teacher (the paradox study trains each run for the last and saves
+        ``checkpoints`` steps spread over it).
+      label_noise: label-noise levels ``tau >= 0``: a pair's first response is preferred with
+        probability ``sigmoid((r_G(first) - r_G(second)) / tau)`` (Bradley-Terry labels); 0 labels
+        by the larger ground truth. Each level trains its own runs on the same responses.
       eval_prompts: prompts on which the teachers are measured (Table 1) and normalised.
       eval_samples: responses per evaluation prompt.
       pg_prompts: the prompts RLOO cycles through.
@@ -113,10 +156,14 @@ class TeacherConfig:
       seeds: policy-gradient seeds per teacher.
       learning_rate: Adam learning rate of RLOO.
       kl_coef: KL coefficient of RLOO, folded into the reward.
-      rloo: ``plain`` (:class:`~jaxrm.train.rlhf.RLHFConfig` defaults) or ``official``
-        (:meth:`~jaxrm.train.rlhf.RLHFConfig.official_rloo`: two minibatches, no gradient
-        clipping, ``rsqrt_var`` normalisation); the fields above replace its sizes and rates.
-      seed: seed of the task, the data and the models.
+      rloo: ``official`` (:meth:`~jaxrm.train.rlhf.RLHFConfig.official_rloo`: two minibatches,
+        no gradient clipping, ``rsqrt_var`` normalisation) or ``plain``
+        (:class:`~jaxrm.train.rlhf.RLHFConfig` defaults); the fields above replace its sizes and
+        rates.
+      task_seed: seed of the task's tables (its ground truth, demonstrator and off-policy source).
+      seed: base of every other random stream (SFT data and initialisation, preference data,
+        reward-model orders, prompts, evaluation samples, policy-gradient seeds): stream ``i``
+        uses ``seed * 1000 + i``, so two different seeds share no stream.
     """
 
     policy_checkpoint: str = ""
@@ -128,17 +175,21 @@ class TeacherConfig:
     sft_learning_rate: float = checked(3e-3, POSITIVE)
     student_sharpness: tuple[float, ...] = checked((1.5, 0.5, 3.0), each(POSITIVE))
     rm_prompts: int = checked(8192, int_at_least(RM_BATCH))
-    rm_learning_rate: float = checked(2e-3, POSITIVE)
+    rm_learning_rate: float = checked(1e-3, POSITIVE)
+    rm_seeds: int = checked(2, POSITIVE_INT)
+    rm_epochs: tuple[int, ...] = checked((1, 4), (_increasing, "increasing epoch counts >= 1"))
+    label_noise: tuple[float, ...] = checked((0.0,), each(NON_NEGATIVE))
     eval_prompts: int = checked(256, int_at_least(2))
     eval_samples: int = checked(10, int_at_least(2))
     pg_prompts: int = checked(1024, POSITIVE_INT)
-    prompts_per_iteration: int = checked(64, POSITIVE_INT)
-    iterations: int = checked(200, POSITIVE_INT)
+    prompts_per_iteration: int = checked(32, POSITIVE_INT)
+    iterations: int = checked(100, POSITIVE_INT)
     chunk: int = checked(25, POSITIVE_INT)
-    seeds: int = checked(3, POSITIVE_INT)
+    seeds: int = checked(5, int_at_least(2))
     learning_rate: float = checked(3e-4, POSITIVE)
     kl_coef: float = checked(0.05, NON_NEGATIVE)
-    rloo: str = checked("plain", (lambda v: v in ("plain", "official"), "one of 'plain', 'official'"))
+    rloo: str = checked("official", (lambda v: v in ("plain", "official"), "one of 'plain', 'official'"))
+    task_seed: int = checked(0, NON_NEGATIVE)
     seed: int = checked(0, NON_NEGATIVE)
 
     @classmethod
@@ -150,6 +201,8 @@ class TeacherConfig:
                 sft_epochs=1,
                 student_sharpness=(1.5, 3.0),
                 rm_prompts=128,
+                rm_seeds=1,
+                rm_epochs=(1, 2),
                 eval_prompts=32,
                 eval_samples=4,
                 pg_prompts=32,
@@ -166,6 +219,7 @@ class TeacherConfig:
             sft_learning_rate=1e-5,
             sft_epochs=1,
             rm_learning_rate=5e-7,
+            rm_epochs=(1,),
             eval_prompts=500,
             eval_samples=10,
             pg_prompts=8192,
@@ -173,7 +227,6 @@ class TeacherConfig:
             iterations=512,
             chunk=32,
             learning_rate=1e-7,
-            rloo="official",
         )
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(presets)}.")
@@ -195,11 +248,34 @@ class TeacherConfig:
             raise ValueError(
                 f"{name}.prompts_per_iteration={self.prompts_per_iteration} must be <= pg_prompts={self.pg_prompts}."
             )
-        self.rl_config(TopicTask(seed=self.seed))  # RLHFConfig checks its own relations now, not after SFT
+        if len(set(self.label_noise)) < len(self.label_noise):
+            raise ValueError(f"{name}.label_noise={self.label_noise} repeats a level.")
+        if len(self.reward_models()) < 3:
+            raise ValueError(
+                f"{name}: {len(self.reward_models())} learned reward models (5 shares x label_noise x rm_seeds x "
+                "rm_epochs); the correlations need at least 3."
+            )
+        self.rl_config(TopicTask(seed=self.task_seed))  # RLHFConfig checks its own relations now, not after SFT
+
+    def stream(self, index: int) -> int:
+        """Seed of random stream ``index`` (see ``seed``)."""
+        return self.seed * STREAMS + index
+
+    def reward_models(self) -> list[RewardModelSpec]:
+        """The learned teachers, by on-policy share, label noise, seed and training length."""
+        return [
+            RewardModelSpec(fraction, noise, seed_index, epochs)
+            for fraction, noise, seed_index, epochs in itertools.product(
+                ON_POLICY_FRACTIONS, self.label_noise, range(self.rm_seeds), self.rm_epochs
+            )
+        ]
+
+    def teacher_names(self) -> list[str]:
+        return [spec.name for spec in self.reward_models()] + [PERFECT, TRUTH]
 
     def rl_config(self, task: TopicTask) -> RLHFConfig:
         """The RLOO configuration of the study: k = 2, ``kl_coef`` folded into the reward, the
-        study's batch size and learning rate, on top of the plain or the official settings."""
+        study's batch size and learning rate, on top of the official or the plain settings."""
         sizes = dict(
             samples_per_prompt=2,
             prompts_per_iteration=self.prompts_per_iteration,
@@ -244,9 +320,9 @@ def train_students(config, task, out_dir, log):
                         f"{config.policy_checkpoint} has a vocabulary smaller than the task's {task.vocab_size}."
                     )
             else:
-                model = CausalLM(_model_config(config, task), rngs=nnx.Rngs(config.seed))
+                model = CausalLM(_model_config(config, task), rngs=nnx.Rngs(config.stream(0)))
             demonstrator = dataclasses.replace(task, demo_sharpness=sharpness)  # same ground truth
-            data = demonstrator.sft_data(config.sft_examples, np.random.default_rng(config.seed + 1))
+            data = demonstrator.sft_data(config.sft_examples, np.random.default_rng(config.stream(1)))
             sft = SFTConfig(learning_rate=config.sft_learning_rate, batch_size=64, epochs=config.sft_epochs)
             train_sft(model, *data, sft, log=log)
             return model
@@ -255,14 +331,20 @@ def train_students(config, task, out_dir, log):
     return students
 
 
-def label_pairs(task, prompts, first, second):
-    """Chosen/rejected by the ground truth; rows with equal ground truth are dropped."""
+def label_pairs(task, prompts, first, second, *, noise: float = 0.0, rng=None):
+    """``(prompts, chosen, rejected, kept)``: each pair labelled by the ground truth, exactly
+    (``noise = 0``) or by a Bradley-Terry draw with temperature ``noise`` (``rng`` draws it);
+    pairs whose two responses tie in ground truth are dropped (``kept`` marks the others)."""
     ones = jnp.ones(first.shape, bool)
-    a = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(first), ones))
-    b = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(second), ones))
+    a = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(first), ones), np.float64)
+    b = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(second), ones), np.float64)
     keep = a != b
-    chosen = np.where((a > b)[:, None], first, second)[keep]
-    rejected = np.where((a > b)[:, None], second, first)[keep]
+    if noise:
+        first_wins = rng.random(len(a)) < 1 / (1 + np.exp(-(a - b) / noise))
+    else:
+        first_wins = a > b
+    chosen = np.where(first_wins[:, None], first, second)[keep]
+    rejected = np.where(first_wins[:, None], second, first)[keep]
     return prompts[keep], chosen, rejected, keep
 
 
@@ -272,29 +354,23 @@ def _pairs(prompts, chosen, rejected):
 
 
 def preference_sources(num_prompts, task, sft, seed):
-    """On-policy pairs (two samples of ``sft``) and off-policy pairs for ``num_prompts`` prompts, labelled.
-
-    Each is ``(prompts, chosen, rejected, kept)``, ``kept`` marking the prompts whose two
-    responses differ in ground truth (the others have no preference and are dropped).
-    """
+    """``(prompts, on_policy, off_policy)`` for ``num_prompts`` prompts: two SFT samples and two
+    off-policy responses per prompt, each ``[num_prompts, 2, response_len]``, unlabelled."""
     rng = np.random.default_rng(seed)
     prompts = task.prompts(num_prompts, rng)
     both = np.repeat(prompts, 2, axis=0)
     drawn = sample(sft, both, np.ones(both.shape, bool), jax.random.key(seed), max_new_tokens=task.response_len)
-    drawn = np.asarray(drawn.tokens).reshape(len(prompts), 2, -1)
+    on = np.asarray(drawn.tokens).reshape(len(prompts), 2, -1)
     off = np.stack([task.off_policy_responses(prompts, rng) for _ in range(2)], axis=1)
-    return label_pairs(task, prompts, drawn[:, 0], drawn[:, 1]), label_pairs(task, prompts, off[:, 0], off[:, 1])
+    return prompts, on, off
 
 
-def mixed_pairs(on_pairs, off_pairs, fraction) -> PreferencePairs:
-    """On-policy pairs for the first ``fraction`` of the prompts, off-policy pairs for the rest."""
-    cut = int(round(fraction * len(on_pairs[3])))
-    on_rows, off_rows = np.cumsum(on_pairs[3]) - 1, np.cumsum(off_pairs[3]) - 1
-    parts = [
-        tuple(a[on_rows[:cut][on_pairs[3][:cut]]] for a in on_pairs[:3]),
-        tuple(a[off_rows[cut:][off_pairs[3][cut:]]] for a in off_pairs[:3]),
-    ]
-    return _pairs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+def mixed_pairs(task, sources, fraction, *, noise: float = 0.0, rng=None) -> PreferencePairs:
+    """Labelled pairs: on-policy for the first ``fraction`` of the prompts, off-policy for the rest."""
+    prompts, on, off = sources
+    cut = int(round(fraction * len(prompts)))
+    responses = np.concatenate([on[:cut], off[cut:]])
+    return _pairs(*label_pairs(task, prompts, responses[:, 0], responses[:, 1], noise=noise, rng=rng)[:3])
 
 
 def reward_model_from(sft: CausalLM) -> RewardModel:
@@ -304,27 +380,66 @@ def reward_model_from(sft: CausalLM) -> RewardModel:
     return model
 
 
-def _reward_models(config, task, sft, out_dir, log):
-    on_pairs, off_pairs = preference_sources(config.rm_prompts, task, sft, config.seed + 2)
+def run_directory_name(run) -> str:
+    fraction, noise, seed_index = run
+    return f"rm_{int(round(fraction * 100)):03d}_noise{noise:g}_s{seed_index}"
+
+
+def reward_model_runs(config, task, sft, runs, directory, save_steps, log):
+    """Train the Bradley-Terry runs ``runs`` (``(fraction, noise, seed_index)`` each) side by side
+    for ``rm_epochs[-1]`` epochs and save each at ``save_steps`` (a function of the steps per
+    epoch) under ``directory``; returns the steps. Reuses a complete earlier set; an incomplete one is trained again."""
+    sources = [preference_sources(config.rm_prompts, task, sft, config.stream(10 + r)) for r in range(config.rm_seeds)]
+    datasets = [
+        mixed_pairs(task, sources[r], fraction, noise=noise, rng=np.random.default_rng(config.stream(20 + r)))
+        for fraction, noise, r in runs
+    ]
+    # Ties are dropped, so runs hold slightly different counts: cut each (in a random order) to
+    # the smallest, so that every run has the same shapes and they share one program.
+    common = min(len(d) for d in datasets)
+    rng = np.random.default_rng(config.stream(30))
+    datasets = [jax.tree.map(lambda a, keep=rng.permutation(len(d))[:common]: a[keep], d) for d in datasets]
+    steps = save_steps(common // RM_BATCH)
+    dirs = [directory / run_directory_name(run) for run in runs]
+    if all((d / f"step_{s:06d}").exists() for d in dirs for s in steps):
+        log(f"reusing {len(runs)} reward-model runs x {len(steps)} saves")
+        return steps
+    if directory.exists():  # an interrupted run: its saves may be partial, train again from scratch
+        shutil.rmtree(directory)
+    total_epochs = config.rm_epochs[-1]
     rm_config = RewardTrainConfig(
-        learning_rate=config.rm_learning_rate, batch_size=RM_BATCH, centering=0.01, seed=config.seed
+        learning_rate=config.rm_learning_rate, batch_size=RM_BATCH, epochs=total_epochs, centering=0.01
+    )
+    models = f"{len(runs)} reward models side by side" if len(runs) > 1 else "1 reward model"
+    log(f"training {models} on {common} pairs each, {total_epochs} epoch(s)")
+    train_reward_models(
+        reward_model_from(sft),
+        datasets,
+        rm_config,
+        seeds=[config.stream(40 + i) for i in range(len(runs))],
+        checkpoint_dirs=dirs,
+        checkpoint_steps=tuple(steps),
+        log=log,
+    )
+    return steps
+
+
+def _reward_models(config, task, sft, out_dir, log):
+    specs = config.reward_models()
+    runs = list(dict.fromkeys(spec.run for spec in specs))
+    directory = out_dir / "checkpoints" / "reward_models"
+    steps = reward_model_runs(
+        config, task, sft, runs, directory, lambda per_epoch: [e * per_epoch for e in config.rm_epochs], log
     )
     models = []
-    for fraction in ON_POLICY_FRACTIONS:
-
-        def build(fraction=fraction):
-            data = mixed_pairs(on_pairs, off_pairs, fraction)
-            model = reward_model_from(sft)
-            train_reward_model(model, data, rm_config, log=None)
-            log(f"reward model {fraction:.0%} on-policy trained on {len(data)} pairs")
-            return model
-
-        models.append(_stage(out_dir / "checkpoints" / f"rm_{int(fraction * 100):03d}", build, log))
+    for spec in specs:
+        step = steps[config.rm_epochs.index(spec.epochs)]
+        models.append(load_model(directory / run_directory_name(spec.run) / f"step_{step:06d}"))
     return models
 
 
 def make_teacher(task: TopicTask, reward_graphdef):
-    """One teacher function for all seven teachers, so that they run in one vmapped program.
+    """One teacher function for every teacher (learned, perfect, ground truth), so that they run in one vmapped program.
 
     ``params = (rm_params, w_rm, w_gt, low_variance)``: ``w_rm RM(x, y) + w_gt r_G(x, y) s(x)``
     with ``s(x) = 0.001`` on the even topics when ``low_variance``, else 1.
@@ -352,8 +467,8 @@ def _teacher_params(reward_models):
 
 
 def _measure_on(task, policy, teacher, params, prompts, samples, key, off_pairs, *, ddof):
-    """Per teacher: normalisation mean/std (std with ``ddof``), reward variance, on- and
-    off-policy accuracy (Table 1)."""
+    """Per teacher: normalisation mean/std (std with ``ddof``), reward variance (per prompt, and
+    its mean), on- and off-policy accuracy (Table 1)."""
     repeated = np.repeat(prompts, samples, axis=0)
     mask = np.ones(repeated.shape, bool)
     drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
@@ -371,17 +486,19 @@ def _measure_on(task, policy, teacher, params, prompts, samples, key, off_pairs,
     off_rejected = score(
         params, jnp.asarray(off_prompts), jnp.ones(off_prompts.shape, bool), jnp.asarray(rejected), ones
     )
+    per_prompt = np.asarray(metrics.sample_reward_variance(normalized))
     return {
         "mean": mean,
         "std": std,
-        "reward variance": np.asarray(metrics.sample_reward_variance(normalized)).mean(axis=-1),
+        "reward variance": per_prompt.mean(axis=-1),
+        "reward variance per prompt": per_prompt,
         "on-policy accuracy": np.asarray(metrics.accuracy(rewards, np.broadcast_to(truth, rewards.shape))).mean(-1),
         "off-policy accuracy": np.asarray(jnp.mean(off_chosen > off_rejected, axis=-1)),
         "initial ground truth": float(truth.mean()),
     }
 
 
-def run_students(config, task, students, teacher, params, stats, out_dir, log, *, teacher_names=TEACHERS):
+def run_students(config, task, students, teacher, params, stats, out_dir, log, *, teacher_names):
     """RLOO for every (student, teacher, seed) through :func:`jaxrm.train.driver.run_rlhf`.
 
     One run directory per student, ``out_dir/runs/student_N`` (``config.json``,
@@ -390,7 +507,7 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
     student a dict of metrics shaped ``[teachers, seeds, iterations]``.
     """
     rl = config.rl_config(task)
-    prompts = task.prompts(config.pg_prompts, np.random.default_rng(config.seed + 3))
+    prompts = policy_gradient_prompts(config, task)
     results = []
     for index, student in enumerate(students):
         log(f"student {index}: RLOO for {len(teacher_names)} teachers x {config.seeds} seeds")
@@ -405,7 +522,7 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
             out_dir=out_dir / "runs" / f"student_{index}",
             reward_stats=(stats[index]["mean"], stats[index]["std"]),
             ground_truth_fn=task.ground_truth,
-            seeds=[config.seed * 1000 + s for s in range(config.seeds)],
+            seeds=[config.stream(100 + s) for s in range(config.seeds)],
             teachers=list(teacher_names),
             checkpoint_every=config.chunk,
             keep_checkpoints=2,
@@ -416,75 +533,216 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
     return results
 
 
+def policy_gradient_prompts(config, task) -> np.ndarray:
+    """The ``pg_prompts`` prompts that RLOO cycles through."""
+    return task.prompts(config.pg_prompts, np.random.default_rng(config.stream(3)))
+
+
+def _initial_rewards(task, policy, teacher, params, prompts, key):
+    """Per teacher its mean raw reward, and the mean ground truth, of the initial policy on
+    ``prompts`` (two samples each, as RLOO draws them): the baselines of the gains."""
+    repeated = np.repeat(prompts, 2, axis=0)
+    mask = np.ones(repeated.shape, bool)
+    drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
+    score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+    rewards = np.asarray(score(params, jnp.asarray(repeated), jnp.asarray(mask), drawn.tokens, drawn.mask))
+    truth = np.asarray(task.ground_truth(None, jnp.asarray(repeated), None, drawn.tokens, drawn.mask))
+    return {"initial reward": rewards.mean(-1), "initial ground truth": float(truth.mean())}
+
+
 def measure_teachers(config, task, students, teacher, params):
     """Table 1 for every student: per teacher, the normalisation mean/std (std with the ddof of the
     study's reward normalisation), reward variance, on- and off-policy accuracy, measured on
-    ``eval_prompts`` x ``eval_samples`` responses and off-policy pairs of the same prompts."""
-    rng = np.random.default_rng(config.seed + 4)
+    ``eval_prompts`` x ``eval_samples`` responses and off-policy pairs of the same prompts; and
+    the initial policy's mean rewards on the policy-gradient prompts (``initial reward`` per
+    teacher, ``initial ground truth``)."""
+    rng = np.random.default_rng(config.stream(4))
     eval_prompts = task.prompts(config.eval_prompts, rng)
     off = np.stack([task.off_policy_responses(eval_prompts, rng) for _ in range(2)], axis=1)
     off_pairs = label_pairs(task, eval_prompts, off[:, 0], off[:, 1])[:3]
-    key, ddof = jax.random.key(config.seed + 5), config.rl_config(task).reward_ddof
+    key, ddof = jax.random.key(config.stream(5)), config.rl_config(task).reward_ddof
+    pg_prompts, initial_key = policy_gradient_prompts(config, task), jax.random.key(config.stream(14))
     return [
-        _measure_on(task, s, teacher, params, eval_prompts, config.eval_samples, key, off_pairs, ddof=ddof)
+        {
+            **_measure_on(task, s, teacher, params, eval_prompts, config.eval_samples, key, off_pairs, ddof=ddof),
+            **_initial_rewards(task, s, teacher, params, pg_prompts, initial_key),
+        }
         for s in students
     ]
 
 
-def _gains(curves, window):
-    """Mean of the last ``window`` iterations minus the first iteration: ``[..., iterations] -> [...]``."""
-    return curves[..., -window:].mean(-1) - curves[..., :1].mean(-1)
+def prompt_cycle(config) -> int:
+    """Iterations of one pass through the policy-gradient prompts (at most the whole run)."""
+    return min(config.iterations, -(-config.pg_prompts // config.prompts_per_iteration))
+
+
+def teacher_gains(config, stats, result):
+    """Proxy (normalised) and ground-truth gains, each ``[teachers, seeds]``: the mean over the last
+    pass through the prompts minus the initial policy's mean on the same prompts. Comparing one
+    iteration's prompts with another's would add each teacher's own prompt-to-prompt spread (the
+    topics differ in attainable reward) to its gain."""
+    window = prompt_cycle(config)
+    mean, std = stats["mean"][:, None], stats["std"][:, None]
+    proxy = (result["proxy_reward"][..., -window:].mean(-1) - mean) / std
+    initial_proxy = (stats["initial reward"][:, None] - mean) / std
+    truth = result["ground_truth_reward"][..., -window:].mean(-1) - stats["initial ground truth"]
+    return proxy - initial_proxy, truth
+
+
+def _paper_trend(values) -> tuple[float, float]:
+    """(Pearson, Spearman) of the paper's Table 1 column against the on-policy share."""
+    shares, values = np.asarray(ON_POLICY_FRACTIONS), np.asarray(values[: len(ON_POLICY_FRACTIONS)])
+    return float(metrics.pearson(shares, values)), float(metrics.spearman(shares, values))
 
 
 def summarize(config, stats, results):
-    window = max(1, config.iterations // 10)
-    main, main_stats = results[0], stats[0]
-    proxy = (main["proxy_reward"] - main_stats["mean"][:, None, None]) / main_stats["std"][:, None, None]
-    proxy_gain, truth_gain = _gains(proxy, window), _gains(main["ground_truth_reward"], window)
-    table1 = {name: [float(v) for v in main_stats[name]] for name in PAPER_TABLE1}
-    models = slice(0, len(TEACHERS) - 1)  # the paper correlates over reward models, not the ground truth
-    table2 = {}
-    for prop in PAPER_TABLE1:
-        for target, gains in (("proxy", proxy_gain), ("ground truth", truth_gain)):
-            table2[f"{prop} / {target}"] = correlations(
-                np.asarray(main_stats[prop])[models], np.asarray(gains)[models], seed=config.seed
-            )
-    # Each row of Table 2 against the paper's, from the Spearman interval (ranks: robust to a
-    # single outlying reward model).
-    verdicts = {
-        f"{prop} / {target}": sign_verdict(table2[f"{prop} / {target}"]["spearman"], paper)
-        for (prop, target), paper in PAPER_TABLE2.items()
-    }
-    students = []
-    per_seed = [_gains(result["ground_truth_reward"], window) for result in results]  # [teachers, seeds] each
-    best = best_under_seed_resampling([g[:LEARNED] for g in per_seed], np.random.default_rng(config.seed + 6))
-    for index, gains in enumerate(per_seed):
-        share = np.bincount(best[:, index], minlength=LEARNED) / len(best)
-        students.append(
-            {
-                "demonstrator_sharpness": config.student_sharpness[index],
-                "ground_truth_gain": gains.mean(-1).tolist(),
-                "best_reward_model": TEACHERS[int(np.argmax(gains[:LEARNED].mean(-1)))],
-                "best_share": share.tolist(),  # how often each learned model is best over seed resamples
-                "variance": [float(v) for v in stats[index]["reward variance"]],
-            }
+    specs = config.reward_models()
+    learned = len(specs)
+    names = config.teacher_names()
+    main_stats = stats[0]
+    proxy_gain, truth_gain = teacher_gains(config, main_stats, results[0])
+    table1 = {name: [float(v) for v in main_stats[name]] for name in PROPERTIES}
+    shares = np.array([spec.fraction for spec in specs])
+    verdicts = {}
+
+    # Table 1's trends over the on-policy share, each against the paper's five reward models.
+    trends = {}
+    for prop in PROPERTIES:
+        trends[prop] = correlations(shares, np.asarray(table1[prop][:learned]), seed=config.stream(6))
+        verdicts[f"Table 1: {prop} against the on-policy share"] = sign_verdict(
+            trends[prop]["spearman"], _paper_trend(PAPER_TABLE1[prop])
         )
-    same = float(np.mean(np.all(best == best[:, :1], axis=1)))
+    # The perfect low-variance teacher's variance against the ground truth's, prompts resampled.
+    per_prompt = main_stats["reward variance per prompt"]
+    low_variance = compare_to_reference(per_prompt[-1], per_prompt[None, -2])
+    verdicts["Table 1: the perfect low-variance model has lower reward variance than the ground truth"] = (
+        "holds" if low_variance["worse"] else ("does not hold" if low_variance["better"] else "inconclusive")
+    )
+
+    # Table 2 over the reward models (learned and the perfect one, not the ground truth).
+    models = slice(0, learned + 1)
+    table2 = {}
+    for prop in PROPERTIES:
+        for target, gain in (("proxy", proxy_gain), ("ground truth", truth_gain)):
+            table2[f"{prop} / {target}"] = correlations(
+                np.asarray(main_stats[prop])[models], np.asarray(gain)[models], seed=config.stream(8)
+            )
+    for (prop, target), paper in PAPER_TABLE2.items():
+        verdicts[f"Table 2: {prop} / {target} gain"] = sign_verdict(table2[f"{prop} / {target}"]["spearman"], paper)
+
+    # A perfectly accurate teacher can teach the ground truth slower than less accurate ones.
+    perfect = compare_to_reference(truth_gain[learned], truth_gain[:learned])
+    verdicts["a perfectly accurate reward model teaches the ground truth slower than a less accurate one"] = (
+        "holds" if perfect["better"] else ("does not hold" if len(perfect["worse"]) == learned else "inconclusive")
+    )
+
+    per_student = [teacher_gains(config, *pair)[1] for pair in zip(stats, results)]  # [teachers, seeds] each
+    students, crossings = _section_4_2(config, stats, results, per_student)
+    verdicts["§4.2: the best reward model depends on the student"] = crossings["verdict"]
     return {
-        "teachers": list(TEACHERS),
+        "teachers": names,
         "table1": table1,
+        "table1_trends": trends,
+        "low_variance_against_truth": low_variance,
         "proxy_gain": proxy_gain.mean(-1).tolist(),
         "proxy_gain_spread": proxy_gain.std(-1).tolist(),
         "ground_truth_gain": truth_gain.mean(-1).tolist(),
         "ground_truth_gain_spread": truth_gain.std(-1).tolist(),
         "table2": table2,
-        "table2_verdicts": verdicts,
+        "perfect_against_learned": perfect,
         "students": students,
-        # §4.2: P(every student has the same best learned reward model), over seed resamples
-        "same_best_probability": same,
-        "best_depends_on_student": _depends_verdict(same, len(results)),
+        "section_4_2": crossings,
+        "map": correlation_map(config, stats, results, per_student),
+        "verdicts": verdicts,
         "initial_ground_truth": [s["initial ground truth"] for s in stats],
     }
+
+
+def _section_4_2(config, stats, results, per_student):
+    """Per student its best learned model (and how often it is best over seed resamples), and the
+    §4.2 verdict: for each ordered pair of students (a, b), is a's best model beaten in b's runs
+    by another learned model? Those runs are independent of the choice, so no winner's curse;
+    the intervals are corrected for every model and pair compared."""
+    learned = len(config.reward_models())
+    names = config.teacher_names()
+    best = best_under_seed_resampling([g[:learned] for g in per_student], np.random.default_rng(config.stream(10)))
+    students = []
+    for index, gain in enumerate(per_student):
+        share = np.bincount(best[:, index], minlength=learned) / len(best)
+        students.append(
+            {
+                "demonstrator_sharpness": config.student_sharpness[index],
+                "initial_entropy": float(np.mean(results[index]["entropy"][..., 0])),
+                "ground_truth_gain": gain.mean(-1).tolist(),
+                "best_reward_model": names[int(np.argmax(gain[:learned].mean(-1)))],
+                "best_share": share.tolist(),  # how often each learned model is best over seed resamples
+                "variance": [float(v) for v in stats[index]["reward variance"]],
+            }
+        )
+    pairs = list(itertools.permutations(range(len(per_student)), 2))
+    level = 1 - 0.05 / max(1, len(pairs))
+    comparisons = []
+    for a, b in pairs:
+        chosen = int(np.argmax(per_student[a][:learned].mean(-1)))
+        others = [m for m in range(learned) if m != chosen]
+        test = compare_to_reference(per_student[b][chosen], per_student[b][others], level=level)
+        comparisons.append(
+            {
+                "best_of": a,
+                "taught": b,
+                "model": names[chosen],
+                "beaten_by": [names[others[i]] for i in test["better"]],
+                "beats_all": len(test["worse"]) == len(others),
+            }
+        )
+    if not pairs:
+        verdict = "not measured (one student)"
+    elif any(c["beaten_by"] for c in comparisons):
+        verdict = "holds"
+    elif all(c["beats_all"] for c in comparisons):
+        verdict = "does not hold"
+    else:
+        verdict = "inconclusive"
+    same = float(np.mean(np.all(best == best[:, :1], axis=1))) if pairs else 1.0
+    return students, {"comparisons": comparisons, "verdict": verdict, "same_best_probability": same}
+
+
+def correlation_map(config, stats, results, per_student):
+    """Where variance predicts teaching better than accuracy: for every student (rows, by its
+    initial entropy) and group of learned models of one label noise and training length
+    (columns), Spearman correlations of reward variance and of on-policy accuracy with the
+    ground-truth gain, and their difference, each with a 95% bootstrap interval over the
+    group's models and seeds."""
+    specs = config.reward_models()
+    groups = list(dict.fromkeys((spec.noise, spec.epochs) for spec in specs))
+    cells = []
+    for index, gain in enumerate(per_student):
+        for noise, epochs in groups:
+            members = np.array([i for i, spec in enumerate(specs) if (spec.noise, spec.epochs) == (noise, epochs)])
+            if len(members) < 3:
+                continue
+            variance = np.asarray(stats[index]["reward variance"])[members]
+            accuracy = np.asarray(stats[index]["on-policy accuracy"])[members]
+            key = jax.random.key(config.stream(12))
+            difference = metrics.bootstrap_correlation_difference(variance, accuracy, gain[members], key)
+            cells.append(
+                {
+                    "student": index,
+                    "initial_entropy": float(np.mean(results[index]["entropy"][..., 0])),
+                    "label_noise": noise,
+                    "epochs": epochs,
+                    "models": len(members),
+                    "variance": correlations(variance, gain[members], seed=config.stream(12))["spearman"],
+                    "accuracy": correlations(accuracy, gain[members], seed=config.stream(12))["spearman"],
+                    "difference": [float(difference.estimate), float(difference.low), float(difference.high)],
+                }
+            )
+    for cell in cells:
+        _, low, high = cell["difference"]
+        cell["verdict"] = (
+            "variance predicts better" if low > 0 else "accuracy predicts better" if high < 0 else "no clear difference"
+        )
+    return cells
 
 
 def best_under_seed_resampling(gains, rng, num_resamples: int = 2000) -> np.ndarray:
@@ -500,84 +758,132 @@ def best_under_seed_resampling(gains, rng, num_resamples: int = 2000) -> np.ndar
     return np.stack(best, axis=1)
 
 
-def _depends_verdict(same: float, students: int) -> str:
-    """Razin et al. §4.2 (the best reward model depends on the student), from the probability
-    that all students share one best model under seed resampling."""
-    if students < 2:
-        return "not measured (one student)"
-    if same < 0.05:
-        return "holds"
-    return "does not hold" if same > 0.95 else "inconclusive"
-
-
-def plot(config, stats, results, path):
+def plot(config, stats, results, summary, path):
     plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    main, main_stats = results[0], stats[0]
-    steps = np.arange(main["kl"].shape[-1])
-    width = min(5, len(steps))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(TEACHERS)))
-    proxy = (main["proxy_reward"] - main_stats["mean"][:, None, None]) / main_stats["std"][:, None, None]
-    for panel, (curves, title) in enumerate(
-        (
-            (proxy, "proxy reward (normalized)"),
-            (main["ground_truth_reward"], "ground-truth reward"),
-            (main["kl"], "KL to the initial policy"),
-        )
-    ):
-        ax = axes[panel]
-        for t, name in enumerate(TEACHERS):
-            smooth = np.apply_along_axis(lambda c: np.convolve(c, np.ones(width) / width, "valid"), -1, curves[t])
-            ax.plot(steps[width - 1 :], smooth.mean(0), color=colors[t], label=name)
-            ax.fill_between(steps[width - 1 :], smooth.min(0), smooth.max(0), color=colors[t], alpha=0.15)
-        ax.set(title=title, xlabel="RLOO iteration")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    specs = config.reward_models()
+    learned = len(specs)
+    truth_gain = teacher_gains(config, stats[0], results[0])[1]
+    colors = plt.cm.viridis(np.array([spec.fraction for spec in specs]) * 0.9)
+    for ax, prop in zip(axes[:2], ("reward variance", "on-policy accuracy")):
+        x = np.asarray(stats[0][prop])
+        for m in range(learned):
+            ax.errorbar(x[m], truth_gain[m].mean(), yerr=truth_gain[m].std(), fmt="o", color=colors[m], ms=4)
+        ax.errorbar(x[learned], truth_gain[learned].mean(), yerr=truth_gain[learned].std(), fmt="s", color="red")
+        ax.set(xlabel=f"{prop} (initial policy)", ylabel="ground-truth gain", title=f"{prop} vs ground-truth gain")
+    axes[0].plot([], [], "o", color=colors[0], label="RM, 100% on-policy")
+    axes[0].plot([], [], "o", color=colors[-1], label="RM, 0% on-policy")
+    axes[0].plot([], [], "s", color="red", label="perfect, low variance")
     axes[0].legend(fontsize=7)
+    ax = axes[2]
+    cells = summary["map"]
+    labels = [
+        f"student {c['student']} (H {c['initial_entropy']:.2f})\nnoise {c['label_noise']:g}, e{c['epochs']}"
+        for c in cells
+    ]
+    y = np.arange(len(cells))
+    for offset, key, color in ((-0.15, "variance", "tab:blue"), (0.15, "accuracy", "tab:orange")):
+        estimate, low, high = (np.array([c[key][i] for c in cells]) for i in range(3))
+        ax.errorbar(estimate, y + offset, xerr=[estimate - low, high - estimate], fmt="o", color=color, label=key)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_yticks(y, labels, fontsize=6)
+    ax.set(xlabel="Spearman with the ground-truth gain (95% interval)", title="map: which property predicts teaching")
+    ax.legend(fontsize=7)
     ax = axes[3]
-    width = 0.8 / len(results)  # bar width
-    for index, result in enumerate(results):
-        gains = _gains(result["ground_truth_reward"], max(1, config.iterations // 10))
-        ax.bar(
-            np.arange(len(TEACHERS)) + index * width,
-            gains.mean(-1),
-            width,
-            yerr=gains.std(-1),
-            label=f"student: demonstrator sharpness {config.student_sharpness[index]}",
-        )
-    ax.set_xticks(np.arange(len(TEACHERS)) + 0.4 - width / 2, [t.replace(", ", "\n") for t in TEACHERS], fontsize=7)
-    ax.set(title="ground-truth gain by teacher and student")
+    # Smoothed over one pass through the prompts: topics differ in attainable reward, so the raw
+    # curves saw-tooth with the prompt cycle.
+    width = min(config.iterations, max(1, config.pg_prompts // config.prompts_per_iteration))
+
+    def smooth(curve):
+        return np.convolve(curve, np.ones(width) / width, "valid")
+
+    truth = results[0]["ground_truth_reward"]
+    steps = np.arange(truth.shape[-1])[width - 1 :]
+    for fraction in ON_POLICY_FRACTIONS:
+        members = [i for i, spec in enumerate(specs) if spec.fraction == fraction]
+        curve = smooth(truth[members].mean(axis=(0, 1)))
+        ax.plot(steps, curve, color=plt.cm.viridis(fraction * 0.9), label=f"RMs {fraction:.0%} on-policy")
+    for t, (name, style) in enumerate(((PERFECT, "r--"), (TRUTH, "k-"))):
+        ax.plot(steps, smooth(truth[learned + t].mean(0)), style, label=name)
+    ax.set(
+        xlabel="RLOO iteration",
+        ylabel=f"ground-truth reward (mean of {width} iterations)",
+        title="main student, mean over seeds",
+    )
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
 def report(config, summary) -> str:
+    names = summary["teachers"]
+    learned = len(config.reward_models())
     lines = ["# The reward-model teacher study in miniature (Razin et al. §4)", ""]
+    lines += ["## Verdicts", "", "| finding | verdict |", "|---|---|"]
+    lines += [f"| {finding} | {verdict} |" for finding, verdict in summary["verdicts"].items()]
     lines += [
-        "## Table 1: teachers measured on the initial policy (paper's Pythia-2.8B values in brackets)",
+        "",
+        "Each verdict is computed from 95% intervals (docs/theory.md#verdicts): a correlation the paper "
+        "found holds when its Spearman interval lies on the paper's side of 0, does not hold on the other, "
+        "and is inconclusive when it holds 0; where the paper found no clear relation, an interval holding 0 "
+        "is consistent with it. Comparisons of teachers use Welch intervals of gain differences over seeds, "
+        "Bonferroni-corrected over the models compared.",
+        "",
+        "## Table 1 by on-policy share (main student; mean and range over the share's reward models)",
+        "",
+        "| teachers | models | reward variance [paper] | on-policy accuracy [paper] | off-policy accuracy [paper] |",
+        "|---|---|---|---|---|",
+    ]
+    specs = config.reward_models()
+    for position, fraction in enumerate(ON_POLICY_FRACTIONS):
+        members = [i for i, spec in enumerate(specs) if spec.fraction == fraction]
+        cells = []
+        for prop in PROPERTIES:
+            values = np.asarray(summary["table1"][prop])[members]
+            cells.append(
+                f"{fmt(values.mean())} ({fmt(values.min())}-{fmt(values.max())}) [{PAPER_TABLE1[prop][position]}]"
+            )
+        lines.append(f"| RM {fraction:.0%} on-policy | {len(members)} | " + " | ".join(cells) + " |")
+    for offset, name in enumerate((PERFECT, TRUTH)):
+        cells = [f"{fmt(summary['table1'][p][learned + offset])} [{PAPER_TABLE1[p][5 + offset]}]" for p in PROPERTIES]
+        lines.append(f"| {name} | 1 | " + " | ".join(cells) + " |")
+    ranges = {p: np.asarray(summary["table1"][p][:learned]) for p in PROPERTIES}
+    lines += [
+        "",
+        f"Ranges reached by the {learned} learned models: on-policy accuracy "
+        f"{fmt(ranges['on-policy accuracy'].min())}-{fmt(ranges['on-policy accuracy'].max())} (paper 0.587-0.660), "
+        f"off-policy accuracy {fmt(ranges['off-policy accuracy'].min())}-{fmt(ranges['off-policy accuracy'].max())} "
+        "(paper 0.630-0.762).",
+        "",
+        "Trends over the on-policy share (Spearman over the learned models [95%]): "
+        + "; ".join(f"{p} {fmt_interval(summary['table1_trends'][p]['spearman'])}" for p in PROPERTIES)
+        + ".",
+        "",
+        "## Every teacher (main student)",
         "",
         "| teacher | reward variance | on-policy accuracy | off-policy accuracy | proxy gain | ground-truth gain |",
         "|---|---|---|---|---|---|",
     ]
-    for t, name in enumerate(TEACHERS):
-        cells = [f"{fmt(summary['table1'][p][t])} [{PAPER_TABLE1[p][t]}]" for p in PAPER_TABLE1]
+    for t, name in enumerate(names):
+        cells = [fmt(summary["table1"][p][t]) for p in PROPERTIES]
         cells += [
             f"{fmt(summary['proxy_gain'][t])} ± {fmt(summary['proxy_gain_spread'][t], 2)}",
             f"{fmt(summary['ground_truth_gain'][t])} ± {fmt(summary['ground_truth_gain_spread'][t], 2)}",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    perfect = summary["perfect_against_learned"]
     lines += [
         "",
-        f"Gains: mean of the last {max(1, config.iterations // 10)} of {config.iterations} iterations minus "
-        f"the first, mean ± std over {config.seeds} seeds; proxy in normalized units.",
+        f"Gains: mean over the last pass through the prompts (the last {prompt_cycle(config)} of "
+        f"{config.iterations} iterations) minus the initial policy's mean on the same prompts, mean ± std over "
+        f"{config.seeds} seeds; proxy in normalized units. "
+        f"{len(perfect['better'])} of {learned} learned models teach the ground truth faster than the perfect "
+        f"low-variance model and {len(perfect['worse'])} slower, beyond seed noise.",
         "",
         "## Table 2: correlation with the reward increase over the reward models",
         "",
-        f"Over the {len(TEACHERS) - 1} reward models (all teachers but the ground truth), with 95% bootstrap "
-        f"intervals that resample the reward models and, within each, its {config.seeds} seeds.",
-        "",
-        "The verdict compares the Spearman interval with the paper: a relation the paper found (both its values "
-        "of one sign and at least 0.5) holds when the interval lies on that side of 0, does not hold when it lies "
-        "on the other, and is inconclusive when it holds 0; where the paper found no clear relation, an interval "
-        "holding 0 is consistent with it.",
+        f"Over the {learned + 1} reward models (all teachers but the ground truth), with 95% bootstrap "
+        f"intervals that resample the reward models and, within each, its {config.seeds} seeds. Saves of one "
+        "run are not independent models; the interval treats them as such.",
         "",
         "| property | target | Pearson here [95%] | Spearman here [95%] | paper (Pearson / Spearman) | verdict |",
         "|---|---|---|---|---|---|",
@@ -586,26 +892,47 @@ def report(config, summary) -> str:
         here = summary["table2"][f"{prop} / {target}"]
         lines.append(
             f"| {prop} | {target} | {fmt_interval(here['pearson'])} | {fmt_interval(here['spearman'])} | "
-            f"{paper[0]} / {paper[1]} | {summary['table2_verdicts'][f'{prop} / {target}']} |"
+            f"{paper[0]} / {paper[1]} | {summary['verdicts'][f'Table 2: {prop} / {target} gain']} |"
         )
+    section = summary["section_4_2"]
     lines += [
         "",
         "## Does the best teacher depend on the student? (§4.2)",
         "",
-        f"Verdict: **{summary['best_depends_on_student']}**. Resampling each run's {config.seeds} seeds, every "
-        f"student has the same best learned reward model in {100 * summary['same_best_probability']:.0f}% of "
-        "resamples (holds below 5%, does not hold above 95%).",
+        f"Verdict: **{section['verdict']}**. For each ordered pair of students, the best learned model of the "
+        "first is compared with every other learned model in the second's runs (intervals Bonferroni-corrected "
+        "over models and pairs). Resampling seeds, every student has the same best model in "
+        f"{100 * section['same_best_probability']:.0f}% of resamples.",
         "",
-        "| student | initial ground truth | best reward model (share of seed resamples) | ground-truth gain per teacher |",
+        "| student | initial entropy | initial ground truth | best reward model (share of seed resamples) |",
         "|---|---|---|---|",
     ]
     for index, student in enumerate(summary["students"]):
-        gains = ", ".join(f"{fmt(g)}" for g in student["ground_truth_gain"])
-        share = student["best_share"][TEACHERS.index(student["best_reward_model"])]
+        share = student["best_share"][names.index(student["best_reward_model"])]
         lines.append(
             f"| SFT on demonstrator sharpness {student['demonstrator_sharpness']} | "
-            f"{fmt(summary['initial_ground_truth'][index])} | "
-            f"{student['best_reward_model']} ({100 * share:.0f}%) | {gains} |"
+            f"{fmt(student['initial_entropy'])} | {fmt(summary['initial_ground_truth'][index])} | "
+            f"{student['best_reward_model']} ({100 * share:.0f}%) |"
+        )
+    lines += ["", "| best of student | taught student | its best model | beaten there by |", "|---|---|---|---|"]
+    for c in section["comparisons"]:
+        lines.append(f"| {c['best_of']} | {c['taught']} | {c['model']} | {', '.join(c['beaten_by']) or 'none'} |")
+    lines += [
+        "",
+        "## Map: where does variance predict teaching better than accuracy?",
+        "",
+        "Per student (its initial per-token entropy) and group of learned models (label noise, training "
+        "length): Spearman correlations with the ground-truth gain [95%], and variance's minus accuracy's "
+        "(paired bootstrap).",
+        "",
+        "| student (entropy) | label noise | epochs | models | variance | on-policy accuracy | difference | reading |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in summary["map"]:
+        lines.append(
+            f"| {c['student']} ({fmt(c['initial_entropy'])}) | {c['label_noise']:g} | {c['epochs']} | {c['models']} | "
+            f"{fmt_interval(c['variance'])} | {fmt_interval(c['accuracy'])} | {fmt_interval(c['difference'])} | "
+            f"{c['verdict']} |"
         )
     lines += ["", "![teacher study](figures/teacher.png)", ""]
     return "\n".join(lines)
@@ -614,17 +941,19 @@ def report(config, summary) -> str:
 def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
     log = log or Progress("teacher")
     out_dir = prepare_run_directory(out_dir, config)
-    task = TopicTask(seed=config.seed)
+    task = TopicTask(seed=config.task_seed)
     students = train_students(config, task, out_dir, log)
     reward_models = _reward_models(config, task, students[0], out_dir, log)
     teacher = make_teacher(task, nnx.graphdef(reward_models[0]))
     params = _teacher_params(reward_models)
     stats = measure_teachers(config, task, students, teacher, params)
     log("Table 1 (main student): variance " + " ".join(fmt(v) for v in stats[0]["reward variance"]))
-    results = run_students(config, task, students, teacher, params, stats, out_dir, log)
+    results = run_students(
+        config, task, students, teacher, params, stats, out_dir, log, teacher_names=config.teacher_names()
+    )
     summary = summarize(config, stats, results)
     write_json(out_dir / "summary.json", summary)
-    plot(config, stats, results, out_dir / "figures" / "teacher.png")
+    plot(config, stats, results, summary, out_dir / "figures" / "teacher.png")
     write_text(out_dir / "report.md", report(config, summary))
     log(f"wrote {out_dir / 'report.md'}")
     return summary
@@ -637,9 +966,9 @@ def main(argv=None):
         description=__doc__.split("\n\n")[0],
         default_out="results/teacher",
         presets={
-            "cpu": "the default, about 7 min on 2 CPU cores",
+            "cpu": "the default, about 15 min on 2 CPU cores",
             "ci": "a smoke run for the tests",
-            "paper": "the paper's rates and the official RLOO, from --set policy_checkpoint=DIR (GPU/TPU)",
+            "paper": "the paper's rates, from --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
     run(*parse_study(parser, TeacherConfig, argv))

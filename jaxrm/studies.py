@@ -242,6 +242,49 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000) -> dict[st
     return out
 
 
+def compare_to_reference(reference, others, *, level: float = 0.95) -> dict:
+    """Which models beat a reference model, and which lose to it, beyond seed noise.
+
+    ``reference [S]`` and ``others [M, S']`` are outcomes of independent runs (one per seed,
+    ``S, S' >= 2``). For each other model the difference of seed means
+    ``mean(others[m]) - mean(reference)`` gets Welch's t interval (sample variances with
+    ``ddof=1``, Welch-Satterthwaite degrees of freedom), at the Bonferroni level
+    ``1 - (1 - level) / M`` so that all ``M`` intervals hold together at ``level``. With few
+    seeds the t quantile is large and the intervals wide, as they should be (a bootstrap over
+    two seeds would be far too narrow). Returns ``difference``, ``low``, ``high`` (each
+    ``[M]``), ``better`` and ``worse`` (indices whose interval lies above / below 0) and
+    ``level`` (the per-comparison level).
+
+    >>> out = compare_to_reference([0.0, 0.1, -0.1], [[1.0, 1.1, 0.9], [0.0, 0.2, -0.2]])
+    >>> out["better"], out["worse"]
+    ([0], [])
+    """
+    from scipy import stats
+
+    reference = np.asarray(reference, float)
+    others = np.atleast_2d(np.asarray(others, float))
+    if reference.ndim != 1 or others.ndim != 2 or len(reference) < 2 or others.shape[1] < 2:
+        raise ValueError(
+            f"reference must be [S] and others [M, S] with S >= 2 seeds, got {reference.shape} and {others.shape}."
+        )
+    per_level = 1 - (1 - level) / len(others)
+    ref_term = reference.var(ddof=1) / len(reference)
+    other_terms = others.var(axis=1, ddof=1) / others.shape[1]
+    spread = np.sqrt(ref_term + other_terms)
+    dof = spread**4 / (ref_term**2 / (len(reference) - 1) + other_terms**2 / (others.shape[1] - 1) + 1e-300)
+    half = stats.t.ppf((1 + per_level) / 2, np.maximum(dof, 1.0)) * spread
+    difference = others.mean(-1) - reference.mean()
+    low, high = difference - half, difference + half
+    return {
+        "difference": difference.tolist(),
+        "low": low.tolist(),
+        "high": high.tolist(),
+        "better": [int(i) for i in np.flatnonzero(low > 0)],
+        "worse": [int(i) for i in np.flatnonzero(high < 0)],
+        "level": per_level,
+    }
+
+
 def sign_verdict(entry, paper: tuple[float, ...], *, clear: float = 0.5) -> str:
     """Whether a measured correlation ``[estimate, low, high]`` agrees with a paper's values.
 

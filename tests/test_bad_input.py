@@ -35,7 +35,7 @@ STUDY_CASES = [
     (experiments.teacher, ["iterations=1.5"], r"iterations=1\.5: must be an int"),
     (experiments.teacher, ["iterations=-1"], r"iterations=-1: must be >= 1"),
     (experiments.teacher, ["iterations=0"], r"iterations=0"),
-    (experiments.teacher, ["seeds=0"], r"seeds=0: must be >= 1"),
+    (experiments.teacher, ["seeds=0"], r"seeds=0: must be >= 2"),
     (experiments.teacher, ["chunk=500"], r"chunk=500 must be <= iterations"),
     (experiments.teacher, ["learning_rate=NaN"], r"learning_rate=nan: must be finite"),
     (experiments.teacher, ["learning_rate=0"], r"learning_rate=0"),
@@ -56,8 +56,12 @@ STUDY_CASES = [
     (experiments.paradox, ["kl_budget=-1"], r"kl_budget=-1: must be > 0"),
     (experiments.paradox, ["on_policy_fraction=2"], r"on_policy_fraction=2: must be in \[0, 1\]"),
     (experiments.paradox, ["checkpoints=0"], r"checkpoints=0: must be >= 3"),
-    (experiments.paradox, ["checkpoints=5000"], r"checkpoints=5000: the reward-model run has at most"),
-    (experiments.paradox, ["rm_epochs=0"], r"rm_epochs=0: must be >= 1"),
+    (experiments.paradox, ["checkpoints=5000"], r"checkpoints=5000: a reward-model run has at most"),
+    (experiments.paradox, ["rm_epochs=[3, 1]"], r"rm_epochs=\(3, 1\): must be increasing epoch counts >= 1"),
+    (experiments.teacher, ["rm_epochs=[0, 1]"], r"rm_epochs=\(0, 1\): must be increasing"),
+    (experiments.teacher, ["label_noise=[0.1, 0.1]"], r"label_noise=\(0\.1, 0\.1\) repeats a level"),
+    (experiments.teacher, ["label_noise=[-1]"], r"label_noise=\(-1,\)"),
+    (experiments.teacher, ["seeds=1"], r"seeds=1: must be >= 2"),
     (experiments.paradox, ["student_sharpness=[1, 2]"], r"student_sharpness=\(1, 2\): must be one sharpness"),
 ]
 

@@ -299,6 +299,23 @@ class TestBootstrapCorrelation:
         with pytest.raises(ValueError, match="num_resamples"):
             metrics.bootstrap_correlation(jnp.arange(4.0), jnp.arange(4.0), key, num_resamples=0)
 
+    def test_the_difference_of_two_properties_is_paired_on_each_resample(self):
+        rng = np.random.default_rng(13)
+        x = np.linspace(0.0, 1.0, 12)
+        y = x[:, None] + 0.05 * rng.normal(size=(12, 4))
+        noise = rng.normal(size=12)
+        out = metrics.bootstrap_correlation_difference(x, noise, y, jax.random.key(3))
+        alone = metrics.bootstrap_correlation(x, y, jax.random.key(3))
+        other = metrics.bootstrap_correlation(noise, y, jax.random.key(3))
+        # The estimate is the difference of the two correlations; the interval excludes 0.
+        assert float(out.estimate) == pytest.approx(float(alone.estimate) - float(other.estimate), abs=1e-6)
+        assert float(out.low) > 0
+        # A property against itself differs by exactly 0 on every resample.
+        same = metrics.bootstrap_correlation_difference(x, x, y, jax.random.key(3))
+        assert float(same.low) == float(same.high) == 0.0
+        with pytest.raises(ValueError, match="one shape"):
+            metrics.bootstrap_correlation_difference(x, x[:5], y, jax.random.key(3))
+
 
 class TestDegenerateInputs:
     def test_empty_or_single_output_axes_are_refused_by_name(self):
