@@ -29,7 +29,6 @@ from experiments import teacher as study
 from experiments.tasks import TopicTask
 from jaxrm import metrics, studies
 from jaxrm.models import load_model
-from jaxrm.train import evaluate_reward_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,7 @@ def run_name(run) -> str:
 
 
 def _train_checkpoints(config, task, sft, out_dir, log):
-    """The saves of every run: ``(run index, step)`` per save, the models, and their held-out accuracy."""
+    """The saves of every run: ``(run index, step)`` per save, and the models."""
     runs = config.training_runs()
     directory = out_dir / "checkpoints" / "reward_runs"
 
@@ -103,18 +102,30 @@ def _train_checkpoints(config, task, sft, out_dir, log):
         return checkpoint_steps(config.rm_epochs[-1] * per_epoch, config.checkpoints)
 
     steps = study.reward_model_runs(config, task, sft, runs, directory, save_steps, log)
-    # Held-out pairs of the runs' on-policy mix, labelled by the ground truth without noise.
-    held_out = study.mixed_pairs(
-        task, study.preference_sources(config.eval_prompts, task, sft, config.stream(6)), config.on_policy_fraction
-    )
-    saves, models, accuracy = [], [], []
+    saves, models = [], []
     for index, run in enumerate(runs):
         for step in steps:
-            model = load_model(directory / study.run_directory_name(run) / f"step_{step:06d}")
             saves.append((index, step))
-            models.append(model)
-            accuracy.append(evaluate_reward_model(model, held_out)["accuracy"])
-    return saves, models, accuracy
+            models.append(load_model(directory / study.run_directory_name(run) / f"step_{step:06d}"))
+    return saves, models
+
+
+def held_out_correct(config, task, sft, teacher, params) -> np.ndarray:
+    """``[saves, pairs]``: whether each save ranks each held-out pair as the ground truth does.
+
+    The pairs: ``eval_prompts x eval_samples`` prompts with the runs' on-policy mix, labelled by
+    the ground truth without noise, so that the accuracy of a save is known to about +-0.01.
+    """
+    sources = study.preference_sources(config.eval_prompts * config.eval_samples, task, sft, config.stream(6))
+    pairs = study.mixed_pairs(task, sources, config.on_policy_fraction)
+    score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+    chosen = score(
+        params, *(jnp.asarray(a) for a in (pairs.prompt, pairs.prompt_mask, pairs.chosen, pairs.chosen_mask))
+    )
+    rejected = score(
+        params, *(jnp.asarray(a) for a in (pairs.prompt, pairs.prompt_mask, pairs.rejected, pairs.rejected_mask))
+    )
+    return np.asarray(chosen > rejected)
 
 
 def _stop_at_budget(kl, truth, budget, window):
@@ -131,26 +142,37 @@ def _stop_at_budget(kl, truth, budget, window):
     return np.take_along_axis(smoothed_truth, stop[..., None], -1)[..., 0], stop + window - 1, reached.any(-1)
 
 
-def run_verdicts(saves, accuracy, outcome, runs: int) -> list[dict]:
-    """Per training run: is its most accurate save beaten by a less accurate one (Chen et al.),
-    beyond seed noise? Welch intervals, Bonferroni-corrected over the saves and the runs."""
+def run_verdicts(saves, correct, outcome, runs: int) -> list[dict]:
+    """Per training run: does a save that is less accurate than the run's most accurate one teach
+    better (Chen et al.)? "Less accurate" needs the paired accuracy difference over the held-out
+    pairs (``correct [saves, pairs]``) to exclude 0, and "teaches better" a Welch interval of the
+    outcome difference over seeds above 0; both Bonferroni-corrected over the saves and the runs."""
+    from scipy import stats
+
+    accuracy = correct.mean(-1)
     verdicts = []
     for index in range(runs):
         members = [i for i, (r, _) in enumerate(saves) if r == index]
         top = max(members, key=lambda i: accuracy[i])
         others = [i for i in members if i != top]
-        test = studies.compare_to_reference(outcome[top], outcome[others], level=1 - 0.05 / runs)
+        level = 1 - 0.05 / runs
+        test = studies.compare_to_reference(outcome[top], outcome[others], level=level)
+        gaps = correct[top].astype(float) - correct[others].astype(float)  # [others, pairs], paired
+        z = stats.norm.ppf(1 - (1 - level) / len(others) / 2)
+        below = gaps.mean(-1) - z * gaps.std(-1, ddof=1) / np.sqrt(gaps.shape[-1]) > 0
         best = max(members, key=lambda i: outcome[i].mean())
         verdicts.append(
             {
                 "run": index,
                 "most_accurate_step": saves[top][1],
-                "most_accurate_accuracy": accuracy[top],
+                "most_accurate_accuracy": float(accuracy[top]),
                 "best_step": saves[best][1],
-                "best_accuracy": accuracy[best],
+                "best_accuracy": float(accuracy[best]),
                 # rank of the best teacher's accuracy within its run (1 = the most accurate)
-                "best_accuracy_rank": 1 + sum(accuracy[i] > accuracy[best] for i in members),
-                "beaten_by_steps": [saves[others[i]][1] for i in test["better"]],
+                "best_accuracy_rank": 1 + int(sum(accuracy[i] > accuracy[best] for i in members)),
+                "less_accurate_steps": [saves[others[i]][1] for i in np.flatnonzero(below)],
+                "better_steps": [saves[others[i]][1] for i in test["better"]],
+                "beaten_by_steps": [saves[others[i]][1] for i in test["better"] if below[i]],
                 "beats_all": len(test["worse"]) == len(others),
             }
         )
@@ -171,18 +193,20 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     out_dir = studies.prepare_run_directory(out_dir, config)
     task = TopicTask(seed=config.task_seed)
     (sft,) = study.train_students(config, task, out_dir, log)
-    saves, models, accuracy = _train_checkpoints(config, task, sft, out_dir, log)
+    saves, models = _train_checkpoints(config, task, sft, out_dir, log)
     runs = config.training_runs()
     count = len(models)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[nnx.state(m) for m in models])
     params = (stacked, jnp.ones(count), jnp.zeros(count), jnp.zeros(count, bool))
     teacher = study.make_teacher(task, nnx.graphdef(models[0]))
     (stats,) = study.measure_teachers(config, task, [sft], teacher, params)
+    correct = held_out_correct(config, task, sft, teacher, params)
+    accuracy = correct.mean(-1).tolist()
     names = [f"{run_name(runs[r])} step {step}" for r, step in saves]
     (result,) = study.run_students(config, task, [sft], teacher, params, [stats], out_dir, log, teacher_names=names)
     window = min(5, config.iterations)
     outcome, stop, reached = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
-    verdicts = run_verdicts(saves, accuracy, outcome, len(runs))
+    verdicts = run_verdicts(saves, correct, outcome, len(runs))
     difference = metrics.bootstrap_correlation_difference(
         np.asarray(stats["reward variance"]), np.asarray(accuracy), outcome, jax.random.key(config.stream(13))
     )
@@ -191,6 +215,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
         "run": [r for r, _ in saves],
         "steps": [step for _, step in saves],
         "accuracy": accuracy,
+        "held_out_pairs": int(correct.shape[-1]),
         "reward_mean": stats["mean"].tolist(),
         "reward_std": stats["std"].tolist(),
         "reward_variance": stats["reward variance"].tolist(),
@@ -255,20 +280,24 @@ def report(config, summary) -> str:
         f"{fmt(summary['initial_ground_truth'])}.",
         "",
         "| run | most accurate save (accuracy) | best teacher (accuracy, its accuracy rank in the run) | "
-        "less accurate saves that teach better, beyond seed noise |",
-        "|---|---|---|---|",
+        "saves that teach better, beyond seed noise | of those, less accurate beyond held-out noise |",
+        "|---|---|---|---|---|",
     ]
     for v in summary["run_verdicts"]:
-        beaten = ", ".join(f"step {s}" for s in v["beaten_by_steps"]) or (
+        better = ", ".join(f"step {s}" for s in v["better_steps"]) or (
             "none; it beats every other save" if v["beats_all"] else "none resolved"
         )
+        beaten = ", ".join(f"step {s}" for s in v["beaten_by_steps"]) or "none"
         lines.append(
             f"| {summary['runs'][v['run']]} | step {v['most_accurate_step']} ({fmt(v['most_accurate_accuracy'])}) | "
-            f"step {v['best_step']} ({fmt(v['best_accuracy'])}, rank {v['best_accuracy_rank']}) | {beaten} |"
+            f"step {v['best_step']} ({fmt(v['best_accuracy'])}, rank {v['best_accuracy_rank']}) | {better} | "
+            f"{beaten} |"
         )
     lines += [
         "",
-        "Welch intervals over seeds, Bonferroni-corrected over the saves of a run and over the runs.",
+        f"Teaching: Welch intervals over seeds; accuracy: paired intervals over the {summary['held_out_pairs']} "
+        "held-out pairs; both Bonferroni-corrected over the saves of a run and over the runs. The finding holds "
+        "only where a save is both less accurate and a better teacher beyond noise.",
         "",
         "| run | step | held-out accuracy | reward mean | reward std | variance (normalized) | on-policy accuracy | "
         "ground truth at stop | stop iteration |",

@@ -966,7 +966,7 @@ def main(argv=None):
         description=__doc__.split("\n\n")[0],
         default_out="results/teacher",
         presets={
-            "cpu": "the default, about 15 min on 2 CPU cores",
+            "cpu": "the default, about 14 min on 2 CPU cores",
             "ci": "a smoke run for the tests",
             "paper": "the paper's rates, from --set policy_checkpoint=DIR (GPU/TPU)",
         },

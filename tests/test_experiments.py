@@ -46,6 +46,9 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     assert summary["teachers"] == config.teacher_names() and len(summary["teachers"]) == learned + 2 == 12
     assert len(summary["students"]) == len(config.student_sharpness)
     assert any("training 5 reward models side by side" in line for line in lines)
+    # The second student's RLOO run reuses the first one's compiled chunk program (same shapes).
+    second = next(i for i, line in enumerate(lines) if line.startswith("student 1:"))
+    assert not any(line.startswith("compiling") for line in lines[second:])
     table1 = summary["table1"]
     assert table1["on-policy accuracy"][-1] == 1.0 and table1["off-policy accuracy"][-2] == 1.0
     assert all(0 <= a <= 1 for a in table1["on-policy accuracy"] + table1["off-policy accuracy"])
@@ -154,6 +157,11 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
     assert all(0 <= a <= 1 for a in summary["accuracy"])
     (verdict,) = summary["run_verdicts"]
     assert verdict["most_accurate_accuracy"] == max(summary["accuracy"])
+    assert (
+        0.9 * config.eval_prompts * config.eval_samples
+        <= summary["held_out_pairs"]
+        <= config.eval_prompts * config.eval_samples
+    )
     assert summary["verdict"] == paradox.overall_verdict(summary["run_verdicts"])
     assert all(1 <= s <= config.iterations for s in summary["stop_iteration"])
     report = (tmp_path / "report.md").read_text()
@@ -162,19 +170,32 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
     assert -1 <= low <= high <= 1 and "accuracy " in report
 
 
+def _nested_correct(accuracies, pairs=400):
+    """``[saves, pairs]`` correctness with the given accuracies, each save's correct pairs a subset
+    of the next more accurate save's (so that their paired differences are clear)."""
+    return np.arange(pairs)[None, :] < np.round(np.asarray(accuracies) * pairs)[:, None]
+
+
 def test_paradox_verdicts_follow_the_outcomes():
     saves = [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    accuracy = [0.5, 0.6, 0.7, 0.5, 0.6, 0.7]
+    correct = _nested_correct([0.5, 0.6, 0.7, 0.5, 0.6, 0.7])
     monotone = np.array([[0.0, 0.01], [1.0, 1.01], [2.0, 2.01]] * 2)
-    verdicts = paradox.run_verdicts(saves, accuracy, monotone, runs=2)
+    verdicts = paradox.run_verdicts(saves, correct, monotone, runs=2)
     assert all(v["beats_all"] and not v["beaten_by_steps"] for v in verdicts)
     assert paradox.overall_verdict(verdicts) == "does not hold"
     moderate = monotone[[0, 2, 1, 0, 1, 2]]  # run 0: the middle save teaches best
-    verdicts = paradox.run_verdicts(saves, accuracy, moderate, runs=2)
+    verdicts = paradox.run_verdicts(saves, correct, moderate, runs=2)
     assert verdicts[0]["beaten_by_steps"] == [2] and verdicts[0]["best_accuracy_rank"] == 2
+    assert verdicts[0]["less_accurate_steps"] == [1, 2]
     assert paradox.overall_verdict(verdicts) == "holds"
+    # A better teacher whose accuracy is within the held-out noise of the most accurate one is no
+    # case of the paradox.
+    close = _nested_correct([0.5, 0.695, 0.7, 0.5, 0.6, 0.7])
+    verdicts = paradox.run_verdicts(saves, close, moderate, runs=2)
+    assert verdicts[0]["better_steps"] == [2] and verdicts[0]["beaten_by_steps"] == []
+    assert paradox.overall_verdict(verdicts) == "inconclusive"
     noisy = monotone + np.array([[0.0, 5.0]] * 6)
-    assert paradox.overall_verdict(paradox.run_verdicts(saves, accuracy, noisy, runs=2)) == "inconclusive"
+    assert paradox.overall_verdict(paradox.run_verdicts(saves, correct, noisy, runs=2)) == "inconclusive"
 
 
 def test_checkpoint_steps_are_spread_and_end_at_the_total():

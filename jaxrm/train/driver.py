@@ -17,6 +17,7 @@ on checkpoint steps, so the same compiled programs run on the same inputs.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -43,6 +44,10 @@ __all__ = ["RLHFRun", "params_fingerprint", "run_rlhf"]
 
 # In-chunk progress lines are printed at most this often (seconds).
 _PROGRESS_INTERVAL = 10.0
+# Compiled chunks kept for later runs of the same program and shapes (the students of one study):
+# each costs seconds to compile on CPU. Each entry holds its progress callback, retargeted per run.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_KEEP = 4
 
 
 class RLHFRun(NamedTuple):
@@ -164,6 +169,10 @@ class _InChunkProgress:
 
     def restart(self):
         self.began = self.last_print = time.perf_counter()
+
+    def retarget(self, log, total):
+        """Report to ``log`` against ``total`` iterations (a cached program serving another run)."""
+        self.log, self.total, self.newest = log, total, -1
 
     def __call__(self, step):
         step = int(np.max(step))
@@ -313,31 +322,43 @@ def run_rlhf(
     lines = _read_lines(out_dir / "metrics.jsonl", start)
     _write_text(out_dir / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
 
-    progress = _InChunkProgress(log, num_iterations) if log is not None else None
-    programs: dict[int, Callable] = {}
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), (state, data))
+    identity = (config, graphdef, reward_fn, ground_truth_fn, batch_sharding, teachers is None, isinstance(seeds, int))
+    identity += (jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)), log is not None)
+    progress = None
 
     def program(length):
-        if length not in programs:
-            train = make_train(
-                config,
-                graphdef,
-                reward_fn,
-                length,
-                ground_truth_fn=ground_truth_fn,
-                batch_sharding=batch_sharding,
-                on_iteration=progress,
-            )
-            if not isinstance(seeds, int):
-                train = jax.vmap(train, in_axes=(0, None))
-            if teachers is not None:
-                train = jax.vmap(train, in_axes=(0, TrainData(None, None, None, 0, 0, 0)))
-            began = time.perf_counter()
-            if log is not None:
-                log(f"compiling {length} iteration(s) for a batch of {list(batch_axes) or 'one run'} ...")
-            programs[length] = jax.jit(train).lower(state, data).compile()
-            if log is not None:
-                log(f"compiled in {time.perf_counter() - began:.1f} s")
-        return programs[length]
+        nonlocal progress
+        key = (*identity, length)
+        if key in _COMPILED:
+            _COMPILED.move_to_end(key)
+            compiled, progress = _COMPILED[key]
+            if progress is not None:
+                progress.retarget(log, num_iterations)
+            return compiled
+        progress = _InChunkProgress(log, num_iterations) if log is not None else None
+        train = make_train(
+            config,
+            graphdef,
+            reward_fn,
+            length,
+            ground_truth_fn=ground_truth_fn,
+            batch_sharding=batch_sharding,
+            on_iteration=progress,
+        )
+        if not isinstance(seeds, int):
+            train = jax.vmap(train, in_axes=(0, None))
+        if teachers is not None:
+            train = jax.vmap(train, in_axes=(0, TrainData(None, None, None, 0, 0, 0)))
+        began = time.perf_counter()
+        if log is not None:
+            log(f"compiling {length} iteration(s) for a batch of {list(batch_axes) or 'one run'} ...")
+        _COMPILED[key] = (jax.jit(train).lower(state, data).compile(), progress)
+        if len(_COMPILED) > _COMPILED_KEEP:
+            _COMPILED.popitem(last=False)
+        if log is not None:
+            log(f"compiled in {time.perf_counter() - began:.1f} s")
+        return _COMPILED[key][0]
 
     teacher_names = [None] if teachers is None else list(teachers)
     chunk = checkpoint_every or log_every or num_iterations
