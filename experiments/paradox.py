@@ -116,7 +116,9 @@ def held_out_correct(config, task, sft, teacher, params) -> np.ndarray:
     The pairs: ``eval_prompts x eval_samples`` prompts with the runs' on-policy mix, labelled by
     the ground truth without noise, so that the accuracy of a save is known to about +-0.01.
     """
-    sources = study.preference_sources(config.eval_prompts * config.eval_samples, task, sft, config.stream(6))
+    sources = study.preference_sources(
+        config.eval_prompts * config.eval_samples, task, sft, config.stream("held-out pairs")
+    )
     pairs = study.mixed_pairs(task, sources, config.on_policy_fraction)
     score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
     chosen = score(
@@ -145,8 +147,9 @@ def _stop_at_budget(kl, truth, budget, window):
 def run_verdicts(saves, correct, outcome, runs: int) -> list[dict]:
     """Per training run: does a save that is less accurate than the run's most accurate one teach
     better (Chen et al.)? "Less accurate" needs the paired accuracy difference over the held-out
-    pairs (``correct [saves, pairs]``) to exclude 0, and "teaches better" a Welch interval of the
-    outcome difference over seeds above 0; both Bonferroni-corrected over the saves and the runs."""
+    pairs (``correct [saves, pairs]``) to exclude 0, Bonferroni-corrected over every pair of saves
+    (the most accurate one is picked on the same pairs), and "teaches better" a Welch interval of
+    the outcome difference over seeds above 0, corrected over the saves; both also over the runs."""
     from scipy import stats
 
     accuracy = correct.mean(-1)
@@ -158,7 +161,8 @@ def run_verdicts(saves, correct, outcome, runs: int) -> list[dict]:
         level = 1 - 0.05 / runs
         test = studies.compare_to_reference(outcome[top], outcome[others], level=level)
         gaps = correct[top].astype(float) - correct[others].astype(float)  # [others, pairs], paired
-        z = stats.norm.ppf(1 - (1 - level) / len(others) / 2)
+        # The most accurate save is picked on the same pairs, so correct over every pair of saves.
+        z = stats.norm.ppf(1 - (1 - level) / (len(members) * len(others) / 2) / 2)
         below = gaps.mean(-1) - z * gaps.std(-1, ddof=1) / np.sqrt(gaps.shape[-1]) > 0
         best = max(members, key=lambda i: outcome[i].mean())
         verdicts.append(
@@ -208,7 +212,10 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     outcome, stop, reached = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
     verdicts = run_verdicts(saves, correct, outcome, len(runs))
     difference = metrics.bootstrap_correlation_difference(
-        np.asarray(stats["reward variance"]), np.asarray(accuracy), outcome, jax.random.key(config.stream(13))
+        np.asarray(stats["reward variance"]),
+        np.asarray(accuracy),
+        outcome,
+        jax.random.key(config.stream("paradox intervals")),
     )
     summary = {
         "runs": [run_name(r) for r in runs],
@@ -228,7 +235,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
         "run_verdicts": verdicts,
         "verdict": overall_verdict(verdicts),
         "correlations": {
-            name: studies.correlations(x, outcome, seed=config.stream(13))
+            name: studies.correlations(x, outcome, seed=config.stream("paradox intervals"))
             for name, x in (
                 ("accuracy", accuracy),
                 ("reward variance", stats["reward variance"]),

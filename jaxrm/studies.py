@@ -298,8 +298,13 @@ def sign_verdict(entry, paper: tuple[float, ...], *, clear: float = 0.5) -> str:
     ('holds', 'inconclusive')
     >>> sign_verdict([0.5, 0.1, 0.8], (-0.28, 0.20))
     'a positive relation the paper did not find'
+
+    An interval that could not be measured (NaN, e.g. a property equal for every model) is
+    ``not measured``.
     """
     _, low, high = entry
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "not measured"
     signs = {np.sign(v) for v in paper}
     if len(signs) == 1 and min(abs(v) for v in paper) >= clear:
         (sign,) = signs

@@ -62,6 +62,13 @@ STUDY_CASES = [
     (experiments.teacher, ["label_noise=[0.1, 0.1]"], r"label_noise=\(0\.1, 0\.1\) repeats a level"),
     (experiments.teacher, ["label_noise=[-1]"], r"label_noise=\(-1,\)"),
     (experiments.teacher, ["seeds=1"], r"seeds=1: must be >= 2"),
+    (experiments.teacher, ["rm_seeds=11"], r"rm_seeds=11: at most 10"),
+    (
+        experiments.teacher,
+        ["prompts_per_iteration=12"],
+        r"pg_prompts=1024 must be a multiple of prompts_per_iteration=12",
+    ),
+    (experiments.teacher, ["iterations=20", "chunk=10"], r"iterations=20 at least pg_prompts / prompts_per_iteration"),
     (experiments.paradox, ["student_sharpness=[1, 2]"], r"student_sharpness=\(1, 2\): must be one sharpness"),
 ]
 

@@ -66,6 +66,7 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     )
     assert report.startswith("# The reward-model teacher study")
     assert f"Verdict: **{summary['section_4_2']['verdict']}**" in report
+    assert summary["section_4_2"]["verdict"] in {"holds", "does not hold", "inconclusive"}
     for student in summary["students"]:
         assert sum(student["best_share"]) == pytest.approx(1.0) and len(student["best_share"]) == learned
     allowed = {"holds", "does not hold", "inconclusive", "consistent"}
@@ -91,7 +92,7 @@ def _fake_measurements(config, truth_gain, *, perfect_gain):
     """Stats and RLOO histories for ``config`` whose ground-truth gains are ``truth_gain`` per
     learned model (plus seed noise), so that the verdicts can be checked on known data."""
     rng = np.random.default_rng(0)
-    learned, teachers, iterations = len(config.reward_models()), len(config.teacher_names()), 3
+    learned, teachers, iterations = len(config.reward_models()), len(config.teacher_names()), config.iterations
     variance = np.linspace(0.2, 0.8, learned)
     stats, results = [], []
     for _ in config.student_sharpness:
@@ -125,7 +126,7 @@ def _fake_measurements(config, truth_gain, *, perfect_gain):
 
 
 def test_teacher_verdicts_are_computed_from_the_measurements():
-    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=3, chunk=1, seeds=4, rm_seeds=2)
+    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2)
     grows = teacher.summarize(config, *_fake_measurements(config, lambda v: v, perfect_gain=0.0))
     verdicts = grows["verdicts"]
     assert verdicts["Table 2: reward variance / ground truth gain"] == "holds"
@@ -137,7 +138,8 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
     )
     # Every student has the same clearly best model: the §4.2 finding does not hold.
     assert verdicts["§4.2: the best reward model depends on the student"] == "does not hold"
-    assert all(c["verdict"] == "variance predicts better" or c["accuracy"][1] > 0 for c in grows["map"])
+    # Accuracy is random here and variance orders the gains: the map reads "variance predicts better".
+    assert [c["verdict"] for c in grows["map"]] == ["variance predicts better"] * len(grows["map"])
     falls = teacher.summarize(config, *_fake_measurements(config, lambda v: -v, perfect_gain=5.0))
     assert falls["verdicts"]["Table 2: reward variance / ground truth gain"] == "does not hold"
     assert falls["verdicts"][
@@ -145,6 +147,72 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
     ] == ("does not hold")
     report = teacher.report(config, falls)
     assert "| Table 2: reward variance / ground truth gain | does not hold |" in report
+
+
+def test_a_crossing_of_two_models_between_students_makes_section_4_2_hold():
+    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2)
+    learned = len(config.reward_models())
+    stats, results = _fake_measurements(config, lambda v: v, perfect_gain=0.0)
+    gain = lambda result: result["ground_truth_reward"][..., -1]  # noqa: E731
+    # Student 1: the two best models of student 0 swap places, far beyond the seed noise.
+    swapped = results[1]["ground_truth_reward"].copy()
+    swapped[[learned - 1, learned - 2]] = swapped[[learned - 2, learned - 1]]
+    swapped[learned - 2] += 0.5
+    results[1] = {**results[1], "ground_truth_reward": swapped}
+    assert np.argmax(gain(results[0])[:learned].mean(-1)) != np.argmax(gain(results[1])[:learned].mean(-1))
+    section = teacher.summarize(config, stats, results)["section_4_2"]
+    assert section["verdict"] == "holds"
+    names = config.teacher_names()
+    assert {"model": names[learned - 1], "other": names[learned - 2], "better_for": 0, "worse_for": 1} in section[
+        "crossings"
+    ]
+    # Two models tied within the noise for one student are no crossing: the verdict cannot hold.
+    tied = results[1]["ground_truth_reward"].copy()
+    tied[learned - 2] = results[0]["ground_truth_reward"][learned - 1] + 0.02 * np.arange(config.seeds)[:, None]
+    results[1] = {**results[1], "ground_truth_reward": tied}
+    assert teacher.summarize(config, stats, results)["section_4_2"]["verdict"] != "holds"
+
+
+def test_noisy_labels_follow_the_bradley_terry_probability():
+    task = TopicTask()
+    rng = np.random.default_rng(3)
+    prompts = task.prompts(4000, rng)
+    first, second = task.off_policy_responses(prompts, rng), task.off_policy_responses(prompts, rng)
+    exact = teacher.label_pairs(task, prompts, first, second)
+    noisy = teacher.label_pairs(task, prompts, first, second, noise=0.1, rng=np.random.default_rng(4))
+    assert np.array_equal(exact[3], noisy[3])  # the same ties are dropped
+    ones = jnp.ones(first.shape, bool)
+    a = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(first), ones))[exact[3]]
+    b = np.asarray(task.ground_truth(None, jnp.asarray(prompts), None, jnp.asarray(second), ones))[exact[3]]
+    agrees = np.all(noisy[1] == exact[1], axis=1)
+    expected = 1 / (1 + np.exp(-np.abs(a - b) / 0.1))  # P(the label follows the ground truth)
+    assert abs(agrees.mean() - expected.mean()) < 3 * np.sqrt(expected.mean() * (1 - expected.mean()) / len(a))
+    assert 0.6 < agrees.mean() < 0.95
+
+
+def test_gains_compare_the_last_pass_with_the_initial_policy():
+    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=8, chunk=2)  # cycle of 4
+    stats = {"mean": np.array([1.0]), "std": np.array([2.0]), "initial reward": np.array([3.0])}
+    stats["initial ground truth"] = 0.25
+    curve = np.arange(8.0)[None, None, :]  # [teachers, seeds, iterations]
+    proxy, truth = teacher.teacher_gains(config, stats, {"proxy_reward": curve, "ground_truth_reward": curve})
+    # The last 4 iterations average 5.5: normalised (5.5 - 1) / 2 minus (3 - 1) / 2.
+    assert proxy.shape == (1, 1) and float(proxy[0, 0]) == pytest.approx(1.25)
+    assert float(truth[0, 0]) == pytest.approx(5.25)
+
+
+def test_compare_to_reference_is_welch_with_bonferroni():
+    from scipy import stats
+
+    from jaxrm.studies import compare_to_reference
+
+    rng = np.random.default_rng(5)
+    reference, others = rng.normal(0, 1, 6), rng.normal([[3.0], [0.0], [-3.0]], 1, (3, 5))
+    out = compare_to_reference(reference, others, level=0.9)
+    assert out["better"] == [0] and out["worse"] == [2] and out["level"] == pytest.approx(1 - 0.1 / 3)
+    # The middle interval is scipy's Welch interval at the corrected level.
+    welch = stats.ttest_ind(others[1], reference, equal_var=False).confidence_interval(1 - 0.1 / 3)
+    assert out["low"][1] == pytest.approx(welch.low) and out["high"][1] == pytest.approx(welch.high)
 
 
 def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
@@ -162,7 +230,6 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
         <= summary["held_out_pairs"]
         <= config.eval_prompts * config.eval_samples
     )
-    assert summary["verdict"] == paradox.overall_verdict(summary["run_verdicts"])
     assert all(1 <= s <= config.iterations for s in summary["stop_iteration"])
     report = (tmp_path / "report.md").read_text()
     assert f"**{summary['verdict']}**" in report and (tmp_path / "figures" / "paradox.png").exists()

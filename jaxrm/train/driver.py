@@ -325,6 +325,10 @@ def run_rlhf(
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), (state, data))
     identity = (config, graphdef, reward_fn, ground_truth_fn, batch_sharding, teachers is None, isinstance(seeds, int))
     identity += (jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)), log is not None)
+    try:
+        hash(identity)
+    except TypeError:  # an unhashable teacher: its programs serve this run only
+        identity = (object(),)
     progress = None
 
     def program(length):
