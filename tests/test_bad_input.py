@@ -66,7 +66,7 @@ STUDY_CASES = [
     (
         experiments.teacher,
         ["prompts_per_iteration=12"],
-        r"pg_prompts=1024 must be a multiple of prompts_per_iteration=12",
+        r"pg_prompts=32 must be a multiple of prompts_per_iteration=12",
     ),
     (experiments.teacher, ["iterations=3", "chunk=1"], r"iterations=3 at least pg_prompts / prompts_per_iteration"),
     (experiments.paradox, ["student_sharpness=[1, 2]"], r"student_sharpness=\(1, 2\): must be one sharpness"),
