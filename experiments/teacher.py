@@ -683,7 +683,7 @@ def summarize(config, stats, results):
 
     per_student = [teacher_gains(config, *pair)[1] for pair in zip(stats, results)]  # [teachers, seeds] each
     students, crossings = _section_4_2(config, stats, results, per_student)
-    verdicts["§4.2: the best reward model depends on the student"] = crossings["verdict"]
+    verdicts["§4.2: which reward model teaches better depends on the student (a crossing)"] = crossings["verdict"]
     return {
         "teachers": names,
         "table1": table1,
@@ -948,7 +948,7 @@ def report(config, summary) -> str:
     section = summary["section_4_2"]
     lines += [
         "",
-        "## Does the best teacher depend on the student? (§4.2)",
+        "## Does the ranking of teachers depend on the student? (§4.2)",
         "",
         f"Verdict: **{section['verdict']}**. The finding holds with a crossing: a model that teaches one student "
         "better than another model, which in turn teaches a second student better than the first, both beyond seed "

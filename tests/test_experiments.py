@@ -137,7 +137,7 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
         "holds"
     )
     # Every student has the same clearly best model: the §4.2 finding does not hold.
-    assert verdicts["§4.2: the best reward model depends on the student"] == "does not hold"
+    assert verdicts["§4.2: which reward model teaches better depends on the student (a crossing)"] == "does not hold"
     # Accuracy is random here and variance orders the gains: the map reads "variance predicts better".
     assert [c["verdict"] for c in grows["map"]] == ["variance predicts better"] * len(grows["map"])
     falls = teacher.summarize(config, *_fake_measurements(config, lambda v: -v, perfect_gain=5.0))
