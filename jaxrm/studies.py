@@ -60,6 +60,45 @@ class StudyConfig:
         return config.quick() if quick else config
 
 
+COMPILATION_CACHE_ENV = "JAXRM_COMPILATION_CACHE"
+DEFAULT_COMPILATION_CACHE = "~/.cache/jaxrm/xla"
+
+
+def default_compilation_cache() -> str:
+    """The compilation-cache directory of the command lines: ``$JAXRM_COMPILATION_CACHE``, else
+    ``~/.cache/jaxrm/xla``."""
+    return os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE)
+
+
+def use_compilation_cache(directory: str) -> Path | None:
+    """Keep every compiled XLA program in ``directory`` (JAX's persistent compilation cache), so
+    that a second run of the same programs compiles nothing; ``"none"`` or ``""`` turns it off.
+
+    Applies to this process and, through the environment, to the processes it starts (the
+    studies' worker processes). Programs are cached however fast they compiled: most of a study's
+    programs compile in well under the 1 s below which JAX would skip them. Returns the
+    directory, or None when off; a directory that cannot be created is a ``ValueError`` naming it.
+    """
+    if directory in ("", "none"):
+        return None
+    import jax
+
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--compilation-cache {directory}: cannot create it ({error}).") from error
+    settings = {
+        "jax_compilation_cache_dir": str(path),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)
+    return path
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (studies run without a display)."""
     import matplotlib

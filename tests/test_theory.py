@@ -509,3 +509,22 @@ def test_quick_runs_compile_without_backend_optimizations_and_restore_the_flags(
     with _quick_compiles(True):
         assert os.environ["XLA_FLAGS"] == QUICK_XLA_FLAG
     assert "XLA_FLAGS" not in os.environ
+
+
+@pytest.mark.slow
+def test_the_command_line_keeps_compiled_programs_for_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "theory", "--quick", "--only", "theorem3", "--jobs", "1"]
+    argv += ["--out", str(tmp_path / "out"), "--compilation-cache", str(cache)]
+    env = {**os.environ, "JAXRM_COMPILATION_CACHE": "none"}  # the option wins over the variable
+    subprocess.run(argv, check=True, env=env, capture_output=True)
+    entries = {p.name for p in cache.iterdir()}
+    assert entries, "no compiled program was kept"
+    # A second run finds every program it needs: nothing new is written.
+    subprocess.run(argv, check=True, env=env, capture_output=True)
+    assert {p.name for p in cache.iterdir()} == entries
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--compilation-cache", str(tmp_path / "out" / "report.md" / "sub")])

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxrm.studies import check_out_directory, write_text
+from jaxrm.studies import check_out_directory, default_compilation_cache, use_compilation_cache, write_text
 from theory import STUDIES, run_study
 
 
@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
         help="studies run side by side in their own processes (default: the CPU count, at most 4; "
         "1 runs them one after the other in this process). Most of a quick run is compiling, "
         "one core per program.",
+    )
+    parser.add_argument(
+        "--compilation-cache",
+        default=default_compilation_cache(),
+        metavar="DIR",
+        help="keep compiled programs here, so that a second run compiles nothing (default: "
+        "$JAXRM_COMPILATION_CACHE, else ~/.cache/jaxrm/xla; 'none' turns it off)",
     )
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     return parser
@@ -107,6 +114,10 @@ def main(argv=None) -> int:
         parser.error(str(error))
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}.")
+    try:
+        use_compilation_cache(args.compilation_cache)
+    except ValueError as error:
+        parser.error(str(error))
     names = args.only or list(STUDIES)
     start = time.perf_counter()
     jobs = min(args.jobs, len(names))
