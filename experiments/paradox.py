@@ -120,7 +120,7 @@ def held_out_correct(config, task, sft, teacher, params) -> np.ndarray:
         config.eval_prompts * config.eval_samples, task, sft, config.stream("held-out pairs")
     )
     pairs = study.mixed_pairs(task, sources, config.on_policy_fraction)
-    score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+    score = study.teacher_scorer(teacher)
     chosen = score(
         params, *(jnp.asarray(a) for a in (pairs.prompt, pairs.prompt_mask, pairs.chosen, pairs.chosen_mask))
     )

@@ -32,6 +32,7 @@ Writes ``config.json``, ``summary.json``, ``report.md``, ``figures/teacher.png``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import shutil
 from pathlib import Path
@@ -505,13 +506,20 @@ def _teacher_params(reward_models):
     return stacked, w_rm, w_gt, low
 
 
+@functools.lru_cache(maxsize=8)
+def teacher_scorer(teacher):
+    """``teacher`` compiled and vmapped over its stacked parameters: one program per teacher
+    function and shapes, shared by every student and measurement."""
+    return jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+
+
 def _measure_on(task, policy, teacher, params, prompts, samples, key, off_pairs, *, ddof):
     """Per teacher: normalisation mean/std (std with ``ddof``), reward variance (per prompt, and
     its mean), on- and off-policy accuracy (Table 1)."""
     repeated = np.repeat(prompts, samples, axis=0)
     mask = np.ones(repeated.shape, bool)
     drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
-    score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+    score = teacher_scorer(teacher)
     rewards = score(params, jnp.asarray(repeated), jnp.asarray(mask), drawn.tokens, drawn.mask)
     rewards = np.asarray(rewards).reshape(-1, len(prompts), samples)
     truth = np.asarray(task.ground_truth(None, jnp.asarray(repeated), None, drawn.tokens, drawn.mask))
@@ -583,7 +591,7 @@ def _initial_rewards(task, policy, teacher, params, prompts, key):
     repeated = np.repeat(prompts, 2, axis=0)
     mask = np.ones(repeated.shape, bool)
     drawn = sample(policy, repeated, mask, key, max_new_tokens=task.response_len)
-    score = jax.jit(jax.vmap(teacher, in_axes=(0, None, None, None, None)))
+    score = teacher_scorer(teacher)
     rewards = np.asarray(score(params, jnp.asarray(repeated), jnp.asarray(mask), drawn.tokens, drawn.mask))
     truth = np.asarray(task.ground_truth(None, jnp.asarray(repeated), None, drawn.tokens, drawn.mask))
     return {"initial reward": rewards.mean(-1), "initial ground truth": float(truth.mean())}

@@ -557,7 +557,7 @@ def bootstrap_correlation(
     """
     if np.ndim(x) != 1:
         raise ValueError(f"x must be shaped [M] with M >= 3 models, got {np.shape(x)}.")
-    _, _, estimate, resampled = _bootstrapped_correlations(jnp.asarray(x)[None], y, key, kind, num_resamples, level)
+    estimate, resampled = _bootstrapped_correlations(jnp.asarray(x)[None], y, key, kind, num_resamples, level)
     return _interval(estimate[0], resampled[:, 0], level)
 
 
@@ -585,7 +585,7 @@ def bootstrap_correlation_difference(
     if np.shape(x_a) != np.shape(x_b):
         raise ValueError(f"x_a and x_b must have one shape [M], got {np.shape(x_a)} and {np.shape(x_b)}.")
     stacked = jnp.stack([jnp.asarray(x_a), jnp.asarray(x_b)])
-    _, _, estimate, resampled = _bootstrapped_correlations(stacked, y, key, kind, num_resamples, level)
+    estimate, resampled = _bootstrapped_correlations(stacked, y, key, kind, num_resamples, level)
     return _interval(estimate[0] - estimate[1], resampled[:, 0] - resampled[:, 1], level)
 
 
@@ -605,8 +605,7 @@ def _bootstrapped_correlations(x, y, key, kind, num_resamples, level):
     check_finite("x", x)
     check_finite("y", y)
     y = y if y.ndim == 2 else y[:, None]
-    estimate, resampled = _resampled_correlations(x, y, key, kind=kind, num_resamples=num_resamples)
-    return x, y, estimate, resampled
+    return _resampled_correlations(x, y, key, kind=kind, num_resamples=num_resamples)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "num_resamples"))
