@@ -11,6 +11,7 @@ from jaxrm._checks import check_fields
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,11 @@ class TransformerConfig:
     embeddings (Pythia: 0.25); ``parallel_residual`` adds attention and MLP outputs to the same
     residual, ``x + attn(ln1(x)) + mlp(ln2(x))`` (Pythia), instead of applying them in turn.
     ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype; attention logits and
-    softmax always run in float32. Every field is checked on construction.
+    softmax always run in float32. Mixed precision is ``dtype="bfloat16"`` with
+    ``param_dtype="float32"``: matmuls run in bfloat16 while the parameters, their gradients and
+    the optimizer state stay float32 (LayerNorm statistics, attention softmax and logits are
+    float32 either way). The last three fields change how the model is computed, never its
+    parameters or its outputs beyond rounding. Every field is checked on construction.
 
     Attributes:
       vocab_size: number of token ids (rows of the input embedding, columns of the LM head);
@@ -52,6 +57,17 @@ class TransformerConfig:
       dtype: compute dtype of activations and matmuls, one of ``DTYPES`` (``float32``,
         ``bfloat16``, ``float16``, ``float64``).
       param_dtype: storage dtype of the parameters, one of ``DTYPES``.
+      scan_layers: run the blocks as one ``jax.lax.scan`` over their stacked parameters (True,
+        default), so a program's size and compile time barely grow with ``num_layers``;
+        False unrolls them. The parameters are stored per layer either way (the Hugging Face
+        layout), and the scan stacks them on each call: one extra copy of the block parameters
+        in the compute dtype.
+      remat: recompute each block's activations in the backward pass instead of storing them
+        (``jax.checkpoint`` per layer): activation memory of one block instead of all, for about
+        one more forward pass of compute. Default False.
+      attention_implementation: ``"xla"`` (plain XLA, any device), ``"cudnn"`` (cuDNN flash
+        attention, GPU only, 16-bit ``dtype``) or ``"auto"`` (default: cuDNN on a GPU with a
+        16-bit ``dtype``, XLA otherwise); both go through ``jax.nn.dot_product_attention``.
     """
 
     vocab_size: int
@@ -68,6 +84,9 @@ class TransformerConfig:
     activation: str = "gelu"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: bool = False
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
         check_fields(self)
@@ -90,6 +109,11 @@ class TransformerConfig:
             raise ValueError("TransformerConfig.rotary_base and layer_norm_eps must be positive.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"TransformerConfig.activation={self.activation!r} is not one of {list(ACTIVATIONS)}.")
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"TransformerConfig.attention_implementation={self.attention_implementation!r} is not one of "
+                f"{list(ATTENTION_IMPLEMENTATIONS)}."
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"TransformerConfig.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}.")

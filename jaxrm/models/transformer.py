@@ -67,20 +67,20 @@ _ACTIVATIONS = {
 class KVCache:
     """Keys and values of every layer for ``length`` slots, filled up to ``index``.
 
-    ``keys[l]`` and ``values[l]`` are ``[batch, heads, length, head_dim]`` (the layout a decoding
-    step reads without a transpose); ``valid[b, s]`` says
+    ``keys`` and ``values`` are ``[layers, batch, length, heads, head_dim]``, the layout
+    ``jax.nn.dot_product_attention`` reads and a scan over layers slices; ``valid[b, s]`` says
     whether slot ``s`` holds a real token (padding slots are never attended to).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
     index: jax.Array
 
     @classmethod
     def empty(cls, config: TransformerConfig, batch: int, length: int) -> KVCache:
-        shape = (batch, config.num_heads, length, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+        shape = (config.num_layers, batch, length, config.num_heads, config.head_dim)
+        zeros = jnp.zeros(shape, config.compute_dtype)
         return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
@@ -104,18 +104,12 @@ def _rotate(x: jax.Array, positions: jax.Array, config: TransformerConfig) -> ja
     return jnp.concatenate([rotated, passthrough], -1)
 
 
-def _attend(query, keys, values, *, query_slots, key_valid, scale):
-    """Causal attention of queries at ``query_slots`` over keys at slots ``0..S-1``.
-
-    A key is visible when it is a real token and its slot is not after the query's slot. Masked
-    scores use the most negative float rather than -inf, so an all-padding row stays finite.
-    """
-    scores = jnp.einsum("bhtd,bhsd->bhts", query, keys, preferred_element_type=jnp.float32) * scale
-    key_slots = jnp.arange(keys.shape[2])
-    visible = key_valid[:, None, None, :] & (key_slots[None, None, None, :] <= query_slots[None, None, :, None])
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", weights, values)
+def attention_implementation(config: TransformerConfig) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation that ``config`` asks for on this backend."""
+    if config.attention_implementation != "auto":
+        return config.attention_implementation
+    half = config.compute_dtype in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
 
 
 class Attention(nnx.Module):
@@ -125,25 +119,33 @@ class Attention(nnx.Module):
         self.query_key_value = _linear(config, d, 3 * d, ("embed", "heads"), rngs=rngs, bias=config.attention_bias)
         self.dense = _linear(config, d, d, ("heads", "embed"), rngs=rngs, bias=config.attention_bias)
 
-    def __call__(self, x, *, positions, mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, *, positions, visible, layer_cache=None, cache_index=None):
+        """Attention output and this call's ``(key, value)`` ``[batch, time, heads, head_dim]``.
+
+        ``visible[b, t, s]`` says whether query ``t`` may attend to key slot ``s``; with
+        ``layer_cache = (keys, values)`` the new keys are written at ``cache_index`` into a copy
+        of the cached ones before attending, so a decoding step sees every earlier slot.
+        """
         config = self.config
         batch, time, _ = x.shape
         # The fused projection is laid out per head as [q | k | v], as in GPT-NeoX.
         qkv = self.query_key_value(x).reshape(batch, time, config.num_heads, 3 * config.head_dim)
         query, key, value = jnp.split(qkv, 3, axis=-1)
         query, key = _rotate(query, positions, config), _rotate(key, positions, config)
-        query, key, value = (a.transpose(0, 2, 1, 3) for a in (query, key, value))  # [batch, heads, time, dim]
-        if layer_cache is None:
-            keys, values, query_slots = key, value, jnp.arange(time)
-        else:
-            cached_keys, cached_values = layer_cache
+        keys, values = key, value
+        if layer_cache is not None:
             zero = jnp.zeros((), jnp.int32)  # all indices one integer type, also under jax_enable_x64
-            start = (zero, zero, cache_index, zero)
-            keys = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
-            values = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), start)
-            query_slots = cache_index + jnp.arange(time)
-        out = _attend(query, keys, values, query_slots=query_slots, key_valid=mask, scale=config.head_dim**-0.5)
-        return self.dense(out.transpose(0, 2, 1, 3).reshape(batch, time, -1)), (keys, values)
+            start = (zero, cache_index, zero, zero)
+            keys = jax.lax.dynamic_update_slice(layer_cache[0], key.astype(layer_cache[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(layer_cache[1], value.astype(layer_cache[1].dtype), start)
+        out = jax.nn.dot_product_attention(
+            query.astype(keys.dtype),
+            keys,
+            values,
+            mask=visible[:, None],
+            implementation=attention_implementation(config),
+        )
+        return self.dense(out.reshape(batch, time, -1)), (key, value)
 
 
 class MLP(nnx.Module):
@@ -166,11 +168,11 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, **attention_kwargs):
-        attended, layer_cache = self.attention(self.input_layernorm(x), **attention_kwargs)
+        attended, new_keys_values = self.attention(self.input_layernorm(x), **attention_kwargs)
         if self.parallel_residual:
-            return x + attended + self.mlp(self.post_attention_layernorm(x)), layer_cache
+            return x + attended + self.mlp(self.post_attention_layernorm(x)), new_keys_values
         x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
+        return x + self.mlp(self.post_attention_layernorm(x)), new_keys_values
 
 
 class Transformer(nnx.Module):
@@ -201,21 +203,62 @@ class Transformer(nnx.Module):
             if cache is not None:
                 raise ValueError("pass positions explicitly when decoding with a cache.")
             positions = default_positions(mask)
-        x = self.embed_in(tokens)
+        time = tokens.shape[1]
         if cache is None:
-            for block in self.layers:
-                x, _ = block(x, positions=positions, mask=mask)
+            key_valid, query_slots, cache_index = mask, jnp.arange(time), None
+        else:
+            zero = jnp.zeros((), jnp.int32)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (zero, cache.index))
+            query_slots, cache_index = cache.index + jnp.arange(time), cache.index
+        # A key is visible when it is a real token and its slot is not after the query's slot.
+        key_slots = jnp.arange(key_valid.shape[1])
+        visible = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+        x, (keys, values) = self._blocks(
+            self.embed_in(tokens),
+            None if cache is None else (cache.keys, cache.values),
+            positions=positions,
+            visible=visible,
+            cache_index=cache_index,
+        )
+        if cache is None:
             return self.final_layer_norm(x)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (jnp.zeros((), jnp.int32), cache.index))
-        keys, values = [], []
-        for block, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values):
-            x, (k, v) = block(
-                x, positions=positions, mask=valid, layer_cache=(layer_keys, layer_values), cache_index=cache.index
-            )
-            keys.append(k)
-            values.append(v)
-        new_cache = KVCache(tuple(keys), tuple(values), valid, cache.index + tokens.shape[1])
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, cache.index, zero, zero)
+        new_cache = KVCache(
+            jax.lax.dynamic_update_slice(cache.keys, keys, start),
+            jax.lax.dynamic_update_slice(cache.values, values, start),
+            key_valid,
+            cache.index + time,
+        )
         return self.final_layer_norm(x), new_cache
+
+    def _blocks(self, x, layer_caches, **attention_kwargs):
+        """Every block in turn; returns the output and the new keys and values stacked over layers.
+
+        The blocks run as one pure function of a block's parameters, either scanned over the
+        stacked parameters or unrolled (``config.scan_layers``), and rematerialised per layer
+        when ``config.remat``.
+        """
+        config = self.config
+        graphdef = nnx.graphdef(self.layers[0])
+        states = [nnx.state(block) for block in self.layers]
+
+        def block(x, state_and_cache):
+            state, layer_cache = state_and_cache
+            return nnx.merge(graphdef, state)(x, layer_cache=layer_cache, **attention_kwargs)
+
+        if config.remat:
+            block = jax.checkpoint(block, prevent_cse=not config.scan_layers)
+        if config.scan_layers:
+            stacked = jax.tree.map(lambda *layer: jnp.stack(layer), *states)
+            return jax.lax.scan(block, x, (stacked, layer_caches))
+        new_keys, new_values = [], []
+        for layer, state in enumerate(states):
+            layer_cache = None if layer_caches is None else (layer_caches[0][layer], layer_caches[1][layer])
+            x, (k, v) = block(x, (state, layer_cache))
+            new_keys.append(k)
+            new_values.append(v)
+        return x, (jnp.stack(new_keys), jnp.stack(new_values))
 
 
 class CausalLM(nnx.Module):
