@@ -1,5 +1,7 @@
 """The benchmark's SciPy baselines must compute the same t_gamma as jaxrm (speed lives there)."""
 
+import json
+
 import numpy as np
 
 from experiments.benchmarks.tabular_flow import make_problems, scipy_per_problem, scipy_stacked
@@ -24,3 +26,28 @@ def test_generate_benchmark_runs_the_same_model_on_both_sides():
     assert result["greedy_token_agreement"] == 1.0
     assert result["jaxrm_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0
     assert result["params"] == 31680
+
+
+def test_fsdp_splits_every_parameter_and_optimizer_slot_across_devices():
+    from experiments.benchmarks.programs import memory_per_device
+    from jaxrm.models import preset
+    from jaxrm.sharding import make_mesh
+
+    model = preset("tiny", hidden_size=64, intermediate_size=256, vocab_size=128)
+    mesh = make_mesh()  # the 4 host devices of the test setup
+    replicated, fsdp = (memory_per_device(model, mesh, s, prompts=4, new_tokens=4) for s in ("replicated", "fsdp"))
+    # Ideally 1/4; LayerNorm and bias vectors (embed-sized ones are split too) keep it a little above.
+    assert 0.25 <= fsdp["arguments"] / replicated["arguments"] < 0.3
+    assert fsdp["temporaries"] < replicated["temporaries"]
+
+
+def test_accelerator_benchmark_reports_throughput_and_mfu_only_against_a_known_peak(tmp_path, capsys):
+    from experiments.benchmarks.accelerator import main
+
+    options = ["--shapes", "tiny", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"]
+    main([*options, "--peak-tflops", "0.001", "--out", str(tmp_path / "known.json")])
+    (result,) = json.loads((tmp_path / "known.json").read_text())["results"]
+    assert result["generation_tokens_per_s"] > 0 and 0 < result["iteration_mfu"] < 1e6
+    main([*options, "--out", str(tmp_path / "unknown.json")])  # a CPU is not in the datasheet table
+    assert json.loads((tmp_path / "unknown.json").read_text())["results"][0]["iteration_mfu"] is None
+    assert "MFU not reported" in capsys.readouterr().out

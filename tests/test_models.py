@@ -12,8 +12,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset
-from jaxrm.models.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models import transformer as transformer_module
+from jaxrm.models.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models.hf import load_hf, read_safetensors
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh, param_shardings, shard_batch, shard_model
@@ -211,10 +211,11 @@ def test_dot_product_attention_equals_explicit_softmax_attention(tiny_lm):
     positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
     slots = jnp.arange(6)
     visible = mask[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
-    out, (key, value) = attention(x, positions=positions, visible=visible)
-    qkv = np.asarray(attention.query_key_value(x)).reshape(4, 6, config.num_heads, 3 * config.head_dim)
-    query = np.asarray(transformer_module._rotate(jnp.asarray(qkv[..., : config.head_dim]), positions, config))
-    expected = _reference_attention(query, np.asarray(key), np.asarray(value), np.asarray(visible))
+    out, _ = attention(x, positions=positions, visible=visible)
+    qkv = attention.query_key_value(x).reshape(4, 6, config.num_heads, 3 * config.head_dim)
+    query, key, value = (np.asarray(a) for a in jnp.split(qkv, 3, axis=-1))
+    query, key = (np.asarray(transformer_module._rotate(jnp.asarray(a), positions, config)) for a in (query, key))
+    expected = _reference_attention(query, key, value, np.asarray(visible))
     expected = attention.dense(jnp.asarray(expected.reshape(4, 6, -1)))
     np.testing.assert_allclose(np.asarray(out)[np.asarray(mask)], np.asarray(expected)[np.asarray(mask)], atol=1e-6)
 

@@ -38,6 +38,7 @@ import torch
 import transformers
 from flax import nnx
 
+from experiments.benchmarks.accelerator import matmul_peak_flops, model_flops_per_iteration
 from experiments.benchmarks.generate import build_pair, hf_config
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
@@ -45,33 +46,6 @@ from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, 
 
 PROMPT_LEN = 16
 K = 2
-
-
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a ``size`` x ``size`` float32 matrix product under jit (best of ``repeats``)."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    product = jax.jit(lambda x: x @ x)
-    product(a).block_until_ready()
-    best = min(_seconds(lambda: product(a).block_until_ready()) for _ in range(repeats))
-    return 2 * size**3 / best
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def model_flops_per_iteration(shape: str, prompts: int, new_tokens: int) -> float:
-    config = preset(shape)
-    dense = config.num_params() - config.vocab_size * config.hidden_size  # the input embedding is a lookup
-    reward_dense = config.num_params(reward_head=True) - config.vocab_size * config.hidden_size
-    sequences, length = prompts * K, PROMPT_LEN + new_tokens
-    generation = 2 * dense * sequences * length
-    reference = 2 * dense * sequences * length
-    update = 6 * dense * sequences * length  # forward + backward of the policy
-    scoring = 2 * reward_dense * sequences * length
-    return float(generation + reference + update + scoring)
 
 
 def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> tuple[list[float], float]:
@@ -184,7 +158,9 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}")
     peak = matmul_peak_flops()
-    flops = model_flops_per_iteration(args.shape, args.prompts, args.new_tokens)
+    flops = model_flops_per_iteration(
+        preset(args.shape), sequences=args.prompts * K, length=PROMPT_LEN + args.new_tokens
+    )
     tokens = args.prompts * K * args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

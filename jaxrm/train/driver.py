@@ -151,12 +151,30 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
     return seed_list, means, stds
 
 
-def _batched_shardings(unbatched, num_batch_axes: int):
-    return jax.tree.map(
+def train_state_shardings(
+    config: RLHFConfig, state: TrainState, param_shardings, *, num_batch_axes: int = 0
+) -> TrainState:
+    """Where each part of a :class:`TrainState` lives: the parameters and every optimizer slot
+    that mirrors them (Adam's moments) as ``param_shardings`` (one policy's, from
+    :func:`jaxrm.sharding.param_shardings`) with ``num_batch_axes`` leading unsharded axes (runs
+    side by side), and the rest (step, key, counters) replicated on the same mesh. ``state`` may
+    be abstract (``jax.eval_shape``)."""
+    mesh = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.tree.map(
         lambda s: NamedSharding(s.mesh, PartitionSpec(*([None] * num_batch_axes), *s.spec)),
-        unbatched,
+        param_shardings,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
+    opt_state = optax.tree_map_params(
+        config.optimizer(),
+        lambda _, sharding: sharding,
+        state.opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return TrainState(params, opt_state, replicated, replicated)
 
 
 class _InChunkProgress:
@@ -291,16 +309,7 @@ def run_rlhf(
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
         unbatched = param_shardings(ref_params, mesh, strategy=param_sharding)
-        params = _batched_shardings(unbatched, len(batch_axes))
-        opt_state = optax.tree_map_params(
-            config.optimizer(),
-            lambda _, sharding: sharding,
-            state.opt_state,
-            params,
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, NamedSharding),
-        )
-        state = put_global(state, TrainState(params, opt_state, replicated, replicated))
+        state = put_global(state, train_state_shardings(config, state, unbatched, num_batch_axes=len(batch_axes)))
         data = put_global(data.replace(ref_params=None), replicated).replace(
             ref_params=put_global(ref_params, unbatched)
         )

@@ -1,0 +1,178 @@
+"""Benchmark for a GPU or TPU: generation and full RLOO iterations at Pythia-160M, 410M and 1B shapes.
+
+Every model runs as a GPU/TPU user would run it: bfloat16 compute with float32 master parameters
+and Adam state, attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention on a
+GPU), the blocks under a ``lax.scan`` and rematerialised per layer. Weights are random (no
+download); throughput does not depend on them.
+
+For each shape it prints generated tokens/s of :func:`jaxrm.models.sampling.sample` (``--batch``
+prompts of ``--prompt-len`` tokens, ``--new-tokens`` new tokens, temperature 1, no EOS) and of a
+full RLOO iteration (:func:`jaxrm.train.rlhf.make_iteration`, ``--batch`` / 2 prompts x k = 2),
+with the model FLOP utilisation (MFU) of each: model FLOPs (``2 x params`` per token per forward
+pass, ``4 x params`` per backward, the input embedding excluded, recomputation not counted)
+over time over the device's datasheet peak for dense bfloat16 matmuls (``PEAK_TFLOPS`` by
+device kind, or ``--peak-tflops``; on a device not in the table MFU is left out rather than
+guessed). Compile time is reported separately; figures are medians after a warm-up.
+
+Run from the repository root: ``python -m experiments.benchmarks.accelerator [--help]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset
+from jaxrm.models.sampling import make_sampler
+from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
+
+DEFAULT_SHAPES = ("pythia-160m", "pythia-410m", "pythia-1b")
+K = 2
+# Dense bfloat16 matmul peaks from the vendors' datasheets, TFLOP/s (no structured sparsity).
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100 80GB HBM3": 989.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA L4": 121.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+}
+
+
+def dense_params(config: TransformerConfig, *, reward_head: bool = False) -> int:
+    """Parameters that cost a multiply-add per token: all but the input embedding (a lookup)."""
+    return config.num_params(reward_head=reward_head) - config.vocab_size * config.hidden_size
+
+
+def model_flops_per_iteration(config: TransformerConfig, *, sequences: int, length: int) -> float:
+    """Model FLOPs of one RLOO iteration: generation, the reference's log-probs, the reward model
+    (forward passes, ``2 x params`` per token) and the policy's update (forward and backward,
+    ``6 x params``), over ``sequences`` sequences of ``length`` tokens."""
+    tokens = sequences * length
+    return float((2 + 2 + 6) * dense_params(config) * tokens + 2 * dense_params(config, reward_head=True) * tokens)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of a ``size`` x ``size`` matrix product under jit (best of ``repeats``), measured now."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    best = min(_seconds(lambda: product(a).block_until_ready()) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _timed(step, *args, repeats: int) -> tuple[list[float], float]:
+    """Median-ready wall times of ``repeats`` calls of ``jax.jit(step)`` after a warm-up, and the compile time."""
+    began = time.perf_counter()
+    compiled = jax.jit(step).lower(*args).compile()
+    compile_s = time.perf_counter() - began
+    jax.block_until_ready(compiled(*args))
+    return [_seconds(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats)], compile_s
+
+
+def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, peak: float | None, log=print):
+    config = preset(shape, dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True)
+    policy = CausalLM(config, rngs=nnx.Rngs(0))
+    reward_model = RewardModel(config, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    prompts = jnp.asarray(rng.integers(3, config.vocab_size, (batch // K, prompt_len)), jnp.int32)
+    prompt_mask = jnp.ones(prompts.shape, bool)
+    rlhf = RLHFConfig(prompts_per_iteration=batch // K, samples_per_prompt=K, max_new_tokens=new_tokens)
+    graphdef, params = nnx.split(policy)
+    reward_graphdef, reward_params = nnx.split(reward_model)
+
+    sampler = make_sampler(graphdef, rlhf.sampling)
+    repeated = jnp.repeat(prompts, K, axis=0), jnp.repeat(prompt_mask, K, axis=0)
+    generation, generation_compile = _timed(sampler, params, *repeated, jax.random.key(0), repeats=repeats)
+
+    data = TrainData(prompts, prompt_mask, params, reward_params, jnp.float32(0), jnp.float32(1))
+    state = init_state(policy, rlhf, jax.random.key(0))
+    iteration = make_iteration(rlhf, graphdef, reward_model_fn(reward_graphdef))
+    iterations, iteration_compile = _timed(iteration, state, data, repeats=repeats)
+
+    generation_s, iteration_s = statistics.median(generation), statistics.median(iterations)
+    new = batch * new_tokens
+    result = {
+        "shape": shape,
+        "params": config.num_params(),
+        "generation_tokens_per_s": new / generation_s,
+        "generation_compile_s": generation_compile,
+        "iteration_s": iteration_s,
+        "iteration_tokens_per_s": new / iteration_s,
+        "iteration_compile_s": iteration_compile,
+        "generation_mfu": None,
+        "iteration_mfu": None,
+    }
+    if peak is not None:
+        generation_flops = 2 * dense_params(config) * batch * (prompt_len + new_tokens)
+        iteration_flops = model_flops_per_iteration(config, sequences=batch, length=prompt_len + new_tokens)
+        result["generation_mfu"] = generation_flops / generation_s / peak
+        result["iteration_mfu"] = iteration_flops / iteration_s / peak
+    mfu = lambda value: "n/a" if value is None else f"{value:.1%}"  # noqa: E731
+    log(
+        f"{shape} ({config.num_params() / 1e6:.1f}M parameters): generation {result['generation_tokens_per_s']:,.0f} tokens/s "
+        f"(MFU {mfu(result['generation_mfu'])}, compile {generation_compile:.0f} s); RLOO iteration "
+        f"{iteration_s:.2f} s = {result['iteration_tokens_per_s']:,.0f} tokens/s (MFU {mfu(result['iteration_mfu'])}, "
+        f"compile {iteration_compile:.0f} s)"
+    )
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="jaxrm.models presets")
+    parser.add_argument("--batch", type=int, default=64, help="sequences per call (an even number)")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (default: PEAK_TFLOPS)")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/accelerator.json"))
+    args = parser.parse_args(argv)
+    for shape in args.shapes:
+        preset(shape)  # an unknown name fails here, before any work
+    if args.batch < K or args.batch % K or min(args.prompt_len, args.new_tokens, args.repeats) < 1:
+        parser.error("--batch must be a positive even number; --prompt-len, --new-tokens, --repeats positive")
+    device = jax.devices()[0]
+    peak_tflops = args.peak_tflops or PEAK_TFLOPS.get(device.device_kind)
+    print(
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind}); peak "
+        + (f"{peak_tflops:.0f} TFLOP/s" if peak_tflops else "unknown: MFU not reported (pass --peak-tflops)")
+    )
+    peak = None if peak_tflops is None else peak_tflops * 1e12
+    results = [
+        run_shape(
+            shape,
+            batch=args.batch,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            peak=peak,
+        )
+        for shape in args.shapes
+    ]
+    record = {"device": device.device_kind, "peak_tflops": peak_tflops, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

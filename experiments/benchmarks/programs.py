@@ -1,0 +1,175 @@
+"""Benchmark: compiled RLOO iterations, never run: compile time against depth, memory under FSDP.
+
+Both measurements compile one full RLOO iteration (:func:`jaxrm.train.rlhf.make_iteration`:
+sampling with the KV cache, reference log-probs, reward-model scoring, one Adam update) of a
+policy and a reward model of the same shape, from abstract inputs (``jax.ShapeDtypeStruct``), so
+no parameter is ever allocated and a Pythia-1B-shaped program compiles on a laptop.
+
+``depth``: ``.lower().compile()`` seconds of the iteration at several depths, with the blocks
+under a ``lax.scan`` (``scan_layers=True``, the default) and unrolled. A scanned program holds
+one block whatever the depth, so its compile time should grow little with ``num_layers``.
+
+``memory``: per-device bytes from the compiled program's ``memory_analysis()`` (arguments =
+policy, reference, reward model and Adam state; temporaries = activations, gathered parameters
+and the KV cache) under the ``replicated`` and ``fsdp`` strategies of :mod:`jaxrm.sharding` on
+``--devices`` host CPU devices. Under FSDP the arguments should take about ``1/devices`` of the
+replicated figure (vectors that no mesh axis divides stay replicated).
+
+Run from the repository root: ``python -m experiments.benchmarks.programs {depth,memory} [--help]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    devices = 8
+    for flag, value in zip(sys.argv, sys.argv[1:]):
+        if flag == "--devices":
+            devices = value
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset  # noqa: E402
+from jaxrm.sharding import make_mesh, param_shardings  # noqa: E402
+from jaxrm.train.driver import train_state_shardings  # noqa: E402
+from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn  # noqa: E402
+
+
+def lower_rloo_iteration(
+    model: TransformerConfig, *, prompts: int, prompt_len: int, new_tokens: int, mesh=None, strategy="replicated"
+):
+    """The lowered (not compiled) RLOO iteration of a ``model``-shaped policy, reference and
+    reward model, from abstract inputs; on ``mesh`` the prompts are split along ``data`` and the
+    parameters, reference and Adam state placed by ``strategy``."""
+    config = RLHFConfig(prompts_per_iteration=prompts, samples_per_prompt=2, max_new_tokens=new_tokens)
+    policy_graphdef, policy_params = nnx.split(nnx.eval_shape(lambda: CausalLM(model, rngs=nnx.Rngs(0))))
+    reward_graphdef, reward_params = nnx.split(nnx.eval_shape(lambda: RewardModel(model, rngs=nnx.Rngs(0))))
+    state = jax.eval_shape(lambda: init_state(CausalLM(model, rngs=nnx.Rngs(0)), config, jax.random.key(0)))
+    prompt_shape = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    data = TrainData(prompt_shape, prompt_shape.update(dtype=jnp.bool_), policy_params, reward_params, scalar, scalar)
+    batch_sharding = None
+    if mesh is not None:
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        policy_shardings = param_shardings(policy_params, mesh, strategy=strategy)
+        data_shardings = TrainData(
+            replicated,
+            replicated,
+            policy_shardings,
+            param_shardings(reward_params, mesh, strategy=strategy),
+            replicated,
+            replicated,
+        )
+        place = lambda value, sharding: value.update(sharding=sharding)  # noqa: E731
+        state = jax.tree.map(place, state, train_state_shardings(config, state, policy_shardings))
+        data = jax.tree.map(place, data, data_shardings)
+    iteration = make_iteration(config, policy_graphdef, reward_model_fn(reward_graphdef), batch_sharding=batch_sharding)
+    return jax.jit(iteration).lower(state, data)
+
+
+def compile_seconds(lowered) -> tuple[float, object]:
+    began = time.perf_counter()
+    compiled = lowered.compile()
+    return time.perf_counter() - began, compiled
+
+
+def measure_depth(shape: str, layers: list[int], *, prompts: int, new_tokens: int, log=print) -> dict:
+    """Compile seconds of the iteration at each depth, scanned and unrolled."""
+    result = {"shape": shape, "layers": layers, "scanned_s": [], "unrolled_s": []}
+    for scan_layers, label in ((True, "scanned_s"), (False, "unrolled_s")):
+        for num_layers in layers:
+            model = preset(shape, num_layers=num_layers, scan_layers=scan_layers)
+            lowered = lower_rloo_iteration(model, prompts=prompts, prompt_len=16, new_tokens=new_tokens)
+            seconds, _ = compile_seconds(lowered)
+            result[label].append(seconds)
+            log(f"  {shape} x {num_layers} layers, {label[:-2]}: compile {seconds:.1f} s")
+    for label in ("scanned_s", "unrolled_s"):
+        result[label.replace("_s", "_ratio")] = result[label][-1] / result[label][0]
+    return result
+
+
+def memory_per_device(model: TransformerConfig, mesh, strategy: str, *, prompts: int, new_tokens: int) -> dict:
+    """Per-device bytes of the compiled iteration (``memory_analysis``) under ``strategy``."""
+    lowered = lower_rloo_iteration(
+        model, prompts=prompts, prompt_len=16, new_tokens=new_tokens, mesh=mesh, strategy=strategy
+    )
+    seconds, compiled = compile_seconds(lowered)
+    stats = compiled.memory_analysis()
+    return {
+        "arguments": stats.argument_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,
+        "compile_s": seconds,
+    }
+
+
+def measure_memory(shape: str, *, devices: int, prompts: int, new_tokens: int, log=print) -> dict:
+    model = preset(shape)
+    if jax.device_count() < devices:
+        raise SystemExit(
+            f"--devices {devices}: only {jax.device_count()} devices; set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts."
+        )
+    mesh = make_mesh(data=devices, devices=jax.devices()[:devices])
+    result = {"shape": shape, "params": model.num_params(), "devices": devices}
+    for strategy in ("replicated", "fsdp"):
+        result[strategy] = memory_per_device(model, mesh, strategy, prompts=prompts, new_tokens=new_tokens)
+        gib = {k: v / 2**30 for k, v in result[strategy].items() if k != "compile_s"}
+        log(
+            f"  {strategy:>10}: arguments {gib['arguments']:.2f} GiB, temporaries {gib['temporaries']:.2f} GiB, "
+            f"outputs {gib['outputs']:.2f} GiB per device (compile {result[strategy]['compile_s']:.0f} s)"
+        )
+    result["argument_fraction"] = result["fsdp"]["arguments"] / result["replicated"]["arguments"]
+    log(
+        f"  FSDP arguments per device / replicated: {result['argument_fraction']:.3f} (1/{devices} = {1 / devices:.3f})"
+    )
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    depth = commands.add_parser("depth", help="compile time of the iteration against depth")
+    depth.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset whose width is used")
+    depth.add_argument("--layers", type=int, nargs="+", default=[6, 24])
+    memory = commands.add_parser("memory", help="per-device memory under replicated and fsdp")
+    memory.add_argument("--shape", default="pythia-1b")
+    memory.add_argument("--devices", type=int, default=8, help="host CPU devices of the data axis")
+    for sub in (depth, memory):
+        sub.add_argument("--prompts", type=int, default=8, help="prompts per iteration (k = 2 samples each)")
+        sub.add_argument("--new-tokens", type=int, default=16)
+        sub.add_argument("--out", type=Path, default=None, help="JSON file (default results/benchmarks/...)")
+    args = parser.parse_args(argv)
+    if args.command == "depth" and min(args.layers) < 1:
+        parser.error("--layers must be positive")
+    if args.prompts < 1 or args.new_tokens < 1:
+        parser.error("--prompts and --new-tokens must be positive")
+    out = args.out or Path(f"results/benchmarks/programs_{args.command}.json")
+    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
+    if args.command == "depth":
+        result = measure_depth(args.shape, args.layers, prompts=args.prompts, new_tokens=args.new_tokens)
+        print(
+            f"compile time {args.layers[-1]} / {args.layers[0]} layers: scanned {result['scanned_ratio']:.2f}x, "
+            f"unrolled {result['unrolled_ratio']:.2f}x"
+        )
+    else:
+        result = measure_memory(args.shape, devices=args.devices, prompts=args.prompts, new_tokens=args.new_tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
