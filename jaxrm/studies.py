@@ -70,6 +70,18 @@ def default_compilation_cache() -> str:
     return os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE)
 
 
+def add_compilation_cache_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--compilation-cache DIR`` option of every command line (see :func:`use_compilation_cache`)."""
+    parser.add_argument(
+        "--compilation-cache",
+        default=default_compilation_cache(),
+        metavar="DIR",
+        help="keep compiled programs here, so that a second run compiles nothing (default: "
+        f"${COMPILATION_CACHE_ENV}, else {DEFAULT_COMPILATION_CACHE}; 'none' turns it off). Programs that "
+        "report progress from inside (host callbacks) are compiled anew each run; JAX does not cache them.",
+    )
+
+
 def use_compilation_cache(directory: str) -> Path | None:
     """Keep every compiled XLA program in ``directory`` (JAX's persistent compilation cache), so
     that a second run of the same programs compiles nothing; ``"none"`` or ``""`` turns it off.
@@ -401,15 +413,19 @@ def study_parser(config_cls, *, prog: str, description: str, default_out: str, p
     )
     parser.add_argument("--out", default=default_out, help=f"run directory (default: {default_out})")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (JSON values)")
+    add_compilation_cache_option(parser)
     return parser
 
 
 def parse_study(parser: argparse.ArgumentParser, config_cls, argv=None):
-    """``(out_dir, config)`` from a :func:`study_parser` command line; a bad ``--out`` or
-    ``--set`` ends the program with a usage error (status 2) before any work or file."""
+    """``(out_dir, config)`` from a :func:`study_parser` command line, with its compilation cache
+    turned on; a bad ``--out``, ``--set`` or ``--compilation-cache`` ends the program with a usage
+    error (status 2) before any work or file."""
     args = parser.parse_args(argv)
     try:
         config = config_with_overrides(config_cls.preset(args.preset), args.set)
-        return check_out_directory(args.out), config
+        out_dir = check_out_directory(args.out)
+        use_compilation_cache(args.compilation_cache)
+        return out_dir, config
     except ValueError as error:
         parser.error(str(error))

@@ -108,6 +108,15 @@ def test_a_study_refuses_a_bad_out_directory(module, out, tmp_path, capsys, no_s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
+def test_a_study_refuses_a_compilation_cache_it_cannot_create(module, tmp_path, capsys, no_study_run):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--preset", "ci", "--out", str(tmp_path / "run"), "--compilation-cache", "/proc/no_cache_here"])
+    assert exit_.value.code == 2
+    assert "--compilation-cache /proc/no_cache_here: cannot create it" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxrm.studies import check_out_directory, default_compilation_cache, use_compilation_cache, write_text
+from jaxrm.studies import add_compilation_cache_option, check_out_directory, use_compilation_cache, write_text
 from theory import STUDIES, run_study
 
 
@@ -47,13 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "1 runs them one after the other in this process). Most of a quick run is compiling, "
         "one core per program.",
     )
-    parser.add_argument(
-        "--compilation-cache",
-        default=default_compilation_cache(),
-        metavar="DIR",
-        help="keep compiled programs here, so that a second run compiles nothing (default: "
-        "$JAXRM_COMPILATION_CACHE, else ~/.cache/jaxrm/xla; 'none' turns it off)",
-    )
+    add_compilation_cache_option(parser)
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     return parser
 
