@@ -7,7 +7,9 @@ Pythia-shaped policy and reward model of the same shape (default ``pythia-10m``,
 each), float32, 16-token prompts, with the same random weights (built with ``transformers``,
 loaded into jaxrm with ``load_hf``).
 
-Reported: generated tokens per second (median over timed iterations after a warm-up) and model
+Reported: the seconds of each phase of jaxrm's iteration (sampling, the reference's log-probs,
+the reward model, the updates), each compiled and timed on its own; generated tokens per second
+(median over timed iterations after a warm-up) and model
 FLOP utilisation, MFU = model FLOPs per iteration / time / matmul peak, where the peak is a large
 float32 matrix product timed in the same run. Model FLOPs per iteration count ``2 x params`` per
 token for every forward pass the algorithm needs (generation, the reference's log-probs, the
@@ -42,13 +44,13 @@ from experiments.benchmarks.accelerator import matmul_peak_flops, model_flops_pe
 from experiments.benchmarks.generate import build_pair, hf_config
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
-from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
+from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, make_phases, reward_model_fn
 
 PROMPT_LEN = 16
 K = 2
 
 
-def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> tuple[list[float], float]:
+def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> tuple[list[float], float, dict]:
     config = RLHFConfig(
         prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens, learning_rate=1e-6
     )
@@ -72,7 +74,39 @@ def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - began)
         assert float(metrics["response_length"]) == new_tokens
-    return times, compile_s
+    return times, compile_s, phase_seconds(config, graphdef, reward_model_fn(reward_graphdef), state, data, iterations)
+
+
+def phase_seconds(config, graphdef, reward_fn, state, data, repeats: int) -> dict[str, float]:
+    """Median seconds of each phase of an iteration (:func:`jaxrm.train.rlhf.make_phases`), each
+    compiled and run on its own on the inputs one iteration would give it."""
+    phases = make_phases(config, graphdef)
+    prompt = jnp.repeat(data.prompts, K, axis=0)
+    prompt_mask = jnp.repeat(data.prompt_mask, K, axis=0)
+    samples = jax.jit(phases.sample)(state.params, prompt, prompt_mask, jax.random.key(1))
+    sequences = (prompt, prompt_mask, samples.tokens, samples.mask)
+    advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
+    rollout = (*sequences, samples.log_probs, samples.log_probs, advantages)
+    calls = {
+        "sampling": (phases.sample, (state.params, prompt, prompt_mask, jax.random.key(1))),
+        "reference": (phases.log_probs, (data.ref_params, *sequences)),
+        "reward": (reward_fn, (data.reward_params, *sequences)),
+        "update": (phases.optimize, (state.params, state.opt_state, rollout, jax.random.key(3))),
+    }
+    seconds = {}
+    for name, (fn, args) in calls.items():
+        compiled = jax.jit(fn).lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        seconds[name] = statistics.median(
+            _seconds(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats)
+        )
+    return seconds
+
+
+def _seconds(fn) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
 
 
 def _word_tokenizer(vocab_size: int):
@@ -169,7 +203,7 @@ def main(argv=None):
         transformers.GPTNeoXForSequenceClassification(hf_config(args.shape, num_labels=1)).save_pretrained(
             directory / "reward"
         )
-        ours, compile_s = jaxrm_iterations(
+        ours, compile_s, phases = jaxrm_iterations(
             args.shape, directory, prompts=args.prompts, new_tokens=args.new_tokens, iterations=args.iterations
         )
         result = {
@@ -181,12 +215,18 @@ def main(argv=None):
             "model_gflops_per_iteration": flops / 1e9,
             "jaxrm_iteration_s": statistics.median(ours),
             "jaxrm_compile_s": compile_s,
+            "jaxrm_phase_s": phases,
         }
         result["jaxrm_tokens_per_s"] = tokens / result["jaxrm_iteration_s"]
         result["jaxrm_mfu"] = flops / result["jaxrm_iteration_s"] / peak
         print(
             f"jaxrm: {result['jaxrm_iteration_s']:.2f} s/iteration, {result['jaxrm_tokens_per_s']:.0f} tokens/s, "
             f"MFU {result['jaxrm_mfu']:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul peak (compile {compile_s:.1f} s)"
+        )
+        print(
+            "jaxrm phases, each compiled alone: "
+            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
+            + f" (sum {sum(phases.values()):.2f} s)"
         )
         if not args.skip_trl:
             theirs = trl_iterations(

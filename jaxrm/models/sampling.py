@@ -179,7 +179,7 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
         prompt_mask = prompt_mask.astype(bool)
         cache = KVCache.empty(model.config, batch, prompt_len + steps)
         positions = default_positions(prompt_mask)
-        logits, cache = model.decode(prompt_tokens, prompt_mask, positions=positions, cache=cache)
+        logits, cache = model.decode(prompt_tokens, prompt_mask, positions=positions, cache=cache, last_only=True)
         next_position = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
         token, log_prob = _draw(jax.random.fold_in(key, 0), logits[:, -1], options)
 

@@ -269,12 +269,20 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens, mask=None, *, positions=None):
         """Next-token logits ``[batch, time, vocab]`` (float32) for every position."""
-        return self.embed_out(self.trunk(tokens, mask, positions=positions)).astype(jnp.float32)
+        return self.head(self.trunk(tokens, mask, positions=positions))
 
-    def decode(self, tokens, mask, *, positions, cache: KVCache):
-        """Logits of ``tokens`` written into ``cache`` at ``cache.index``; returns ``(logits, cache)``."""
+    def head(self, hidden):
+        """Float32 logits of trunk outputs ``[..., hidden]``: apply it to the positions whose
+        next token is wanted only (the unembedding is the widest matmul of a small model)."""
+        return self.embed_out(hidden).astype(jnp.float32)
+
+    def decode(self, tokens, mask, *, positions, cache: KVCache, last_only: bool = False):
+        """Logits of ``tokens`` written into ``cache`` at ``cache.index``; returns ``(logits, cache)``.
+
+        ``last_only``: logits of the last position only (``[batch, 1, vocab]``), all a sampler needs.
+        """
         hidden, cache = self.trunk(tokens, mask, positions=positions, cache=cache)
-        return self.embed_out(hidden).astype(jnp.float32), cache
+        return self.head(hidden[:, -1:] if last_only else hidden), cache
 
 
 def last_token_index(mask: jax.Array) -> jax.Array:

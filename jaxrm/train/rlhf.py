@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -249,31 +249,31 @@ def policy_log_probs(graphdef, params, prompt, prompt_mask, response, response_m
     model: CausalLM = nnx.merge(graphdef, params)
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    logits = model(tokens, mask)[:, prompt.shape[1] - 1 : -1] / temperature
+    logits = model.head(model.trunk(tokens, mask)[:, prompt.shape[1] - 1 : -1]) / temperature
     return jnp.where(response_mask, token_log_probs(logits, response), 0.0), logits
 
 
-def make_iteration(
-    config: RLHFConfig,
-    policy_graphdef: nnx.GraphDef,
-    reward_fn: RewardFn,
-    *,
-    ground_truth_fn: RewardFn | None = None,
-    batch_sharding=None,
-):
-    """The pure ``iteration(state, data) -> (state, metrics)`` of one RLHF step.
+class IterationPhases(NamedTuple):
+    """The pure phases of one RLHF iteration, as :func:`make_iteration` composes them.
 
-    ``reward_fn(data.reward_params, prompt, prompt_mask, response, response_mask)`` is the
-    teacher; ``ground_truth_fn`` (same signature, called with ``None`` params), when given, is
-    only measured: ground-truth reward and the teacher's on-policy accuracy against it.
-    ``batch_sharding``: a sharding for ``[batch, ...]`` arrays (prompts split along a ``data``
-    mesh axis, the ``k`` samples of a prompt kept together); None leaves placement to XLA.
+    Attributes:
+      sample: ``sample(params, prompt, prompt_mask, key) -> Samples``, the KV-cache sampler.
+      log_probs: ``log_probs(params, prompt, prompt_mask, response, response_mask) -> (logp,
+        logits)``, a forward pass of the policy (or of the reference, with its parameters).
+      optimize: ``optimize(params, opt_state, rollout, key) -> ((params, opt_state), stats)``:
+        every epoch and minibatch update on ``rollout = (prompt, prompt_mask, response,
+        response_mask, old_logp, ref_logp, advantages)``.
     """
-    sampler = make_sampler(policy_graphdef, config.sampling)
+
+    sample: Callable
+    log_probs: Callable
+    optimize: Callable
+
+
+def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationPhases:
+    """The phases of :func:`make_iteration` (less the teacher), to compose or time one by one."""
     optimizer = config.optimizer()
-    k, num_prompts = config.samples_per_prompt, config.prompts_per_iteration
-    batch = k * num_prompts
-    filtered = config.top_k > 0 or config.top_p < 1
+    batch = config.samples_per_prompt * config.prompts_per_iteration
 
     def log_probs(params, prompt, prompt_mask, response, response_mask):
         return policy_log_probs(
@@ -292,11 +292,14 @@ def make_iteration(
             ratio_level=config.ratio_level,
             aggregation=config.aggregation,
         )
+        if config.entropy_coef == 0:  # measured only: no backward pass through the softmax entropy
+            logits = jax.lax.stop_gradient(logits)
         entropy = pg.aggregate(pg.entropy_per_token(logits, response_mask), response_mask)
         if config.kl_placement == "loss":
             kl = pg.kl_per_token(logp, ref_logp, response_mask, kl_estimator=config.kl_estimator)
             loss = loss + config.kl_coef * pg.aggregate(kl, response_mask, mode=config.aggregation)
-        loss = loss - config.entropy_coef * entropy
+        if config.entropy_coef:
+            loss = loss - config.entropy_coef * entropy
         return loss, {"clip_fraction": clip_fraction, "entropy": entropy}
 
     def update(carry, minibatch):
@@ -304,6 +307,40 @@ def make_iteration(
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss, **aux}
+
+    def optimize(params, opt_state, rollout, key):
+        def one_epoch(carry, epoch_key):
+            order = jax.random.permutation(epoch_key, batch) if config.minibatches > 1 else jnp.arange(batch)
+            minibatches = jax.tree.map(lambda a: a[order].reshape(config.minibatches, -1, *a.shape[1:]), rollout)
+            return jax.lax.scan(update, carry, minibatches)
+
+        return jax.lax.scan(one_epoch, (params, opt_state), jax.random.split(key, config.epochs))
+
+    return IterationPhases(make_sampler(policy_graphdef, config.sampling), log_probs, optimize)
+
+
+def make_iteration(
+    config: RLHFConfig,
+    policy_graphdef: nnx.GraphDef,
+    reward_fn: RewardFn,
+    *,
+    ground_truth_fn: RewardFn | None = None,
+    batch_sharding=None,
+):
+    """The pure ``iteration(state, data) -> (state, metrics)`` of one RLHF step.
+
+    ``reward_fn(data.reward_params, prompt, prompt_mask, response, response_mask)`` is the
+    teacher; ``ground_truth_fn`` (same signature, called with ``None`` params), when given, is
+    only measured: ground-truth reward and the teacher's on-policy accuracy against it.
+    ``batch_sharding``: a sharding for ``[batch, ...]`` arrays (prompts split along a ``data``
+    mesh axis, the ``k`` samples of a prompt kept together); None leaves placement to XLA.
+    The phases (:func:`make_phases`) are sampling, the reference's (and, with top-k/top-p, the
+    policy's) log-probs, the teacher, and the updates.
+    """
+    sampler, log_probs, optimize = make_phases(config, policy_graphdef)
+    k, num_prompts = config.samples_per_prompt, config.prompts_per_iteration
+    batch = k * num_prompts
+    filtered = config.top_k > 0 or config.top_p < 1
 
     def iteration(state: TrainState, data: TrainData):
         key = jax.random.fold_in(state.key, state.step)
@@ -336,16 +373,8 @@ def make_iteration(
             )
         advantages = pg.ADVANTAGE_ESTIMATORS[config.advantage_estimator](rewards).reshape(batch)
 
-        everything = (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages)
-
-        def one_epoch(carry, epoch_key):
-            order = jax.random.permutation(epoch_key, batch) if config.minibatches > 1 else jnp.arange(batch)
-            minibatches = jax.tree.map(lambda a: a[order].reshape(config.minibatches, -1, *a.shape[1:]), everything)
-            return jax.lax.scan(update, carry, minibatches)
-
-        (params, opt_state), stats = jax.lax.scan(
-            one_epoch, (state.params, state.opt_state), jax.random.split(shuffle_key, config.epochs)
-        )
+        rollout = (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages)
+        (params, opt_state), stats = optimize(state.params, state.opt_state, rollout, shuffle_key)
         out = {
             "proxy_reward": jnp.mean(raw),
             "reward_variance": jnp.mean(metrics.sample_reward_variance(raw)) if k > 1 else jnp.nan,
