@@ -77,8 +77,8 @@ def add_compilation_cache_option(parser: argparse.ArgumentParser) -> None:
         default=default_compilation_cache(),
         metavar="DIR",
         help="keep compiled programs here, so that a second run compiles nothing (default: "
-        f"${COMPILATION_CACHE_ENV}, else {DEFAULT_COMPILATION_CACHE}; 'none' turns it off). Programs that "
-        "report progress from inside (host callbacks) are compiled anew each run; JAX does not cache them.",
+        f"${COMPILATION_CACHE_ENV}, else {DEFAULT_COMPILATION_CACHE}; 'none' turns it off). JAX does not cache "
+        "programs with host callbacks (such as in-program progress reports); those compile anew each run.",
     )
 
 

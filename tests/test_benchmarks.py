@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from experiments.benchmarks.tabular_flow import make_problems, scipy_per_problem, scipy_stacked
 from jaxrm import flow
@@ -43,11 +44,17 @@ def test_fsdp_splits_every_parameter_and_optimizer_slot_across_devices():
 
 def test_accelerator_benchmark_reports_throughput_and_mfu_only_against_a_known_peak(tmp_path, capsys):
     from experiments.benchmarks.accelerator import main
+    from experiments.benchmarks.common import dense_params, model_flops_per_iteration
+    from jaxrm.models import preset
 
     options = ["--shapes", "tiny", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"]
     main([*options, "--peak-tflops", "0.001", "--out", str(tmp_path / "known.json")])
     (result,) = json.loads((tmp_path / "known.json").read_text())["results"]
-    assert result["generation_tokens_per_s"] > 0 and 0 < result["iteration_mfu"] < 1e6
+    config = preset("tiny")
+    flops = model_flops_per_iteration(config, sequences=4, length=8)
+    assert result["iteration_mfu"] == pytest.approx(flops / result["iteration_s"] / 1e9)
+    generation_flops = 2 * dense_params(config) * 4 * 8
+    assert result["generation_mfu"] == pytest.approx(generation_flops * result["generation_tokens_per_s"] / 16 / 1e9)
     main([*options, "--out", str(tmp_path / "unknown.json")])  # a CPU is not in the datasheet table
     assert json.loads((tmp_path / "unknown.json").read_text())["results"][0]["iteration_mfu"] is None
     assert "MFU not reported" in capsys.readouterr().out

@@ -237,6 +237,14 @@ def test_scanned_unrolled_and_rematerialised_layers_compute_the_same_function(ti
         nnx.update(model, nnx.state(tiny_lm))
         for ours, theirs in zip(logits_and_grads(model), reference):
             np.testing.assert_allclose(ours, theirs, atol=2e-6, err_msg=str(changes))
+    # remat really rematerialises: the backward pass of a remat model holds checkpointed blocks.
+    for remat in (False, True):
+        model = CausalLM(preset("tiny", remat=remat), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        jaxpr = str(
+            jax.make_jaxpr(jax.grad(lambda s: sequence_nll(nnx.merge(graphdef, s), tokens, mask, loss_mask)))(state)
+        )
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) == remat
     unrolled = CausalLM(preset("tiny", scan_layers=False), rngs=nnx.Rngs(0))
     nnx.update(unrolled, nnx.state(tiny_lm))
     prompts = jnp.asarray(TOKENS[:2]), jnp.asarray(MASK[:2])
@@ -293,3 +301,15 @@ def test_bfloat16_compute_with_float32_masters_tracks_float32_training():
     assert full_losses[-1] < full_losses[0] and mixed_losses[-1] < mixed_losses[0]
     assert {p.dtype for p in jax.tree.leaves(nnx.state(mixed))} == {jnp.dtype(jnp.float32)}
     assert not np.array_equal(full_losses, mixed_losses)  # the bf16 path really ran in bf16
+
+
+def test_attention_implementation_is_checked_and_auto_falls_back_to_xla_off_cuda():
+    with pytest.raises(ValueError, match="attention_implementation='cudnn' needs a 16-bit dtype"):
+        preset("tiny", attention_implementation="cudnn")
+    with pytest.raises(ValueError, match="attention_implementation='flash'"):
+        preset("tiny", attention_implementation="flash")
+    for dtype in ("float32", "bfloat16"):
+        config = preset("tiny", dtype=dtype)
+        assert transformer_module.resolved_attention_implementation(config, 8, 8) == "xla"  # a CPU
+    config = preset("tiny", dtype="bfloat16", attention_implementation="cudnn")
+    assert transformer_module.resolved_attention_implementation(config, 8, 8) == "cudnn"

@@ -28,6 +28,7 @@ from jaxrm.train.rlhf import (
     TrainData,
     init_state,
     make_iteration,
+    make_phases,
     make_train,
     measure_reward_statistics,
     reward_model_fn,
@@ -314,3 +315,24 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     path.write_text('{"iteration": 0, "seed": 0, "kl": 0.1}\n{"iteration": 1, "seed": 0, "kl": 0.2}\n{"iterat')
     assert [line["iteration"] for line in driver._read_lines(path, 5)] == [0, 1]
     assert [line["iteration"] for line in driver._read_lines(path, 1)] == [0]
+
+
+def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zero():
+    # Zero advantages and the KL in the reward: the only gradient left is the entropy bonus's.
+    model = policy()
+    graphdef, params = nnx.split(model)
+    tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
+    prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
+    updated = {}
+    for entropy_coef in (0.0, 0.5):
+        phases = make_phases(dataclasses.replace(CONFIG, entropy_coef=entropy_coef, kl_placement="reward"), graphdef)
+        samples = jax.jit(phases.sample)(params, prompt, prompt_mask, jax.random.key(0))
+        rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs)
+        opt_state = CONFIG.optimizer().init(params)
+        (new_params, _), stats = jax.jit(phases.optimize)(
+            params, opt_state, (*rollout, jnp.zeros(prompt.shape[0])), jax.random.key(1)
+        )
+        updated[entropy_coef] = _leaves(new_params)
+        assert np.isfinite(np.asarray(stats["entropy"])).all()
+    assert all(np.array_equal(a, b) for a, b in zip(updated[0.0], _leaves(params)))
+    assert not all(np.array_equal(a, b) for a, b in zip(updated[0.5], _leaves(params)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -30,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset
+from experiments.benchmarks.common import K, compiled_timings, dense_params, model_flops_per_iteration
+from jaxrm.models import CausalLM, RewardModel, preset
 from jaxrm.models.sampling import make_sampler
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
 
 DEFAULT_SHAPES = ("pythia-160m", "pythia-410m", "pythia-1b")
-K = 2
 # Dense bfloat16 matmul peaks from the vendors' datasheets, TFLOP/s (no structured sparsity).
 PEAK_TFLOPS = {
     "NVIDIA H200": 989.0,
@@ -46,46 +45,9 @@ PEAK_TFLOPS = {
     "NVIDIA L4": 121.0,
     "TPU v4": 275.0,
     "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0,
+    "TPU v5": 459.0,  # v5p
     "TPU v6 lite": 918.0,
 }
-
-
-def dense_params(config: TransformerConfig, *, reward_head: bool = False) -> int:
-    """Parameters that cost a multiply-add per token: all but the input embedding (a lookup)."""
-    return config.num_params(reward_head=reward_head) - config.vocab_size * config.hidden_size
-
-
-def model_flops_per_iteration(config: TransformerConfig, *, sequences: int, length: int) -> float:
-    """Model FLOPs of one RLOO iteration: generation, the reference's log-probs, the reward model
-    (forward passes, ``2 x params`` per token) and the policy's update (forward and backward,
-    ``6 x params``), over ``sequences`` sequences of ``length`` tokens."""
-    tokens = sequences * length
-    return float((2 + 2 + 6) * dense_params(config) * tokens + 2 * dense_params(config, reward_head=True) * tokens)
-
-
-def matmul_peak_flops(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-    """FLOP/s of a ``size`` x ``size`` matrix product under jit (best of ``repeats``), measured now."""
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    product = jax.jit(lambda x: x @ x)
-    product(a).block_until_ready()
-    best = min(_seconds(lambda: product(a).block_until_ready()) for _ in range(repeats))
-    return 2 * size**3 / best
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _timed(step, *args, repeats: int) -> tuple[list[float], float]:
-    """Median-ready wall times of ``repeats`` calls of ``jax.jit(step)`` after a warm-up, and the compile time."""
-    began = time.perf_counter()
-    compiled = jax.jit(step).lower(*args).compile()
-    compile_s = time.perf_counter() - began
-    jax.block_until_ready(compiled(*args))
-    return [_seconds(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats)], compile_s
 
 
 def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, peak: float | None, log=print):
@@ -101,12 +63,12 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
 
     sampler = make_sampler(graphdef, rlhf.sampling)
     repeated = jnp.repeat(prompts, K, axis=0), jnp.repeat(prompt_mask, K, axis=0)
-    generation, generation_compile = _timed(sampler, params, *repeated, jax.random.key(0), repeats=repeats)
+    generation, generation_compile, _ = compiled_timings(sampler, params, *repeated, jax.random.key(0), repeats=repeats)
 
     data = TrainData(prompts, prompt_mask, params, reward_params, jnp.float32(0), jnp.float32(1))
     state = init_state(policy, rlhf, jax.random.key(0))
     iteration = make_iteration(rlhf, graphdef, reward_model_fn(reward_graphdef))
-    iterations, iteration_compile = _timed(iteration, state, data, repeats=repeats)
+    iterations, iteration_compile, _ = compiled_timings(iteration, state, data, repeats=repeats)
 
     generation_s, iteration_s = statistics.median(generation), statistics.median(iterations)
     new = batch * new_tokens
@@ -150,8 +112,10 @@ def main(argv=None):
         preset(shape)  # an unknown name fails here, before any work
     if args.batch < K or args.batch % K or min(args.prompt_len, args.new_tokens, args.repeats) < 1:
         parser.error("--batch must be a positive even number; --prompt-len, --new-tokens, --repeats positive")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     device = jax.devices()[0]
-    peak_tflops = args.peak_tflops or PEAK_TFLOPS.get(device.device_kind)
+    peak_tflops = PEAK_TFLOPS.get(device.device_kind) if args.peak_tflops is None else args.peak_tflops
     print(
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); peak "
         + (f"{peak_tflops:.0f} TFLOP/s" if peak_tflops else "unknown: MFU not reported (pass --peak-tflops)")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import transformers
 
+from experiments.benchmarks.common import seconds
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.models.sampling import sample
@@ -59,15 +60,6 @@ def build_pair(shape: str, directory: Path, seed: int = 0):
     hf_model = transformers.GPTNeoXForCausalLM(hf_config(shape)).eval()
     hf_model.save_pretrained(directory)
     return hf_model, load_hf(directory)
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def hf_generate(hf_model, prompts, new_tokens: int, *, greedy: bool = False):
@@ -103,8 +95,8 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
     # Alternate the two so that load changes on the machine hit both alike.
     jax_times, hf_times = [], []
     for _ in range(repeats):
-        jax_times += _timed(ours, 1)
-        hf_times += _timed(lambda: hf_generate(hf_model, prompts, new_tokens), 1)
+        jax_times.append(seconds(ours))
+        hf_times.append(seconds(lambda: hf_generate(hf_model, prompts, new_tokens)))
 
     greedy_len = min(new_tokens, 16)
     greedy_ours = np.asarray(

@@ -5,7 +5,8 @@ sampling with the KV cache, reference log-probs, reward-model scoring, one Adam 
 policy and a reward model of the same shape, from abstract inputs (``jax.ShapeDtypeStruct``), so
 no parameter is ever allocated and a Pythia-1B-shaped program compiles on a laptop.
 
-``depth``: ``.lower().compile()`` seconds of the iteration at several depths, with the blocks
+``depth``: seconds of ``.lower().compile()`` (tracing, lowering and compiling) of the iteration
+at several depths, with the blocks
 under a ``lax.scan`` (``scan_layers=True``, the default) and unrolled. A scanned program holds
 one block whatever the depth, so its compile time should grow little with ``num_layers``.
 
@@ -27,12 +28,21 @@ import sys
 import time
 from pathlib import Path
 
+
+def _requested_devices(argv) -> int:
+    """``--devices N`` / ``--devices=N`` read before jax starts (it fixes the host device count)."""
+    for flag, value in zip(argv, [*argv[1:], ""]):
+        text = (
+            value if flag == "--devices" else flag.removeprefix("--devices=") if flag.startswith("--devices=") else None
+        )
+        if text is not None:
+            return int(text) if text.isdigit() and int(text) >= 1 else 0
+    return 8
+
+
 if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    devices = 8
-    for flag, value in zip(sys.argv, sys.argv[1:]):
-        if flag == "--devices":
-            devices = value
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    count = max(_requested_devices(sys.argv[1:]), 1)  # a bad value is refused by the parser below
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -78,22 +88,17 @@ def lower_rloo_iteration(
     return jax.jit(iteration).lower(state, data)
 
 
-def compile_seconds(lowered) -> tuple[float, object]:
-    began = time.perf_counter()
-    compiled = lowered.compile()
-    return time.perf_counter() - began, compiled
-
-
 def measure_depth(shape: str, layers: list[int], *, prompts: int, new_tokens: int, log=print) -> dict:
-    """Compile seconds of the iteration at each depth, scanned and unrolled."""
+    """Seconds of ``.lower().compile()`` of the iteration at each depth, scanned and unrolled."""
     result = {"shape": shape, "layers": layers, "scanned_s": [], "unrolled_s": []}
     for scan_layers, label in ((True, "scanned_s"), (False, "unrolled_s")):
         for num_layers in layers:
             model = preset(shape, num_layers=num_layers, scan_layers=scan_layers)
-            lowered = lower_rloo_iteration(model, prompts=prompts, prompt_len=16, new_tokens=new_tokens)
-            seconds, _ = compile_seconds(lowered)
+            began = time.perf_counter()
+            lower_rloo_iteration(model, prompts=prompts, prompt_len=16, new_tokens=new_tokens).compile()
+            seconds = time.perf_counter() - began
             result[label].append(seconds)
-            log(f"  {shape} x {num_layers} layers, {label[:-2]}: compile {seconds:.1f} s")
+            log(f"  {shape} x {num_layers} layers, {label[:-2]}: lower + compile {seconds:.1f} s")
     for label in ("scanned_s", "unrolled_s"):
         result[label.replace("_s", "_ratio")] = result[label][-1] / result[label][0]
     return result
@@ -104,7 +109,9 @@ def memory_per_device(model: TransformerConfig, mesh, strategy: str, *, prompts:
     lowered = lower_rloo_iteration(
         model, prompts=prompts, prompt_len=16, new_tokens=new_tokens, mesh=mesh, strategy=strategy
     )
-    seconds, compiled = compile_seconds(lowered)
+    began = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - began
     stats = compiled.memory_analysis()
     return {
         "arguments": stats.argument_size_in_bytes,
@@ -119,7 +126,7 @@ def measure_memory(shape: str, *, devices: int, prompts: int, new_tokens: int, l
     model = preset(shape)
     if jax.device_count() < devices:
         raise SystemExit(
-            f"--devices {devices}: only {jax.device_count()} devices; set "
+            f"--devices {devices}: only {jax.device_count()} devices here; set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts."
         )
     mesh = make_mesh(data=devices, devices=jax.devices()[:devices])
@@ -152,10 +159,16 @@ def main(argv=None):
         sub.add_argument("--new-tokens", type=int, default=16)
         sub.add_argument("--out", type=Path, default=None, help="JSON file (default results/benchmarks/...)")
     args = parser.parse_args(argv)
+    try:
+        preset(args.shape)
+    except ValueError as error:
+        parser.error(f"--shape: {error}")
     if args.command == "depth" and min(args.layers) < 1:
         parser.error("--layers must be positive")
     if args.prompts < 1 or args.new_tokens < 1:
         parser.error("--prompts and --new-tokens must be positive")
+    if args.command == "memory" and (args.devices < 1 or args.prompts % args.devices):
+        parser.error(f"--devices must be >= 1 and divide --prompts={args.prompts} (each device samples whole prompts)")
     out = args.out or Path(f"results/benchmarks/programs_{args.command}.json")
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
     if args.command == "depth":

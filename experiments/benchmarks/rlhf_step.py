@@ -40,14 +40,13 @@ import torch
 import transformers
 from flax import nnx
 
-from experiments.benchmarks.accelerator import matmul_peak_flops, model_flops_per_iteration
+from experiments.benchmarks.common import K, compiled_timings, matmul_peak_flops, model_flops_per_iteration
 from experiments.benchmarks.generate import build_pair, hf_config
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, make_phases, reward_model_fn
 
 PROMPT_LEN = 16
-K = 2
 
 
 def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> tuple[list[float], float, dict]:
@@ -83,30 +82,20 @@ def phase_seconds(config, graphdef, reward_fn, state, data, repeats: int) -> dic
     phases = make_phases(config, graphdef)
     prompt = jnp.repeat(data.prompts, K, axis=0)
     prompt_mask = jnp.repeat(data.prompt_mask, K, axis=0)
-    samples = jax.jit(phases.sample)(state.params, prompt, prompt_mask, jax.random.key(1))
+    sample_args = (state.params, prompt, prompt_mask, jax.random.key(1))
+    sample_times, _, samples = compiled_timings(phases.sample, *sample_args, repeats=repeats)
     sequences = (prompt, prompt_mask, samples.tokens, samples.mask)
     advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
     rollout = (*sequences, samples.log_probs, samples.log_probs, advantages)
     calls = {
-        "sampling": (phases.sample, (state.params, prompt, prompt_mask, jax.random.key(1))),
         "reference": (phases.log_probs, (data.ref_params, *sequences)),
         "reward": (reward_fn, (data.reward_params, *sequences)),
         "update": (phases.optimize, (state.params, state.opt_state, rollout, jax.random.key(3))),
     }
-    seconds = {}
+    seconds = {"sampling": statistics.median(sample_times)}
     for name, (fn, args) in calls.items():
-        compiled = jax.jit(fn).lower(*args).compile()
-        jax.block_until_ready(compiled(*args))
-        seconds[name] = statistics.median(
-            _seconds(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats)
-        )
+        seconds[name] = statistics.median(compiled_timings(fn, *args, repeats=repeats)[0])
     return seconds
-
-
-def _seconds(fn) -> float:
-    began = time.perf_counter()
-    fn()
-    return time.perf_counter() - began
 
 
 def _word_tokenizer(vocab_size: int):

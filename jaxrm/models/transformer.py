@@ -104,12 +104,24 @@ def _rotate(x: jax.Array, positions: jax.Array, config: TransformerConfig) -> ja
     return jnp.concatenate([rotated, passthrough], -1)
 
 
-def attention_implementation(config: TransformerConfig) -> str:
-    """The ``jax.nn.dot_product_attention`` implementation that ``config`` asks for on this backend."""
+def resolved_attention_implementation(config: TransformerConfig, query_len: int, key_len: int) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation used for one call's static shapes.
+
+    ``"auto"`` takes cuDNN only where its flash kernel accepts the call: a CUDA GPU, 16-bit
+    compute, a head size that is a multiple of 8 and at most 128 (256 from compute capability
+    9.0, Hopper), and even query and key lengths (cuDNN refuses the backward pass of a masked
+    call with odd lengths, e.g. a decoding step's one query); XLA otherwise.
+    """
     if config.attention_implementation != "auto":
         return config.attention_implementation
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in getattr(device.client, "platform_version", "").lower():
+        return "xla"
+    capability = float(getattr(device, "compute_capability", "0") or 0)
+    largest_head = 256 if capability >= 9.0 else 128
+    fits = config.head_dim % 8 == 0 and config.head_dim <= largest_head and query_len % 2 == 0 == key_len % 2
     half = config.compute_dtype in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if fits and half else "xla"
 
 
 class Attention(nnx.Module):
@@ -122,10 +134,11 @@ class Attention(nnx.Module):
     def __call__(self, x, *, positions, visible, cache=None, layer=None):
         """Attention output, and with a cache the cache with this call's keys and values written.
 
-        ``visible[b, t, s]`` says whether query ``t`` may attend to key slot ``s``. ``cache`` is
+        ``visible[b, t, s]`` says whether query ``t`` may attend to key slot ``s`` (passed to
+        ``dot_product_attention`` as a mask, which cuDNN applies as a dense bias). ``cache`` is
         the whole :class:`KVCache`; this layer writes its new keys and values into its own slice
-        (``layer``, a Python int or a scanned index) at ``cache.index`` and attends to that
-        slice, so the cache is updated in place and never copied.
+        (``layer``, a Python int or a scanned index) at ``cache.index``, in place, and attends to
+        that slice (which XLA reads out as one copy of the layer's keys and values per call).
         """
         config = self.config
         batch, time, _ = x.shape
@@ -137,8 +150,10 @@ class Attention(nnx.Module):
             keys, values = key, value
         else:
             # The cache is head-major ([batch, heads, slots, dim]) because the CPU's batched
-            # matmuls want the batch dimensions first: a slot-major cache costs a transpose of
-            # every layer's cache per decoding step (1.6x slower generation at pythia-10m).
+            # matmuls want the batch dimensions first: a slot-major cache cost a transpose of
+            # every layer's cache per decoding step (1.6x slower generation at pythia-10m). The
+            # transpose to the [batch, slots, heads, dim] that dot_product_attention takes below
+            # cancels against the one inside it, so XLA reads the cache as stored.
             zero = jnp.zeros((), jnp.int32)  # all indices one integer type, also under jax_enable_x64
             start = (jnp.asarray(layer, jnp.int32), zero, zero, cache.index, zero)
             written = [
@@ -149,12 +164,9 @@ class Attention(nnx.Module):
             keys, values = (
                 jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).transpose(0, 2, 1, 3) for a in written
             )
+        implementation = resolved_attention_implementation(config, time, keys.shape[1])
         out = jax.nn.dot_product_attention(
-            query.astype(keys.dtype),
-            keys,
-            values,
-            mask=visible[:, None],
-            implementation=attention_implementation(config),
+            query.astype(keys.dtype), keys, values, mask=visible[:, None], implementation=implementation
         )
         return self.dense(out.reshape(batch, time, -1)), cache
 
@@ -273,8 +285,13 @@ class CausalLM(nnx.Module):
 
     def head(self, hidden):
         """Float32 logits of trunk outputs ``[..., hidden]``: apply it to the positions whose
-        next token is wanted only (the unembedding is the widest matmul of a small model)."""
-        return self.embed_out(hidden).astype(jnp.float32)
+        next token is wanted only (the unembedding is the widest matmul of a small model).
+
+        The matmul runs in the compute dtype and accumulates and returns float32, so bfloat16
+        compute does not round the logits that log-probs, ratios and KL are taken from.
+        """
+        kernel = self.embed_out.kernel[...].astype(hidden.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, kernel, preferred_element_type=jnp.float32)
 
     def decode(self, tokens, mask, *, positions, cache: KVCache, last_only: bool = False):
         """Logits of ``tokens`` written into ``cache`` at ``cache.index``; returns ``(logits, cache)``.

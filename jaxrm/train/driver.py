@@ -152,18 +152,18 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
 
 
 def train_state_shardings(
-    config: RLHFConfig, state: TrainState, param_shardings, *, num_batch_axes: int = 0
+    config: RLHFConfig, state: TrainState, policy_shardings, *, num_batch_axes: int = 0
 ) -> TrainState:
     """Where each part of a :class:`TrainState` lives: the parameters and every optimizer slot
-    that mirrors them (Adam's moments) as ``param_shardings`` (one policy's, from
+    that mirrors them (Adam's moments) as ``policy_shardings`` (one policy's, from
     :func:`jaxrm.sharding.param_shardings`) with ``num_batch_axes`` leading unsharded axes (runs
     side by side), and the rest (step, key, counters) replicated on the same mesh. ``state`` may
     be abstract (``jax.eval_shape``)."""
-    mesh = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
+    mesh = jax.tree.leaves(policy_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.tree.map(
         lambda s: NamedSharding(s.mesh, PartitionSpec(*([None] * num_batch_axes), *s.spec)),
-        param_shardings,
+        policy_shardings,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
     opt_state = optax.tree_map_params(

@@ -298,7 +298,7 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationP
         if config.kl_placement == "loss":
             kl = pg.kl_per_token(logp, ref_logp, response_mask, kl_estimator=config.kl_estimator)
             loss = loss + config.kl_coef * pg.aggregate(kl, response_mask, mode=config.aggregation)
-        if config.entropy_coef:
+        if config.entropy_coef != 0:
             loss = loss - config.entropy_coef * entropy
         return loss, {"clip_fraction": clip_fraction, "entropy": entropy}
 
