@@ -287,7 +287,7 @@ def test_bfloat16_compute_with_float32_masters_tracks_float32_training():
     def flat_grads(model):
         graphdef, state = nnx.split(model)
         data = tuple(jnp.asarray(a) for a in (tokens, mask, loss_mask))
-        grads = jax.grad(lambda s: sequence_nll(nnx.merge(graphdef, s), *data))(state)
+        grads = jax.jit(jax.grad(lambda s: sequence_nll(nnx.merge(graphdef, s), *data)))(state)
         assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
         return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
 

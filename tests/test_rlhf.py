@@ -323,11 +323,11 @@ def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zer
     graphdef, params = nnx.split(model)
     tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
     prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
+    samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
+    rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs)
     updated = {}
     for entropy_coef in (0.0, 0.5):
         phases = make_phases(dataclasses.replace(CONFIG, entropy_coef=entropy_coef, kl_placement="reward"), graphdef)
-        samples = jax.jit(phases.sample)(params, prompt, prompt_mask, jax.random.key(0))
-        rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs)
         opt_state = CONFIG.optimizer().init(params)
         (new_params, _), stats = jax.jit(phases.optimize)(
             params, opt_state, (*rollout, jnp.zeros(prompt.shape[0])), jax.random.key(1)

@@ -50,6 +50,11 @@ PEAK_TFLOPS = {
 }
 
 
+def datasheet_peak_tflops(device_kind: str) -> float | None:
+    """The dense bfloat16 peak of a device kind (``PEAK_TFLOPS``), or None when it is not listed."""
+    return PEAK_TFLOPS.get(device_kind)
+
+
 def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, peak: float | None, log=print):
     config = preset(shape, dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True)
     policy = CausalLM(config, rngs=nnx.Rngs(0))
@@ -115,7 +120,7 @@ def main(argv=None):
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     device = jax.devices()[0]
-    peak_tflops = PEAK_TFLOPS.get(device.device_kind) if args.peak_tflops is None else args.peak_tflops
+    peak_tflops = datasheet_peak_tflops(device.device_kind) if args.peak_tflops is None else args.peak_tflops
     print(
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); peak "
         + (f"{peak_tflops:.0f} TFLOP/s" if peak_tflops else "unknown: MFU not reported (pass --peak-tflops)")
