@@ -2,7 +2,9 @@
 
 Every model runs as a GPU/TPU user would run it: bfloat16 compute with float32 master parameters
 and Adam state, attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention on a
-GPU), the blocks under a ``lax.scan`` and rematerialised per layer. Weights are random (no
+GPU where its kernel accepts the call, so not for the one-token decoding steps; see
+:func:`jaxrm.models.transformer.resolved_attention_implementation`), the blocks under a
+``lax.scan`` and rematerialised per layer. Weights are random (no
 download); throughput does not depend on them.
 
 For each shape it prints generated tokens/s of :func:`jaxrm.models.sampling.sample` (``--batch``

@@ -115,7 +115,7 @@ def resolved_attention_implementation(config: TransformerConfig, query_len: int,
     if config.attention_implementation != "auto":
         return config.attention_implementation
     device = jax.devices()[0]
-    if device.platform != "gpu" or "cuda" not in getattr(device.client, "platform_version", "").lower():
+    if device.platform != "gpu" or "rocm" in getattr(device.client, "platform_version", "").lower():
         return "xla"
     capability = float(getattr(device, "compute_capability", "0") or 0)
     largest_head = 256 if capability >= 9.0 else 128
