@@ -116,7 +116,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/accelerator.json"))
     args = parser.parse_args(argv)
     for shape in args.shapes:
-        preset(shape)  # an unknown name fails here, before any work
+        try:
+            preset(shape)
+        except ValueError as error:
+            parser.error(f"--shapes: {error}")
     if args.batch < K or args.batch % K or min(args.prompt_len, args.new_tokens, args.repeats) < 1:
         parser.error("--batch must be a positive even number; --prompt-len, --new-tokens, --repeats positive")
     if args.peak_tflops is not None and not args.peak_tflops > 0:

@@ -49,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from experiments.benchmarks.common import K, seconds  # noqa: E402
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset  # noqa: E402
 from jaxrm.sharding import make_mesh, param_shardings  # noqa: E402
 from jaxrm.train.driver import train_state_shardings  # noqa: E402
@@ -61,7 +62,7 @@ def lower_rloo_iteration(
     """The lowered (not compiled) RLOO iteration of a ``model``-shaped policy, reference and
     reward model, from abstract inputs; on ``mesh`` the prompts are split along ``data`` and the
     parameters, reference and Adam state placed by ``strategy``."""
-    config = RLHFConfig(prompts_per_iteration=prompts, samples_per_prompt=2, max_new_tokens=new_tokens)
+    config = RLHFConfig(prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens)
     policy_graphdef, policy_params = nnx.split(nnx.eval_shape(lambda: CausalLM(model, rngs=nnx.Rngs(0))))
     reward_graphdef, reward_params = nnx.split(nnx.eval_shape(lambda: RewardModel(model, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda: init_state(CausalLM(model, rngs=nnx.Rngs(0)), config, jax.random.key(0)))
@@ -94,11 +95,11 @@ def measure_depth(shape: str, layers: list[int], *, prompts: int, new_tokens: in
     for scan_layers, label in ((True, "scanned_s"), (False, "unrolled_s")):
         for num_layers in layers:
             model = preset(shape, num_layers=num_layers, scan_layers=scan_layers)
-            began = time.perf_counter()
-            lower_rloo_iteration(model, prompts=prompts, prompt_len=16, new_tokens=new_tokens).compile()
-            seconds = time.perf_counter() - began
-            result[label].append(seconds)
-            log(f"  {shape} x {num_layers} layers, {label[:-2]}: lower + compile {seconds:.1f} s")
+            took = seconds(
+                lambda: lower_rloo_iteration(model, prompts=prompts, prompt_len=16, new_tokens=new_tokens).compile()
+            )
+            result[label].append(took)
+            log(f"  {shape} x {num_layers} layers, {label[:-2]}: lower + compile {took:.1f} s")
     for label in ("scanned_s", "unrolled_s"):
         result[label.replace("_s", "_ratio")] = result[label][-1] / result[label][0]
     return result
@@ -110,15 +111,14 @@ def memory_per_device(model: TransformerConfig, mesh, strategy: str, *, prompts:
         model, prompts=prompts, prompt_len=16, new_tokens=new_tokens, mesh=mesh, strategy=strategy
     )
     began = time.perf_counter()
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - began
-    stats = compiled.memory_analysis()
+    stats = lowered.compile().memory_analysis()
+    took = time.perf_counter() - began
     return {
         "arguments": stats.argument_size_in_bytes,
         "temporaries": stats.temp_size_in_bytes,
         "outputs": stats.output_size_in_bytes,
         "aliased": stats.alias_size_in_bytes,
-        "compile_s": seconds,
+        "compile_s": took,
     }
 
 

@@ -285,5 +285,5 @@ def sequence_log_probs(model: CausalLM, prompt_tokens, prompt_mask, samples: Sam
     tokens = jnp.concatenate([prompt_tokens, samples.tokens], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), samples.mask], axis=1)
     prompt_len = prompt_tokens.shape[1]
-    logits = model(tokens, mask)[:, prompt_len - 1 : -1]
+    logits = model.head(model.trunk(tokens, mask)[:, prompt_len - 1 : -1])
     return jnp.where(samples.mask, token_log_probs(logits, samples.tokens, **filters), 0.0)
