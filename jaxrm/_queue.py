@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 # Slots per device, and the width of the queue's last phase.
-DEFAULT_SLOTS = 64
-TAIL_SLOTS = 16
+DEFAULT_SLOTS = 32
+TAIL_SLOTS = 4
 
 
 class Status(enum.IntEnum):

@@ -424,6 +424,8 @@ def kl_rewards(
     Elementwise with broadcasting; ``kl_coef`` (``lam >= 0``) is a scalar or an array
     broadcasting against the others (e.g. ``[problems, 1, 1]`` against ``[problems, S, Y]``).
     """
+    if isinstance(kl_coef, (int, float)) and kl_coef == 0:
+        return jnp.asarray(rewards)  # nothing traced: callers without a KL term skip log pi
     return rewards - kl_coef * (log_probs - ref_log_probs)
 
 
