@@ -139,9 +139,9 @@ def on_devices(run_queue: Callable, items, num_items: int, devices) -> Any:
     ``run_queue(shard, num_valid, device)`` runs one device's items (a pytree with a leading item
     axis). Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
     spread out; padding sits past each device's count of valid items. Each queue is launched
-    from its own thread: a CPU program with host callbacks (diffrax's error checks) runs
-    synchronously in the thread that launched it. Each device compiles the queue once (XLA
-    executables are bound to a device); the compiles run in parallel too.
+    from its own thread, so the queues run at once even where a program runs synchronously in
+    the thread that launched it (a CPU program with host callbacks does). Each device compiles
+    the queue once (XLA executables are bound to a device); the compiles run in parallel too.
     """
     num_devices = len(devices)
     per_device = -(-num_items // num_devices)

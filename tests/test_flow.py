@@ -1,3 +1,4 @@
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +6,7 @@ import optax
 import pytest
 from scipy.integrate import solve_ivp
 
-from jaxrm import ascent, flow
+from jaxrm import _dopri5, ascent, flow
 from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, objective
 
 
@@ -208,3 +209,87 @@ def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
     # The KL branch is chosen by giving kl_coef at all, never by its Python type.
     as_array = flow.first_passage(logits, rewards, 1.01 * limit_gain, kl_coef=jnp.asarray(lam))
     assert int(as_array.status[0]) == flow.Status.NOT_REACHED and int(as_array.num_steps[0]) < 500
+
+
+def _solve_to(field, y0, t_end, rtol, atol):
+    """The jaxrm._dopri5 loop to a fixed time: (y at t_end, times of the accepted steps, rejected steps)."""
+    f0 = field(y0)[0]
+    t, y, f, dt = 0.0, y0, f0, float(_dopri5.initial_step_size(field, y0, f0, rtol=rtol, atol=atol))
+    times, rejected = [], 0
+    while t < t_end:
+        h = min(dt, t_end - t)
+        step = _dopri5.step(field, y, f, h, rtol=rtol, atol=atol)
+        ok = bool(step.error < 1)
+        dt = float(_dopri5.next_step_size(h, step.error, ok))
+        if ok:
+            t, y, f = t + h, step.y1, step.f1
+            times.append(t)
+        else:
+            rejected += 1
+    return y, np.array(times), rejected
+
+
+def test_dopri5_stepper_takes_diffraxs_steps():
+    """Same tableau, error norm, step-size rule and first step as diffrax's Dopri5 + PIDController."""
+    rewards = jnp.linspace(-1.0, 1.0, 6)
+
+    def vector_field(y):
+        p = jax.nn.softmax(y)
+        return p * (rewards - p @ rewards)
+
+    y0 = jnp.array([0.3, -1.2, 0.0, 2.0, -0.5, 0.7])
+    rtol, atol = 1e-7, 1e-9
+    field = lambda y: (vector_field(y), None)  # noqa: E731
+    term, solver = diffrax.ODETerm(lambda t, y, args: vector_field(y)), diffrax.Dopri5()
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    first = controller.init(term, 0.0, 40.0, y0, None, None, solver.func, solver.error_order(term))[0]
+    np.testing.assert_allclose(
+        _dopri5.initial_step_size(field, y0, field(y0)[0], rtol=rtol, atol=atol), first, rtol=1e-12
+    )
+    ours, times, rejected = _solve_to(field, y0, 40.0, rtol, atol)
+    sol = diffrax.diffeqsolve(
+        term, solver, 0.0, 40.0, first, y0, saveat=diffrax.SaveAt(steps=True), stepsize_controller=controller
+    )
+    theirs = np.asarray(sol.ts)[: int(sol.stats["num_accepted_steps"])]
+    assert len(times) == len(theirs) > 10
+    assert rejected == int(sol.stats["num_rejected_steps"])
+    np.testing.assert_allclose(times, theirs, rtol=1e-7)  # the same steps, up to rounding
+    np.testing.assert_allclose(ours, sol.ys[len(theirs) - 1], rtol=1e-7)
+
+
+def test_dopri5_dense_output_and_crossing():
+    # y' = -y: the quartic dense output is diffrax's, and its error shrinks like h^5.
+    field = lambda y: (-y, None)  # noqa: E731
+    y0 = jnp.array([1.0, -2.0])
+
+    def dense_output(h):
+        step = _dopri5.step(field, y0, -y0, h, rtol=1e-8, atol=1e-10)
+        return step, _dopri5.Interpolant.of_step(y0, -y0, step.y1, step.f1, step.y_mid, h)
+
+    step, dense = dense_output(0.4)
+    np.testing.assert_allclose(dense(0.0), y0, rtol=1e-15)
+    np.testing.assert_allclose(dense(1.0), step.y1, rtol=1e-14)
+    term, solver = diffrax.ODETerm(lambda t, y, args: -y), diffrax.Dopri5()
+    *_, dense_info, _, _ = solver.step(term, 0.0, 0.4, y0, None, solver.init(term, 0.0, 0.4, y0, None), False)
+    theirs = solver.interpolation_cls(t0=0.0, t1=0.4, **dense_info)
+    errors = []
+    for theta in (0.25, 0.5, 0.8):
+        np.testing.assert_allclose(dense(theta), theirs.evaluate(0.4 * theta), rtol=1e-13)
+        errors.append(
+            [
+                float(jnp.max(jnp.abs(d(theta) - y0 * np.exp(-theta * h))))
+                for h, d in ((0.4, dense), (0.2, dense_output(0.2)[1]))
+            ]
+        )
+    assert all(coarse / fine > 16 for coarse, fine in errors)  # about 2^5 = 32
+
+    # Bracketed Newton: the root of theta^3 + theta - 0.5 (0.4238537...), to the tolerance asked.
+    condition = lambda theta: theta**3 + theta - 0.5  # noqa: E731
+    root = _dopri5.locate_upcrossing(condition, condition(0.0), condition(1.0), tol=1e-12)
+    assert abs(float(condition(root))) < 1e-12
+    # A flat-then-steep crossing, where Newton from the secant point overshoots the bracket.
+    steep = lambda theta: jnp.expm1(30 * (theta - 0.9))  # noqa: E731
+    root = _dopri5.locate_upcrossing(steep, steep(0.0), steep(1.0), tol=1e-13)
+    np.testing.assert_allclose(root, 0.9, atol=1e-12)
+    # An infinite tolerance skips the search (padding lanes).
+    assert float(_dopri5.locate_upcrossing(condition, -0.5, 1.5, tol=jnp.inf)) == 0.25
