@@ -3,10 +3,11 @@
 :func:`jaxrm.flow.first_passage` integrates thousands of small independent flows side by side
 and only needs, per item, where a scalar condition first crosses zero. A general-purpose solver
 (diffrax) pays, at every step of every item, for machinery this problem does not use (saved
-steps, an event root finder traced into the step, resumable solver state): measured at about
-5 us per item-step against 0.5 us for the six field evaluations themselves. Here a step is only
-the tableau, the error norm and the step-size rule, and the crossing is located once, after the
-step that contains it, on the step's dense output.
+steps, an event root finder traced into the step, resumable solver state). On 4,096 tabular
+problems with 64 outputs it took about 5 us per item-step, this stepper about 2 us, of which the
+seven field evaluations are about 1.2 us. Here a step is only the tableau, the error norm and
+the step-size rule, and the crossing is located once, after the step that contains it, on the
+step's dense output.
 
 The method (Dormand & Prince 1980, with Shampine's 1986 dense output) and the step-size rule
 (an integral controller: safety 0.9, growth at most 10x, shrink at most 5x, no shrink after an

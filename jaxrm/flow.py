@@ -5,8 +5,8 @@ is integrated with adaptive Dormand-Prince 5(4) steps. ``t_gamma`` (the first ti
 ``eval_rewards`` gain ``gamma`` over the initial policy) is located on the dense output of the
 step in which the gain is reached, so it is exact up to the solver tolerance. :func:`first_passage`
 runs its own batched stepper (:mod:`jaxrm._dopri5`, the same method and step-size rule as
-diffrax's ``Dopri5`` with a ``PIDController``, at a tenth of its cost per step on this problem);
-:func:`trajectory` uses diffrax.
+diffrax's ``Dopri5`` with a ``PIDController``, at about 40% of its cost per step on this
+problem); :func:`trajectory` uses diffrax.
 
 Tabular and autoregressive-tabular policies are *separable*: prompt ``x`` only moves its own
 logits, at speed ``1/|S|`` (Lemma 7). So each prompt is an independent ODE in the rescaled time
