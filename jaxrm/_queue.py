@@ -6,8 +6,10 @@ step counts, not ``batch x slowest``. When there are more items than slots, the 
 to a narrow set of slots once few items are left, so they no longer pay for idle ones.
 
 The scheduler knows nothing of ODEs: a segment is any pure function
-``segment(tau, state, dt, args) -> Segment`` that advances one item by at most a fixed number
-of steps and reports its :class:`Status`.
+``segment(tau, state, dt, args, active) -> Segment`` that advances one item by at most a fixed
+number of steps and reports its :class:`Status`. ``active`` is False for a slot with no item left
+(it holds a finished item's state): the segment should do no work there, and its result is
+ignored.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Status(enum.IntEnum):
     RUNNING = 0
     REACHED = 1  # the event (the gain) was reached
     NOT_REACHED = 2  # t_max passed, or the gain was proven out of reach
-    FAILED = 3  # a solver error, or max_steps spent
+    FAILED = 3  # the step size no longer moves the time, or max_steps spent
 
 
 class Segment(NamedTuple):
@@ -90,7 +92,7 @@ def drain(
     def body(carry):
         slots, next_item, out = carry
         active = slots.item >= 0
-        result = vmapped(slots.tau, slots.state, slots.dt, take(args, jnp.clip(slots.item, 0, num_items - 1)))
+        result = vmapped(slots.tau, slots.state, slots.dt, take(args, jnp.clip(slots.item, 0, num_items - 1)), active)
         steps = slots.steps + result.num_steps
         status = jnp.where((result.status == Status.RUNNING) & (steps >= max_steps), Status.FAILED, result.status)
         finished = active & (status != Status.RUNNING)

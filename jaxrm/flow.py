@@ -215,8 +215,9 @@ def first_passage(
         raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
     if is_concrete(t_max) and not float(t_max) > 0:
         raise ValueError(f"t_max must be > 0, got {t_max}.")
-    if not (isinstance(max_steps, int) and max_steps >= 1):
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    for name, value in (("max_steps", max_steps), ("segment_steps", segment_steps), ("slots", slots)):
+        if not (value is None and name == "slots") and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
     dtype = rm_rewards.dtype
     item_shape = rm_rewards.shape[:-1]  # [..., S]: one item per (problem, prompt)
     kl_penalized = kl_coef is not None
@@ -419,14 +420,15 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
         dt = _dopri5.initial_step_size(lambda x: field(x, args), y, f, rtol=rtol, atol=atol)
         return _Point(y, f, gain(probs, args)), dt
 
-    def segment(tau0, point, dt0, args):
+    def segment(tau0, point, dt0, args, active):
         zeros = jax.tree.map(jnp.zeros_like, point.y)
         carry = _Carry(
             tau0,
             point,
             dt0,
             jnp.zeros((), jnp.int32),
-            jnp.asarray(Status.RUNNING, jnp.int32),
+            # An idle slot (no item left) takes no step and searches nothing.
+            jnp.where(active, Status.RUNNING, Status.NOT_REACHED).astype(jnp.int32),
             _Event(jnp.zeros((), dtype), zeros, zeros, zeros, jnp.zeros((), dtype)),
         )
 
@@ -467,7 +469,7 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
             tol=jnp.where(reached, time_tol * (c.tau + safe_h) / safe_h, jnp.inf),
         )
         tau = jnp.where(reached, c.tau + theta * event.h, c.tau)
-        # A finished item keeps only its logits; f and gain matter while it runs.
+        # A finished item keeps only its logits (its f and gain are stale, and never used again).
         point = c.point._replace(y=select(reached, interpolant(theta), c.point.y))
         return _queue.Segment(tau, point, c.dt, c.steps, c.status)
 

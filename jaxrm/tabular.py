@@ -423,9 +423,14 @@ def kl_rewards(
 
     Elementwise with broadcasting; ``kl_coef`` (``lam >= 0``) is a scalar or an array
     broadcasting against the others (e.g. ``[problems, 1, 1]`` against ``[problems, S, Y]``).
+    A Python ``0`` returns ``r`` (broadcast and promoted as the formula would) without touching
+    the log-probabilities, so callers without a KL term never compute ``log pi``; there, an
+    output with ``pi = 0`` (``log pi = -inf``) keeps its reward instead of ``0 * inf = nan``.
     """
     if isinstance(kl_coef, (int, float)) and kl_coef == 0:
-        return jnp.asarray(rewards)  # nothing traced: callers without a KL term skip log pi
+        shape = jnp.broadcast_shapes(jnp.shape(rewards), jnp.shape(log_probs), jnp.shape(ref_log_probs))
+        dtype = jnp.result_type(rewards, log_probs, ref_log_probs, kl_coef)
+        return jnp.broadcast_to(jnp.asarray(rewards, dtype), shape)
     return rewards - kl_coef * (log_probs - ref_log_probs)
 
 

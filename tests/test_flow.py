@@ -188,6 +188,33 @@ def test_bad_input_fails_early():
     np.testing.assert_allclose(t, [2.43195], rtol=1e-4)
     with pytest.raises(ValueError, match="prompts, outputs"):
         flow.t_gamma(jnp.zeros(2), jnp.zeros(2), 0.1)
+    for option in ("segment_steps", "slots", "max_steps"):
+        with pytest.raises(ValueError, match=option):
+            flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.25, **{option: 0})
+
+
+def test_segments_resume_exactly_and_every_way_of_ending(batch):
+    logits, rm, gt = batch
+    options = dict(eval_rewards=gt[:2], kl_coef=jnp.array([0.0, 0.05]))
+    whole = flow.first_passage(logits[:2], rm[:2], 0.05, segment_steps=64, **options)
+    pieces = flow.first_passage(logits[:2], rm[:2], 0.05, segment_steps=1, **options)
+    # Cutting the integration into segments changes nothing: same steps, same crossing.
+    np.testing.assert_array_equal(pieces.num_steps, whole.num_steps)
+    np.testing.assert_allclose(pieces.t_gamma, whole.t_gamma, rtol=1e-12)
+    reached = np.asarray(whole.status) == flow.Status.REACHED
+    assert reached.sum() >= 3
+    t_gamma = np.asarray(whole.t_gamma)[reached]
+    # A horizon before the crossing: NOT_REACHED, ending exactly at t_max.
+    t_max = 0.5 * float(t_gamma.min())
+    early = flow.first_passage(logits[:2], rm[:2], 0.05, t_max=t_max, **options)
+    assert (np.asarray(early.status) == flow.Status.NOT_REACHED).all()
+    np.testing.assert_allclose(early.t_end, t_max, rtol=1e-12)
+    # Too few steps: FAILED, with t_end a lower bound on the true t_gamma.
+    short = flow.first_passage(logits[:2], rm[:2], 0.05, max_steps=2, segment_steps=1, **options)
+    assert np.asarray(whole.num_steps).min() > 2
+    assert (np.asarray(short.status) == flow.Status.FAILED).all() and np.isinf(short.t_gamma).all()
+    assert (np.asarray(short.num_steps) == 2).all()
+    assert (np.asarray(short.t_end) < np.asarray(whole.t_gamma)).all()
 
 
 def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
