@@ -71,11 +71,14 @@ def drain(
     *,
     num_slots: int,
     max_steps: int,
+    kept: Callable = lambda state: state,
 ) -> Outputs:
     """Run items ``0 .. num_valid - 1`` through ``num_slots`` slots until each is done (traceable).
 
     ``states`` (a pytree), ``first_dt`` and ``args`` have a leading item axis; entries past
     ``num_valid`` are padding and never run. An item whose steps pass ``max_steps`` is FAILED.
+    ``kept(state)`` is the part of a finished item's state stored in the outputs (default: all
+    of it), so state that only running items need takes no room per item.
     """
     num_items = first_dt.shape[0]
     dtype = first_dt.dtype
@@ -99,7 +102,7 @@ def drain(
         write = jnp.where(finished, slots.item, num_items)  # out of range: dropped
         out = Outputs(
             out.tau.at[write].set(result.tau, mode="drop"),
-            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.state, result.state),
+            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.state, kept(result.state)),
             out.steps.at[write].set(steps, mode="drop"),
             out.status.at[write].set(status, mode="drop"),
         )
@@ -118,7 +121,7 @@ def drain(
 
     out = Outputs(
         jnp.full(num_items, jnp.inf, dtype),
-        states,
+        kept(states),
         jnp.zeros(num_items, jnp.int32),
         jnp.zeros(num_items, jnp.int32),
     )

@@ -469,7 +469,7 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
             tol=jnp.where(reached, time_tol * (c.tau + safe_h) / safe_h, jnp.inf),
         )
         tau = jnp.where(reached, c.tau + theta * event.h, c.tau)
-        # A finished item keeps only its logits (its f and gain are stale, and never used again).
+        # A finished item keeps only its logits (drain's `kept`); its f and gain are stale.
         point = c.point._replace(y=select(reached, interpolant(theta), c.point.y))
         return _queue.Segment(tau, point, c.dt, c.steps, c.status)
 
@@ -494,8 +494,9 @@ def _solve_items(
     """One device's items on a work queue (:func:`jaxrm._queue.drain`) of ``slots`` solves."""
     start, segment = _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized)
     points, first_dt = jax.vmap(start)(logits, args)
-    out = _queue.drain(segment, points, first_dt, args, num_valid, num_slots=slots, max_steps=max_steps)
-    return out._replace(state=out.state.y)
+    return _queue.drain(
+        segment, points, first_dt, args, num_valid, num_slots=slots, max_steps=max_steps, kept=lambda point: point.y
+    )
 
 
 def trajectory(
