@@ -336,3 +336,39 @@ def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zer
         assert np.isfinite(np.asarray(stats["entropy"])).all()
     assert all(np.array_equal(a, b) for a, b in zip(updated[0.0], _leaves(params)))
     assert not all(np.array_equal(a, b) for a, b in zip(updated[0.5], _leaves(params)))
+
+
+def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(tmp_path):
+    model = policy()
+    graphdef, params = nnx.split(model)
+    tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
+    prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
+    samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
+    advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
+    rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs, advantages)
+    updated = {}
+    for flat in (False, True):
+        config = dataclasses.replace(CONFIG, flat_optimizer=flat)
+        opt_state = config.optimizer().init(params)
+        (new_params, new_opt_state), _ = jax.jit(make_phases(config, graphdef).optimize)(
+            params, opt_state, rollout, jax.random.key(1)
+        )
+        updated[flat] = _leaves(new_params)
+        # One raveled vector per Adam moment instead of one array per parameter.
+        assert (len(jax.tree.leaves(new_opt_state)) < len(jax.tree.leaves(params))) == flat
+    assert not all(np.array_equal(a, b) for a, b in zip(updated[False], _leaves(params)))
+    for per_parameter, raveled in zip(updated[False], updated[True]):
+        np.testing.assert_allclose(raveled, per_parameter, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="flat_optimizer"):
+        rlhf_task.run_rlhf(
+            model,
+            ground_truth,
+            None,
+            *prompts(),
+            dataclasses.replace(CONFIG, flat_optimizer=True),
+            num_iterations=1,
+            out_dir=tmp_path / "x",
+            mesh=make_mesh(),
+            param_sharding="fsdp",
+        )
+    assert not (tmp_path / "x").exists()

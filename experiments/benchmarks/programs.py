@@ -6,9 +6,11 @@ policy and a reward model of the same shape, from abstract inputs (``jax.ShapeDt
 no parameter is ever allocated and a Pythia-1B-shaped program compiles on a laptop.
 
 ``depth``: seconds of ``.lower().compile()`` (tracing, lowering and compiling) of the iteration
-at several depths, with the blocks
-under a ``lax.scan`` (``scan_layers=True``, the default) and unrolled. A scanned program holds
-one block whatever the depth, so its compile time should grow little with ``num_layers``.
+at several depths, three ways: the blocks under a ``lax.scan`` (``scan_layers=True``, the
+default), the same with the optimizer on one raveled vector (``RLHFConfig.flat_optimizer``), and
+the blocks unrolled. A scanned program holds one block whatever the depth; what still grows
+with depth is the per-parameter work outside the scan (Adam's update of every layer's arrays),
+which the flat optimizer removes.
 
 ``memory``: per-device bytes from the compiled program's ``memory_analysis()`` (arguments =
 policy, reference, reward model and Adam state; temporaries = activations, gathered parameters
@@ -57,12 +59,21 @@ from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, 
 
 
 def lower_rloo_iteration(
-    model: TransformerConfig, *, prompts: int, prompt_len: int, new_tokens: int, mesh=None, strategy="replicated"
+    model: TransformerConfig,
+    *,
+    prompts: int,
+    prompt_len: int,
+    new_tokens: int,
+    mesh=None,
+    strategy="replicated",
+    flat_optimizer=False,
 ):
     """The lowered (not compiled) RLOO iteration of a ``model``-shaped policy, reference and
     reward model, from abstract inputs; on ``mesh`` the prompts are split along ``data`` and the
     parameters, reference and Adam state placed by ``strategy``."""
-    config = RLHFConfig(prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens)
+    config = RLHFConfig(
+        prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens, flat_optimizer=flat_optimizer
+    )
     policy_graphdef, policy_params = nnx.split(nnx.eval_shape(lambda: CausalLM(model, rngs=nnx.Rngs(0))))
     reward_graphdef, reward_params = nnx.split(nnx.eval_shape(lambda: RewardModel(model, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda: init_state(CausalLM(model, rngs=nnx.Rngs(0)), config, jax.random.key(0)))
@@ -89,19 +100,24 @@ def lower_rloo_iteration(
     return jax.jit(iteration).lower(state, data)
 
 
+# name: (scan_layers, RLHFConfig.flat_optimizer)
+DEPTH_VARIANTS = {"scanned": (True, False), "scanned_flat_optimizer": (True, True), "unrolled": (False, False)}
+
+
 def measure_depth(shape: str, layers: list[int], *, prompts: int, new_tokens: int, log=print) -> dict:
-    """Seconds of ``.lower().compile()`` of the iteration at each depth, scanned and unrolled."""
-    result = {"shape": shape, "layers": layers, "scanned_s": [], "unrolled_s": []}
-    for scan_layers, label in ((True, "scanned_s"), (False, "unrolled_s")):
+    """Seconds of ``.lower().compile()`` of the iteration at each depth, for each of
+    :data:`DEPTH_VARIANTS`, and each variant's ratio of the deepest to the shallowest."""
+    result = {"shape": shape, "layers": layers}
+    for name, (scan_layers, flat_optimizer) in DEPTH_VARIANTS.items():
+        times = []
         for num_layers in layers:
             model = preset(shape, num_layers=num_layers, scan_layers=scan_layers)
-            took = seconds(
-                lambda: lower_rloo_iteration(model, prompts=prompts, prompt_len=16, new_tokens=new_tokens).compile()
+            lower = lambda: lower_rloo_iteration(  # noqa: E731
+                model, prompts=prompts, prompt_len=16, new_tokens=new_tokens, flat_optimizer=flat_optimizer
             )
-            result[label].append(took)
-            log(f"  {shape} x {num_layers} layers, {label[:-2]}: lower + compile {took:.1f} s")
-    for label in ("scanned_s", "unrolled_s"):
-        result[label.replace("_s", "_ratio")] = result[label][-1] / result[label][0]
+            times.append(seconds(lambda: lower().compile()))
+            log(f"  {shape} x {num_layers} layers, {name}: lower + compile {times[-1]:.1f} s")
+        result[f"{name}_s"], result[f"{name}_ratio"] = times, times[-1] / times[0]
     return result
 
 
@@ -173,10 +189,8 @@ def main(argv=None):
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
     if args.command == "depth":
         result = measure_depth(args.shape, args.layers, prompts=args.prompts, new_tokens=args.new_tokens)
-        print(
-            f"compile time {args.layers[-1]} / {args.layers[0]} layers: scanned {result['scanned_ratio']:.2f}x, "
-            f"unrolled {result['unrolled_ratio']:.2f}x"
-        )
+        ratios = ", ".join(f"{name} {result[f'{name}_ratio']:.2f}x" for name in DEPTH_VARIANTS)
+        print(f"compile time {args.layers[-1]} / {args.layers[0]} layers: {ratios}")
     else:
         result = measure_memory(args.shape, devices=args.devices, prompts=args.prompts, new_tokens=args.new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,9 @@ def train_state_shardings(
     """Where each part of a :class:`TrainState` lives: the parameters and every optimizer slot
     that mirrors them (Adam's moments) as ``policy_shardings`` (one policy's, from
     :func:`jaxrm.sharding.param_shardings`) with ``num_batch_axes`` leading unsharded axes (runs
-    side by side), and the rest (step, key, counters) replicated on the same mesh. ``state`` may
-    be abstract (``jax.eval_shape``)."""
+    side by side), and the rest (step, key, counters) replicated on the same mesh. With
+    ``config.flat_optimizer`` the optimizer state is replicated. ``state`` may be abstract
+    (``jax.eval_shape``)."""
     mesh = jax.tree.leaves(policy_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
     replicated = NamedSharding(mesh, PartitionSpec())
     params = jax.tree.map(
@@ -166,14 +167,17 @@ def train_state_shardings(
         policy_shardings,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    opt_state = optax.tree_map_params(
-        config.optimizer(),
-        lambda _, sharding: sharding,
-        state.opt_state,
-        params,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    if config.flat_optimizer:  # one raveled vector per slot: only replicated parameters allow it
+        opt_state = jax.tree.map(lambda _: replicated, state.opt_state)
+    else:
+        opt_state = optax.tree_map_params(
+            config.optimizer(),
+            lambda _, sharding: sharding,
+            state.opt_state,
+            params,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
     return TrainState(params, opt_state, replicated, replicated)
 
 
@@ -260,6 +264,11 @@ def run_rlhf(
     )
     seeds = int(seeds) if isinstance(seeds, (int, np.integer)) else seed_list
     check_choice("param_sharding", param_sharding, STRATEGIES)
+    if config.flat_optimizer and mesh is not None and param_sharding != "replicated":
+        raise ValueError(
+            f"RLHFConfig.flat_optimizer=True needs param_sharding='replicated', got {param_sharding!r}: "
+            "one raveled vector cannot follow a per-parameter sharding."
+        )
     # With several processes (jax.distributed) only process 0 reports.
     log = log if _is_writer() else None
     if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
