@@ -21,7 +21,7 @@ from rlhf_task import CONFIG, ground_truth, policy, prompts
 from jaxrm import pg
 from jaxrm.models import RewardModel, preset
 from jaxrm.models.sampling import sample
-from jaxrm.sharding import make_mesh
+from jaxrm.sharding import make_mesh, param_shardings
 from jaxrm.train import driver
 from jaxrm.train.rlhf import (
     RLHFConfig,
@@ -359,16 +359,22 @@ def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(t
     assert not all(np.array_equal(a, b) for a, b in zip(updated[False], _leaves(params)))
     for per_parameter, raveled in zip(updated[False], updated[True]):
         np.testing.assert_allclose(raveled, per_parameter, rtol=1e-6, atol=1e-7)
+    flat = dataclasses.replace(CONFIG, flat_optimizer=True)
+    mesh = make_mesh()
+    state = jax.eval_shape(lambda: init_state(model, flat, jax.random.key(0)))
+    placed = driver.train_state_shardings(flat, state, param_shardings(params, mesh, strategy="replicated"))
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(placed.opt_state))
+    assert jax.tree.structure(placed.opt_state) == jax.tree.structure(state.opt_state)
     with pytest.raises(ValueError, match="flat_optimizer"):
         rlhf_task.run_rlhf(
             model,
             ground_truth,
             None,
             *prompts(),
-            dataclasses.replace(CONFIG, flat_optimizer=True),
+            flat,
             num_iterations=1,
             out_dir=tmp_path / "x",
-            mesh=make_mesh(),
+            mesh=mesh,
             param_sharding="fsdp",
         )
     assert not (tmp_path / "x").exists()
