@@ -378,3 +378,8 @@ def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(t
             param_sharding="fsdp",
         )
     assert not (tmp_path / "x").exists()
+    # A run directory written before the field existed resumes: it ran with the default.
+    written_before = json.loads(json.dumps({"config": CONFIG.to_dict(), "seeds": 0}))
+    del written_before["config"]["flat_optimizer"]
+    assert driver._changed_fields(written_before, {"config": CONFIG.to_dict(), "seeds": 0}) == []
+    assert driver._changed_fields(written_before, {"config": flat.to_dict(), "seeds": 0}) == ["config"]

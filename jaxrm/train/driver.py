@@ -181,6 +181,16 @@ def train_state_shardings(
     return TrainState(params, opt_state, replicated, replicated)
 
 
+def _changed_fields(previous: dict, record: dict) -> list[str]:
+    """The entries of a run's ``record`` (but ``num_iterations``) that differ from those its
+    directory already holds; an RLHFConfig field added since that run was written counts at its
+    default, which is what the run used."""
+    previous = dict(previous)
+    if isinstance(previous.get("config"), dict):
+        previous["config"] = {**RLHFConfig().to_dict(), **previous["config"]}
+    return sorted(k for k in record if k != "num_iterations" and previous.get(k) != record[k])
+
+
 class _InChunkProgress:
     """Host callback of the compiled chunk: a line at most every ``_PROGRESS_INTERVAL`` seconds."""
 
@@ -293,8 +303,7 @@ def run_rlhf(
     }
     config_path = out_dir / "config.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
-        changed = sorted(k for k in record if k != "num_iterations" and previous.get(k) != record[k])
+        changed = _changed_fields(json.loads(config_path.read_text()), record)
         if changed:
             raise ValueError(f"{out_dir} holds a run with different {changed}; use a new out_dir to start another run.")
     out_dir.mkdir(parents=True, exist_ok=True)
