@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from experiments.benchmarks.common import seconds as measure_seconds  # noqa: E402
 from jaxrm import ascent, flow  # noqa: E402
 
 
@@ -147,7 +148,7 @@ def bench_t_gamma(args):
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         first = time.perf_counter() - t0
-        seconds = min(_timed(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
+        seconds = min(measure_seconds(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
         result = run()
         report[name] = {"devices": len(devices), "seconds": seconds, "compile_seconds": first - seconds}
         print(
@@ -224,7 +225,7 @@ def copy_bandwidth(num_bytes, repeats=10):
     src = np.ones(num_bytes // 8)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    best = min(measure_seconds(lambda: np.copyto(dst, src)) for _ in range(repeats))
     return 2 * src.nbytes / best
 
 
@@ -238,14 +239,10 @@ def streaming_bandwidth(logits, rewards, ref_log_probs, steps, repeats):
         return jax.lax.fori_loop(0, steps, lambda i, x: 0.999 * x + 1e-3 * (r - i * ref), x)
 
     jax.block_until_ready(stream(logits, rewards, ref_log_probs))
-    seconds = min(_timed(lambda: jax.block_until_ready(stream(logits, rewards, ref_log_probs))) for _ in range(repeats))
+    seconds = min(
+        measure_seconds(lambda: jax.block_until_ready(stream(logits, rewards, ref_log_probs))) for _ in range(repeats)
+    )
     return 4 * logits.nbytes * steps / seconds
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench_ascent(args):
@@ -262,7 +259,7 @@ def bench_ascent(args):
         logits, rewards, optimizer=optimizer, num_steps=steps, kl_coef=jnp.asarray(0.05, dtype), track=False
     )
     jax.block_until_ready(run())
-    seconds = min(_timed(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
+    seconds = min(measure_seconds(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
     array_bytes = s * y * jnp.dtype(dtype).itemsize
     traffic = 4 * array_bytes * steps / seconds  # read logits, rewards, ref log-probs; write logits
     memcpy = copy_bandwidth(4 * array_bytes)
