@@ -178,11 +178,14 @@ def locate_upcrossing(condition: Callable, value_at_0, value_at_1, *, tol, max_i
 
     Newton's method (the derivative by forward-mode differentiation), started from the secant
     point and kept inside a bracket that every evaluation narrows; a Newton point outside the
-    bracket is replaced by its midpoint. Stops when a step (Newton's, whose error is then about
-    ``tol**2``, or a midpoint's) moves less than ``tol``, when the bracket is narrower than
-    ``tol``, or after ``max_iterations``. If the condition crosses more
-    than once inside the step, some crossing is returned, not necessarily the first. An infinite
-    ``tol`` skips the search (for lanes of a batch that have nothing to locate).
+    bracket is replaced by its midpoint. Returns the last point computed, once its error is
+    estimated to be at most ``tol``: after a midpoint step of size ``d``, ``d``; after the second
+    of two Newton steps ``d_prev``, ``d``, the quadratic-convergence estimate ``d^3 / d_prev^2``
+    (the error is ``K d^2`` with ``K`` measured as ``d / d_prev^2``), which saves the evaluation
+    that would only confirm a step already far below ``tol``. Also stops when the bracket is
+    narrower than ``tol`` or after ``max_iterations``. If the condition crosses more than once
+    inside the step, some crossing is returned, not necessarily the first. An infinite ``tol``
+    skips the search (for lanes of a batch that have nothing to locate).
     """
     dtype = jnp.result_type(value_at_0)
 
@@ -190,6 +193,7 @@ def locate_upcrossing(condition: Callable, value_at_0, value_at_1, *, tol, max_i
         low: Any
         high: Any
         theta: Any
+        last_newton_move: Any  # inf after a midpoint step (or before any step)
         done: Any
         iteration: Any
 
@@ -203,9 +207,20 @@ def locate_upcrossing(condition: Callable, value_at_0, value_at_1, *, tol, max_i
         newton = s.theta - value / jnp.where(slope != 0, slope, 1.0)
         inside = (slope != 0) & (newton > low) & (newton < high)
         theta = jnp.where(inside, newton, 0.5 * (low + high))
-        done = (jnp.abs(theta - s.theta) <= tol) | (value == 0) | (high - low <= tol)
-        return Search(low, high, jnp.where(value == 0, s.theta, theta), done, s.iteration + 1)
+        move = jnp.abs(theta - s.theta)
+        converging = inside & (move < s.last_newton_move) & jnp.isfinite(s.last_newton_move)
+        error = jnp.where(converging, move * jnp.square(move / s.last_newton_move), move)
+        done = (error <= tol) | (value == 0) | (high - low <= tol)
+        return Search(
+            low,
+            high,
+            jnp.where(value == 0, s.theta, theta),
+            jnp.where(inside, move, jnp.inf),
+            done,
+            s.iteration + 1,
+        )
 
     secant = value_at_0 / (value_at_0 - value_at_1)
-    start = Search(jnp.zeros((), dtype), jnp.ones((), dtype), secant, ~jnp.isfinite(tol), jnp.zeros((), jnp.int32))
+    inf = jnp.full((), jnp.inf, dtype)
+    start = Search(jnp.zeros((), dtype), jnp.ones((), dtype), secant, inf, ~jnp.isfinite(tol), jnp.zeros((), jnp.int32))
     return jax.lax.while_loop(unfinished, refine, start).theta

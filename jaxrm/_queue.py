@@ -7,7 +7,8 @@ to a narrow set of slots once few items are left, so they no longer pay for idle
 
 The scheduler knows nothing of ODEs: a segment is any pure function
 ``segment(tau, state, dt, args, active) -> Segment`` that advances one item by at most a fixed
-number of steps and reports its :class:`Status`. ``active`` is False for a slot with no item left
+number of steps and reports its :class:`Status`, and, for an item that finished, its *outcome*:
+what the outputs keep of it. ``active`` is False for a slot with no item left
 (it holds a finished item's state): the segment should do no work there, and its result is
 ignored.
 """
@@ -26,6 +27,22 @@ DEFAULT_SLOTS = 32
 TAIL_SLOTS = 4
 
 
+def bucket(num_items: int, slots: int) -> tuple[int, int]:
+    """``(width, padded)``: the slots to use for ``num_items`` items, and the count of items
+    (padding included) that the queue's program is compiled for.
+
+    ``width`` is ``slots``, or the next power of two when there are fewer items; ``padded`` is
+    ``width`` times a power of two. Batches of sizes in the same bucket run the same compiled
+    program (JAX compiles one per input shape), and ``padded`` is a multiple of ``width``. The
+    padding never runs, and costs at most as much memory again as the items.
+
+    >>> bucket(20, 32), bucket(60, 32), bucket(1536, 32), bucket(2048, 32), bucket(100, 24)
+    ((32, 32), (32, 64), (32, 2048), (32, 2048), (24, 192))
+    """
+    width = min(slots, 1 << max(num_items - 1, 0).bit_length())
+    return width, width << max(-(-num_items // width) - 1, 0).bit_length()
+
+
 class Status(enum.IntEnum):
     """Where an item's integration stands."""
 
@@ -36,13 +53,15 @@ class Status(enum.IntEnum):
 
 
 class Segment(NamedTuple):
-    """One item after a segment: where to resume (or where it ended) and its status."""
+    """One item after a segment: where to resume (or where it ended), its status, and what the
+    outputs keep of it if it finished (``outcome``: the same pytree structure every time)."""
 
     tau: Any
     state: Any
     dt: Any
     num_steps: Any
     status: Any
+    outcome: Any
 
 
 class _Slots(NamedTuple):
@@ -54,10 +73,10 @@ class _Slots(NamedTuple):
 
 
 class Outputs(NamedTuple):
-    """Per item: the time and state where it ended, the steps it took and its :class:`Status`."""
+    """Per item: the time where it ended, its outcome, the steps it took and its :class:`Status`."""
 
     tau: Any
-    state: Any
+    outcome: Any
     steps: Any
     status: Any
 
@@ -71,14 +90,12 @@ def drain(
     *,
     num_slots: int,
     max_steps: int,
-    kept: Callable = lambda state: state,
 ) -> Outputs:
     """Run items ``0 .. num_valid - 1`` through ``num_slots`` slots until each is done (traceable).
 
     ``states`` (a pytree), ``first_dt`` and ``args`` have a leading item axis; entries past
-    ``num_valid`` are padding and never run. An item whose steps pass ``max_steps`` is FAILED.
-    ``kept(state)`` is the part of a finished item's state stored in the outputs (default: all
-    of it), so state that only running items need takes no room per item.
+    ``num_valid`` are padding and never run (their outputs are zeros, status RUNNING). An item
+    whose steps pass ``max_steps`` is FAILED, with the outcome of its last segment.
     """
     num_items = first_dt.shape[0]
     dtype = first_dt.dtype
@@ -102,7 +119,7 @@ def drain(
         write = jnp.where(finished, slots.item, num_items)  # out of range: dropped
         out = Outputs(
             out.tau.at[write].set(result.tau, mode="drop"),
-            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.state, kept(result.state)),
+            jax.tree.map(lambda o, new: o.at[write].set(new, mode="drop"), out.outcome, result.outcome),
             out.steps.at[write].set(steps, mode="drop"),
             out.status.at[write].set(status, mode="drop"),
         )
@@ -119,9 +136,10 @@ def drain(
     def run(slots, next_item, out, keep_going):
         return jax.lax.while_loop(lambda c: keep_going(*c), body, (slots, next_item, out))
 
+    one_item = jax.eval_shape(segment, jnp.zeros((), dtype), take(states, 0), first_dt[0], take(args, 0), True)
     out = Outputs(
         jnp.full(num_items, jnp.inf, dtype),
-        kept(states),
+        jax.tree.map(lambda x: jnp.zeros((num_items, *x.shape), x.dtype), one_item.outcome),
         jnp.zeros(num_items, jnp.int32),
         jnp.zeros(num_items, jnp.int32),
     )
@@ -141,20 +159,20 @@ def drain(
 def on_devices(run_queue: Callable, items, num_items: int, devices) -> Any:
     """One work queue per device, all running at once; returns the outputs in item order.
 
-    ``run_queue(shard, num_valid, device)`` runs one device's items (a pytree with a leading item
-    axis). Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
-    spread out; padding sits past each device's count of valid items. Each queue is launched
+    ``items`` (a pytree with a leading item axis) holds the ``num_items`` items, then padding to
+    a multiple of the device count. ``run_queue(shard, num_valid, device)`` runs one device's
+    share. Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
+    spread out; each device's padding sits past its count of valid items. Each queue is launched
     from its own thread, so the queues run at once even where a program runs synchronously in
     the thread that launched it (a CPU program with host callbacks does). Each device compiles
     the queue once (XLA executables are bound to a device); the compiles run in parallel too.
     """
     num_devices = len(devices)
-    per_device = -(-num_items // num_devices)
-    pad = per_device * num_devices - num_items
-    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), items)
+    if jax.tree.leaves(items)[0].shape[0] % num_devices:
+        raise ValueError(f"the items must be padded to a multiple of the {num_devices} devices.")
 
     def run(device):
-        shard = jax.tree.map(lambda x: x[device::num_devices], padded)
+        shard = jax.tree.map(lambda x: x[device::num_devices], items)
         return jax.block_until_ready(run_queue(shard, len(range(device, num_items, num_devices)), devices[device]))
 
     with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:

@@ -173,7 +173,7 @@ def first_passage(
     atol: float = 1e-10,
     max_steps: int = 100_000,
     slots: int | None = None,
-    segment_steps: int = 8,
+    segment_steps: int = 4,
     devices: Sequence[jax.Device] | None = None,
 ) -> FirstPassage:
     """Integrate the gradient flow of each prompt until its ``eval_rewards`` gain reaches ``gamma``.
@@ -198,7 +198,11 @@ def first_passage(
       rtol, atol: tolerances of the adaptive step-size controller.
       max_steps: most ODE steps (accepted and rejected) per prompt before the item counts
         as FAILED.
-      slots: items integrated side by side on each device (default: up to 32).
+      slots: items integrated side by side on each device (default: up to 32). The
+        number of items per device is padded to ``slots`` times a power of two (fewer than
+        ``slots`` items: to a power of two), so that batches of nearby sizes run one compiled
+        program; the padding is never integrated. Each item keeps five arrays the size of its
+        logits until the end, for locating its crossing.
       segment_steps: steps between refills of the work queue.
       devices: several devices to share the items, each running its own work queue at the
         same time (default: one; on a CPU, ``--xla_force_host_platform_device_count=<cores>``
@@ -221,6 +225,13 @@ def first_passage(
     dtype = rm_rewards.dtype
     item_shape = rm_rewards.shape[:-1]  # [..., S]: one item per (problem, prompt)
     kl_penalized = kl_coef is not None
+    tau_max = jnp.asarray(t_max, dtype) / item_shape[-1]
+    traced = any(
+        not is_concrete(x) for x in jax.tree.leaves((init_logits, rm_rewards, eval_rewards, gamma, kl_coef, tau_max))
+    )
+    devices = (None,) if devices is None or traced else tuple(devices)
+    num_items = math.prod(item_shape)
+    width, per_device = _queue.bucket(-(-num_items // len(devices)), _queue.DEFAULT_SLOTS if slots is None else slots)
     items = _prepare_items(
         init_logits,
         rm_rewards,
@@ -229,18 +240,14 @@ def first_passage(
         kl_coef if kl_penalized else 0.0,
         policy=policy,
         separate_eval=separate_eval,
+        num_padded=per_device * len(devices),
     )
-    tau_max = jnp.asarray(t_max, dtype) / item_shape[-1]
-    traced = any(not is_concrete(x) for x in jax.tree.leaves((items, tau_max)))
-    devices = (None,) if devices is None or traced else tuple(devices)
-    num_items = math.prod(item_shape)
-    per_device = -(-num_items // len(devices))
     options = dict(
         policy=policy,
         rtol=float(rtol),
         atol=float(atol),
         max_steps=max_steps,
-        slots=min(per_device, _queue.DEFAULT_SLOTS if slots is None else int(slots)),
+        slots=width,
         segment_steps=int(segment_steps),
         kl_penalized=kl_penalized,
     )
@@ -261,22 +268,24 @@ def first_passage(
 
 @jax.jit(static_argnames="item_shape")
 def _first_passage_result(out, *, item_shape):
-    """Items back to ``[..., S]`` and rescaled time back to flow time (``t = |S| tau``)."""
+    """Items (less the padding) back to ``[..., S]`` and rescaled time back to flow time (``t = |S| tau``)."""
+    out = jax.tree.map(lambda x: x[: math.prod(item_shape)], out)
     unflat = lambda x: x.reshape(*item_shape, *x.shape[1:])  # noqa: E731
     t_end = out.tau * item_shape[-1]
     return FirstPassage(
         unflat(jnp.where(out.status == Status.REACHED, t_end, jnp.inf)),
-        jax.tree.map(unflat, out.state),
+        jax.tree.map(unflat, out.outcome),
         unflat(out.steps),
         unflat(out.status),
         unflat(t_end),
     )
 
 
-@jax.jit(static_argnames=("policy", "separate_eval"))
-def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, policy, separate_eval):
-    """Flatten ``[..., S]`` into independent items with everything their flow needs. Without
-    ``separate_eval`` the timed reward is ``rm_rewards`` itself, and the items carry it once."""
+@jax.jit(static_argnames=("policy", "separate_eval", "num_padded"))
+def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, policy, separate_eval, num_padded):
+    """Flatten ``[..., S]`` into independent items with everything their flow needs, padded to
+    ``num_padded`` items with copies of the first (never integrated). Without ``separate_eval``
+    the timed reward is ``rm_rewards`` itself, and the items carry it once."""
     item_shape = rm_rewards.shape[:-1]
     num_prompts = item_shape[-1]
     dtype = rm_rewards.dtype
@@ -290,7 +299,8 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
     limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
 
     def flat(x):
-        return x.reshape(math.prod(item_shape), *x.shape[len(item_shape) :])
+        x = x.reshape(math.prod(item_shape), *x.shape[len(item_shape) :])
+        return jnp.concatenate([x, jnp.repeat(x[:1], num_padded - x.shape[0], axis=0)])
 
     return (
         jax.tree.map(flat, init_logits),
@@ -367,6 +377,13 @@ class _Point(NamedTuple):
     gain: Any  # the gain condition at y, < 0 while running
 
 
+class _Outcome(NamedTuple):
+    """A finished item: its last point and, if it reached the gain, the step that did."""
+
+    point: _Point
+    event: _Event
+
+
 class _Carry(NamedTuple):
     """One item inside a segment: its last accepted point and the next step size."""
 
@@ -379,13 +396,16 @@ class _Carry(NamedTuple):
 
 
 def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
-    """``(start, segment)`` for one item: its first :class:`_Point` and step size at given
-    logits, and its integration for at most ``segment_steps`` attempted steps, resumable.
+    """``(start, segment, locate)`` for one item: its first :class:`_Point` and step size at
+    given logits; its integration for at most ``segment_steps`` attempted steps, resumable; and
+    where a finished item ended.
 
     Dormand-Prince 5(4) (:mod:`jaxrm._dopri5`). After an accepted step the gain condition
     ``(E_pi[r_eval] - start) / gamma - 1`` is evaluated from the probabilities the field computed
-    anyway at the step's end; the step where it turns >= 0 is kept, and the crossing is located
-    on that step's dense output after the segment, once, rather than inside the step loop. Under
+    anyway at the step's end; the item stops at the start of the step where it turns >= 0 and
+    keeps that step (its :class:`_Outcome`). ``locate`` finds the crossing on the step's dense
+    output after the whole queue has run, in chunks of items, rather than inside the step loop
+    (where every slot would pay for the search, and each copy of the loop compile it). Under
     a KL penalty, an accepted step after which the gain is provably out of reach (the module
     docstring) ends the item as NOT_REACHED.
     """
@@ -458,22 +478,26 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
             )
 
         c = jax.lax.fori_loop(0, segment_steps, attempt, carry)
-        reached = c.status == Status.REACHED
-        event = c.event
-        interpolant = _dopri5.Interpolant.of_step(c.point.y, c.point.f, event.y1, event.f1, event.y_mid, event.h)
+        # A reached item stopped at the start of the step that crosses: that point and the step
+        # are all `locate` needs, so the point doubles as the item's outcome.
+        return _queue.Segment(c.tau, c.point, c.dt, c.steps, c.status, _Outcome(c.point, c.event))
+
+    def locate(tau, outcome, status, args):
+        """Where a finished item ended: ``(tau, logits)``, for a reached item at the crossing,
+        located on the dense output of the step that contains it."""
+        reached = status == Status.REACHED
+        point, event = outcome
+        interpolant = _dopri5.Interpolant.of_step(point.y, point.f, event.y1, event.f1, event.y_mid, event.h)
         safe_h = jnp.where(reached, event.h, 1.0)
         theta = _dopri5.locate_upcrossing(
             lambda theta: gain(policy.log_probs_and_probs(interpolant(theta))[1], args),
-            c.point.gain,
+            point.gain,
             event.gain1,
-            tol=jnp.where(reached, time_tol * (c.tau + safe_h) / safe_h, jnp.inf),
+            tol=jnp.where(reached, time_tol * (tau + safe_h) / safe_h, jnp.inf),
         )
-        tau = jnp.where(reached, c.tau + theta * event.h, c.tau)
-        # A finished item keeps only its logits (drain's `kept`); its f and gain are stale.
-        point = c.point._replace(y=select(reached, interpolant(theta), c.point.y))
-        return _queue.Segment(tau, point, c.dt, c.steps, c.status)
+        return jnp.where(reached, tau + theta * event.h, tau), select(reached, interpolant(theta), point.y)
 
-    return start, segment
+    return start, segment, locate
 
 
 @jax.jit(static_argnames=("policy", "rtol", "atol", "max_steps", "slots", "segment_steps", "kl_penalized"))
@@ -492,11 +516,13 @@ def _solve_items(
     kl_penalized,
 ):
     """One device's items on a work queue (:func:`jaxrm._queue.drain`) of ``slots`` solves."""
-    start, segment = _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized)
+    start, segment, locate = _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized)
     points, first_dt = jax.vmap(start)(logits, args)
-    return _queue.drain(
-        segment, points, first_dt, args, num_valid, num_slots=slots, max_steps=max_steps, kept=lambda point: point.y
-    )
+    out = _queue.drain(segment, points, first_dt, args, num_valid, num_slots=slots, max_steps=max_steps)
+    # The searches run a chunk of `slots` items at a time: a chunk's search takes as many
+    # iterations as its slowest item needs, and its arrays stay in cache.
+    tau, logits = jax.lax.map(lambda a: locate(*a), (out.tau, out.outcome, out.status, args), batch_size=slots)
+    return out._replace(tau=tau, outcome=logits)
 
 
 def trajectory(

@@ -11,6 +11,7 @@ MODULES = [
     "jaxrm.metrics",
     "jaxrm.tabular",
     "jaxrm.flow",
+    "jaxrm._queue",
     "jaxrm.bounds",
     "jaxrm.pg",
     "jaxrm.ascent",

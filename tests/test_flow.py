@@ -6,7 +6,7 @@ import optax
 import pytest
 from scipy.integrate import solve_ivp
 
-from jaxrm import _dopri5, ascent, flow
+from jaxrm import _dopri5, _queue, ascent, flow
 from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, objective
 
 
@@ -106,6 +106,18 @@ def test_batch_equals_problems_one_at_a_time_on_any_device_count_and_queue_size(
     status = np.asarray(together.status)
     assert set(status.ravel()) <= {flow.Status.REACHED, flow.Status.NOT_REACHED}
     assert (np.isfinite(together.t_gamma) == (status == flow.Status.REACHED)).all()
+
+
+def test_batch_sizes_in_one_bucket_share_one_compiled_queue(batch):
+    logits, rm, gt = batch
+    # 10 and 12 items both pad to 16 (4 slots x 4): one program, and the padding changes nothing.
+    assert _queue.bucket(10, 4) == _queue.bucket(12, 4) == (4, 16)
+    before = flow._solve_items._cache_size()
+    five = flow.first_passage(logits[:5], rm[:5], 0.05, eval_rewards=gt[:5], slots=4)
+    six = flow.first_passage(logits, rm, 0.05, eval_rewards=gt, slots=4)
+    assert flow._solve_items._cache_size() - before <= 1
+    np.testing.assert_array_equal(np.asarray(five.t_gamma), np.asarray(six.t_gamma)[:5])
+    np.testing.assert_array_equal(np.asarray(five.num_steps), np.asarray(six.num_steps)[:5])
 
 
 def test_vmap_over_problems(batch):
