@@ -179,10 +179,13 @@ def locate_upcrossing(condition: Callable, value_at_0, value_at_1, *, tol, max_i
     Newton's method (the derivative by forward-mode differentiation), started from the secant
     point and kept inside a bracket that every evaluation narrows; a Newton point outside the
     bracket is replaced by its midpoint. Returns the last point computed, once its error is
-    estimated to be at most ``tol``: after a midpoint step of size ``d``, ``d``; after the second
-    of two Newton steps ``d_prev``, ``d``, the quadratic-convergence estimate ``d^3 / d_prev^2``
-    (the error is ``K d^2`` with ``K`` measured as ``d / d_prev^2``), which saves the evaluation
-    that would only confirm a step already far below ``tol``. Also stops when the bracket is
+    estimated to be at most ``tol``. The estimate is the step's own size ``d``, except after the
+    second of two Newton steps ``d_prev``, ``d`` that contracted at least 4x: then Newton is taken
+    to converge quadratically (a simple root), the error to be ``K d^2`` with ``K`` measured as
+    ``d / d_prev^2``, and the estimate is ``d^3 / d_prev^2``. That saves the evaluation that would
+    only confirm a step already far below ``tol``. At a tangential crossing (a multiple root,
+    where Newton contracts by 1/2 or 2/3 per step) the returned error can be a few times ``tol``
+    (measured: up to about 3x). Also stops when the bracket is
     narrower than ``tol`` or after ``max_iterations``. If the condition crosses more than once
     inside the step, some crossing is returned, not necessarily the first. An infinite ``tol``
     skips the search (for lanes of a batch that have nothing to locate).
@@ -208,8 +211,10 @@ def locate_upcrossing(condition: Callable, value_at_0, value_at_1, *, tol, max_i
         inside = (slope != 0) & (newton > low) & (newton < high)
         theta = jnp.where(inside, newton, 0.5 * (low + high))
         move = jnp.abs(theta - s.theta)
-        converging = inside & (move < s.last_newton_move) & jnp.isfinite(s.last_newton_move)
-        error = jnp.where(converging, move * jnp.square(move / s.last_newton_move), move)
+        # Only a strong contraction is taken for quadratic convergence: at a tangential crossing
+        # (a multiple root) Newton converges linearly, by 1/2 or more per step.
+        quadratic = inside & (4 * move <= s.last_newton_move) & jnp.isfinite(s.last_newton_move)
+        error = jnp.where(quadratic, move * jnp.square(move / s.last_newton_move), move)
         done = (error <= tol) | (value == 0) | (high - low <= tol)
         return Search(
             low,

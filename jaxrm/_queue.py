@@ -31,16 +31,21 @@ def bucket(num_items: int, slots: int) -> tuple[int, int]:
     """``(width, padded)``: the slots to use for ``num_items`` items, and the count of items
     (padding included) that the queue's program is compiled for.
 
-    ``width`` is ``slots``, or the next power of two when there are fewer items; ``padded`` is
-    ``width`` times a power of two. Batches of sizes in the same bucket run the same compiled
-    program (JAX compiles one per input shape), and ``padded`` is a multiple of ``width``. The
-    padding never runs, and costs at most as much memory again as the items.
+    With more items than ``slots``, ``width`` is ``slots`` and ``padded`` is ``slots`` times a
+    power of two; the padding is never loaded into a slot. With fewer, ``width = padded`` is the
+    count rounded up to ``2^k`` or ``3 x 2^k`` (at most ``slots``); the padding then sits in idle slots, which
+    compute alongside the others (results discarded), so such a batch costs up to 1.5x its own
+    width. Batches of sizes in the same bucket run the same compiled program (JAX compiles one
+    per input shape); the padding costs at most as much memory again as the items.
 
-    >>> bucket(20, 32), bucket(60, 32), bucket(1536, 32), bucket(2048, 32), bucket(100, 24)
-    ((32, 32), (32, 64), (32, 2048), (32, 2048), (24, 192))
+    >>> bucket(17, 32), bucket(60, 32), bucket(1536, 32), bucket(2048, 32), bucket(100, 24)
+    ((24, 24), (32, 64), (32, 2048), (32, 2048), (24, 192))
     """
-    width = min(slots, 1 << max(num_items - 1, 0).bit_length())
-    return width, width << max(-(-num_items // width) - 1, 0).bit_length()
+    if num_items <= slots:
+        power = 1 << (num_items - 1).bit_length()
+        width = min(slots, 3 * power // 4 if power >= 4 and 3 * power // 4 >= num_items else power)
+        return width, width
+    return slots, slots << (-(-num_items // slots) - 1).bit_length()
 
 
 class Status(enum.IntEnum):
@@ -94,7 +99,7 @@ def drain(
     """Run items ``0 .. num_valid - 1`` through ``num_slots`` slots until each is done (traceable).
 
     ``states`` (a pytree), ``first_dt`` and ``args`` have a leading item axis; entries past
-    ``num_valid`` are padding and never run (their outputs are zeros, status RUNNING). An item
+    ``num_valid`` are padding and never run (their outputs: tau inf, outcome zeros, status RUNNING). An item
     whose steps pass ``max_steps`` is FAILED, with the outcome of its last segment.
     """
     num_items = first_dt.shape[0]
@@ -157,7 +162,8 @@ def drain(
 
 
 def on_devices(run_queue: Callable, items, num_items: int, devices) -> Any:
-    """One work queue per device, all running at once; returns the outputs in item order.
+    """One work queue per device, all running at once; returns the outputs in item order (the
+    padding last).
 
     ``items`` (a pytree with a leading item axis) holds the ``num_items`` items, then padding to
     a multiple of the device count. ``run_queue(shard, num_valid, device)`` runs one device's
@@ -179,4 +185,4 @@ def on_devices(run_queue: Callable, items, num_items: int, devices) -> Any:
         runs = list(pool.map(run, range(num_devices)))
     home = jax.devices()[0]
     gathered = jax.tree.map(lambda *parts: jnp.stack([jax.device_put(p, home) for p in parts], axis=1), *runs)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:num_items], gathered)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), gathered)

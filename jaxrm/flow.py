@@ -224,6 +224,8 @@ def first_passage(
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     dtype = rm_rewards.dtype
     item_shape = rm_rewards.shape[:-1]  # [..., S]: one item per (problem, prompt)
+    if math.prod(item_shape) == 0:
+        raise ValueError(f"rm_rewards {rm_rewards.shape} holds no (problem, prompt) pair to integrate.")
     kl_penalized = kl_coef is not None
     tau_max = jnp.asarray(t_max, dtype) / item_shape[-1]
     traced = any(

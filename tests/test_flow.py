@@ -118,6 +118,10 @@ def test_batch_sizes_in_one_bucket_share_one_compiled_queue(batch):
     assert flow._solve_items._cache_size() - before <= 1
     np.testing.assert_array_equal(np.asarray(five.t_gamma), np.asarray(six.t_gamma)[:5])
     np.testing.assert_array_equal(np.asarray(five.num_steps), np.asarray(six.num_steps)[:5])
+    # Dealt to 4 devices (2, 1, 1 and 1 items, each padded to 2): the same items, in order.
+    dealt = flow.first_passage(logits[:5], rm[:5], 0.05, eval_rewards=gt[:5], slots=2, devices=jax.devices())
+    np.testing.assert_allclose(np.asarray(dealt.t_gamma), np.asarray(five.t_gamma), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(dealt.logits), np.asarray(five.logits), rtol=1e-9)
 
 
 def test_vmap_over_problems(batch):
@@ -200,6 +204,8 @@ def test_bad_input_fails_early():
     np.testing.assert_allclose(t, [2.43195], rtol=1e-4)
     with pytest.raises(ValueError, match="prompts, outputs"):
         flow.t_gamma(jnp.zeros(2), jnp.zeros(2), 0.1)
+    with pytest.raises(ValueError, match="no \\(problem, prompt\\) pair"):
+        flow.t_gamma(jnp.zeros((0, 2)), jnp.zeros((0, 2)), 0.1)
     for option in ("segment_steps", "slots", "max_steps"):
         with pytest.raises(ValueError, match=option):
             flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.25, **{option: 0})
