@@ -15,7 +15,6 @@ ignored.
 
 from __future__ import annotations
 
-import concurrent.futures
 import enum
 from typing import Any, Callable, NamedTuple
 
@@ -159,30 +158,3 @@ def drain(
     order = jnp.argsort(slots.item < 0, stable=True)[:tail]
     slots, next_item, out = run(take(slots, order), next_item, out, lambda s, n, o: jnp.any(s.item >= 0))
     return out
-
-
-def on_devices(run_queue: Callable, items, num_items: int, devices) -> Any:
-    """One work queue per device, all running at once; returns the outputs in item order (the
-    padding last).
-
-    ``items`` (a pytree with a leading item axis) holds the ``num_items`` items, then padding to
-    a multiple of the device count. ``run_queue(shard, num_valid, device)`` runs one device's
-    share. Items are dealt round-robin (item ``i`` to device ``i % D``) so that costly neighbours
-    spread out; each device's padding sits past its count of valid items. Each queue is launched
-    from its own thread, so the queues run at once even where a program runs synchronously in
-    the thread that launched it (a CPU program with host callbacks does). Each device compiles
-    the queue once (XLA executables are bound to a device); the compiles run in parallel too.
-    """
-    num_devices = len(devices)
-    if jax.tree.leaves(items)[0].shape[0] % num_devices:
-        raise ValueError(f"the items must be padded to a multiple of the {num_devices} devices.")
-
-    def run(device):
-        shard = jax.tree.map(lambda x: x[device::num_devices], items)
-        return jax.block_until_ready(run_queue(shard, len(range(device, num_items, num_devices)), devices[device]))
-
-    with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:
-        runs = list(pool.map(run, range(num_devices)))
-    home = jax.devices()[0]
-    gathered = jax.tree.map(lambda *parts: jnp.stack([jax.device_put(p, home) for p in parts], axis=1), *runs)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), gathered)

@@ -204,10 +204,10 @@ def first_passage(
         program; the padding is never integrated. Each item keeps five arrays the size of its
         logits until the end, for locating its crossing.
       segment_steps: steps between refills of the work queue.
-      devices: several devices to share the items, each running its own work queue at the
-        same time (default: one; on a CPU, ``--xla_force_host_platform_device_count=<cores>``
-        gives one device per core). Each device compiles the queue once; ignored under
-        ``jit``/``vmap``.
+      devices: distinct devices to share the items (default: the default device), each
+        draining its own work queue at the same time under one compiled program (``shard_map``
+        over a one-axis mesh); on a CPU, ``--xla_force_host_platform_device_count=<cores>``
+        gives one device per core. Ignored under ``jit``/``vmap``.
 
     Returns:
       :class:`FirstPassage` with ``[..., S]`` arrays.
@@ -231,9 +231,10 @@ def first_passage(
     traced = any(
         not is_concrete(x) for x in jax.tree.leaves((init_logits, rm_rewards, eval_rewards, gamma, kl_coef, tau_max))
     )
-    devices = (None,) if devices is None or traced else tuple(devices)
+    mesh = None if devices is None or traced else _items_mesh(tuple(devices))
     num_items = math.prod(item_shape)
-    width, per_device = _queue.bucket(-(-num_items // len(devices)), _queue.DEFAULT_SLOTS if slots is None else slots)
+    num_devices = 1 if mesh is None else mesh.size
+    width, per_device = _queue.bucket(-(-num_items // num_devices), _queue.DEFAULT_SLOTS if slots is None else slots)
     items = _prepare_items(
         init_logits,
         rm_rewards,
@@ -242,7 +243,7 @@ def first_passage(
         kl_coef if kl_penalized else 0.0,
         policy=policy,
         separate_eval=separate_eval,
-        num_padded=per_device * len(devices),
+        num_padded=per_device * num_devices,
     )
     options = dict(
         policy=policy,
@@ -253,18 +254,10 @@ def first_passage(
         segment_steps=int(segment_steps),
         kl_penalized=kl_penalized,
     )
-
-    def run_queue(shard, num_valid, device):
-        if device is not None:
-            shard, num_valid, limit = jax.device_put((shard, num_valid, tau_max), device)
-        else:
-            limit = tau_max
-        return _solve_items(*shard, num_valid, limit, **options)
-
-    if len(devices) == 1:
-        out = run_queue(items, num_items, devices[0])
+    if mesh is None:
+        out = _solve_items(*items, num_items, tau_max, **options)
     else:
-        out = _queue.on_devices(run_queue, items, num_items, devices)
+        out = _solve_on_mesh(*items, num_items, tau_max, mesh=mesh, **options)
     return _first_passage_result(out, item_shape=item_shape)
 
 
@@ -525,6 +518,40 @@ def _solve_items(
     # iterations as its slowest item needs, and its arrays stay in cache.
     tau, logits = jax.lax.map(lambda a: locate(*a), (out.tau, out.outcome, out.status, args), batch_size=slots)
     return out._replace(tau=tau, outcome=logits)
+
+
+@functools.lru_cache(maxsize=16)
+def _items_mesh(devices: tuple) -> jax.sharding.Mesh:
+    """A one-axis mesh of the devices that share a batch's items (built here rather than with
+    :func:`jaxrm.sharding.make_mesh`, whose module loads flax, which the exact side never needs)."""
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct and at least one, got {devices}.")
+    return jax.sharding.Mesh(np.asarray(devices), ("items",))
+
+
+@jax.jit(static_argnames=("mesh", "policy", "rtol", "atol", "max_steps", "slots", "segment_steps", "kl_penalized"))
+def _solve_on_mesh(logits, args, num_items, tau_max, *, mesh, **options):
+    """Items dealt round-robin to the mesh's devices (item ``i`` to device ``i % D``, so that
+    costly neighbours spread out), each device draining its own work queue. One program for all
+    devices; its loops involve no collective, so each device's queue stops on its own."""
+    num_devices = mesh.size
+
+    def deal(x):  # item i to device i % D, as a contiguous block per device
+        return x.reshape(-1, num_devices, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    def collect(x):
+        return x.reshape(num_devices, -1, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    def solve(logits, args):
+        device = jax.lax.axis_index("items")
+        num_valid = jnp.maximum(num_items - device + num_devices - 1, 0) // num_devices
+        return _solve_items(logits, args, num_valid, tau_max, **options)
+
+    spec = jax.sharding.PartitionSpec("items")
+    out = jax.shard_map(solve, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(
+        *jax.tree.map(deal, (logits, args))
+    )
+    return jax.tree.map(collect, out)
 
 
 def trajectory(

@@ -204,6 +204,8 @@ def test_bad_input_fails_early():
     np.testing.assert_allclose(t, [2.43195], rtol=1e-4)
     with pytest.raises(ValueError, match="prompts, outputs"):
         flow.t_gamma(jnp.zeros(2), jnp.zeros(2), 0.1)
+    with pytest.raises(ValueError, match="devices must be distinct"):
+        flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.25, devices=jax.devices()[:1] * 2)
     with pytest.raises(ValueError, match="no \\(problem, prompt\\) pair"):
         flow.t_gamma(jnp.zeros((0, 2)), jnp.zeros((0, 2)), 0.1)
     for option in ("segment_steps", "slots", "max_steps"):
