@@ -207,7 +207,8 @@ def first_passage(
       devices: distinct devices to share the items (default: the default device), each
         draining its own work queue at the same time under one compiled program (``shard_map``
         over a one-axis mesh); on a CPU, ``--xla_force_host_platform_device_count=<cores>``
-        gives one device per core. Ignored under ``jit``/``vmap``.
+        gives one device per core. The results are on the first of them. Ignored under
+        ``jit``/``vmap``.
 
     Returns:
       :class:`FirstPassage` with ``[..., S]`` arrays.
@@ -257,7 +258,8 @@ def first_passage(
     if mesh is None:
         out = _solve_items(*items, num_items, tau_max, **options)
     else:
-        out = _solve_on_mesh(*items, num_items, tau_max, mesh=mesh, **options)
+        # The results come back to one device, as a single device's would be.
+        out = jax.device_put(_solve_on_mesh(*items, num_items, tau_max, mesh=mesh, **options), devices[0])
     return _first_passage_result(out, item_shape=item_shape)
 
 

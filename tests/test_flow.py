@@ -99,6 +99,7 @@ def test_batch_equals_problems_one_at_a_time_on_any_device_count_and_queue_size(
     assert len(jax.devices()) == 4  # conftest: the batch is dealt to 4 work queues
     together = flow.first_passage(logits, rm, 0.05, eval_rewards=gt, kl_coef=kl_coef, slots=3, devices=jax.devices())
     assert together.t_gamma.shape == (6, 2)
+    assert together.t_gamma.devices() == {jax.devices()[0]}  # gathered, as one device's result
     assert np.isfinite(together.t_gamma).sum() >= 8
     for b in (0, 4):
         alone = flow.t_gamma(logits[b], rm[b], 0.05, eval_rewards=gt[b], kl_coef=kl_coef[b], slots=2)
