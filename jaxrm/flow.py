@@ -199,10 +199,11 @@ def first_passage(
       max_steps: most ODE steps (accepted and rejected) per prompt before the item counts
         as FAILED.
       slots: items integrated side by side on each device (default: up to 32). The
-        number of items per device is padded to ``slots`` times a power of two (fewer than
-        ``slots`` items: to a power of two), so that batches of nearby sizes run one compiled
-        program; the padding is never integrated. Each item keeps five arrays the size of its
-        logits until the end, for locating its crossing.
+        number of items per device is padded so that batches of nearby sizes run one compiled
+        program (:func:`jaxrm._queue.bucket`): to ``slots`` times a power of two, where the
+        padding is never integrated; fewer than ``slots`` items to ``2^k`` or ``3 x 2^k``, where
+        the padding sits in idle slots that compute alongside (at most 1.5x the work). Each item
+        keeps five arrays the size of its logits until the end, for locating its crossing.
       segment_steps: steps between refills of the work queue.
       devices: distinct devices to share the items (default: the default device), each
         draining its own work queue at the same time under one compiled program (``shard_map``
