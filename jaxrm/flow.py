@@ -547,7 +547,7 @@ def _solve_on_mesh(logits, args, num_items, tau_max, *, mesh, **options):
 
     def solve(logits, args):
         device = jax.lax.axis_index("items")
-        num_valid = jnp.maximum(num_items - device + num_devices - 1, 0) // num_devices
+        num_valid = (num_items - device + num_devices - 1) // num_devices  # items i < N with i % D == device
         return _solve_items(logits, args, num_valid, tau_max, **options)
 
     spec = jax.sharding.PartitionSpec("items")
