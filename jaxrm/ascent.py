@@ -111,6 +111,18 @@ def _exact_gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key):
     return objective_grad(policy, logits, rm_rewards, ref_log_probs, kl_coef=kl_coef)
 
 
+def _loop_inputs(gradient, rm_rewards, ref_log_probs, lam):
+    """``(rewards, ref_log_probs)`` as a step of ``gradient`` reads them.
+
+    The exact gradient depends on the reference only through ``r + lam log pi_ref``
+    (``r_KL = (r + lam log pi_ref) - lam log pi``): folded once before the loop, every step
+    reads one ``[S, Y]`` array fewer. A sampled gradient reads both at its samples.
+    """
+    if gradient is _exact_gradient:
+        return rm_rewards + lam * ref_log_probs, 0.0
+    return rm_rewards, ref_log_probs
+
+
 def _checked_problem(init_logits, rm_rewards, *, policy, kl_coef, eval_rewards, num_steps, name="num_steps"):
     """Validate a problem before any work: ``(policy, init_logits, rm_rewards, eval_rewards, kl_coef)``."""
     policy = default_policy(policy, rm_rewards)
@@ -296,9 +308,10 @@ def ascent_first_passage(
     )
 
 
-def _update(gradient, optimizer, policy, logits, opt_state, rm_rewards, ref_log_probs, lam, key):
-    """One ascent step: ``gradient`` (exact or sampled), negated for the optax minimizer."""
-    grads = gradient(policy, logits, rm_rewards, ref_log_probs, lam, key)
+def _update(gradient, optimizer, policy, logits, opt_state, loop_inputs, lam, key):
+    """One ascent step: ``gradient`` (exact or sampled), negated for the optax minimizer;
+    ``loop_inputs`` from :func:`_loop_inputs`."""
+    grads = gradient(policy, logits, *loop_inputs, lam, key)
     updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, grads), opt_state, logits)
     return optax.apply_updates(logits, updates), opt_state
 
@@ -314,6 +327,7 @@ def _passage(
     """The first-passage loop; ``max_steps`` is traced, so one program serves every budget."""
     ref_log_probs = policy.log_probs(logits)
     lam = _per_problem(kl_coef)
+    loop_inputs = _loop_inputs(gradient, rm_rewards, ref_log_probs, lam)
     target = metrics.expected_reward(ref_log_probs, eval_rewards) + gamma
 
     class Carry(NamedTuple):
@@ -338,8 +352,7 @@ def _passage(
             policy,
             carry.logits,
             carry.opt_state,
-            rm_rewards,
-            ref_log_probs,
+            loop_inputs,
             lam,
             jax.random.fold_in(key, carry.step),
         )
@@ -371,6 +384,7 @@ def _ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer
     """
     ref_log_probs = policy.log_probs(logits)
     lam = _per_problem(kl_coef)
+    loop_inputs = _loop_inputs(gradient, rm_rewards, ref_log_probs, lam)
 
     def measure(logits) -> FlowMetrics | None:
         return flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) if track else None
@@ -383,8 +397,7 @@ def _ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer
             policy,
             logits,
             opt_state,
-            rm_rewards,
-            ref_log_probs,
+            loop_inputs,
             lam,
             jax.random.fold_in(key, index),
         )

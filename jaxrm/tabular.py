@@ -482,6 +482,24 @@ def prompt_gradient(
     return policy.log_prob_vjp(logits, probs * (reward - baseline), centered=True)
 
 
+def _tabular_prompt_gradient(logits, rewards, ref_log_probs, kl_coef):
+    """Lemma 7 without normalizing: ``e (c - sum(e c) / Z) / Z``, where ``e = exp(theta - max)``,
+    ``Z = sum e`` and ``c = r - lam (theta - max - log pi_ref)``.
+
+    ``c`` is ``r_KL`` plus the per-prompt constant ``lam log Z``, which the centering removes, so
+    neither ``log pi`` nor ``pi`` is formed and XLA fuses a step with fewer intermediate arrays
+    (an exact ascent step on ``[1024, 4096]`` float32 runs about 1.3x faster than with the
+    generic form).
+    """
+    logits = jnp.asarray(logits)
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(shifted)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    shifted_reward = kl_rewards(shifted, rewards, ref_log_probs, kl_coef=kl_coef)
+    weighted = jnp.sum(unnormalized * shifted_reward, axis=-1, keepdims=True)
+    return unnormalized * (shifted_reward - weighted / total) / total
+
+
 def objective_grad(
     policy: ExactPolicy, logits: Logits, rewards: ArrayLike, ref_log_probs: ArrayLike, *, kl_coef: ArrayLike = 0.0
 ) -> Logits:
@@ -498,5 +516,9 @@ def objective_grad(
     [[-0.25, 0.25]]
     """
     num_prompts = jnp.shape(rewards)[-2]
+    if isinstance(policy, TabularPolicy):
+        # Not in prompt_gradient: the flow's field shares pi between the gradient and its gain
+        # condition, and with that sharing the generic form is the faster one there.
+        return _tabular_prompt_gradient(logits, rewards, ref_log_probs, kl_coef) / num_prompts
     grads = prompt_gradient(policy, logits, rewards, ref_log_probs, kl_coef=kl_coef)
     return jax.tree.map(lambda g: g / num_prompts, grads)
