@@ -403,8 +403,9 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
     ``(E_pi[r_eval] - start) / gamma - 1`` is evaluated from the probabilities the field computed
     anyway at the step's end; the item stops at the start of the step where it turns >= 0 and
     keeps that step's size (its :class:`_Outcome`). ``locate`` takes the step again and finds the
-    crossing on its dense output after the whole queue has run, in chunks of items, rather than inside the step loop
-    (where every slot would pay for the search, and each copy of the loop compile it). Under
+    crossing on its dense output after the whole queue has run, in chunks of items, rather than
+    inside the step loop (where every slot would pay for the search, and each copy of the loop
+    compile it). Under
     a KL penalty, an accepted step after which the gain is provably out of reach (the module
     docstring) ends the item as NOT_REACHED.
     """
@@ -482,7 +483,8 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
 
     def locate(tau, outcome, status, args):
         """Where a finished item ended: ``(tau, logits)``, for a reached item at the crossing,
-        located on the dense output of the step that contains it (taken again from the same point and step size)."""
+        located on the dense output of the step that contains it (taken again from the same
+        point with the same step size)."""
         reached = status == Status.REACHED
         point, event = outcome
         step = _dopri5.step(lambda y: field(y, args), point.y, point.f, event.h, rtol=rtol, atol=atol)
