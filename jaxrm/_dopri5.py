@@ -185,10 +185,10 @@ def locate_upcrossing(condition: Callable, value_at_0, value_at_1, *, tol, max_i
     ``d / d_prev^2``, and the estimate is ``d^3 / d_prev^2``. That saves the evaluation that would
     only confirm a step already far below ``tol``. At a tangential crossing (a multiple root,
     where Newton contracts by 1/2 or 2/3 per step) the returned error can be a few times ``tol``
-    (measured: up to about 3x). Also stops when the bracket is
-    narrower than ``tol`` or after ``max_iterations``. If the condition crosses more than once
-    inside the step, some crossing is returned, not necessarily the first. An infinite ``tol``
-    skips the search (for lanes of a batch that have nothing to locate).
+    (measured: up to about 3x). Also stops when the bracket is narrower than ``tol`` or after
+    ``max_iterations``. If the condition crosses more than once inside the step, some crossing
+    is returned, not necessarily the first. An infinite ``tol`` skips the search (for lanes of a
+    batch that have nothing to locate).
     """
     dtype = jnp.result_type(value_at_0)
 

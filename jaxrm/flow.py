@@ -203,7 +203,8 @@ def first_passage(
         program (:func:`jaxrm._queue.bucket`): to ``slots`` times a power of two, where the
         padding is never integrated; fewer than ``slots`` items to ``2^k`` or ``3 x 2^k``, where
         the padding sits in idle slots that compute alongside (at most 1.5x the work). Each item
-        keeps five arrays the size of its logits until the end, for locating its crossing.
+        keeps two arrays the size of its logits (its last point and the field there) until the
+        end, for locating its crossing.
       segment_steps: steps between refills of the work queue.
       devices: distinct devices to share the items (default: the default device), each
         draining its own work queue at the same time under one compiled program (``shard_map``
@@ -405,9 +406,8 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
     keeps that step's size (its :class:`_Outcome`). ``locate`` takes the step again and finds the
     crossing on its dense output after the whole queue has run, in chunks of items, rather than
     inside the step loop (where every slot would pay for the search, and each copy of the loop
-    compile it). Under
-    a KL penalty, an accepted step after which the gain is provably out of reach (the module
-    docstring) ends the item as NOT_REACHED.
+    compile it). Under a KL penalty, an accepted step after which the gain is provably out of
+    reach (the module docstring) ends the item as NOT_REACHED.
     """
     dtype = jnp.result_type(tau_max)
     # The crossing time is located to this relative tolerance (well inside the solver's).
