@@ -9,13 +9,16 @@ six new field evaluations of a step are about 1 us. Here a step is only the tabl
 the step-size rule, and the crossing is located once, after the step that contains it, on the
 step's dense output.
 
-The method (Dormand & Prince 1980, with Shampine's 1986 dense output) and the step-size rule
-(an integral controller: safety 0.9, growth at most 10x, shrink at most 5x, no shrink after an
-accepted step, errors in the RMS norm of ``error / (atol + rtol max(|y0|, |y1|))``) are those of
-diffrax's ``Dopri5`` with ``PIDController(rtol, atol)``, so results agree with it to the
-tolerance. Two corners differ: the caller clips the last step to the end time exactly (diffrax
-keeps a floor of a few ulps), and a non-finite error estimate shrinks the step 5x (diffrax's
-step size becomes NaN). States are pytrees of arrays; every function is pure and traceable.
+The method (Dormand & Prince 1980, with Shampine's 1986 dense output), the first step and the
+error norm (RMS of ``error / (atol + rtol max(|y0|, |y1|))``) are those of diffrax's ``Dopri5``
+with ``PIDController(rtol, atol)``. The step-size rule is Hairer's from his ``dopri5`` code
+(:func:`next_step_size`): a PI controller (safety 0.9, growth at most 10x, shrink at most 5x,
+stabilization ``beta = 0.04``, no growth right after a rejection). diffrax's and SciPy's
+default, an integral controller that never shrinks after an accepted step, rejected about a
+quarter of the attempted steps on the benchmark's tabular flows (1,053 of 4,324 over 200
+problems). Hairer's rule rejected 290 of 3,794, so a batch takes about 11% fewer steps to reach
+its crossings. A non-finite error estimate shrinks the step 5x (diffrax's step size becomes
+NaN). States are pytrees of arrays; every function is pure and traceable.
 """
 
 from __future__ import annotations
@@ -56,8 +59,12 @@ _MIDPOINT = (
     -1776094331 / 19743644256 / 2,
     11237099 / 235043384 / 2,
 )
-ORDER = 5  # the step-size rule uses error ** (-1 / ORDER)
+ORDER = 5
 SAFETY, GROWTH_MAX, SHRINK_MIN = 0.9, 10.0, 0.2
+# Hairer's DOPRI5 stabilization: the rule uses error ** -(1 / ORDER - 0.75 BETA) * previous ** BETA.
+BETA = 0.04
+# The remembered error of the last accepted step before any (Hairer's "facold" start and floor).
+FIRST_PREVIOUS_ERROR = 1e-4
 
 Field = Callable[[Any], tuple[Any, Any]]
 """``field(y) -> (dy/dt, aux)``: autonomous; ``aux`` is anything computed on the way that the
@@ -116,13 +123,37 @@ def step(field: Field, y, f, h, *, rtol: float, atol: float) -> Step:
     return Step(y1, f1, aux1, _scaled_error(error, y, y1, rtol, atol), _combine(y, h, _MIDPOINT, stages))
 
 
-def next_step_size(h, error, accepted):
-    """The integral controller: ``h * clip(0.9 error^(-1/5))``, within ``[1, 10]`` after an
-    accepted step and ``[0.2, 0.9]`` after a rejected one; a non-finite error shrinks by 5x."""
-    factor = SAFETY * jnp.where(error > 0, error, 1.0) ** (-1.0 / ORDER)
-    factor = jnp.where(error > 0, factor, GROWTH_MAX)
-    factor = jnp.clip(factor, jnp.where(accepted, 1.0, SHRINK_MIN), jnp.where(accepted, GROWTH_MAX, SAFETY))
-    return h * jnp.where(jnp.isfinite(error), factor, SHRINK_MIN)
+class Controller(NamedTuple):
+    """What the step-size rule remembers: the error of the last accepted step (floored at
+    ``FIRST_PREVIOUS_ERROR``, which is also where it starts) and whether the last attempt was
+    rejected."""
+
+    previous_error: Any
+    rejected: Any
+
+    @classmethod
+    def first(cls, dtype) -> Controller:
+        return cls(jnp.asarray(FIRST_PREVIOUS_ERROR, dtype), jnp.asarray(False))
+
+
+def next_step_size(h, error, accepted, controller: Controller) -> tuple[jax.Array, Controller]:
+    """Hairer's DOPRI5 step-size rule, a PI controller; returns the next step and the memory.
+
+    With ``e`` the scaled error and ``e_prev`` the remembered one: after an accepted step
+    ``h * clip(0.9 e^-(1/5 - 0.75 beta) e_prev^beta, 0.2, 10)`` with ``beta = 0.04``, and no
+    larger than ``h`` right after a rejection; after a rejected one
+    ``h * clip(0.9 e^-(1/5 - 0.75 beta), 0.2, 0.9)``; a non-finite error shrinks by 5x. (Hairer's
+    ``dopri5.f`` with its defaults; the stabilized step-size control of Hairer & Wanner, Solving
+    ODEs II, section IV.2.)
+    """
+    finite = jnp.isfinite(error)
+    # error ** -exponent is inf at error 0: the clip then grows the step by GROWTH_MAX.
+    proportional = SAFETY * jnp.where(finite, error, 1.0) ** -(1.0 / ORDER - 0.75 * BETA)
+    grown = jnp.clip(proportional * controller.previous_error**BETA, SHRINK_MIN, GROWTH_MAX)
+    grown = jnp.where(controller.rejected, jnp.minimum(grown, 1.0), grown)
+    factor = jnp.where(accepted, grown, jnp.clip(proportional, SHRINK_MIN, SAFETY))
+    remembered = jnp.where(accepted, jnp.maximum(error, FIRST_PREVIOUS_ERROR), controller.previous_error)
+    return h * jnp.where(finite, factor, SHRINK_MIN), Controller(remembered, jnp.logical_not(accepted))
 
 
 def initial_step_size(field: Field, y0, f0, *, rtol: float, atol: float) -> jax.Array:

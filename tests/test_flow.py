@@ -263,12 +263,13 @@ def _solve_to(field, y0, t_end, rtol, atol):
     """The jaxrm._dopri5 loop to a fixed time: (y at t_end, times of the accepted steps, rejected steps)."""
     f0 = field(y0)[0]
     t, y, f, dt = 0.0, y0, f0, float(_dopri5.initial_step_size(field, y0, f0, rtol=rtol, atol=atol))
-    times, rejected = [], 0
+    times, rejected, controller = [], 0, _dopri5.Controller.first(jnp.float64)
     while t < t_end:
         h = min(dt, t_end - t)
         step = _dopri5.step(field, y, f, h, rtol=rtol, atol=atol)
         ok = bool(step.error < 1)
-        dt = float(_dopri5.next_step_size(h, step.error, ok))
+        dt, controller = _dopri5.next_step_size(h, step.error, ok, controller)
+        dt = float(dt)
         if ok:
             t, y, f = t + h, step.y1, step.f1
             times.append(t)
@@ -277,8 +278,8 @@ def _solve_to(field, y0, t_end, rtol, atol):
     return y, np.array(times), rejected
 
 
-def test_dopri5_stepper_takes_diffraxs_steps():
-    """Same tableau, error norm, step-size rule and first step as diffrax's Dopri5 + PIDController."""
+def test_dopri5_stepper_matches_diffrax_and_takes_hairers_step_sizes():
+    """diffrax's Dopri5 tableau, error norm and first step; Hairer's PI step-size rule."""
     rewards = jnp.linspace(-1.0, 1.0, 6)
 
     def vector_field(y):
@@ -294,15 +295,30 @@ def test_dopri5_stepper_takes_diffraxs_steps():
     np.testing.assert_allclose(
         _dopri5.initial_step_size(field, y0, field(y0)[0], rtol=rtol, atol=atol), first, rtol=1e-12
     )
+    # One step from the same point with the same size: diffrax's solution and error estimate.
+    step = _dopri5.step(field, y0, field(y0)[0], 0.7, rtol=rtol, atol=atol)
+    y1, y_error, *_ = solver.step(term, 0.0, 0.7, y0, None, solver.init(term, 0.0, 0.7, y0, None), False)
+    np.testing.assert_allclose(step.y1, y1, rtol=1e-13)
+    scale = atol + rtol * jnp.maximum(jnp.abs(y0), jnp.abs(y1))
+    np.testing.assert_allclose(step.error, jnp.sqrt(jnp.mean((y_error / scale) ** 2)), rtol=1e-8)
     ours, times, rejected = _solve_to(field, y0, 40.0, rtol, atol)
-    sol = diffrax.diffeqsolve(
-        term, solver, 0.0, 40.0, first, y0, saveat=diffrax.SaveAt(steps=True), stepsize_controller=controller
-    )
-    theirs = np.asarray(sol.ts)[: int(sol.stats["num_accepted_steps"])]
-    assert len(times) == len(theirs) > 10
-    assert rejected == int(sol.stats["num_rejected_steps"])
-    np.testing.assert_allclose(times, theirs, rtol=1e-7)  # the same steps, up to rounding
-    np.testing.assert_allclose(ours, sol.ys[len(theirs) - 1], rtol=1e-7)
+    sol = diffrax.diffeqsolve(term, solver, 0.0, 40.0, first, y0, stepsize_controller=controller)
+    np.testing.assert_allclose(ours, sol.ys[-1], rtol=1e-6)  # other steps, the same solution
+    assert len(times) > 10 and rejected < len(times) / 4
+
+    # The rule itself (Hairer, Norsett & Wanner's dopri5): exponents 1/5 - 0.75 beta and beta.
+    exponent, beta = 0.2 - 0.75 * 0.04, 0.04
+    fresh = _dopri5.Controller.first(jnp.float64)
+    h, memory = _dopri5.next_step_size(2.0, 0.5, True, fresh)
+    np.testing.assert_allclose(h, 2.0 * 0.9 * 0.5**-exponent * 1e-4**beta, rtol=1e-14)
+    assert float(memory.previous_error) == 0.5 and not bool(memory.rejected)
+    h, memory = _dopri5.next_step_size(2.0, 4.0, False, memory)  # rejected: the P part only
+    np.testing.assert_allclose(h, 2.0 * 0.9 * 4.0**-exponent, rtol=1e-14)
+    assert float(memory.previous_error) == 0.5 and bool(memory.rejected)
+    h, memory = _dopri5.next_step_size(2.0, 1e-6, True, memory)  # no growth right after a rejection
+    assert float(h) == 2.0 and float(memory.previous_error) == 1e-4
+    assert float(_dopri5.next_step_size(2.0, 0.0, True, memory)[0]) == 20.0  # growth capped at 10x
+    assert float(_dopri5.next_step_size(2.0, jnp.nan, False, memory)[0]) == 0.4  # a failed step: 5x smaller
 
 
 def test_dopri5_dense_output_and_crossing():
