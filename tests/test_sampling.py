@@ -76,6 +76,20 @@ def test_eos_stops_a_row_and_pads_it(model, prompts):
     assert not bool(stopped.mask[0, 2])
 
 
+def test_growing_the_cache_in_phases_gives_the_same_samples(model, prompts):
+    tokens, mask = prompts
+    greedy = sample(model, tokens, mask, jax.random.key(0), max_new_tokens=7, temperature=0.0)
+    options = dict(max_new_tokens=7, top_k=20, eos_id=int(greedy.tokens[0, 3]))
+    whole = sample(model, tokens, mask, jax.random.key(7), cache_phases=1, **options)
+    for phases in (3, 9):  # 9 > the 6 steps after the first token: one phase per step
+        grown = sample(model, tokens, mask, jax.random.key(7), cache_phases=phases, **options)
+        np.testing.assert_array_equal(np.asarray(grown.tokens), np.asarray(whole.tokens))
+        np.testing.assert_array_equal(np.asarray(grown.mask), np.asarray(whole.mask))
+        # Attention sums over fewer (empty) slots: the same values up to float32 rounding.
+        np.testing.assert_allclose(np.asarray(grown.log_probs), np.asarray(whole.log_probs), rtol=1e-5, atol=1e-6)
+    assert not bool(whole.mask.all())  # some row ended at eos_id, mid-way through a phase
+
+
 def _first_token_counts(model, key, draws, **options):
     tokens, mask = pad_sequences([PROMPTS[0]] * draws)
     samples = sample(model, tokens, mask, key, max_new_tokens=1, **options)
@@ -138,6 +152,8 @@ def test_bad_prompts_and_options_fail_clearly(model, prompts):
         sample(model, tokens, mask, key, max_new_tokens=2, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sample(model, tokens, mask, key, max_new_tokens=0)
+    with pytest.raises(ValueError, match="cache_phases"):
+        sample(model, tokens, mask, key, max_new_tokens=2, cache_phases=0)
 
 
 def test_bfloat16_models_sample_and_score_close_to_float32(model, prompts):

@@ -44,6 +44,16 @@ class SamplingOptions:
       eos_id: token id that ends a row (the EOS itself is kept and masked in); None (default):
         every row runs for ``max_new_tokens``.
       pad_id: token id written after a row has ended (default 0).
+      cache_phases: the decoding loop runs in this many phases (a positive int, default 4), and
+        the KV cache grows at the start of each to hold the tokens of that phase: attention
+        reads every slot of the cache, so early tokens then read a shorter one. Each phase is
+        its own compiled loop, so more phases compile longer (and a transition briefly holds
+        the old and the grown cache). 1 allocates the whole cache at once. The distribution
+        is the same for every value, but the attention sums round differently, so a draw whose
+        uniform number falls within rounding of a CDF boundary can differ (at ``pythia-70m``
+        with random weights, 9 of 32 rows of 128 tokens diverged somewhere between 1 and 4
+        phases; log-probs agreed to 2e-6 before that). The ``max_new_tokens - 1`` steps after
+        the first token are split into at most that many phases.
     """
 
     max_new_tokens: int = dataclasses.field(metadata={"check": POSITIVE_INT})
@@ -52,6 +62,7 @@ class SamplingOptions:
     top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
     eos_id: int | None = checked(None, NON_NEGATIVE)
     pad_id: int = checked(0, NON_NEGATIVE)
+    cache_phases: int = checked(4, POSITIVE_INT)
 
     def __post_init__(self):
         check_fields(self)
@@ -140,29 +151,40 @@ def inverse_cdf_sample(key, log_probs: jax.Array) -> jax.Array:
     prefix sums run in two levels (blocks of 128, then inside the chosen block), so a draw costs
     one pass over the vocabulary and one uniform number per row; Gumbel-max
     (``jax.random.categorical``) needs a random number per vocabulary entry, which dominates a
-    decoding step on CPU.
+    decoding step on CPU. ``log_probs`` may be unnormalized (log-weights).
     """
-    batch, vocab = log_probs.shape
+    return _inverse_cdf(key, jnp.exp(log_probs))[0]
+
+
+def _inverse_cdf(key, weights):
+    """``(tokens, total weight)`` of :func:`inverse_cdf_sample` on ``[batch, vocab]`` weights >= 0."""
+    batch, vocab = weights.shape
     padded = -(-vocab // _CDF_BLOCK) * _CDF_BLOCK
-    probs = jnp.pad(jnp.exp(log_probs), ((0, 0), (0, padded - vocab))).reshape(batch, -1, _CDF_BLOCK)
-    block_mass = probs.sum(-1)
+    weights = jnp.pad(weights, ((0, 0), (0, padded - vocab))).reshape(batch, -1, _CDF_BLOCK)
+    block_mass = weights.sum(-1)
     block_cumulative = jnp.cumsum(block_mass, -1)
-    threshold = jax.random.uniform(key, (batch, 1), log_probs.dtype) * block_cumulative[:, -1:]
+    total = block_cumulative[:, -1]
+    threshold = jax.random.uniform(key, (batch, 1), weights.dtype) * total[:, None]
     block = _first_above(block_cumulative, threshold, block_mass)
     mass_before = jnp.take_along_axis(block_cumulative - block_mass, block[:, None], -1)
-    inside = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]
+    inside = jnp.take_along_axis(weights, block[:, None, None], 1)[:, 0]
     offset = _first_above(jnp.cumsum(inside, -1) + mass_before, threshold, inside)
-    return block * _CDF_BLOCK + offset
+    return block * _CDF_BLOCK + offset, total
 
 
 def _draw(key, logits, options: SamplingOptions):
+    """``(tokens, log_probs)`` of one draw per row; the exponentials are taken once, for both the
+    CDF and the normalizer ``log sum_j exp(shifted_j)`` of the drawn token's log-prob."""
     filtered = filter_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
-    log_probs = jax.nn.log_softmax(filtered, axis=-1)
+    shifted = filtered - jnp.max(filtered, axis=-1, keepdims=True)
     if options.temperature == 0:
         tokens = jnp.argmax(filtered, axis=-1)
+        log_normalizer = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
     else:
-        tokens = inverse_cdf_sample(key, log_probs)
-    return tokens.astype(jnp.int32), jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+        tokens, total = _inverse_cdf(key, jnp.exp(shifted))
+        log_normalizer = jnp.log(total)
+    chosen = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), chosen - log_normalizer
 
 
 def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
@@ -177,7 +199,8 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
         batch, prompt_len = prompt_tokens.shape
         steps = options.max_new_tokens
         prompt_mask = prompt_mask.astype(bool)
-        cache = KVCache.empty(model.config, batch, prompt_len + steps)
+        phase_ends = _phase_ends(steps, options.cache_phases)
+        cache = KVCache.empty(model.config, batch, prompt_len + phase_ends[0])
         positions = default_positions(prompt_mask)
         logits, cache = model.decode(prompt_tokens, prompt_mask, positions=positions, cache=cache, last_only=True)
         next_position = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
@@ -188,9 +211,12 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
         mask = jnp.zeros((batch, steps), bool).at[:, 0].set(True)
         done = _finished(token, options)
 
-        def unfinished(carry):
-            step, *_, done = carry
-            return (step < steps) & ~jnp.all(done)
+        def unfinished_before(end):
+            def unfinished(carry):
+                step, *_, done = carry
+                return (step < end) & ~jnp.all(done)
+
+            return unfinished
 
         def generate_one(carry):
             step, cache, position, tokens, log_probs, mask, done = carry
@@ -207,10 +233,28 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
             return step + 1, cache, position + 1, tokens, log_probs, mask, done
 
         carry = (jnp.int32(1), cache, next_position, tokens, log_probs, mask, done)
-        _, _, _, tokens, log_probs, mask, _ = jax.lax.while_loop(unfinished, generate_one, carry)
+        for end in phase_ends:
+            # Step s writes the token drawn at step s - 1 into slot prompt_len + s - 1.
+            step, cache, *rest = carry
+            carry = jax.lax.while_loop(
+                unfinished_before(end), generate_one, (step, cache.grow(prompt_len + end), *rest)
+            )
+        _, _, _, tokens, log_probs, mask, _ = carry
         return Samples(tokens=tokens, log_probs=log_probs, mask=mask)
 
     return sample
+
+
+def _phase_ends(steps: int, phases: int) -> list[int]:
+    """The step at which each decoding phase stops (exclusive).
+
+    The first token comes from the prompt's pass; the ``steps - 1`` decoding steps after it are
+    split into at most ``phases`` near-equal parts.
+
+    >>> _phase_ends(128, 4), _phase_ends(5, 4), _phase_ends(2, 4)
+    ([33, 65, 97, 128], [2, 3, 4, 5], [2])
+    """
+    return sorted({1 + -(-(steps - 1) * (phase + 1) // phases) for phase in range(phases)})
 
 
 def _finished(token, options: SamplingOptions):

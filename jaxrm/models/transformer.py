@@ -83,6 +83,22 @@ class KVCache:
         zeros = jnp.zeros(shape, config.compute_dtype)
         return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
+    def grow(self, length: int) -> KVCache:
+        """This cache with ``length`` slots (at least its current number); the new slots are empty.
+
+        Attention reads every slot of the cache, valid or not, so a sampler that grows its cache
+        as it fills (:attr:`jaxrm.models.sampling.SamplingOptions.cache_phases`) reads less.
+        """
+        extra = length - self.valid.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot grow a cache of {self.valid.shape[1]} slots to {length}.")
+        more_slots = ((0, 0),) * 3 + ((0, extra), (0, 0))  # [layers, batch, heads, slots, head_dim]
+        return self.replace(
+            keys=jnp.pad(self.keys, more_slots),
+            values=jnp.pad(self.values, more_slots),
+            valid=jnp.pad(self.valid, ((0, 0), (0, extra))),
+        )
+
 
 def default_positions(mask: jax.Array) -> jax.Array:
     """Position ids ``cumsum(mask) - 1`` (clipped at 0): padding does not shift positions."""

@@ -74,6 +74,9 @@ class RLHFConfig:
       top_p: nucleus threshold in (0, 1] (1: off).
       eos_id: token that ends a response (included in its mask); None: fixed length.
       pad_id: token written after the end of a response.
+      cache_phases: the sampler's KV cache grows in this many phases, so that early tokens
+        attend over a shorter cache (:class:`jaxrm.models.sampling.SamplingOptions`); more
+        phases compile longer.
       kl_coef: ``lam >= 0``, weight of the KL to the reference.
       kl_estimator: a name of :data:`jaxrm.metrics.KL_ESTIMATORS` (``k1``, ``k2``, ``k3``).
       kl_placement: ``reward`` folds ``kl_coef * sum_t KL_t`` into each sequence's reward before
@@ -113,6 +116,7 @@ class RLHFConfig:
     top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
     eos_id: int | None = checked(None, NON_NEGATIVE)
     pad_id: int = checked(0, NON_NEGATIVE)
+    cache_phases: int = checked(4, POSITIVE_INT)
     kl_coef: float = checked(0.05, NON_NEGATIVE)
     kl_estimator: str = checked("k1", one_of(metrics.KL_ESTIMATORS))
     kl_placement: str = checked("reward", one_of(KL_PLACEMENTS))
@@ -185,6 +189,7 @@ class RLHFConfig:
             top_p=self.top_p,
             eos_id=self.eos_id,
             pad_id=self.pad_id,
+            cache_phases=self.cache_phases,
         )
 
     @property
