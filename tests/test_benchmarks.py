@@ -24,8 +24,10 @@ def test_generate_benchmark_runs_the_same_model_on_both_sides():
     from experiments.benchmarks.generate import run_shape
 
     result = run_shape("tiny", batch=2, prompt_len=4, new_tokens=4, repeats=1, log=lambda line: None)
-    assert result["greedy_token_agreement"] == 1.0
-    assert result["jaxrm_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0
+    assert set(result["jaxrm"]) == {"scanned", "unrolled"} and result["hf_tokens_per_s"] > 0
+    for ours in result["jaxrm"].values():
+        assert ours["greedy_token_agreement"] == 1.0
+        assert ours["speedup"] == result["hf_s"] / ours["s"] and ours["tokens_per_s"] == 8 / ours["s"]
     assert result["params"] == 31680
 
 

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset
+from jaxrm.models import CausalLM, KVCache, RewardModel, TransformerConfig, preset
 from jaxrm.models import transformer as transformer_module
 from jaxrm.models.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models.hf import load_hf, read_safetensors
@@ -252,6 +252,11 @@ def test_scanned_unrolled_and_rematerialised_layers_compute_the_same_function(ti
     unrolled_samples = sample(unrolled, *prompts, jax.random.key(0), max_new_tokens=4, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(scanned_samples.tokens), np.asarray(unrolled_samples.tokens))
     np.testing.assert_allclose(scanned_samples.log_probs, unrolled_samples.log_probs, atol=2e-6)
+    # Unrolled layers keep one cache array per layer (attention reads it without a copy).
+    scanned_cache, unrolled_cache = (KVCache.empty(m.config, 2, 5).grow(7) for m in (tiny_lm, unrolled))
+    assert scanned_cache.keys.shape[:1] + scanned_cache.keys.shape[3:4] == (tiny_lm.config.num_layers, 7)
+    assert isinstance(unrolled_cache.values, tuple) and len(unrolled_cache.values) == tiny_lm.config.num_layers
+    assert all(layer.shape == scanned_cache.values.shape[1:] for layer in unrolled_cache.values)
 
 
 def _count_matmuls(config) -> int:

@@ -4,9 +4,13 @@ For each model shape, a random ``GPTNeoXForCausalLM`` is built with ``transforme
 saved as safetensors and loaded with :func:`jaxrm.models.load_hf`, so both sides run the same
 weights. Both draw ``--new-tokens`` tokens for ``--batch`` prompts of ``--prompt-len`` tokens with
 plain ancestral sampling (temperature 1, no top-k/top-p, no EOS, so every row generates every
-token) on the same CPU, float32. jaxrm's compile time is reported separately; the figures are the
-median over ``--repeats`` timed runs of each, alternating, after one warm-up. As a check that both run the same model,
-greedy continuations of the prompts are compared token by token.
+token) on the same CPU, float32. jaxrm runs in both layer layouts (``--layouts``): ``scanned``
+(the default ``TransformerConfig(scan_layers=True)``: one compiled block for every layer) and
+``unrolled`` (``scan_layers=False``: each layer its own code and its own KV-cache array, which
+attention reads without a copy). jaxrm's first call (compile plus one generation) is reported
+separately; the figures are the median over ``--repeats`` timed runs of each, alternating, after
+one warm-up. As a check that both run the same model, greedy continuations of the prompts are
+compared token by token.
 
 Run from the repository root: ``python -m experiments.benchmarks.generate [--help]``.
 """
@@ -19,7 +23,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -33,6 +36,7 @@ from jaxrm.models.hf import load_hf
 from jaxrm.models.sampling import sample
 
 DEFAULT_SHAPES = ("pythia-10m", "pythia-70m")
+LAYOUTS = {"scanned": True, "unrolled": False}  # name: TransformerConfig.scan_layers
 
 
 def hf_config(shape: str, **changes):
@@ -54,12 +58,13 @@ def hf_config(shape: str, **changes):
     return transformers.GPTNeoXConfig(**{**values, **changes})
 
 
-def build_pair(shape: str, directory: Path, seed: int = 0):
-    """A random HF model of a preset's shape, and the same weights loaded into jaxrm."""
+def build_pair(shape: str, directory: Path, seed: int = 0, **config_overrides):
+    """A random HF model of a preset's shape, and the same weights loaded into jaxrm (with
+    ``config_overrides`` of its :class:`~jaxrm.models.TransformerConfig`)."""
     torch.manual_seed(seed)
     hf_model = transformers.GPTNeoXForCausalLM(hf_config(shape)).eval()
     hf_model.save_pretrained(directory)
-    return hf_model, load_hf(directory)
+    return hf_model, load_hf(directory, **config_overrides)
 
 
 def hf_generate(hf_model, prompts, new_tokens: int, *, greedy: bool = False):
@@ -78,52 +83,63 @@ def hf_generate(hf_model, prompts, new_tokens: int, *, greedy: bool = False):
     return out[:, prompts.shape[1] :].numpy()
 
 
-def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, log=print) -> dict:
+def run_shape(
+    shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, layouts=tuple(LAYOUTS), log=print
+) -> dict:
     with tempfile.TemporaryDirectory() as directory:
-        hf_model, model = build_pair(shape, Path(directory))
+        hf_model, model = build_pair(shape, Path(directory), scan_layers=LAYOUTS[layouts[0]])
+        models = {layouts[0]: model}
+        models.update({name: load_hf(directory, scan_layers=LAYOUTS[name]) for name in layouts[1:]})
     vocab = model.config.vocab_size
     prompts = np.random.default_rng(0).integers(1, vocab, size=(batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(prompts, bool)
 
-    def ours(key=jax.random.key(0)):
-        return jax.block_until_ready(sample(model, prompts, mask, key, max_new_tokens=new_tokens))
+    def generation(model):
+        return lambda: jax.block_until_ready(sample(model, prompts, mask, jax.random.key(0), max_new_tokens=new_tokens))
 
-    start = time.perf_counter()
-    ours()
-    compile_s = time.perf_counter() - start
+    ours = {name: generation(model) for name, model in models.items()}
+    first_call_s = {name: seconds(run) for name, run in ours.items()}
     hf_generate(hf_model, prompts, 2)  # warm-up
-    # Alternate the two so that load changes on the machine hit both alike.
-    jax_times, hf_times = [], []
+    # Alternate all sides so that load changes on the machine hit them alike.
+    jax_times, hf_times = {name: [] for name in ours}, []
     for _ in range(repeats):
-        jax_times.append(seconds(ours))
+        for name, run in ours.items():
+            jax_times[name].append(seconds(run))
         hf_times.append(seconds(lambda: hf_generate(hf_model, prompts, new_tokens)))
 
     greedy_len = min(new_tokens, 16)
-    greedy_ours = np.asarray(
-        sample(model, prompts, mask, jax.random.key(0), max_new_tokens=greedy_len, temperature=0.0).tokens
-    )
     greedy_hf = hf_generate(hf_model, prompts, greedy_len, greedy=True)
     tokens = batch * new_tokens
+    hf_s = statistics.median(hf_times)
     result = {
         "shape": shape,
         "params": model.config.num_params(),
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "jaxrm_s": statistics.median(jax_times),
-        "jaxrm_compile_s": compile_s,
-        "hf_s": statistics.median(hf_times),
-        "greedy_first_token_agreement": float(np.mean(greedy_ours[:, 0] == greedy_hf[:, 0])),
-        "greedy_token_agreement": float(np.mean(greedy_ours == greedy_hf)),
+        "hf_s": hf_s,
+        "hf_tokens_per_s": tokens / hf_s,
+        "jaxrm": {},
     }
-    result["jaxrm_tokens_per_s"] = tokens / result["jaxrm_s"]
-    result["hf_tokens_per_s"] = tokens / result["hf_s"]
-    result["speedup"] = result["hf_s"] / result["jaxrm_s"]
-    log(
-        f"{shape:>11} ({result['params'] / 1e6:.1f}M params): jaxrm {result['jaxrm_tokens_per_s']:8.0f} tok/s "
-        f"(compile {compile_s:.1f} s), HF generate {result['hf_tokens_per_s']:8.0f} tok/s, "
-        f"speed-up {result['speedup']:.2f}x; greedy tokens identical {result['greedy_token_agreement']:.1%}"
-    )
+    for name, model in models.items():
+        greedy_ours = np.asarray(
+            sample(model, prompts, mask, jax.random.key(0), max_new_tokens=greedy_len, temperature=0.0).tokens
+        )
+        jax_s = statistics.median(jax_times[name])
+        ours_result = result["jaxrm"][name] = {
+            "s": jax_s,
+            "tokens_per_s": tokens / jax_s,
+            "first_call_s": first_call_s[name],
+            "speedup": hf_s / jax_s,
+            "greedy_first_token_agreement": float(np.mean(greedy_ours[:, 0] == greedy_hf[:, 0])),
+            "greedy_token_agreement": float(np.mean(greedy_ours == greedy_hf)),
+        }
+        log(
+            f"{shape:>11} ({result['params'] / 1e6:.1f}M params), {name:>8} layers: jaxrm "
+            f"{ours_result['tokens_per_s']:8.0f} tok/s (first call {first_call_s[name]:.1f} s), HF generate "
+            f"{result['hf_tokens_per_s']:8.0f} tok/s, speed-up {ours_result['speedup']:.2f}x; greedy tokens "
+            f"identical {ours_result['greedy_token_agreement']:.1%}"
+        )
     return result
 
 
@@ -136,6 +152,9 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="jaxrm layer layouts to time"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/generate.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
@@ -145,8 +164,15 @@ def main(argv=None):
         f"transformers {transformers.__version__}, jax {jax.__version__} ({jax.devices()[0].platform})"
     )
     results = [
-        run_shape(s, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
-        for s in args.shapes
+        run_shape(
+            shape,
+            batch=args.batch,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            layouts=tuple(dict.fromkeys(args.layouts)),
+        )
+        for shape in args.shapes
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cores": os.cpu_count(), "results": results}, indent=1))

@@ -67,9 +67,13 @@ _ACTIVATIONS = {
 class KVCache:
     """Keys and values of every layer for ``length`` slots, filled up to ``index``.
 
-    ``keys`` and ``values`` are ``[layers, batch, heads, length, head_dim]``: a scan over layers
-    carries the whole cache and each layer updates its own slice in place; ``valid[b, s]`` says
-    whether slot ``s`` holds a real token (padding slots are never attended to).
+    With scanned layers (``config.scan_layers``), ``keys`` and ``values`` are each one
+    ``[layers, batch, heads, length, head_dim]`` array: the scan carries the whole cache, each
+    layer updates its own slice in place and attends to a copy of it (a matrix product cannot
+    read a slice of a larger array in place on CPU). With unrolled layers they are tuples of one
+    ``[batch, heads, length, head_dim]`` array per layer, which attention reads as stored: no
+    copy, which made generation at ``pythia-70m`` about 10% faster. ``valid[b, s]`` says whether
+    slot ``s`` holds a real token (padding slots are never attended to).
     """
 
     keys: jax.Array
@@ -79,8 +83,11 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: TransformerConfig, batch: int, length: int) -> KVCache:
-        shape = (config.num_layers, batch, config.num_heads, length, config.head_dim)
-        zeros = jnp.zeros(shape, config.compute_dtype)
+        shape = (batch, config.num_heads, length, config.head_dim)
+        if config.scan_layers:
+            zeros = jnp.zeros((config.num_layers, *shape), config.compute_dtype)
+        else:
+            zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
         return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
     def grow(self, length: int) -> KVCache:
@@ -92,10 +99,13 @@ class KVCache:
         extra = length - self.valid.shape[1]
         if extra < 0:
             raise ValueError(f"cannot grow a cache of {self.valid.shape[1]} slots to {length}.")
-        more_slots = ((0, 0),) * 3 + ((0, extra), (0, 0))  # [layers, batch, heads, slots, head_dim]
+
+        def pad(stored):  # [(layers,) batch, heads, slots, head_dim]
+            return jnp.pad(stored, ((0, 0),) * (stored.ndim - 2) + ((0, extra), (0, 0)))
+
         return self.replace(
-            keys=jnp.pad(self.keys, more_slots),
-            values=jnp.pad(self.values, more_slots),
+            keys=jax.tree.map(pad, self.keys),
+            values=jax.tree.map(pad, self.values),
             valid=jnp.pad(self.valid, ((0, 0), (0, extra))),
         )
 
@@ -153,8 +163,8 @@ class Attention(nnx.Module):
         ``visible[b, t, s]`` says whether query ``t`` may attend to key slot ``s`` (passed to
         ``dot_product_attention`` as a mask, which cuDNN applies as a dense bias). ``cache`` is
         the whole :class:`KVCache`; this layer writes its new keys and values into its own slice
-        (``layer``, a Python int or a scanned index) at ``cache.index``, in place, and attends to
-        that slice (which XLA reads out as one copy of the layer's keys and values per call).
+        or array (``layer``, a scanned index or, with unrolled layers, a Python int) at
+        ``cache.index``, in place, and attends to them.
         """
         config = self.config
         batch, time, _ = x.shape
@@ -171,15 +181,27 @@ class Attention(nnx.Module):
             # transpose to the [batch, slots, heads, dim] that dot_product_attention takes below
             # cancels against the one inside it, so XLA reads the cache as stored.
             zero = jnp.zeros((), jnp.int32)  # all indices one integer type, also under jax_enable_x64
-            start = (jnp.asarray(layer, jnp.int32), zero, zero, cache.index, zero)
-            written = [
-                jax.lax.dynamic_update_slice(stored, new.transpose(0, 2, 1, 3)[None].astype(stored.dtype), start)
-                for stored, new in ((cache.keys, key), (cache.values, value))
-            ]
-            cache = cache.replace(keys=written[0], values=written[1])
-            keys, values = (
-                jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).transpose(0, 2, 1, 3) for a in written
-            )
+            head_major = (key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3))
+            if isinstance(cache.keys, tuple):  # one array per layer
+                written = [
+                    jax.lax.dynamic_update_slice(
+                        stored[layer], new.astype(stored[layer].dtype), (zero, zero, cache.index, zero)
+                    )
+                    for stored, new in zip((cache.keys, cache.values), head_major)
+                ]
+                cache = cache.replace(
+                    keys=(*cache.keys[:layer], written[0], *cache.keys[layer + 1 :]),
+                    values=(*cache.values[:layer], written[1], *cache.values[layer + 1 :]),
+                )
+            else:
+                start = (jnp.asarray(layer, jnp.int32), zero, zero, cache.index, zero)
+                stacked = [
+                    jax.lax.dynamic_update_slice(stored, new[None].astype(stored.dtype), start)
+                    for stored, new in zip((cache.keys, cache.values), head_major)
+                ]
+                cache = cache.replace(keys=stacked[0], values=stacked[1])
+                written = [jax.lax.dynamic_index_in_dim(a, layer, keepdims=False) for a in stacked]
+            keys, values = (a.transpose(0, 2, 1, 3) for a in written)
         implementation = resolved_attention_implementation(config, time, keys.shape[1])
         out = jax.nn.dot_product_attention(
             query.astype(keys.dtype), keys, values, mask=visible[:, None], implementation=implementation
