@@ -25,6 +25,14 @@ that bound rules the gain out, the solve stops with ``NOT_REACHED`` instead of i
 stiff approach to ``pi*`` until ``t_max``. That machinery is compiled in only when a
 ``kl_coef`` is given (``kl_coef=None``, the default, is the flow without a KL term), so the
 choice never depends on the coefficient's values or on whether it is a Python number or an array.
+
+For the :class:`~jaxrm.tabular.TabularPolicy`, every field evaluation exponentiates each row of
+logits minus the row's *initial* maximum rather than its current one, which saves a reduction
+per evaluation (about 15% of a ``t_gamma`` run at ``|Y| = 64``). This is safe because the
+gradient of a softmax sums to zero over its row, so a row's mean logit never changes along the
+flow and its maximum never falls below it; an exponential could overflow only if a logit grew
+by about 700 from its row's initial maximum. A non-finite field would make the stepper reject
+the step, never accept a wrong one.
 """
 
 from __future__ import annotations
@@ -294,6 +302,7 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
         kl_coef = kl_coef[..., None]  # one coefficient per problem
     kl_coef = jnp.broadcast_to(kl_coef, item_shape)
     ref_log_probs = policy.log_probs(init_logits)
+    shift = jnp.max(init_logits, axis=-1, keepdims=True) if isinstance(policy, TabularPolicy) else None
     start = metrics.expected_reward(ref_log_probs, eval_rewards)
     limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
 
@@ -310,6 +319,7 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
             flat(eval_rewards) if separate_eval else None,
             (flat(start), flat(gamma)),
             jax.tree.map(flat, limit),
+            None if shift is None else flat(shift),
         ),
     )
 
@@ -356,6 +366,7 @@ class _ItemArgs(NamedTuple):
     eval_rewards: Any  # None: the timed reward is rm_rewards
     gain: Any  # (start, gamma)
     limit: _KLLimit
+    shift: Any  # TabularPolicy: the initial logits' row maximum (module docstring); else None
 
 
 class _Event(NamedTuple):
@@ -414,11 +425,16 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
     # The crossing time is located to this relative tolerance (well inside the solver's).
     time_tol = max(rtol * 1e-2, 100 * float(jnp.finfo(dtype).eps))
 
+    def log_probs_and_probs(y, args):
+        if args.shift is None:
+            return policy.log_probs_and_probs(y)
+        return policy.log_probs_and_probs(y, shift=args.shift)
+
     def field(y, args):
         # The gradient computes these probabilities too; XLA evaluates them once.
         kl_coef = args.kl_coef if kl_penalized else 0.0
-        grad = prompt_gradient(policy, y, args.rm_rewards, args.ref_log_probs, kl_coef=kl_coef)
-        return grad, policy.log_probs_and_probs(y)
+        grad = prompt_gradient(policy, y, args.rm_rewards, args.ref_log_probs, kl_coef=kl_coef, shift=args.shift)
+        return grad, log_probs_and_probs(y, args)
 
     def gain(probs, args):
         start, gamma = args.gain
@@ -496,7 +512,7 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
         interpolant = _dopri5.Interpolant.of_step(point.y, point.f, step.y1, step.f1, step.y_mid, event.h)
         safe_h = jnp.where(reached, event.h, 1.0)
         theta = _dopri5.locate_upcrossing(
-            lambda theta: gain(policy.log_probs_and_probs(interpolant(theta))[1], args),
+            lambda theta: gain(log_probs_and_probs(interpolant(theta), args)[1], args),
             point.gain,
             event.gain1,
             tol=jnp.where(reached, time_tol * (tau + safe_h) / safe_h, jnp.inf),

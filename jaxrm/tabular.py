@@ -115,9 +115,21 @@ class TabularPolicy:
     def log_probs(self, logits):
         return jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
 
-    def log_probs_and_probs(self, logits):
-        """``(log pi, pi)`` from a single exponential pass (the flow's hot path)."""
-        return _softmax_pair(logits)
+    def log_probs_and_probs(self, logits, *, shift=None):
+        """``(log pi, pi)`` from a single exponential pass (the flow's hot path).
+
+        ``shift`` (``[..., S, 1]``) is subtracted from each row before exponentiating; by default
+        the row's maximum, which costs a reduction per call. Any shift gives the same result up
+        to rounding unless an exponential overflows or a whole row underflows (the result is
+        then not finite): a caller that knows a safe one saves the reduction
+        (:func:`jaxrm.flow.first_passage` passes each row's initial maximum).
+
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.array([[1000.0, 1001.0]])
+        >>> print(TabularPolicy(2).log_probs_and_probs(logits, shift=jnp.array([[1000.0]]))[1].round(2))
+        [[0.27 0.73]]
+        """
+        return _softmax_pair(logits, shift)
 
     def log_prob_vjp(self, logits, cotangent, *, centered=False):
         """``sum_y c[y] grad_theta log pi(y) = c - pi * sum(c)`` (per prompt row).
@@ -402,8 +414,10 @@ class SharedAutoregressivePolicy:
         return scale * jax.random.normal(key, (num_prompts, self.features.shape[2]), dtype=dtype)
 
 
-def _softmax_pair(logits):
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+def _softmax_pair(logits, shift=None):
+    if shift is None:
+        shift = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = logits - jax.lax.stop_gradient(shift)
     unnormalized = jnp.exp(shifted)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     return shifted - jnp.log(total), unnormalized / total
@@ -466,17 +480,27 @@ def objective(
 
 
 def prompt_gradient(
-    policy: ExactPolicy, logits: Logits, rewards: ArrayLike, ref_log_probs: ArrayLike, *, kl_coef: ArrayLike = 0.0
+    policy: ExactPolicy,
+    logits: Logits,
+    rewards: ArrayLike,
+    ref_log_probs: ArrayLike,
+    *,
+    kl_coef: ArrayLike = 0.0,
+    shift: ArrayLike | None = None,
 ) -> Logits:
     """Exact gradient of each prompt's own objective ``phi_x`` (no ``1/|S|`` factor).
 
     Score-function form ``grad phi_x = sum_y pi(y) (r_KL(y) - phi_x) grad log pi(y)`` (the
     ``-lam grad log pi`` term has mean zero); for a tabular policy this is Lemma 7:
     ``pi * (r_KL - E_pi r_KL)``. Works on logits with or without a prompt axis. Arguments as in
-    :func:`objective`; returns a gradient shaped like ``logits`` (a tuple of arrays for
-    :class:`AutoregressiveTabularPolicy`).
+    :func:`objective`; ``shift``, for a :class:`TabularPolicy` only, as in its
+    :meth:`~TabularPolicy.log_probs_and_probs`. Returns a gradient shaped like ``logits`` (a
+    tuple of arrays for :class:`AutoregressiveTabularPolicy`).
     """
-    log_probs, probs = policy.log_probs_and_probs(logits)
+    if shift is None:
+        log_probs, probs = policy.log_probs_and_probs(logits)
+    else:
+        log_probs, probs = policy.log_probs_and_probs(logits, shift=shift)
     reward = kl_rewards(log_probs, rewards, ref_log_probs, kl_coef=kl_coef)
     baseline = jnp.sum(probs * reward, axis=-1, keepdims=True)
     return policy.log_prob_vjp(logits, probs * (reward - baseline), centered=True)

@@ -137,6 +137,13 @@ def test_logits_at_t_gamma_realize_the_gain(batch):
     reached = np.isfinite(out.t_gamma)
     gain = (jax.nn.softmax(out.logits) * gt[:2]).sum(-1) - (jax.nn.softmax(logits[:2]) * gt[:2]).sum(-1)
     np.testing.assert_allclose(np.asarray(gain)[reached], 0.05, rtol=1e-7)
+    # The flow moves logits, not their row offsets: it exponentiates each row minus its initial
+    # maximum (exp(1000) would overflow), and the offset rides along unchanged.
+    offsets = jnp.array([1000.0, -3.0])[None, :, None]
+    moved = flow.first_passage(logits[:2] + offsets, rm[:2], 0.05, eval_rewards=gt[:2])
+    # The solver's error scale, rtol * |logits|, grows with the offset: agreement to its tolerance.
+    np.testing.assert_allclose(moved.t_gamma, out.t_gamma, rtol=1e-5)
+    np.testing.assert_allclose(moved.logits - offsets, out.logits, atol=1e-4)
 
 
 def test_perfectly_accurate_scaled_teacher_is_a_time_rescaling(batch):
