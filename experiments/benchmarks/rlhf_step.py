@@ -5,7 +5,10 @@ tokens, temperature 1), scoring by a reward model, reference log-probs, and one 
 on the sequence-level clipped surrogate (RLOO, KL 0.05 in the reward). Both sides use a
 Pythia-shaped policy and reward model of the same shape (default ``pythia-10m``, ~9M parameters
 each), float32, 16-token prompts, with the same random weights (built with ``transformers``,
-loaded into jaxrm with ``load_hf``).
+loaded into jaxrm with ``load_hf``). jaxrm runs in each layer layout of ``--layouts``: ``scanned``
+(the default ``TransformerConfig(scan_layers=True)``, whose compile time grows little with
+depth) and ``unrolled`` (``scan_layers=False``: no per-layer slices of stacked parameters and
+caches to copy, a longer compile).
 
 Reported: the seconds of each phase of jaxrm's iteration (sampling, the reference's log-probs,
 the reward model, the updates), each compiled and timed on its own; generated tokens per second
@@ -41,7 +44,7 @@ import transformers
 from flax import nnx
 
 from experiments.benchmarks.common import K, compiled_timings, matmul_peak_flops, model_flops_per_iteration
-from experiments.benchmarks.generate import build_pair, hf_config
+from experiments.benchmarks.generate import LAYOUTS, build_pair, hf_config
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, make_phases, reward_model_fn
@@ -49,12 +52,14 @@ from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, 
 PROMPT_LEN = 16
 
 
-def jaxrm_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> tuple[list[float], float, dict]:
+def jaxrm_iterations(
+    directory: Path, *, prompts, new_tokens, iterations, scan_layers: bool
+) -> tuple[list[float], float, dict]:
     config = RLHFConfig(
         prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens, learning_rate=1e-6
     )
-    policy = load_hf(directory / "policy")
-    reward_model = load_hf(directory / "reward", head="reward")
+    policy = load_hf(directory / "policy", scan_layers=scan_layers)
+    reward_model = load_hf(directory / "reward", head="reward", scan_layers=scan_layers)
     graphdef, params = nnx.split(policy)
     reward_graphdef, reward_params = nnx.split(reward_model)
     rng = np.random.default_rng(0)
@@ -174,6 +179,9 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per side")
+    parser.add_argument(
+        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="jaxrm layer layouts to time"
+    )
     parser.add_argument("--skip-trl", action="store_true", help="only time jaxrm (e.g. on a GPU machine)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rlhf_step.json"))
     args = parser.parse_args(argv)
@@ -192,9 +200,6 @@ def main(argv=None):
         transformers.GPTNeoXForSequenceClassification(hf_config(args.shape, num_labels=1)).save_pretrained(
             directory / "reward"
         )
-        ours, compile_s, phases = jaxrm_iterations(
-            args.shape, directory, prompts=args.prompts, new_tokens=args.new_tokens, iterations=args.iterations
-        )
         result = {
             "shape": args.shape,
             "prompts": args.prompts,
@@ -202,21 +207,33 @@ def main(argv=None):
             "new_tokens": args.new_tokens,
             "matmul_peak_gflops": peak / 1e9,
             "model_gflops_per_iteration": flops / 1e9,
-            "jaxrm_iteration_s": statistics.median(ours),
-            "jaxrm_compile_s": compile_s,
-            "jaxrm_phase_s": phases,
+            "jaxrm": {},
         }
-        result["jaxrm_tokens_per_s"] = tokens / result["jaxrm_iteration_s"]
-        result["jaxrm_mfu"] = flops / result["jaxrm_iteration_s"] / peak
-        print(
-            f"jaxrm: {result['jaxrm_iteration_s']:.2f} s/iteration, {result['jaxrm_tokens_per_s']:.0f} tokens/s, "
-            f"MFU {result['jaxrm_mfu']:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul peak (compile {compile_s:.1f} s)"
-        )
-        print(
-            "jaxrm phases, each compiled alone: "
-            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
-            + f" (sum {sum(phases.values()):.2f} s)"
-        )
+        for layout in dict.fromkeys(args.layouts):
+            ours, compile_s, phases = jaxrm_iterations(
+                directory,
+                prompts=args.prompts,
+                new_tokens=args.new_tokens,
+                iterations=args.iterations,
+                scan_layers=LAYOUTS[layout],
+            )
+            seconds = statistics.median(ours)
+            jaxrm = result["jaxrm"][layout] = {
+                "iteration_s": seconds,
+                "compile_s": compile_s,
+                "phase_s": phases,
+                "tokens_per_s": tokens / seconds,
+                "mfu": flops / seconds / peak,
+            }
+            print(
+                f"jaxrm, {layout} layers: {seconds:.2f} s/iteration, {jaxrm['tokens_per_s']:.0f} tokens/s, MFU "
+                f"{jaxrm['mfu']:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul peak (compile {compile_s:.1f} s)"
+            )
+            print(
+                "  phases, each compiled alone: "
+                + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in phases.items())
+                + f" (sum {sum(phases.values()):.2f} s)"
+            )
         if not args.skip_trl:
             theirs = trl_iterations(
                 args.shape, directory, prompts=args.prompts, new_tokens=args.new_tokens, iterations=args.iterations
@@ -224,10 +241,12 @@ def main(argv=None):
             result["trl_iteration_s"] = statistics.median(theirs)
             result["trl_tokens_per_s"] = tokens / result["trl_iteration_s"]
             result["trl_mfu"] = flops / result["trl_iteration_s"] / peak
-            result["speedup"] = result["trl_iteration_s"] / result["jaxrm_iteration_s"]
+            for jaxrm in result["jaxrm"].values():
+                jaxrm["speedup"] = result["trl_iteration_s"] / jaxrm["iteration_s"]
             print(
                 f"TRL RLOOTrainer: {result['trl_iteration_s']:.2f} s/iteration, {result['trl_tokens_per_s']:.0f} "
-                f"tokens/s, MFU {result['trl_mfu']:.1%}; jaxrm speed-up {result['speedup']:.2f}x"
+                f"tokens/s, MFU {result['trl_mfu']:.1%}; jaxrm speed-up "
+                + ", ".join(f"{layout} {jaxrm['speedup']:.2f}x" for layout, jaxrm in result["jaxrm"].items())
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
