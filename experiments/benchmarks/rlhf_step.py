@@ -217,16 +217,16 @@ def main(argv=None):
                 iterations=args.iterations,
                 scan_layers=LAYOUTS[layout],
             )
-            seconds = statistics.median(ours)
+            iteration_s = statistics.median(ours)
             jaxrm = result["jaxrm"][layout] = {
-                "iteration_s": seconds,
+                "iteration_s": iteration_s,
                 "compile_s": compile_s,
                 "phase_s": phases,
-                "tokens_per_s": tokens / seconds,
-                "mfu": flops / seconds / peak,
+                "tokens_per_s": tokens / iteration_s,
+                "mfu": flops / iteration_s / peak,
             }
             print(
-                f"jaxrm, {layout} layers: {seconds:.2f} s/iteration, {jaxrm['tokens_per_s']:.0f} tokens/s, MFU "
+                f"jaxrm, {layout} layers: {iteration_s:.2f} s/iteration, {jaxrm['tokens_per_s']:.0f} tokens/s, MFU "
                 f"{jaxrm['mfu']:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul peak (compile {compile_s:.1f} s)"
             )
             print(
