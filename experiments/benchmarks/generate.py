@@ -58,13 +58,12 @@ def hf_config(shape: str, **changes):
     return transformers.GPTNeoXConfig(**{**values, **changes})
 
 
-def build_pair(shape: str, directory: Path, seed: int = 0, **config_overrides):
-    """A random HF model of a preset's shape, and the same weights loaded into jaxrm (with
-    ``config_overrides`` of its :class:`~jaxrm.models.TransformerConfig`)."""
+def build_pair(shape: str, directory: Path, seed: int = 0):
+    """A random HF model of a preset's shape, and the same weights loaded into jaxrm."""
     torch.manual_seed(seed)
     hf_model = transformers.GPTNeoXForCausalLM(hf_config(shape)).eval()
     hf_model.save_pretrained(directory)
-    return hf_model, load_hf(directory, **config_overrides)
+    return hf_model, load_hf(directory)
 
 
 def hf_generate(hf_model, prompts, new_tokens: int, *, greedy: bool = False):
@@ -87,9 +86,8 @@ def run_shape(
     shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, layouts=tuple(LAYOUTS), log=print
 ) -> dict:
     with tempfile.TemporaryDirectory() as directory:
-        hf_model, model = build_pair(shape, Path(directory), scan_layers=LAYOUTS[layouts[0]])
-        models = {layouts[0]: model}
-        models.update({name: load_hf(directory, scan_layers=LAYOUTS[name]) for name in layouts[1:]})
+        hf_model, model = build_pair(shape, Path(directory))
+        models = {name: load_hf(directory, scan_layers=LAYOUTS[name]) for name in layouts}
     vocab = model.config.vocab_size
     prompts = np.random.default_rng(0).integers(1, vocab, size=(batch, prompt_len)).astype(np.int32)
     mask = np.ones_like(prompts, bool)
