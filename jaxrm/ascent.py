@@ -23,7 +23,7 @@ from jax.typing import ArrayLike
 from jaxrm import metrics, pg
 from jaxrm._checks import check_choice, is_concrete
 from jaxrm.flow import FlowMetrics, default_policy, flow_metrics, validate_problem
-from jaxrm.tabular import ExactPolicy, objective_grad
+from jaxrm.tabular import ExactPolicy, TabularPolicy, objective_grad, tabular_gradient_and_normalizer
 
 __all__ = [
     "AscentPassage",
@@ -136,22 +136,30 @@ def _checked_problem(init_logits, rm_rewards, *, policy, kl_coef, eval_rewards, 
 def _checked_ascent(
     init_logits, rm_rewards, key, *, gradient, policy, kl_coef, eval_rewards, optimizer, num_steps, track
 ):
-    """Validate a problem before any work, then run the compiled ascent loop."""
+    """Validate a problem before any work, then run the compiled ascent loop.
+
+    The exact gradient of a tabular policy carries each row's log-normalizer from step to step
+    as the next step's softmax shift (:func:`jaxrm.tabular.tabular_gradient_and_normalizer`),
+    which saves a pass over the logits for their maximum. The shift is unsafe only after a step
+    that moves a logit by about 80 (float32); the loop then reports it, and the ascent is run
+    again with the maximum. Under a trace (``jit``, ``vmap``) that check cannot run, so the
+    maximum is always used.
+    """
     policy, init_logits, rm_rewards, eval_rewards, kl_coef = _checked_problem(
         init_logits, rm_rewards, policy=policy, kl_coef=kl_coef, eval_rewards=eval_rewards, num_steps=num_steps
     )
-    return _ascent(
-        init_logits,
-        rm_rewards,
-        eval_rewards,
-        kl_coef,
-        key,
-        policy=policy,
-        optimizer=optimizer,
-        num_steps=num_steps,
-        track=track,
-        gradient=gradient,
+    options = dict(policy=policy, optimizer=optimizer, num_steps=num_steps, track=track, gradient=gradient)
+    arguments = (init_logits, rm_rewards, eval_rewards, kl_coef, key)
+    carry_shift = (
+        gradient is _exact_gradient
+        and isinstance(policy, TabularPolicy)
+        and all(is_concrete(x) for x in jax.tree.leaves(arguments))
     )
+    if carry_shift:
+        logits, history, shift_held = _ascent(*arguments, carry_shift=True, **options)
+        if bool(shift_held):
+            return logits, history
+    return _ascent(*arguments, carry_shift=False, **options)[:2]
 
 
 def exact_gradient_ascent(
@@ -308,12 +316,19 @@ def ascent_first_passage(
     )
 
 
-def _update(gradient, optimizer, policy, logits, opt_state, loop_inputs, lam, key):
+def _update(gradient, optimizer, policy, logits, opt_state, loop_inputs, lam, key, shift=None):
     """One ascent step: ``gradient`` (exact or sampled), negated for the optax minimizer;
-    ``loop_inputs`` from :func:`_loop_inputs`."""
-    grads = gradient(policy, logits, *loop_inputs, lam, key)
+    ``loop_inputs`` from :func:`_loop_inputs`. With a ``shift`` (the exact gradient of a
+    :class:`~jaxrm.tabular.TabularPolicy` only) the gradient exponentiates the logits minus it,
+    and the step also returns each row's log-normalizer, the next step's shift; otherwise that
+    entry is None."""
+    if shift is None:
+        grads = gradient(policy, logits, *loop_inputs, lam, key)
+    else:
+        grads, shift = tabular_gradient_and_normalizer(logits, *loop_inputs, lam, shift=shift)
+        grads = grads / logits.shape[-2]
     updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, grads), opt_state, logits)
-    return optax.apply_updates(logits, updates), opt_state
+    return optax.apply_updates(logits, updates), opt_state, shift
 
 
 def _per_problem(kl_coef):
@@ -346,7 +361,7 @@ def _passage(
             tied = jnp.ones_like(carry.tied)
         else:
             tied = metrics.tied_group_probability(policy.log_probs(carry.logits), rm_rewards, k=group_size)
-        logits, opt_state = _update(
+        logits, opt_state, _ = _update(
             gradient,
             optimizer,
             policy,
@@ -375,12 +390,17 @@ def _passage(
     return AscentPassage(out.steps, out.reached, out.tied / jnp.maximum(out.steps, 1))
 
 
-@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient"))
-def _ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer, num_steps, track, gradient):
+@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient", "carry_shift"))
+def _ascent(
+    logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer, num_steps, track, gradient, carry_shift
+):
     """The loop shared by exact and sampled gradients; inputs are validated by the public callers.
 
     ``gradient(policy, logits, rm_rewards, ref_log_probs, kl_coef, key)`` returns the gradient
-    (or an estimate of it) of the objective; step ``n`` passes it ``fold_in(key, n)``.
+    (or an estimate of it) of the objective; step ``n`` passes it ``fold_in(key, n)``. With
+    ``carry_shift`` (exact gradient, tabular policy) each step's softmax shift is the previous
+    step's log-normalizer (see :func:`_checked_ascent`). Returns ``(logits, history, shift_held)``:
+    whether every step's log-normalizer was finite (True without ``carry_shift``).
     """
     ref_log_probs = policy.log_probs(logits)
     lam = _per_problem(kl_coef)
@@ -389,21 +409,30 @@ def _ascent(logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer
     def measure(logits) -> FlowMetrics | None:
         return flow_metrics(policy, logits, rm_rewards, eval_rewards, ref_log_probs) if track else None
 
+    class Carry(NamedTuple):
+        logits: Any
+        opt_state: Any
+        shift: Any  # the next step's softmax shift, or None
+        shift_held: Any  # per row, so that a step needs no reduction across devices
+
     def step(carry, index):
-        logits, opt_state = carry
-        next_carry = _update(
+        logits, opt_state, shift = _update(
             gradient,
             optimizer,
             policy,
-            logits,
-            opt_state,
+            carry.logits,
+            carry.opt_state,
             loop_inputs,
             lam,
             jax.random.fold_in(key, index),
+            carry.shift,
         )
-        return next_carry, measure(logits)
+        held = carry.shift_held if shift is None else carry.shift_held & jnp.isfinite(shift)
+        return Carry(logits, opt_state, shift, held), measure(carry.logits)
 
-    (logits, _), history = jax.lax.scan(step, (logits, optimizer.init(logits)), jnp.arange(num_steps))
+    shift = jnp.max(logits, axis=-1, keepdims=True) if carry_shift else None
+    start = Carry(logits, optimizer.init(logits), shift, jnp.ones_like(shift, bool) if carry_shift else True)
+    end, history = jax.lax.scan(step, start, jnp.arange(num_steps))
     if track:
-        history = jax.tree.map(lambda h, last: jnp.concatenate([h, last[None]]), history, measure(logits))
-    return logits, history
+        history = jax.tree.map(lambda h, last: jnp.concatenate([h, last[None]]), history, measure(end.logits))
+    return end.logits, history, jnp.all(end.shift_held)

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrm import metrics
+from jaxrm import ascent, metrics
 from jaxrm.ascent import SampledGradient, ascent_first_passage, exact_gradient_ascent, sampled_gradient_ascent
 from jaxrm.tabular import TabularPolicy, objective_grad
 
@@ -48,6 +48,31 @@ def test_many_samples_track_the_exact_ascent_and_seeds_vmap(problem):
         seeds.rm_reward[:, -1], np.broadcast_to(exact.rm_reward[-1], (2, 3)), atol=0.1 * float(gain.max())
     )
     assert not np.array_equal(seeds.rm_reward[0], seeds.rm_reward[1])
+
+
+def test_exact_ascent_carries_the_softmax_shift_and_falls_back_after_a_huge_step(problem):
+    logits, rewards = problem
+    for lr, shift_holds in ((5.0, True), (1e6, False)):  # 1e6: one step moves logits by far more than 80
+        options = dict(optimizer=optax.sgd(lr), num_steps=4, kl_coef=0.1, track=False)
+        held = ascent._ascent(
+            logits,
+            rewards,
+            rewards,
+            np.float32(0.1),
+            jax.random.key(0),
+            carry_shift=True,
+            policy=POLICY,
+            optimizer=options["optimizer"],
+            num_steps=4,
+            track=False,
+            gradient=ascent._exact_gradient,
+        )[2]
+        assert bool(held) is shift_holds
+        carried = exact_gradient_ascent(logits, rewards, **options)[0]
+        # Under jit the shift is always the row maximum.
+        traced = jax.jit(lambda x, r: exact_gradient_ascent(x, r, **options)[0])(logits, rewards)
+        assert np.isfinite(carried).all()
+        np.testing.assert_allclose(carried, traced, rtol=2e-5, atol=1e-5 * lr)
 
 
 def test_bad_estimators_fail_clearly(problem):
