@@ -124,10 +124,32 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
 def token_log_probs(logits: jax.Array, tokens: jax.Array, **filters) -> jax.Array:
     """Log-probabilities of ``tokens`` under ``softmax(filter_logits(logits, **filters))``.
 
-    ``logits`` is ``[..., vocab]`` and ``tokens`` is ``[...]``.
+    ``logits`` is ``[..., vocab]`` and ``tokens`` is ``[...]``. Differentiable in ``logits``
+    with the closed form ``d log p(y) / d logits = onehot(y) - softmax(logits)``, one pass over
+    the vocabulary (autodiff of ``log_softmax`` and a gather zero-fills and scatters instead).
     """
-    log_probs = jax.nn.log_softmax(filter_logits(logits, **filters), axis=-1)
-    return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+    return _log_prob_of(filter_logits(logits, **filters), tokens)
+
+
+@jax.custom_vjp
+def _log_prob_of(logits, tokens):
+    return _log_prob_of_fwd(logits, tokens)[0]
+
+
+def _log_prob_of_fwd(logits, tokens):
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return chosen - log_normalizer, (logits, tokens, log_normalizer)
+
+
+def _log_prob_of_bwd(residuals, cotangent):
+    logits, tokens, log_normalizer = residuals
+    onehot = tokens[..., None] == jax.lax.broadcasted_iota(tokens.dtype, logits.shape, logits.ndim - 1)
+    probs = jnp.exp(logits - log_normalizer[..., None])
+    return (cotangent[..., None] * (onehot - probs)).astype(logits.dtype), None
+
+
+_log_prob_of.defvjp(_log_prob_of_fwd, _log_prob_of_bwd)
 
 
 _CDF_BLOCK = 128
