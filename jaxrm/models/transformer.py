@@ -54,8 +54,14 @@ def _layer_norm(config: TransformerConfig, *, rngs) -> nnx.LayerNorm:
     )
 
 
+def _gelu(x):
+    """Exact GELU in PyTorch's form, ``x (1 + erf(x / sqrt 2)) / 2``: ``jax.nn.gelu`` takes
+    ``erfc``, which XLA CPU evaluates 1.6x slower; both agree with PyTorch to about 1e-6."""
+    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+
+
 _ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": _gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
