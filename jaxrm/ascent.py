@@ -179,6 +179,10 @@ def exact_gradient_ascent(
     ``lr * grad phi`` and ``theta_n`` approaches the gradient flow at ``t = lr * n`` as
     ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems. The optimizer
     and ``num_steps`` are static: reuse one optimizer object to reuse the compiled program.
+    Called outside a trace with a tabular policy, each step exponentiates the logits minus the
+    previous step's log-normalizer rather than their maximum (one pass fewer over the logits),
+    and the ascent is rerun with the maximum if a step moved a logit by about 80 or more; under
+    ``jit`` or ``vmap`` every step takes the maximum.
 
     Args:
       init_logits: initial parameters of ``policy`` (also the KL reference).
