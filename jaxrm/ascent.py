@@ -141,9 +141,9 @@ def _checked_ascent(
     The exact gradient of a tabular policy carries each row's log-normalizer from step to step
     as the next step's softmax shift (:func:`jaxrm.tabular.tabular_gradient_and_normalizer`),
     which saves a pass over the logits for their maximum. The shift is unsafe only after a step
-    that moves a logit by about 80 (float32); the loop then reports it, and the ascent is run
-    again with the maximum. Under a trace (``jit``, ``vmap``) that check cannot run, so the
-    maximum is always used.
+    that moves a logit by about 60 or more (float32; :func:`_shift_held`); the loop then reports
+    it, and the ascent is run again with the maximum. Reading that report waits for the result.
+    Under a trace (``jit``, ``vmap``) the report cannot be read, so the maximum is always used.
     """
     policy, init_logits, rm_rewards, eval_rewards, kl_coef = _checked_problem(
         init_logits, rm_rewards, policy=policy, kl_coef=kl_coef, eval_rewards=eval_rewards, num_steps=num_steps
@@ -181,8 +181,9 @@ def exact_gradient_ascent(
     and ``num_steps`` are static: reuse one optimizer object to reuse the compiled program.
     Called outside a trace with a tabular policy, each step exponentiates the logits minus the
     previous step's log-normalizer rather than their maximum (one pass fewer over the logits),
-    and the ascent is rerun with the maximum if a step moved a logit by about 80 or more; under
-    ``jit`` or ``vmap`` every step takes the maximum.
+    and the ascent is rerun with the maximum if a step moved a logit by about 60 or more (the
+    call then waits for its result before returning); under ``jit`` or ``vmap`` every step takes
+    the maximum.
 
     Args:
       init_logits: initial parameters of ``policy`` (also the KL reference).
@@ -329,10 +330,20 @@ def _update(gradient, optimizer, policy, logits, opt_state, loop_inputs, lam, ke
     if shift is None:
         grads = gradient(policy, logits, *loop_inputs, lam, key)
     else:
-        grads, shift = tabular_gradient_and_normalizer(logits, *loop_inputs, lam, shift=shift)
+        grads, shift = tabular_gradient_and_normalizer(logits, *loop_inputs, kl_coef=lam, shift=shift)
         grads = grads / logits.shape[-2]
     updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, grads), opt_state, logits)
     return optax.apply_updates(logits, updates), opt_state, shift
+
+
+def _shift_held(log_normalizer, shift):
+    """Per row: whether a step that exponentiated ``theta - shift`` was safe, i.e. its
+    log-normalizer ``lse(theta)`` came out within ``0.7 log(max float)`` of ``shift`` (62 in
+    float32, 496 in float64). Then ``max theta - shift`` is below that margin, so no term
+    overflows (nor ``e theta``), and above ``-(margin + log |Y|)``, so the largest term stays a
+    normal number; a NaN fails the test too."""
+    margin = 0.7 * float(np.log(np.finfo(shift.dtype).max))
+    return jnp.abs(log_normalizer - shift) < margin
 
 
 def _per_problem(kl_coef):
@@ -404,7 +415,7 @@ def _ascent(
     (or an estimate of it) of the objective; step ``n`` passes it ``fold_in(key, n)``. With
     ``carry_shift`` (exact gradient, tabular policy) each step's softmax shift is the previous
     step's log-normalizer (see :func:`_checked_ascent`). Returns ``(logits, history, shift_held)``:
-    whether every step's log-normalizer was finite (True without ``carry_shift``).
+    whether every step's shift was safe (:func:`_shift_held`; True without ``carry_shift``).
     """
     ref_log_probs = policy.log_probs(logits)
     lam = _per_problem(kl_coef)
@@ -431,7 +442,7 @@ def _ascent(
             jax.random.fold_in(key, index),
             carry.shift,
         )
-        held = carry.shift_held if shift is None else carry.shift_held & jnp.isfinite(shift)
+        held = carry.shift_held if shift is None else carry.shift_held & _shift_held(shift, carry.shift)
         return Carry(logits, opt_state, shift, held), measure(carry.logits)
 
     shift = jnp.max(logits, axis=-1, keepdims=True) if carry_shift else None

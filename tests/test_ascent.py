@@ -52,7 +52,11 @@ def test_many_samples_track_the_exact_ascent_and_seeds_vmap(problem):
 
 def test_exact_ascent_carries_the_softmax_shift_and_falls_back_after_a_huge_step(problem):
     logits, rewards = problem
-    for lr, shift_holds in ((5.0, True), (1e6, False)):  # 1e6: one step moves logits by far more than 80
+    # A finite log-normalizer 85 above the shift still overflows e * theta in float32: not safe.
+    shifts = np.zeros((3, 1), np.float32)
+    safe = ascent._shift_held(np.array([[10.0], [85.0], [np.nan]], np.float32), shifts)
+    assert np.asarray(safe)[:, 0].tolist() == [True, False, False]
+    for lr, shift_holds in ((5.0, True), (1e6, False)):  # 1e6: one step moves logits by far more than 60
         options = dict(optimizer=optax.sgd(lr), num_steps=4, kl_coef=0.1, track=False)
         held = ascent._ascent(
             logits,
