@@ -124,9 +124,10 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
 def token_log_probs(logits: jax.Array, tokens: jax.Array, **filters) -> jax.Array:
     """Log-probabilities of ``tokens`` under ``softmax(filter_logits(logits, **filters))``.
 
-    ``logits`` is ``[..., vocab]`` and ``tokens`` is ``[...]``. Differentiable in ``logits``
-    with the closed form ``d log p(y) / d logits = onehot(y) - softmax(logits)``, one pass over
-    the vocabulary (autodiff of ``log_softmax`` and a gather zero-fills and scatters instead).
+    ``logits`` is ``[..., vocab]`` and ``tokens`` is ``[...]``. Differentiable in ``logits`` in
+    reverse mode (``jax.grad``, ``jax.vjp``; forward mode raises), with the closed form
+    ``d log p(y) / d logits = onehot(y) - softmax(logits)`` taking one pass over the vocabulary
+    (autodiff of ``log_softmax`` and a gather zero-fills and scatters instead).
     """
     return _log_prob_of(filter_logits(logits, **filters), tokens)
 
@@ -137,9 +138,11 @@ def _log_prob_of(logits, tokens):
 
 
 def _log_prob_of_fwd(logits, tokens):
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    return chosen - log_normalizer, (logits, tokens, log_normalizer)
+    # Shifted by the maximum, as log_softmax and the sampler's draws are: the same rounding.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - top[..., 0]
+    return chosen - log_total, (logits, tokens, top[..., 0] + log_total)
 
 
 def _log_prob_of_bwd(residuals, cotangent):

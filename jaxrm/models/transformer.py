@@ -55,9 +55,12 @@ def _layer_norm(config: TransformerConfig, *, rngs) -> nnx.LayerNorm:
 
 
 def _gelu(x):
-    """Exact GELU in PyTorch's form, ``x (1 + erf(x / sqrt 2)) / 2``: ``jax.nn.gelu`` takes
-    ``erfc``, which XLA CPU evaluates 1.6x slower; both agree with PyTorch to about 1e-6."""
-    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+    """Exact GELU in PyTorch's form, ``x (1 + erf(x / sqrt 2)) / 2``, computed in at least float32
+    (as PyTorch does for 16-bit inputs: in bfloat16, ``1 + erf`` cancels for negative ``x``).
+    ``jax.nn.gelu`` takes ``erfc``, which XLA CPU evaluates 1.6x slower; in float32 both agree
+    with PyTorch to about 1e-6."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (0.5 * wide * (1 + jax.lax.erf(wide * jnp.asarray(0.5**0.5, wide.dtype)))).astype(x.dtype)
 
 
 _ACTIVATIONS = {
