@@ -7,9 +7,9 @@
    - per problem, with a terminal event (SciPy's own event location);
    - as one stacked system (shared steps), stepping DOP853 by hand and locating every
      problem's crossing on that step's dense output by vectorized bisection.
-   jaxrm and per-problem SciPy are each timed as the best of ``--repeats`` rounds of about a
-   second (for jaxrm, the mean of that many back-to-back calls; the stacked system once, on
-   ``--stacked-problems`` scaled up). Reports both speed-ups (JAX compile time
+   jaxrm is timed as the best of ``--repeats`` rounds, each the mean of as many back-to-back
+   calls as fill about a second; per-problem SciPy as the best of ``--repeats`` single passes
+   (1-8 s each); the stacked system once, on ``--stacked-problems`` scaled up. Reports both speed-ups (JAX compile time
    separately) and the largest relative difference.
 2. Discrete exact-gradient steps (S = 1024, |Y| = 4096, float32, SGD, KL penalty) under
    ``lax.scan``, prompts sharded over all devices: achieved memory traffic (read logits and the
@@ -153,8 +153,8 @@ def bench_t_gamma(args):
         jax.block_until_ready(run())
         first = time.perf_counter() - t0
         # As timeit does: the best of `repeats` rounds, each the mean of enough back-to-back calls
-        # to last about a second, as one SciPy round does (a single 10 ms call is at the mercy of
-        # the scheduler; single calls varied 12-17 ms at 512 problems on two devices).
+        # to last about a second (a single 10 ms call is at the mercy of the scheduler; single
+        # calls varied 12-17 ms at 512 problems on two devices).
         once = measure_seconds(lambda: jax.block_until_ready(run()))
         calls = max(1, round(1.0 / once))
         seconds = min(
