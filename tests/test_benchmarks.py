@@ -59,3 +59,14 @@ def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is
     assert result["generation_mfu"] == pytest.approx(generation_flops * result["generation_tokens_per_s"] / 16 / 1e9)
     # A device missing from the datasheet table gets no MFU rather than a guessed one.
     assert datasheet_peak_tflops("NVIDIA H200") == 989.0 and datasheet_peak_tflops("cpu") is None
+
+
+def test_benchmarks_record_the_allocator_settings_they_ran_under(monkeypatch):
+    from experiments.benchmarks.common import ALLOCATOR_VARIABLES, allocator_line, allocator_settings
+
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert allocator_settings() == {} and "default" in allocator_line()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    assert allocator_settings() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    assert allocator_line().endswith("GLIBC_TUNABLES=glibc.malloc.mmap_max=0")

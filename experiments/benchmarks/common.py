@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -10,6 +11,24 @@ import jax.numpy as jnp
 from jaxrm.models import TransformerConfig
 
 K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
+
+# Environment variables that change how the process allocates host memory (glibc's malloc
+# tunables, a preloaded allocator and its options). They move CPU timings by 10% or more (README,
+# Benchmarks), so a benchmark records the ones that are set.
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")
+
+
+def allocator_settings() -> dict[str, str]:
+    """The :data:`ALLOCATOR_VARIABLES` set in this process's environment (empty: the C library's defaults)."""
+    return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)}
+
+
+def allocator_line() -> str:
+    """One line saying which allocator settings a run measured under."""
+    settings = allocator_settings()
+    if not settings:
+        return "host memory: the C library's default allocator settings"
+    return "host memory: " + ", ".join(f"{name}={value}" for name, value in settings.items())
 
 
 def seconds(fn) -> float:

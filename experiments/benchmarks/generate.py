@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import transformers
 
-from experiments.benchmarks.common import seconds
+from experiments.benchmarks.common import allocator_line, allocator_settings, seconds
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.models.sampling import sample
@@ -161,6 +161,7 @@ def main(argv=None):
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, jax {jax.__version__} ({jax.devices()[0].platform})"
     )
+    print(allocator_line())
     results = [
         run_shape(
             shape,
@@ -173,7 +174,9 @@ def main(argv=None):
         for shape in args.shapes
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cores": os.cpu_count(), "results": results}, indent=1))
+    args.out.write_text(
+        json.dumps({"cores": os.cpu_count(), "allocator": allocator_settings(), "results": results}, indent=1)
+    )
     print(f"wrote {args.out}")
 
 

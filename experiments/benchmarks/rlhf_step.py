@@ -43,7 +43,14 @@ import torch
 import transformers
 from flax import nnx
 
-from experiments.benchmarks.common import K, compiled_timings, matmul_peak_flops, model_flops_per_iteration
+from experiments.benchmarks.common import (
+    K,
+    allocator_line,
+    allocator_settings,
+    compiled_timings,
+    matmul_peak_flops,
+    model_flops_per_iteration,
+)
 from experiments.benchmarks.generate import LAYOUTS, build_pair, hf_config
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
@@ -188,6 +195,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    print(allocator_line())
     peak = matmul_peak_flops()
     flops = model_flops_per_iteration(
         preset(args.shape), sequences=args.prompts * K, length=PROMPT_LEN + args.new_tokens
@@ -207,6 +215,7 @@ def main(argv=None):
             "new_tokens": args.new_tokens,
             "matmul_peak_gflops": peak / 1e9,
             "model_gflops_per_iteration": flops / 1e9,
+            "allocator": allocator_settings(),
             "jaxrm": {},
         }
         for layout in dict.fromkeys(args.layouts):
