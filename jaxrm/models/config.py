@@ -59,14 +59,19 @@ class TransformerConfig:
       param_dtype: storage dtype of the parameters, one of ``DTYPES``.
       scan_layers: run the blocks as one ``jax.lax.scan`` over their stacked parameters (True,
         default), so the program holds one block's operations whatever ``num_layers`` (compile
-        time still grows: about 2x from 6 to 24 layers, against 3.7-4x unrolled); False
+        time still grows: about 2x from 6 to 24 layers, against 3.4-4.2x unrolled); False
         unrolls them. The parameters are stored per layer either way (the Hugging Face
         layout), and the scan stacks them on each call: one extra copy of the block parameters
         in the storage dtype (and a stacked gradient in the backward pass). On CPU each scanned
         layer also computes with a copy of its slice of the parameters and of the KV cache;
         unrolled layers copy neither (:class:`~jaxrm.models.transformer.KVCache`), which made
         generation at ``pythia-70m`` and RLOO iterations at ``pythia-10m`` faster (README,
-        Benchmarks).
+        Benchmarks). For the backward pass a scanned block keeps its input and the outputs of
+        its matrix products and recomputes the elementwise work (LayerNorm, GELU, softmax)
+        from them (``jax.checkpoint`` with the ``dots_saveable`` policy), which halved an RLOO
+        update's temporaries at ``pythia-10m``; unrolled blocks keep every activation. cuDNN
+        attention is not a matrix product to that policy, so on a GPU it would run again in
+        the backward pass (untested).
       remat: recompute each block's activations in the backward pass instead of storing them
         (``jax.checkpoint`` per layer): only each block's input is kept, for about one more
         forward pass of compute. Default False.

@@ -320,6 +320,13 @@ class Transformer(nnx.Module):
 
         if config.remat:
             block = jax.checkpoint(block, prevent_cse=not config.scan_layers)
+        elif config.scan_layers:
+            # A scan saves each layer's residuals into stacked arrays: one more write and read of
+            # each than unrolled layers make. Saving only the matrix products' outputs, and
+            # recomputing the elementwise work (LayerNorm, GELU, softmax) from them in the
+            # backward pass, halved an RLOO update's temporaries at pythia-10m and made it about
+            # 12% faster on CPU (README, Benchmarks).
+            block = jax.checkpoint(block, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
         if config.scan_layers:
             stacked = jax.tree.map(lambda *layer: jnp.stack(layer), *states)
             carry, _ = jax.lax.scan(block, (x, cache), (stacked, jnp.arange(config.num_layers)))
