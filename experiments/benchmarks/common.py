@@ -12,15 +12,21 @@ from jaxrm.models import TransformerConfig
 
 K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
 
-# Environment variables that change how the process allocates host memory (glibc's malloc
-# tunables, a preloaded allocator and its options). They move CPU timings by 10% or more (README,
+# Environment variables that change how the process allocates host memory: glibc's tunables and
+# its older MALLOC_* variables, a preloaded allocator and its options (jemalloc's MALLOC_CONF,
+# tcmalloc's TCMALLOC_*). They moved the RLOO update phase by about 20% on CPU (README,
 # Benchmarks), so a benchmark records the ones that are set.
-ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD")
+ALLOCATOR_PREFIXES = ("MALLOC_", "TCMALLOC_")
 
 
 def allocator_settings() -> dict[str, str]:
-    """The :data:`ALLOCATOR_VARIABLES` set in this process's environment (empty: the C library's defaults)."""
-    return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)}
+    """The allocator variables set in this process's environment, by name (empty: the C library's defaults)."""
+    return {
+        name: value
+        for name, value in sorted(os.environ.items())
+        if value and (name in ALLOCATOR_VARIABLES or name.startswith(ALLOCATOR_PREFIXES))
+    }
 
 
 def allocator_line() -> str:

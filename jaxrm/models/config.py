@@ -68,13 +68,13 @@ class TransformerConfig:
         generation at ``pythia-70m`` and RLOO iterations at ``pythia-10m`` faster (README,
         Benchmarks). For the backward pass a scanned block keeps its input and the outputs of
         its matrix products and recomputes the elementwise work (LayerNorm, GELU, softmax)
-        from them (``jax.checkpoint`` with the ``dots_saveable`` policy), which halved an RLOO
-        update's temporaries at ``pythia-10m``; unrolled blocks keep every activation. cuDNN
-        attention is not a matrix product to that policy, so on a GPU it would run again in
-        the backward pass (untested).
+        from them (``jax.checkpoint`` with the ``dots_saveable`` policy), which halved the
+        temporaries of an RLOO iteration at ``pythia-10m``; unrolled blocks are not
+        checkpointed. cuDNN attention is not a matrix product to that policy, so on a GPU it
+        would run again in the backward pass (untested).
       remat: recompute each block's activations in the backward pass instead of storing them
         (``jax.checkpoint`` per layer): only each block's input is kept, for about one more
-        forward pass of compute. Default False.
+        forward pass of compute; overrides the scanned blocks' policy above. Default False.
       attention_implementation: ``"xla"`` (plain XLA, any device), ``"cudnn"`` (cuDNN flash
         attention: CUDA GPUs, 16-bit ``dtype``) or ``"auto"`` (default: cuDNN where its kernel
         accepts the call, XLA otherwise; see

@@ -306,8 +306,10 @@ class Transformer(nnx.Module):
         """Every block in turn; returns the output and the cache with every layer's keys written.
 
         The blocks run as one pure function of a block's parameters, either scanned over the
-        stacked parameters or unrolled (``config.scan_layers``), and rematerialised per layer
-        when ``config.remat``.
+        stacked parameters or unrolled (``config.scan_layers``). Without a cache (training,
+        scoring) each block is checkpointed: with ``config.remat`` it keeps only its input;
+        scanned, it keeps its input and its matrix products' outputs and recomputes the
+        elementwise work in the backward pass; unrolled blocks are not checkpointed.
         """
         config = self.config
         graphdef = nnx.graphdef(self.layers[0])
@@ -318,14 +320,15 @@ class Transformer(nnx.Module):
             state, layer = state_and_layer
             return nnx.merge(graphdef, state)(x, cache=cache, layer=layer, **attention_kwargs), None
 
-        if config.remat:
+        # A decoding step is never differentiated, and a checkpointed block would save the whole
+        # carried cache at every layer if it were.
+        if cache is None and config.remat:
             block = jax.checkpoint(block, prevent_cse=not config.scan_layers)
-        elif config.scan_layers:
-            # A scan saves each layer's residuals into stacked arrays: one more write and read of
-            # each than unrolled layers make. Saving only the matrix products' outputs, and
-            # recomputing the elementwise work (LayerNorm, GELU, softmax) from them in the
-            # backward pass, halved an RLOO update's temporaries at pythia-10m and made it about
-            # 12% faster on CPU (README, Benchmarks).
+        elif cache is None and config.scan_layers:
+            # A scan saves each layer's residuals into stacked arrays, which costs more than an
+            # unrolled layer's own buffers (on CPU they are zero-filled, then written and read
+            # once more); keeping only the products' outputs halves an RLOO iteration's
+            # temporaries (README, Benchmarks).
             block = jax.checkpoint(block, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
         if config.scan_layers:
             stacked = jax.tree.map(lambda *layer: jnp.stack(layer), *states)
