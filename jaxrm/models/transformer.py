@@ -307,9 +307,9 @@ class Transformer(nnx.Module):
 
         The blocks run as one pure function of a block's parameters, either scanned over the
         stacked parameters or unrolled (``config.scan_layers``). Without a cache (training,
-        scoring) each block is checkpointed: with ``config.remat`` it keeps only its input;
-        scanned, it keeps its input and its matrix products' outputs and recomputes the
-        elementwise work in the backward pass; unrolled blocks are not checkpointed.
+        scoring), what a block keeps for the backward pass: with ``config.remat`` only its
+        input; otherwise, scanned, its input and its matrix products' outputs (the elementwise
+        work is recomputed); unrolled, everything (no checkpoint).
         """
         config = self.config
         graphdef = nnx.graphdef(self.layers[0])
