@@ -9,8 +9,8 @@
      problem's crossing on that step's dense output by vectorized bisection.
    jaxrm is timed as the best of ``--repeats`` rounds, each the mean of as many back-to-back
    calls as fill about a second; per-problem SciPy as the best of ``--repeats`` single passes
-   (1-8 s each); the stacked system once, on ``--stacked-problems`` scaled up. Reports both speed-ups (JAX compile time
-   separately) and the largest relative difference.
+   (1-8 s each); the stacked system once, on ``--stacked-problems`` scaled up. Reports both
+   speed-ups (JAX compile time separately) and the largest relative difference.
 2. Discrete exact-gradient steps (S = 1024, |Y| = 4096, float32, SGD, KL penalty) under
    ``lax.scan``, prompts sharded over all devices: achieved memory traffic (read logits and the
    KL-folded rewards ``r + lam log pi_ref``, which the ascent forms once before its loop; write
