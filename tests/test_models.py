@@ -221,6 +221,15 @@ def test_dot_product_attention_equals_explicit_softmax_attention(tiny_lm):
     np.testing.assert_allclose(np.asarray(out)[np.asarray(mask)], np.asarray(expected)[np.asarray(mask)], atol=1e-6)
 
 
+def test_the_vocabulary_major_unembedding_gives_the_same_logits(tiny_lm):
+    hidden = jax.random.normal(jax.random.key(0), (3, 2, tiny_lm.config.hidden_size))
+    by_vocab = tiny_lm.kernel_by_vocab()
+    assert by_vocab.shape == (tiny_lm.config.vocab_size, tiny_lm.config.hidden_size)
+    logits = tiny_lm.head(hidden, kernel_by_vocab=by_vocab)
+    assert logits.shape == (3, 2, tiny_lm.config.vocab_size) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, tiny_lm.head(hidden), rtol=1e-5, atol=1e-6)
+
+
 def test_scanned_unrolled_and_rematerialised_layers_compute_the_same_function(tiny_lm):
     tokens, mask = jnp.asarray(TOKENS), jnp.asarray(MASK)
     loss_mask = mask.at[:, :2].set(False)

@@ -227,7 +227,15 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
         phase_ends = _phase_ends(steps, options.cache_phases)
         cache = KVCache.empty(model.config, batch, prompt_len + phase_ends[0])
         positions = default_positions(prompt_mask)
-        logits, cache = model.decode(prompt_tokens, prompt_mask, positions=positions, cache=cache, last_only=True)
+        kernel_by_vocab = model.kernel_by_vocab()  # transposed once per generation, not per token
+        logits, cache = model.decode(
+            prompt_tokens,
+            prompt_mask,
+            positions=positions,
+            cache=cache,
+            last_only=True,
+            kernel_by_vocab=kernel_by_vocab,
+        )
         next_position = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
         token, log_prob = _draw(jax.random.fold_in(key, 0), logits[:, -1], options)
 
@@ -247,7 +255,11 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
             step, cache, position, tokens, log_probs, mask, done = carry
             previous = tokens[:, step - 1]
             logits, cache = model.decode(
-                previous[:, None], mask[:, step - 1, None], positions=position[:, None], cache=cache
+                previous[:, None],
+                mask[:, step - 1, None],
+                positions=position[:, None],
+                cache=cache,
+                kernel_by_vocab=kernel_by_vocab,
             )
             token, log_prob = _draw(jax.random.fold_in(key, step), logits[:, 0], options)
             live = ~done

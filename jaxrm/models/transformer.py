@@ -354,25 +354,45 @@ class CausalLM(nnx.Module):
         """Next-token logits ``[batch, time, vocab]`` (float32) for every position."""
         return self.head(self.trunk(tokens, mask, positions=positions))
 
-    def head(self, hidden):
+    def head(self, hidden, *, kernel_by_vocab=None):
         """Float32 logits of trunk outputs ``[..., hidden]``: apply it to the positions whose
         next token is wanted only (the unembedding is the widest matmul of a small model).
 
         The matmul runs in the compute dtype and accumulates and returns float32, so bfloat16
         compute does not round the logits that log-probs, ratios and KL are taken from.
-        """
-        kernel = self.embed_out.kernel[...].astype(hidden.dtype)
-        return _per_position(
-            lambda rows: jnp.einsum("td,dv->tv", rows, kernel, preferred_element_type=jnp.float32), hidden
-        )
 
-    def decode(self, tokens, mask, *, positions, cache: KVCache, last_only: bool = False):
+        ``kernel_by_vocab``: the unembedding kernel transposed, ``[vocab, hidden]``
+        (:meth:`kernel_by_vocab`), for a caller that takes the logits of a few rows many times,
+        as a sampler does. The product then runs vocabulary-major, which XLA CPU computes
+        1.3x faster for a decoding step's 32 rows at ``pythia-70m`` width (with the kernel
+        ``[hidden, vocab]`` as stored, the few rows make a skinny product); take the transpose
+        once, outside the loop. Same logits up to float32 rounding.
+        """
+        if kernel_by_vocab is None:
+            kernel = self.embed_out.kernel[...].astype(hidden.dtype)
+            return _per_position(
+                lambda rows: jnp.einsum("td,dv->tv", rows, kernel, preferred_element_type=jnp.float32), hidden
+            )
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        by_vocab = jnp.einsum(
+            "vd,td->vt", kernel_by_vocab.astype(hidden.dtype), rows, preferred_element_type=jnp.float32
+        )
+        # Without the barrier XLA folds the transpose into the product, which then runs as
+        # slowly as the hidden-major one.
+        return jax.lax.optimization_barrier(by_vocab).T.reshape(*hidden.shape[:-1], -1)
+
+    def kernel_by_vocab(self) -> jax.Array:
+        """The unembedding kernel transposed, ``[vocab, hidden]``, for :meth:`head` and :meth:`decode`."""
+        return self.embed_out.kernel[...].T
+
+    def decode(self, tokens, mask, *, positions, cache: KVCache, last_only: bool = False, kernel_by_vocab=None):
         """Logits of ``tokens`` written into ``cache`` at ``cache.index``; returns ``(logits, cache)``.
 
-        ``last_only``: logits of the last position only (``[batch, 1, vocab]``), all a sampler needs.
+        ``last_only``: logits of the last position only (``[batch, 1, vocab]``), all a sampler
+        needs. ``kernel_by_vocab``: as in :meth:`head`.
         """
         hidden, cache = self.trunk(tokens, mask, positions=positions, cache=cache)
-        return self.head(hidden[:, -1:] if last_only else hidden), cache
+        return self.head(hidden[:, -1:] if last_only else hidden, kernel_by_vocab=kernel_by_vocab), cache
 
 
 def last_token_index(mask: jax.Array) -> jax.Array:
