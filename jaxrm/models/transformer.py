@@ -382,8 +382,9 @@ class CausalLM(nnx.Module):
         return jax.lax.optimization_barrier(by_vocab).T.reshape(*hidden.shape[:-1], -1)
 
     def kernel_by_vocab(self) -> jax.Array:
-        """The unembedding kernel transposed, ``[vocab, hidden]``, for :meth:`head` and :meth:`decode`."""
-        return self.embed_out.kernel[...].T
+        """The unembedding kernel transposed, ``[vocab, hidden]``, in the compute dtype, for
+        :meth:`head` and :meth:`decode`."""
+        return self.embed_out.kernel[...].T.astype(self.config.compute_dtype)
 
     def decode(self, tokens, mask, *, positions, cache: KVCache, last_only: bool = False, kernel_by_vocab=None):
         """Logits of ``tokens`` written into ``cache`` at ``cache.index``; returns ``(logits, cache)``.
