@@ -339,6 +339,42 @@ def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zer
     assert not all(np.array_equal(a, b) for a, b in zip(updated[0.5], _leaves(params)))
 
 
+def test_microbatches_accumulate_the_minibatch_gradient_exactly():
+    model = policy()
+    graphdef, params = nnx.split(model)
+    tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
+    prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
+    samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
+    # Ragged responses, so that microbatches hold different numbers of tokens, and old log-probs
+    # away from the current ones, so that some ratios are clipped.
+    lengths = jax.random.randint(jax.random.key(3), (prompt.shape[0], 1), 1, CONFIG.max_new_tokens + 1)
+    response_mask = jnp.arange(CONFIG.max_new_tokens) < lengths
+    old_logp = jnp.where(
+        response_mask, samples.log_probs + 0.3 * jax.random.normal(jax.random.key(4), lengths.shape), 0
+    )
+    advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
+    rollout = (prompt, prompt_mask, samples.tokens, response_mask, old_logp, samples.log_probs, advantages)
+    token_level = dict(ratio_level="token", kl_placement="loss", entropy_coef=0.1, clip_eps=0.05)
+    # A large Adam epsilon makes the step about proportional to the gradient, so that a
+    # gradient off by rounding moves it by rounding (not by +-lr where a component is ~0).
+    for changes in (dict(minibatches=2, adam_eps=0.1, **token_level), dict(minibatches=2, adam_eps=0.1)):
+        results = {}
+        for microbatches in (1, 4):
+            config = dataclasses.replace(CONFIG, microbatches=microbatches, **changes)
+            (new_params, _), stats = jax.jit(make_phases(config, graphdef).optimize)(
+                params, config.optimizer().init(params), rollout, jax.random.key(1)
+            )
+            results[microbatches] = _leaves(new_params), {k: np.asarray(v) for k, v in stats.items()}
+        (whole, whole_stats), (accumulated, accumulated_stats) = results[1], results[4]
+        assert whole_stats["clip_fraction"].max() > 0, changes
+        for name in whole_stats:
+            np.testing.assert_allclose(accumulated_stats[name], whole_stats[name], rtol=1e-5, err_msg=name)
+        for ours, theirs, start in zip(accumulated, whole, _leaves(params)):
+            np.testing.assert_allclose(ours - start, theirs - start, rtol=1e-4, atol=1e-8, err_msg=str(changes))
+    with pytest.raises(ValueError, match="microbatches=3 must divide the minibatch of 8"):
+        RLHFConfig(prompts_per_iteration=8, minibatches=2, microbatches=3)
+
+
 def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(tmp_path):
     model = policy()
     graphdef, params = nnx.split(model)

@@ -9,7 +9,8 @@ One iteration (docs/theory.md#official-rloo-and-grpo-semantics):
 3. per-token log-probs of the policy (at sampling time) and of the frozen reference;
 4. fold ``kl_coef * sum_t KL_t`` into the reward (or add it to the loss), compute advantages
    (leave-one-out, group-normalised, or plain);
-5. ``epochs`` passes of ``minibatches`` optax updates on the clipped surrogate.
+5. ``epochs`` passes of ``minibatches`` optax updates on the clipped surrogate, each gradient
+   accumulated over ``microbatches``.
 
 ``make_iteration(...)`` returns the pure ``iteration(state, data) -> (state, metrics)``;
 ``make_train(...)`` scans it for a run (``vmap`` it over seeds and teachers): the one compiled
@@ -91,6 +92,14 @@ class RLHFConfig:
       entropy_coef: weight of an entropy bonus (0: none).
       epochs: passes over each rollout batch.
       minibatches: optimizer steps per pass; must divide ``prompts_per_iteration x k``.
+      microbatches: gradient accumulation: each optimizer step's gradient is summed over this
+        many microbatches of its minibatch, computed one after another (a ``lax.scan``), so an
+        update holds one microbatch's activations. The same step up to float rounding: each
+        microbatch's loss terms are weighted by its share of the tokens or sequences that the
+        term's aggregation divides by. Must divide the minibatch (``prompts_per_iteration x k /
+        minibatches``). On the development CPU, 8 microbatches of 16 responses (``pythia-10m``)
+        took the update's temporaries from 1.2 GiB to 0.18 GiB and made it faster (README,
+        Benchmarks).
       learning_rate: Adam learning rate (> 0).
       adam_eps: Adam's epsilon (> 0).
       max_grad_norm: clip the global gradient norm to this (> 0), or None for no clipping.
@@ -126,6 +135,7 @@ class RLHFConfig:
     entropy_coef: float = checked(0.0, NON_NEGATIVE)
     epochs: int = checked(1, POSITIVE_INT)
     minibatches: int = checked(1, POSITIVE_INT)
+    microbatches: int = checked(1, POSITIVE_INT)
     learning_rate: float = checked(1e-6, POSITIVE)
     adam_eps: float = checked(1e-8, POSITIVE)
     max_grad_norm: float | None = checked(1.0, POSITIVE)
@@ -178,6 +188,12 @@ class RLHFConfig:
             raise ValueError(
                 f"minibatches={self.minibatches} must divide prompts_per_iteration x samples_per_prompt = "
                 f"{self.prompts_per_iteration * self.samples_per_prompt}."
+            )
+        minibatch = self.prompts_per_iteration * self.samples_per_prompt // self.minibatches
+        if minibatch % self.microbatches:
+            raise ValueError(
+                f"microbatches={self.microbatches} must divide the minibatch of {minibatch} responses "
+                "(prompts_per_iteration x samples_per_prompt / minibatches)."
             )
 
     @property
@@ -285,6 +301,54 @@ class IterationPhases(NamedTuple):
     optimize: Callable
 
 
+class LossShares(NamedTuple):
+    """What one microbatch's loss terms weigh in its minibatch's loss: the microbatch's share of
+    what each term's aggregation divides by (all 1 for a whole minibatch).
+
+    Attributes:
+      surrogate: the clipped surrogate's share (of the non-empty sequences with
+        ``ratio_level="sequence"``; else of the tokens under ``token-mean``, of the rows under
+        the sequence aggregations).
+      kl: the loss's KL term's share (tokens under ``token-mean``, else rows).
+      tokens: the share of response tokens (the entropy, a token mean).
+      clip: the clip fraction's share (non-empty sequences or tokens, as the ratios are counted).
+    """
+
+    surrogate: Any
+    kl: Any
+    tokens: Any
+    clip: Any
+
+
+WHOLE_MINIBATCH = LossShares(1.0, 1.0, 1.0, 1.0)
+
+
+def microbatch_shares(response_mask: jax.Array, config: RLHFConfig) -> LossShares:
+    """The :class:`LossShares` of each microbatch of ``response_mask [microbatches, rows, time]``;
+    summed over microbatches, their weighted losses make the minibatch's loss exactly.
+
+    >>> mask = jnp.array([[[True, True], [True, True]], [[True, False], [True, False]]])
+    >>> shares = microbatch_shares(mask, RLHFConfig(ratio_level="token", prompts_per_iteration=2))
+    >>> [round(float(x), 3) for x in shares.tokens], [round(float(x), 3) for x in shares.clip]
+    ([0.667, 0.333], [0.667, 0.333])
+    >>> [float(x) for x in microbatch_shares(mask, RLHFConfig(prompts_per_iteration=2)).surrogate]
+    [0.5, 0.5]
+    """
+
+    def share(counts):
+        counts = counts.astype(jnp.float32)
+        return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+    response_mask = response_mask.astype(bool)
+    tokens = share(jnp.sum(response_mask, axis=(1, 2)))
+    rows = jnp.full(response_mask.shape[0], 1.0 / response_mask.shape[0])
+    sequences = share(jnp.sum(jnp.any(response_mask, axis=-1), axis=-1))
+    by_aggregation = tokens if config.aggregation == "token-mean" else rows
+    if config.ratio_level == "sequence":
+        return LossShares(surrogate=sequences, kl=by_aggregation, tokens=tokens, clip=sequences)
+    return LossShares(surrogate=by_aggregation, kl=by_aggregation, tokens=tokens, clip=tokens)
+
+
 def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationPhases:
     """The phases of :func:`make_iteration` (less the teacher), to compose or time one by one."""
     optimizer = config.optimizer()
@@ -295,7 +359,7 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationP
             policy_graphdef, params, prompt, prompt_mask, response, response_mask, temperature=config.temperature
         )
 
-    def loss_fn(params, minibatch):
+    def loss_fn(params, minibatch, shares: LossShares = WHOLE_MINIBATCH):
         prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages = minibatch
         logp, logits = log_probs(params, prompt, prompt_mask, response, response_mask)
         loss, clip_fraction = pg.clipped_surrogate_loss(
@@ -307,19 +371,39 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationP
             ratio_level=config.ratio_level,
             aggregation=config.aggregation,
         )
+        loss = shares.surrogate * loss
         if config.entropy_coef == 0:  # measured only: no backward pass through the softmax entropy
             logits = jax.lax.stop_gradient(logits)
-        entropy = pg.aggregate(pg.entropy_per_token(logits, response_mask), response_mask)
+        entropy = shares.tokens * pg.aggregate(pg.entropy_per_token(logits, response_mask), response_mask)
         if config.kl_placement == "loss":
             kl = pg.kl_per_token(logp, ref_logp, response_mask, kl_estimator=config.kl_estimator)
-            loss = loss + config.kl_coef * pg.aggregate(kl, response_mask, mode=config.aggregation)
+            loss = loss + shares.kl * config.kl_coef * pg.aggregate(kl, response_mask, mode=config.aggregation)
         if config.entropy_coef != 0:
             loss = loss - config.entropy_coef * entropy
-        return loss, {"clip_fraction": clip_fraction, "entropy": entropy}
+        return loss, {"clip_fraction": shares.clip * clip_fraction, "entropy": entropy}
+
+    def gradient(params, minibatch):
+        """``((loss, stats), grads)`` of one minibatch, accumulated over ``config.microbatches``."""
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        if config.microbatches == 1:
+            return value_and_grad(params, minibatch)
+        # Strided microbatches (rows c, c + m, c + 2m, ...): a batch split over a mesh's data
+        # axis keeps each device's rows on that device.
+        microbatches = jax.tree.map(
+            lambda a: jnp.swapaxes(a.reshape(-1, config.microbatches, *a.shape[1:]), 0, 1), minibatch
+        )
+        shares = microbatch_shares(microbatches[3], config)
+
+        def accumulate(total, microbatch_and_shares):
+            return jax.tree.map(jnp.add, total, value_and_grad(params, *microbatch_and_shares)), None
+
+        one = jax.eval_shape(value_and_grad, params, *jax.tree.map(lambda a: a[0], (microbatches, shares)))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), one)
+        return jax.lax.scan(accumulate, zeros, (microbatches, shares))[0]
 
     def update(carry, minibatch):
         params, opt_state = carry
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+        (loss, aux), grads = gradient(params, minibatch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss, **aux}
 
