@@ -72,3 +72,13 @@ def test_allocator_settings_name_every_allocator_variable_that_is_set(monkeypatc
     monkeypatch.setenv("MALLOCATED", "not an allocator variable")
     assert allocator_settings() == {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0", "MALLOC_ARENA_MAX": "1"}
     assert allocator_line() == "host memory: GLIBC_TUNABLES=glibc.malloc.mmap_max=0, MALLOC_ARENA_MAX=1"
+
+
+def test_rlhf_benchmark_refuses_microbatches_that_do_not_divide_the_batch(tmp_path, capsys):
+    from experiments.benchmarks import rlhf_step
+
+    out = tmp_path / "rlhf.json"
+    with pytest.raises(SystemExit):
+        rlhf_step.main(["--prompts", "4", "--microbatches", "3", "--out", str(out)])
+    assert "--microbatches must be >= 1 and divide the 8 responses" in capsys.readouterr().err
+    assert not out.exists()

@@ -20,6 +20,10 @@ reward model, the policy in the update) and ``4 x params`` per token for the bac
 ``params`` excluding the input embedding (a lookup); recomputations (old log-probs, gradient
 checkpointing) are not counted. TRL runs with ``gradient_checkpointing=False`` (its default is
 True, which costs one more forward pass) so that both sides do the same arithmetic.
+``--microbatches m`` accumulates each update's gradient over ``m`` microbatches on both sides
+(jaxrm's ``RLHFConfig.microbatches``; TRL's ``gradient_accumulation_steps`` and
+``steps_per_generation``, with a per-device batch ``1/m`` of the responses): one generation and one
+optimizer step per iteration either way.
 
 Run from the repository root: ``python -m experiments.benchmarks.rlhf_step [--help]``.
 """
@@ -60,10 +64,14 @@ PROMPT_LEN = 16
 
 
 def jaxrm_iterations(
-    directory: Path, *, prompts, new_tokens, iterations, scan_layers: bool
+    directory: Path, *, prompts, new_tokens, iterations, scan_layers: bool, microbatches: int
 ) -> tuple[list[float], float, dict]:
     config = RLHFConfig(
-        prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens, learning_rate=1e-6
+        prompts_per_iteration=prompts,
+        samples_per_prompt=K,
+        max_new_tokens=new_tokens,
+        learning_rate=1e-6,
+        microbatches=microbatches,
     )
     policy = load_hf(directory / "policy", scan_layers=scan_layers)
     reward_model = load_hf(directory / "reward", head="reward", scan_layers=scan_layers)
@@ -121,7 +129,7 @@ def _word_tokenizer(vocab_size: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
 
 
-def trl_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -> list[float]:
+def trl_iterations(shape, directory: Path, *, prompts, new_tokens, iterations, microbatches: int) -> list[float]:
     import datasets
     from trl import RLOOConfig, RLOOTrainer
 
@@ -144,10 +152,12 @@ def trl_iterations(shape, directory: Path, *, prompts, new_tokens, iterations) -
 
     args = RLOOConfig(
         output_dir=str(directory / "trl"),
-        per_device_train_batch_size=prompts * K,
+        # One generation of prompts x K responses, then one optimizer step over `microbatches`
+        # accumulated micro-steps (TRL's micro-steps each take a slice of the generation).
+        per_device_train_batch_size=prompts * K // microbatches,
         num_generations=K,
-        steps_per_generation=1,
-        gradient_accumulation_steps=1,
+        steps_per_generation=microbatches,
+        gradient_accumulation_steps=microbatches,
         max_completion_length=new_tokens,
         generation_kwargs={"min_new_tokens": new_tokens},
         temperature=1.0,
@@ -189,9 +199,17 @@ def main(argv=None):
     parser.add_argument(
         "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="jaxrm layer layouts to time"
     )
+    parser.add_argument(
+        "--microbatches",
+        type=int,
+        default=1,
+        help="gradient accumulation on both sides: jaxrm's RLHFConfig.microbatches, TRL's gradient_accumulation_steps",
+    )
     parser.add_argument("--skip-trl", action="store_true", help="only time jaxrm (e.g. on a GPU machine)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rlhf_step.json"))
     args = parser.parse_args(argv)
+    if args.microbatches < 1 or (args.prompts * K) % args.microbatches:
+        parser.error(f"--microbatches must be >= 1 and divide the {args.prompts * K} responses of an iteration")
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].device_kind}")
@@ -213,6 +231,7 @@ def main(argv=None):
             "prompts": args.prompts,
             "k": K,
             "new_tokens": args.new_tokens,
+            "microbatches": args.microbatches,
             "matmul_peak_gflops": peak / 1e9,
             "model_gflops_per_iteration": flops / 1e9,
             "allocator": allocator_settings(),
@@ -225,6 +244,7 @@ def main(argv=None):
                 new_tokens=args.new_tokens,
                 iterations=args.iterations,
                 scan_layers=LAYOUTS[layout],
+                microbatches=args.microbatches,
             )
             iteration_s = statistics.median(ours)
             jaxrm = result["jaxrm"][layout] = {
@@ -245,7 +265,12 @@ def main(argv=None):
             )
         if not args.skip_trl:
             theirs = trl_iterations(
-                args.shape, directory, prompts=args.prompts, new_tokens=args.new_tokens, iterations=args.iterations
+                args.shape,
+                directory,
+                prompts=args.prompts,
+                new_tokens=args.new_tokens,
+                iterations=args.iterations,
+                microbatches=args.microbatches,
             )
             result["trl_iteration_s"] = statistics.median(theirs)
             result["trl_tokens_per_s"] = tokens / result["trl_iteration_s"]
