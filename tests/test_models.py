@@ -223,11 +223,17 @@ def test_dot_product_attention_equals_explicit_softmax_attention(tiny_lm):
 
 def test_the_vocabulary_major_unembedding_gives_the_same_logits(tiny_lm):
     hidden = jax.random.normal(jax.random.key(0), (3, 2, tiny_lm.config.hidden_size))
+    # Taken by the sampler with float32 compute on CPU only (XLA CPU has no bfloat16 kernel for it).
+    assert tiny_lm.decodes_vocabulary_major()
+    assert not CausalLM(preset("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0)).decodes_vocabulary_major()
     by_vocab = tiny_lm.kernel_by_vocab()
     assert by_vocab.shape == (tiny_lm.config.vocab_size, tiny_lm.config.hidden_size)
     logits = tiny_lm.head(hidden, kernel_by_vocab=by_vocab)
     assert logits.shape == (3, 2, tiny_lm.config.vocab_size) and logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, tiny_lm.head(hidden), rtol=1e-5, atol=1e-6)
+    # The kernel given is the one used (a head that ignored it would pass the line above).
+    other = jax.random.normal(jax.random.key(1), by_vocab.shape)
+    np.testing.assert_allclose(tiny_lm.head(hidden, kernel_by_vocab=other), hidden @ other.T, rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_unrolled_and_rematerialised_layers_compute_the_same_function(tiny_lm):

@@ -345,19 +345,24 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly():
     tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
     prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
     samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
-    # Ragged responses, so that microbatches hold different numbers of tokens, and old log-probs
-    # away from the current ones, so that some ratios are clipped.
-    lengths = jax.random.randint(jax.random.key(3), (prompt.shape[0], 1), 1, CONFIG.max_new_tokens + 1)
+    # Ragged responses, some empty, so that microbatches hold different numbers of tokens and of
+    # non-empty sequences, and old log-probs away from the current ones, so that some ratios are clipped.
+    lengths = jax.random.randint(jax.random.key(3), (prompt.shape[0], 1), 0, CONFIG.max_new_tokens + 1)
     response_mask = jnp.arange(CONFIG.max_new_tokens) < lengths
     old_logp = jnp.where(
         response_mask, samples.log_probs + 0.3 * jax.random.normal(jax.random.key(4), lengths.shape), 0
     )
     advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
     rollout = (prompt, prompt_mask, samples.tokens, response_mask, old_logp, samples.log_probs, advantages)
-    token_level = dict(ratio_level="token", kl_placement="loss", entropy_coef=0.1, clip_eps=0.05)
-    # A large Adam epsilon makes the step about proportional to the gradient, so that a
-    # gradient off by rounding moves it by rounding (not by +-lr where a component is ~0).
-    for changes in (dict(minibatches=2, adam_eps=0.1, **token_level), dict(minibatches=2, adam_eps=0.1)):
+    assert 0 < int(jnp.sum(lengths == 0)) < prompt.shape[0] // 2
+    # Every share of microbatch_shares enters: tokens (token-mean surrogate and KL, entropy),
+    # non-empty sequences (sequence-level ratios) and rows (sequence-mean KL).
+    every_term = dict(minibatches=2, kl_placement="loss", entropy_coef=0.1, clip_eps=0.05)
+    cases = (dict(ratio_level="token", **every_term), dict(aggregation="sequence-mean", **every_term))
+    for changes in cases:
+        # A large Adam epsilon makes the step about proportional to the gradient, so that a
+        # gradient off by rounding moves it by rounding (not by +-lr where a component is ~0).
+        changes = dict(adam_eps=0.1, **changes)
         results = {}
         for microbatches in (1, 4):
             config = dataclasses.replace(CONFIG, microbatches=microbatches, **changes)

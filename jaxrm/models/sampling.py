@@ -227,7 +227,8 @@ def make_sampler(graphdef: nnx.GraphDef, options: SamplingOptions):
         phase_ends = _phase_ends(steps, options.cache_phases)
         cache = KVCache.empty(model.config, batch, prompt_len + phase_ends[0])
         positions = default_positions(prompt_mask)
-        kernel_by_vocab = model.kernel_by_vocab()  # transposed once per generation, not per token
+        # Transposed once per generation, not per token.
+        kernel_by_vocab = model.kernel_by_vocab() if model.decodes_vocabulary_major() else None
         logits, cache = model.decode(
             prompt_tokens,
             prompt_mask,
