@@ -31,6 +31,7 @@ from jaxrm.train.rlhf import (
     make_phases,
     make_train,
     measure_reward_statistics,
+    policy_log_probs,
     reward_model_fn,
 )
 
@@ -354,6 +355,7 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly():
     )
     advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
     rollout = (prompt, prompt_mask, samples.tokens, response_mask, old_logp, samples.log_probs, advantages)
+    whole_pass_log_probs = policy_log_probs(graphdef, params, *rollout[:4], temperature=CONFIG.temperature)[0]
     assert 0 < int(jnp.sum(lengths == 0)) < prompt.shape[0] // 2
     # Every share of microbatch_shares enters: tokens (token-mean surrogate and KL, entropy),
     # non-empty sequences (sequence-level ratios) and rows (sequence-mean KL).
@@ -366,8 +368,13 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly():
         results = {}
         for microbatches in (1, 4):
             config = dataclasses.replace(CONFIG, microbatches=microbatches, **changes)
-            (new_params, _), stats = jax.jit(make_phases(config, graphdef).optimize)(
+            phases = make_phases(config, graphdef)
+            (new_params, _), stats = jax.jit(phases.optimize)(
                 params, config.optimizer().init(params), rollout, jax.random.key(1)
+            )
+            # The forward passes over the rollout run in minibatches x microbatches parts.
+            np.testing.assert_allclose(
+                jax.jit(phases.log_probs)(params, *rollout[:4]), whole_pass_log_probs, rtol=1e-5, atol=1e-6
             )
             results[microbatches] = _leaves(new_params), {k: np.asarray(v) for k, v in stats.items()}
         (whole, whole_stats), (accumulated, accumulated_stats) = results[1], results[4]

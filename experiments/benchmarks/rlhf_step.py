@@ -58,7 +58,15 @@ from experiments.benchmarks.common import (
 from experiments.benchmarks.generate import LAYOUTS, build_pair, hf_config
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
-from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, make_phases, reward_model_fn
+from jaxrm.train.rlhf import (
+    RLHFConfig,
+    TrainData,
+    by_microbatches,
+    init_state,
+    make_iteration,
+    make_phases,
+    reward_model_fn,
+)
 
 PROMPT_LEN = 16
 
@@ -109,7 +117,7 @@ def phase_seconds(config, graphdef, reward_fn, state, data, repeats: int) -> dic
     rollout = (*sequences, samples.log_probs, samples.log_probs, advantages)
     calls = {
         "reference": (phases.log_probs, (data.ref_params, *sequences)),
-        "reward": (reward_fn, (data.reward_params, *sequences)),
+        "reward": (by_microbatches(reward_fn, config.microbatches_per_rollout), (data.reward_params, *sequences)),
         "update": (phases.optimize, (state.params, state.opt_state, rollout, jax.random.key(3))),
     }
     seconds = {"sampling": statistics.median(sample_times)}

@@ -48,7 +48,8 @@ from jaxrm.models.transformer import CausalLM, RewardModel
 KL_PLACEMENTS = ("reward", "loss")
 
 # A teacher maps (params, prompt, prompt_mask, response, response_mask) -> rewards [batch]; ``params``
-# is the reward model's state (or None for a ground-truth function).
+# is the reward model's state (or None for a ground-truth function). It scores each row on its own:
+# an iteration calls it on one microbatch of rows at a time.
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -94,12 +95,15 @@ class RLHFConfig:
       minibatches: optimizer steps per pass; must divide ``prompts_per_iteration x k``.
       microbatches: gradient accumulation: each optimizer step's gradient is summed over this
         many microbatches of its minibatch, computed one after another (a ``lax.scan``), so an
-        update holds one microbatch's activations. The same step up to float rounding: each
+        update holds one microbatch's activations; the forward passes over the rollout (the
+        reference's log-probs, the policy's when recomputed, the teacher) also run one
+        microbatch of rows at a time (:func:`by_microbatches`, ``minibatches x microbatches``
+        parts). The same step up to float rounding: each
         microbatch's loss terms are weighted by its share of the tokens or sequences that the
         term's aggregation divides by. Must divide the minibatch (``prompts_per_iteration x k /
         minibatches``). On the development CPU, 8 microbatches of 16 responses (``pythia-10m``)
-        took the update's temporaries from 1.2 GiB to 0.16 GiB and made it faster (README,
-        Benchmarks). Gradients accumulate in at least float32.
+        took the update's temporaries from 1.2 GiB to 0.16 GiB and made it and the forward
+        passes faster (README, Benchmarks). Gradients accumulate in at least float32.
       learning_rate: Adam learning rate (> 0).
       adam_eps: Adam's epsilon (> 0).
       max_grad_norm: clip the global gradient norm to this (> 0), or None for no clipping.
@@ -209,6 +213,12 @@ class RLHFConfig:
         )
 
     @property
+    def microbatches_per_rollout(self) -> int:
+        """The parts (``minibatches x microbatches``) in which a forward pass over a rollout
+        batch runs, one at a time (:func:`by_microbatches`)."""
+        return self.minibatches * self.microbatches
+
+    @property
     def reward_ddof(self) -> int:
         """The ddof of the reward statistics that ``reward_normalization`` expects."""
         return 1 if self.reward_normalization == "rsqrt_var" else 0
@@ -289,8 +299,9 @@ class IterationPhases(NamedTuple):
 
     Attributes:
       sample: ``sample(params, prompt, prompt_mask, key) -> Samples``, the KV-cache sampler.
-      log_probs: ``log_probs(params, prompt, prompt_mask, response, response_mask) -> (logp,
-        logits)``, a forward pass of the policy (or of the reference, with its parameters).
+      log_probs: ``log_probs(params, prompt, prompt_mask, response, response_mask) -> logp``,
+        the per-token log-probs of a forward pass of the policy (or of the reference, with its
+        parameters), one microbatch of rows at a time (:func:`by_microbatches`).
       optimize: ``optimize(params, opt_state, rollout, key) -> ((params, opt_state), stats)``:
         every epoch and minibatch update on ``rollout = (prompt, prompt_mask, response,
         response_mask, old_logp, ref_logp, advantages)``.
@@ -349,19 +360,54 @@ def microbatch_shares(response_mask: jax.Array, config: RLHFConfig) -> LossShare
     return LossShares(surrogate=by_aggregation, kl=by_aggregation, tokens=tokens, clip=tokens)
 
 
+def _split_rows(tree, parts: int):
+    """``[rows, ...]`` arrays as ``[parts, rows / parts, ...]``, part ``c`` holding rows ``c, c +
+    parts, c + 2 parts, ...``: strided, so that a batch split over a mesh's data axis keeps each
+    device's rows on it when ``parts`` divides them."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(-1, parts, *a.shape[1:]), 0, 1), tree)
+
+
+def _join_rows(tree):
+    """The inverse of :func:`_split_rows`."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:]), tree)
+
+
+def by_microbatches(fn: Callable, parts: int) -> Callable:
+    """``fn(params, *rows)`` computed on ``parts`` strided parts of the rows one after another
+    (``lax.map``), so that only one part's activations are in memory; ``parts=1`` returns ``fn``.
+
+    ``fn`` must treat its rows independently and return per-row outputs (leading axis ``rows``),
+    as a teacher and a log-prob pass do; the outputs come back in row order.
+
+    >>> rows_seen = by_microbatches(lambda params, x: jnp.full(x.shape[0], x.shape[0]), 4)
+    >>> rows_seen(None, jnp.arange(8)).tolist()
+    [2, 2, 2, 2, 2, 2, 2, 2]
+    """
+    if parts == 1:
+        return fn
+
+    def chunked(params, *rows):
+        return _join_rows(jax.lax.map(lambda part: fn(params, *part), _split_rows(rows, parts)))
+
+    return chunked
+
+
 def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationPhases:
     """The phases of :func:`make_iteration` (less the teacher), to compose or time one by one."""
     optimizer = config.optimizer()
     batch = config.samples_per_prompt * config.prompts_per_iteration
 
-    def log_probs(params, prompt, prompt_mask, response, response_mask):
+    def forward(params, prompt, prompt_mask, response, response_mask):
         return policy_log_probs(
             policy_graphdef, params, prompt, prompt_mask, response, response_mask, temperature=config.temperature
         )
 
+    def log_probs(params, prompt, prompt_mask, response, response_mask):
+        return forward(params, prompt, prompt_mask, response, response_mask)[0]
+
     def loss_fn(params, minibatch, *, shares: LossShares = WHOLE_MINIBATCH):
         prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages = minibatch
-        logp, logits = log_probs(params, prompt, prompt_mask, response, response_mask)
+        logp, logits = forward(params, prompt, prompt_mask, response, response_mask)
         loss, clip_fraction = pg.clipped_surrogate_loss(
             logp,
             old_logp,
@@ -387,11 +433,7 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationP
         value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         if config.microbatches == 1:
             return value_and_grad(params, minibatch)
-        # Strided microbatches (rows c, c + m, c + 2m, ...): with one minibatch and m dividing
-        # each device's rows, a batch split over a mesh's data axis keeps its rows in place.
-        microbatches = jax.tree.map(
-            lambda a: jnp.swapaxes(a.reshape(-1, config.microbatches, *a.shape[1:]), 0, 1), minibatch
-        )
+        microbatches = _split_rows(minibatch, config.microbatches)
         _, _, _, response_mask, *_ = microbatches
         all_shares = microbatch_shares(response_mask, config)
 
@@ -420,7 +462,11 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationP
 
         return jax.lax.scan(one_epoch, (params, opt_state), jax.random.split(key, config.epochs))
 
-    return IterationPhases(make_sampler(policy_graphdef, config.sampling), log_probs, optimize)
+    return IterationPhases(
+        make_sampler(policy_graphdef, config.sampling),
+        by_microbatches(log_probs, config.microbatches_per_rollout),
+        optimize,
+    )
 
 
 def make_iteration(
@@ -434,7 +480,7 @@ def make_iteration(
     """The pure ``iteration(state, data) -> (state, metrics)`` of one RLHF step.
 
     ``reward_fn(data.reward_params, prompt, prompt_mask, response, response_mask)`` is the
-    teacher; ``ground_truth_fn`` (same signature, called with ``None`` params), when given, is
+    teacher (called on ``config.microbatches_per_rollout`` parts of the rows in turn); ``ground_truth_fn`` (same signature, called with ``None`` params), when given, is
     only measured: ground-truth reward and the teacher's on-policy accuracy against it.
     ``batch_sharding``: a sharding for ``[batch, ...]`` arrays (prompts split along a ``data``
     mesh axis, the ``k`` samples of a prompt kept together); None leaves placement to XLA.
@@ -442,6 +488,7 @@ def make_iteration(
     policy's) log-probs, the teacher, and the updates.
     """
     sampler, log_probs, optimize = make_phases(config, policy_graphdef)
+    teacher = by_microbatches(reward_fn, config.microbatches_per_rollout)
     k, num_prompts = config.samples_per_prompt, config.prompts_per_iteration
     batch = k * num_prompts
     filtered = config.top_k > 0 or config.top_p < 1
@@ -459,13 +506,13 @@ def make_iteration(
         samples = sampler(state.params, prompt, prompt_mask, sample_key)
         response, response_mask = samples.tokens, samples.mask
         if filtered:
-            old_logp, _ = log_probs(state.params, prompt, prompt_mask, response, response_mask)
+            old_logp = log_probs(state.params, prompt, prompt_mask, response, response_mask)
         else:
             old_logp = samples.log_probs
-        ref_logp, _ = log_probs(data.ref_params, prompt, prompt_mask, response, response_mask)
+        ref_logp = log_probs(data.ref_params, prompt, prompt_mask, response, response_mask)
         old_logp, ref_logp = jax.lax.stop_gradient(old_logp), jax.lax.stop_gradient(ref_logp)
 
-        raw = reward_fn(data.reward_params, prompt, prompt_mask, response, response_mask).reshape(num_prompts, k)
+        raw = teacher(data.reward_params, prompt, prompt_mask, response, response_mask).reshape(num_prompts, k)
         rewards = pg.normalize_sampled_rewards(
             raw, data.reward_mean, data.reward_std, normalization=config.reward_normalization, clip=config.reward_clip
         )
