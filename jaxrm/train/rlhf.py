@@ -480,8 +480,9 @@ def make_iteration(
     """The pure ``iteration(state, data) -> (state, metrics)`` of one RLHF step.
 
     ``reward_fn(data.reward_params, prompt, prompt_mask, response, response_mask)`` is the
-    teacher (called on ``config.microbatches_per_rollout`` parts of the rows in turn); ``ground_truth_fn`` (same signature, called with ``None`` params), when given, is
-    only measured: ground-truth reward and the teacher's on-policy accuracy against it.
+    teacher (called on ``config.microbatches_per_rollout`` parts of the rows in turn);
+    ``ground_truth_fn`` (same signature, called with ``None`` params), when given, is only
+    measured: ground-truth reward and the teacher's on-policy accuracy against it.
     ``batch_sharding``: a sharding for ``[batch, ...]`` arrays (prompts split along a ``data``
     mesh axis, the ``k`` samples of a prompt kept together); None leaves placement to XLA.
     The phases (:func:`make_phases`) are sampling, the reference's (and, with top-k/top-p, the
