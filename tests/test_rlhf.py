@@ -319,13 +319,19 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     assert [line["iteration"] for line in driver._read_lines(path, 1)] == [0]
 
 
-def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zero():
-    # Zero advantages and the KL in the reward: the only gradient left is the entropy bonus's.
-    model = policy()
-    graphdef, params = nnx.split(model)
+@pytest.fixture(scope="module")
+def sampled():
+    """``(graphdef, params, prompt, prompt_mask, samples)``: 8 prompts x 2 responses of the task's policy."""
+    graphdef, params = nnx.split(policy())
     tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
     prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
     samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
+    return graphdef, params, prompt, prompt_mask, samples
+
+
+def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zero(sampled):
+    # Zero advantages and the KL in the reward: the only gradient left is the entropy bonus's.
+    graphdef, params, prompt, prompt_mask, samples = sampled
     rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs)
     updated = {}
     for entropy_coef in (0.0, 0.5):
@@ -340,12 +346,8 @@ def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zer
     assert not all(np.array_equal(a, b) for a, b in zip(updated[0.5], _leaves(params)))
 
 
-def test_microbatches_accumulate_the_minibatch_gradient_exactly():
-    model = policy()
-    graphdef, params = nnx.split(model)
-    tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
-    prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
-    samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
+def test_microbatches_accumulate_the_minibatch_gradient_exactly(sampled):
+    graphdef, params, prompt, prompt_mask, samples = sampled
     # Ragged responses, some empty, so that microbatches hold different numbers of tokens and of
     # non-empty sequences, and old log-probs away from the current ones, so that some ratios are clipped.
     lengths = jax.random.randint(jax.random.key(3), (prompt.shape[0], 1), 0, CONFIG.max_new_tokens + 1)
@@ -387,12 +389,9 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly():
         RLHFConfig(prompts_per_iteration=8, minibatches=2, microbatches=3)
 
 
-def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(tmp_path):
+def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(sampled, tmp_path):
+    graphdef, params, prompt, prompt_mask, samples = sampled
     model = policy()
-    graphdef, params = nnx.split(model)
-    tokens, mask = (jnp.asarray(a[:8]) for a in prompts())
-    prompt, prompt_mask = jnp.repeat(tokens, 2, axis=0), jnp.repeat(mask, 2, axis=0)
-    samples = jax.jit(make_phases(CONFIG, graphdef).sample)(params, prompt, prompt_mask, jax.random.key(0))
     advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
     rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs, advantages)
     updated = {}
