@@ -26,6 +26,7 @@ from jaxrm.train import driver
 from jaxrm.train.rlhf import (
     RLHFConfig,
     TrainData,
+    by_microbatches,
     init_state,
     make_iteration,
     make_phases,
@@ -387,6 +388,10 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly(sampled):
             np.testing.assert_allclose(ours - start, theirs - start, rtol=1e-4, atol=1e-8, err_msg=str(changes))
     with pytest.raises(ValueError, match="microbatches=3 must divide the minibatch of 8"):
         RLHFConfig(prompts_per_iteration=8, minibatches=2, microbatches=3)
+    with pytest.raises(ValueError, match="parts=3 must divide the 16 rows"):
+        by_microbatches(ground_truth, 3)(None, *rollout[:4])
+    with pytest.raises(ValueError, match="parts=0 must be a positive int"):
+        by_microbatches(ground_truth, 0)
 
 
 def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(sampled, tmp_path):

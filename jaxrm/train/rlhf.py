@@ -95,15 +95,15 @@ class RLHFConfig:
       minibatches: optimizer steps per pass; must divide ``prompts_per_iteration x k``.
       microbatches: gradient accumulation: each optimizer step's gradient is summed over this
         many microbatches of its minibatch, computed one after another (a ``lax.scan``), so an
-        update holds one microbatch's activations; the forward passes over the rollout (the
-        reference's log-probs, the policy's when recomputed, the teacher) also run one
-        microbatch of rows at a time (:func:`by_microbatches`, ``minibatches x microbatches``
-        parts). The same step up to float rounding: each
+        update holds one microbatch's activations. The same step up to float rounding: each
         microbatch's loss terms are weighted by its share of the tokens or sequences that the
-        term's aggregation divides by. Must divide the minibatch (``prompts_per_iteration x k /
-        minibatches``). On the development CPU, 8 microbatches of 16 responses (``pythia-10m``)
-        took the update's temporaries from 1.2 GiB to 0.16 GiB and made it and the forward
-        passes faster (README, Benchmarks). Gradients accumulate in at least float32.
+        term's aggregation divides by; gradients accumulate in at least float32. The forward
+        passes over the rollout (the reference's log-probs, the policy's when recomputed, the
+        teacher) also run one microbatch of rows at a time (:func:`by_microbatches`,
+        ``minibatches x microbatches`` parts). Must divide the minibatch
+        (``prompts_per_iteration x k / minibatches``). On the development CPU, 8 microbatches of
+        16 responses (``pythia-10m``) took the update's temporaries from 1.2 GiB to 0.16 GiB and
+        made it and the forward passes faster (README, Benchmarks).
       learning_rate: Adam learning rate (> 0).
       adam_eps: Adam's epsilon (> 0).
       max_grad_norm: clip the global gradient norm to this (> 0), or None for no clipping.
@@ -383,10 +383,14 @@ def by_microbatches(fn: Callable, parts: int) -> Callable:
     >>> rows_seen(None, jnp.arange(8)).tolist()
     [2, 2, 2, 2, 2, 2, 2, 2]
     """
+    if not (isinstance(parts, int) and parts >= 1):
+        raise ValueError(f"parts={parts!r} must be a positive int.")
     if parts == 1:
         return fn
 
     def chunked(params, *rows):
+        if rows[0].shape[0] % parts:
+            raise ValueError(f"parts={parts} must divide the {rows[0].shape[0]} rows.")
         return _join_rows(jax.lax.map(lambda part: fn(params, *part), _split_rows(rows, parts)))
 
     return chunked
