@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -44,14 +45,29 @@ def test_fsdp_splits_every_parameter_and_optimizer_slot_across_devices():
     assert fsdp["temporaries"] < replicated["temporaries"]
 
 
-def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is_given(tmp_path):
+def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is_given(tmp_path, monkeypatch):
+    from experiments.benchmarks import accelerator
     from experiments.benchmarks.accelerator import datasheet_peak_tflops, main
     from experiments.benchmarks.common import dense_params, model_flops_per_iteration
     from jaxrm.models import preset
 
-    options = ["--shapes", "tiny", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"]
-    main([*options, "--peak-tflops", "0.001", "--out", str(tmp_path / "known.json")])
-    (result,) = json.loads((tmp_path / "known.json").read_text())["results"]
+    # The second shape fails (as a device's time limit would stop it): the first stays recorded.
+    measured = accelerator.run_shape
+    calls = []
+
+    def first_only(shape, **options):
+        calls.append(shape)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return measured(shape, **options)
+
+    monkeypatch.setattr(accelerator, "run_shape", first_only)
+    options = ["--shapes", "tiny", "tiny", "--batch", "4", "--prompt-len", "4", "--new-tokens", "4", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        main([*options, "--peak-tflops", "0.001", "--out", str(tmp_path / "known.json")])
+    record = json.loads((tmp_path / "known.json").read_text())
+    (result,) = record["results"]
+    assert record["versions"]["jax"] == jax.__version__ and record["peak_tflops"] == 0.001
     config = preset("tiny")
     flops = model_flops_per_iteration(config, sequences=4, length=8)
     assert result["iteration_mfu"] == pytest.approx(flops / result["iteration_s"] / 1e9)

@@ -14,7 +14,9 @@ with the model FLOP utilisation (MFU) of each: model FLOPs (``2 x params`` per t
 pass, ``4 x params`` per backward, the input embedding excluded, recomputation not counted)
 over time over the device's datasheet peak for dense bfloat16 matmuls (``PEAK_TFLOPS`` by
 device kind, or ``--peak-tflops``; on a device not in the table MFU is left out rather than
-guessed). Compile time is reported separately; figures are medians after a warm-up.
+guessed). Compile time is reported separately; figures are medians after a warm-up. The JSON
+record (``--out``, with the jax and flax versions) is rewritten after each shape, so a run
+stopped by a time limit keeps the shapes it measured.
 
 Run from the repository root: ``python -m experiments.benchmarks.accelerator [--help]``.
 """
@@ -26,6 +28,7 @@ import json
 import statistics
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +60,7 @@ def datasheet_peak_tflops(device_kind: str) -> float | None:
     return PEAK_TFLOPS.get(device_kind)
 
 
-def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, peak: float | None, log=print):
+def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, peak: float | None):
     config = preset(shape, dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True)
     policy = CausalLM(config, rngs=nnx.Rngs(0))
     reward_model = RewardModel(config, rngs=nnx.Rngs(1))
@@ -96,11 +99,12 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
         result["generation_mfu"] = generation_flops / generation_s / peak
         result["iteration_mfu"] = iteration_flops / iteration_s / peak
     mfu = lambda value: "n/a" if value is None else f"{value:.1%}"  # noqa: E731
-    log(
+    print(
         f"{shape} ({config.num_params() / 1e6:.1f}M parameters): generation {result['generation_tokens_per_s']:,.0f} tokens/s "
         f"(MFU {mfu(result['generation_mfu'])}, compile {generation_compile:.0f} s); RLOO iteration "
         f"{iteration_s:.2f} s = {result['iteration_tokens_per_s']:,.0f} tokens/s (MFU {mfu(result['iteration_mfu'])}, "
-        f"compile {iteration_compile:.0f} s)"
+        f"compile {iteration_compile:.0f} s)",
+        flush=True,
     )
     return result
 
@@ -131,21 +135,27 @@ def main(argv=None):
         + (f"{peak_tflops:.0f} TFLOP/s" if peak_tflops else "unknown: MFU not reported (pass --peak-tflops)")
     )
     peak = None if peak_tflops is None else peak_tflops * 1e12
-    results = [
-        run_shape(
-            shape,
-            batch=args.batch,
-            prompt_len=args.prompt_len,
-            new_tokens=args.new_tokens,
-            repeats=args.repeats,
-            peak=peak,
-        )
-        for shape in args.shapes
-    ]
-    record = {"device": device.device_kind, "peak_tflops": peak_tflops, "results": results}
+    record = {
+        "device": device.device_kind,
+        "peak_tflops": peak_tflops,
+        "versions": {"jax": jax.__version__, "flax": flax.__version__},
+        "results": [],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out}")
+    for shape in args.shapes:
+        record["results"].append(
+            run_shape(
+                shape,
+                batch=args.batch,
+                prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens,
+                repeats=args.repeats,
+                peak=peak,
+            )
+        )
+        # Rewritten after every shape: a run stopped by a time limit keeps the shapes it measured.
+        args.out.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.out} ({len(record['results'])} of {len(args.shapes)} shapes)", flush=True)
 
 
 if __name__ == "__main__":
