@@ -141,7 +141,6 @@ def main(argv=None):
         "versions": {"jax": jax.__version__, "flax": flax.__version__},
         "results": [],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes:
         record["results"].append(
             run_shape(
@@ -153,7 +152,9 @@ def main(argv=None):
                 peak=peak,
             )
         )
-        # Rewritten after every shape: a run stopped by a time limit keeps the shapes it measured.
+        # Rewritten after every shape: a run stopped by a time limit keeps the shapes it measured
+        # (and one stopped in its first shape leaves nothing behind, not even the directory).
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
         print(f"wrote {args.out} ({len(record['results'])} of {len(args.shapes)} shapes)", flush=True)
 
