@@ -16,6 +16,7 @@ MODULES = [
     "jaxrm.pg",
     "jaxrm.ascent",
     "jaxrm.train.rlhf",
+    "jaxrm.train.optimizers",
     "jaxrm.models.config",
     "jaxrm.models.sampling",
     "jaxrm.train.reward",

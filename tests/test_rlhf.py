@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import rlhf_task
 from flax import nnx
@@ -23,6 +24,7 @@ from jaxrm.models import RewardModel, preset
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh, param_shardings
 from jaxrm.train import driver
+from jaxrm.train.optimizers import layer_roles, stacked_state_shardings
 from jaxrm.train.rlhf import (
     RLHFConfig,
     TrainData,
@@ -76,6 +78,7 @@ def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_pa
     assert json.loads((run / "config.json").read_text())["config"]["samples_per_prompt"] == 2
     assert json.loads((run / "summary.json").read_text())["iterations"] == 24 == int(state.step)
     assert json.loads((run / "config.json").read_text())["seeds"] == 0
+    assert json.loads((run / "config.json").read_text())["optimizer_layout"] == "stacked_layers"
     assert (run / "checkpoints" / "24").is_dir()  # checkpoint_every=0: saved at the end
 
 
@@ -394,45 +397,65 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly(sampled):
         by_microbatches(ground_truth, 0)
 
 
-def test_the_flat_optimizer_takes_the_same_step_and_refuses_sharded_parameters(sampled, tmp_path):
-    graphdef, params, prompt, prompt_mask, samples = sampled
+def test_adam_on_stacked_layers_takes_the_per_array_steps_and_follows_the_fsdp_placement():
     model = policy()
-    advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
-    rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs, advantages)
-    updated = {}
-    for flat in (False, True):
-        config = dataclasses.replace(CONFIG, flat_optimizer=flat)
-        opt_state = config.optimizer().init(params)
-        (new_params, new_opt_state), _ = jax.jit(make_phases(config, graphdef).optimize)(
-            params, opt_state, rollout, jax.random.key(1)
-        )
-        updated[flat] = _leaves(new_params)
-        # One raveled vector per Adam moment instead of one array per parameter.
-        assert (len(jax.tree.leaves(new_opt_state)) < len(jax.tree.leaves(params))) == flat
-    assert not all(np.array_equal(a, b) for a, b in zip(updated[False], _leaves(params)))
-    for per_parameter, raveled in zip(updated[False], updated[True]):
-        np.testing.assert_allclose(raveled, per_parameter, rtol=1e-6, atol=1e-7)
-    flat = dataclasses.replace(CONFIG, flat_optimizer=True)
+    params = nnx.state(model, nnx.Param)
+    num_layers = model.config.num_layers
+    assert num_layers >= 2
+    stacked = CONFIG.optimizer()
+    adam = optax.adam(CONFIG.learning_rate, eps=CONFIG.adam_eps)
+    per_array = optax.chain(optax.clip_by_global_norm(CONFIG.max_grad_norm), adam)
+    states = {"stacked": stacked.init(params), "per_array": per_array.init(params)}
+    moved = {"stacked": params, "per_array": params}
+    for step in range(3):  # gradients far above the clipping norm, different each step: the moments matter
+        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(step), x.shape, x.dtype) * 10, params)
+        for name, optimizer in (("stacked", stacked), ("per_array", per_array)):
+            updates, states[name] = jax.jit(optimizer.update)(grads, states[name], moved[name])
+            moved[name] = optax.apply_updates(moved[name], updates)
+    for a, b in zip(_leaves(moved["stacked"]), _leaves(moved["per_array"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(_leaves(moved["stacked"])[0], _leaves(params)[0])
+    # One array per role: Adam's moments no longer grow with depth.
+    roles = layer_roles(params)
+    assert max(len(indices) for indices in roles.values()) == num_layers
+    mu = states["stacked"].inner[1][0].mu
+    assert mu.keys() == roles.keys() and len(mu) < len(jax.tree.leaves(params))
+    kernel = mu["trunk/layers/*/mlp/dense_h_to_4h/kernel/value"]
+    assert kernel.shape == (num_layers, *params["trunk"]["layers"][0]["mlp"]["dense_h_to_4h"]["kernel"].shape)
+
+    # Under FSDP, two runs side by side: each role's moments are sharded as its layers are, after
+    # the runs' axis and the stacking axis.
     mesh = make_mesh()
-    state = jax.eval_shape(lambda: init_state(model, flat, jax.random.key(0)))
-    placed = driver.train_state_shardings(flat, state, param_shardings(params, mesh, strategy="replicated"))
-    assert all(s.is_fully_replicated for s in jax.tree.leaves(placed.opt_state))
+    shardings = param_shardings(params, mesh, strategy="fsdp")
+    state = jax.eval_shape(
+        lambda: jax.tree.map(lambda x: jnp.stack([x, x]), init_state(model, CONFIG, jax.random.key(0)))
+    )
+    placed = driver.train_state_shardings(state, shardings, num_batch_axes=1)
     assert jax.tree.structure(placed.opt_state) == jax.tree.structure(state.opt_state)
-    with pytest.raises(ValueError, match="flat_optimizer"):
-        rlhf_task.run_rlhf(
-            model,
-            ground_truth,
-            None,
-            *prompts(),
-            flat,
-            num_iterations=1,
-            out_dir=tmp_path / "x",
-            mesh=mesh,
-            param_sharding="fsdp",
+    layer_spec = shardings["trunk"]["layers"][0]["mlp"]["dense_h_to_4h"]["kernel"].spec
+    assert any(layer_spec), "fsdp shards the kernel"
+    placed_mu = placed.opt_state.inner[1][0].mu
+    assert placed_mu["trunk/layers/*/mlp/dense_h_to_4h/kernel/value"].spec == jax.sharding.PartitionSpec(
+        None, None, *layer_spec
+    )
+    assert placed.opt_state.inner[1][0].count.is_fully_replicated
+    stored = jax.device_put(jax.tree.map(jnp.zeros_like, state.opt_state), placed.opt_state)
+    assert len(stored.inner[1][0].mu["trunk/layers/*/mlp/dense_h_to_4h/kernel/value"].sharding.device_set) == 4
+    # Layers of one role placed differently cannot be stacked.
+    uneven = jax.tree.map(lambda s: s, shardings)  # a copy
+    uneven["trunk"]["layers"][1]["mlp"]["dense_h_to_4h"]["kernel"] = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()
+    )
+    with pytest.raises(ValueError, match="dense_h_to_4h/kernel/value are placed differently"):
+        stacked_state_shardings(
+            states["stacked"], params, uneven, other=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         )
-    assert not (tmp_path / "x").exists()
-    # A run directory written before the field existed resumes: it ran with the default.
-    written_before = json.loads(json.dumps({"config": CONFIG.to_dict(), "seeds": 0}))
-    del written_before["config"]["flat_optimizer"]
-    assert driver._changed_fields(written_before, {"config": CONFIG.to_dict(), "seeds": 0}) == []
-    assert driver._changed_fields(written_before, {"config": flat.to_dict(), "seeds": 0}) == ["config"]
+
+
+def test_a_run_directory_written_before_the_stacked_optimizer_is_refused():
+    # Its checkpoints hold Adam's moments per layer, which the stacked optimizer cannot read. (The
+    # record of a new run holds "optimizer_layout": tested above.)
+    record = {"config": CONFIG.to_dict(), "seeds": 0, "optimizer_layout": "stacked_layers"}
+    written_before = {"config": {**CONFIG.to_dict(), "flat_optimizer": False}, "seeds": 0}
+    assert driver._changed_fields(written_before, record) == ["config", "optimizer_layout"]
+    assert driver._changed_fields(json.loads(json.dumps(record)), record) == []

@@ -6,11 +6,10 @@ policy and a reward model of the same shape, from abstract inputs (``jax.ShapeDt
 no parameter is ever allocated and a Pythia-1B-shaped program compiles on a laptop.
 
 ``depth``: seconds of ``.lower().compile()`` (tracing, lowering and compiling) of the iteration
-at several depths, three ways: the blocks under a ``lax.scan`` (``scan_layers=True``, the
-default), the same with the optimizer on one raveled vector (``RLHFConfig.flat_optimizer``), and
-the blocks unrolled. A scanned program holds one block whatever the depth; what still grows
-with depth is the per-parameter work outside the scan (Adam's update of every layer's arrays),
-which the flat optimizer removes.
+at several depths, two ways: the blocks under a ``lax.scan`` (``scan_layers=True``, the
+default) and unrolled. A scanned program holds one block whatever the depth, and Adam runs on
+the layers' parameters stacked by role (:mod:`jaxrm.train.optimizers`); what still grows with
+depth is stacking each layer's arrays for the scan and slicing their gradients back.
 
 ``memory``: per-device bytes from the compiled program's ``memory_analysis()`` (arguments =
 policy, reference, reward model and Adam state; temporaries = activations, gathered parameters
@@ -66,14 +65,11 @@ def lower_rloo_iteration(
     new_tokens: int,
     mesh=None,
     strategy="replicated",
-    flat_optimizer=False,
 ):
     """The lowered (not compiled) RLOO iteration of a ``model``-shaped policy, reference and
     reward model, from abstract inputs; on ``mesh`` the prompts are split along ``data`` and the
     parameters, reference and Adam state placed by ``strategy``."""
-    config = RLHFConfig(
-        prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens, flat_optimizer=flat_optimizer
-    )
+    config = RLHFConfig(prompts_per_iteration=prompts, samples_per_prompt=K, max_new_tokens=new_tokens)
     policy_graphdef, policy_params = nnx.split(nnx.eval_shape(lambda: CausalLM(model, rngs=nnx.Rngs(0))))
     reward_graphdef, reward_params = nnx.split(nnx.eval_shape(lambda: RewardModel(model, rngs=nnx.Rngs(0))))
     state = jax.eval_shape(lambda: init_state(CausalLM(model, rngs=nnx.Rngs(0)), config, jax.random.key(0)))
@@ -94,26 +90,26 @@ def lower_rloo_iteration(
             replicated,
         )
         place = lambda value, sharding: value.update(sharding=sharding)  # noqa: E731
-        state = jax.tree.map(place, state, train_state_shardings(config, state, policy_shardings))
+        state = jax.tree.map(place, state, train_state_shardings(state, policy_shardings))
         data = jax.tree.map(place, data, data_shardings)
     iteration = make_iteration(config, policy_graphdef, reward_model_fn(reward_graphdef), batch_sharding=batch_sharding)
     return jax.jit(iteration).lower(state, data)
 
 
-# name: (scan_layers, RLHFConfig.flat_optimizer)
-DEPTH_VARIANTS = {"scanned": (True, False), "scanned_flat_optimizer": (True, True), "unrolled": (False, False)}
+# name: TransformerConfig.scan_layers
+DEPTH_VARIANTS = {"scanned": True, "unrolled": False}
 
 
 def measure_depth(shape: str, layers: list[int], *, prompts: int, new_tokens: int, log=print) -> dict:
     """Seconds of ``.lower().compile()`` of the iteration at each depth, for each of
     :data:`DEPTH_VARIANTS`, and each variant's ratio of the deepest to the shallowest."""
     result = {"shape": shape, "layers": layers}
-    for name, (scan_layers, flat_optimizer) in DEPTH_VARIANTS.items():
+    for name, scan_layers in DEPTH_VARIANTS.items():
         times = []
         for num_layers in layers:
             model = preset(shape, num_layers=num_layers, scan_layers=scan_layers)
             lower = lambda: lower_rloo_iteration(  # noqa: E731
-                model, prompts=prompts, prompt_len=16, new_tokens=new_tokens, flat_optimizer=flat_optimizer
+                model, prompts=prompts, prompt_len=16, new_tokens=new_tokens
             )
             times.append(seconds(lambda: lower().compile()))
             log(f"  {shape} x {num_layers} layers, {name}: lower + compile {times[-1]:.1f} s")

@@ -28,7 +28,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -38,6 +37,7 @@ from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
 from jaxrm.sharding import STRATEGIES, param_shardings, put_global
 from jaxrm.train.checkpoints import RunCheckpoints
+from jaxrm.train.optimizers import stacked_state_shardings
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_train
 
 __all__ = ["RLHFRun", "params_fingerprint", "run_rlhf"]
@@ -151,14 +151,12 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
     return seed_list, means, stds
 
 
-def train_state_shardings(
-    config: RLHFConfig, state: TrainState, policy_shardings, *, num_batch_axes: int = 0
-) -> TrainState:
+def train_state_shardings(state: TrainState, policy_shardings, *, num_batch_axes: int = 0) -> TrainState:
     """Where each part of a :class:`TrainState` lives: the parameters and every optimizer slot
     that mirrors them (Adam's moments) as ``policy_shardings`` (one policy's, from
     :func:`jaxrm.sharding.param_shardings`) with ``num_batch_axes`` leading unsharded axes (runs
-    side by side), and the rest (step, key, counters) replicated on the same mesh. With
-    ``config.flat_optimizer`` the optimizer state is replicated. ``state`` may be abstract
+    side by side; the moments are stacked by layer role, :mod:`jaxrm.train.optimizers`), and the
+    rest (step, key, counters) replicated on the same mesh. ``state`` may be abstract
     (``jax.eval_shape``)."""
     mesh = jax.tree.leaves(policy_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0].mesh
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -167,17 +165,9 @@ def train_state_shardings(
         policy_shardings,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    if config.flat_optimizer:  # one raveled vector per slot: only replicated parameters allow it
-        opt_state = jax.tree.map(lambda _: replicated, state.opt_state)
-    else:
-        opt_state = optax.tree_map_params(
-            config.optimizer(),
-            lambda _, sharding: sharding,
-            state.opt_state,
-            params,
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, NamedSharding),
-        )
+    opt_state = stacked_state_shardings(
+        state.opt_state, state.params, params, other=replicated, batch_axes=num_batch_axes
+    )
     return TrainState(params, opt_state, replicated, replicated)
 
 
@@ -274,11 +264,6 @@ def run_rlhf(
     )
     seeds = int(seeds) if isinstance(seeds, (int, np.integer)) else seed_list
     check_choice("param_sharding", param_sharding, STRATEGIES)
-    if config.flat_optimizer and mesh is not None and param_sharding != "replicated":
-        raise ValueError(
-            f"RLHFConfig.flat_optimizer=True needs param_sharding='replicated', got {param_sharding!r}: "
-            "one raveled vector cannot follow a per-parameter sharding."
-        )
     # With several processes (jax.distributed) only process 0 reports.
     log = log if _is_writer() else None
     if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
@@ -300,6 +285,8 @@ def run_rlhf(
         "teachers": None if teachers is None else list(teachers),
         "reference_fingerprint": params_fingerprint(ref_params),
         "reward_stats": [means.tolist(), stds.tolist()],
+        # Checkpoints of runs written before the optimizer ran on stacked layers cannot be read.
+        "optimizer_layout": "stacked_layers",
     }
     config_path = out_dir / "config.json"
     if config_path.exists():
@@ -327,7 +314,7 @@ def run_rlhf(
         batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
         unbatched = param_shardings(ref_params, mesh, strategy=param_sharding)
-        state = put_global(state, train_state_shardings(config, state, unbatched, num_batch_axes=len(batch_axes)))
+        state = put_global(state, train_state_shardings(state, unbatched, num_batch_axes=len(batch_axes)))
         data = put_global(data.replace(ref_params=None), replicated).replace(
             ref_params=put_global(ref_params, unbatched)
         )

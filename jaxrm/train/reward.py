@@ -30,6 +30,7 @@ from jaxrm.models.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
 from jaxrm.train.loop import epoch_order, make_minibatch_loop
+from jaxrm.train.optimizers import stack_layers
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, *, centering: float = 0.0):
@@ -129,7 +130,8 @@ class RewardTrainConfig:
     reward models of docs/theory.md#experiments-of-razin-et-al, one epoch, batch 32, centering
     0.01, except the learning rate).
 
-    The optimizer is global-norm clipping followed by AdamW (:meth:`optimizer`).
+    The optimizer is global-norm clipping followed by AdamW (:meth:`optimizer`), run on the
+    parameters stacked by layer role (:func:`jaxrm.train.optimizers.stack_layers`).
 
     Attributes:
       learning_rate: AdamW learning rate (> 0), constant after the warmup; default 1e-5 (the
@@ -160,9 +162,11 @@ class RewardTrainConfig:
 
     def optimizer(self) -> optax.GradientTransformation:
         schedule = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps) if self.warmup_steps else None
-        return optax.chain(
-            optax.clip_by_global_norm(self.max_grad_norm),
-            optax.adamw(schedule or self.learning_rate, weight_decay=self.weight_decay),
+        return stack_layers(
+            optax.chain(
+                optax.clip_by_global_norm(self.max_grad_norm),
+                optax.adamw(schedule or self.learning_rate, weight_decay=self.weight_decay),
+            )
         )
 
 

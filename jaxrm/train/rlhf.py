@@ -44,6 +44,7 @@ from jaxrm import metrics, pg
 from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, checked, one_of
 from jaxrm.models.sampling import SamplingOptions, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
+from jaxrm.train.optimizers import stack_layers
 
 KL_PLACEMENTS = ("reward", "loss")
 
@@ -107,12 +108,6 @@ class RLHFConfig:
       learning_rate: Adam learning rate (> 0).
       adam_eps: Adam's epsilon (> 0).
       max_grad_norm: clip the global gradient norm to this (> 0), or None for no clipping.
-      flat_optimizer: run the optimizer on all parameters raveled into one vector
-        (``optax.flatten``): the same updates, as a few large operations instead of a few per
-        parameter array, so the program compiles faster and its compile time grows less with
-        depth (measured by ``python -m experiments.benchmarks.programs depth``). Only for
-        replicated parameters: the flat vector cannot follow a per-parameter sharding, so
-        :func:`jaxrm.train.driver.run_rlhf` refuses it with any other ``param_sharding``.
       reward_clip: clip normalised rewards to ``[-reward_clip, reward_clip]``, or None.
       reward_normalization: a name of :data:`jaxrm.pg.REWARD_NORMALIZATIONS`: ``std``
         (``(r - mean) / (std + 1e-8)``, std with ddof 0) or ``rsqrt_var``
@@ -143,7 +138,6 @@ class RLHFConfig:
     learning_rate: float = checked(1e-6, POSITIVE)
     adam_eps: float = checked(1e-8, POSITIVE)
     max_grad_norm: float | None = checked(1.0, POSITIVE)
-    flat_optimizer: bool = False
     reward_clip: float | None = checked(None, POSITIVE)
     reward_normalization: str = checked("std", one_of(pg.REWARD_NORMALIZATIONS))
 
@@ -224,11 +218,14 @@ class RLHFConfig:
         return 1 if self.reward_normalization == "rsqrt_var" else 0
 
     def optimizer(self) -> optax.GradientTransformation:
+        """Adam after global-norm clipping (``max_grad_norm``), run on the parameters stacked by
+        layer role (:func:`jaxrm.train.optimizers.stack_layers`: the same updates, in a program
+        whose size does not grow with depth)."""
         adam = optax.adam(self.learning_rate, eps=self.adam_eps)
         optimizer = (
             adam if self.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adam)
         )
-        return optax.flatten(optimizer) if self.flat_optimizer else optimizer
+        return stack_layers(optimizer)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

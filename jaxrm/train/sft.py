@@ -21,6 +21,7 @@ from flax import nnx
 from jaxrm._checks import POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
 from jaxrm.models.transformer import CausalLM
 from jaxrm.train.loop import epoch_order, make_minibatch_loop
+from jaxrm.train.optimizers import stack_layers
 
 
 def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
@@ -37,7 +38,8 @@ def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
 class SFTConfig:
     """Supervised fine-tuning hyperparameters, checked on construction.
 
-    The optimizer is global-norm clipping followed by Adam at a constant learning rate.
+    The optimizer is global-norm clipping followed by Adam at a constant learning rate, run on the
+    parameters stacked by layer role (:func:`jaxrm.train.optimizers.stack_layers`).
 
     Attributes:
       learning_rate: Adam learning rate (> 0); default 1e-3.
@@ -61,7 +63,9 @@ class SFTConfig:
 
 @functools.lru_cache(maxsize=16)
 def _compiled_sft_loop(graphdef: nnx.GraphDef, config: SFTConfig):
-    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+    optimizer = stack_layers(
+        optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.learning_rate))
+    )
 
     def loss_fn(params, batch):
         loss = sequence_nll(nnx.merge(graphdef, params), *batch)
