@@ -3,7 +3,7 @@
 A transformer stores one array per parameter and layer (the Hugging Face layout that checkpoints
 and :func:`jaxrm.models.load_hf` use), so an optimizer applied leaf by leaf compiles a few
 operations per array: at 24 layers most of an RLOO iteration's compile time was Adam updating
-288 arrays one by one (docs/design.md#principles). :func:`stack_layers` runs the
+292 arrays one by one (docs/design.md#principles). :func:`stack_layers` runs the
 optimizer instead on one array per *role* (``layers/*/mlp/dense_h_to_4h/kernel`` for every
 layer), the same stacking the scanned blocks use, so the update is a few operations whatever
 the depth. The model's own layout does not change.
@@ -45,19 +45,21 @@ def _role_name(path) -> str:
 def layer_roles(params) -> dict[str, list[int]]:
     """``{role: leaf indices}``: the leaves of ``params`` (in ``jax.tree.leaves`` order) grouped by
     their path with layer indices replaced by ``*``, and by shape and dtype (a role whose layers
-    differ in shape is split, each part's name suffixed with its shape).
+    differ in shape or dtype is split, each part's name suffixed with both).
 
     >>> params = {"layers": [{"w": jnp.ones((2, 3))}, {"w": jnp.ones((2, 3))}], "head": jnp.ones(3)}
     >>> layer_roles(params)
     {'head': [0], 'layers/*/w': [1, 2]}
+    >>> layer_roles({"layers": [{"w": jnp.ones(2, jnp.float32)}, {"w": jnp.ones(3, jnp.float32)}]})
+    {'layers/*/w[2 float32]': [0], 'layers/*/w[3 float32]': [1]}
     """
     by_role: dict[tuple, list[int]] = {}
     for index, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
         by_role.setdefault((_role_name(path), jnp.shape(leaf), jnp.result_type(leaf)), []).append(index)
     names = [name for name, _, _ in by_role]
     return {
-        name if names.count(name) == 1 else f"{name}{list(shape)}": indices
-        for (name, shape, _), indices in by_role.items()
+        name if names.count(name) == 1 else f"{name}[{'x'.join(map(str, shape))} {dtype}]": indices
+        for (name, shape, dtype), indices in by_role.items()
     }
 
 
