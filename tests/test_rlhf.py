@@ -23,8 +23,8 @@ from jaxrm import pg
 from jaxrm.models import RewardModel, preset
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh, param_shardings
-from jaxrm.train import driver
-from jaxrm.train.optimizers import layer_roles, stacked_state_shardings
+from jaxrm.train import RewardTrainConfig, driver
+from jaxrm.train.optimizers import layer_roles, stack_layers, stacked_state_shardings
 from jaxrm.train.rlhf import (
     RLHFConfig,
     TrainData,
@@ -402,19 +402,40 @@ def test_adam_on_stacked_layers_takes_the_per_array_steps_and_follows_the_fsdp_p
     params = nnx.state(model, nnx.Param)
     num_layers = model.config.num_layers
     assert num_layers >= 2
-    stacked = CONFIG.optimizer()
-    adam = optax.adam(CONFIG.learning_rate, eps=CONFIG.adam_eps)
-    per_array = optax.chain(optax.clip_by_global_norm(CONFIG.max_grad_norm), adam)
-    states = {"stacked": stacked.init(params), "per_array": per_array.init(params)}
-    moved = {"stacked": params, "per_array": params}
-    for step in range(3):  # gradients far above the clipping norm, different each step: the moments matter
-        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(step), x.shape, x.dtype) * 10, params)
-        for name, optimizer in (("stacked", stacked), ("per_array", per_array)):
-            updates, states[name] = jax.jit(optimizer.update)(grads, states[name], moved[name])
-            moved[name] = optax.apply_updates(moved[name], updates)
-    for a, b in zip(_leaves(moved["stacked"]), _leaves(moved["per_array"])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-    assert not np.allclose(_leaves(moved["stacked"])[0], _leaves(params)[0])
+    clip = optax.clip_by_global_norm(CONFIG.max_grad_norm)
+    reward_config = RewardTrainConfig(weight_decay=0.1)
+    # (stacked, per array, models side by side): RLHF's Adam on one model, and the reward
+    # trainer's AdamW, whose weight decay reads the parameters, vmapped over two models.
+    cases = {
+        "adam": (CONFIG.optimizer(), optax.chain(clip, optax.adam(CONFIG.learning_rate, eps=CONFIG.adam_eps)), None),
+        "adamw": (
+            reward_config.optimizer(),
+            optax.chain(clip, optax.adamw(reward_config.learning_rate, weight_decay=reward_config.weight_decay)),
+            2,
+        ),
+    }
+    for name, (stacked, per_array, models) in cases.items():
+        start = params if models is None else jax.tree.map(lambda x: jnp.stack([x, -x]), params)
+        vmapped = (lambda f: f) if models is None else jax.vmap
+        states = {"stacked": vmapped(stacked.init)(start), "per_array": vmapped(per_array.init)(start)}
+        moved = {"stacked": start, "per_array": start}
+        for step in range(3):
+            # A different gradient for every array, every step, far above the clipping norm: a
+            # layer's update put in another layer's place, or moments mixed up, would show.
+            leaves, treedef = jax.tree.flatten(start)
+            grads = treedef.unflatten(
+                [
+                    10 * jax.random.normal(jax.random.fold_in(jax.random.key(step), i), x.shape, x.dtype)
+                    for i, x in enumerate(leaves)
+                ]
+            )
+            for kind, optimizer in (("stacked", stacked), ("per_array", per_array)):
+                updates, states[kind] = jax.jit(vmapped(optimizer.update))(grads, states[kind], moved[kind])
+                moved[kind] = optax.apply_updates(moved[kind], updates)
+        for a, b in zip(_leaves(moved["stacked"]), _leaves(moved["per_array"])):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=name)
+        assert not np.allclose(_leaves(moved["stacked"])[0], _leaves(start)[0])
+    states = {"stacked": CONFIG.optimizer().init(params)}
     # One array per role: Adam's moments no longer grow with depth.
     roles = layer_roles(params)
     assert max(len(indices) for indices in roles.values()) == num_layers
@@ -452,10 +473,40 @@ def test_adam_on_stacked_layers_takes_the_per_array_steps_and_follows_the_fsdp_p
         )
 
 
-def test_a_run_directory_written_before_the_stacked_optimizer_is_refused():
+def test_stacked_shardings_put_the_stacking_axis_after_the_runs_and_name_split_roles_without_them():
+    mesh = make_mesh()
+    spec = jax.sharding.PartitionSpec
+    # Two runs side by side (leading axis); the third layer's role is split off by its shape.
+    params = {"layers": [{"w": jnp.zeros((2, *shape), jnp.float32)} for shape in ((4, 8), (4, 8), (8, 8))]}
+    optimizer = stack_layers(optax.adam(1.0))
+    state = jax.vmap(optimizer.init)(params)  # initialized per run, as the driver's states are
+    runs_sharded = jax.sharding.NamedSharding(mesh, spec("model", None, "data"))
+    placed = stacked_state_shardings(
+        state,
+        params,
+        jax.tree.map(lambda _: runs_sharded, params),
+        other=jax.sharding.NamedSharding(mesh, spec()),
+        batch_axes=1,
+    )
+    assert (
+        placed.inner[0].mu.keys() == {"layers/*/w[4x8 float32]", "layers/*/w[8x8 float32]"} == state.inner[0].mu.keys()
+    )
+    assert placed.inner[0].mu["layers/*/w[4x8 float32]"].spec == spec("model", None, None, "data")
+    assert placed.inner[0].mu["layers/*/w[8x8 float32]"].spec == spec("model", None, "data")
+    assert placed.inner[0].count.spec == spec()
+
+
+def test_a_run_directory_written_before_the_stacked_optimizer_is_refused(tmp_path):
     # Its checkpoints hold Adam's moments per layer, which the stacked optimizer cannot read. (The
     # record of a new run holds "optimizer_layout": tested above.)
     record = {"config": CONFIG.to_dict(), "seeds": 0, "optimizer_layout": "stacked_layers"}
     written_before = {"config": {**CONFIG.to_dict(), "flat_optimizer": False}, "seeds": 0}
     assert driver._changed_fields(written_before, record) == ["config", "optimizer_layout"]
     assert driver._changed_fields(json.loads(json.dumps(record)), record) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(written_before))
+    with pytest.raises(ValueError, match="optimizer_layout.*written before Adam ran on the layers stacked by role"):
+        rlhf_task.run_rlhf(policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=1, out_dir=old, log=None)
+    assert json.loads((old / "config.json").read_text()) == written_before
+    assert sorted(p.name for p in old.iterdir()) == ["config.json"]

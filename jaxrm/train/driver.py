@@ -292,7 +292,14 @@ def run_rlhf(
     if config_path.exists():
         changed = _changed_fields(json.loads(config_path.read_text()), record)
         if changed:
-            raise ValueError(f"{out_dir} holds a run with different {changed}; use a new out_dir to start another run.")
+            why = (
+                " (it was written before Adam ran on the layers stacked by role, so its checkpoints cannot be read)"
+                if "optimizer_layout" in changed
+                else ""
+            )
+            raise ValueError(
+                f"{out_dir} holds a run with different {changed}{why}; use a new out_dir to start another run."
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text(config_path, json.dumps(record, indent=1))
 

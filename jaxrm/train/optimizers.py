@@ -2,8 +2,8 @@
 
 A transformer stores one array per parameter and layer (the Hugging Face layout that checkpoints
 and :func:`jaxrm.models.load_hf` use), so an optimizer applied leaf by leaf compiles a few
-operations per array: at 24 layers most of an RLOO iteration's compile time was Adam updating
-292 arrays one by one (docs/design.md#principles). :func:`stack_layers` runs the
+operations per array: most of what an RLOO iteration's compile time grew from 6 to 24 layers
+was Adam updating 292 arrays one by one (docs/design.md#principles). :func:`stack_layers` runs the
 optimizer instead on one array per *role* (``layers/*/mlp/dense_h_to_4h/kernel`` for every
 layer), the same stacking the scanned blocks use, so the update is a few operations whatever
 the depth. The model's own layout does not change.
@@ -115,11 +115,12 @@ def stacked_state_shardings(
     other leaf (step counts) on ``other``.
 
     ``params`` (arrays or ``jax.ShapeDtypeStruct``) and ``param_shardings`` (``NamedSharding``
-    leaves) have the same structure, and ``batch_axes`` leading axes of runs side by side, which
-    the stacking axis follows. A role whose layers are placed differently cannot be stacked:
-    ``ValueError``.
+    leaves) have the same structure, and ``batch_axes`` leading axes of runs side by side (the
+    state was initialized on one run's parameters, so the roles are those of the parameters
+    without these axes), which the stacking axis follows. A role whose layers are placed
+    differently cannot be stacked: ``ValueError``.
     """
-    roles = layer_roles(params)
+    roles = layer_roles(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[batch_axes:], x.dtype), params))
     shardings = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     by_role = {}
     for name, indices in roles.items():
