@@ -133,9 +133,7 @@ def stacked_state_shardings(
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[:batch_axes], None, *spec[batch_axes:]))
         by_role[name] = sharding
 
-    def place(subtree):
-        if isinstance(subtree, dict) and subtree.keys() == roles.keys():
-            return dict(by_role)
-        return jax.tree.map(lambda _: other, subtree)
+    def is_by_role(subtree):
+        return isinstance(subtree, dict) and subtree.keys() == roles.keys()
 
-    return jax.tree.map(place, opt_state, is_leaf=lambda x: isinstance(x, dict) and x.keys() == roles.keys())
+    return jax.tree.map(lambda x: dict(by_role) if is_by_role(x) else other, opt_state, is_leaf=is_by_role)
