@@ -219,8 +219,8 @@ class RLHFConfig:
 
     def optimizer(self) -> optax.GradientTransformation:
         """Adam after global-norm clipping (``max_grad_norm``), run on the parameters stacked by
-        layer role (:func:`jaxrm.train.optimizers.stack_layers`: the same updates, in a program
-        whose size does not grow with depth)."""
+        layer role (:func:`jaxrm.train.optimizers.stack_layers`: the same updates, as a few
+        operations whatever the depth)."""
         adam = optax.adam(self.learning_rate, eps=self.adam_eps)
         optimizer = (
             adam if self.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adam)
