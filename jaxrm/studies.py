@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -89,17 +90,18 @@ def use_compilation_cache(directory: str) -> Path | None:
     Applies to this process and, through the environment, to the processes it starts (the
     studies' worker processes). Programs are cached however fast they compiled: most of a study's
     programs compile in well under the 1 s below which JAX would skip them. Returns the
-    directory, or None when off; a directory that cannot be created is a ``ValueError`` naming it.
+    directory, or None when off; a file, or a directory that cannot be created, is a ``ValueError``
+    naming it (:func:`check_out_directory`).
     """
     if directory in ("", "none"):
         return None
     import jax
 
-    path = Path(directory).expanduser()
+    path = check_out_directory(Path(directory).expanduser(), option="--compilation-cache")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--compilation-cache {directory}: cannot create it ({error}).") from error
+        raise ValueError(f"--compilation-cache {directory}: cannot create it ({error.strerror}).") from None
     settings = {
         "jax_compilation_cache_dir": str(path),
         "jax_persistent_cache_min_compile_time_secs": 0.0,
@@ -155,24 +157,28 @@ def config_with_overrides(config, items):
     return config_from_dict(type(config), {**dataclasses.asdict(config), **overrides})
 
 
-def check_out_directory(out_dir) -> Path:
-    """``out_dir`` as a ``Path``, refused (``ValueError`` naming it) before anything is computed or
-    written when it is empty, a file, or inside a directory that cannot be written."""
+def check_out_directory(out_dir, *, option: str = "--out") -> Path:
+    """``out_dir`` as a ``Path``, refused (``ValueError`` naming ``option`` and the path) before
+    anything is computed or written when it is empty, a file, or to be created where no file can
+    be created (the probe is a temporary file in its nearest existing directory)."""
     if str(out_dir) == "":
-        raise ValueError("--out is empty; name a directory (it is created if missing).")
+        raise ValueError(f"{option} is empty; name a directory (it is created if missing).")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file, not a directory.")
+        raise ValueError(f"{option} {out_dir} is a file, not a directory.")
     existing = out_dir.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"--out {out_dir}: {existing} is a file, so the directory cannot be created.")
+        raise ValueError(f"{option} {out_dir}: {existing} is a file, so the directory cannot be created.")
     try:  # os.access says yes to root everywhere; a probe file tells the truth and is gone at once
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise ValueError(f"--out {out_dir}: cannot write in {existing} ({error.strerror}).") from None
+        raise ValueError(
+            f"{option} {out_dir}: no file can be created in {existing}, its nearest existing directory "
+            f"(creating one there failed: {error.strerror})."
+        ) from None
     return out_dir
 
 
@@ -371,6 +377,39 @@ def fmt_interval(entry) -> str:
     """``[estimate, low, high]`` as ``estimate [low, high]``."""
     estimate, low, high = entry
     return f"{fmt(estimate)} [{fmt(low)}, {fmt(high)}]"
+
+
+def share_interval(successes: int, trials: int, *, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval for the share of ``successes`` in ``trials`` independent trials
+    (Wilson 1927; Agresti & Coull 1998): with ``p = successes / trials``, ``n = trials`` and ``z``
+    the normal quantile of ``(1 + level) / 2``,
+    ``(p + z^2/2n +- z sqrt(p (1 - p) / n + z^2/4n^2)) / (1 + z^2/n)``. Unlike ``p +- z sqrt(p (1 - p) / n)``
+    it stays in ``[0, 1]`` and does not shrink to a point at 0 or ``n`` successes.
+
+    >>> [round(x, 3) for x in share_interval(128, 128)]
+    [0.971, 1.0]
+    """
+    if not (isinstance(trials, (int, np.integer)) and trials >= 1 and 0 <= successes <= trials):
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    z = statistics.NormalDist().inv_cdf((1 + level) / 2)
+    p, n = successes / trials, trials
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low = 0.0 if successes == 0 else (centre - half) / (1 + z * z / n)
+    high = 1.0 if successes == trials else (centre + half) / (1 + z * z / n)
+    return low, high
+
+
+def fmt_share(successes: int, trials: int, noun: str) -> str:
+    """``successes of trials <noun> (share, 95% CI low-high)``, the interval from :func:`share_interval`.
+
+    >>> fmt_share(126, 128, "problems")
+    '126 of 128 problems (98.4%, 95% CI 94.5-99.6%)'
+    """
+    low, high = share_interval(successes, trials)
+    percent = lambda x: f"{100 * x:.3g}"  # noqa: E731
+    return f"{successes} of {trials} {noun} ({percent(successes / trials)}%, 95% CI {percent(low)}-{percent(high)}%)"
 
 
 def field_docs(cls) -> dict[str, str]:

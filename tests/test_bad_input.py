@@ -109,11 +109,18 @@ def test_a_study_refuses_a_bad_out_directory(module, out, tmp_path, capsys, no_s
 
 
 @pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
-def test_a_study_refuses_a_compilation_cache_it_cannot_create(module, tmp_path, capsys, no_study_run):
+@pytest.mark.parametrize(
+    ("cache", "message"),
+    [("/proc/no_cache_here", ": no file can be created in /proc,"), ("a_file", " is a file, not a directory")],
+    ids=["unwritable", "file"],
+)
+def test_a_study_refuses_a_compilation_cache_it_cannot_use(module, cache, message, tmp_path, capsys, no_study_run):
+    (tmp_path / "a_file").write_text("")
+    cache = tmp_path / cache  # an absolute `cache` stays as it is
     with pytest.raises(SystemExit) as exit_:
-        module.main(["--preset", "ci", "--out", str(tmp_path / "run"), "--compilation-cache", "/proc/no_cache_here"])
+        module.main(["--preset", "ci", "--out", str(tmp_path / "run"), "--compilation-cache", str(cache)])
     assert exit_.value.code == 2
-    assert "--compilation-cache /proc/no_cache_here: cannot create it" in capsys.readouterr().err
+    assert f"--compilation-cache {cache}{message}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -137,7 +144,7 @@ def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkey
     [
         (["--out", ""], "--out is empty"),
         (["--out", "a_file"], "--out a_file is a file"),
-        (["--out", "/proc/jaxrm_cannot_write_here"], "cannot write in /proc"),
+        (["--out", "/proc/jaxrm_cannot_write_here"], "no file can be created in /proc"),
         (["--out", "a_file/results"], "a_file is a file"),
         (["--only", "theorem9"], "invalid choice: 'theorem9'"),
         (["--jobs", "0"], "--jobs must be >= 1"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrm import bounds, flow, metrics
-from jaxrm.studies import config_from_dict
+from jaxrm.studies import config_from_dict, share_interval
 from jaxrm.tabular import AutoregressiveTabularPolicy
 from theory import best_of_n, estimators, theorem1, theorem2, theorem3, tightness
 from theory.__main__ import QUICK_XLA_FLAG, STUDIES, _quick_compiles, main
@@ -106,6 +106,56 @@ def test_loglog_slope_recovers_power_laws():
     groups = np.repeat(np.arange(40), 10)
     y = np.exp(rng.normal(0, 3, 40))[groups] * x**-0.5
     assert loglog_slope(x, y, groups=groups)[0] == pytest.approx(-0.5)
+
+
+def test_share_interval_is_wilsons_and_refuses_impossible_counts():
+    import scipy.stats
+
+    for successes, trials in ((0, 10), (3, 10), (126, 128), (128, 128), (44, 120)):
+        expected = scipy.stats.binomtest(successes, trials).proportion_ci(0.95, method="wilson")
+        assert share_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert share_interval(3, 10, level=0.5)[1] < share_interval(3, 10)[1]
+    for successes, trials in ((5, 4), (-1, 4), (0, 0)):
+        with pytest.raises(ValueError, match="successes <= trials"):
+            share_interval(successes, trials)
+
+
+def test_teacher_comparisons_are_counted_per_problem_with_intervals():
+    # Two problems, each with one fast and one slow teacher per T (lam = 0) and a shuffled or
+    # KL-penalized copy that must not count; an unreached slow teacher loses.
+    kind = np.array(["fast", "slow", "slow", "fast", "slow"] * 2)
+    t = {
+        "kind": kind,
+        "horizon": np.array([np.nan, 1, 10, np.nan, 1] * 2),
+        "fraction": np.array([0, 0, 0, 0.5, 0.5] * 2),
+        "lam": np.array([0.0] * 5 + [0.0, 0.0, 0.0, 0.0, 0.1]),
+    }
+    time = np.array([5.0, 1.0, np.inf, 0.1, 99.0, 5.0, 9.0, 9.0, 0.1, 0.1])
+    counts = theorem2._fast_beats_accurate_slow(t, time, (1, 10))["fast_beats_accurate_slow_counts"]
+    assert counts == {"1": [1, 2], "10": [2, 2]}
+
+    counts = {"1": [70, 128], "10": [126, 128], "100": [128, 128]}
+    text = theorem2._wins_text(counts)
+    assert text.startswith("from `T = 10` on") and "at least 126 of 128 problems (98.4%, 95% CI 94.5-99.6%)" in text
+    counts["10"] = [100, 128]  # a dip: the claim starts after it
+    assert theorem2._wins_text(counts).startswith("from `T = 100` on")
+    counts["100"] = [120, 128]
+    assert "short of 95%" in theorem2._wins_text(counts) and "120 of 128" in theorem2._wins_text(counts)
+
+    # Median growth: t = c_problem T^2 exactly, so every resample has slope 2; then noise widens it.
+    horizons = (1, 10, 100)
+    problem = np.repeat(np.arange(20), 3)
+    grid = {"problem": problem, "horizon": np.tile(horizons, 20)}
+    scale = np.random.default_rng(0).uniform(1, 5, 20)[problem]
+    growth = theorem2._median_growth(grid, scale * grid["horizon"] ** 2.0, np.ones(60, bool), horizons, seed=0)
+    assert growth["slope"] == pytest.approx(2) and growth["ci"] == pytest.approx([2, 2])
+    noisy = scale * grid["horizon"] ** 2.0 * np.random.default_rng(1).lognormal(0, 1, 60)
+    growth = theorem2._median_growth(grid, noisy, np.ones(60, bool), horizons, seed=0)
+    assert growth["ci"][0] < growth["slope"] < growth["ci"][1] and growth["ci"][1] - growth["ci"][0] > 0.05
+
+    summary = {"student_decides_counts": {"cases": [95, 96], "problems": [7, 8]}}
+    text = theorem3._decides_text(summary)
+    assert "95 of 96 (problem, T, student, lam) cases (99%)" in text and "7 of 8 problems (87.5%, 95% CI" in text
 
 
 @pytest.mark.slow
@@ -355,8 +405,10 @@ def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
     text = theorem2._unreached_text(summary)
     assert "11 slow teachers did not reach the gain: 6 cannot" in text
     assert "4 of them have unshuffled orders and 1 a KL penalty), 5 could but were censored" in text
-    summary["by_horizon"] = {"10": {"slow_median_t": 1.0}, "1000": {"slow_median_t": 10.0}}
-    assert "`T^0.50`" in theorem2._growth_text(summary)
+    summary["slow_growth"] = {"slope": 0.5, "ci": [0.4, 0.6]}
+    assert "`T^0.50` [95% CI 0.40, 0.60]" in theorem2._growth_text(summary)
+    summary["slow_growth"] = {"slope": float("nan"), "ci": [float("nan")] * 2}
+    assert theorem2._growth_text(summary).startswith("Too few slow teachers reached the gain")
 
 
 def test_the_variance_rate_is_the_derivative_along_the_flow():

@@ -743,8 +743,9 @@ def _interpretation(summary: dict) -> str:
             for k, f in fixed.items()
         )
         text.append(
-            f"On the same instances with an absolute `gamma` ({described}) only the teachers that offer the "
-            "gain are timed."
+            f"On the same instances with an absolute ground-truth `gamma` ({described}) only the teachers that "
+            "offer the gain are timed; the proxy's own `gamma` is unchanged, so its slope is that of the family "
+            "without `_fixed`."
         )
     return " ".join(text)
 

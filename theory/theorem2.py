@@ -36,9 +36,11 @@ from jaxrm.studies import (
     checked,
     finish_study,
     fmt,
+    fmt_share,
     int_at_least,
     pyplot,
     save_figure,
+    share_interval,
     write_json,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
@@ -185,11 +187,25 @@ def general_arm(config: Theorem2Config) -> tuple[dict, list]:
         atol=config.atol,
         t_max=config.t_max,
     )
-    summary["fast_beats_accurate_slow"] = {
-        str(h): float(np.mean(time[fast & (lam == 0)] < time[slow & (t["horizon"] == h) & (lam == 0)]))
-        for h in config.horizons
-    }
+    summary.update(_fast_beats_accurate_slow(t, time, config.horizons))
     return summary, violating
+
+
+def _fast_beats_accurate_slow(t: dict, time: np.ndarray, horizons) -> dict:
+    """Per ``T``, over the problems (one pair each: the unshuffled teachers, without KL), on how
+    many the fast teacher reaches the gain before the accurate slow one (a slow teacher that never
+    reaches it loses): ``fast_beats_accurate_slow_counts`` ``[wins, problems]`` and
+    ``fast_beats_accurate_slow`` the share."""
+    exact = (t["fraction"] == 0) & (t["lam"] == 0)
+    fast = time[exact & (t["kind"] == "fast")]
+    counts = {
+        str(h): [int(np.sum(fast < time[exact & (t["kind"] == "slow") & (t["horizon"] == h)])), len(fast)]
+        for h in horizons
+    }
+    return {
+        "fast_beats_accurate_slow": {h: wins / problems for h, (wins, problems) in counts.items()},
+        "fast_beats_accurate_slow_counts": counts,
+    }
 
 
 def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = None) -> dict:
@@ -255,11 +271,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
         f"Proposition A violations {general['prop_a_violations']}"
     )
-    faster = {}
-    for horizon in config.horizons:
-        s = time[slow & (t["horizon"] == horizon) & (t["fraction"] == 0) & (t["lam"] == 0)]
-        f = time[fast & (t["fraction"] == 0) & (t["lam"] == 0)]
-        faster[str(horizon)] = float(np.mean(f < s))
+    faster = _fast_beats_accurate_slow(t, time, config.horizons)
+    last = str(config.horizons[-1])
     summary = {
         "instances": int(len(time)),
         "violations": {
@@ -280,7 +293,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         "censored": int((unreached & attainable).sum()),
         "not_reached": {"slow": unreached_counts(slow), "fast": unreached_counts(fast)},
         "by_horizon": by_horizon,
-        "fast_beats_accurate_slow": faster,
+        "slow_growth": _median_growth(t, time, slow & exact_order, config.horizons, seed=config.seed),
+        **faster,
         "general_policy": general,
         "config": dataclasses.asdict(config),
     }
@@ -289,7 +303,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         f"{summary['instances']} flows; violations slow bound {summary['violations']['slow_lower']}, fast bound "
         f"{summary['violations']['fast_upper']}; smallest slack {fmt(summary['min_slack']['slow_lower'])} and "
         f"{fmt(summary['min_slack']['fast_upper'])}; {summary['censored']} censored at t_max; the inaccurate teacher wins on "
-        f"{100 * faster[str(config.horizons[-1])]:.0f}% of problems at T = {config.horizons[-1]}; general-policy arm "
+        f"{fmt_share(*faster['fast_beats_accurate_slow_counts'][last], 'problems')} at T = {last}; general-policy arm "
         f"({general['policy']}, |S| = {general['prompts']}): Proposition A violations {general['prop_a_violations']}"
     )
     rows = {k: t[k] for k in ("logits", "rm", "gt", "gamma", "rho", "kind", "horizon", "fraction", "lam")}
@@ -338,17 +352,39 @@ def _figure(t, time, lower, upper, accuracy, config, path: Path):
     save_figure(fig, path)
 
 
+def _median_growth(t: dict, time, accurate_slow, horizons, *, seed: int, num_resamples: int = 1000) -> dict:
+    """Log-log slope of the ``accurate_slow`` teachers' median ``t_gamma`` against ``T`` (the
+    table's medians; an unreached teacher counts as slower than any other), with a 95%
+    percentile-bootstrap interval that resamples whole problems. NaN where fewer than two
+    medians are finite."""
+    table = np.stack([time[accurate_slow & (t["horizon"] == h)] for h in horizons])  # [T, rows in problem order]
+    problem = t["problem"][accurate_slow & (t["horizon"] == horizons[0])]
+    log_horizons = np.log(np.asarray(horizons, float))
+
+    def slope(rows):
+        log_medians = np.log(np.median(table[:, rows], axis=1))
+        finite = np.isfinite(log_medians)
+        return np.polyfit(log_horizons[finite], log_medians[finite], 1)[0] if finite.sum() >= 2 else np.nan
+
+    members = [np.flatnonzero(problem == p) for p in np.unique(problem)]
+    rng = np.random.default_rng(seed)
+    resampled = [
+        slope(np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))]))
+        for _ in range(num_resamples)
+    ]
+    low, high = np.nanpercentile(resampled, [2.5, 97.5]) if np.isfinite(resampled).any() else (np.nan, np.nan)
+    return {"slope": float(slope(np.arange(table.shape[1]))), "ci": [float(low), float(high)]}
+
+
 def _growth_text(summary: dict) -> str:
-    """How the accurate slow teacher's median time grows with ``T``, from the table's medians."""
-    horizons = np.array([float(h) for h in summary["by_horizon"]])
-    medians = np.array([d["slow_median_t"] for d in summary["by_horizon"].values()])
-    finite = np.isfinite(medians)
-    if finite.sum() < 2:
+    """How the accurate slow teacher's median time grows with ``T`` (:func:`_median_growth`)."""
+    growth = summary["slow_growth"]
+    if not np.isfinite(growth["slope"]):
         return "Too few slow teachers reached the gain to tell how their time grows with `T`."
-    slope = np.polyfit(np.log(horizons[finite]), np.log(medians[finite]), 1)[0]
+    low, high = growth["ci"]
     return (
-        f"The accurate teacher's median time grows like `T^{slope:.2f}` over these `T` (log-log slope "
-        f"of the medians; its variance is at most `1/T^2`)."
+        f"The accurate teacher's median time grows like `T^{growth['slope']:.2f}` [95% CI {low:.2f}, {high:.2f}] "
+        "over these `T` (log-log slope of the medians, resampling problems; its variance is at most `1/T^2`)."
     )
 
 
@@ -369,18 +405,32 @@ def _unreached_text(summary: dict) -> str:
     return " ".join(parts)
 
 
+def _wins_text(counts: dict) -> str:
+    """From which ``T`` on the least accurate teacher wins on at least 95% of the problems at
+    every larger ``T`` too, and its fewest wins there with their interval; ``counts`` as in
+    :func:`_fast_beats_accurate_slow`."""
+    horizons = list(counts)
+    share = lambda h: counts[h][0] / counts[h][1]  # noqa: E731
+    first = next((i for i in range(len(horizons)) if all(share(h) >= 0.95 for h in horizons[i:])), None)
+    if first is None:
+        return (
+            f"at `T = {horizons[-1]}` the least accurate model is the better teacher on "
+            f"{fmt_share(*counts[horizons[-1]], 'problems')}, short of 95%"
+        )
+    fewest = min(horizons[first:], key=share)
+    return (
+        f"from `T = {horizons[first]}` on, the least accurate model is the better teacher on at least "
+        f"{fmt_share(*counts[fewest], 'problems')} at every `T`"
+    )
+
+
 def _markdown(summary: dict, config: Theorem2Config) -> str:
     v, s = summary["violations"], summary["min_slack"]
     acc = summary["accuracy"]
-    wins = [int(h) for h, share in summary["fast_beats_accurate_slow"].items() if share >= 0.95]
-    verdict = (
-        f"from `T = {min(wins)}` on, the least accurate model is the better teacher on at least 95% of the problems"
-        if wins
-        else "the least accurate model never wins on 95% of the problems at these `T`"
-    )
+    counts = summary["fast_beats_accurate_slow_counts"]
     rows = "\n".join(
         f"| {h} | {fmt(d['slow_median_t'])} | {fmt(d['slow_median_bound'])} | {fmt(summary['fast_median_t'])} | "
-        f"{fmt(summary['fast_beats_accurate_slow'][h])} |"
+        f"{fmt(counts[h][0] / counts[h][1])} [{', '.join(fmt(x) for x in share_interval(*counts[h]))}] |"
         for h, d in summary["by_horizon"].items()
     )
     return f"""## Theorem 2 / 5: more accurate is not necessarily a better teacher
@@ -389,15 +439,15 @@ def _markdown(summary: dict, config: Theorem2Config) -> str:
 
 Slow teachers have accuracy {acc["slow"][0]:.2f} to {acc["slow"][1]:.2f}, fast teachers {acc["fast"][0]:.2f} to {acc["fast"][1]:.2f}; `lam` is 0 or the fast bound's limit.
 
-| T | median t_gamma, slow teacher (accuracy 1) | median slow bound | median t_gamma, fast teacher (accuracy 2/Y) | share of problems where the fast teacher wins |
+| T | median t_gamma, slow teacher (accuracy 1) | median slow bound | median t_gamma, fast teacher (accuracy 2/Y) | share of problems where the fast teacher wins [95% CI] |
 |---|---|---|---|---|
 {rows}
 
 {_growth_text(summary)} The inaccurate teacher that puts its reward on the best output has no `T`
-(its median time is the same number in every row): {verdict}. {_unreached_text(summary)}
+(its median time is the same number in every row): {_wins_text(counts)}. {_unreached_text(summary)}
 
 {general_text(summary["general_policy"], "Theorem 2")} The inaccurate teacher is the faster one on
-{100 * summary["general_policy"]["fast_beats_accurate_slow"][str(config.horizons[-1])]:.0f}% of these problems at `T = {config.horizons[-1]}`.
+{fmt_share(*summary["general_policy"]["fast_beats_accurate_slow_counts"][str(config.horizons[-1])], "problems")} at `T = {config.horizons[-1]}`.
 
 ![t_gamma against T and accuracy](figures/{NAME}.png)
 """

@@ -31,6 +31,7 @@ from jaxrm.studies import (
     each,
     finish_study,
     fmt,
+    fmt_share,
     int_at_least,
     pyplot,
     save_figure,
@@ -157,7 +158,7 @@ def general_arm(config: Theorem3Config) -> tuple[dict, list]:
         atol=config.atol,
         t_max=config.t_max,
     )
-    summary["student_decides"] = float(np.mean(_fast_wins(cells | {"lam": lam}, time)))
+    summary.update(_student_decides(cells | {"lam": lam}, time))
     return summary, violating
 
 
@@ -220,7 +221,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
             "slow_lower": float(np.min(time[~fast] / lower[~fast])),
         },
         "accuracy": {teacher: float(np.mean(accuracy[cells["teacher"] == teacher])) for teacher in TEACHERS},
-        "student_decides": float(np.mean(_fast_wins(cells, time))),
+        **_student_decides(cells, time),
         "slow_slope": _slow_slope(time, variance, fast, config),
         "table": table,
         "general_policy": general,
@@ -230,8 +231,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         f"{summary['instances']} flows; violations fast bound {summary['violations']['fast_upper']}, slow bound "
         f"{summary['violations']['slow_lower']}; smallest slack {fmt(summary['min_slack']['fast_upper'])} and "
         f"{fmt(summary['min_slack']['slow_lower'])}; {summary['censored']} censored at t_max; the student decides "
-        "the better teacher in "
-        f"{100 * summary['student_decides']:.0f}% of cases (general-policy arm: {100 * general['student_decides']:.0f}%, "
+        f"the better teacher {_decides_text(summary)} (general-policy arm: {100 * general['student_decides']:.3g}% "
+        "of cases, "
         f"Proposition A violations {general['prop_a_violations']})"
     )
     progress(f"violations {summary['violations']}")
@@ -242,14 +243,28 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
-def _fast_wins(cells, time):
-    """Per (problem, T, family, lam): does the teacher of the favoured output win?"""
+def _student_decides(cells, time) -> dict:
+    """Per (problem, T, family, lam) case: does the teacher of the favoured output win? Returns
+    ``student_decides``, the share of cases, and ``student_decides_counts``: ``cases`` and
+    ``problems`` (the independent draws; one counts when it wins every one of its cases), each
+    ``[wins, total]``."""
     keys = np.stack([cells["problem"], cells["horizon"], cells["family"] == FAMILIES[0], cells["lam"] > 0], -1)
-    wins = []
-    for key in np.unique(keys, axis=0):
-        chosen = (keys == key).all(-1)
-        wins.append(time[chosen & cells["fast"]].max() < time[chosen & ~cells["fast"]].min())
-    return np.array(wins)
+    cases = np.unique(keys, axis=0)
+    wins = np.array(
+        [
+            time[chosen & cells["fast"]].max() < time[chosen & ~cells["fast"]].min()
+            for chosen in ((keys == case).all(-1) for case in cases)
+        ]
+    )
+    problems = np.unique(cases[:, 0])
+    every_case = [bool(wins[cases[:, 0] == problem].all()) for problem in problems]
+    return {
+        "student_decides": float(np.mean(wins)),
+        "student_decides_counts": {
+            "cases": [int(wins.sum()), len(wins)],
+            "problems": [int(sum(every_case)), len(problems)],
+        },
+    }
 
 
 def _figure(cells, time, config, path: Path):
@@ -280,14 +295,21 @@ def _slow_slope(time, variance, fast, config) -> dict:
     return {"slope": slope, "ci": [low, high], "n": int(slow.sum())}
 
 
+def _decides_text(summary: dict) -> str:
+    """How often the favoured output's teacher wins, by case and by problem, counted."""
+    counts = summary["student_decides_counts"]
+    wins, cases = counts["cases"]
+    return (
+        f"in {wins} of {cases} (problem, T, student, lam) cases ({100 * wins / cases:.3g}%), and every case of "
+        f"{fmt_share(*counts['problems'], 'problems')}, the independent draws"
+    )
+
+
 def _conclusion(summary: dict) -> str:
     """Whether the student decides the better teacher, worded from the measured share."""
     share = summary["student_decides"]
     first, second = (summary["accuracy"][name] for name in TEACHERS)
-    text = (
-        f"The reward model that rewards the output the student already favours wins in {100 * share:.0f}% of "
-        "the (problem, T, student, lam) cases."
-    )
+    text = f"The reward model that rewards the output the student already favours wins {_decides_text(summary)}."
     if share >= 0.95:
         less = "*less* accurate" if second < first else "no less accurate"
         text += (
@@ -336,7 +358,7 @@ Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at t
 {_conclusion(summary)}
 
 {general_text(summary["general_policy"], "Theorem 3")} There the student decides the better teacher
-in {100 * summary["general_policy"]["student_decides"]:.0f}% of cases.
+{_decides_text(summary["general_policy"])}.
 
 {_slow_slope_text(summary)}
 
