@@ -218,9 +218,9 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     summary["verdict"] = (
         f"{b * m} (problem, reward model) pairs, N = 1..{config.max_n}; the perfect model beaten on {violations} of "
         f"{best_other.size} (N, problem, prompt) checks; "
-        f"Spearman with Best-of-{config.ranking_n} gain: accuracy {summary['spearman']['accuracy_vs_bon']:+.2f}; "
-        f"with policy-gradient gain: variance {summary['spearman']['variance_vs_pg']:+.2f}, accuracy "
-        f"{summary['spearman']['accuracy_vs_pg']:+.2f}"
+        f"Spearman [95%] with Best-of-{config.ranking_n} gain: accuracy {_with_interval(summary, 'accuracy_vs_bon')}; "
+        f"with policy-gradient gain: variance {_with_interval(summary, 'variance_vs_pg')}, accuracy "
+        f"{_with_interval(summary, 'accuracy_vs_pg')}"
     )
     progress(f"violations of Proposition 1: {violations}")
     _figure(names, ns, bon_gain, accuracy, variance, pg_gain, summary["spearman"], out_dir / "figures" / f"{NAME}.png")
@@ -298,17 +298,18 @@ def _low_variance_text(summary: dict, n: int) -> str:
     return " ".join(texts)
 
 
+def _with_interval(summary: dict, name: str) -> str:
+    """A Spearman correlation of the summary with its 95% bootstrap interval."""
+    low, high = summary["spearman_interval"][name]
+    return f"{summary['spearman'][name]:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def _markdown(summary: dict, config: BestOfNConfig) -> str:
     n = config.ranking_n
     rows = "\n".join(
         f"| {name} | {m['accuracy']:.3f} | {m['on_policy_accuracy']:.3f} | {fmt(m['variance'])} | {fmt(m[f'bon{n}_gain'])} | {fmt(m['pg_gain'])} |"
         for name, m in summary["models"].items()
     )
-    s, ci = summary["spearman"], summary["spearman_interval"]
-
-    def with_interval(name):
-        return f"{s[name]:+.3f} [{ci[name][0]:+.3f}, {ci[name][1]:+.3f}]"
-
     return f"""## Proposition 1: Best-of-N rewards accuracy, policy gradient rewards variance
 
 **Verdict:** {summary["instances"]} (problem, reward model) pairs, N = 1..{config.max_n}: the perfectly accurate model was beaten on {summary["violations"]["perfect_not_optimal"]} of {summary["prompt_checks"]} (N, problem, prompt) checks, each prompt on its own (Proposition 1 expects 0).
@@ -318,9 +319,9 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
 {rows}
 
 Spearman correlation across reward models (per problem, averaged; 95% bootstrap interval over the
-{config.problems} problems): accuracy with Best-of-{n} gain {with_interval("accuracy_vs_bon")}, variance
-with Best-of-{n} gain {with_interval("variance_vs_bon")}; accuracy with policy-gradient gain
-{with_interval("accuracy_vs_pg")}, variance with policy-gradient gain {with_interval("variance_vs_pg")}. {_low_variance_text(summary, n)} The most frequent best
+{config.problems} problems): accuracy with Best-of-{n} gain {_with_interval(summary, "accuracy_vs_bon")}, variance
+with Best-of-{n} gain {_with_interval(summary, "variance_vs_bon")}; accuracy with policy-gradient gain
+{_with_interval(summary, "accuracy_vs_pg")}, variance with policy-gradient gain {_with_interval(summary, "variance_vs_pg")}. {_low_variance_text(summary, n)} The most frequent best
 policy-gradient teacher is `{summary["pg_best_model"]}`.
 
 ![Best-of-N and policy gradient](figures/{NAME}.png)
