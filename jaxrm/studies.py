@@ -97,11 +97,13 @@ def use_compilation_cache(directory: str) -> Path | None:
         return None
     import jax
 
-    path = check_out_directory(Path(directory).expanduser(), option="--compilation-cache")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--compilation-cache {directory}: cannot create it ({error.strerror}).") from None
+    path = Path(directory).expanduser()
+    if not path.is_dir():  # an existing directory serves even read-only: JAX then only reads it
+        check_out_directory(path, option="--compilation-cache")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--compilation-cache {path}: cannot create it ({error.strerror}).") from None
     settings = {
         "jax_compilation_cache_dir": str(path),
         "jax_persistent_cache_min_compile_time_secs": 0.0,
@@ -405,11 +407,17 @@ def fmt_share(successes: int, trials: int, noun: str) -> str:
     """``successes of trials <noun> (share, 95% CI low-high)``, the interval from :func:`share_interval`.
 
     >>> fmt_share(126, 128, "problems")
-    '126 of 128 problems (98.4%, 95% CI 94.5-99.6%)'
+    '126 of 128 problems (98.4%, 95% CI 94.4-99.6%)'
+    >>> fmt_share(999, 1000, "runs")
+    '999 of 1000 runs (99.9%, 95% CI 99.4-100%)'
     """
     low, high = share_interval(successes, trials)
-    percent = lambda x: f"{100 * x:.3g}"  # noqa: E731
-    return f"{successes} of {trials} {noun} ({percent(successes / trials)}%, 95% CI {percent(low)}-{percent(high)}%)"
+    # One decimal, the interval rounded outwards; a share is never shown as 0% or 100% unless it is.
+    percent = lambda x, rounding=round: f"{rounding(1000 * x) / 10:.1f}".removesuffix(".0")  # noqa: E731
+    share = percent(successes / trials)
+    if share in ("0", "100") and 0 < successes < trials:
+        share = "<0.1" if share == "0" else ">99.9"
+    return f"{successes} of {trials} {noun} ({share}%, 95% CI {percent(low, math.floor)}-{percent(high, math.ceil)}%)"
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -121,22 +121,22 @@ def test_share_interval_is_wilsons_and_refuses_impossible_counts():
 
 
 def test_teacher_comparisons_are_counted_per_problem_with_intervals():
-    # Two problems, each with one fast and one slow teacher per T (lam = 0) and a shuffled or
-    # KL-penalized copy that must not count; an unreached slow teacher loses.
-    kind = np.array(["fast", "slow", "slow", "fast", "slow"] * 2)
-    t = {
-        "kind": kind,
-        "horizon": np.array([np.nan, 1, 10, np.nan, 1] * 2),
-        "fraction": np.array([0, 0, 0, 0.5, 0.5] * 2),
-        "lam": np.array([0.0] * 5 + [0.0, 0.0, 0.0, 0.0, 0.1]),
-    }
-    time = np.array([5.0, 1.0, np.inf, 0.1, 99.0, 5.0, 9.0, 9.0, 0.1, 0.1])
-    counts = theorem2._fast_beats_accurate_slow(t, time, (1, 10))["fast_beats_accurate_slow_counts"]
+    # Per problem: the unshuffled fast and slow teachers without KL count; a shuffled or
+    # KL-penalized teacher does not, and an unreached slow teacher loses.
+    rows = []  # (kind, T, fraction, lam, t_gamma)
+    for fast_time, slow_times in ((5.0, (1.0, np.inf)), (5.0, (9.0, 9.0))):
+        rows += [("fast", np.nan, 0, 0.0, fast_time)]
+        rows += [("slow", h, 0, 0.0, s) for h, s in zip((1, 10), slow_times)]
+        rows += [("fast", np.nan, 0.5, 0.0, 0.1), ("slow", 1, 0.5, 0.0, 99.0)]  # shuffled: would win at T = 1
+        rows += [("fast", np.nan, 0, 0.1, 0.1), ("slow", 1, 0, 0.1, 99.0), ("slow", 10, 0, 0.1, 99.0)]  # with KL
+    kind, horizon, fraction, lam, time = (np.array(column) for column in zip(*rows))
+    t = {"kind": kind, "horizon": horizon.astype(float), "fraction": fraction, "lam": lam.astype(float)}
+    counts = theorem2._fast_beats_accurate_slow(t, time.astype(float), (1, 10))["fast_beats_accurate_slow_counts"]
     assert counts == {"1": [1, 2], "10": [2, 2]}
 
     counts = {"1": [70, 128], "10": [126, 128], "100": [128, 128]}
     text = theorem2._wins_text(counts)
-    assert text.startswith("from `T = 10` on") and "at least 126 of 128 problems (98.4%, 95% CI 94.5-99.6%)" in text
+    assert text.startswith("from `T = 10` on") and "at least 126 of 128 problems (98.4%, 95% CI 94.4-99.6%)" in text
     counts["10"] = [100, 128]  # a dip: the claim starts after it
     assert theorem2._wins_text(counts).startswith("from `T = 100` on")
     counts["100"] = [120, 128]
@@ -152,10 +152,22 @@ def test_teacher_comparisons_are_counted_per_problem_with_intervals():
     noisy = scale * grid["horizon"] ** 2.0 * np.random.default_rng(1).lognormal(0, 1, 60)
     growth = theorem2._median_growth(grid, noisy, np.ones(60, bool), horizons, seed=0)
     assert growth["ci"][0] < growth["slope"] < growth["ci"][1] and growth["ci"][1] - growth["ci"][0] > 0.05
+    # A second, identical row per problem changes no median of a resample of whole problems.
+    twice = {"problem": np.repeat(problem, 2), "horizon": np.repeat(grid["horizon"], 2)}
+    assert theorem2._median_growth(twice, np.repeat(noisy, 2), np.ones(120, bool), horizons, seed=0) == growth
 
-    summary = {"student_decides_counts": {"cases": [95, 96], "problems": [7, 8]}}
-    text = theorem3._decides_text(summary)
-    assert "95 of 96 (problem, T, student, lam) cases (99%)" in text and "7 of 8 problems (87.5%, 95% CI" in text
+    # Theorem 3: problem 0 wins both its cases, problem 1 loses one of its two.
+    cells = {
+        "problem": np.repeat([0, 1], 4),
+        "horizon": np.tile([10, 10, 100, 100], 2),
+        "family": np.array(["Pi"] * 8),
+        "lam": np.zeros(8),
+        "fast": np.tile([True, False], 4),
+    }
+    decided = theorem3._student_decides(cells, np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 2.0]))
+    assert decided["student_decides_counts"] == {"cases": [3, 4], "problems": [1, 2]}
+    text = theorem3._decides_text({"student_decides_counts": {"cases": [95, 96], "problems": [7, 8]}}, "draws")
+    assert "95 of 96 (problem, T, student, lam) cases (99%)" in text and "7 of 8 draws (87.5%, 95% CI" in text
 
 
 @pytest.mark.slow
@@ -406,7 +418,7 @@ def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
     assert "11 slow teachers did not reach the gain: 6 cannot" in text
     assert "4 of them have unshuffled orders and 1 a KL penalty), 5 could but were censored" in text
     summary["slow_growth"] = {"slope": 0.5, "ci": [0.4, 0.6]}
-    assert "`T^0.50` [95% CI 0.40, 0.60]" in theorem2._growth_text(summary)
+    assert "`T^0.500` [95% CI 0.400, 0.600]" in theorem2._growth_text(summary)
     summary["slow_growth"] = {"slope": float("nan"), "ci": [float("nan")] * 2}
     assert theorem2._growth_text(summary).startswith("Too few slow teachers reached the gain")
 

@@ -405,7 +405,8 @@ Final reward models of the largest datasets, by share of on-policy pairs (Table 
 {shares}
 
 Along each training run (Chen et al.'s protocol), the checkpoint that teaches best is not the
-most accurate one in {fmt_share(c["best_is_not_most_accurate_runs"], c["runs"], "runs")}: the best has mean
+most accurate one in {fmt_share(c["best_is_not_most_accurate_runs"], c["runs"], "runs")}; the interval is over
+training runs on this one task (its data and initialisation differ from run to run, its ground truth does not): the best has mean
 on-policy accuracy {c["mean_accuracy_of_best"]:.3f} and variance {fmt(c["mean_variance_of_best"])},
 the most accurate {c["mean_accuracy_of_most_accurate"]:.3f} and {fmt(c["mean_variance_of_most_accurate"])};
 mean ground-truth gain {fmt(c["mean_gt_gain_of_best"])} against {fmt(c["mean_gt_gain_of_most_accurate"])}.

@@ -383,7 +383,7 @@ def _growth_text(summary: dict) -> str:
         return "Too few slow teachers reached the gain to tell how their time grows with `T`."
     low, high = growth["ci"]
     return (
-        f"The accurate teacher's median time grows like `T^{growth['slope']:.2f}` [95% CI {low:.2f}, {high:.2f}] "
+        f"The accurate teacher's median time grows like `T^{growth['slope']:.3f}` [95% CI {low:.3f}, {high:.3f}] "
         "over these `T` (log-log slope of the medians, resampling problems; its variance is at most `1/T^2`)."
     )
 
@@ -420,7 +420,8 @@ def _wins_text(counts: dict) -> str:
     fewest = min(horizons[first:], key=share)
     return (
         f"from `T = {horizons[first]}` on, the least accurate model is the better teacher on at least "
-        f"{fmt_share(*counts[fewest], 'problems')} at every `T`"
+        f"{fmt_share(*counts[fewest], 'problems')} at every `T` (that `T` and the fewest wins are picked from "
+        "these shares, so the interval is one `T`'s, not a joint one)"
     )
 
 
@@ -447,7 +448,7 @@ Slow teachers have accuracy {acc["slow"][0]:.2f} to {acc["slow"][1]:.2f}, fast t
 (its median time is the same number in every row): {_wins_text(counts)}. {_unreached_text(summary)}
 
 {general_text(summary["general_policy"], "Theorem 2")} The inaccurate teacher is the faster one on
-{fmt_share(*summary["general_policy"]["fast_beats_accurate_slow_counts"][str(config.horizons[-1])], "problems")} at `T = {config.horizons[-1]}`.
+{fmt_share(*summary["general_policy"]["fast_beats_accurate_slow_counts"][str(config.horizons[-1])], "one-prompt draws")} at `T = {config.horizons[-1]}`.
 
 ![t_gamma against T and accuracy](figures/{NAME}.png)
 """

@@ -295,13 +295,14 @@ def _slow_slope(time, variance, fast, config) -> dict:
     return {"slope": slope, "ci": [low, high], "n": int(slow.sum())}
 
 
-def _decides_text(summary: dict) -> str:
-    """How often the favoured output's teacher wins, by case and by problem, counted."""
+def _decides_text(summary: dict, draws: str = "problems") -> str:
+    """How often the favoured output's teacher wins, by case and by independent draw (``draws``
+    names them), counted."""
     counts = summary["student_decides_counts"]
     wins, cases = counts["cases"]
     return (
         f"in {wins} of {cases} (problem, T, student, lam) cases ({100 * wins / cases:.3g}%), and every case of "
-        f"{fmt_share(*counts['problems'], 'problems')}, the independent draws"
+        f"{fmt_share(*counts['problems'], draws)}, the independent draws"
     )
 
 
@@ -358,7 +359,7 @@ Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at t
 {_conclusion(summary)}
 
 {general_text(summary["general_policy"], "Theorem 3")} There the student decides the better teacher
-{_decides_text(summary["general_policy"])}.
+{_decides_text(summary["general_policy"], "one-prompt draws")}.
 
 {_slow_slope_text(summary)}
 
