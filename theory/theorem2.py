@@ -172,7 +172,7 @@ def general_arm(config: Theorem2Config) -> tuple[dict, list]:
     t = make_teachers(arm)
     slow, fast = t["kind"] == "slow", t["kind"] == "fast"
     rows = {k: t[k] for k in ("rm", "gt", "gamma", "lam", "rho", "kind", "horizon")}
-    summary, time, lam, violating = general_policy_arm(
+    summary, time, _, violating = general_policy_arm(
         rows | {"log_probs": np.asarray(jax.nn.log_softmax(t["logits"], axis=-1))},
         policy=policy,
         prompts=config.general_prompts,
