@@ -211,6 +211,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     window = min(5, config.iterations)
     outcome, stop, reached = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
     verdicts = run_verdicts(saves, correct, outcome, len(runs))
+    all_reached = reached.all(-1)
     difference = metrics.bootstrap_correlation_difference(
         np.asarray(stats["reward variance"]),
         np.asarray(accuracy),
@@ -231,6 +232,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
         "ground_truth_at_stop_spread": outcome.std(-1).tolist(),
         "stop_iteration": stop.mean(-1).tolist(),
         "budget_unreached": int((~reached).sum()),  # (save, seed) runs read off at the last iteration
+        "budget_unreached_per_save": (~reached).sum(-1).tolist(),
         "initial_ground_truth": stats["initial ground truth"],
         "run_verdicts": verdicts,
         "verdict": overall_verdict(verdicts),
@@ -243,6 +245,16 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
             )
         },
         "variance_minus_accuracy": [float(difference.estimate), float(difference.low), float(difference.high)],
+        # The same correlations over the saves whose every seed reached the budget (None below 3 saves).
+        "correlations_budget_reached": {
+            name: studies.correlations(
+                np.asarray(x)[all_reached], outcome[all_reached], seed=config.stream("paradox intervals")
+            )
+            for name, x in (("accuracy", accuracy), ("reward variance", stats["reward variance"]))
+        }
+        if all_reached.sum() >= 3
+        else None,
+        "saves_budget_reached": int(all_reached.sum()),
     }
     studies.write_json(out_dir / "summary.json", summary)
     plot(summary, out_dir / "figures" / "paradox.png")
@@ -272,6 +284,36 @@ def plot(summary, path):
     studies.save_figure(fig, path)
 
 
+def _difference_text(summary) -> str:
+    """The paired difference with its interval, or why it tells nothing (a zero-width interval)."""
+    estimate, low, high = summary["variance_minus_accuracy"]
+    if low == high:
+        return f"{studies.fmt(estimate)}, not resolved (every resample gave the same value)"
+    return studies.fmt_interval(summary["variance_minus_accuracy"])
+
+
+def _reached_text(summary) -> str:
+    """The correlations again without the saves that some seed read off short of the KL budget."""
+    saves = len(summary["steps"])
+    if summary["budget_unreached"] == 0:
+        return "Every run reached the KL budget."
+    restricted = summary["correlations_budget_reached"]
+    if restricted is None:
+        return (
+            f"Only {summary['saves_budget_reached']} of {saves} saves reached the budget in every seed, too few to "
+            "correlate without the others."
+        )
+    return (
+        f"Over the {summary['saves_budget_reached']} of {saves} saves that reached the budget in every seed "
+        "(Pearson / Spearman): "
+        + "; ".join(
+            f"{k} {studies.fmt_interval(v['pearson'])} / {studies.fmt_interval(v['spearman'])}"
+            for k, v in restricted.items()
+        )
+        + "."
+    )
+
+
 def report(config, summary) -> str:
     fmt = studies.fmt
     lines = [
@@ -286,7 +328,7 @@ def report(config, summary) -> str:
         f"it and are read off at the end); mean ± std over {config.seeds} seeds. Initial ground truth "
         f"{fmt(summary['initial_ground_truth'])}.",
         "",
-        "| run | most accurate save (accuracy) | best teacher (accuracy, its accuracy rank in the run) | "
+        "| run | most accurate save (accuracy) | best teacher by mean (accuracy, its accuracy rank in the run) | "
         "saves that teach better, beyond seed noise | of those, less accurate beyond held-out noise |",
         "|---|---|---|---|---|",
     ]
@@ -307,8 +349,8 @@ def report(config, summary) -> str:
         "only where a save is both less accurate and a better teacher beyond noise.",
         "",
         "| run | step | held-out accuracy | reward mean | reward std | variance (normalized) | on-policy accuracy | "
-        "ground truth at stop | stop iteration |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"ground truth at stop | stop iteration | seeds short of the budget (of {config.seeds}) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, step in enumerate(summary["steps"]):
         lines.append(
@@ -316,7 +358,7 @@ def report(config, summary) -> str:
             f"{fmt(summary['reward_mean'][i])} | {fmt(summary['reward_std'][i])} | "
             f"{fmt(summary['reward_variance'][i])} | {fmt(summary['on_policy_accuracy'][i])} | "
             f"{fmt(summary['ground_truth_at_stop'][i])} ± {fmt(summary['ground_truth_at_stop_spread'][i], 2)} | "
-            f"{fmt(summary['stop_iteration'][i])} |"
+            f"{fmt(summary['stop_iteration'][i])} | {summary['budget_unreached_per_save'][i]} |"
         )
     lines += [
         "",
@@ -327,8 +369,8 @@ def report(config, summary) -> str:
             f"{k} {studies.fmt_interval(v['pearson'])} / {studies.fmt_interval(v['spearman'])}"
             for k, v in summary["correlations"].items()
         )
-        + f". Spearman of variance minus Spearman of accuracy (paired bootstrap): "
-        f"{studies.fmt_interval(summary['variance_minus_accuracy'])}.",
+        + f". Spearman of variance minus Spearman of accuracy (paired bootstrap): {_difference_text(summary)}. "
+        + _reached_text(summary),
         "",
         "![accuracy paradox](figures/paradox.png)",
         "",

@@ -140,6 +140,7 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
     assert verdicts["§4.2: which reward model teaches better depends on the student (a crossing)"] == "does not hold"
     # Accuracy is random here and variance orders the gains: the map reads "variance predicts better".
     assert [c["verdict"] for c in grows["map"]] == ["variance predicts better"] * len(grows["map"])
+    assert f"Bonferroni over the {len(grows['map'])} cells" in teacher.report(config, grows)
     falls = teacher.summarize(config, *_fake_measurements(config, lambda v: -v, perfect_gain=5.0))
     assert falls["verdicts"]["Table 2: reward variance / ground truth gain"] == "does not hold"
     assert falls["verdicts"][
@@ -147,6 +148,22 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
     ] == ("does not hold")
     report = teacher.report(config, falls)
     assert "| Table 2: reward variance / ground truth gain | does not hold |" in report
+
+
+def test_the_map_corrects_each_cells_difference_for_the_number_of_cells(monkeypatch):
+    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2)
+    stats, results = _fake_measurements(config, lambda v: v, perfect_gain=0.0)
+    levels = []
+    real = teacher.metrics.bootstrap_correlation_difference
+
+    def recording(*args, level=0.95, **kwargs):
+        levels.append(level)
+        return real(*args, level=level, **kwargs)
+
+    monkeypatch.setattr(teacher.metrics, "bootstrap_correlation_difference", recording)
+    per_student = [teacher.teacher_gains(config, *pair)[1] for pair in zip(stats, results)]
+    cells = teacher.correlation_map(config, stats, results, per_student)
+    assert len(cells) == 4 and levels == [1 - 0.05 / 4] * 4
 
 
 def test_a_crossing_of_two_models_between_students_makes_section_4_2_hold():
@@ -235,6 +252,17 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
     assert f"**{summary['verdict']}**" in report and (tmp_path / "figures" / "paradox.png").exists()
     low, high = summary["correlations"]["accuracy"]["spearman"][1:]
     assert -1 <= low <= high <= 1 and "accuracy " in report
+    assert sum(summary["budget_unreached_per_save"]) == summary["budget_unreached"]
+    assert paradox._reached_text(summary) in report and paradox._difference_text(summary) in report
+    # The texts follow the data: a zero-width difference is not an interval, and the saves whose
+    # every seed reached the budget are counted and correlated on their own.
+    altered = {**summary, "variance_minus_accuracy": [0.0, 0.0, 0.0]}
+    assert "not resolved" in paradox._difference_text(altered)
+    altered = {**summary, "budget_unreached": 2, "saves_budget_reached": 1, "correlations_budget_reached": None}
+    assert paradox._reached_text(altered).startswith(f"Only 1 of {len(steps)} saves reached the budget")
+    altered["saves_budget_reached"], altered["correlations_budget_reached"] = 3, summary["correlations"]
+    assert paradox._reached_text(altered).startswith(f"Over the 3 of {len(steps)} saves that reached the budget")
+    assert paradox._reached_text({**summary, "budget_unreached": 0}) == "Every run reached the KL budget."
 
 
 def _nested_correct(accuracies, pairs=400):
