@@ -391,8 +391,9 @@ def share_interval(successes: int, trials: int, *, level: float = 0.95) -> tuple
     >>> [round(x, 3) for x in share_interval(128, 128)]
     [0.971, 1.0]
     """
-    if not (isinstance(trials, (int, np.integer)) and trials >= 1 and 0 <= successes <= trials):
-        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}.")
+    counts = isinstance(trials, (int, np.integer)) and isinstance(successes, (int, np.integer))
+    if not (counts and trials >= 1 and 0 <= successes <= trials):
+        raise ValueError(f"need integer counts, 0 <= successes <= trials and trials >= 1; got {successes} of {trials}.")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
     z = statistics.NormalDist().inv_cdf((1 + level) / 2)

@@ -115,7 +115,7 @@ def test_share_interval_is_wilsons_and_refuses_impossible_counts():
         expected = scipy.stats.binomtest(successes, trials).proportion_ci(0.95, method="wilson")
         assert share_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-12)
     assert share_interval(3, 10, level=0.5)[1] < share_interval(3, 10)[1]
-    for successes, trials in ((5, 4), (-1, 4), (0, 0)):
+    for successes, trials in ((5, 4), (-1, 4), (0, 0), (1.5, 4)):
         with pytest.raises(ValueError, match="successes <= trials"):
             share_interval(successes, trials)
 
