@@ -28,6 +28,34 @@ def _checked_count(name: str, value) -> int:
     return int(value)
 
 
+def _checked_rho(rho, mass, mass_name: str):
+    """``(rho, mass)`` as float arrays, or ``ValueError``: the fast bounds of Theorems 2 and 3 hold
+    for ``0 < mass < rho < 1``. ``rho`` lies in ``(0, 1)`` by the theorems' choice of ``gamma``,
+    and ``mass`` (the initial mass on ``y_g``, or its floor ``c``) stays below ``rho``, since a
+    policy with ``pi0(y_g) >= rho`` would already have the gain; outside that range the formulas
+    return numbers that bound nothing (a negative "upper bound")."""
+    rho = np.asarray(rho, float)
+    mass = _checked(mass_name, mass, positive=True)
+    outside = ~((0 < rho) & (rho < 1))
+    if outside.any():
+        raise ValueError(f"rho must lie in (0, 1); got {rho[outside].ravel()[:4].tolist()}.")
+    above = np.broadcast_to(~(mass < rho), np.broadcast_shapes(mass.shape, rho.shape))
+    if above.any():
+        raise ValueError(
+            f"{mass_name} must be below rho (a policy with that much mass on y_g already has the gain); "
+            f"{int(above.sum())} entry(ies) are not."
+        )
+    return rho, mass
+
+
+def _checked_min_prob(min_prob):
+    """The smallest initial probability, in ``(0, 1]``."""
+    min_prob = _checked("min_prob", min_prob, positive=True)
+    if (min_prob > 1).any():
+        raise ValueError(f"min_prob is a probability, at most 1; got {min_prob[min_prob > 1].ravel()[:4].tolist()}.")
+    return min_prob
+
+
 def _checked_structure(length, jacobian_norm):
     _checked_count("length", length)
     _checked("jacobian_norm", jacobian_norm, positive=True)
@@ -151,7 +179,13 @@ def proposition2_variance_rate_bound(
 def theorem2_rho(initial_value: ArrayLike, gamma: ArrayLike, good_reward: ArrayLike) -> np.ndarray:
     """``rho = (E_{pi0}[r_G] + gamma + 1) / (r_G(y_g) + 1)``: the mass on ``y_g`` that
     guarantees the gain (docs/theory.md#theorems-2-and-5 and docs/theory.md#theorems-3-and-6;
-    with ``y_g'`` for the family ``Pi'``)."""
+    with ``y_g'`` for the family ``Pi'``). Rewards lie in ``[-1, 1]``; ``rho`` is in ``(0, 1)``
+    when ``gamma > 0`` and ``r_G(y_g) > E_{pi0}[r_G] + gamma``, as the theorems require (not
+    checked here: the bounds that take ``rho`` check it).
+
+    >>> float(theorem2_rho(0.0, 0.5, 1.0))  # (0 + 0.5 + 1) / 2
+    0.75
+    """
     return (np.asarray(initial_value) + gamma + 1.0) / (np.asarray(good_reward) + 1.0)
 
 
@@ -168,34 +202,52 @@ def theorem2_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
 
 def theorem2_fast_upper_bound(rho: ArrayLike, good_prob: ArrayLike, *, num_prompts: int) -> np.ndarray:
     """Theorem 2 (docs/theory.md#theorems-2-and-5), fast inaccurate teacher (``1`` on ``y_g``,
-    below ``pi0(y_g)`` elsewhere): ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1 / pi0(y_g) - 1 / rho)``."""
-    rho = np.asarray(rho)
+    below ``pi0(y_g)`` elsewhere): ``t_gamma(r_G) <= 4 |S| / (1 - rho)^4 (1 / pi0(y_g) - 1 / rho)``,
+    for ``0 < pi0(y_g) < rho < 1``.
+
+    >>> round(float(theorem2_fast_upper_bound(0.5, 0.25, num_prompts=1)), 3)  # 64 (4 - 2)
+    128.0
+    """
+    rho, good_prob = _checked_rho(rho, good_prob, "good_prob")
     num_prompts = _checked_count("num_prompts", num_prompts)
-    return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / _checked("good_prob", good_prob, positive=True) - 1.0 / rho)
+    return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / good_prob - 1.0 / rho)
 
 
 def theorem2_kl_limit(good_prob: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
     """Largest ``lam`` for Theorem 2's fast bound:
-    ``pi0(y_g) (1 - rho)^4 / (8 (1/(2e) - 2 ln min_y pi0(y)))``."""
-    _checked("good_prob", good_prob, positive=True)
-    _checked("min_prob", min_prob, positive=True)
-    return np.asarray(good_prob) * (1.0 - np.asarray(rho)) ** 4 / (8.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
+    ``pi0(y_g) (1 - rho)^4 / (8 (1/(2e) - 2 ln min_y pi0(y)))``, for ``0 < pi0(y_g) < rho < 1``.
+
+    >>> round(float(theorem2_kl_limit(0.25, 0.5, 0.25)), 6)
+    0.000661
+    """
+    rho, good_prob = _checked_rho(rho, good_prob, "good_prob")
+    min_prob = _checked_min_prob(min_prob)
+    return good_prob * (1.0 - rho) ** 4 / (8.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 
 def theorem3_fast_upper_bound(rho: ArrayLike, good_prob_floor: ArrayLike, *, num_prompts: int) -> np.ndarray:
     """Theorem 3 (docs/theory.md#theorems-3-and-6), the teacher that rewards the output the policy
-    already favours (``pi0(y_g) >= c``): ``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``."""
-    rho = np.asarray(rho)
+    already favours (``pi0(y_g) >= c``): ``t_gamma <= 2 |S| / (1 - rho)^3 (1/c - 1/rho)``, for
+    ``0 < c < rho < 1``.
+
+    >>> round(float(theorem3_fast_upper_bound(0.5, 0.25, num_prompts=1)), 3)  # 16 (4 - 2)
+    32.0
+    """
+    rho, floor = _checked_rho(rho, good_prob_floor, "good_prob_floor")
     num_prompts = _checked_count("num_prompts", num_prompts)
-    floor = _checked("good_prob_floor", good_prob_floor, positive=True)
     return 2.0 * num_prompts / (1.0 - rho) ** 3 * (1.0 / floor - 1.0 / rho)
 
 
 def theorem3_kl_limit(good_prob_floor: ArrayLike, rho: ArrayLike, min_prob: ArrayLike) -> np.ndarray:
-    """Largest ``lam`` for Theorem 3's fast bound: ``c (1 - rho)^3 / (16 (1/(2e) - 2 ln min pi0))``."""
-    _checked("good_prob_floor", good_prob_floor, positive=True)
-    _checked("min_prob", min_prob, positive=True)
-    return np.asarray(good_prob_floor) * (1.0 - np.asarray(rho)) ** 3 / (16.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
+    """Largest ``lam`` for Theorem 3's fast bound: ``c (1 - rho)^3 / (16 (1/(2e) - 2 ln min pi0))``,
+    for ``0 < c < rho < 1``.
+
+    >>> round(float(theorem3_kl_limit(0.25, 0.5, 0.25)), 6)
+    0.000661
+    """
+    rho, floor = _checked_rho(rho, good_prob_floor, "good_prob_floor")
+    min_prob = _checked_min_prob(min_prob)
+    return floor * (1.0 - rho) ** 3 / (16.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 
 def theorem3_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_prompts: int) -> np.ndarray:

@@ -20,9 +20,12 @@ samples). :func:`compare` measures the mean against a target gradient: bias, cos
 variance and signal-to-noise ratio. :func:`kl_gradients` gives the exact gradients of the
 objectives that the biased placements follow instead (derived in docs/theory.md).
 
-Everything is float64-friendly, pure and jit-compatible. The policy's parameters carry a
-leading prompt axis, as :mod:`jaxrm.tabular` expects: of size 1 for one prompt (the moments of
-several prompts come stacked from one call of :func:`estimate_moments`).
+Everything is float64-friendly and pure; :func:`objective_gradient`, :func:`kl_gradients`,
+:func:`followed_gradient` and :func:`sampled_gradient` trace under ``jit`` and ``vmap``, while
+:func:`estimate_moments` loops over chunks of groups in Python (each chunk one compiled call), so
+its ``kl_coef`` is checked and must be concrete. The policy's parameters carry a leading prompt
+axis, as :mod:`jaxrm.tabular` expects: of size 1 for one prompt (the moments of several prompts
+come stacked from one call of :func:`estimate_moments`); the other functions take one prompt.
 
 >>> import jax.numpy as jnp
 >>> from jaxrm.tabular import TabularPolicy
@@ -48,7 +51,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxrm import pg
-from jaxrm._checks import check_fields, checked, int_at_least, one_of
+from jaxrm._checks import check_fields, check_finite, check_token_ids, checked, int_at_least, is_concrete, one_of
 from jaxrm.metrics import KL_ESTIMATORS, kl_estimate, reward_variance
 from jaxrm.tabular import ExactPolicy, Logits
 
@@ -205,11 +208,33 @@ def _structure(policy: ExactPolicy) -> tuple[int, int]:
     return vocab, length
 
 
+def _one_prompt(policy: ExactPolicy, logits: Logits, rewards) -> jax.Array:
+    """``rewards`` as ``[|Y|]`` after checking that ``logits`` hold one prompt and ``rewards``
+    one value per output (``[|Y|]`` or ``[1, |Y|]``): these functions read the first prompt's
+    policy only, and a second prompt's rewards would broadcast against it silently."""
+    prompts = jax.tree.leaves(logits)[0].shape[0]
+    if prompts != 1:
+        raise ValueError(
+            f"logits hold {prompts} prompts; this function takes one (a prompt axis of size 1). "
+            "estimate_moments gives several prompts' moments at once."
+        )
+    if np.shape(rewards) not in ((policy.num_outputs,), (1, policy.num_outputs)):
+        raise ValueError(f"rewards must be shaped [{policy.num_outputs}] (one per output), got {np.shape(rewards)}.")
+    return jnp.reshape(rewards, (policy.num_outputs,))
+
+
 def objective_gradient(
     policy: ExactPolicy, logits: Logits, rewards: jax.Array, *, kl_coef: float = 0.0, ref_logits: Logits | None = None
 ) -> jax.Array:
     """``[D]``: the exact gradient of ``J = E_pi[r] - lam KL(pi || pi_ref)`` for one prompt
-    (``pi_ref`` is ``ref_logits``' policy, the current one by default), flattened."""
+    (``pi_ref`` is ``ref_logits``' policy, the current one by default), flattened.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrm.tabular import TabularPolicy
+    >>> gradient = objective_gradient(TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]]), jnp.array([1.0, 0.0, -1.0]))
+    >>> [round(g, 4) for g in gradient.tolist()]  # pi (r - E_pi r), Lemma 7
+    [0.2701, -0.0612, -0.2088]
+    """
     grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits)
     return grads["reward"] - kl_coef * grads["reverse_kl"]
 
@@ -227,6 +252,7 @@ def kl_gradients(
     they are ``reverse_kl`` and ``forward_kl``. ``held_k1``, ``held_k2``, ``held_k3``: the
     score-function gradient of ``E_pi[c(y)]`` with ``c(y) = sum_t k(y_t)`` held at its current
     value, which a KL estimate folded into the reward follows (``held_k1 = reverse_kl``)."""
+    rewards = _one_prompt(policy, logits, rewards)
     ref_logits = logits if ref_logits is None else ref_logits
     vocab, length = _structure(policy)
     ref_lp = jax.lax.stop_gradient(policy.log_probs(ref_logits)[0])
@@ -268,7 +294,11 @@ def kl_gradients(
 def has_closed_form(estimator: Estimator) -> bool:
     """Whether :func:`followed_gradient` has a closed form for ``estimator``: not for GRPO's
     std scaling, per-group normalization or zero-variance filtering, whose bias depends on the
-    joint law of the group."""
+    joint law of the group.
+
+    >>> has_closed_form(Estimator("rloo", k=2)), has_closed_form(Estimator("grpo", k=2))
+    (True, False)
+    """
     return not (
         estimator.advantage == "grpo" or estimator.reward_normalization == "group" or estimator.filter_zero_variance
     )
@@ -298,9 +328,17 @@ def followed_gradient(
     held fixed). ``gradients``: the
     :func:`kl_gradients` of the instance, when already computed (they are the same for every
     estimator).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrm.tabular import TabularPolicy
+    >>> policy, logits, rewards = TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]]), jnp.array([1.0, 0.0, -1.0])
+    >>> followed = followed_gradient(Estimator("dr_grpo", k=2), policy, logits, rewards)
+    >>> [round(g, 4) for g in followed.tolist()]  # (k - 1) / k of objective_gradient's
+    [0.135, -0.0306, -0.1044]
     """
     if not has_closed_form(estimator):
         return None
+    rewards = _one_prompt(policy, logits, rewards)
     grads = kl_gradients(policy, logits, rewards, ref_logits=ref_logits) if gradients is None else gradients
     factor = (estimator.k - 1) / estimator.k if estimator.advantage == "dr_grpo" else 1.0
     task = grads["reward"]
@@ -328,7 +366,21 @@ def sampled_gradient(
 ) -> jax.Array:
     """``[D]``: the ascent direction ``-grad loss`` that ``estimator`` computes from the output
     indices ``samples [k]`` of one prompt, built from the :mod:`jaxrm.pg` kernels exactly as a
-    trainer builds it (flattened over the policy's parameters)."""
+    trainer builds it (flattened over the policy's parameters).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrm.tabular import TabularPolicy
+    >>> policy, logits, rewards = TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]]), jnp.array([1.0, 0.0, -1.0])
+    >>> g = sampled_gradient(Estimator("rloo", k=2), policy, logits, rewards, jnp.array([0, 1]))
+    >>> print(jnp.round(g, 4) + 0.0)  # advantages +1, -1: (grad log pi(0) - grad log pi(1)) / 2
+    [ 0.5 -0.5  0. ]
+    """
+    rewards = _one_prompt(policy, logits, rewards)
+    if np.shape(samples) != (estimator.k,):
+        raise ValueError(
+            f"samples must be shaped [{estimator.k}] (k = {estimator.k} output indices), got {np.shape(samples)}."
+        )
+    check_token_ids("samples", samples, policy.num_outputs)
     tables = _tables(policy, logits, logits if ref_logits is None else ref_logits)
     return _gradient(estimator, tables, rewards, samples, kl_coef)
 
@@ -439,6 +491,13 @@ def estimate_moments(
         and its gradient vanish).
       chunk: multisets per vectorized batch (memory ~ ``chunk * max(|Y| * L, D)`` per prompt).
       max_groups: refuse more multisets than this.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrm.tabular import TabularPolicy
+    >>> policy, logits, rewards = TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]]), jnp.array([1.0, 0.0, -1.0])
+    >>> moments = estimate_moments(Estimator("rloo", k=2), policy, logits, rewards)
+    >>> moments.groups, [round(g, 4) for g in moments.mean.tolist()]  # 6 multisets; unbiased
+    (6, [0.2701, -0.0612, -0.2088])
     """
     options = dict(kl_coef=kl_coef, ref_logits=ref_logits, chunk=chunk, max_groups=max_groups)
     return estimate_many_moments((estimator,), policy, logits, rewards, **options)[0]
@@ -460,7 +519,9 @@ def estimate_many_moments(
     estimators = tuple(estimators)
     if not estimators or not all(isinstance(e, Estimator) for e in estimators):
         raise ValueError(f"estimators must be a non-empty sequence of Estimator, got {estimators!r}.")
-    if not (np.isfinite(kl_coef) and kl_coef >= 0):
+    if not is_concrete(kl_coef):
+        raise ValueError("estimate_moments takes a concrete kl_coef (it loops over chunks in Python).")
+    if not (np.ndim(kl_coef) == 0 and np.isfinite(kl_coef) and kl_coef >= 0):
         raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef}.")
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}.")
@@ -482,6 +543,7 @@ def estimate_many_moments(
     if rewards.shape != (prompts, num_outputs) and not (prompts == 1 and rewards.shape == (num_outputs,)):
         expected = f"[{num_outputs}] (one per output)" if prompts == 1 else f"[{prompts}, {num_outputs}]"
         raise ValueError(f"rewards must be shaped {expected}, got {rewards.shape}.")
+    check_finite("rewards", rewards)
     one_prompt = jax.tree.map(lambda x: x[:1], logits)
     dim = ravel_pytree(one_prompt)[0].size
     size = min(chunk, groups)
@@ -559,8 +621,24 @@ def _accumulate(carry, samples, log_counts, logits, rewards, kl_coef, ref_logits
 
 def compare(moments: Moments, target: jax.Array) -> Comparison:
     """Bias, cosine, best scale, direction bias, total variance and signal-to-noise ratio of
-    ``moments`` against the gradient ``target`` (see :class:`Comparison`)."""
+    ``moments`` against the gradient ``target`` (see :class:`Comparison`), for one prompt's
+    moments (``mean [D]``; index a prompt of stacked moments first).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxrm.tabular import TabularPolicy
+    >>> policy, logits, rewards = TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]]), jnp.array([1.0, 0.0, -1.0])
+    >>> moments = estimate_moments(Estimator("rloo", k=2), policy, logits, rewards)
+    >>> comparison = compare(moments, objective_gradient(policy, logits, rewards))
+    >>> round(comparison.cosine, 6), round(comparison.snr, 3)  # unbiased; |mean|^2 / trace(Cov)
+    (1.0, 0.335)
+    """
     mean, target = np.asarray(moments.mean), np.asarray(target)
+    if mean.ndim != 1 or target.shape != mean.shape:
+        raise ValueError(
+            f"compare takes one prompt's moments, mean [D], and a target of the same shape; got mean "
+            f"{list(mean.shape)} and target {list(target.shape)}. For stacked moments, compare "
+            "Moments(m.mean[s], m.covariance[s], m.groups) one prompt at a time."
+        )
     target_norm, mean_norm = np.linalg.norm(target), np.linalg.norm(mean)
     scale = float(mean @ target / target_norm**2) if target_norm > 0 else float("nan")
     total = float(np.trace(np.asarray(moments.covariance)))
@@ -577,7 +655,11 @@ def compare(moments: Moments, target: jax.Array) -> Comparison:
 def grid(*, ks=(2, 4), kl_estimators=KL_ESTIMATORS) -> list[Estimator]:
     """The estimators of the atlas: every advantage and KL placement at each ``k``, plus the
     variants (filtering, normalizations, clipped surrogate) on RLOO with ``k1`` in the reward
-    (for ``k >= 2``; RLOO and GRPO need two samples)."""
+    (for ``k >= 2``; RLOO and GRPO need two samples).
+
+    >>> len(grid(ks=(1,))), len(grid(ks=(2,)))  # 3 or 5 advantages x 3 KL estimators x 3 placements, + 4
+    (27, 49)
+    """
     estimators = [
         Estimator(advantage, k=k, kl_estimator=kl, kl_placement=placement)
         for k, advantage, kl, placement in itertools.product(ks, ADVANTAGES, kl_estimators, KL_PLACEMENTS)

@@ -63,6 +63,19 @@ def probabilities(logits: ArrayLike, *, where: ArrayLike | None = None) -> jax.A
     return jax.nn.softmax(logits, axis=-1)
 
 
+def _check_support(where):
+    """Raise if a concrete ``where`` leaves a row without any output (its distribution would be
+    NaN); under a trace such a row gives NaN."""
+    if where is not None and is_concrete(where) and np.ndim(where) >= 1:
+        empty = ~np.any(np.asarray(where, bool), axis=-1)
+        if empty.any():
+            index = tuple(int(i) for i in np.argwhere(np.atleast_1d(empty))[0])
+            raise ValueError(
+                f"where leaves {int(empty.sum())} row(s) without any output (first at index {index}): "
+                "every row needs at least one True."
+            )
+
+
 def _masked(values, where):
     """Zero out excluded entries, so ``0 * value`` cannot produce NaN from garbage there."""
     return values if where is None else jnp.where(where, values, 0)
@@ -72,6 +85,7 @@ def _validate_exact(logits, rewards, where):
     check_same_shape(logits=logits, rewards=rewards, where=where)
     if np.ndim(rewards) < 1 or np.shape(rewards)[-1] == 0:
         raise ValueError(f"rewards need a non-empty last axis of outputs, got shape {np.shape(rewards)}.")
+    _check_support(where)
     check_finite("rewards", _masked(rewards, where) if where is not None else rewards)
     check_finite("logits", _masked(logits, where) if where is not None else logits)
 
@@ -169,16 +183,19 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
     probs = probabilities(logits)
     rewards = jnp.asarray(rewards)
     mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
-    std = jnp.sqrt(jnp.mean(jnp.sum(probs * jnp.square(rewards - mean), -1), -1))[..., None, None]
-    return jnp.where(std > 0, (rewards - mean) / jnp.where(std > 0, std, 1.0), 0.0)
+    variance = jnp.mean(jnp.sum(probs * jnp.square(rewards - mean), -1), -1)[..., None, None]
+    # The square root of a safe value: sqrt's derivative at 0 would make the gradient NaN.
+    std = jnp.sqrt(jnp.where(variance > 0, variance, 1.0))
+    return jnp.where(variance > 0, (rewards - mean) / std, 0.0)
 
 
 def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLike | None = None) -> jax.Array:
     """Per-prompt variance of sampled rewards ``[..., k]`` (``k`` samples on the last axis).
 
     ``sum_i (r_i - mean(r))^2 / (n - ddof)`` with ``n`` the number of valid samples
-    (``where``); ``ddof=1`` (default) is torch's ``var`` and the official code's convention.
-    Rows with ``n <= ddof`` give NaN under ``jit``; with concrete inputs they raise.
+    (``where``); ``ddof=1`` (default) is torch's ``var`` and the official code's convention,
+    ``ddof=0`` numpy's. Rows with ``n <= ddof`` give NaN under ``jit``; with concrete inputs
+    they raise.
 
     >>> import jax.numpy as jnp
     >>> sample_reward_variance(jnp.array([[0.0, 2.0], [1.0, 1.0]])).tolist()
@@ -187,6 +204,8 @@ def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLik
     rewards = jnp.asarray(rewards)
     if rewards.ndim < 1:
         raise ValueError("rewards must have a sample axis: shape [..., k].")
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"ddof must be an int >= 0, got {ddof!r}.")
     check_same_shape(rewards=rewards, where=where)
     k = rewards.shape[-1]
     if where is None and k <= ddof:
@@ -205,7 +224,7 @@ def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLik
     rewards = _masked(rewards, where)
     mean = jnp.sum(rewards, axis=-1, keepdims=True) / jnp.expand_dims(count, -1)
     squares = _masked(jnp.square(rewards - mean), where)
-    return jnp.sum(squares, axis=-1) / (count - ddof)
+    return jnp.where(count > ddof, jnp.sum(squares, axis=-1) / jnp.maximum(count - ddof, 1), jnp.nan)
 
 
 def kl(logits_p: ArrayLike, logits_q: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
@@ -227,9 +246,12 @@ def kl(logits_p: ArrayLike, logits_q: ArrayLike, *, where: ArrayLike | None = No
         logits_q = jnp.where(where, logits_q, -jnp.inf)
     log_p = jax.nn.log_softmax(logits_p, axis=-1)
     log_q = jax.nn.log_softmax(logits_q, axis=-1)
-    terms = jnp.exp(log_p) * (log_p - log_q)
-    # Outputs outside p's support contribute 0, even where q is 0 too (0 * (-inf - -inf)).
-    terms = jnp.where(log_p > -jnp.inf, terms, 0.0)
+    # Outputs outside p's support contribute 0, even where q is 0 too. Their log-probs are
+    # replaced before the difference, not after: -inf - -inf is NaN, and a NaN behind a `where`
+    # still reaches the gradient.
+    support = log_p > -jnp.inf
+    log_p, log_q = jnp.where(support, log_p, 0.0), jnp.where(support, log_q, 0.0)
+    terms = jnp.where(support, jnp.exp(log_p) * (log_p - log_q), 0.0)
     return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
 
 
@@ -277,7 +299,7 @@ def accuracy(
     over unordered pairs of distinct positions, ``sign`` in ``{-1, 0, +1}`` (a tie agrees only
     with a tie). Weights ``w = 1`` (uniform over pairs) when ``probs`` is None, else
     ``w = probs`` (pairs drawn from the policy: on-policy accuracy). ``where=False`` drops a
-    position. On ``[prompts, k]`` samples with ``probs=None`` this is the official pairwise
+    position (and its pairs). On ``[prompts, k]`` samples with ``probs=None`` this is the official pairwise
     accuracy over all sample pairs.
 
     Rows with more than 256 entries are counted by sorting (``O(n log^2 n)`` time, ``O(n)``
@@ -286,7 +308,8 @@ def accuracy(
     Args:
       rm_rewards: ``[..., n]`` reward-model scores.
       gt_rewards: ``[..., n]`` ground-truth rewards.
-      probs: optional ``[..., n]`` policy probabilities (each row sums to 1).
+      probs: optional ``[..., n]`` policy probabilities (each row sums to 1 over all ``n``
+        positions, the dropped ones included).
       where: optional ``[..., n]`` bool mask of valid positions.
 
     Returns:
@@ -307,7 +330,7 @@ def accuracy(
     if probs is not None:
         check_finite("probs", probs)
         if is_concrete(probs):
-            values = np.asarray(_masked(jnp.asarray(probs), where), dtype=np.float64)
+            values = np.asarray(probs, dtype=np.float64)
             if (values < 0).any():
                 raise ValueError("probs must be non-negative.")
             sums = values.sum(axis=-1)
@@ -435,6 +458,8 @@ def best_of_n_reward(
     [0.5, 0.75]
     """
     check_same_shape(logits=logits, rm_rewards=rm_rewards, gt_rewards=gt_rewards, where=where)
+    _check_support(where)
+    check_finite("logits", _masked(logits, where))
     check_finite("rm_rewards", _masked(rm_rewards, where))
     check_finite("gt_rewards", _masked(gt_rewards, where))
     if is_concrete(n) and not np.all((np.asarray(n) >= 1) & (np.asarray(n) == np.floor(np.asarray(n)))):
@@ -489,6 +514,8 @@ def pearson(x: ArrayLike, y: ArrayLike, *, axis: int = -1) -> jax.Array:
     """
     x, y = jnp.asarray(x), jnp.asarray(y)
     check_same_shape(x=x, y=y)
+    check_finite("x", x)
+    check_finite("y", y)
     x = x - jnp.mean(x, axis=axis, keepdims=True)
     y = y - jnp.mean(y, axis=axis, keepdims=True)
     return jnp.sum(x * y, axis=axis) / jnp.sqrt(jnp.sum(x * x, axis=axis) * jnp.sum(y * y, axis=axis))
@@ -503,6 +530,10 @@ def spearman(x: ArrayLike, y: ArrayLike, *, axis: int = -1) -> jax.Array:
     >>> round(float(spearman(jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, 4.0, 9.0]))), 6)
     1.0
     """
+    # Ranks would place a NaN last without a word: refuse it here, before ranking.
+    check_same_shape(x=x, y=y)
+    check_finite("x", x)
+    check_finite("y", y)
     return pearson(_average_ranks(x, axis), _average_ranks(y, axis), axis=axis)
 
 
@@ -582,16 +613,17 @@ def bootstrap_correlation_difference(
     >>> float(out.estimate), bool(out.low > 1.5)
     (2.0, True)
     """
-    if np.shape(x_a) != np.shape(x_b):
+    if np.shape(x_a) != np.shape(x_b) or np.ndim(x_a) != 1:
         raise ValueError(f"x_a and x_b must have one shape [M], got {np.shape(x_a)} and {np.shape(x_b)}.")
     stacked = jnp.stack([jnp.asarray(x_a), jnp.asarray(x_b)])
-    estimate, resampled = _bootstrapped_correlations(stacked, y, key, kind, num_resamples, level)
+    estimate, resampled = _bootstrapped_correlations(stacked, y, key, kind, num_resamples, level, name="x_a and x_b")
     return _interval(estimate[0] - estimate[1], resampled[:, 0] - resampled[:, 1], level)
 
 
-def _bootstrapped_correlations(x, y, key, kind, num_resamples, level):
+def _bootstrapped_correlations(x, y, key, kind, num_resamples, level, *, name="x"):
     """Checks, then the correlation of each row of ``x [P, M]`` with the seed mean of ``y`` and
-    the same correlations on ``num_resamples`` two-stage resamples, ``[num_resamples, P]``."""
+    the same correlations on ``num_resamples`` two-stage resamples, ``[num_resamples, P]``.
+    ``name``: the caller's argument that ``x`` holds, for the error messages."""
     check_choice("kind", kind, ("spearman", "pearson"))
     if not (isinstance(num_resamples, int) and not isinstance(num_resamples, bool) and num_resamples >= 1):
         raise ValueError(f"num_resamples must be an int >= 1, got {num_resamples!r}.")
@@ -599,10 +631,10 @@ def _bootstrapped_correlations(x, y, key, kind, num_resamples, level):
         raise ValueError(f"level must be in (0, 1), got {level}.")
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim != 2 or x.shape[1] < 3:
-        raise ValueError(f"x must be shaped [M] with M >= 3 models, got {x.shape[1:]}.")
+        raise ValueError(f"{name} must be shaped [M] with M >= 3 models, got {x.shape[1:]}.")
     if y.ndim not in (1, 2) or y.shape[0] != x.shape[1]:
         raise ValueError(f"y must be shaped [M] or [M, S] with M = {x.shape[1]} models, got {y.shape}.")
-    check_finite("x", x)
+    check_finite(name, x)
     check_finite("y", y)
     y = y if y.ndim == 2 else y[:, None]
     return _resampled_correlations(x, y, key, kind=kind, num_resamples=num_resamples)

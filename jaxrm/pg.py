@@ -19,6 +19,26 @@ from jax.typing import ArrayLike
 from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
 from jaxrm.metrics import kl_estimate
 
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
+    "RATIO_LEVELS",
+    "REWARD_NORMALIZATIONS",
+    "aggregate",
+    "clipped_surrogate_loss",
+    "dr_grpo_advantages",
+    "entropy_per_token",
+    "grpo_advantages",
+    "kl_penalized_rewards",
+    "kl_per_token",
+    "normalize_sampled_rewards",
+    "reinforce_advantages",
+    "reinforce_loss",
+    "reward_statistics",
+    "rloo_advantages",
+    "scale_per_group",
+]
+
 AGGREGATIONS = ("token-mean", "sequence-mean", "sequence-sum")
 RATIO_LEVELS = ("token", "sequence")
 REWARD_NORMALIZATIONS = ("std", "rsqrt_var")
@@ -33,6 +53,21 @@ def _check_group(rewards, minimum: int, what: str):
             f"{jnp.shape(rewards)}."
         )
     check_finite("rewards", rewards)
+
+
+def _check_ddof(ddof) -> None:
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"ddof must be an int >= 0, got {ddof!r}.")
+
+
+def _check_per_sequence(what: str, values, per_token) -> None:
+    """``values`` hold one number per sequence of the ``[..., time]`` array ``per_token``: without
+    this check, a ``[prompts]`` array against ``[prompts, k, time]`` would broadcast silently."""
+    if np.shape(values) != np.shape(per_token)[:-1]:
+        raise ValueError(
+            f"{what} must hold one value per sequence, shaped {list(np.shape(per_token)[:-1])} (the per-token "
+            f"arrays {list(np.shape(per_token))} less their time axis), got {list(np.shape(values))}."
+        )
 
 
 def reinforce_advantages(rewards: ArrayLike, *, baseline: ArrayLike = 0.0) -> jax.Array:
@@ -71,7 +106,8 @@ def grpo_advantages(rewards: ArrayLike, *, scale: bool = True, ddof: int = 1, ep
     >>> [round(a, 4) for a in grpo_advantages(jnp.array([[1.0, 3.0]]), eps=0.0)[0].tolist()]
     [-0.7071, 0.7071]
     """
-    _check_group(rewards, 2 if scale and ddof else 1, "grpo_advantages")
+    _check_ddof(ddof)
+    _check_group(rewards, ddof + 1 if scale else 1, "grpo_advantages")
     rewards = jnp.asarray(rewards)
     centered = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
     if scale:
@@ -80,7 +116,11 @@ def grpo_advantages(rewards: ArrayLike, *, scale: bool = True, ddof: int = 1, ep
 
 
 def dr_grpo_advantages(rewards: ArrayLike) -> jax.Array:
-    """Dr. GRPO: ``r_i - mean_j r_j`` (GRPO without the standard-deviation scaling)."""
+    """Dr. GRPO: ``r_i - mean_j r_j`` (GRPO without the standard-deviation scaling).
+
+    >>> dr_grpo_advantages(jnp.array([[1.0, 3.0]])).tolist()
+    [[-1.0, 1.0]]
+    """
     return grpo_advantages(rewards, scale=False)
 
 
@@ -99,7 +139,13 @@ def _masked_sum(values, mask):
 
 
 def kl_per_token(logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike, *, kl_estimator: str = "k1") -> jax.Array:
-    """Per-token KL estimates (``k1``/``k2``/``k3`` of :func:`jaxrm.metrics.kl_estimate`), 0 off ``mask``."""
+    """Per-token KL estimates (``k1``/``k2``/``k3`` of :func:`jaxrm.metrics.kl_estimate`), 0 off ``mask``.
+
+    >>> kl = kl_per_token(jnp.log(jnp.array([[0.5, 0.5]])), jnp.log(jnp.array([[0.25, 0.5]])),
+    ...                   jnp.array([[True, False]]), kl_estimator="k2")
+    >>> [round(v, 4) for v in kl[0].tolist()]  # (log 2)^2 / 2 on the first token only
+    [0.2402, 0.0]
+    """
     check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
     return jnp.where(mask, kl_estimate(logp, ref_logp, kl_estimator=kl_estimator), 0.0)
 
@@ -126,6 +172,7 @@ def kl_penalized_rewards(
     """
     if is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
         raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
+    _check_per_sequence("rewards", rewards, logp)
     penalty = _masked_sum(kl_per_token(logp, ref_logp, mask, kl_estimator=kl_estimator), mask)
     return jax.lax.stop_gradient(jnp.asarray(rewards) - kl_coef * penalty)
 
@@ -144,6 +191,7 @@ def aggregate(per_token: ArrayLike, mask: ArrayLike, *, mode: str = "token-mean"
     [2.0, 2.0, 3.0]
     """
     check_choice("mode", mode, AGGREGATIONS)
+    check_same_shape(per_token=per_token, mask=mask)
     mask = jnp.asarray(mask, bool)
     sums = _masked_sum(per_token, mask)
     if mode == "token-mean":
@@ -160,8 +208,13 @@ def reinforce_loss(
 
     ``logp`` and ``mask`` are ``[..., time]`` and ``advantages`` ``[...]`` (one per sequence).
     With ``sequence-sum`` its gradient is ``-mean_i A_i grad log pi(y_i)``.
+
+    >>> logp, mask = jnp.array([[-1.0, -2.0], [-0.5, -9.0]]), jnp.array([[True, True], [True, False]])
+    >>> float(reinforce_loss(logp, jnp.array([1.0, -2.0]), mask))  # (3 - 1) / 2
+    1.0
     """
     check_same_shape(logp=logp, mask=mask)
+    _check_per_sequence("advantages", advantages, logp)
     per_token = -jax.lax.stop_gradient(advantages)[..., None] * logp
     return aggregate(per_token, mask, mode=aggregation)
 
@@ -182,10 +235,16 @@ def clipped_surrogate_loss(
     ``aggregation``. ``ratio_level="sequence"``: one ratio per sequence,
     ``rho = exp(sum_t log pi(y_t) - log pi_old(y_t))`` (the official RLOO), then the mean over
     sequences. ``clip_fraction`` is the share of ratios (tokens or sequences) whose clipped branch
-    was active.
+    was active. ``advantages`` hold one value per sequence (``[...]``).
+
+    >>> logp, old = jnp.log(jnp.array([[0.6, 0.5]])), jnp.log(jnp.array([[0.4, 0.5]]))
+    >>> loss, clipped = clipped_surrogate_loss(logp, old, jnp.array([1.0]), jnp.array([[True, True]]))
+    >>> round(float(loss), 4), float(clipped)  # ratios 1.5 (clipped to 1.2) and 1
+    (-1.1, 0.5)
     """
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    _check_per_sequence("advantages", advantages, logp)
     mask = jnp.asarray(mask, bool)
     advantages = jax.lax.stop_gradient(advantages)
     log_ratio = jnp.where(mask, logp - jax.lax.stop_gradient(old_logp), 0.0)
@@ -210,7 +269,14 @@ def entropy_per_token(logits: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Entropy ``-sum_v p_v log p_v`` of each position's next-token distribution, 0 off ``mask``.
 
     ``logits`` is ``[..., time, vocab]`` and ``mask`` ``[..., time]``.
+
+    >>> [round(h, 4) for h in entropy_per_token(jnp.zeros((1, 2, 4)), jnp.array([[True, False]]))[0].tolist()]
+    [1.3863, 0.0]
     """
+    if np.shape(logits)[:-1] != np.shape(mask):
+        raise ValueError(
+            f"logits {list(np.shape(logits))} must be mask's shape {list(np.shape(mask))} plus a vocabulary axis."
+        )
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     return jnp.where(mask, entropy, 0.0)
@@ -224,10 +290,11 @@ def reward_statistics(rewards: ArrayLike, *, ddof: int = 0) -> tuple[jax.Array, 
     >>> [round(float(v), 4) for v in reward_statistics(jnp.array([0.0, 2.0]), ddof=1)]
     [1.0, 1.4142]
     """
+    _check_ddof(ddof)
     check_finite("rewards", rewards)
     rewards = jnp.asarray(rewards)
-    if rewards.size < 2:
-        raise ValueError("reward_statistics needs at least 2 rewards.")
+    if rewards.size < max(2, ddof + 1):
+        raise ValueError(f"reward_statistics needs more than max(1, ddof={ddof}) rewards, got {rewards.size}.")
     return jnp.mean(rewards), jnp.std(rewards, ddof=ddof)
 
 
@@ -250,8 +317,8 @@ def normalize_sampled_rewards(
     [-1.0, 1.0]
     """
     check_choice("normalization", normalization, REWARD_NORMALIZATIONS)
-    if is_concrete(std) and not float(std) >= 0:
-        raise ValueError(f"std must be >= 0, got {std}.")
+    if is_concrete(std) and not np.all(np.asarray(std) >= 0):
+        raise ValueError(f"std must be >= 0 (and not NaN), got {std}.")
     centered = jnp.asarray(rewards) - mean
     if normalization == "std":
         normalized = centered / (std + eps)
@@ -261,7 +328,13 @@ def normalize_sampled_rewards(
 
 
 def scale_per_group(rewards: ArrayLike, *, ddof: int = 1, eps: float = 1e-8) -> jax.Array:
-    """Divide each prompt's rewards by their own standard deviation over the last (``k``) axis."""
-    _check_group(rewards, 2, "scale_per_group")
+    """``r / (std_k r + eps)``: each prompt's rewards divided by their own standard deviation over
+    the last (``k``) axis, with ``ddof=1`` (default, torch's ``std``) or ``0``; not centered.
+
+    >>> [round(v, 4) for v in scale_per_group(jnp.array([[1.0, 3.0]]), eps=0.0)[0].tolist()]  # std 1.4142
+    [0.7071, 2.1213]
+    """
+    _check_ddof(ddof)
+    _check_group(rewards, max(2, ddof + 1), "scale_per_group")
     rewards = jnp.asarray(rewards)
     return rewards / (jnp.std(rewards, axis=-1, ddof=ddof, keepdims=True) + eps)

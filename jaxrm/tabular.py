@@ -440,6 +440,12 @@ def kl_rewards(
     A Python ``0`` returns ``r`` (broadcast and promoted as the formula would) without touching
     the log-probabilities, so callers without a KL term never compute ``log pi``; there, an
     output with ``pi = 0`` (``log pi = -inf``) keeps its reward instead of ``0 * inf = nan``.
+
+    >>> import jax.numpy as jnp
+    >>> r_kl = kl_rewards(jnp.log(jnp.array([0.5, 0.5])), jnp.array([1.0, 0.0]),
+    ...                   jnp.log(jnp.array([0.25, 0.75])), kl_coef=1.0)
+    >>> [round(v, 4) for v in r_kl.tolist()]  # r - (log 2, log(2/3))
+    [0.3069, 0.4055]
     """
     if isinstance(kl_coef, (int, float)) and kl_coef == 0:
         shape = jnp.broadcast_shapes(jnp.shape(rewards), jnp.shape(log_probs), jnp.shape(ref_log_probs))
@@ -496,6 +502,11 @@ def prompt_gradient(
     :func:`objective`; ``shift``, for a :class:`TabularPolicy` only, as in its
     :meth:`~TabularPolicy.log_probs_and_probs`. Returns a gradient shaped like ``logits`` (a
     tuple of arrays for :class:`AutoregressiveTabularPolicy`).
+
+    >>> import jax.numpy as jnp
+    >>> policy, logits = TabularPolicy(2), jnp.zeros((2, 2))
+    >>> prompt_gradient(policy, logits, jnp.array([[0.0, 1.0], [2.0, 0.0]]), policy.log_probs(logits)).tolist()
+    [[-0.25, 0.25], [0.5, -0.5]]
     """
     if shift is None:
         log_probs, probs = policy.log_probs_and_probs(logits)
@@ -556,10 +567,14 @@ def objective_grad(
     >>> objective_grad(policy, logits, jnp.array([[0.0, 1.0]]), policy.log_probs(logits)).tolist()
     [[-0.25, 0.25]]
     """
-    num_prompts = jnp.shape(rewards)[-2]
     if isinstance(policy, TabularPolicy):
         # Not in prompt_gradient: the flow's field shares pi between the gradient and its gain
         # condition, and with that sharing the generic form is the faster one there.
-        return tabular_gradient_and_normalizer(logits, rewards, ref_log_probs, kl_coef=kl_coef)[0] / num_prompts
+        grads = tabular_gradient_and_normalizer(logits, rewards, ref_log_probs, kl_coef=kl_coef)[0]
+        return grads / grads.shape[-2]
+    # The prompt count of the broadcast problem, as objective's mean sees it (rewards [1, Y]
+    # against two prompts' logits is two prompts).
+    log_probs = jax.eval_shape(policy.log_probs, logits)
+    num_prompts = jnp.broadcast_shapes(log_probs.shape, jnp.shape(rewards), jnp.shape(ref_log_probs))[-2]
     grads = prompt_gradient(policy, logits, rewards, ref_log_probs, kl_coef=kl_coef)
     return jax.tree.map(lambda g: g / num_prompts, grads)

@@ -15,7 +15,7 @@ from flax import nnx
 import experiments.paradox
 import experiments.teacher
 import theory.__main__
-from jaxrm import bounds, flow, metrics, pg, tabular
+from jaxrm import bounds, estimators, flow, metrics, pg, tabular
 from jaxrm.estimators import Estimator
 from jaxrm.models import CausalLM, load_hf, load_model, preset, read_metadata, sample, save_model
 from jaxrm.models.config import TransformerConfig
@@ -254,6 +254,87 @@ KERNEL_CASES = [
     (lambda: tabular.TabularPolicy(4).random_logits(jax.random.key(0), -1), r"num_prompts"),
     (lambda: pg.rloo_advantages(jnp.zeros((3, 1))), r"2"),
     (lambda: metrics.normalize_rewards(jnp.zeros(4), jnp.arange(4.0)), r"prompt axis.*shape \[1, Y\]"),
+    # Shapes that would broadcast by accident: one value per sequence, or per token.
+    (lambda: pg.aggregate(jnp.ones((2, 2)), jnp.ones(2, bool)), r"per_token\[2, 2\], mask\[2\]"),
+    (lambda: pg.reinforce_loss(jnp.ones((2, 2, 3)), jnp.ones(2), jnp.ones((2, 2, 3), bool)), r"advantages.*\[2, 2\]"),
+    (
+        lambda: pg.clipped_surrogate_loss(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones(3), jnp.ones((2, 3), bool)),
+        r"advantages.*\[2\]",
+    ),
+    (
+        lambda: pg.kl_penalized_rewards(
+            jnp.zeros(2), jnp.zeros((2, 2, 3)), jnp.zeros((2, 2, 3)), jnp.ones((2, 2, 3)), kl_coef=0.1
+        ),
+        r"rewards.*\[2, 2\]",
+    ),
+    (lambda: pg.entropy_per_token(jnp.zeros((2, 3, 4)), jnp.ones((2, 4), bool)), r"logits \[2, 3, 4\].*mask"),
+    (lambda: pg.grpo_advantages(jnp.ones((1, 2)), ddof=2), r"k >= 3"),
+    (lambda: pg.scale_per_group(jnp.ones((1, 2)), ddof=0.5), r"ddof"),
+    (lambda: pg.reward_statistics(jnp.ones(2), ddof=2), r"ddof=2"),
+    (lambda: metrics.sample_reward_variance(jnp.ones((1, 3)), ddof=-1), r"ddof"),
+    (lambda: pg.normalize_sampled_rewards(jnp.ones((2, 2)), 0.0, jnp.array([[1.0], [-1.0]])), r"std"),
+    # NaN where a number is needed, and a support with nothing in it.
+    (lambda: metrics.spearman(jnp.array([1.0, math.nan, 3.0]), jnp.arange(3.0)), r"\bx\b"),
+    (lambda: metrics.pearson(jnp.arange(3.0), jnp.array([1.0, math.nan, 3.0])), r"\by\b"),
+    (lambda: metrics.best_of_n_reward(jnp.array([0.0, math.nan]), jnp.ones(2), jnp.ones(2), 2), r"logits"),
+    (
+        lambda: metrics.reward_variance(
+            jnp.zeros((2, 2)),
+            jnp.ones((2, 2)),
+            where=jnp.array([[True, True], [False, False]]),
+        ),
+        r"where leaves 1 row",
+    ),
+    (
+        lambda: metrics.bootstrap_correlation_difference(
+            jnp.zeros((2, 5)), jnp.zeros((2, 5)), jnp.ones(5), jax.random.key(0)
+        ),
+        r"x_a and x_b",
+    ),
+    (
+        lambda: metrics.accuracy(
+            jnp.arange(3.0),
+            jnp.arange(3.0),
+            probs=jnp.array([2 / 3, 1 / 3, 0.25]),
+            where=jnp.array([True, True, False]),
+        ),
+        r"probs must sum to 1",
+    ),
+    # Bounds outside the theorems' range: rho in (0, 1) and the mass on y_g below it.
+    (lambda: bounds.theorem2_fast_upper_bound(1.5, 0.2, num_prompts=1), r"rho must lie in \(0, 1\)"),
+    (lambda: bounds.theorem2_fast_upper_bound(0.1, 0.2, num_prompts=1), r"good_prob must be below rho"),
+    (lambda: bounds.theorem3_fast_upper_bound(2.0, 0.2, num_prompts=1), r"rho"),
+    (lambda: bounds.theorem2_kl_limit(0.2, 0.5, 2.0), r"min_prob"),
+    (lambda: bounds.theorem3_kl_limit(0.6, 0.5, 0.1), r"good_prob_floor must be below rho"),
+    # The one-prompt estimators refuse a second prompt rather than read only the first.
+    (
+        lambda: estimators.objective_gradient(tabular.TabularPolicy(3), jnp.zeros((2, 3)), jnp.ones((2, 3))),
+        r"logits hold 2 prompts",
+    ),
+    (
+        lambda: estimators.objective_gradient(tabular.TabularPolicy(3), jnp.zeros((1, 3)), jnp.ones((2, 3))),
+        r"rewards must be shaped \[3\]",
+    ),
+    (
+        lambda: estimators.sampled_gradient(
+            Estimator("rloo", k=2), tabular.TabularPolicy(3), jnp.zeros((1, 3)), jnp.ones(3), jnp.array([0, 7])
+        ),
+        r"samples holds 1 token id\(s\) outside",
+    ),
+    (
+        lambda: estimators.compare(estimators.Moments(jnp.zeros((2, 3)), jnp.zeros((2, 3, 3)), 6), jnp.zeros(3)),
+        r"one prompt's moments",
+    ),
+    (
+        lambda: jax.jit(
+            lambda c: (
+                estimators.estimate_moments(
+                    Estimator("rloo", k=2), tabular.TabularPolicy(3), jnp.zeros((1, 3)), jnp.ones(3), kl_coef=c
+                ).mean
+            )
+        )(0.1),
+        r"concrete kl_coef",
+    ),
 ]
 
 

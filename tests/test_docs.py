@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["jaxrm.metrics", "jaxrm.pg", "jaxrm.tabular", "jaxrm.bounds"])
+def test_every_public_kernel_shows_an_example(name):
+    """docs/design.md#conventions: each kernel's docstring carries a doctest."""
+    module = importlib.import_module(name)
+    functions = [n for n in module.__all__ if inspect.isfunction(getattr(module, n))]
+    assert functions, f"{name} exports no function"
+    assert [n for n in functions if ">>>" not in (getattr(module, n).__doc__ or "")] == []
 
 
 ROOT = Path(__file__).parents[1]

@@ -112,6 +112,14 @@ class TestSampleRewardVariance:
         with pytest.raises(ValueError, match="finite"):
             metrics.sample_reward_variance(jnp.array([[0.0, np.inf]]))
 
+    def test_too_few_valid_samples_under_jit_give_nan(self):
+        # Concrete inputs raise (above); traced ones cannot, and a row with n <= ddof is NaN, never
+        # a negative or infinite "variance".
+        variance = jax.jit(lambda r, w: metrics.sample_reward_variance(r, ddof=2, where=w))
+        rewards = jnp.array([[0.0, 1.0, 5.0], [0.0, 2.0, 4.0]])
+        out = variance(rewards, jnp.array([[True, True, False], [True, True, True]]))
+        assert np.isnan(out[0]) and float(out[1]) == pytest.approx(8.0)
+
 
 class TestAccuracy:
     @settings(max_examples=40, deadline=None)
@@ -135,6 +143,13 @@ class TestAccuracy:
         rm, gt = rng.integers(0, 5, 9).astype(float), rng.normal(size=9)
         probs = softmax(rng.normal(size=9))
         np.testing.assert_allclose(metrics.accuracy(rm, gt, probs=probs), brute_accuracy(rm, gt, probs), rtol=1e-12)
+        # A policy's probabilities sum to 1 over the whole row; dropping a position drops its pairs.
+        keep = np.arange(9) != 4
+        np.testing.assert_allclose(
+            metrics.accuracy(rm, gt, probs=probs, where=keep),
+            brute_accuracy(rm[keep], gt[keep], probs[keep]),
+            rtol=1e-12,
+        )
 
     def test_large_rows_use_the_sorted_count_and_agree_with_brute_force(self):
         rng = np.random.default_rng(4)
@@ -181,6 +196,10 @@ class TestKL:
         a, b = jnp.array([0.0, 1.0, 9.0]), jnp.array([1.0, 0.0, -9.0])
         keep = jnp.array([True, True, False])
         np.testing.assert_allclose(metrics.kl(a, b, where=keep), metrics.kl(a[:2], b[:2]), rtol=1e-12)
+        # The masked output's -inf log-probs never reach the gradient as NaN.
+        masked = jax.grad(lambda x: metrics.kl(x, b, where=keep))(a)
+        np.testing.assert_allclose(masked[:2], jax.grad(lambda x: metrics.kl(x, b[:2]))(a[:2]), rtol=1e-12)
+        assert float(masked[2]) == 0.0
 
     def test_estimators_are_exact_in_expectation(self):
         """E_{y~pi}[k1] = E_{y~pi}[k3] = KL(pi || ref) exactly; k2 >= 0."""
@@ -335,3 +354,6 @@ class TestDegenerateInputs:
     def test_constant_rewards_normalise_to_zero(self):
         out = metrics.normalize_rewards(jnp.zeros((2, 3)), jnp.full((2, 3), 0.7))
         np.testing.assert_array_equal(out, np.zeros((2, 3)))
+        # ... and so does its gradient: sqrt's derivative at a zero variance never enters.
+        gradient = jax.grad(lambda logits: metrics.normalize_rewards(logits, jnp.full((2, 3), 0.7)).sum())
+        np.testing.assert_array_equal(gradient(jnp.zeros((2, 3))), np.zeros((2, 3)))

@@ -66,6 +66,12 @@ def test_closed_form_gradient_equals_autodiff(policy, make, kl_coef):
     auto = jax.grad(lambda theta: objective(policy, theta, rewards, ref, kl_coef=kl_coef))(logits)
     for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
         np.testing.assert_allclose(a, b, atol=1e-10, rtol=0)
+    # Rewards of one prompt broadcast against every prompt's logits: objective's mean counts the
+    # prompts of the broadcast problem, and so must the closed form.
+    closed = objective_grad(policy, logits, rewards[:1], ref, kl_coef=kl_coef)
+    auto = jax.grad(lambda theta: objective(policy, theta, rewards[:1], ref, kl_coef=kl_coef))(logits)
+    for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
+        np.testing.assert_allclose(a, b, atol=1e-10, rtol=0)
 
 
 def test_lemma7_tabular_gradient_form():

@@ -229,12 +229,9 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     variance = np.asarray(metrics.reward_variance(t["logits"], t["rm"]))
     slow, fast = t["kind"] == "slow", t["kind"] == "fast"
     # Each bound applies to its own kind of teacher; the other rows carry NaN placeholders.
-    lower = np.where(
-        slow, bounds.theorem2_slow_lower_bound(t["gamma"], np.where(slow, t["horizon"], 1.0), num_prompts=1), np.nan
-    )
-    upper = np.where(
-        fast, bounds.theorem2_fast_upper_bound(t["rho"], np.where(fast, t["good_prob"], 1.0), num_prompts=1), np.nan
-    )
+    lower, upper = np.full(len(time), np.nan), np.full(len(time), np.nan)
+    lower[slow] = bounds.theorem2_slow_lower_bound(t["gamma"][slow], t["horizon"][slow], num_prompts=1)
+    upper[fast] = bounds.theorem2_fast_upper_bound(t["rho"][fast], t["good_prob"][fast], num_prompts=1)
     with np.errstate(invalid="ignore"):
         slow_bad = slow & (time < (1 - config.tolerance) * lower)
         fast_bad = fast & ~(time <= (1 + config.tolerance) * upper)  # inf counts against the bound
