@@ -22,7 +22,7 @@ from jax.typing import ArrayLike
 
 from jaxrm import metrics, pg
 from jaxrm._checks import check_choice, is_concrete
-from jaxrm.flow import FlowMetrics, default_policy, flow_metrics, validate_problem
+from jaxrm.flow import FlowMetrics, check_gamma, check_int, default_policy, flow_metrics, validate_problem
 from jaxrm.tabular import ExactPolicy, TabularPolicy, objective_grad, tabular_gradient_and_normalizer
 
 __all__ = [
@@ -75,7 +75,11 @@ class SampledGradient:
 
     def __post_init__(self):
         check_choice("advantage_estimator", self.advantage_estimator, pg.ADVANTAGE_ESTIMATORS)
-        if not isinstance(self.k, int) or self.k < (1 if self.advantage_estimator == "reinforce" else 2):
+        if (
+            isinstance(self.k, bool)
+            or not isinstance(self.k, int)
+            or self.k < (1 if self.advantage_estimator == "reinforce" else 2)
+        ):
             raise ValueError(
                 f"k={self.k!r} samples per prompt are too few for advantage_estimator={self.advantage_estimator!r}."
             )
@@ -123,13 +127,28 @@ def _loop_inputs(gradient, rm_rewards, ref_log_probs, lam):
     return rm_rewards, ref_log_probs
 
 
-def _checked_problem(init_logits, rm_rewards, *, policy, kl_coef, eval_rewards, num_steps, name="num_steps"):
+def _is_key(key) -> bool:
+    """A typed key, or a legacy ``uint32 [2]`` one."""
+    if not isinstance(key, jax.Array):
+        return False
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
+
+
+def _checked_problem(
+    init_logits, rm_rewards, *, policy, kl_coef, eval_rewards, num_steps, optimizer, key=None, name="num_steps"
+):
     """Validate a problem before any work: ``(policy, init_logits, rm_rewards, eval_rewards, kl_coef)``."""
     policy = default_policy(policy, rm_rewards)
-    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
-    if not (isinstance(num_steps, int) and num_steps >= 0):
-        raise ValueError(f"{name} must be a non-negative int, got {num_steps!r}.")
-    kl_coef = jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype)
+    init_logits, rm_rewards, eval_rewards, kl_coef = validate_problem(
+        policy, init_logits, rm_rewards, eval_rewards, kl_coef
+    )
+    check_int(name, num_steps, low=0)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"optimizer must be an optax GradientTransformation (e.g. optax.sgd(0.1)), got {optimizer!r}.")
+    if key is not None and not _is_key(key):
+        raise ValueError(f"key must be a jax.random.key (or a legacy PRNGKey), got {key!r}.")
+    # One coefficient per prompt, with an axis for the outputs: [..., S, 1] (0 without a KL term).
+    kl_coef = jnp.asarray(0.0, rm_rewards.dtype) if kl_coef is None else kl_coef[..., None]
     return policy, init_logits, rm_rewards, eval_rewards, kl_coef
 
 
@@ -146,8 +165,17 @@ def _checked_ascent(
     Under a trace (``jit``, ``vmap``) the report cannot be read, so the maximum is always used.
     """
     policy, init_logits, rm_rewards, eval_rewards, kl_coef = _checked_problem(
-        init_logits, rm_rewards, policy=policy, kl_coef=kl_coef, eval_rewards=eval_rewards, num_steps=num_steps
+        init_logits,
+        rm_rewards,
+        policy=policy,
+        kl_coef=kl_coef,
+        eval_rewards=eval_rewards,
+        num_steps=num_steps,
+        optimizer=optimizer,
+        key=key,
     )
+    if not isinstance(track, bool):
+        raise ValueError(f"track must be True or False, got {track!r}.")
     options = dict(policy=policy, optimizer=optimizer, num_steps=num_steps, track=track, gradient=gradient)
     arguments = (init_logits, rm_rewards, eval_rewards, kl_coef, key)
     carry_shift = (
@@ -191,7 +219,8 @@ def exact_gradient_ascent(
       optimizer: an optax optimizer (it minimises; the ascent direction is passed negated).
       num_steps: number of updates.
       policy: an :class:`~jaxrm.tabular.ExactPolicy` (default: tabular over ``Y`` outputs).
-      kl_coef: ``lam >= 0`` (scalar or one per problem); None for no KL term.
+      kl_coef: finite ``lam >= 0``, one per problem or per prompt as in
+        :func:`jaxrm.flow.first_passage`; None for no KL term.
       eval_rewards: ``[..., S, Y]`` reward measured along the way (default ``rm_rewards``).
       track: record :class:`~jaxrm.flow.FlowMetrics` before each step and after the last.
 
@@ -291,10 +320,11 @@ def ascent_first_passage(
         kl_coef=kl_coef,
         eval_rewards=eval_rewards,
         num_steps=max_steps,
+        optimizer=optimizer,
+        key=key,
         name="max_steps",
     )
-    if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
-        raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
+    check_gamma(gamma, rm_rewards.shape[:-1])
     if max_steps > np.iinfo(np.int32).max:
         raise ValueError(f"max_steps must fit in int32, got {max_steps}.")
     if k is None:
@@ -346,17 +376,13 @@ def _shift_held(log_normalizer, shift):
     return jnp.abs(log_normalizer - shift) < margin
 
 
-def _per_problem(kl_coef):
-    return kl_coef[..., None, None] if kl_coef.ndim else kl_coef
-
-
 @jax.jit(static_argnames=("policy", "optimizer", "gradient", "group_size"))
 def _passage(
     logits, rm_rewards, eval_rewards, kl_coef, gamma, key, max_steps, *, policy, optimizer, gradient, group_size
 ):
     """The first-passage loop; ``max_steps`` is traced, so one program serves every budget."""
     ref_log_probs = policy.log_probs(logits)
-    lam = _per_problem(kl_coef)
+    lam = kl_coef  # [..., S, 1] from _checked_problem
     loop_inputs = _loop_inputs(gradient, rm_rewards, ref_log_probs, lam)
     target = metrics.expected_reward(ref_log_probs, eval_rewards) + gamma
 
@@ -418,7 +444,7 @@ def _ascent(
     whether every step's shift was safe (:func:`_shift_held`; True without ``carry_shift``).
     """
     ref_log_probs = policy.log_probs(logits)
-    lam = _per_problem(kl_coef)
+    lam = kl_coef  # [..., S, 1] from _checked_problem
     loop_inputs = _loop_inputs(gradient, rm_rewards, ref_log_probs, lam)
 
     def measure(logits) -> FlowMetrics | None:

@@ -38,6 +38,7 @@ reject the step, never accept a wrong one.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import math
 from typing import Any, NamedTuple, Sequence
@@ -129,15 +130,16 @@ def default_policy(policy, rm_rewards):
 
 
 def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
-    """Check a tabular problem before any work; returns ``(init_logits, rm_rewards, eval_rewards)``
-    as floating arrays (integer inputs are cast to the default float dtype)."""
+    """Check a tabular problem before any work; returns ``(init_logits, rm_rewards, eval_rewards,
+    kl_coef)``, all in the rewards' floating dtype (integer rewards are cast to the default float
+    dtype), with ``kl_coef`` None or one coefficient per prompt, ``[..., S]``
+    (:func:`kl_per_prompt`)."""
     rm_rewards = jnp.asarray(rm_rewards)
     if not jnp.issubdtype(rm_rewards.dtype, jnp.floating):
         rm_rewards = rm_rewards.astype(jnp.result_type(float))
-    init_logits = jax.tree.map(
-        lambda x: x if jnp.issubdtype(jnp.result_type(x), jnp.floating) else jnp.asarray(x, rm_rewards.dtype),
-        init_logits,
-    )
+    # One dtype for the whole problem (the rewards'): a float32 state against float64 rewards
+    # would change type inside the solver's loop.
+    init_logits = jax.tree.map(lambda x: jnp.asarray(x, rm_rewards.dtype), init_logits)
     if rm_rewards.ndim < 2:
         raise ValueError(f"rewards must be shaped [..., prompts, outputs], got {rm_rewards.shape}.")
     log_probs = _log_probs_shape(policy, *_abstract(init_logits))
@@ -151,9 +153,59 @@ def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
     check_finite("eval_rewards", eval_rewards)
     for leaf in jax.tree.leaves(init_logits):
         check_finite("init_logits", leaf)
-    if kl_coef is not None and is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
-        raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
-    return init_logits, rm_rewards, (rm_rewards if eval_rewards is None else eval_rewards)
+    if kl_coef is not None:
+        kl_coef = kl_per_prompt(kl_coef, rm_rewards.shape[:-1], rm_rewards.dtype)
+    return init_logits, rm_rewards, (rm_rewards if eval_rewards is None else eval_rewards), kl_coef
+
+
+def kl_per_prompt(kl_coef, item_shape, dtype) -> jax.Array:
+    """``kl_coef`` as one coefficient per prompt, ``item_shape = [..., S]``, or ``ValueError``.
+
+    By rank, so that no shape means two things: an array of rank at most that of the batch
+    shape ``[...]`` holds one coefficient per problem (broadcast against ``[...]`` as numpy
+    broadcasts); one axis more, with a last axis of ``S`` (or 1), holds one per prompt. Each
+    must be finite and ``>= 0`` (checked where it is concrete).
+    """
+    lam = jnp.asarray(kl_coef, dtype)
+    batch = tuple(item_shape[:-1])
+    try:
+        if lam.ndim <= len(batch):
+            lam = jnp.broadcast_to(lam, batch)[..., None]
+        elif lam.ndim > len(batch) + 1 or lam.shape[-1] not in (1, item_shape[-1]):
+            raise ValueError
+        lam = jnp.broadcast_to(lam, item_shape)
+    except ValueError:
+        raise ValueError(
+            f"kl_coef {list(lam.shape)} fits neither the batch shape {list(batch)} (one per problem) nor "
+            f"{list(item_shape)} (one per prompt)."
+        ) from None
+    if is_concrete(lam) and not np.all(np.isfinite(np.asarray(lam)) & (np.asarray(lam) >= 0)):
+        raise ValueError(f"kl_coef must be finite and >= 0, got {kl_coef}.")
+    return lam
+
+
+def check_gamma(gamma, item_shape) -> None:
+    """``gamma`` must broadcast to ``[..., S]`` and, where concrete, be > 0."""
+    try:
+        fits = np.broadcast_shapes(np.shape(gamma), tuple(item_shape)) == tuple(item_shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"gamma {list(np.shape(gamma))} must broadcast to [..., S] = {list(item_shape)}.")
+    if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
+        raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
+
+
+def check_int(name: str, value, *, low: int) -> None:
+    """``value`` must be an int ``>= low`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
+def _check_tolerances(rtol, atol) -> None:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (0 < value < np.inf):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 def _abstract(tree):
@@ -199,14 +251,16 @@ def first_passage(
       gamma: gain to reach; broadcasts to ``[..., S]``; must be > 0.
       policy: an :class:`~jaxrm.tabular.ExactPolicy` (default: the tabular policy over the
         outputs of ``rm_rewards``).
-      kl_coef: None (default: no KL term), or ``lam >= 0`` broadcasting to the batch shape
-        ``[...]`` (or ``[..., S]``). Any given value, even 0, compiles in the KL term and the
-        out-of-reach stop of the module docstring.
+      kl_coef: None (default: no KL term), or finite ``lam >= 0``: of rank at most that of the
+        batch shape ``[...]``, one per problem (broadcast as numpy does); one axis more, ending
+        in ``S``, one per prompt (:func:`kl_per_prompt`). Any given value, even 0, compiles in
+        the KL term and the out-of-reach stop of the module docstring.
       eval_rewards: ``[..., S, Y]`` reward whose gain is timed (default ``rm_rewards``).
       t_max: give up (``inf``) after this much time.
       rtol, atol: tolerances of the adaptive step-size controller.
       max_steps: most ODE steps (accepted and rejected) per prompt before the item counts
-        as FAILED.
+        as FAILED. The budget is checked between segments of ``segment_steps`` steps, so an
+        item may take up to ``max_steps + segment_steps - 1`` steps.
       slots: items integrated side by side on each device (default: up to 32). The
         number of items per device is padded so that batches of nearby sizes run one compiled
         program (:func:`jaxrm._queue.bucket`): to ``slots`` times a power of two, where the
@@ -226,14 +280,20 @@ def first_passage(
     """
     policy = default_policy(policy, rm_rewards)
     separate_eval = eval_rewards is not None
-    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
-    if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
-        raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
+    init_logits, rm_rewards, eval_rewards, kl_coef = validate_problem(
+        policy, init_logits, rm_rewards, eval_rewards, kl_coef
+    )
+    check_gamma(gamma, rm_rewards.shape[:-1])
     if is_concrete(t_max) and not float(t_max) > 0:
         raise ValueError(f"t_max must be > 0, got {t_max}.")
+    _check_tolerances(rtol, atol)
     for name, value in (("max_steps", max_steps), ("segment_steps", segment_steps), ("slots", slots)):
-        if not (value is None and name == "slots") and not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if not (value is None and name == "slots"):
+            check_int(name, value, low=1)
+    if devices is not None and not (
+        isinstance(devices, collections.abc.Sequence) and devices and all(isinstance(d, jax.Device) for d in devices)
+    ):
+        raise ValueError(f"devices must be a non-empty sequence of jax devices (e.g. jax.devices()), got {devices!r}.")
     dtype = rm_rewards.dtype
     item_shape = rm_rewards.shape[:-1]  # [..., S]: one item per (problem, prompt)
     if math.prod(item_shape) == 0:
@@ -295,13 +355,9 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
     ``num_padded`` items with copies of the first (never integrated). Without ``separate_eval``
     the timed reward is ``rm_rewards`` itself, and the items carry it once."""
     item_shape = rm_rewards.shape[:-1]
-    num_prompts = item_shape[-1]
     dtype = rm_rewards.dtype
     gamma = jnp.broadcast_to(jnp.asarray(gamma, dtype), item_shape)
-    kl_coef = jnp.asarray(kl_coef, dtype)
-    if kl_coef.ndim == len(item_shape) - 1 or kl_coef.shape[-1:] != (num_prompts,):
-        kl_coef = kl_coef[..., None]  # one coefficient per problem
-    kl_coef = jnp.broadcast_to(kl_coef, item_shape)
+    kl_coef = jnp.broadcast_to(jnp.asarray(kl_coef, dtype), item_shape)  # per prompt (kl_per_prompt) or 0
     ref_log_probs = policy.log_probs(init_logits)
     shift = jnp.max(init_logits, axis=-1, keepdims=True) if isinstance(policy, TabularPolicy) else None
     start = metrics.expected_reward(ref_log_probs, eval_rewards)
@@ -598,20 +654,28 @@ def trajectory(
     """:class:`FlowMetrics` of the gradient flow at times ``ts`` (each ``[T, ..., S]``).
 
     Integrates the coupled system ``d theta/dt = grad phi(theta)`` (with its ``1/|S|``) for each
-    problem of the leading batch, saving only the metrics. ``ts`` must be non-decreasing, >= 0.
-    ``kl_coef``: None (no KL term) or ``lam >= 0`` broadcasting to the batch shape.
+    problem of the leading batch, saving only the metrics. ``ts`` must be non-empty, finite,
+    non-decreasing and >= 0. ``kl_coef``: None (no KL term) or finite ``lam >= 0``, one per
+    problem or per prompt as in :func:`first_passage`. ``solver``: a diffrax solver (default
+    ``Dopri5``); ``max_steps``: most solver steps per problem (more raises an error).
     """
     policy = default_policy(policy, rm_rewards)
-    init_logits, rm_rewards, eval_rewards = validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef)
+    init_logits, rm_rewards, eval_rewards, kl_coef = validate_problem(
+        policy, init_logits, rm_rewards, eval_rewards, kl_coef
+    )
+    _check_tolerances(rtol, atol)
+    check_int("max_steps", max_steps, low=1)
     ts = jnp.asarray(ts, rm_rewards.dtype)
-    if ts.ndim != 1:
-        raise ValueError(f"ts must be a 1-d array of times, got shape {ts.shape}.")
-    if is_concrete(ts) and (np.any(np.diff(np.asarray(ts)) < 0) or np.any(np.asarray(ts) < 0)):
-        raise ValueError("ts must be non-negative and non-decreasing.")
+    if ts.ndim != 1 or ts.shape[0] == 0:
+        raise ValueError(f"ts must be a non-empty 1-d array of times, got shape {ts.shape}.")
+    if is_concrete(ts) and not (
+        np.all(np.isfinite(np.asarray(ts))) and np.all(np.diff(np.asarray(ts)) >= 0) and np.all(np.asarray(ts) >= 0)
+    ):
+        raise ValueError(f"ts must be finite, non-negative and non-decreasing, got {np.asarray(ts)[:6]}.")
     batch = rm_rewards.shape[:-2]
     size = math.prod(batch)
     flat = lambda x: x.reshape(size, *x.shape[len(batch) :])  # noqa: E731
-    kl_coef = jnp.broadcast_to(jnp.asarray(0.0 if kl_coef is None else kl_coef, rm_rewards.dtype), batch)
+    kl_coef = jnp.zeros(rm_rewards.shape[:-1], rm_rewards.dtype) if kl_coef is None else kl_coef
     out = _trajectories(
         jax.tree.map(flat, init_logits),
         flat(rm_rewards),
@@ -633,7 +697,7 @@ def _trajectories(logits, rm_rewards, eval_rewards, kl_coef, ts, *, policy, solv
         ref_log_probs = policy.log_probs(logits0)
 
         def field(t, logits, args):
-            return objective_grad(policy, logits, rm, ref_log_probs, kl_coef=lam)
+            return objective_grad(policy, logits, rm, ref_log_probs, kl_coef=lam[..., None])
 
         def save(t, logits, args):
             return flow_metrics(policy, logits, rm, ev, ref_log_probs)

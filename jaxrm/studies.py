@@ -145,12 +145,14 @@ def config_from_dict(cls, values: dict):
 
 def config_with_overrides(config, items):
     """``config`` with ``KEY=VALUE`` items replaced (values read as JSON, else as a string; JSON
-    lists become tuples); unknown keys are named."""
+    lists become tuples); unknown keys are named, and so is a key given twice."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE items, got {item!r}.")
+        if key in overrides:
+            raise ValueError(f"--set gives {key} twice; give each key once.")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:  # a bare string, e.g. a path
@@ -166,6 +168,8 @@ def check_out_directory(out_dir, *, option: str = "--out") -> Path:
     if str(out_dir) == "":
         raise ValueError(f"{option} is empty; name a directory (it is created if missing).")
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ValueError(f"{option} {out_dir} is a link to {os.readlink(out_dir)}, which does not exist.")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{option} {out_dir} is a file, not a directory.")
     existing = out_dir.absolute()
@@ -391,7 +395,7 @@ def share_interval(successes: int, trials: int, *, level: float = 0.95) -> tuple
     >>> [round(x, 3) for x in share_interval(128, 128)]
     [0.971, 1.0]
     """
-    counts = isinstance(trials, (int, np.integer)) and isinstance(successes, (int, np.integer))
+    counts = all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in (successes, trials))
     if not (counts and trials >= 1 and 0 <= successes <= trials):
         raise ValueError(f"need integer counts, 0 <= successes <= trials and trials >= 1; got {successes} of {trials}.")
     if not 0 < level < 1:
@@ -410,15 +414,30 @@ def fmt_share(successes: int, trials: int, noun: str) -> str:
     >>> fmt_share(126, 128, "problems")
     '126 of 128 problems (98.4%, 95% CI 94.4-99.6%)'
     >>> fmt_share(999, 1000, "runs")
-    '999 of 1000 runs (99.9%, 95% CI 99.4-100%)'
+    '999 of 1000 runs (99.9%, 95% CI 99.4-99.99%)'
+    >>> fmt_share(1, 2001, "runs")
+    '1 of 2001 runs (<0.1%, 95% CI 0.008-0.3%)'
     """
     low, high = share_interval(successes, trials)
-    # One decimal, the interval rounded outwards; a share is never shown as 0% or 100% unless it is.
-    percent = lambda x, rounding=round: f"{rounding(1000 * x) / 10:.1f}".removesuffix(".0")  # noqa: E731
-    share = percent(successes / trials)
+    share = _percent(successes / trials, round, decimals=1)
     if share in ("0", "100") and 0 < successes < trials:
         share = "<0.1" if share == "0" else ">99.9"
-    return f"{successes} of {trials} {noun} ({share}%, 95% CI {percent(low, math.floor)}-{percent(high, math.ceil)}%)"
+    return (
+        f"{successes} of {trials} {noun} ({share}%, 95% CI "
+        f"{_percent(low, math.floor, exact=low == 0)}-{_percent(high, math.ceil, exact=high == 1)}%)"
+    )
+
+
+def _percent(x: float, rounding, *, decimals: int | None = None, exact: bool = False) -> str:
+    """``100 x`` with one decimal, rounded by ``rounding`` (outwards, for an interval's end), or
+    with as many more decimals (up to 4) as keep an end that is not exactly 0 or 1 from showing
+    as 0% or 100%."""
+    for places in (decimals,) if decimals is not None else range(1, 5):
+        scale = 10 ** (places + 2)
+        text = f"{rounding(scale * x) / 10**places:.{places}f}".rstrip("0").removesuffix(".")
+        if exact or decimals is not None or text not in ("0", "100"):
+            return text
+    return text
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -460,7 +479,14 @@ def study_parser(config_cls, *, prog: str, description: str, default_out: str, p
         help="; ".join(f"{name}: {what}" for name, what in presets.items()),
     )
     parser.add_argument("--out", default=default_out, help=f"run directory (default: {default_out})")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (JSON values)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys (JSON values); may be given more than once",
+    )
     add_compilation_cache_option(parser)
     return parser
 

@@ -149,7 +149,7 @@ def test_first_passage_refuses_bad_input(problem):
         ascent_first_passage(logits, rewards, 0.0, optimizer=optax.sgd(1.0), max_steps=1)
     with pytest.raises(ValueError, match="needs a key"):
         ascent_first_passage(logits, rewards, 0.1, k=2, optimizer=optax.sgd(1.0), max_steps=1)
-    with pytest.raises(ValueError, match="max_steps must be a non-negative int"):
+    with pytest.raises(ValueError, match="max_steps must be an int >= 0"):
         ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=-1)
     with pytest.raises(ValueError, match="max_steps must fit in int32"):
         ascent_first_passage(logits, rewards, 0.1, optimizer=optax.sgd(1.0), max_steps=2**31)
@@ -170,3 +170,23 @@ def test_first_passage_vmaps_over_seed_keys():
     steps = jax.vmap(run)(keys)[:, 0]
     assert len(np.unique(np.asarray(steps))) > 1
     np.testing.assert_array_equal(steps[2], run(keys[2])[0])
+
+
+def test_kl_coef_means_one_problem_whatever_its_shape(problem):
+    """One coefficient per problem ([2]) or the same values per prompt ([2, 3]): the same ascent, as
+    for the flow; a coefficient per prompt without a batch ([3]) is its own problem, each prompt
+    pulled toward the reference by its own lam."""
+    logits, rewards = problem
+    batch_logits, batch_rewards = jax.numpy.stack([logits, -logits]), jax.numpy.stack([rewards, 1 - rewards])
+    options = dict(optimizer=optax.sgd(1.0), num_steps=3, track=False)
+    lam = jax.numpy.array([0.0, 0.5])
+    per_problem, _ = exact_gradient_ascent(batch_logits, batch_rewards, kl_coef=lam, **options)
+    per_prompt, _ = exact_gradient_ascent(
+        batch_logits, batch_rewards, kl_coef=jax.numpy.repeat(lam[:, None], 3, 1), **options
+    )
+    np.testing.assert_array_equal(np.asarray(per_prompt), np.asarray(per_problem))
+    lams = jax.numpy.array([0.0, 0.5, 5.0])
+    mixed, _ = exact_gradient_ascent(logits, rewards, kl_coef=lams, **options)
+    for prompt, each in enumerate(lams):
+        alone, _ = exact_gradient_ascent(logits, rewards, kl_coef=each, **options)
+        np.testing.assert_allclose(np.asarray(mixed[prompt]), np.asarray(alone[prompt]), rtol=1e-12)

@@ -9,13 +9,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import experiments.paradox
 import experiments.teacher
 import theory.__main__
-from jaxrm import bounds, estimators, flow, metrics, pg, tabular
+from jaxrm import ascent, bounds, estimators, flow, metrics, pg, studies, tabular
 from jaxrm.estimators import Estimator
 from jaxrm.models import CausalLM, load_hf, load_model, preset, read_metadata, sample, save_model
 from jaxrm.models.config import TransformerConfig
@@ -97,15 +98,20 @@ def test_a_study_refuses_a_bad_setting_before_anything(module, items, message, t
 
 
 @pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
-@pytest.mark.parametrize("out", ["", "a_file", "/proc/jaxrm_cannot_write_here"], ids=["empty", "file", "unwritable"])
+@pytest.mark.parametrize(
+    "out",
+    ["", "a_file", "/proc/jaxrm_cannot_write_here", "dangling"],
+    ids=["empty", "file", "unwritable", "dangling-link"],
+)
 def test_a_study_refuses_a_bad_out_directory(module, out, tmp_path, capsys, no_study_run, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(SystemExit) as exit_:
         module.main(["--preset", "ci", "--out", out])
     assert exit_.value.code == 2
     assert "--out" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dangling"]
 
 
 @pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
@@ -306,6 +312,34 @@ KERNEL_CASES = [
     (lambda: bounds.theorem3_fast_upper_bound(2.0, 0.2, num_prompts=1), r"rho"),
     (lambda: bounds.theorem2_kl_limit(0.2, 0.5, 2.0), r"min_prob"),
     (lambda: bounds.theorem3_kl_limit(0.6, 0.5, 0.1), r"good_prob_floor must be below rho"),
+    # The exact flow and ascent: arguments checked by name before anything is compiled.
+    (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], jnp.full(4, 0.1)), r"gamma \[4\] must broadcast"),
+    (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, kl_coef=jnp.ones(5)), r"kl_coef \[5\] fits neither"),
+    (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, kl_coef=math.inf), r"kl_coef must be finite"),
+    (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, rtol=-1.0), r"rtol must be a finite number > 0"),
+    (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, max_steps=True), r"max_steps must be an int >= 1"),
+    (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, devices=jax.devices()[0]), r"devices must be"),
+    (lambda: flow.trajectory(jnp.zeros((3, 4)), jnp.eye(4)[:3], []), r"ts must be a non-empty"),
+    (lambda: flow.trajectory(jnp.zeros((3, 4)), jnp.eye(4)[:3], [0.0, math.inf]), r"ts must be finite"),
+    (
+        lambda: ascent.exact_gradient_ascent(jnp.zeros((3, 4)), jnp.eye(4)[:3], optimizer=0.1, num_steps=2),
+        r"optimizer must be an optax GradientTransformation",
+    ),
+    (
+        lambda: ascent.exact_gradient_ascent(
+            jnp.zeros((3, 4)), jnp.eye(4)[:3], optimizer=optax.sgd(0.1), num_steps=2, track="no"
+        ),
+        r"track must be True or False",
+    ),
+    (
+        lambda: ascent.sampled_gradient_ascent(
+            jnp.zeros((3, 4)), jnp.eye(4)[:3], 0, k=2, optimizer=optax.sgd(0.1), num_steps=2
+        ),
+        r"key must be a jax.random.key",
+    ),
+    (lambda: ascent.SampledGradient(True, "reinforce"), r"k=True"),
+    (lambda: studies.share_interval(1, True), r"integer counts"),
+    (lambda: studies.config_with_overrides(Theorem1Config(), ["seed=1", "seed=2"]), r"--set gives seed twice"),
     # The one-prompt estimators refuse a second prompt rather than read only the first.
     (
         lambda: estimators.objective_gradient(tabular.TabularPolicy(3), jnp.zeros((2, 3)), jnp.ones((2, 3))),
@@ -491,3 +525,134 @@ def test_run_rlhf_refuses_an_eos_outside_the_vocabulary_before_writing(tiny_mode
     with pytest.raises(ValueError, match=r"eos_id=\d+ is outside the model's vocabulary"):
         run_rlhf(tiny_model, ground_truth, None, tokens, mask, config, num_iterations=1, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _small_vocabulary_teacher(policy):
+    from jaxrm.models import RewardModel
+    from jaxrm.train.rlhf import reward_model_fn
+
+    teacher = RewardModel(policy.config.replace(vocab_size=8), rngs=nnx.Rngs(1))
+    return reward_model_fn(nnx.graphdef(teacher)), nnx.state(teacher, nnx.Param), {}
+
+
+def _other_reference(policy):
+    from tests.rlhf_task import ground_truth
+
+    return ground_truth, None, {"reference": CausalLM(policy.config.replace(hidden_size=64), rngs=nnx.Rngs(1))}
+
+
+def _one_reward_per_batch(policy):
+    return (lambda params, prompt, prompt_mask, response, response_mask: jnp.zeros(())), None, {}
+
+
+def _mesh_without_data(policy):
+    from tests.rlhf_task import ground_truth
+
+    return ground_truth, None, {"mesh": jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_small_vocabulary_teacher, r"reward model's vocabulary \(8 tokens\) is smaller than the policy's \(97\)"),
+        (_other_reference, r"reference must have the policy's architecture.*\(32, 97\) float32 against \(64, 97\)"),
+        (_one_reward_per_batch, r"reward_fn must return one reward per response.*got \(\)"),
+        (_mesh_without_data, r"mesh must have a 'data' axis"),
+    ],
+    ids=["teacher-vocabulary", "reference", "reward-shape", "mesh"],
+)
+def test_run_rlhf_refuses_a_mismatched_teacher_reference_or_mesh_before_writing(tiny_model, tmp_path, make, message):
+    from jaxrm.train.driver import run_rlhf
+    from tests.rlhf_task import CONFIG, prompts
+
+    tokens, mask = prompts(8)
+    reward_fn, reward_params, options = make(tiny_model)
+    with pytest.raises(ValueError, match=message):
+        run_rlhf(
+            tiny_model,
+            reward_fn,
+            reward_params,
+            tokens,
+            mask,
+            CONFIG,
+            num_iterations=1,
+            out_dir=tmp_path / "run",
+            **options,
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_calls_outside_a_trace_check_token_ids_and_the_cache(tiny_model):
+    from jaxrm.models import KVCache
+
+    vocab = tiny_model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"tokens holds 1 token id\(s\) outside the vocabulary \[0, {vocab}\)"):
+        tiny_model(jnp.array([[3, vocab]]))
+    cache = KVCache.empty(tiny_model.config, 1, 3)
+    hidden, cache = tiny_model.trunk(jnp.array([[1, 2]]), positions=jnp.array([[0, 1]]), cache=cache)
+    with pytest.raises(ValueError, match=r"KV cache holds 3 slots, 2 filled: no room for 2 more"):
+        tiny_model.trunk(jnp.array([[3, 4]]), positions=jnp.array([[2, 3]]), cache=cache)
+
+
+def test_save_model_refuses_metadata_that_is_not_json_and_leaves_nothing(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="metadata must be JSON"):
+        save_model(tiny_model, tmp_path / "model", metadata={"accuracy": np.float32(0.5)})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(sequences=[[1.5, 2]]), r"sequence 0 must hold integer token ids"),
+        (dict(sequences=[[1, -2]]), r"sequence 0 holds a negative token id"),
+        (dict(sequences=[[1, 2]], pad_id=-1), r"pad_id must be an int >= 0"),
+        (dict(sequences=[[1, 2]], length=-1), r"length must be an int >= 0"),
+    ],
+    ids=["float", "negative", "pad_id", "length"],
+)
+def test_pad_sequences_refuses_what_is_not_a_token_id(kwargs, message):
+    from jaxrm.models import pad_sequences
+
+    sequences = kwargs.pop("sequences")
+    with pytest.raises(ValueError, match=message):
+        pad_sequences(sequences, **kwargs)
+
+
+def test_load_hf_names_an_unknown_override_as_the_callers(hf_checkpoint):
+    with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['vocab_sz'\]"):
+        load_hf(hf_checkpoint, vocab_sz=3)
+
+
+def test_training_entry_points_check_their_arguments_before_any_work(tiny_model, tmp_path):
+    from jaxrm.models import RewardModel
+    from jaxrm.train import PreferencePairs
+    from jaxrm.train.reward import evaluate_reward_model, train_reward_models
+    from jaxrm.train.rlhf import measure_reward_statistics
+    from jaxrm.train.sft import sequence_nll, train_sft
+    from tests.rlhf_task import CONFIG, ground_truth
+
+    tokens, mask = np.array([[1, 2, 3]]), np.ones((1, 3), bool)
+    with pytest.raises(ValueError, match=r"at least one response token to learn after its first token; 1 have none"):
+        train_sft(tiny_model, tokens, mask, np.array([[True, False, False]]), log=None)
+    with pytest.raises(ValueError, match=r"loss_mask must be a bool array"):
+        train_sft(tiny_model, tokens, mask, np.ones((1, 3)), log=None)
+    # A loss mask that also covers padding learns only real tokens.
+    padded, real = jnp.array([[1, 2, 3, 0]]), jnp.array([[True, True, True, False]])
+    np.testing.assert_allclose(
+        sequence_nll(tiny_model, padded, real, jnp.ones((1, 4), bool)), sequence_nll(tiny_model, padded, real, real)
+    )
+
+    reward_model = RewardModel(tiny_model.config, rngs=nnx.Rngs(0))
+    pairs = PreferencePairs.from_lists([[1, 2]] * 4, [[3]] * 4, [[4]] * 4)
+    directory = tmp_path / "rm"
+    with pytest.raises(ValueError, match=r"checkpoint_dirs must be distinct"):
+        train_reward_models(reward_model, [pairs, pairs], checkpoint_dirs=[directory, directory], checkpoint_steps=(0,))
+    with pytest.raises(ValueError, match=r"eval_steps must hold int optimizer steps"):
+        train_reward_models(reward_model, [pairs], eval_pairs=pairs, eval_steps=(1.0,))
+    assert not directory.exists()
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
+        evaluate_reward_model(reward_model, pairs, batch_size=0)
+
+    right_padded = np.array([[5, 6, 0]]), np.array([[True, True, False]])
+    with pytest.raises(ValueError, match=r"left-padded"):
+        measure_reward_statistics(tiny_model, ground_truth, None, *right_padded, jax.random.key(0), config=CONFIG)

@@ -104,6 +104,11 @@ def test_batch_equals_problems_one_at_a_time_on_any_device_count_and_queue_size(
     for b in (0, 4):
         alone = flow.t_gamma(logits[b], rm[b], 0.05, eval_rewards=gt[b], kl_coef=kl_coef[b], slots=2)
         np.testing.assert_allclose(np.asarray(together.t_gamma[b]), np.asarray(alone), rtol=1e-9)
+    # kl_coef's rank decides: [6] is one per problem, [6, 2] one per prompt; the same values
+    # either way are the same problem (and the same compiled queue).
+    per_prompt = jnp.repeat(kl_coef[:, None], 2, axis=1)
+    again = flow.first_passage(logits, rm, 0.05, eval_rewards=gt, kl_coef=per_prompt, slots=3, devices=jax.devices())
+    np.testing.assert_array_equal(np.asarray(again.t_gamma), np.asarray(together.t_gamma))
     status = np.asarray(together.status)
     assert set(status.ravel()) <= {flow.Status.REACHED, flow.Status.NOT_REACHED}
     assert (np.isfinite(together.t_gamma) == (status == flow.Status.REACHED)).all()

@@ -77,21 +77,28 @@ def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata
         raise TypeError(f"save_model stores {list(_MODEL_CLASSES)}, not {kind}.")
     if directory.exists():
         raise FileExistsError(f"checkpoint {directory} already exists; refusing to overwrite it.")
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        metadata_text = json.dumps(metadata or {})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"metadata must be JSON (plain numbers, strings, lists, dicts): {error}.") from None
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(staging / "params", params)
-        checkpointer.wait_until_finished()
     record = {
         "class": kind,
         "config": model.config.to_dict(),
-        "metadata": metadata or {},
+        "metadata": json.loads(metadata_text),
         "checksum": tree_checksum(params),
     }
-    (staging / "model.json").write_text(json.dumps(record, indent=1))
-    os.replace(staging, directory)
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / "params", params)
+            checkpointer.wait_until_finished()
+        (staging / "model.json").write_text(json.dumps(record, indent=1))
+        os.replace(staging, directory)
+    finally:  # an interrupted or failed write leaves nothing behind
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

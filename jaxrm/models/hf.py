@@ -10,6 +10,7 @@ an error that names the file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -71,6 +72,12 @@ class _SafetensorsFiles:
 
 
 def _read_config(directory: Path, overrides: dict) -> TransformerConfig:
+    known = {field.name for field in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:  # the caller's typo, not the file's fault
+        raise ValueError(
+            f"load_hf got unknown TransformerConfig field(s) {unknown} to override; known: {sorted(known)}."
+        )
     path = directory / "config.json"
     try:
         hf = json.loads(path.read_text())

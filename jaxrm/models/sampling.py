@@ -345,6 +345,15 @@ def pad_sequences(sequences, *, length: int | None = None, side: str = "left", p
     """
     if side not in ("left", "right"):
         raise ValueError(f"side={side!r} is not one of ['left', 'right'].")
+    for name, value in (("length", length), ("pad_id", pad_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    for row, sequence in enumerate(sequences):
+        ids = np.asarray(sequence)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"sequence {row} must hold integer token ids, got dtype {ids.dtype}.")
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"sequence {row} holds a negative token id ({int(ids.min())}).")
     longest = max((len(s) for s in sequences), default=0)
     length = longest if length is None else length
     if longest > length:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrm._checks import check_token_ids, is_concrete
 from jaxrm.models.config import TransformerConfig
 
 
@@ -281,7 +282,18 @@ class Transformer(nnx.Module):
 
         With a cache, ``tokens`` fill slots ``cache.index .. cache.index + time`` and attend to
         every earlier valid slot; ``mask`` then marks which of the new tokens are real.
+
+        Called outside a trace, the token ids are checked against the vocabulary (an id beyond
+        the embedding table would give NaN, a negative one another token's row) and the cache
+        against overflowing (a write past its last slot would land on the last slots); under
+        ``jit`` the values cannot be read, and the callers in jaxrm check them before tracing.
         """
+        check_token_ids("tokens", tokens, self.config.vocab_size)
+        if cache is not None and is_concrete(cache.index) and int(cache.index) + tokens.shape[1] > cache.valid.shape[1]:
+            raise ValueError(
+                f"the KV cache holds {cache.valid.shape[1]} slots, {int(cache.index)} filled: no room for "
+                f"{tokens.shape[1]} more token(s); allocate a larger cache (KVCache.empty)."
+            )
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
         if positions is None:
             if cache is not None:

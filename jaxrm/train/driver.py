@@ -151,6 +151,55 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
     return seed_list, means, stds
 
 
+def _abstract_params(tree):
+    """Each leaf's ``(path, shape, dtype)``, for comparing two models' parameters."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(jax.tree_util.keystr(path), np.shape(leaf), jnp.result_type(leaf)) for path, leaf in leaves]
+
+
+def _check_reference(policy: CausalLM, reference: CausalLM | None) -> None:
+    """The KL reference must be the policy's architecture: its log-probs are computed by the
+    policy's program with the reference's parameters."""
+    if reference is None:
+        return
+    ours, theirs = _abstract_params(nnx.state(policy, nnx.Param)), _abstract_params(nnx.state(reference, nnx.Param))
+    if ours != theirs:
+        differ = next(
+            (f"{a[0]}: {a[1]} {a[2]} against {b[1]} {b[2]}" for a, b in zip(ours, theirs) if a != b),
+            f"{len(ours)} parameter arrays against {len(theirs)}",
+        )
+        raise ValueError(
+            f"reference must have the policy's architecture and parameter shapes; first difference: {differ}."
+        )
+
+
+def _check_teacher(name: str, fn, params, *, teachers, vocab_size: int, prompt_len: int) -> None:
+    """Trace ``fn`` (one teacher's parameters) on an abstract batch of two prompt-response pairs:
+    it must give one reward per pair. A jaxrm reward model must also cover the policy's
+    vocabulary: an id beyond its embedding table gives NaN rewards, and then NaN parameters."""
+    single = params if teachers is None else jax.tree.map(lambda x: x[0], params)
+    try:
+        rows = np.shape(jax.tree.leaves(single["trunk"]["embed_in"]["embedding"])[0])[0]
+    except (KeyError, TypeError, IndexError):
+        rows = None  # not a jaxrm reward model: only its output is checked
+    if rows is not None and rows < vocab_size:
+        raise ValueError(
+            f"the {name} reward model's vocabulary ({rows} tokens) is smaller than the policy's ({vocab_size}): "
+            "every token the policy can sample must be an id the reward model can score."
+        )
+    tokens = jax.ShapeDtypeStruct((2, prompt_len), jnp.int32)
+    mask = jax.ShapeDtypeStruct((2, prompt_len), jnp.bool_)
+    response, response_mask = jax.ShapeDtypeStruct((2, 3), jnp.int32), jax.ShapeDtypeStruct((2, 3), jnp.bool_)
+    try:
+        out = jax.eval_shape(fn, single, tokens, mask, response, response_mask)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's function, reported by name
+        raise ValueError(
+            f"{name} fails on a batch of 2 prompts and responses: {type(error).__name__}: {error}"
+        ) from error
+    if np.shape(out) != (2,):
+        raise ValueError(f"{name} must return one reward per response, shape [2] for 2 responses; got {np.shape(out)}.")
+
+
 def train_state_shardings(state: TrainState, policy_shardings, *, num_batch_axes: int = 0) -> TrainState:
     """Where each part of a :class:`TrainState` lives: the parameters and every optimizer slot
     that mirrors them (Adam's moments) as ``policy_shardings`` (one policy's, from
@@ -268,11 +317,18 @@ def run_rlhf(
     log = log if _is_writer() else None
     if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep_checkpoints!r}.")
+    if mesh is not None and "data" not in mesh.shape:
+        raise ValueError(f"mesh must have a 'data' axis (jaxrm.sharding.make_mesh), got axes {tuple(mesh.shape)}.")
     if mesh is not None and config.prompts_per_iteration % mesh.shape["data"]:
         raise ValueError(
             f"prompts_per_iteration={config.prompts_per_iteration} must be a multiple of the mesh's data axis "
             f"({mesh.shape['data']} devices), so that every device samples whole prompts."
         )
+    _check_reference(policy, reference)
+    teacher_options = dict(teachers=teachers, vocab_size=policy.config.vocab_size, prompt_len=np.shape(prompts)[1])
+    _check_teacher("reward_fn", reward_fn, reward_params, **teacher_options)
+    if ground_truth_fn is not None:  # called with no parameters
+        _check_teacher("ground_truth_fn", ground_truth_fn, None, **teacher_options | {"teachers": None})
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a directory.")

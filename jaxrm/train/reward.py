@@ -187,7 +187,10 @@ def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig):
 
 
 def evaluate_reward_model(model: RewardModel, pairs: PreferencePairs, *, batch_size: int = 64) -> dict:
-    """Pairwise accuracy, Bradley-Terry loss and mean reward margin over ``pairs``."""
+    """Pairwise accuracy, Bradley-Terry loss and mean reward margin over ``pairs``, scored
+    ``batch_size`` pairs at a time."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
     pairs.validate(model.config.vocab_size)
     graphdef, params = nnx.split(model)
     rewards = _batched_rewards(graphdef, params, pairs, batch_size)
@@ -320,6 +323,13 @@ def train_reward_models(
         raise ValueError(f"seeds must hold one int per dataset ({len(datasets)}), got {seeds!r}.")
     if checkpoint_dirs is not None and len(checkpoint_dirs) != len(datasets):
         raise ValueError(f"checkpoint_dirs must hold one directory per dataset ({len(datasets)}).")
+    if checkpoint_dirs is not None and len({Path(d).resolve() for d in checkpoint_dirs}) < len(checkpoint_dirs):
+        raise ValueError(
+            f"checkpoint_dirs must be distinct directories (one per run), got {list(map(str, checkpoint_dirs))}."
+        )
+    for name, steps in (("eval_steps", eval_steps), ("checkpoint_steps", checkpoint_steps)):
+        if not all(isinstance(step, (int, np.integer)) and not isinstance(step, bool) for step in steps):
+            raise ValueError(f"{name} must hold int optimizer steps, got {tuple(steps)!r}.")
     vocab = model.config.vocab_size
     for pairs in datasets:
         pairs.validate(vocab)

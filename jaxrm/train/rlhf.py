@@ -42,7 +42,7 @@ from flax import nnx
 
 from jaxrm import metrics, pg
 from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, checked, one_of
-from jaxrm.models.sampling import SamplingOptions, make_sampler, token_log_probs
+from jaxrm.models.sampling import SamplingOptions, check_prompts, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 from jaxrm.train.optimizers import stack_layers
 
@@ -67,8 +67,10 @@ class RLHFConfig:
 
     Attributes:
       advantage_estimator: a key of :data:`jaxrm.pg.ADVANTAGE_ESTIMATORS`: ``rloo``
-        (leave-one-out), ``grpo`` (group mean/std, std with ``ddof=1``), ``dr_grpo`` (group mean
-        only) or ``reinforce`` (no baseline).
+        (leave-one-out), ``grpo`` (``(r - mean) / (std + 1e-4)`` over the group, std with
+        ``ddof=1``: TRL's form; the official GRPO multiplies by ``rsqrt(var + 1e-8)`` instead, which
+        differs for groups of small variance), ``dr_grpo`` (group mean only) or ``reinforce`` (no
+        baseline).
       samples_per_prompt: ``k``, responses drawn per prompt (>= 2 unless ``reinforce``).
       prompts_per_iteration: prompts per rollout batch; a multiple of the mesh's ``data`` axis.
       max_new_tokens: longest response.
@@ -604,8 +606,11 @@ def measure_reward_statistics(
 
     The paper's normalisation (docs/theory.md#experiments-of-razin-et-al: 500 prompts x 10
     samples of the initial policy); ``std`` with the ddof that ``config.reward_normalization``
-    expects (:attr:`RLHFConfig.reward_ddof`).
+    expects (:attr:`RLHFConfig.reward_ddof`). ``prompts`` are left-padded, as for :func:`run_rlhf`.
     """
+    check_prompts(prompts, prompt_mask, policy.config.vocab_size)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}.")
     config.sampling.check_vocabulary(policy.config.vocab_size)
     graphdef, params = nnx.split(policy)
     sampler = jax.jit(make_sampler(graphdef, config.sampling))

@@ -25,12 +25,13 @@ from jaxrm.train.optimizers import stack_layers
 
 
 def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
-    """Mean negative log-likelihood of the tokens where ``loss_mask`` is True (each predicted from its prefix)."""
+    """Mean negative log-likelihood of the real tokens (``mask``) where ``loss_mask`` is True, each
+    predicted from its prefix; the first token has no prefix and is never a target."""
     logits = model(tokens, mask)[:, :-1]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     targets = tokens[:, 1:]
     token_nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    weights = loss_mask[:, 1:].astype(jnp.float32)
+    weights = (jnp.asarray(loss_mask, bool) & jnp.asarray(mask, bool))[:, 1:].astype(jnp.float32)
     return jnp.sum(token_nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -79,16 +80,25 @@ def train_sft(
 ) -> np.ndarray:
     """Fit ``model`` (updated in place) to ``[n, length]`` demonstrations; returns the loss of every step.
 
-    ``mask`` marks real tokens, ``loss_mask`` the tokens to learn (the responses).
+    ``mask`` marks real tokens, ``loss_mask`` the tokens to learn (the responses): a token is
+    learned where both are True, and never the first one, which has no prefix to be predicted
+    from.
     """
     tokens, mask, loss_mask = (np.asarray(a) for a in (tokens, mask, loss_mask))
+    for name, array in (("mask", mask), ("loss_mask", loss_mask)):
+        if array.dtype != bool:
+            raise ValueError(f"{name} must be a bool array, got dtype {array.dtype}.")
     if not (tokens.shape == mask.shape == loss_mask.shape and tokens.ndim == 2):
         raise ValueError(
             f"tokens {tokens.shape}, mask {mask.shape}, loss_mask {loss_mask.shape} must be one [n, length]."
         )
     check_token_ids("tokens", tokens, model.config.vocab_size)
-    if not (loss_mask & mask).any(axis=1).all():
-        raise ValueError("every demonstration needs at least one response token to learn.")
+    learned = (loss_mask & mask)[:, 1:].any(axis=1)
+    if not learned.all():
+        raise ValueError(
+            f"every demonstration needs at least one response token to learn after its first token; "
+            f"{int((~learned).sum())} have none (first: row {int(np.argmin(learned))})."
+        )
     order = epoch_order(len(tokens), config.batch_size, config.epochs, config.seed)
     graphdef, params = nnx.split(model)
     run, optimizer = _compiled_sft_loop(graphdef, config)
