@@ -33,10 +33,20 @@ STRATEGIES = {
 def make_mesh(*, data: int | None = None, model: int = 1, devices=None) -> Mesh:
     """A ``(data, model)`` mesh with Auto axes (XLA chooses the collectives).
 
-    ``data`` defaults to all devices not used by ``model``. Across hosts, ``jax.devices()`` lists
-    the devices of every process, so the same call builds the global mesh.
+    ``data`` defaults to all devices not used by ``model`` (``model`` must then divide the
+    device count: no device is left out silently); an explicit ``data`` may use fewer devices.
+    Across hosts, ``jax.devices()`` lists the devices of every process, so the same call builds
+    the global mesh.
     """
     devices = jax.devices() if devices is None else list(devices)
+    for name, value in (("data", data), ("model", model)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an int, got {value!r}.")
+    if data is None and model >= 1 and len(devices) % model:
+        raise ValueError(
+            f"model={model} does not divide the {len(devices)} devices; pass data= to use {len(devices) // model * model} "
+            "of them."
+        )
     data = len(devices) // model if data is None else data
     if data < 1 or model < 1 or data * model > len(devices):
         raise ValueError(f"a mesh of data={data} x model={model} needs more than the {len(devices)} devices here.")

@@ -21,7 +21,9 @@ from jaxrm.estimators import Estimator
 from jaxrm.models import CausalLM, load_hf, load_model, preset, read_metadata, sample, save_model
 from jaxrm.models.config import TransformerConfig
 from jaxrm.models.sampling import SamplingOptions
+from jaxrm.sharding import make_mesh
 from jaxrm.train import RewardTrainConfig
+from jaxrm.train.checkpoints import RunCheckpoints
 from jaxrm.train.rlhf import RLHFConfig
 from jaxrm.train.sft import SFTConfig
 from theory.estimators import EstimatorsConfig
@@ -339,6 +341,8 @@ KERNEL_CASES = [
     ),
     (lambda: ascent.SampledGradient(True, "reinforce"), r"k=True"),
     (lambda: studies.share_interval(1, True), r"integer counts"),
+    (lambda: make_mesh(model=3), r"model=3 does not divide the 4 devices"),
+    (lambda: RunCheckpoints("/tmp/jaxrm_never_created", keep=True), r"keep must be an int >= 1"),
     (lambda: studies.config_with_overrides(Theorem1Config(), ["seed=1", "seed=2"]), r"--set gives seed twice"),
     # The one-prompt estimators refuse a second prompt rather than read only the first.
     (

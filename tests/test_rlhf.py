@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -187,6 +188,20 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert history["iteration"].tolist() == list(range(6))
     for a, b in zip(_leaves(straight.params), _leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
+    # The damaged step was moved aside and saved again, so the next resume starts from the newest.
+    checkpoints = tmp_path / "broken" / "checkpoints"
+    assert (checkpoints / "4.damaged").is_dir() and (checkpoints / "4").is_dir() and (checkpoints / "6").is_dir()
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(tmp_path, "broken", 6, checkpoint_every=2, log=lines.append)
+    assert lines[0].endswith("iteration 6")
+    # A resume that would drop the measured ground truth (or change the teacher) is refused
+    # before any training.
+    with pytest.raises(ValueError, match=r"holds a run with different \['ground_truth'\]"):
+        rlhf_task.run_rlhf(
+            policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=8, out_dir=tmp_path / "straight"
+        )
 
 
 def test_seeds_run_in_one_vmapped_program():

@@ -20,21 +20,25 @@ class RunCheckpoints:
     temporary directory and renames it when complete), so a run killed while saving leaves the
     previous checkpoints intact; :meth:`restore_latest` falls back to an older checkpoint, with a
     warning, when the newest one cannot be read or its values fail the checksum (damaged files).
+    A damaged checkpoint is moved aside to ``<step>.damaged`` (kept for inspection, no longer a
+    step), so that the resumed run saves that step again.
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}.")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}.")
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=options, item_names=("state", "record")
-        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "record"))
 
     def save(self, step: int, state, record: dict) -> None:
         state = jax.tree.map(_storable, state, is_leaf=is_prng_key)
         record = {**record, "checksum": tree_checksum(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
-        self.manager.save(step, args=args)
+        if not self.manager.save(step, args=args):
+            raise RuntimeError(
+                f"the checkpoint of step {step} was not written in {self.directory} (its steps: {self.steps()})."
+            )
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
@@ -54,12 +58,10 @@ class RunCheckpoints:
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()),
                 )
             except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint means: try the previous one
-                warnings.warn(
-                    f"checkpoint at step {step} is unreadable ({type(error).__name__}: {error}); trying an older one."
-                )
+                self._set_aside(step, f"is unreadable ({type(error).__name__}: {error})")
                 continue
             if tree_checksum(restored["state"]) != restored["record"].get("checksum"):
-                warnings.warn(f"checkpoint at step {step} is damaged (checksum mismatch); trying an older one.")
+                self._set_aside(step, "is damaged (checksum mismatch)")
                 continue
             state = jax.tree.map(
                 lambda stored, like: (
@@ -71,6 +73,17 @@ class RunCheckpoints:
             )
             return step, state, restored["record"]
         return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Move a damaged checkpoint out of the steps, so that the same step can be saved again."""
+        aside = self.directory / f"{step}.damaged"
+        suffix = 1
+        while aside.exists():
+            aside, suffix = self.directory / f"{step}.damaged.{suffix}", suffix + 1
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        self.manager.reload()
+        warnings.warn(f"checkpoint at step {step} {why}; moved to {aside.name}, trying an older one.")
 
     def close(self) -> None:
         self.manager.close()

@@ -103,13 +103,14 @@ def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
     if not iterations:
         return {}
     position = {it: i for i, it in enumerate(iterations)}
-    names = [k for k in lines[0] if k not in ("teacher", "seed")]
+    # Every name any line holds (a line without one leaves NaN there).
+    names = list(dict.fromkeys(k for line in lines for k in line if k not in ("teacher", "seed")))
     out = {name: np.full((len(teacher_list), len(seed_list), len(iterations)), np.nan) for name in names}
     for line in lines:
         t = teacher_list.index(line.get("teacher"))
         s = seed_list.index(line["seed"])
         for name in names:
-            out[name][t, s, position[line["iteration"]]] = line[name]
+            out[name][t, s, position[line["iteration"]]] = line.get(name, np.nan)
     shape = ((len(teacher_list),) if teachers is not None else ()) + (
         (len(seed_list),) if not isinstance(seeds, int) else ()
     )
@@ -223,8 +224,9 @@ def train_state_shardings(state: TrainState, policy_shardings, *, num_batch_axes
 def _changed_fields(previous: dict, record: dict) -> list[str]:
     """The entries of a run's ``record`` (but ``num_iterations``) that differ from those its
     directory already holds; an RLHFConfig field added since that run was written counts at its
-    default, which is what the run used."""
-    previous = dict(previous)
+    default, which is what the run used, and a record entry added since (the teacher's
+    fingerprint, whether a ground truth is measured) is not known for it and is not compared."""
+    previous = {k: record[k] for k in ("teacher_fingerprint", "ground_truth") if k in record} | dict(previous)
     if isinstance(previous.get("config"), dict):
         previous["config"] = {**RLHFConfig().to_dict(), **previous["config"]}
     return sorted(k for k in record if k != "num_iterations" and previous.get(k) != record[k])
@@ -340,6 +342,8 @@ def run_rlhf(
         "seeds": seeds if isinstance(seeds, int) else seed_list,
         "teachers": None if teachers is None else list(teachers),
         "reference_fingerprint": params_fingerprint(ref_params),
+        "teacher_fingerprint": params_fingerprint(reward_params),
+        "ground_truth": ground_truth_fn is not None,
         "reward_stats": [means.tolist(), stds.tolist()],
         # Checkpoints of runs written before the optimizer ran on stacked layers cannot be read.
         "optimizer_layout": "stacked_layers",
