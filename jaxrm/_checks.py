@@ -36,6 +36,12 @@ def check_finite(name: str, x) -> None:
         )
 
 
+def check_int(name: str, value, *, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int ``>= low`` (a bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
 def check_same_shape(**arrays) -> None:
     """Raise ``ValueError`` unless all given (non-None) arrays share one shape."""
     shapes = {name: np.shape(a) for name, a in arrays.items() if a is not None}

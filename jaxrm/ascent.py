@@ -21,8 +21,8 @@ import optax
 from jax.typing import ArrayLike
 
 from jaxrm import metrics, pg
-from jaxrm._checks import check_choice, is_concrete
-from jaxrm.flow import FlowMetrics, check_gamma, check_int, default_policy, flow_metrics, validate_problem
+from jaxrm._checks import check_choice, check_int, is_concrete
+from jaxrm.flow import FlowMetrics, check_gamma, default_policy, flow_metrics, validate_problem
 from jaxrm.tabular import ExactPolicy, TabularPolicy, objective_grad, tabular_gradient_and_normalizer
 
 __all__ = [

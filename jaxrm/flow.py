@@ -50,7 +50,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxrm import _dopri5, _queue, metrics
-from jaxrm._checks import check_finite, is_concrete
+from jaxrm._checks import check_finite, check_int, is_concrete
 from jaxrm._queue import Status
 from jaxrm.tabular import ExactPolicy, Logits, TabularPolicy, objective_grad, prompt_gradient
 
@@ -194,12 +194,6 @@ def check_gamma(gamma, item_shape) -> None:
         raise ValueError(f"gamma {list(np.shape(gamma))} must broadcast to [..., S] = {list(item_shape)}.")
     if is_concrete(gamma) and not np.all(np.asarray(gamma) > 0):
         raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
-
-
-def check_int(name: str, value, *, low: int) -> None:
-    """``value`` must be an int ``>= low`` (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
 
 
 def _check_tolerances(rtol, atol) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
+from jaxrm._checks import check_choice, check_finite, check_int, check_same_shape, is_concrete
 
 __all__ = [
     "accuracy",
@@ -204,8 +204,7 @@ def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLik
     rewards = jnp.asarray(rewards)
     if rewards.ndim < 1:
         raise ValueError("rewards must have a sample axis: shape [..., k].")
-    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
-        raise ValueError(f"ddof must be an int >= 0, got {ddof!r}.")
+    check_int("ddof", ddof, low=0)
     check_same_shape(rewards=rewards, where=where)
     k = rewards.shape[-1]
     if where is None and k <= ddof:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxrm._checks import check_choice, check_finite, check_same_shape, is_concrete
+from jaxrm._checks import check_choice, check_finite, check_int, check_same_shape, is_concrete
 from jaxrm.metrics import kl_estimate
 
 __all__ = [
@@ -53,11 +53,6 @@ def _check_group(rewards, minimum: int, what: str):
             f"{jnp.shape(rewards)}."
         )
     check_finite("rewards", rewards)
-
-
-def _check_ddof(ddof) -> None:
-    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
-        raise ValueError(f"ddof must be an int >= 0, got {ddof!r}.")
 
 
 def _check_per_sequence(what: str, values, per_token) -> None:
@@ -106,7 +101,7 @@ def grpo_advantages(rewards: ArrayLike, *, scale: bool = True, ddof: int = 1, ep
     >>> [round(a, 4) for a in grpo_advantages(jnp.array([[1.0, 3.0]]), eps=0.0)[0].tolist()]
     [-0.7071, 0.7071]
     """
-    _check_ddof(ddof)
+    check_int("ddof", ddof, low=0)
     _check_group(rewards, ddof + 1 if scale else 1, "grpo_advantages")
     rewards = jnp.asarray(rewards)
     centered = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
@@ -290,7 +285,7 @@ def reward_statistics(rewards: ArrayLike, *, ddof: int = 0) -> tuple[jax.Array, 
     >>> [round(float(v), 4) for v in reward_statistics(jnp.array([0.0, 2.0]), ddof=1)]
     [1.0, 1.4142]
     """
-    _check_ddof(ddof)
+    check_int("ddof", ddof, low=0)
     check_finite("rewards", rewards)
     rewards = jnp.asarray(rewards)
     if rewards.size < max(2, ddof + 1):
@@ -334,7 +329,7 @@ def scale_per_group(rewards: ArrayLike, *, ddof: int = 1, eps: float = 1e-8) -> 
     >>> [round(v, 4) for v in scale_per_group(jnp.array([[1.0, 3.0]]), eps=0.0)[0].tolist()]  # std 1.4142
     [0.7071, 2.1213]
     """
-    _check_ddof(ddof)
+    check_int("ddof", ddof, low=0)
     _check_group(rewards, max(2, ddof + 1), "scale_per_group")
     rewards = jnp.asarray(rewards)
     return rewards / (jnp.std(rewards, axis=-1, ddof=ddof, keepdims=True) + eps)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxrm._checks import check_choice
+from jaxrm._checks import check_choice, check_int
 
 STRATEGIES = {
     "replicated": {},
@@ -40,8 +40,8 @@ def make_mesh(*, data: int | None = None, model: int = 1, devices=None) -> Mesh:
     """
     devices = jax.devices() if devices is None else list(devices)
     for name, value in (("data", data), ("model", model)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{name} must be an int, got {value!r}.")
+        if value is not None:
+            check_int(name, value, low=1)
     if data is None and model >= 1 and len(devices) % model:
         raise ValueError(
             f"model={model} does not divide the {len(devices)} devices; pass data= to use {len(devices) // model * model} "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrm._checks import NON_NEGATIVE, POSITIVE_INT, check_fields, check_token_ids, checked, is_concrete
+from jaxrm._checks import NON_NEGATIVE, POSITIVE_INT, check_fields, check_int, check_token_ids, checked, is_concrete
 from jaxrm.models.transformer import CausalLM, KVCache, default_positions
 
 
@@ -346,8 +346,8 @@ def pad_sequences(sequences, *, length: int | None = None, side: str = "left", p
     if side not in ("left", "right"):
         raise ValueError(f"side={side!r} is not one of ['left', 'right'].")
     for name, value in (("length", length), ("pad_id", pad_id)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+        if value is not None:
+            check_int(name, value, low=0)
     for row, sequence in enumerate(sequences):
         ids = np.asarray(sequence)
         if ids.size and not np.issubdtype(ids.dtype, np.integer):

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxrm._checks import check_int
 from jaxrm.models.checkpoint import is_prng_key, tree_checksum
 
 
@@ -25,8 +26,7 @@ class RunCheckpoints:
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be an int >= 1, got {keep!r}.")
+        check_int("keep", keep, low=1)
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "record"))

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
+from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, check_token_ids, checked
 from jaxrm.models.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
@@ -189,8 +189,7 @@ def make_reward_train(graphdef: nnx.GraphDef, config: RewardTrainConfig):
 def evaluate_reward_model(model: RewardModel, pairs: PreferencePairs, *, batch_size: int = 64) -> dict:
     """Pairwise accuracy, Bradley-Terry loss and mean reward margin over ``pairs``, scored
     ``batch_size`` pairs at a time."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    check_int("batch_size", batch_size, low=1)
     pairs.validate(model.config.vocab_size)
     graphdef, params = nnx.split(model)
     rewards = _batched_rewards(graphdef, params, pairs, batch_size)

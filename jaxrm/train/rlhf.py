@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 
 from jaxrm import metrics, pg
-from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, checked, one_of
+from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, checked, one_of
 from jaxrm.models.sampling import SamplingOptions, check_prompts, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 from jaxrm.train.optimizers import stack_layers
@@ -609,8 +609,7 @@ def measure_reward_statistics(
     expects (:attr:`RLHFConfig.reward_ddof`). ``prompts`` are left-padded, as for :func:`run_rlhf`.
     """
     check_prompts(prompts, prompt_mask, policy.config.vocab_size)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an int >= 1, got {samples!r}.")
+    check_int("samples", samples, low=1)
     config.sampling.check_vocabulary(policy.config.vocab_size)
     graphdef, params = nnx.split(policy)
     sampler = jax.jit(make_sampler(graphdef, config.sampling))
