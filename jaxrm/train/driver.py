@@ -178,9 +178,11 @@ def _check_teacher(name: str, fn, params, *, teachers, vocab_size: int, prompt_l
     """Trace ``fn`` (one teacher's parameters) on an abstract batch of two prompt-response pairs:
     it must give one reward per pair. A jaxrm reward model must also cover the policy's
     vocabulary: an id beyond its embedding table gives NaN rewards, and then NaN parameters."""
-    single = params if teachers is None else jax.tree.map(lambda x: x[0], params)
+    # Shapes only: one teacher's parameters are never sliced out of the stacked arrays.
+    drop = 0 if teachers is None else 1
+    single = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[drop:], jnp.result_type(x)), params)
     try:
-        rows = np.shape(jax.tree.leaves(single["trunk"]["embed_in"]["embedding"])[0])[0]
+        rows = jax.tree.leaves(single["trunk"]["embed_in"]["embedding"])[0].shape[0]
     except (KeyError, TypeError, IndexError):
         rows = None  # not a jaxrm reward model: only its output is checked
     if rows is not None and rows < vocab_size:
