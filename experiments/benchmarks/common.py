@@ -14,8 +14,8 @@ K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
 
 # Environment variables that change how the process allocates host memory: glibc's tunables and
 # its older MALLOC_* variables, a preloaded allocator and its options (jemalloc's MALLOC_CONF,
-# tcmalloc's TCMALLOC_*). They moved the RLOO update phase by about 20% on CPU (README,
-# Benchmarks), so a benchmark records the ones that are set.
+# tcmalloc's TCMALLOC_*). They moved the RLOO update phase by about 20% on CPU
+# (docs/performance.md), so a benchmark records the ones that are set.
 ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD")
 ALLOCATOR_PREFIXES = ("MALLOC_", "TCMALLOC_")
 

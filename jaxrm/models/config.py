@@ -66,8 +66,8 @@ class TransformerConfig:
         in the storage dtype (and a stacked gradient in the backward pass). On CPU each scanned
         layer also computes with a copy of its slice of the parameters and of the KV cache;
         unrolled layers copy neither (:class:`~jaxrm.models.transformer.KVCache`), which made
-        generation at ``pythia-70m`` and RLOO iterations at ``pythia-10m`` faster (README,
-        Benchmarks). For the backward pass a scanned block keeps its input and the outputs of
+        generation at ``pythia-70m`` and RLOO iterations at ``pythia-10m`` faster
+        (docs/performance.md). For the backward pass a scanned block keeps its input and the outputs of
         its matrix products and recomputes the elementwise work (LayerNorm, GELU, softmax)
         from them (``jax.checkpoint`` with the ``dots_saveable`` policy), which halved the
         temporaries of an RLOO iteration at ``pythia-10m``; unrolled blocks are not

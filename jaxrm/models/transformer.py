@@ -340,7 +340,7 @@ class Transformer(nnx.Module):
             # A scan saves each layer's residuals into stacked arrays, which costs more than an
             # unrolled layer's own buffers (on CPU they are zero-filled, then written and read
             # once more); keeping only the products' outputs halves an RLOO iteration's
-            # temporaries (README, Benchmarks).
+            # temporaries (docs/performance.md).
             block = jax.checkpoint(block, prevent_cse=False, policy=jax.checkpoint_policies.dots_saveable)
         if config.scan_layers:
             stacked = jax.tree.map(lambda *layer: jnp.stack(layer), *states)

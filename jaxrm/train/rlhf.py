@@ -106,7 +106,7 @@ class RLHFConfig:
         ``minibatches x microbatches`` parts). Must divide the minibatch
         (``prompts_per_iteration x k / minibatches``). On the development CPU, 8 microbatches of
         16 responses (``pythia-10m``) took the update's temporaries from 1.2 GiB to 0.16 GiB and
-        made it and the forward passes faster (README, Benchmarks).
+        made it and the forward passes faster (docs/performance.md).
       learning_rate: Adam learning rate (> 0).
       adam_eps: Adam's epsilon (> 0).
       max_grad_norm: clip the global gradient norm to this (> 0), or None for no clipping.
