@@ -521,7 +521,8 @@ def estimate_many_moments(
     >>> from jaxrm.tabular import TabularPolicy
     >>> policy, logits, rewards = TabularPolicy(3), jnp.array([[0.0, 0.5, -0.5]]), jnp.array([1.0, 0.0, -1.0])
     >>> rloo, grpo = estimate_many_moments((Estimator("rloo", k=2), Estimator("grpo", k=2)), policy, logits, rewards)
-    >>> [round(g, 4) for g in rloo.mean.tolist()], [round(g, 4) for g in grpo.mean.tolist()]  # GRPO: not a multiple of the gradient
+    >>> # RLOO's mean is the gradient; GRPO's is not a multiple of it
+    >>> [round(g, 4) for g in rloo.mean.tolist()], [round(g, 4) for g in grpo.mean.tolist()]
     ([0.2701, -0.0612, -0.2088], [0.1505, -0.0433, -0.1072])
     """
     estimators = tuple(estimators)
