@@ -555,15 +555,22 @@ def _mesh_without_data(policy):
     return ground_truth, None, {"mesh": jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))}
 
 
+def _keep_no_checkpoint(policy):
+    from tests.rlhf_task import ground_truth
+
+    return ground_truth, None, {"keep_checkpoints": True}
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
+        (_keep_no_checkpoint, r"keep_checkpoints must be an int >= 1, got True"),
         (_small_vocabulary_teacher, r"reward model's vocabulary \(8 tokens\) is smaller than the policy's \(97\)"),
         (_other_reference, r"reference must have the policy's architecture.*\(32, 97\) float32 against \(64, 97\)"),
         (_one_reward_per_batch, r"reward_fn must return one reward per response.*got \(\)"),
         (_mesh_without_data, r"mesh must have a 'data' axis"),
     ],
-    ids=["teacher-vocabulary", "reference", "reward-shape", "mesh"],
+    ids=["keep-checkpoints", "teacher-vocabulary", "reference", "reward-shape", "mesh"],
 )
 def test_run_rlhf_refuses_a_mismatched_teacher_reference_or_mesh_before_writing(tiny_model, tmp_path, make, message):
     from jaxrm.train.driver import run_rlhf
@@ -636,14 +643,25 @@ def test_training_entry_points_check_their_arguments_before_any_work(tiny_model,
     from tests.rlhf_task import CONFIG, ground_truth
 
     tokens, mask = np.array([[1, 2, 3]]), np.ones((1, 3), bool)
-    with pytest.raises(ValueError, match=r"at least one response token to learn after its first token; 1 have none"):
+    with pytest.raises(
+        ValueError, match=r"at least one response token to learn after its first real token; 1 have none"
+    ):
         train_sft(tiny_model, tokens, mask, np.array([[True, False, False]]), log=None)
+    with pytest.raises(ValueError, match=r"after its first real token; 1 have none"):  # left padding
+        train_sft(tiny_model, tokens, np.array([[False, True, True]]), np.array([[False, True, False]]), log=None)
     with pytest.raises(ValueError, match=r"loss_mask must be a bool array"):
         train_sft(tiny_model, tokens, mask, np.ones((1, 3)), log=None)
     # A loss mask that also covers padding learns only real tokens.
     padded, real = jnp.array([[1, 2, 3, 0]]), jnp.array([[True, True, True, False]])
     np.testing.assert_allclose(
         sequence_nll(tiny_model, padded, real, jnp.ones((1, 4), bool)), sequence_nll(tiny_model, padded, real, real)
+    )
+    # Left padding: a row's first real token is not a target (it has no prefix), as without padding.
+    left, unpadded = jnp.array([[0, 5, 7]]), jnp.array([[5, 7]])
+    np.testing.assert_allclose(
+        sequence_nll(tiny_model, left, jnp.array([[False, True, True]]), jnp.ones((1, 3), bool)),
+        sequence_nll(tiny_model, unpadded, jnp.ones((1, 2), bool), jnp.ones((1, 2), bool)),
+        rtol=1e-6,
     )
 
     reward_model = RewardModel(tiny_model.config, rngs=nnx.Rngs(0))

@@ -330,6 +330,11 @@ def test_bfloat16_compute_with_float32_masters_tracks_float32_training():
     assert full_losses[-1] < full_losses[0] and mixed_losses[-1] < mixed_losses[0]
     assert {p.dtype for p in jax.tree.leaves(nnx.state(mixed))} == {jnp.dtype(jnp.float32)}
     assert not np.array_equal(full_losses, mixed_losses)  # the bf16 path really ran in bf16
+    # A reward model's score accumulates in float32 too: its rewards are not rounded to bfloat16.
+    reward_model = RewardModel(preset("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    reward_model.score.kernel[...] = jax.random.normal(jax.random.key(1), reward_model.score.kernel.shape, jnp.float32)
+    rewards = np.asarray(reward_model(jnp.asarray(tokens[:8])))
+    assert rewards.dtype == np.float32 and np.all(rewards != rewards.astype(jnp.bfloat16).astype(np.float32))
 
 
 def test_attention_implementation_is_checked_and_auto_falls_back_to_xla_off_cuda():

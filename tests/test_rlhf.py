@@ -173,7 +173,10 @@ def _size(path):
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    straight, _ = _run(tmp_path, "straight", 6, checkpoint_every=2)
+    logged = []
+    straight, _ = _run(tmp_path, "straight", 6, checkpoint_every=2, log_every=3, log=logged.append)
+    # Chunks end at the checkpoints (2, 4, 6): a line after each chunk that reaches a multiple of 3.
+    assert [line.split(":")[0] for line in logged if line.startswith("iteration")] == ["iteration 4/6", "iteration 6/6"]
     _run(tmp_path, "broken", 4, checkpoint_every=2)
     # Flipped bits in the data (orbax itself reads such a file without complaint): the checksum
     # recorded at save catches them.
@@ -196,6 +199,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         warnings.simplefilter("error")
         _run(tmp_path, "broken", 6, checkpoint_every=2, log=lines.append)
     assert lines[0].endswith("iteration 6")
+    # A resume asking for fewer iterations than the directory holds is refused, its record untouched.
+    with pytest.raises(ValueError, match=r"checkpoint at iteration 6, past num_iterations=4"):
+        _run(tmp_path, "broken", 4, checkpoint_every=2)
+    assert json.loads((tmp_path / "broken" / "config.json").read_text())["num_iterations"] == 6
     # A resume that would drop the measured ground truth (or change the teacher) is refused
     # before any training.
     with pytest.raises(ValueError, match=r"holds a run with different \['ground_truth'\]"):

@@ -443,8 +443,11 @@ class RewardModel(nnx.Module):
         )
 
     def __call__(self, tokens, mask=None, *, positions=None):
-        """Rewards ``[batch]`` (float32) of whole sequences."""
+        """Rewards ``[batch]`` (float32) of whole sequences. As for :meth:`CausalLM.head`, the
+        score's product runs in the compute dtype and accumulates and returns float32, so
+        bfloat16 compute does not round the rewards to 8 significant bits."""
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask
         hidden = self.trunk(tokens, mask, positions=positions)
         last = jnp.take_along_axis(hidden, last_token_index(mask)[:, None, None], axis=1)[:, 0]
-        return self.score(last)[:, 0].astype(jnp.float32)
+        kernel = self.score.kernel[...].astype(last.dtype)
+        return jnp.einsum("bd,d->b", last, kernel[:, 0], preferred_element_type=jnp.float32)

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrm._checks import check_choice
+from jaxrm._checks import check_choice, check_int
 from jaxrm.models.checkpoint import tree_checksum
 from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
@@ -118,19 +118,17 @@ def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
 
 
 def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every):
-    if not isinstance(num_iterations, int) or isinstance(num_iterations, bool) or num_iterations < 1:
-        raise ValueError(f"num_iterations must be a positive int, got {num_iterations!r}.")
+    check_int("num_iterations", num_iterations, low=1)
     seed_list = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
     if (
         not seed_list
-        or not all(isinstance(s, (int, np.integer)) for s in seed_list)
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed_list)
         or len(set(seed_list)) < len(seed_list)
     ):
         raise ValueError(f"seeds must be an int or a non-empty sequence of distinct ints, got {seeds!r}.")
     seed_list = [int(s) for s in seed_list]
-    for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    check_int("checkpoint_every", checkpoint_every, low=0)
+    check_int("log_every", log_every, low=0)
     means, stds = (np.asarray(v, np.float64) for v in reward_stats)
     expected = () if teachers is None else (len(teachers),)
     if teachers is not None:
@@ -302,7 +300,9 @@ def run_rlhf(
       checkpoint_every: save every this many iterations, and always at the end (0: only at the
         end); chunks end there.
       keep_checkpoints: how many checkpoints to keep.
-      log_every: iterations per progress line and per chunk when ``checkpoint_every`` is 0.
+      log_every: iterations per progress line, and per chunk when ``checkpoint_every`` is 0.
+        A line comes after each chunk that reaches a multiple of it (chunks end at the
+        checkpoints), and reports that chunk's last iteration.
       mesh: a ``(data, model)`` mesh (:func:`jaxrm.sharding.make_mesh`); prompts are sharded along
         ``data`` and parameters placed by ``param_sharding``. None: the default device.
       param_sharding: a strategy of :mod:`jaxrm.sharding`.
@@ -319,8 +319,7 @@ def run_rlhf(
     check_choice("param_sharding", param_sharding, STRATEGIES)
     # With several processes (jax.distributed) only process 0 reports.
     log = log if _is_writer() else None
-    if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep_checkpoints!r}.")
+    check_int("keep_checkpoints", keep_checkpoints, low=1)
     if mesh is not None and "data" not in mesh.shape:
         raise ValueError(f"mesh must have a 'data' axis (jaxrm.sharding.make_mesh), got axes {tuple(mesh.shape)}.")
     if mesh is not None and config.prompts_per_iteration % mesh.shape["data"]:
@@ -363,7 +362,6 @@ def run_rlhf(
                 f"{out_dir} holds a run with different {changed}{why}; use a new out_dir to start another run."
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(config_path, json.dumps(record, indent=1))
 
     batch_axes = (() if teachers is None else (len(teachers),)) + (() if isinstance(seeds, int) else (len(seed_list),))
     single = [init_state(policy, config, jax.random.key(int(s))) for s in seed_list]
@@ -402,6 +400,8 @@ def run_rlhf(
             f"{out_dir} holds a checkpoint at iteration {start}, past num_iterations={num_iterations}; "
             "ask for at least as many iterations, or use a new out_dir."
         )
+    # Written once the resume is known to be possible, so a refused one leaves the record as it was.
+    _write_text(config_path, json.dumps(record, indent=1))
     lines = _read_lines(out_dir / "metrics.jsonl", start)
     _write_text(out_dir / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
 
@@ -483,7 +483,8 @@ def run_rlhf(
         step += length
         if step == num_iterations or (checkpoint_every and step % checkpoint_every == 0):
             checkpoints.save(step, state, {"iteration": step, "reference_fingerprint": record["reference_fingerprint"]})
-        if log is not None and (step % (log_every or chunk) == 0 or step == num_iterations):
+        every = log_every or chunk
+        if log is not None and (step // every > (step - length) // every or step == num_iterations):
             last = {k: float(np.mean(v[..., -1])) for k, v in stacked.items()}
             truth = f" ground truth {last['ground_truth_reward']:+.4f}" if "ground_truth_reward" in last else ""
             log(

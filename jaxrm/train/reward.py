@@ -143,7 +143,9 @@ class RewardTrainConfig:
         Bradley-Terry loss; 0 turns it off.
       warmup_steps: optimizer steps (>= 0) of a linear warmup of the learning rate from 0; 0
         (default): no warmup.
-      weight_decay: AdamW's decoupled weight decay (>= 0); default 0.
+      weight_decay: AdamW's decoupled weight decay (>= 0); default 0. It applies to every
+        parameter, biases, LayerNorm scales and embeddings included (Hugging Face's Trainer
+        leaves biases and LayerNorm weights out).
       max_grad_norm: the gradient is clipped to this global norm (> 0) before each update.
       seed: seed of the shuffling of the pairs (the model's initialisation is not drawn here).
     """
@@ -318,7 +320,9 @@ def train_reward_models(
             + ". Cut them to a common number of pairs and pad them to a common width."
         )
     seeds = [config.seed] * len(datasets) if seeds is None else list(seeds)
-    if len(seeds) != len(datasets) or not all(isinstance(s, (int, np.integer)) for s in seeds):
+    if len(seeds) != len(datasets) or not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds
+    ):
         raise ValueError(f"seeds must hold one int per dataset ({len(datasets)}), got {seeds!r}.")
     if checkpoint_dirs is not None and len(checkpoint_dirs) != len(datasets):
         raise ValueError(f"checkpoint_dirs must hold one directory per dataset ({len(datasets)}).")

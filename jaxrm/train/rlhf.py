@@ -25,7 +25,10 @@ Metrics of an iteration (means over its ``prompts_per_iteration x k`` responses)
 sequence KL: it can dip below 0 near the reference), ``entropy`` (per-token, of the tempered
 policy), ``clip_fraction``, ``loss``, ``response_length``; with a ground-truth function also
 ``ground_truth_reward`` and ``on_policy_accuracy`` (the teacher against the ground truth over
-the pairs of each prompt's samples, a tie agreeing only with a tie).
+the pairs of each prompt's samples, a tie agreeing only with a tie). ``loss``, ``entropy`` and
+``clip_fraction`` are measured during the updates: each is a mean over the minibatch's tokens
+(or sequences), then an unweighted mean over the iteration's epochs and minibatches, each
+minibatch measured after the updates before it.
 """
 
 from __future__ import annotations

@@ -24,14 +24,21 @@ from jaxrm.train.loop import epoch_order, make_minibatch_loop
 from jaxrm.train.optimizers import stack_layers
 
 
+def _targets(mask, loss_mask):
+    """``[n, length - 1]``: which tokens are learned, each from the position before it. Both must
+    be real tokens, so a row's first real token (after left padding too) has no prefix and is
+    never a target."""
+    return loss_mask[:, 1:] & mask[:, 1:] & mask[:, :-1]
+
+
 def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
     """Mean negative log-likelihood of the real tokens (``mask``) where ``loss_mask`` is True, each
-    predicted from its prefix; the first token has no prefix and is never a target."""
+    predicted from its prefix; a row's first real token has no prefix and is never a target."""
     logits = model(tokens, mask)[:, :-1]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     targets = tokens[:, 1:]
     token_nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    weights = (jnp.asarray(loss_mask, bool) & jnp.asarray(mask, bool))[:, 1:].astype(jnp.float32)
+    weights = _targets(jnp.asarray(mask, bool), jnp.asarray(loss_mask, bool)).astype(jnp.float32)
     return jnp.sum(token_nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -81,8 +88,8 @@ def train_sft(
     """Fit ``model`` (updated in place) to ``[n, length]`` demonstrations; returns the loss of every step.
 
     ``mask`` marks real tokens, ``loss_mask`` the tokens to learn (the responses): a token is
-    learned where both are True, and never the first one, which has no prefix to be predicted
-    from.
+    learned where both are True, and never a row's first real token, which has no prefix to be
+    predicted from.
     """
     tokens, mask, loss_mask = (np.asarray(a) for a in (tokens, mask, loss_mask))
     for name, array in (("mask", mask), ("loss_mask", loss_mask)):
@@ -93,10 +100,10 @@ def train_sft(
             f"tokens {tokens.shape}, mask {mask.shape}, loss_mask {loss_mask.shape} must be one [n, length]."
         )
     check_token_ids("tokens", tokens, model.config.vocab_size)
-    learned = (loss_mask & mask)[:, 1:].any(axis=1)
+    learned = _targets(mask, loss_mask).any(axis=1)
     if not learned.all():
         raise ValueError(
-            f"every demonstration needs at least one response token to learn after its first token; "
+            f"every demonstration needs at least one response token to learn after its first real token; "
             f"{int((~learned).sum())} have none (first: row {int(np.argmin(learned))})."
         )
     order = epoch_order(len(tokens), config.batch_size, config.epochs, config.seed)
