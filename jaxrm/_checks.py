@@ -92,6 +92,19 @@ def each(check):
     return (lambda v: len(v) >= 1 and all(predicate(x) for x in v), f"a non-empty tuple of values {allowed}")
 
 
+def distinct(check):
+    """``check`` on a tuple whose values are also pairwise distinct (a study names or groups its
+    runs by them)."""
+    predicate, allowed = check
+    return (lambda v: predicate(v) and len(set(v)) == len(v), f"{allowed}, all distinct")
+
+
+def increasing(check):
+    """``check`` on a tuple whose values also strictly increase."""
+    predicate, allowed = check
+    return (lambda v: predicate(v) and all(a < b for a, b in zip(v, v[1:])), f"{allowed}, strictly increasing")
+
+
 def one_of(allowed):
     return (lambda v: v in allowed, f"one of {sorted(allowed)}")
 

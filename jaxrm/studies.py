@@ -33,7 +33,9 @@ from jaxrm._checks import (  # noqa: F401 -- the field checks of study configs, 
     SMALL_TOLERANCE,
     check_fields,
     checked,
+    distinct,
     each,
+    increasing,
     int_at_least,
     one_of,
 )
@@ -126,11 +128,12 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
+    """Save ``fig`` atomically (its format from the suffix of ``path``) and close it."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda file: fig.savefig(file, dpi=120, format=path.suffix.lstrip(".")), binary=True)
     plt.close(fig)
 
 
@@ -229,13 +232,23 @@ class Progress:
 
 def write_text(path: Path, text: str) -> None:
     """Write atomically: a killed run never leaves a half-written file behind."""
+    write_atomically(path, lambda file: file.write(text))
+
+
+def write_atomically(path: Path, write, *, binary: bool = False) -> None:
+    """Call ``write(file)`` on a new file beside ``path``, then rename it to ``path``: a killed or
+    failed write leaves the previous file (or none), never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as file:
+            write(file)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _current_umask() -> int:
@@ -249,6 +262,17 @@ _UMASK = _current_umask()
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def save_violations(out_dir: Path, name: str, instances: list, *, progress: Progress) -> None:
+    """Write the instances that violate a bound to ``NAME_violations.json``, with a loud progress
+    line; with none, remove a file left by an earlier run, so the file always belongs to this run."""
+    path = Path(out_dir) / f"{name}_violations.json"
+    if not instances:
+        path.unlink(missing_ok=True)
+        return
+    write_json(path, instances)
+    progress(f"!!! {len(instances)} BOUND VIOLATION(S): instances saved to {path}")
 
 
 def finish_study(out_dir: Path, name: str, summary: dict, markdown: str, *, progress: Progress, quick: bool) -> dict:

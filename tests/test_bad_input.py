@@ -26,8 +26,12 @@ from jaxrm.train import RewardTrainConfig
 from jaxrm.train.checkpoints import RunCheckpoints
 from jaxrm.train.rlhf import RLHFConfig
 from jaxrm.train.sft import SFTConfig
+from theory.best_of_n import BestOfNConfig
 from theory.estimators import EstimatorsConfig
+from theory.paradox import ParadoxConfig
 from theory.theorem1 import Theorem1Config
+from theory.theorem2 import Theorem2Config
+from theory.theorem3 import Theorem3Config
 from theory.tightness import TightnessConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +224,17 @@ CONFIG_CASES = [
     ),
     (lambda: EstimatorsConfig(passage_problems=1), r"EstimatorsConfig\.passage_problems=1: must be >= 2"),
     (lambda: Estimator("grpo", k=1), r"Estimator\.k=1"),
+    # Values a study names or groups its results by must be distinct; grids must be usable.
+    (lambda: Theorem1Config(kl_coefs=(0.05, 0.050000001)), r"distinct in their family names"),
+    (lambda: Theorem2Config(shuffled=(0.5,)), r"Theorem2Config\.shuffled=\(0\.5,\): must be .*0 among them"),
+    (lambda: Theorem2Config(horizons=(100, 10)), r"Theorem2Config\.horizons=\(100, 10\): .*strictly increasing"),
+    (lambda: Theorem3Config(horizons=(1.05,), good_mass=0.5), r"T = 1\.05 leaves no mass"),
+    (lambda: TightnessConfig(log10_variances=(-2, -2, -3)), r"TightnessConfig\.log10_variances=.*all distinct"),
+    (lambda: BestOfNConfig(ranking_n=0), r"BestOfNConfig\.ranking_n=0: must be >= 1"),
+    (lambda: BestOfNConfig(ranking_n=100), r"ranking_n=100: must be at most max_n=64"),
+    (lambda: ParadoxConfig(checkpoints=()), r"ParadoxConfig\.checkpoints=\(\): must be a non-empty tuple"),
+    (lambda: ParadoxConfig(checkpoints=(0, 4, 4)), r"strictly increasing"),
+    (lambda: ParadoxConfig(learning_rate=-1.0), r"ParadoxConfig\.learning_rate=-1\.0: must be > 0"),
     (lambda: Estimator(kl_estimator="k4"), r"kl_estimator"),
 ]
 

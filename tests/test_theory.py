@@ -89,6 +89,71 @@ def test_violations_are_counted_and_saved():
     assert not found["sharpened"].any()
 
 
+def test_a_failed_solve_is_neither_censored_nor_fitted_and_can_leave_a_bound_undecided():
+    from types import SimpleNamespace
+
+    reached, censored, failed = flow.Status.REACHED, flow.Status.NOT_REACHED, flow.Status.FAILED
+    config = theorem1.Theorem1Config(t_max=1e3)
+
+    def timing(status, t_end):
+        return {
+            "gamma": np.full((1, 5), 0.1),
+            "t_gamma": np.array([[1.0, 2.0, 4.0, np.inf, np.inf]]),
+            "status": np.array([status]),
+            "t_end": np.array([t_end]),
+            **{bound: np.full((1, 5), 0.5) for bound in ("theorem4", "prop3", "sharpened")},
+        }
+
+    result = {
+        "variance": np.array([[1.0, 0.5, 0.25, 0.1, 0.2]]),
+        "kl_coef": np.zeros((1, 5)),
+        # The failed solve stopped at 0.1, below its bounds (0.5): it can neither meet nor break them.
+        "gt": timing([reached, reached, reached, censored, failed], [1.0, 2.0, 4.0, 1e3, 0.1]),
+        "rm": timing([reached, reached, reached, reached, reached], [1.0, 2.0, 4.0, 1.0, 1.0]),
+        **dict.fromkeys(("max_ratio_prop2", "max_ratio_sqrt", "max_ratio_variance_rate", "max_ratio_prop2_rate"), 0.5),
+    }
+    result["rm"]["t_gamma"] = np.array([[1.0, 2.0, 4.0, 1.0, 1.0]])
+    family = SimpleNamespace(policy=SimpleNamespace(length=1, jacobian_norm=1.0))
+    summary = theorem1._family_summary(family, result, config)
+    assert summary["censored"] == {"gt": 1, "rm": 0} and summary["failed"] == {"gt": 1, "rm": 0}
+    assert summary["inconclusive"] == 1
+    assert summary["censored_fit"]["censored"] == 1 and summary["censored_fit"]["reached"] == 3
+
+
+def test_a_study_that_raises_is_named_and_the_others_still_report(tmp_path, monkeypatch, capsys):
+    import theory.__main__ as cli
+
+    calls = []
+
+    def fake_study(name, out, quick):
+        calls.append(name)
+        if name == "theorem2":
+            raise RuntimeError("boom")
+        summary = {"violations": {}, "verdict": f"{name} ran", "seconds": 0.0, "quick": quick}
+        (out / f"{name}.json").write_text(json.dumps(summary))
+        (out / f"{name}.md").write_text(f"## {name}")
+        return summary
+
+    stale = {"violations": {}, "verdict": "from an earlier run", "seconds": 1.0, "quick": True}
+    (tmp_path / "theorem2.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(cli, "run_study", fake_study)
+    status = cli.main(["--quick", "--jobs", "1", "--out", str(tmp_path), "--only", "theorem1", "theorem1", "theorem2"])
+    assert status == 3 and calls == ["theorem1", "theorem2"]  # a study named twice runs once
+    report = (tmp_path / "report.md").read_text()
+    assert "theorem1 ran" in report and "from an earlier run" not in report
+    assert "**Failed in this run**, left out of this report: theorem2 (RuntimeError: boom)." in report
+    assert "boom" in capsys.readouterr().err
+
+
+def test_a_violations_file_belongs_to_the_run_that_wrote_it(tmp_path):
+    from jaxrm.studies import Progress, save_violations
+
+    save_violations(tmp_path, "study", [{"problem": 3}], progress=Progress("study"))
+    assert json.loads((tmp_path / "study_violations.json").read_text()) == [{"problem": 3}]
+    save_violations(tmp_path, "study", [], progress=Progress("study"))
+    assert not (tmp_path / "study_violations.json").exists()
+
+
 def test_config_is_validated_by_name():
     with pytest.raises(ValueError, match="scaled_gamma"):
         theorem1.Theorem1Config(scaled_gamma=2.0)
@@ -281,8 +346,16 @@ def test_atlas_conclusion_follows_the_measurements(tmp_path, monkeypatch):
     summary = tightness.run(tmp_path, config=config)
     assert not (tmp_path / "tightness_violations.json").exists()
     text = tightness._conclusion(summary)
-    assert "No searched instance falls below" in text and "Every class's own-search interval reaches -1/2" in text
-    assert "every class's interval reaches -1/2" in text and "step budget" not in text
+    assert "No searched instance falls below" in text and "Every measured class's own-search interval reaches -1/2" in text
+    assert "every measured class's interval reaches -1/2" in text and "step budget" not in text
+    assert "could be measured" not in text
+    # A class with no slope (too few levels reached) is named, not counted as reaching anything.
+    unmeasured = json.loads(json.dumps(summary))
+    first = next(iter(unmeasured["classes"]))
+    unmeasured["classes"][first] |= {"envelope_slope": float("nan"), "envelope_slope_ci": [float("nan")] * 2}
+    unmeasured["classes"][first]["reaches_minus_third"] = None
+    assert f"No envelope slope could be measured on {first}" in tightness._conclusion(unmeasured)
+    assert "no envelope slope measured" in tightness._verdict(unmeasured)  # the fake search has one class
     flatter = json.loads(json.dumps(summary))
     flatter["classes"]["tabular"] |= {"envelope_slope": -0.34, "envelope_slope_ci": [-0.36, -0.32]}
     flatter["classes"]["tabular"]["reaches_minus_third"] = True
@@ -395,6 +468,17 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     assert "cannot rule out a -1/3 exponent for random" in altered_text
     assert "-0.610; Tobit -0.660 (7 censored)" in altered_text
     assert "12345 timings censored" in theorem1._verdict(altered)
+    altered["failed"] = 4
+    assert "4 failed solves" in theorem1._verdict(altered)
+    # An exact -1/2 scaling whose degenerate interval misses -1/2 by solver rounding still counts.
+    plain = [name for name, f in altered["families"].items() if f["kl_coef"] == 0]
+    for name in plain:
+        altered["families"][name]["slope_ci"] = [-0.45, -0.40]
+    altered["families"]["scaled"]["slope_ci"] = [-0.49999999987, -0.49999999983]
+    assert f"within 0.005 of -1/2 for 1 of {len(plain)} families (scaled)" in theorem1._interpretation(altered)
+    assert "Theorem 4's bound was violated" not in theorem1._interpretation(altered)
+    altered["violations"]["theorem4"] = 2
+    assert "Theorem 4's bound was violated on 2 instances" in theorem1._interpretation(altered)
     # The lam branch: the measured largest lam * gamma is at most 2 (docs/theory.md#theorem-4).
     kl = summary["families"]["kl_0.5"]
     assert 0 < kl["max_lam_times_gain"] <= 2 and kl["lam_branch_binds"] == 0

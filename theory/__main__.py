@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from jaxrm.studies import add_compilation_cache_option, check_out_directory, use_compilation_cache, write_text
@@ -26,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m theory",
         description="Exact tabular studies of what makes a reward model a good teacher (Razin et al. 2025).",
-        epilog="Exit status 1 when any bound is violated (the instances are saved beside the study's JSON). "
-        "The statements, constants and proofs checked: docs/theory.md.",
+        epilog="Exit status 1 when any bound is violated (the instances are saved beside the study's JSON), "
+        "2 for a usage error, 3 when a study raised an error (named on stderr and in report.md; the others "
+        "still run and are reported). The statements, constants and proofs checked: docs/theory.md.",
     )
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", choices=sorted(STUDIES), help="run only these studies (see --list)"
@@ -74,14 +76,23 @@ def _quick_compiles(quick: bool):
             os.environ["XLA_FLAGS"] = previous
 
 
-def _report(out: Path, names: list[str], *, quick: bool) -> str:
-    """``report.md``: the studies of ``names`` found in ``out`` that ran with the same ``quick``."""
-    found = {n: json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()}
+def _report(out: Path, names: list[str], *, quick: bool, failed: dict | None = None) -> str:
+    """``report.md``: the studies of ``names`` found in ``out`` that ran with the same ``quick``,
+    less those that ``failed`` in this run (name: error), which are named instead."""
+    failed = failed or {}
+    found = {
+        n: json.loads((out / f"{n}.json").read_text())
+        for n in names
+        if n not in failed and (out / f"{n}.json").exists()
+    }
     same = [n for n, summary in found.items() if summary.get("quick", False) == quick]
     other = [n for n in found if n not in same]
     lines = ["# jaxrm theory report", ""]
     if quick:
         lines += ["**Quick run** (`--quick`): small instance counts, a smoke test of the code, not results.", ""]
+    if failed:
+        listed = "; ".join(f"{n} ({type(e).__name__}: {e})" for n, e in failed.items())
+        lines += [f"**Failed in this run**, left out of this report: {listed}.", ""]
     if other:
         lines += [
             f"Left out: {', '.join(other)} (from a {'full' if quick else 'quick'} run in the same directory).",
@@ -112,24 +123,43 @@ def main(argv=None) -> int:
         use_compilation_cache(args.compilation_cache)
     except ValueError as error:
         parser.error(str(error))
-    names = args.only or list(STUDIES)
+    names = list(dict.fromkeys(args.only or STUDIES))  # a study named twice runs once
     start = time.perf_counter()
-    jobs = min(args.jobs, len(names))
     with _quick_compiles(args.quick):
-        if jobs == 1:
-            summaries = [run_study(name, out, args.quick) for name in names]
-        else:
-            # Fresh interpreters: a forked process would inherit jax's threads.
-            spawn = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
-                summaries = list(pool.map(run_study, names, [out] * len(names), [args.quick] * len(names)))
-    violations = sum(sum(summary["violations"].values()) for summary in summaries)
-    write_text(out / "report.md", _report(out, list(STUDIES), quick=args.quick))
+        summaries, failed = _run_studies(names, out, args.quick, jobs=min(args.jobs, len(names)))
+    violations = sum(sum(summary["violations"].values()) for summary in summaries.values())
+    write_text(out / "report.md", _report(out, list(STUDIES), quick=args.quick, failed=failed))
     print(
-        f"wrote {out / 'report.md'} in {time.perf_counter() - start:.0f} s; {violations} bound violation(s)",
+        f"wrote {out / 'report.md'} in {time.perf_counter() - start:.0f} s; {violations} bound violation(s)"
+        + (f"; FAILED: {', '.join(failed)}" if failed else ""),
         file=sys.stderr,
     )
-    return 1 if violations else 0
+    return 3 if failed else 1 if violations else 0
+
+
+def _run_studies(names: list[str], out: Path, quick: bool, *, jobs: int) -> tuple[dict, dict]:
+    """The summaries of the studies that finished, and the error of each that raised (its
+    traceback printed); one study's error does not stop the others."""
+    summaries, failed = {}, {}
+
+    def collect(name, result):
+        try:
+            summaries[name] = result()
+        except Exception as error:  # noqa: BLE001 -- reported, and the run exits with status 3
+            traceback.print_exception(error, file=sys.stderr)
+            failed[name] = error
+
+    if jobs == 1:
+        for name in names:
+            collect(name, lambda name=name: run_study(name, out, quick))
+    else:
+        # Fresh interpreters: a forked process would inherit jax's threads.
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+            futures = {name: pool.submit(run_study, name, out, quick) for name in names}
+            for name, future in futures.items():
+                collect(name, future.result)
+    return summaries, failed
 
 
 if __name__ == "__main__":

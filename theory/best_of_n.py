@@ -28,16 +28,20 @@ import numpy as np
 
 from jaxrm import flow, metrics
 from jaxrm.studies import (
+    NON_NEGATIVE,
     POSITIVE,
+    POSITIVE_INT,
     Progress,
     StudyConfig,
     checked,
+    distinct,
+    each,
     finish_study,
     fmt,
     int_at_least,
     pyplot,
     save_figure,
-    write_json,
+    save_violations,
 )
 
 NAME = "best_of_n"
@@ -82,18 +86,19 @@ class BestOfNConfig(StudyConfig):
         8, (lambda v: isinstance(v, int) and v >= 2, "an int >= 2 (half get the low-variance scale)")
     )
     num_outputs: int = checked(16, int_at_least(2))
-    noise: tuple[float, ...] = checked(
-        (0.0, 0.3, 1.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "noise scales >= 0")
-    )
-    offsets: tuple[float, ...] = checked(
-        (0.0, 1.0, 3.0), (lambda v: len(v) >= 1 and all(s >= 0 for s in v), "offset scales >= 0")
-    )
+    noise: tuple[float, ...] = checked((0.0, 0.3, 1.0), distinct(each(NON_NEGATIVE)))
+    offsets: tuple[float, ...] = checked((0.0, 1.0, 3.0), distinct(each(NON_NEGATIVE)))
     max_n: int = checked(64, int_at_least(2))
-    ranking_n: int = 16
-    low_variance_scale: float = 0.001
-    low_variance_means: tuple[float, ...] = (0.0, 1.0)
+    ranking_n: int = checked(16, POSITIVE_INT)
+    low_variance_scale: float = checked(0.001, (lambda v: 0 < v < 1, "in (0, 1)"))
+    low_variance_means: tuple[float, ...] = checked((0.0, 1.0), distinct(each((lambda v: True, "numbers"))))
     pg_time: float = checked(8.0, POSITIVE)
-    tolerance: float = 1e-12
+    tolerance: float = checked(1e-12, NON_NEGATIVE)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ranking_n > self.max_n:
+            raise ValueError(f"BestOfNConfig.ranking_n={self.ranking_n}: must be at most max_n={self.max_n}.")
 
     def quick(self) -> "BestOfNConfig":
         return dataclasses.replace(self, problems=8)
@@ -167,23 +172,20 @@ def run(out_dir: Path, *, quick: bool = False, config: BestOfNConfig | None = No
     best_other = per_prompt[:, :, 1:].max(2)
     beaten = best_other > per_prompt[:, :, 0] + config.tolerance  # [N, B, S]
     violations = int(beaten.sum())
-    if violations:
-        write_json(
-            out_dir / f"{NAME}_violations.json",
-            [
-                {
-                    "n": int(ns[n]),
-                    "problem": int(p),
-                    "prompt": int(s),
-                    "model": names[1 + int(per_prompt[n, p, 1:, s].argmax())],
-                    "logits": logits[p, s].tolist(),
-                    "gt_rewards": gt[p, s].tolist(),
-                    "rm_rewards": rm[p, :, s].tolist(),
-                    "best_of_n": per_prompt[n, p, :, s].tolist(),
-                }
-                for n, p, s in zip(*np.nonzero(beaten))
-            ],
-        )
+    violating = [
+        {
+            "n": int(ns[n]),
+            "problem": int(p),
+            "prompt": int(s),
+            "model": names[1 + int(per_prompt[n, p, 1:, s].argmax())],
+            "logits": logits[p, s].tolist(),
+            "gt_rewards": gt[p, s].tolist(),
+            "rm_rewards": rm[p, :, s].tolist(),
+            "best_of_n": per_prompt[n, p, :, s].tolist(),
+        }
+        for n, p, s in zip(*np.nonzero(beaten))
+    ]
+    save_violations(out_dir, NAME, violating, progress=progress)
     ranking = config.ranking_n - 1
     pairs = {
         "accuracy_vs_bon": (accuracy, bon_gain[ranking]),

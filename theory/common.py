@@ -9,6 +9,10 @@ import scipy.stats
 
 from jaxrm.studies import fmt
 
+# A slope interval "contains" or "reaches" a value when it comes within this much of it: exact
+# scalings such as t_gamma ~ 1/eps give degenerate intervals that miss -1/2 by solver rounding.
+SLOPE_TOLERANCE = 0.005
+
 
 def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, interval="bootstrap"):
     """Least-squares slope of ``log y`` on ``log x`` with a percentile bootstrap interval.
@@ -17,11 +21,25 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, i
     fixed-effects fit) and the bootstrap resamples whole groups. ``interval="t"`` gives instead
     the classical t-interval from the residuals (``n - 2`` degrees of freedom, no groups), the
     one to use for a handful of points, where a bootstrap has too few distinct resamples.
-    Returns ``(slope, (low, high))``; NaNs when fewer than 3 points are given.
+    ``interval="group-t"`` is the one for a handful of groups: each group's own slope, and the
+    mean of those slopes with its t-interval (``groups - 1`` degrees of freedom; NaN with one
+    group). Returns ``(slope, (low, high))``; NaNs when fewer than 3 points are given.
     """
     log_x, log_y = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
     if log_x.size < 3:
         return math.nan, (math.nan, math.nan)
+    if interval == "group-t":
+        if groups is None:
+            raise ValueError("interval='group-t' needs groups.")
+        groups = np.asarray(groups)
+        slopes = np.array(
+            [scipy.stats.linregress(log_x[groups == g], log_y[groups == g]).slope for g in np.unique(groups)]
+        )
+        mean = float(slopes.mean())
+        if slopes.size < 2:
+            return mean, (math.nan, math.nan)
+        half = scipy.stats.t.ppf(0.5 + level / 2, slopes.size - 1) * slopes.std(ddof=1) / math.sqrt(slopes.size)
+        return mean, (mean - half, mean + half)
     if interval == "t":
         if groups is not None:
             raise ValueError("interval='t' fits one line: groups are not supported.")
@@ -29,7 +47,7 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, i
         half = scipy.stats.t.ppf(0.5 + level / 2, log_x.size - 2) * fit.stderr
         return float(fit.slope), (float(fit.slope - half), float(fit.slope + half))
     if interval != "bootstrap":
-        raise ValueError(f"interval must be 'bootstrap' or 't', got {interval!r}.")
+        raise ValueError(f"interval must be 'bootstrap', 't' or 'group-t', got {interval!r}.")
     if groups is None:
         clusters = np.arange(log_x.size)
     else:

@@ -86,7 +86,6 @@ class EstimatorsConfig(StudyConfig):
       censor_factor: an ascent stops after this times the slowest flow time; seeds not passed
         by then are censored and counted (> 1).
       gain_fraction: the gain timed, as a share of the gain each instance offers, in ``(0, 1)``.
-      passage_bootstrap: bootstrap resamples of each slope's 95% interval (an int >= 100).
     """
 
     seed: int = 0
@@ -107,7 +106,6 @@ class EstimatorsConfig(StudyConfig):
     passage_resolution: int = checked(20, POSITIVE_INT)
     censor_factor: float = checked(4.0, (lambda v: v > 1, "> 1"))
     gain_fraction: float = checked(0.5, OPEN_FRACTION)
-    passage_bootstrap: int = checked(1000, int_at_least(100))
 
     def __post_init__(self):
         super().__post_init__()
@@ -191,8 +189,8 @@ def run(out_dir: Path, *, quick: bool = False, config: EstimatorsConfig | None =
     passage = _sampling(config, progress)
     tol = config.tolerance
     violations = {
-        "unbiased": sum(r["should_be_unbiased"] and r["max_relative_bias"] > tol for r in rows),
-        "followed": sum(r["followed_error"] is not None and r["followed_error"] > tol for r in rows),
+        "unbiased": sum(r["should_be_unbiased"] and not r["max_relative_bias"] <= tol for r in rows),
+        "followed": sum(r["followed_error"] is not None and not r["followed_error"] <= tol for r in rows),
     }
     means = int(len(rows) * config.problems * len(config.log10_scales))
     summary = {
@@ -227,6 +225,7 @@ def _atlas(config: EstimatorsConfig, progress: Progress) -> tuple[list[dict], np
         measured = np.full((len(grid), len(MEASURES), config.problems, len(scales)), np.nan)
         snr_without_kl = np.full((config.problems, len(scales)), np.nan)
         followed_error = np.full((len(grid), config.problems, len(scales)), np.nan)
+        has_closed_form = np.zeros(len(grid), bool)
         for p in range(config.problems):
             for s, scale in enumerate(scales):
                 rewards = scale * unit[p]
@@ -243,6 +242,7 @@ def _atlas(config: EstimatorsConfig, progress: Progress) -> tuple[list[dict], np
                         estimator, policy, logits[p], rewards, kl_coef=lam, gradients=gradients, **options
                     )
                     if closed is not None:
+                        has_closed_form[e] = True
                         followed_error[e, p, s] = float(
                             np.linalg.norm(np.asarray(moments.mean) - np.asarray(closed))
                             / max(np.linalg.norm(np.asarray(closed)), 1e-300)
@@ -257,8 +257,10 @@ def _atlas(config: EstimatorsConfig, progress: Progress) -> tuple[list[dict], np
                 "should_be_unbiased": should_be_unbiased(estimator),
                 # per scale, the median over problems
                 **{m: np.nanmedian(measured[e, i], axis=0).tolist() for i, m in enumerate(MEASURES)},
+                # A NaN (or a missing closed form on some instance) makes the maximum NaN, which the
+                # violation counts take as a failure.
                 "max_relative_bias": float(np.max(measured[e, 0])),
-                "followed_error": float(np.nanmax(followed_error[e])) if np.isfinite(followed_error[e]).any() else None,
+                "followed_error": float(np.max(followed_error[e])) if has_closed_form[e] else None,
             }
             if e == rloo:
                 row["snr_without_kl"] = np.median(snr_without_kl, axis=0).tolist()
@@ -485,8 +487,9 @@ def _initial_snr(policy, logits, rewards, k) -> list[float]:
 
 
 def _passage_fits(passage: dict, config: EstimatorsConfig) -> dict:
-    """Per family: log-log slopes against the initial variance (within base problems, bootstrap
-    over problems) of the flow's ``t_gamma``, the exact ascent's time and, per ``k``, RLOO's mean
+    """Per family: log-log slopes against the initial variance (the mean of the base problems'
+    own slopes, with its t-interval over problems: a bootstrap over 4 problems has too few
+    distinct resamples) of the flow's ``t_gamma``, the exact ascent's time and, per ``k``, RLOO's mean
     time and the initial signal-to-noise ratio; time ratios (the exact ascent over the flow:
     whole updates and the Euler step; RLOO over the exact ascent at the same rate: the cost of
     sampling alone), per level and overall; tied-group shares; coefficients of variation. Times
@@ -495,11 +498,10 @@ def _passage_fits(passage: dict, config: EstimatorsConfig) -> dict:
     problem = np.asarray(passage["problem"])
     variance = np.asarray(passage["variance"])
     flow_t, exact_t = np.asarray(passage["flow"]), np.asarray(passage["exact_ascent"])
-    boot = dict(num_bootstrap=config.passage_bootstrap, seed=config.seed)
 
     def slope(rows, y):
         ok = rows & np.isfinite(y) & (y > 0)
-        value, (low, high) = loglog_slope(variance[ok], y[ok], groups=problem[ok], **boot)
+        value, (low, high) = loglog_slope(variance[ok], y[ok], groups=problem[ok], interval="group-t")
         return {"slope": value, "ci": [low, high], "n": int(ok.sum())}
 
     def by_level(f, values, rows):
@@ -581,13 +583,22 @@ def _verdict(summary: dict, config: EstimatorsConfig) -> str:
         )
     fits = summary["passage"]["fits"]
     ratios = [run["ratio"] for fit in fits.values() for run in fit["k"].values() if run["ratio"]["median"] is not None]
-    gaps = [abs(run["sampled"]["slope"] - fit["flow"]["slope"]) for fit in fits.values() for run in fit["k"].values()]
+    gaps = np.array(
+        [abs(run["sampled"]["slope"] - fit["flow"]["slope"]) for fit in fits.values() for run in fit["k"].values()]
+    )
+    measured = np.isfinite(gaps)
     passage = summary["passage"]
     if ratios:
+        where = (
+            "in every family and k"
+            if measured.all()
+            else f"in the {measured.sum()} of {gaps.size} (family, k) pairs where both slopes were measured"
+        )
+        within = f"within {fmt(gaps[measured].max())} of the flow's {where}" if measured.any() else "not measured"
         text += (
             f"; under sampling, RLOO's mean first-passage time is {fmt(min(r['min'] for r in ratios))} to "
             f"{fmt(max(r['max'] for r in ratios))} times the flow's t_gamma, and its slope against the initial "
-            f"variance is within {fmt(max(gaps))} of the flow's in every family and k "
+            f"variance is {within} "
             f"({passage['censored_instances']} of {passage['instances']} instances left out, censored)"
         )
     return text
@@ -900,7 +911,7 @@ RLOO run, and are left out of the times below (counted in the last column).
 |---|---|---|---|---|---|---|---|---|---|---|
 {_sampling_table(passage)}
 
-Slopes are within base problems, with bootstrap intervals over problems; "tied groups" is the median over instances
+Slopes are the mean of the base problems' own slopes, with its t-interval over the problems ({config.passage_problems}); "tied groups" is the median over instances
 of the mean, along a run, of the exact probability that a group's k rewards are all equal (with these distinct
 rewards the group repeats one output, and its RLOO advantages are 0); the coefficient of variation is over seeds (ddof = 1). The signal-to-noise ratio is that of one group at the
 initial policy, which is also the reference: the KL vanishes there, so `scaled_kl` shares `scaled`'s.

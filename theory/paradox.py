@@ -27,16 +27,21 @@ import optax
 
 from jaxrm import flow, metrics
 from jaxrm.studies import (
+    FRACTION,
+    NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
     Progress,
     StudyConfig,
     checked,
     correlations,
+    distinct,
+    each,
     finish_study,
     fmt,
     fmt_interval,
     fmt_share,
+    increasing,
     int_at_least,
     pyplot,
     save_figure,
@@ -96,24 +101,15 @@ class ParadoxConfig(StudyConfig):
     num_outputs: int = checked(16, int_at_least(3))
     features: int = checked(6, POSITIVE_INT)
     misspecification: float = checked(0.7, (lambda v: v >= 0, ">= 0"))
-    on_policy_shares: tuple[float, ...] = checked(
-        (1.0, 0.75, 0.5, 0.25, 0.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")
-    )
-    dataset_sizes: tuple[int, ...] = checked(
-        (64, 256, 1024), (lambda v: all(isinstance(n, int) and n >= 2 for n in v), "ints >= 2")
-    )
+    on_policy_shares: tuple[float, ...] = checked((1.0, 0.75, 0.5, 0.25, 0.0), distinct(each(FRACTION)))
+    dataset_sizes: tuple[int, ...] = checked((64, 256, 1024), distinct(each(int_at_least(2))))
     seeds: int = checked(8, POSITIVE_INT)
     label_sharpness: float = checked(4.0, POSITIVE)
-    learning_rate: float = 0.05
-    centering: float = 0.01
+    learning_rate: float = checked(0.05, POSITIVE)
+    centering: float = checked(0.01, NON_NEGATIVE)
     init_scale: float = checked(0.3, (lambda v: v >= 0, ">= 0"))
-    checkpoints: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+    checkpoints: tuple[int, ...] = checked((0, 1, 2, 4, 8, 16, 32, 64, 128, 256), increasing(each(NON_NEGATIVE)))
     pg_time: float = checked(16.0, POSITIVE)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if sorted(self.checkpoints) != list(self.checkpoints) or self.checkpoints[0] < 0:
-            raise ValueError(f"ParadoxConfig.checkpoints={self.checkpoints!r}: must be increasing steps >= 0.")
 
     @property
     def steps(self) -> int:

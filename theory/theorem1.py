@@ -53,7 +53,8 @@ from jaxrm.studies import (
     int_at_least,
     pyplot,
     save_figure,
-    write_json,
+    save_violations,
+    write_atomically,
 )
 from jaxrm.tabular import (
     AutoregressiveTabularPolicy,
@@ -62,7 +63,7 @@ from jaxrm.tabular import (
     kl_rewards,
     prompt_gradient,
 )
-from theory.common import censored_slopes, loglog_slope
+from theory.common import SLOPE_TOLERANCE, censored_slopes, loglog_slope
 
 NAME = "theorem1"
 
@@ -118,11 +119,17 @@ class Theorem1Config(StudyConfig):
     random_prompts: int = checked(2, POSITIVE_INT)
     kl_problems: int = checked(1024, POSITIVE_INT)
     kl_coefs: tuple[float, ...] = checked(
-        (0.05, 0.5), (lambda v: len(v) >= 1 and all(c > 0 for c in v), "a non-empty tuple of values > 0")
+        (0.05, 0.5),
+        (
+            lambda v: len(v) >= 1 and all(c > 0 for c in v) and len({f"{c:g}" for c in v}) == len(v),
+            "a non-empty tuple of values > 0, distinct in their family names (kl_<value:g>)",
+        ),
     )
     autoregressive_problems: int = checked(1024, POSITIVE_INT)
     vocab_size: int = checked(4, int_at_least(2))
-    lengths: tuple[int, ...] = checked((2, 3), (lambda v: all(n >= 1 for n in v), "ints >= 1 (or none)"))
+    lengths: tuple[int, ...] = checked(
+        (2, 3), (lambda v: all(n >= 1 for n in v) and len(set(v)) == len(v), "distinct ints >= 1 (or none)")
+    )
     shared_problems: int = checked(1024, POSITIVE_INT)
     shared_features: int = checked(3, POSITIVE_INT)
     shared_length: int = checked(3, int_at_least(2))
@@ -392,6 +399,7 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
             ),
             sharpened=bounds.proposition_a_lower_bound(gamma, mean_variance, length=length, jacobian_norm=jac),
             status=np.asarray(run.status),
+            t_end=np.asarray(run.t_end),
         )
         if isinstance(policy, TabularPolicy):
             out["prop3"] = bounds.proposition3_lower_bound(gamma, variance, num_prompts=num_prompts)
@@ -457,25 +465,30 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
     )
     variance = result["variance"][result["variance"] > 0]
     violations = _violations(result, config.violation_tolerance)
-    # Censored: a target that exists but was not reached by t_max (or whose solve failed).
-    timed = np.isfinite(gt["gamma"]) & (result["variance"] > 0)
+    # Censored: a target that exists but was not reached by t_max. A failed solve stopped earlier,
+    # at t_end: its time is known only to exceed that, so it is neither censored nor in the fits.
+    censored_mask = {
+        reward: np.isfinite(r["gamma"]) & (r["status"] == flow.Status.NOT_REACHED)
+        for reward, r in (("gt", gt), ("rm", result["rm"]))
+    }
+    failed_mask = {
+        reward: np.isfinite(r["gamma"]) & (r["status"] == flow.Status.FAILED)
+        for reward, r in (("gt", gt), ("rm", result["rm"]))
+    }
+    timed = np.isfinite(gt["gamma"]) & (result["variance"] > 0) & ~failed_mask["gt"]
     censored_fit = censored_slopes(
         result["variance"][timed],
         gt["t_gamma"][timed],
         config.t_max,
         groups=result["base_problem"][timed] if "base_problem" in result else None,
     )
-    censored = {
-        reward: int((np.isfinite(r["gamma"]) & (r["status"] != flow.Status.REACHED)).sum())
-        for reward, r in (("gt", gt), ("rm", result["rm"]))
-    }
-    # A censored time exceeds t_max; it can only be told apart from a violation when t_max >= bound.
-    inconclusive = sum(
-        int((np.isfinite(r["gamma"]) & ~np.isfinite(r["t_gamma"]) & (r[b] > config.t_max)).sum())
-        for r in (gt, result["rm"])
-        for b in ("theorem4", "prop3", "sharpened")
-        if b in r
-    )
+    # An unreached time is known only to exceed t_max (censored) or t_end (failed): a timing is
+    # undecided when some bound lies above that.
+    inconclusive = 0
+    for reward, r in (("gt", gt), ("rm", result["rm"])):
+        largest = np.max([r[b] for b in ("theorem4", "prop3", "sharpened") if b in r], axis=0)
+        undecided = (censored_mask[reward] & (largest > config.t_max)) | (failed_mask[reward] & (largest > r["t_end"]))
+        inconclusive += int(undecided.sum())
     # docs/theory.md#theorem-4: with lam > 0 every reached gain is at most 2 / lam, so the lam term
     # of Theorem 4 never binds (it would need gamma > 21 / lam).
     lam_times_gain = np.concatenate(
@@ -490,8 +503,8 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         "max_lam_times_gain": float(np.nanmax(lam_times_gain)) if measured_lam else math.nan,
         "lam_branch_binds": int(np.sum(lam_times_gain > 21.0)),
         "lam_gain_violations": int(np.sum(lam_times_gain > 2.0 * (1 + config.violation_tolerance))),
-        "censored": censored,
-        "failed": int(sum((r["status"] == flow.Status.FAILED).sum() for r in (gt, result["rm"]))),
+        "censored": {reward: int(mask.sum()) for reward, mask in censored_mask.items()},
+        "failed": {reward: int(mask.sum()) for reward, mask in failed_mask.items()},
         "inconclusive": inconclusive,
         "censored_fit": censored_fit,
         "instances": int(result["variance"].size),
@@ -588,7 +601,7 @@ def _verdict(summary: dict) -> str:
         f"{summary['instances']} instances; violations Theorem 4 {total['theorem4']}, Proposition 3 "
         f"{total['prop3']}, Proposition A {total['sharpened']}, variance-rate inequalities (Prop A Step 4, "
         f"Prop 2) {total['variance_rate']} and {total['prop2_rate']}, lam * gain <= 2 {total['lam_gain']}; "
-        f"{summary['censored']} timings censored at t_max, "
+        f"{summary['censored']} timings censored at t_max, {summary['failed']} failed solves, "
         f"{summary['no_ground_truth_gain']} prompts with no ground-truth gain to time; smallest time over bound "
         f"{fmt(ratio['theorem4'])}, {fmt(ratio['prop3'])}, {fmt(ratio['sharpened'])}{slopes}"
     )
@@ -626,21 +639,25 @@ def _markdown(summary: dict) -> str:
         f"Smallest measured time over bound: Theorem 4 {fmt(summary['min_ratio']['theorem4'])}, "
         f"Proposition 3 {fmt(summary['min_ratio']['prop3'])}, Proposition A {fmt(summary['min_ratio']['sharpened'])}. "
         f"{summary['censored']} timings (ground truth and proxy) did not reach their target by `t_max` "
-        f"(censored: their time exceeds `t_max`, which exceeds every bound on "
-        f"{'all' if not summary['inconclusive'] else 'all but ' + str(summary['inconclusive'])} of them); "
+        f"(censored: their time exceeds `t_max`) and {summary['failed']} solves failed before it (their "
+        "time exceeds only where they stopped; they are left out of the fits); what is known of those "
+        f"times exceeds every bound on "
+        f"{'all' if not summary['inconclusive'] else 'all but ' + str(summary['inconclusive'])} of them; "
         f"{summary['no_ground_truth_gain']} prompts offer no ground-truth gain to time.",
         "",
-        "| family | lam | L | J | timed (r_G) | censored r_G / proxy | no r_G gain | variance decades "
+        "| family | lam | L | J | timed (r_G) | censored r_G / proxy | failed r_G / proxy | no r_G gain "
+        "| variance decades "
         "| slope of t_gamma(r_G), reached [95% CI] | slope with the censored | proxy slope "
         "| min t/Thm 4 | min t/Prop 3 | min t/Prop A | violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in summary["families"].items():
         lo, hi = f["slope_ci"]
         lines.append(
             f"| {name} | {fmt(f['kl_coef'])} | {f['length']} | {fmt(f['jacobian_norm'])} | "
             f"{f['n'] + f['censored']['gt']} | "
-            f"{f['censored']['gt']} / {f['censored']['rm']} | {f['no_ground_truth_gain']} | "
+            f"{f['censored']['gt']} / {f['censored']['rm']} | {f['failed']['gt']} / {f['failed']['rm']} | "
+            f"{f['no_ground_truth_gain']} | "
             f"{f['variance_decades']:.1f} | {f['slope']:.3f} [{lo:.3f}, {hi:.3f}] | "
             f"{_censored_slope_text(f['censored_fit'])} | {f['proxy_slope']:.3f} | "
             f"{fmt(f['min_ratio'].get('theorem4'))} | {fmt(f['min_ratio'].get('prop3'))} | "
@@ -682,18 +699,28 @@ def _interpretation(summary: dict) -> str:
     text = ["**What it means for the -1/3 exponent.**"]
     if plain:
         slopes = [f["slope"] for f in plain.values()]
-        half = [k for k, f in plain.items() if f["slope_ci"][0] <= -0.5 <= f["slope_ci"][1]]
+        half = [
+            k
+            for k, f in plain.items()
+            if f["slope_ci"][0] - SLOPE_TOLERANCE <= -0.5 <= f["slope_ci"][1] + SLOPE_TOLERANCE
+        ]
         below_third = [k for k, f in plain.items() if f["slope_ci"][1] < -1 / 3]
         text.append(
             f"Without a KL penalty the fitted slopes (reached times) run from {min(slopes):.3f} to "
-            f"{max(slopes):.3f}; the 95% interval contains -1/2 for {len(half)} of {len(plain)} families"
+            f"{max(slopes):.3f}; the 95% interval comes within {SLOPE_TOLERANCE} of -1/2 for {len(half)} of "
+            f"{len(plain)} families"
             + (f" ({', '.join(half)})" if 0 < len(half) < len(plain) else "")
             + f" and lies entirely below -1/3 for {len(below_third)} of {len(plain)}."
         )
-        if len(below_third) == len(plain):
+        violated = summary["violations"]["theorem4"]
+        if violated:
             text.append(
-                "On these families Theorem 4's `Var^(-1/3)` is a valid but loose lower bound whose slack grows "
-                "as the variance shrinks."
+                f"Theorem 4's bound was violated on {violated} instances (saved in `theorem1_violations.json`)."
+            )
+        elif len(below_third) == len(plain):
+            text.append(
+                "On these families Theorem 4's `Var^(-1/3)` held on every timed instance and is a loose lower "
+                "bound whose slack grows as the variance shrinks."
             )
         else:
             open_ = [k for k in plain if k not in below_third]
@@ -785,6 +812,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
         "instances": int(sum(f["instances"] for f in family_summaries.values())),
         "violations": total,
         "censored": int(sum(sum(f["censored"].values()) for f in family_summaries.values())),
+        "failed": int(sum(sum(f["failed"].values()) for f in family_summaries.values())),
         "inconclusive": int(sum(f["inconclusive"] for f in family_summaries.values())),
         "no_ground_truth_gain": int(sum(f["no_ground_truth_gain"] for f in family_summaries.values())),
         "min_ratio": min_ratio,
@@ -799,17 +827,28 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
         },
         "config": dataclasses.asdict(config),
     }
-    if saved:
-        write_json(out_dir / "theorem1_violations.json", saved)
-        progress(f"!!! {len(saved)} BOUND VIOLATIONS: instances saved to {out_dir / 'theorem1_violations.json'}")
+    save_violations(out_dir, NAME, saved, progress=progress)
     _figure(families, results, summary, config, out_dir / "figures" / "theorem1.png")
-    np.savez_compressed(
-        out_dir / "theorem1_all_instances.npz",
-        **{f"{f.name}/{k}": v for f, r in zip(families, results) for k, v in _flat_arrays(r).items()},
+    arrays = {f"{f.name}/{k}": v for f, r in zip(families, results) for k, v in _flat_arrays(r).items()}
+    for family in families:
+        arrays.update({f"{family.name}/input_{k}": v for k, v in _family_inputs(family).items()})
+    write_atomically(
+        out_dir / "theorem1_all_instances.npz", lambda file: np.savez_compressed(file, **arrays), binary=True
     )
     summary["verdict"] = _verdict(summary)
     progress(f"{summary['instances']} instances, violations {total}")
     return finish_study(out_dir, NAME, summary, _markdown(summary), progress=progress, quick=quick)
+
+
+def _family_inputs(family: Family) -> dict:
+    """What re-solves a family's instances: its initial logits (one array per leaf, named by its
+    path), both rewards, ``kl_coef`` and both targets; the policy is the family's (its name)."""
+    logits = {
+        "logits" + jax.tree_util.keystr(path).replace("'", "").replace('"', ""): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(family.logits)[0]
+    }
+    fields = ("rm_rewards", "gt_rewards", "kl_coef", "gt_gamma", "rm_gamma")
+    return logits | {name: np.asarray(getattr(family, name)) for name in fields}
 
 
 def _flat_arrays(result: dict) -> dict:

@@ -34,14 +34,16 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    distinct,
     finish_study,
     fmt,
     fmt_share,
+    increasing,
     int_at_least,
     pyplot,
     save_figure,
+    save_violations,
     share_interval,
-    write_json,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
 from theory.common import general_policy_arm, general_text, violating_rows
@@ -82,10 +84,12 @@ class Theorem2Config(StudyConfig):
     problems: int = checked(128, POSITIVE_INT)
     num_outputs: int = checked(12, int_at_least(3))
     horizons: tuple[float, ...] = checked(
-        (1, 10, 100, 1000, 10000), (lambda v: len(v) >= 2 and all(t >= 1 for t in v), "a tuple of T >= 1")
+        (1, 10, 100, 1000, 10000),
+        increasing((lambda v: len(v) >= 2 and all(t >= 1 for t in v), "a tuple of at least two T >= 1")),
     )
     shuffled: tuple[float, ...] = checked(
-        (0.0, 0.35, 0.7, 1.0), (lambda v: all(0 <= f <= 1 for f in v), "fractions in [0, 1]")
+        (0.0, 0.35, 0.7, 1.0),
+        distinct((lambda v: 0.0 in v and all(0 <= f <= 1 for f in v), "fractions in [0, 1], 0 among them")),
     )
     rtol: float = 1e-8
     atol: float = 1e-10
@@ -305,8 +309,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     )
     rows = {k: t[k] for k in ("logits", "rm", "gt", "gamma", "rho", "kind", "horizon", "fraction", "lam")}
     violating = violating_rows(rows | {"t_gamma": time}, {"slow_lower": slow_bad, "fast_upper": fast_bad})
-    if violating or general_violating:
-        write_json(out_dir / f"{NAME}_violations.json", violating + general_violating)
+    save_violations(out_dir, NAME, violating + general_violating, progress=progress)
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 

@@ -28,6 +28,7 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    distinct,
     each,
     finish_study,
     fmt,
@@ -35,7 +36,7 @@ from jaxrm.studies import (
     int_at_least,
     pyplot,
     save_figure,
-    write_json,
+    save_violations,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
 from theory.common import general_policy_arm, general_text, loglog_slope, violating_rows
@@ -75,7 +76,7 @@ class Theorem3Config(StudyConfig):
     seed: int = 0
     problems: int = checked(64, POSITIVE_INT)
     num_outputs: int = checked(12, int_at_least(3))
-    horizons: tuple[float, ...] = checked((10, 100, 1000), each((lambda t: t > 1, "T > 1")))
+    horizons: tuple[float, ...] = checked((10, 100, 1000), distinct(each((lambda t: t > 1, "T > 1"))))
     good_mass: float = checked(0.3, (lambda v: 0 < v < 0.9, "in (0, 0.9)"))
     rtol: float = 1e-8
     atol: float = 1e-10
@@ -85,6 +86,16 @@ class Theorem3Config(StudyConfig):
     general_prompts: int = checked(4, POSITIVE_INT)
     general_vocab: int = checked(3, int_at_least(2))
     general_length: int = checked(2, int_at_least(2))
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The initial policy puts good_mass and T^-2 on the two good outputs, the rest elsewhere.
+        short = [horizon for horizon in self.horizons if self.good_mass + horizon**-2.0 >= 1.0]
+        if short:
+            raise ValueError(
+                f"Theorem3Config.horizons={self.horizons}: with good_mass={self.good_mass}, T = {short[0]} leaves "
+                "no mass for the other outputs (good_mass + T^-2 must be below 1)."
+            )
 
     def quick(self) -> "Theorem3Config":
         return dataclasses.replace(self, problems=8, general_problems=4)
@@ -238,8 +249,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     progress(f"violations {summary['violations']}")
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
     violating = violating_rows(cells | {"t_gamma": time}, {"fast_upper": fast_bad, "slow_lower": slow_bad})
-    if violating or general_violating:
-        write_json(out_dir / f"{NAME}_violations.json", violating + general_violating)
+    save_violations(out_dir, NAME, violating + general_violating, progress=progress)
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 

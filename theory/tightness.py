@@ -51,11 +51,13 @@ import scipy.special
 
 from jaxrm import bounds, flow, metrics
 from jaxrm.studies import (
+    NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
     Progress,
     StudyConfig,
     checked,
+    distinct,
     each,
     finish_study,
     fmt,
@@ -63,10 +65,11 @@ from jaxrm.studies import (
     one_of,
     pyplot,
     save_figure,
+    save_violations,
     write_json,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy, LogLinearPolicy, SharedAutoregressivePolicy, TabularPolicy
-from theory.common import loglog_slope
+from theory.common import SLOPE_TOLERANCE, loglog_slope
 
 NAME = "tightness"
 CLASS_NAMES = (
@@ -82,7 +85,6 @@ START_NAMES = ("free", "free_peaked", "by_probability", "rare_outputs", "peaked"
 # Knots of the by-probability rewards, in log10 of an output's initial probability.
 KNOTS = np.linspace(-16.0, 0.0, 9)
 VIOLATION_TOLERANCE = 1e-6  # relative: the solver's tolerance is 1e-8
-SLOPE_TOLERANCE = 0.005  # an envelope "differs from -1/2" when its interval clears -1/2 by this much
 MINUS_THIRD_TOLERANCE = 0.02  # an envelope "reaches -1/3" when its interval's top is above -1/3 - this
 GAP_TOLERANCE = 1.05  # a level's search "fell short" when a rescaled instance beats it by more than this
 UNREACHED_FITNESS = 50.0  # log-ratio of an unreached or infeasible candidate (all reached ones are far below)
@@ -133,16 +135,16 @@ class TightnessConfig(StudyConfig):
     step_size: float = checked(0.5, POSITIVE)
     log10_variances: tuple[float, ...] = checked(
         (-2, -3, -4, -5, -6, -7, -8),
-        (lambda v: len(v) >= 3 and all(-12 <= x < 0 for x in v), "at least 3 levels, each in [-12, 0)"),
+        distinct((lambda v: len(v) >= 3 and all(-12 <= x < 0 for x in v), "at least 3 levels, each in [-12, 0)")),
     )
     gamma: float = checked(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
-    max_kl_coef: float = checked(0.5, (lambda v: v >= 0, "must be >= 0"))
+    max_kl_coef: float = checked(0.5, NON_NEGATIVE)
     t_max: float = checked(1e9, POSITIVE)
     max_steps: int = checked(2000, POSITIVE_INT)
     rtol: float = checked(1e-8, POSITIVE)
     atol: float = checked(1e-10, POSITIVE)
-    classes: tuple[str, ...] = checked(CLASS_NAMES, each(one_of(CLASS_NAMES)))
-    starts: tuple[str, ...] = checked(START_NAMES, each(one_of(START_NAMES)))
+    classes: tuple[str, ...] = checked(CLASS_NAMES, distinct(each(one_of(CLASS_NAMES))))
+    starts: tuple[str, ...] = checked(START_NAMES, distinct(each(one_of(START_NAMES))))
     max_free_outputs: int = checked(64, POSITIVE_INT)
 
     def __post_init__(self):
@@ -590,7 +592,8 @@ def atlas_class(cls: PolicyClass, found: dict, config: TightnessConfig) -> tuple
         "envelope_slope_ci": interval,
         "best_known_slope": known_slope,
         "best_known_slope_ci": known_interval,
-        "reaches_minus_third": bool(interval[1] >= -1 / 3 - MINUS_THIRD_TOLERANCE),
+        # None: no slope was measured (fewer than 3 levels reached).
+        "reaches_minus_third": None if np.isnan(interval[1]) else bool(interval[1] >= -1 / 3 - MINUS_THIRD_TOLERANCE),
         "levels": levels,
     }
     return summary, minimizers, saved
@@ -622,8 +625,7 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
     }
     summary["verdict"] = _verdict(summary)
     write_json(out_dir / "tightness_minimizers.json", minimizers)
-    if violating:
-        write_json(out_dir / "tightness_violations.json", violating)
+    save_violations(out_dir, NAME, violating, progress=progress)
     _figure(classes, config, out_dir / "figures" / f"{NAME}.png")
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
@@ -645,18 +647,23 @@ def reference_scaled_time(gamma: float) -> float:
 
 def _verdict(summary: dict) -> str:
     classes = summary["classes"]
-    slopes = [c["envelope_slope"] for c in classes.values()]
+    slopes = [c["envelope_slope"] for c in classes.values() if not np.isnan(c["envelope_slope"])]
+    unmeasured = [n for n, c in classes.items() if np.isnan(c["envelope_slope"])]
     third = [n for n, c in classes.items() if c["reaches_minus_third"]]
+    measured = f"envelope slopes {min(slopes):.3f} to {max(slopes):.3f}" if slopes else "no envelope slope measured"
     return (
         f"{summary['instances']} searched instances, {len(classes)} classes; instances below a bound: "
         f"{summary['instances_below_a_bound']}; {summary['censored']} feasible instances censored at t_max; "
-        f"envelope slopes {min(slopes):.3f} to {max(slopes):.3f}; classes whose interval reaches -1/3: "
-        f"{', '.join(third) or 'none'}"
+        f"{measured}" + (f" (not measured: {', '.join(unmeasured)})" if unmeasured and slopes else "") + "; "
+        f"classes whose interval reaches -1/3: {', '.join(third) or 'none'}"
     )
 
 
 def _differs_from_half(interval):
-    """``"flatter"``, ``"steeper"`` or ``None``: where a slope interval lies against -1/2."""
+    """``"flatter"``, ``"steeper"``, ``None`` (it reaches -1/2) or ``"not measured"`` (no
+    interval): where a slope interval lies against -1/2."""
+    if np.isnan(interval).any():
+        return "not measured"
     if interval[0] > -0.5 + SLOPE_TOLERANCE:
         return "flatter"
     if interval[1] < -0.5 - SLOPE_TOLERANCE:
@@ -682,25 +689,31 @@ def _conclusion(summary: dict) -> str:
         if below
         else "No searched instance falls below Theorem 4, Proposition 3 or Proposition A."
     ]
+    unmeasured = [n for n, d in own.items() if d == "not measured"]
+    if unmeasured:
+        text.append(
+            f"No envelope slope could be measured on {', '.join(unmeasured)} (fewer than 3 levels reached the "
+            "gain): the sentences below are about the other classes."
+        )
     if third:
         text.append(
             f"On {', '.join(third)} the envelope's interval reaches `Var^(-1/3)`: Theorem 4's exponent may be attained there."
         )
-    else:
+    elif len(unmeasured) < len(classes):
         text.append("No class's own-search envelope is as flat as `Var^(-1/3)` within its interval.")
-    differing = {n: d for n, d in own.items() if d}
+    differing = {n: d for n, d in own.items() if d and d != "not measured"}
     text.append(
         "The own-search envelope differs from `Var^(-1/2)` on "
         + ", ".join(f"{n} ({d})" for n, d in differing.items())
         + "."
         if differing
-        else f"Every class's own-search interval reaches -1/2 (within {SLOPE_TOLERANCE})."
+        else f"Every measured class's own-search interval reaches -1/2 (within {SLOPE_TOLERANCE})."
     )
     text.append(
         "Levels where a rescaled instance from another level beats the level's own search by more than "
         f"{100 * (GAP_TOLERANCE - 1):.0f}%: " + (", ".join(missed) if missed else "none") + "."
     )
-    known_differing = {n: d for n, d in known.items() if d}
+    known_differing = {n: d for n, d in known.items() if d and d != "not measured"}
     text.append(
         "With those rescaled instances (the best known time at each level), the envelope differs from "
         "`Var^(-1/2)` on "
@@ -711,7 +724,8 @@ def _conclusion(summary: dict) -> str:
             else "."
         )
         if known_differing
-        else "With those rescaled instances (the best known time at each level), every class's interval reaches -1/2."
+        else "With those rescaled instances (the best known time at each level), every measured class's interval "
+        "reaches -1/2."
     )
     scaled = {n: c["min_scaled_time"] for n, c in classes.items()}
     allowance = {n: c["length"] ** 2 * c["jacobian_norm"] ** 2 for n, c in classes.items()}
