@@ -346,7 +346,9 @@ def test_atlas_conclusion_follows_the_measurements(tmp_path, monkeypatch):
     summary = tightness.run(tmp_path, config=config)
     assert not (tmp_path / "tightness_violations.json").exists()
     text = tightness._conclusion(summary)
-    assert "No searched instance falls below" in text and "Every measured class's own-search interval reaches -1/2" in text
+    assert (
+        "No searched instance falls below" in text and "Every measured class's own-search interval reaches -1/2" in text
+    )
     assert "every measured class's interval reaches -1/2" in text and "step budget" not in text
     assert "could be measured" not in text
     # A class with no slope (too few levels reached) is named, not counted as reaching anything.
