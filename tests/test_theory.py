@@ -120,6 +120,15 @@ def test_a_failed_solve_is_neither_censored_nor_fitted_and_can_leave_a_bound_und
     assert summary["censored_fit"]["censored"] == 1 and summary["censored_fit"]["reached"] == 3
 
 
+def test_unreached_solves_split_into_censored_and_failed_ones():
+    from theory.common import unreached
+
+    split = unreached(np.array([1, 2, 3, 3]), np.array([1.0, 5.0, 0.1, 9.0]), np.ones(4))
+    assert split["censored"].tolist() == [False, True, False, False]
+    assert split["failed"].tolist() == [False, False, True, True]
+    assert split["undecided"].tolist() == [False, False, True, False]  # stopped at 0.1, below its bound 1
+
+
 def test_a_study_that_raises_is_named_and_the_others_still_report(tmp_path, monkeypatch, capsys):
     import theory.__main__ as cli
 
@@ -503,6 +512,10 @@ def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
     text = theorem2._unreached_text(summary)
     assert "11 slow teachers did not reach the gain: 6 cannot" in text
     assert "4 of them have unshuffled orders and 1 a KL penalty), 5 could but were censored" in text
+    assert "failed" not in text
+    summary |= {"failed": 2, "undecided": 1}
+    assert "2 solves failed before reaching the gain or `t_max`" in theorem2._unreached_text(summary)
+    assert "1 of them stopped below their lower bound" in theorem2._unreached_text(summary)
     summary["slow_growth"] = {"slope": 0.5, "ci": [0.4, 0.6]}
     assert "`T^0.500` [95% CI 0.400, 0.600]" in theorem2._growth_text(summary)
     summary["slow_growth"] = {"slope": float("nan"), "ci": [float("nan")] * 2}

@@ -73,6 +73,31 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, i
     return float(slope(sums.sum(-1))), (float(low), float(high))
 
 
+def unreached(status, t_end, lower=None) -> dict:
+    """How a batch's solves that did not reach the gain split, as boolean masks: ``censored``
+    (``t_max`` passed, or the gain was proven out of reach) and ``failed`` (the solver stopped
+    early, so the time is known only to exceed ``t_end``); with ``lower`` bounds, ``undecided``:
+    the failed solves that stopped below their lower bound, which they neither meet nor break."""
+    from jaxrm import flow
+
+    status, t_end = np.asarray(status), np.asarray(t_end)
+    out = {"censored": status == flow.Status.NOT_REACHED, "failed": status == flow.Status.FAILED}
+    if lower is not None:
+        with np.errstate(invalid="ignore"):
+            out["undecided"] = out["failed"] & (t_end < lower)
+    return out
+
+
+def failed_text(failed: int, undecided: int) -> str:
+    """The sentence on failed solves, or nothing when none failed."""
+    if not failed:
+        return ""
+    return (
+        f" {failed} solves failed before reaching the gain or `t_max` (their time is known only to exceed where "
+        f"they stopped); {undecided} of them stopped below their lower bound, which they neither meet nor break."
+    )
+
+
 def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> dict:
     """Slopes of ``log t`` on ``log x`` when some times are censored: ``t = inf`` means not reached
     by ``t_max``, so the true time is above ``t_max``.

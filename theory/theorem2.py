@@ -46,7 +46,7 @@ from jaxrm.studies import (
     share_interval,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import general_policy_arm, general_text, violating_rows
+from theory.common import failed_text, general_policy_arm, general_text, unreached, violating_rows
 
 NAME = "theorem2"
 
@@ -248,14 +248,16 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     limit_reward = np.where(t["lam"] > 0, np.sum(np.asarray(tilted) * t["gt"], -1), greedy)
     start = np.asarray(metrics.expected_reward(t["logits"], t["gt"]))
     attainable = limit_reward - start >= t["gamma"]
-    unreached = ~np.isfinite(time)
+    split = unreached(np.asarray(result.status)[:, 0], np.asarray(result.t_end)[:, 0], np.where(slow, lower, np.nan))
+    stopped = split["censored"]  # failed solves are counted apart
 
     def unreached_counts(kind):
         return {
-            "censored": int((kind & unreached & attainable).sum()),
-            "unattainable": int((kind & unreached & ~attainable).sum()),
-            "unattainable_unshuffled": int((kind & unreached & ~attainable & (t["fraction"] == 0)).sum()),
-            "unattainable_with_kl": int((kind & unreached & ~attainable & (t["lam"] > 0)).sum()),
+            "censored": int((kind & stopped & attainable).sum()),
+            "unattainable": int((kind & stopped & ~attainable).sum()),
+            "unattainable_unshuffled": int((kind & stopped & ~attainable & (t["fraction"] == 0)).sum()),
+            "unattainable_with_kl": int((kind & stopped & ~attainable & (t["lam"] > 0)).sum()),
+            "failed": int((kind & split["failed"]).sum()),
         }
 
     exact_order = t["fraction"] == 0  # Theorem 2's own teachers: accuracy 1 and 2/|Y|
@@ -291,7 +293,9 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         },
         "fast_median_t": float(np.median(time[fast & exact_order])),
         "fast_median_bound": float(np.median(upper[fast & exact_order])),
-        "censored": int((unreached & attainable).sum()),
+        "censored": int((stopped & attainable).sum()),
+        "failed": int(split["failed"].sum()),
+        "undecided": int(split["undecided"].sum()),
         "not_reached": {"slow": unreached_counts(slow), "fast": unreached_counts(fast)},
         "by_horizon": by_horizon,
         "slow_growth": _median_growth(t, time, slow & exact_order, config.horizons, seed=config.seed),
@@ -303,7 +307,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     summary["verdict"] = (
         f"{summary['instances']} flows; violations slow bound {summary['violations']['slow_lower']}, fast bound "
         f"{summary['violations']['fast_upper']}; smallest slack {fmt(summary['min_slack']['slow_lower'])} and "
-        f"{fmt(summary['min_slack']['fast_upper'])}; {summary['censored']} censored at t_max; the inaccurate teacher wins on "
+        f"{fmt(summary['min_slack']['fast_upper'])}; {summary['censored']} censored at t_max, {summary['failed']} failed solves; the inaccurate teacher wins on "
         f"{fmt_share(*faster['fast_beats_accurate_slow_counts'][last], 'problems')} at T = {last}; general-policy arm "
         f"({general['policy']}, |S| = {general['prompts']}): Proposition A violations {general['prop_a_violations']}"
     )
@@ -402,7 +406,7 @@ def _unreached_text(summary: dict) -> str:
             f"orders and {c['unattainable_with_kl']} a KL penalty), {c['censored']} could but were censored at "
             "`t_max`."
         )
-    return " ".join(parts)
+    return " ".join(parts) + failed_text(summary["failed"], summary["undecided"])
 
 
 def _wins_text(counts: dict) -> str:

@@ -39,7 +39,7 @@ from jaxrm.studies import (
     save_violations,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import general_policy_arm, general_text, loglog_slope, violating_rows
+from theory.common import failed_text, general_policy_arm, general_text, loglog_slope, unreached, violating_rows
 
 NAME = "theorem3"
 FAMILIES = ("Pi", "Pi'")
@@ -200,6 +200,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         slow_bad = ~fast & (time < (1 - config.tolerance) * lower)
     accuracy = np.asarray(metrics.accuracy(cells["rm"], cells["gt"]))
     variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
+    split = unreached(np.asarray(result.status)[:, 0], np.asarray(result.t_end)[:, 0], np.where(fast, np.nan, lower))
     general, general_violating = general_arm(config)
     progress(
         f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "
@@ -226,7 +227,10 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         },
         # Unreached by t_max; a slow cell's time is then only known to exceed t_max, which
         # satisfies its lower bound, and a fast cell's counts against its upper bound above.
-        "censored": int((~np.isfinite(time)).sum()),
+        # A failed solve is known only to exceed where it stopped: counted apart.
+        "censored": int(split["censored"].sum()),
+        "failed": int(split["failed"].sum()),
+        "undecided": int(split["undecided"].sum()),
         "min_slack": {
             "fast_upper": float(np.min(upper[fast] / time[fast])),
             "slow_lower": float(np.min(time[~fast] / lower[~fast])),
@@ -241,7 +245,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     summary["verdict"] = (
         f"{summary['instances']} flows; violations fast bound {summary['violations']['fast_upper']}, slow bound "
         f"{summary['violations']['slow_lower']}; smallest slack {fmt(summary['min_slack']['fast_upper'])} and "
-        f"{fmt(summary['min_slack']['slow_lower'])}; {summary['censored']} censored at t_max; the student decides "
+        f"{fmt(summary['min_slack']['slow_lower'])}; {summary['censored']} censored at t_max, {summary['failed']} failed solves; the student decides "
         f"the better teacher {_decides_text(summary)} (general-policy arm: {100 * general['student_decides']:.3g}% "
         "of cases, "
         f"Proposition A violations {general['prop_a_violations']})"
@@ -359,7 +363,7 @@ def _markdown(summary: dict, config: Theorem3Config) -> str:
             rows.append(f"| {horizon} | {family} | {fmt(cell(TEACHERS[0]))} | {fmt(cell(TEACHERS[1]))} |")
     return f"""## Theorem 3 / 6: the best teacher depends on the student
 
-**Verdict:** {summary["instances"]} exact flows ({summary["censored"]} not reached by `t_max`, censored), violations: fast upper bound {v["fast_upper"]}, slow lower bound {v["slow_lower"]}. Smallest slack: fast {fmt(s["fast_upper"])} (bound over time), slow {fmt(s["slow_lower"])} (time over bound). Mean accuracy over all pairs: `r_RM` {summary["accuracy"][TEACHERS[0]]:.3f}, `r'_RM` {summary["accuracy"][TEACHERS[1]]:.3f} (`y_g` is the best output, `y_g'` the second best).
+**Verdict:** {summary["instances"]} exact flows ({summary["censored"]} not reached by `t_max`, censored), violations: fast upper bound {v["fast_upper"]}, slow lower bound {v["slow_lower"]}. Smallest slack: fast {fmt(s["fast_upper"])} (bound over time), slow {fmt(s["slow_lower"])} (time over bound). Mean accuracy over all pairs: `r_RM` {summary["accuracy"][TEACHERS[0]]:.3f}, `r'_RM` {summary["accuracy"][TEACHERS[1]]:.3f} (`y_g` is the best output, `y_g'` the second best).{failed_text(summary["failed"], summary["undecided"])}
 
 Median `t_gamma` on the ground truth (`c = {config.good_mass}`; `lam` 0 and at the limit pooled):
 
