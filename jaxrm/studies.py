@@ -307,15 +307,34 @@ def fmt(value, digits=3) -> str:
     return f"{value:.{digits - 1}e}"
 
 
-def correlations(x, outcome, *, seed: int, num_resamples: int = 2000) -> dict[str, list[float]]:
+def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=None) -> dict[str, list[float]]:
     """Pearson and Spearman correlations over models of a property ``x [M]`` with an outcome
     ``[M]`` or ``[M, S]`` (``S`` seeds), each as ``[estimate, low, high]`` with the 95%
     two-stage bootstrap interval of :func:`jaxrm.metrics.bootstrap_correlation` (models and
-    seeds resampled)."""
+    seeds resampled).
+
+    With ``clusters`` (``[M]`` ids; an outcome ``[M]``): models that are not independent, such
+    as the checkpoints of one training run, and the interval resamples whole clusters
+    (:func:`cluster_bootstrap`)."""
     import jax
+    import scipy.stats
 
     from jaxrm import metrics
 
+    if clusters is not None:
+        x, outcome = np.asarray(x, float), np.asarray(outcome, float)
+        if outcome.shape != x.shape or np.shape(clusters) != x.shape:
+            raise ValueError(f"with clusters, x {x.shape}, outcome {outcome.shape} and clusters must be one [M].")
+        kinds = {"pearson": scipy.stats.pearsonr, "spearman": scipy.stats.spearmanr}
+        return {
+            kind: cluster_bootstrap(
+                lambda index, fit=fit: fit(x[index], outcome[index])[0],
+                clusters,
+                seed=seed,
+                num_resamples=num_resamples,
+            )
+            for kind, fit in kinds.items()
+        }
     out = {}
     for kind in ("pearson", "spearman"):
         fit = metrics.bootstrap_correlation(
@@ -327,6 +346,24 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000) -> dict[st
         )
         out[kind] = [float(fit.estimate), float(fit.low), float(fit.high)]
     return out
+
+
+def cluster_bootstrap(statistic, clusters, *, seed: int, num_resamples: int = 2000, level: float = 0.95) -> list[float]:
+    """``[estimate, low, high]``: ``statistic(index)`` over every unit, and its percentile-bootstrap
+    interval when whole clusters are resampled (``clusters [M]``: an id per unit, e.g. the
+    training run each checkpoint belongs to). Units of one cluster are not independent, and
+    resampling them one by one would make the interval too narrow."""
+    clusters = np.asarray(clusters)
+    inverse = np.unique(clusters, return_inverse=True)[1]
+    members = [np.flatnonzero(inverse == i) for i in range(inverse.max() + 1)]
+    if len(members) < 2:
+        raise ValueError(f"cluster_bootstrap needs at least 2 clusters, got {len(members)}.")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(members), (num_resamples, len(members)))
+    values = [statistic(np.concatenate([members[j] for j in draw])) for draw in draws]
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return [float(statistic(np.arange(clusters.size))), float(low), float(high)]
 
 
 def compare_to_reference(reference, others, *, level: float = 0.95) -> dict:

@@ -163,6 +163,20 @@ def test_a_violations_file_belongs_to_the_run_that_wrote_it(tmp_path):
     assert not (tmp_path / "study_violations.json").exists()
 
 
+def test_cluster_bootstrap_resamples_whole_clusters():
+    from jaxrm.studies import cluster_bootstrap
+
+    # 40 clusters of 10 equal units: as wide as a bootstrap of the 40 cluster values alone, about
+    # sqrt(10) times wider than one that took the 400 units as independent.
+    values = np.repeat(np.random.default_rng(0).normal(size=40), 10)
+    estimate, low, high = cluster_bootstrap(lambda index: values[index].mean(), np.repeat(np.arange(40), 10), seed=0)
+    assert estimate == pytest.approx(values.mean())
+    expected = 2 * 1.96 * values[::10].std() / np.sqrt(40)
+    assert 0.8 * expected < high - low < 1.2 * expected
+    with pytest.raises(ValueError, match="at least 2 clusters"):
+        cluster_bootstrap(lambda index: 0.0, np.zeros(5), seed=0)
+
+
 def test_config_is_validated_by_name():
     with pytest.raises(ValueError, match="scaled_gamma"):
         theorem1.Theorem1Config(scaled_gamma=2.0)
@@ -400,6 +414,12 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     altered["models"][best_of_n.low_variance_name(0.0)]["variance"] = 0.1
     assert best_of_n._low_variance_text(altered, 16).count("really lower") == 2
     assert summaries["theorem3"]["student_decides"] == 1.0
+    cells = len(summaries["theorem3"]["config"]["horizons"]) * 2
+    assert f"in every one of the {cells} (T, family) cells" in theorem3._conclusion(summaries["theorem3"])
+    swapped = json.loads(json.dumps(summaries["theorem3"]))
+    first = next(iter(swapped["table"].values()))
+    first["median_variance"] = -1.0  # the faster or slower teacher of that cell now has the other order
+    assert f"in {cells - 1} of {cells} (T, family) cells" in theorem3._conclusion(swapped)
     assert summaries["theorem2"]["fast_beats_accurate_slow"]["10000"] == 1.0
     for name, per_problem in (("theorem2", 12), ("theorem3", 24)):  # the general-policy arm ran and was checked
         general = summaries[name]["general_policy"]
@@ -409,6 +429,15 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     paradox = summaries["paradox"]
     assert set(paradox["table2"]) == {"variance", "on_policy_accuracy", "off_policy_accuracy"}
     assert paradox["instances"] >= 100
+    # The moderate-accuracy sentence follows the two gaps' intervals.
+    from theory import paradox as paradox_study
+
+    config = paradox_study.ParadoxConfig(**paradox["config"])
+    altered = json.loads(json.dumps(paradox))
+    altered["moderate_accuracy"] |= {"accuracy_gap": [0.05, 0.03, 0.07], "relative_gain_gap": [0.2, 0.1, 0.3]}
+    assert "sit at moderate accuracy here, as Chen et al. found" in paradox_study._markdown(altered, config)
+    altered["moderate_accuracy"]["relative_gain_gap"] = [0.02, 0.005, 0.03]
+    assert "does not appear in this exact model" in paradox_study._markdown(altered, config)
 
 
 def test_theorem2_teachers_have_the_accuracy_and_variance_the_theorem_says():

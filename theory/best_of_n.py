@@ -312,7 +312,7 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
         f"| {name} | {m['accuracy']:.3f} | {m['on_policy_accuracy']:.3f} | {fmt(m['variance'])} | {fmt(m[f'bon{n}_gain'])} | {fmt(m['pg_gain'])} |"
         for name, m in summary["models"].items()
     )
-    return f"""## Proposition 1: Best-of-N rewards accuracy, policy gradient rewards variance
+    return f"""## Proposition 1: Best-of-N and policy gradient, against accuracy and variance
 
 **Verdict:** {summary["instances"]} (problem, reward model) pairs, N = 1..{config.max_n}: the perfectly accurate model was beaten on {summary["violations"]["perfect_not_optimal"]} of {summary["prompt_checks"]} (N, problem, prompt) checks, each prompt on its own (Proposition 1 expects 0).
 

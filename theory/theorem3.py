@@ -320,6 +320,27 @@ def _decides_text(summary: dict, draws: str = "problems") -> str:
     )
 
 
+def _variance_text(summary: dict) -> str:
+    """Whether the reward variance under the student orders the teachers as their times do,
+    counted over the (T, family) cells of the table (medians over problems and both lam)."""
+    cells = summary["table"]
+    pairs = [
+        (cells[f"T={horizon} {family} {TEACHERS[0]}"], cells[f"T={horizon} {family} {TEACHERS[1]}"])
+        for horizon in summary["config"]["horizons"]
+        for family in FAMILIES
+    ]
+    agree = sum((a["median_variance"] > b["median_variance"]) == (a["median_t"] < b["median_t"]) for a, b in pairs)
+    if agree == len(pairs):
+        return (
+            "The reward variance under the student does: in every one of the "
+            f"{len(pairs)} (T, family) cells the faster teacher has the larger median variance."
+        )
+    return (
+        f"The reward variance under the student orders the teachers as their median times do in {agree} of "
+        f"{len(pairs)} (T, family) cells."
+    )
+
+
 def _conclusion(summary: dict) -> str:
     """Whether the student decides the better teacher, worded from the measured share."""
     share = summary["student_decides"]
@@ -329,8 +350,8 @@ def _conclusion(summary: dict) -> str:
         less = "*less* accurate" if second < first else "no less accurate"
         text += (
             f" Swap the student and the other model wins, so for students from `Pi'` the {less} `r'_RM` is "
-            "the better teacher. Accuracy, a property of the reward model alone, cannot say this; the reward "
-            "variance under the student (at most `8/T^2` for the teacher of the neglected output) does."
+            "the better teacher. Accuracy, a property of the reward model alone, cannot say this. "
+            + _variance_text(summary)
         )
     elif share > 0.5:
         text += " The student tips the choice in most cases but not reliably: accuracy and variance both fail to decide it alone here."
