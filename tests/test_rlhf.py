@@ -94,6 +94,10 @@ def test_one_iteration_on_1_and_4_devices_gives_the_same_parameters(tmp_path):
     for other in (four, fsdp):
         for a, b in zip(_leaves(one.params), _leaves(other.params)):
             np.testing.assert_allclose(a, b, atol=1e-5)
+    # A second chunk takes the state as the first one left it (the chunk's program fixes its
+    # output shardings; XLA had laid the small fsdp parameters out otherwise, and it failed).
+    _, history = _run(tmp_path, "fsdp_chunks", 2, mesh=make_mesh(), param_sharding="fsdp", checkpoint_every=1)
+    assert history["iteration"].tolist() == [0, 1]
 
 
 def policy_params():

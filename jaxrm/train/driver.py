@@ -440,6 +440,10 @@ def run_rlhf(
         began = time.perf_counter()
         if log is not None:
             log(f"compiling {length} iteration(s) for a batch of {list(batch_axes) or 'one run'} ...")
+        # The state leaves a chunk as it entered, so that the next chunk (compiled for these input
+        # shardings) can take it; left to itself XLA may lay out small parameters otherwise.
+        if mesh is not None:
+            train = jax.jit(train, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
         _COMPILED[key] = (jax.jit(train).lower(state, data).compile(), progress)
         if len(_COMPILED) > _COMPILED_KEEP:
             _COMPILED.popitem(last=False)
