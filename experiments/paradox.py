@@ -8,9 +8,10 @@ Several Bradley-Terry runs (``on_policy_fraction`` of the prompts with on-policy
 teacher study's task; one run per reward-model seed and label-noise level, side by side in one
 vmapped program) are each saved at ``checkpoints`` steps, so the saves span a wide range of
 held-out accuracy. Every save then teaches the SFT policy by RLOO (every save and seed in one
-vmapped program). A run is stopped when its KL to the initial policy first reaches
-``kl_budget`` (read off the recorded curves: the vmapped runs go on, the stopping point is where
-each would have stopped); its ground-truth reward there is the outcome. Reported against each
+vmapped program). A run is stopped when its KL to the initial policy, averaged over 5
+iterations, first reaches ``kl_budget`` (read off the recorded curves: the vmapped runs go on,
+the stopping point is where each would have stopped); its ground-truth reward there, averaged
+over the same 5 iterations, is the outcome. Reported against each
 save's accuracy, training step, and the mean and variance of its rewards under the initial
 policy, with a verdict per training run and overall.
 """
@@ -30,6 +31,10 @@ from experiments.tasks import TopicTask
 from jaxrm import metrics, studies
 from jaxrm.models import load_model
 
+# Iterations over which a run's KL and ground truth are averaged where it is read off: one RLOO
+# iteration's KL estimate is noisy, and a run would otherwise stop on a spike.
+SMOOTHING = 5
+
 
 @dataclasses.dataclass(frozen=True)
 class ParadoxConfig(study.TeacherConfig):
@@ -43,7 +48,8 @@ class ParadoxConfig(study.TeacherConfig):
       on_policy_fraction: share of the prompts of every run with on-policy pairs, in [0, 1].
       checkpoints: saves per run that teach (spread geometrically over its steps; at least 3,
         for the correlations over saves).
-      kl_budget: a run is read off where its KL to the initial policy first reaches this.
+      kl_budget: a run is read off where its KL to the initial policy, a moving average over 5
+        iterations (as its ground truth there), first reaches this.
     """
 
     student_sharpness: tuple[float, ...] = studies.checked(
@@ -208,7 +214,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     accuracy = correct.mean(-1).tolist()
     names = [f"{run_name(runs[r])} step {step}" for r, step in saves]
     (result,) = study.run_students(config, task, [sft], teacher, params, [stats], out_dir, log, teacher_names=names)
-    window = min(5, config.iterations)
+    window = min(SMOOTHING, config.iterations)
     outcome, stop, reached = _stop_at_budget(result["kl"], result["ground_truth_reward"], config.kl_budget, window)
     verdicts = run_verdicts(saves, correct, outcome, len(runs))
     all_reached = reached.all(-1)
@@ -323,7 +329,8 @@ def report(config, summary) -> str:
         f"**{summary['verdict']}**.",
         "",
         f"{len(summary['runs'])} reward-model runs x {len(summary['steps']) // len(summary['runs'])} saves; each save "
-        f"teaches the SFT policy by RLOO until its KL reaches {config.kl_budget} (or {config.iterations} "
+        f"teaches the SFT policy by RLOO until its KL, averaged over {min(SMOOTHING, config.iterations)} iterations as "
+        f"its ground truth is, reaches {config.kl_budget} (or {config.iterations} "
         f"iterations: {summary['budget_unreached']} of {len(summary['steps']) * config.seeds} runs did not reach "
         f"it and are read off at the end); mean ± std over {config.seeds} seeds. Initial ground truth "
         f"{fmt(summary['initial_ground_truth'])}.",
@@ -387,7 +394,7 @@ def main(argv=None):
         presets={
             "cpu": "the default, about 8 min on 2 CPU cores",
             "ci": "a smoke run for the tests",
-            "paper": "the paper's rates, from --set policy_checkpoint=DIR (GPU/TPU)",
+            "paper": "the paper's rates for a pretrained model; needs --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
     run(*studies.parse_study(parser, ParadoxConfig, argv))

@@ -112,7 +112,9 @@ class TopicTask:
         """``r_G`` of every row (the teacher signature of :mod:`jaxrm.train.rlhf`; ``params`` unused)."""
         del params, prompt_mask
         table = jnp.asarray(self.scores, jnp.float32)
-        token_scores = table[self.topics(prompt)[:, None], response]
+        # A policy with a larger vocabulary (a Pythia checkpoint) can draw ids past the table: they
+        # score -1 like every other non-response token, where a plain gather would clamp them.
+        token_scores = table.at[self.topics(prompt)[:, None], response].get(mode="fill", fill_value=-1.0)
         weights = response_mask.astype(jnp.float32)
         return jnp.sum(token_scores * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
 

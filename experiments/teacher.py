@@ -44,7 +44,7 @@ from flax import nnx
 
 from experiments.tasks import TopicTask
 from jaxrm import metrics
-from jaxrm.models import CausalLM, RewardModel, load_hf, load_model, preset, sample, save_model
+from jaxrm.models import CausalLM, RewardModel, load_hf, load_model, preset, read_hf_config, sample, save_model
 from jaxrm.studies import (
     NON_NEGATIVE,
     POSITIVE,
@@ -213,7 +213,21 @@ class TeacherConfig:
     kl_coef: float = checked(0.05, NON_NEGATIVE)
     rloo: str = checked("official", (lambda v: v in ("plain", "official"), "one of 'plain', 'official'"))
     task_seed: int = checked(0, NON_NEGATIVE)
-    seed: int = checked(0, NON_NEGATIVE)
+    seed: int = checked(
+        0,
+        (
+            lambda v: 0 <= v < 2**53 // STREAMS,
+            f"in [0, {2**53 // STREAMS}) (its streams are seed * {STREAMS} + offset)",
+        ),
+    )
+
+    def check_preset(self, name: str) -> None:
+        """Refuse a config that its preset cannot run with (called on the command line's config)."""
+        if name == "paper" and not self.policy_checkpoint:
+            raise ValueError(
+                "--preset paper needs --set policy_checkpoint=DIR (a local Pythia checkpoint): its learning "
+                "rates are the paper's, for a pretrained model, not for a fresh miniature one."
+            )
 
     @classmethod
     def preset(cls, name: str) -> TeacherConfig:
@@ -258,11 +272,17 @@ class TeacherConfig:
     def __post_init__(self):
         check_fields(self)
         name = type(self).__name__
-        if self.policy_checkpoint and not Path(self.policy_checkpoint, "config.json").is_file():
-            raise ValueError(
-                f"{name}.policy_checkpoint={self.policy_checkpoint!r} is not a Hugging Face model directory "
-                "(no config.json there)."
-            )
+        if self.policy_checkpoint:
+            try:
+                vocab_size = read_hf_config(self.policy_checkpoint).vocab_size
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{name}.policy_checkpoint={self.policy_checkpoint!r}: {error}") from None
+            needed = TopicTask(seed=self.task_seed).vocab_size
+            if vocab_size < needed:
+                raise ValueError(
+                    f"{name}.policy_checkpoint={self.policy_checkpoint!r} has a vocabulary of {vocab_size} tokens, "
+                    f"smaller than the task's {needed}."
+                )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"{name}.hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}.")
         if self.chunk > self.iterations:
@@ -351,12 +371,8 @@ def train_students(config, task, out_dir, log):
     for index, sharpness in enumerate(config.student_sharpness):
 
         def build(sharpness=sharpness):
-            if config.policy_checkpoint:
+            if config.policy_checkpoint:  # its vocabulary was checked with the config
                 model = load_hf(config.policy_checkpoint)
-                if model.config.vocab_size < task.vocab_size:
-                    raise ValueError(
-                        f"{config.policy_checkpoint} has a vocabulary smaller than the task's {task.vocab_size}."
-                    )
             else:
                 model = CausalLM(_model_config(config, task), rngs=nnx.Rngs(config.stream("sft init")))
             demonstrator = dataclasses.replace(task, demo_sharpness=sharpness)  # same ground truth
@@ -1046,7 +1062,7 @@ def main(argv=None):
         presets={
             "cpu": "the default, about 14 min on 2 CPU cores",
             "ci": "a smoke run for the tests",
-            "paper": "the paper's rates, from --set policy_checkpoint=DIR (GPU/TPU)",
+            "paper": "the paper's rates for a pretrained model; needs --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
     run(*parse_study(parser, TeacherConfig, argv))

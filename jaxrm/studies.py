@@ -559,6 +559,8 @@ def parse_study(parser: argparse.ArgumentParser, config_cls, argv=None):
     args = parser.parse_args(argv)
     try:
         config = config_with_overrides(config_cls.preset(args.preset), args.set)
+        if hasattr(config, "check_preset"):  # settings that one preset needs
+            config.check_preset(args.preset)
         out_dir = check_out_directory(args.out)
         use_compilation_cache(args.compilation_cache)
         return out_dir, config

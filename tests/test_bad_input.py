@@ -59,6 +59,7 @@ STUDY_CASES = [
     (experiments.teacher, ["sft_examples=2.5"], r"sft_examples=2\.5: must be an int"),
     (experiments.teacher, ["policy_checkpoint=/no/such/model"], r"policy_checkpoint='/no/such/model'"),
     (experiments.teacher, ["bogus=1"], r"unknown TeacherConfig key\(s\) \['bogus'\]"),
+    (experiments.teacher, ["seed=10000000000000000"], r"seed=10000000000000000: must be in \[0, 9007199254740\)"),
     (experiments.teacher, ["seeds"], r"KEY=VALUE.*'seeds'"),
     (experiments.paradox, ["kl_budget=-1"], r"kl_budget=-1: must be > 0"),
     (experiments.paradox, ["on_policy_fraction=2"], r"on_policy_fraction=2: must be in \[0, 1\]"),
@@ -414,6 +415,34 @@ def hf_checkpoint(tmp_path_factory):
     from tests.tiny_checkpoint import save_tiny_gpt_neox
 
     return save_tiny_gpt_neox(tmp_path_factory.mktemp("hf") / "tiny", vocab_size=64)
+
+
+def test_a_study_checks_its_policy_checkpoint_and_preset_before_anything(hf_checkpoint, tmp_path, capsys, no_study_run):
+    import shutil
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(hf_checkpoint / "config.json", no_weights)
+    small = tmp_path / "small"  # 30 tokens: the task needs 40
+    from tests.tiny_checkpoint import save_tiny_gpt_neox
+
+    save_tiny_gpt_neox(small, vocab_size=30)
+    cases = [
+        (["--preset", "ci", "--set", f"policy_checkpoint={no_weights}"], r"has no \*\.safetensors files"),
+        (
+            ["--preset", "ci", "--set", f"policy_checkpoint={small}"],
+            r"vocabulary of 30 tokens, smaller than the task's 40",
+        ),
+        (["--preset", "paper"], r"--preset paper needs --set policy_checkpoint=DIR"),
+    ]
+    for module in (experiments.teacher, experiments.paradox):
+        for arguments, message in cases:
+            out = tmp_path / "run"
+            with pytest.raises(SystemExit) as exit_:
+                module.main([*arguments, "--out", str(out)])
+            assert exit_.value.code == 2
+            assert __import__("re").search(message, capsys.readouterr().err)
+            assert not out.exists()
 
 
 def _copy(directory, tmp_path):

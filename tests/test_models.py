@@ -179,6 +179,15 @@ def test_checkpoint_round_trip_is_exact_and_never_overwrites(tiny_lm, tmp_path):
     with pytest.raises(FileExistsError):
         save_model(tiny_lm, tmp_path / "lm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "rm"]  # no staging directories left
+    # Saved from 4 devices, it loads onto the default device unless told where.
+    sharded = shard_model(CausalLM(preset("tiny"), rngs=nnx.Rngs(0)), make_mesh(), strategy="fsdp")
+    path = save_model(sharded, tmp_path / "sharded")
+    restored = load_model(path)
+    assert {leaf.sharding for leaf in jax.tree.leaves(nnx.state(restored))} == {
+        jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    }
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(restored))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -12,7 +12,7 @@
 
 from jaxrm.models.checkpoint import load_model, read_metadata, save_model
 from jaxrm.models.config import PRESETS, TransformerConfig, preset
-from jaxrm.models.hf import load_hf, read_safetensors
+from jaxrm.models.hf import load_hf, read_hf_config, read_safetensors
 from jaxrm.models.sampling import (
     Samples,
     SamplingOptions,
@@ -40,6 +40,7 @@ __all__ = [
     "inverse_cdf_sample",
     "last_token_index",
     "load_hf",
+    "read_hf_config",
     "load_model",
     "make_sampler",
     "pad_sequences",

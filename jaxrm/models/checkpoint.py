@@ -70,8 +70,16 @@ def _all_finite(x):
 
 
 def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata: dict | None = None) -> Path:
-    """Write ``model`` to ``directory`` (which must not exist yet); returns the directory."""
+    """Write ``model`` to ``directory`` (which must not exist yet); returns the directory.
+
+    One process only: under ``jax.distributed`` it refuses (a run's state is checkpointed across
+    processes by :func:`jaxrm.train.run_rlhf`)."""
     directory = Path(directory).absolute()
+    if jax.process_count() > 1:
+        raise RuntimeError(
+            f"save_model writes from one process, and this is one of {jax.process_count()} (jax.distributed); "
+            "run_rlhf checkpoints a run's state across processes."
+        )
     kind = type(model).__name__
     if kind not in _MODEL_CLASSES:
         raise TypeError(f"save_model stores {list(_MODEL_CLASSES)}, not {kind}.")
@@ -129,7 +137,9 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
     """Rebuild the model saved by :func:`save_model`.
 
     ``sharding``: optional pytree of ``jax.sharding.Sharding`` matching the parameters (as from
-    :func:`jaxrm.sharding.param_shardings`), to restore straight onto a mesh.
+    :func:`jaxrm.sharding.param_shardings`), to restore straight onto a mesh. Without it the
+    parameters go to the default device, whatever devices they were saved from; under
+    ``jax.distributed`` it is required.
     ``allow_nonfinite``: load parameters holding NaN or inf instead of refusing them.
 
     A damaged checkpoint (unreadable files, or parameters whose checksum differs from the one
@@ -144,12 +154,15 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
     abstract = nnx.eval_shape(lambda: _MODEL_CLASSES[record["class"]](config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    if sharding is not None:
-        target = jax.tree.map(
-            lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-            target,
-            nnx.to_pure_dict(sharding),
-        )
+    if sharding is None:
+        if jax.process_count() > 1:
+            raise ValueError("under jax.distributed, load_model needs sharding= (one for every process's devices).")
+        sharding = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    else:
+        sharding = nnx.to_pure_dict(sharding)
+    target = jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), target, sharding
+    )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(directory / "params", target)

@@ -110,6 +110,15 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return files
 
 
+def read_hf_config(path: str | Path) -> TransformerConfig:
+    """The :class:`TransformerConfig` of a local Hugging Face GPT-NeoX directory, once it is known
+    to hold a usable ``config.json`` and ``*.safetensors`` files (as :func:`load_hf` needs);
+    no tensor is read, so a caller can check a checkpoint before any work."""
+    directory = Path(path)
+    _checkpoint_files(directory)
+    return _read_config(directory, {})
+
+
 def _hf_name(path: tuple) -> tuple[str, bool]:
     """The Hugging Face tensor name of an nnx parameter path, and whether it is transposed."""
     *module, leaf = (str(p) for p in path)
