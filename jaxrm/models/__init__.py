@@ -2,7 +2,8 @@
 
 - :class:`CausalLM` / :class:`RewardModel` built from a :class:`TransformerConfig` (or a named
   :func:`preset`, ``"tiny"`` to ``"pythia-2.8b"``);
-- :func:`load_hf`: a local Hugging Face GPT-NeoX directory (safetensors only) into either;
+- :func:`load_hf`: a local Hugging Face GPT-NeoX directory (safetensors only) into either, and
+  :func:`read_hf_config`: its config, checked without reading a tensor;
 - :func:`sample`: batched KV-cache generation with temperature / top-k / top-p / EOS, and
   :func:`make_sampler`, its pure form for use inside a jitted training step;
 - :func:`sequence_log_probs` / :func:`token_log_probs`: log-probs of sampled tokens by a plain
@@ -40,11 +41,11 @@ __all__ = [
     "inverse_cdf_sample",
     "last_token_index",
     "load_hf",
-    "read_hf_config",
     "load_model",
     "make_sampler",
     "pad_sequences",
     "preset",
+    "read_hf_config",
     "read_metadata",
     "read_safetensors",
     "sample",
