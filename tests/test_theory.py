@@ -490,6 +490,10 @@ def test_censored_slopes_recover_a_slope_that_dropping_the_censored_biases():
     assert fit["at_t_max_is_upper_bound"] and fit["at_t_max"] >= fit["tobit"]
     uncensored = censored_slopes(variance, np.exp(log_t), t_max)
     assert uncensored["censored"] == 0 and uncensored["tobit"] == uncensored["at_t_max"] == uncensored["reached_slope"]
+    # An EM stopped before it converged gives no Tobit slope, and the report says so.
+    stopped = censored_slopes(variance, np.where(np.exp(log_t) > t_max, np.inf, np.exp(log_t)), t_max, iterations=2)
+    assert not stopped["tobit_converged"] and np.isnan(stopped["tobit"])
+    assert theorem1._censored_slope_text(stopped).endswith("Tobit not converged")
 
 
 def test_theorem1_prose_follows_the_measurements(quick_run):

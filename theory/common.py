@@ -111,7 +111,8 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
       this value;
     - ``tobit``: maximum likelihood of ``log t = a + b log x + sigma N(0, 1)`` right-censored at
       ``log t_max`` (Tobin 1958), by EM from the ``at_t_max`` fit; with ``groups``, one
-      intercept per group. NaN when fewer than 3 points.
+      intercept per group. NaN when fewer than 3 points, and NaN when the EM has not converged
+      within ``iterations`` (``tobit_converged`` False), rather than its last iterate.
     """
     log_x = np.log(np.asarray(x, float))
     t = np.asarray(t, float)
@@ -120,8 +121,10 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
     group_index = np.zeros(log_x.size, int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     out = {"reached": int((~censored).sum()), "censored": int(censored.sum())}
     if log_x.size < 3:
-        return {**out, "at_t_max_is_upper_bound": False} | dict.fromkeys(
-            ("reached_slope", "at_t_max", "tobit"), math.nan
+        return (
+            {**out, "at_t_max_is_upper_bound": False}
+            | dict.fromkeys(("reached_slope", "at_t_max", "tobit"), math.nan)
+            | {"tobit_converged": False}
         )
     design = np.concatenate([np.eye(group_index.max() + 1)[group_index], log_x[:, None]], axis=1)
 
@@ -135,10 +138,11 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
     group_mean = (np.bincount(group_index, log_x) / np.bincount(group_index))[group_index]
     out["at_t_max_is_upper_bound"] = bool(np.all(log_x[censored] <= group_mean[censored]))
     if not censored.any():
-        out["tobit"] = out["at_t_max"]
+        out["tobit"], out["tobit_converged"] = out["at_t_max"], True
         return out
     sigma = max(float(np.std(log_t - design @ coef)), 1e-6)
     limit = math.log(t_max)
+    converged = False
     for _ in range(iterations):  # EM: censored values replaced by their conditional moments
         mean = design @ coef
         alpha = (limit - mean[censored]) / sigma
@@ -154,7 +158,8 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
         coef, sigma = new, sigma_new
         if converged:
             break
-    out["tobit"] = float(coef[-1])
+    out["tobit_converged"] = bool(converged)
+    out["tobit"] = float(coef[-1]) if converged else math.nan
     return out
 
 

@@ -626,7 +626,8 @@ def _censored_slope_text(fit: dict) -> str:
     if not fit["censored"]:
         return "none censored"
     relation = "at most" if fit["at_t_max_is_upper_bound"] else "with them at t_max:"
-    return f"{relation} {fit['at_t_max']:.3f}; Tobit {fit['tobit']:.3f}"
+    tobit = f"{fit['tobit']:.3f}" if fit["tobit_converged"] else "not converged"
+    return f"{relation} {fit['at_t_max']:.3f}; Tobit {tobit}"
 
 
 def _markdown(summary: dict) -> str:
