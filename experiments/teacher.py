@@ -216,8 +216,9 @@ class TeacherConfig:
     seed: int = checked(
         0,
         (
-            lambda v: 0 <= v < 2**53 // STREAMS,
-            f"in [0, {2**53 // STREAMS}) (its streams are seed * {STREAMS} + offset)",
+            # jax.random.key keeps a seed's low 32 bits: every stream must fit in them.
+            lambda v: 0 <= v < 2**32 // STREAMS - 1,
+            f"in [0, {2**32 // STREAMS - 1}) (its streams, seed * {STREAMS} + offset, are 32-bit keys)",
         ),
     )
 

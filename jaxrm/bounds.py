@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxrm._checks import check_int
+
 
 def _checked(name: str, value, *, positive: bool = False):
     """``value`` as a float array; ``ValueError`` naming ``name`` if any entry is NaN or out of range."""
@@ -20,12 +22,6 @@ def _checked(name: str, value, *, positive: bool = False):
         rule = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be {rule} (and not NaN); got {array[bad].ravel()[:4].tolist()}.")
     return array
-
-
-def _checked_count(name: str, value) -> int:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    return int(value)
 
 
 def _checked_rho(rho, mass, mass_name: str):
@@ -57,7 +53,7 @@ def _checked_min_prob(min_prob):
 
 
 def _checked_structure(length, jacobian_norm):
-    _checked_count("length", length)
+    check_int("length", length, low=1)
     _checked("jacobian_norm", jacobian_norm, positive=True)
 
 
@@ -106,7 +102,7 @@ def proposition3_lower_bound(gamma: ArrayLike, variance: ArrayLike, *, num_promp
     97.541
     """
     gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
-    num_prompts = _checked_count("num_prompts", num_prompts)
+    check_int("num_prompts", num_prompts, low=1)
     with np.errstate(divide="ignore"):
         return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) / np.sqrt(variance)
 
@@ -196,7 +192,8 @@ def theorem2_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
     >>> round(float(theorem2_slow_lower_bound(0.2, 100, num_prompts=1)), 3)
     19.033
     """
-    gamma, num_prompts = _checked("gamma", gamma, positive=True), _checked_count("num_prompts", num_prompts)
+    check_int("num_prompts", num_prompts, low=1)
+    gamma = _checked("gamma", gamma, positive=True)
     return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) * _checked("horizon", horizon, positive=True)
 
 
@@ -209,7 +206,7 @@ def theorem2_fast_upper_bound(rho: ArrayLike, good_prob: ArrayLike, *, num_promp
     128.0
     """
     rho, good_prob = _checked_rho(rho, good_prob, "good_prob")
-    num_prompts = _checked_count("num_prompts", num_prompts)
+    check_int("num_prompts", num_prompts, low=1)
     return 4.0 * num_prompts / (1.0 - rho) ** 4 * (1.0 / good_prob - 1.0 / rho)
 
 
@@ -234,7 +231,7 @@ def theorem3_fast_upper_bound(rho: ArrayLike, good_prob_floor: ArrayLike, *, num
     32.0
     """
     rho, floor = _checked_rho(rho, good_prob_floor, "good_prob_floor")
-    num_prompts = _checked_count("num_prompts", num_prompts)
+    check_int("num_prompts", num_prompts, low=1)
     return 2.0 * num_prompts / (1.0 - rho) ** 3 * (1.0 / floor - 1.0 / rho)
 
 
@@ -257,5 +254,6 @@ def theorem3_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
     >>> round(float(theorem3_slow_lower_bound(0.2, 100, num_prompts=2)), 3)
     13.458
     """
-    gamma, num_prompts = _checked("gamma", gamma, positive=True), _checked_count("num_prompts", num_prompts)
+    check_int("num_prompts", num_prompts, low=1)
+    gamma = _checked("gamma", gamma, positive=True)
     return num_prompts / np.sqrt(2.0) * -np.expm1(-gamma / 2.0) * _checked("horizon", horizon, positive=True)

@@ -51,7 +51,16 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxrm import pg
-from jaxrm._checks import check_fields, check_finite, check_token_ids, checked, int_at_least, is_concrete, one_of
+from jaxrm._checks import (
+    check_fields,
+    check_finite,
+    check_int,
+    check_token_ids,
+    checked,
+    int_at_least,
+    is_concrete,
+    one_of,
+)
 from jaxrm.metrics import KL_ESTIMATORS, kl_estimate, reward_variance
 from jaxrm.tabular import ExactPolicy, Logits
 
@@ -532,8 +541,7 @@ def estimate_many_moments(
         raise ValueError("estimate_moments takes a concrete kl_coef (it loops over chunks in Python).")
     if not (np.ndim(kl_coef) == 0 and np.isfinite(kl_coef) and kl_coef >= 0):
         raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef}.")
-    if not (isinstance(chunk, int) and chunk >= 1):
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}.")
+    check_int("chunk", chunk, low=1)
     _structure(policy)
     if len({e.k for e in estimators}) != 1:
         raise ValueError(f"estimate_many_moments needs one k, got {sorted({e.k for e in estimators})}.")

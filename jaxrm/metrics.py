@@ -150,8 +150,7 @@ def tied_group_probability(logits: ArrayLike, rewards: ArrayLike, *, k: int) -> 
     >>> float(tied_group_probability(jnp.log(jnp.array([0.5, 0.25, 0.25])), jnp.array([0.0, 1.0, 1.0]), k=2))
     0.5
     """
-    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-        raise ValueError(f"k must be an int >= 1, got {k!r}.")
+    check_int("k", k, low=1)
     _validate_exact(logits, rewards, None)
     probs = probabilities(logits)
     rewards = jnp.asarray(rewards)
@@ -624,8 +623,7 @@ def _bootstrapped_correlations(x, y, key, kind, num_resamples, level, *, name="x
     the same correlations on ``num_resamples`` two-stage resamples, ``[num_resamples, P]``.
     ``name``: the caller's argument that ``x`` holds, for the error messages."""
     check_choice("kind", kind, ("spearman", "pearson"))
-    if not (isinstance(num_resamples, int) and not isinstance(num_resamples, bool) and num_resamples >= 1):
-        raise ValueError(f"num_resamples must be an int >= 1, got {num_resamples!r}.")
+    check_int("num_resamples", num_resamples, low=1)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
     x, y = jnp.asarray(x), jnp.asarray(y)

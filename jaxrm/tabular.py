@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxrm._checks import check_int
+
 __all__ = [
     "AutoregressiveTabularPolicy",
     "ExactPolicy",
@@ -87,11 +89,6 @@ class ExactPolicy(Protocol):
         ...
 
 
-def _check_count(name: str, value) -> None:
-    if not (isinstance(value, (int, np.integer)) and value >= 1):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-
-
 @dataclasses.dataclass(frozen=True)
 class TabularPolicy:
     """``pi(.|x) = softmax(theta[x, :])``: one logit per prompt and whole output; logits ``[S, Y]``.
@@ -109,8 +106,7 @@ class TabularPolicy:
     jacobian_norm: ClassVar[float] = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.num_outputs, (int, np.integer)) and self.num_outputs >= 2):
-            raise ValueError(f"num_outputs must be an int >= 2, got {self.num_outputs!r}.")
+        check_int("num_outputs", self.num_outputs, low=2)
 
     def log_probs(self, logits):
         return jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
@@ -140,7 +136,7 @@ class TabularPolicy:
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Logits ``scale * N(0, 1)``, ``[num_prompts, Y]``: larger ``scale`` gives sharper policies."""
-        _check_count("num_prompts", num_prompts)
+        check_int("num_prompts", num_prompts, low=1)
         return scale * jax.random.normal(key, (num_prompts, self.num_outputs), dtype=dtype)
 
 
@@ -166,10 +162,8 @@ class AutoregressiveTabularPolicy:
     jacobian_norm: ClassVar[float] = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
-            raise ValueError(f"vocab_size must be an int >= 2, got {self.vocab_size!r}.")
-        if not (isinstance(self.length, int) and self.length >= 1):
-            raise ValueError(f"length must be an int >= 1, got {self.length!r}.")
+        check_int("vocab_size", self.vocab_size, low=2)
+        check_int("length", self.length, low=1)
 
     @property
     def num_outputs(self) -> int:
@@ -249,7 +243,7 @@ class AutoregressiveTabularPolicy:
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Per-prefix logits ``scale * N(0, 1)``."""
-        _check_count("num_prompts", num_prompts)
+        check_int("num_prompts", num_prompts, low=1)
         keys = jax.random.split(key, self.length)
         return tuple(
             scale * jax.random.normal(k, (num_prompts, self.vocab_size**level, self.vocab_size), dtype=dtype)
@@ -310,7 +304,7 @@ class LogLinearPolicy:
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
-        _check_count("num_prompts", num_prompts)
+        check_int("num_prompts", num_prompts, low=1)
         return scale * jax.random.normal(key, (num_prompts, self.features.shape[1]), dtype=dtype)
 
 
@@ -347,8 +341,7 @@ class SharedAutoregressivePolicy:
             raise ValueError(f"features must be a finite [V + 1, V, d] array, got shape {features.shape}.")
         if features.shape[1] < 2:
             raise ValueError(f"features need V >= 2 tokens, got shape {features.shape}.")
-        if not (isinstance(self.length, int) and not isinstance(self.length, bool) and self.length >= 1):
-            raise ValueError(f"length must be an int >= 1, got {self.length!r}.")
+        check_int("length", self.length, low=1)
         features.setflags(write=False)
         object.__setattr__(self, "features", features)
 
@@ -410,7 +403,7 @@ class SharedAutoregressivePolicy:
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
-        _check_count("num_prompts", num_prompts)
+        check_int("num_prompts", num_prompts, low=1)
         return scale * jax.random.normal(key, (num_prompts, self.features.shape[2]), dtype=dtype)
 
 

@@ -194,6 +194,14 @@ def test_loglog_slope_recovers_power_laws():
     groups = np.repeat(np.arange(40), 10)
     y = np.exp(rng.normal(0, 3, 40))[groups] * x**-0.5
     assert loglog_slope(x, y, groups=groups)[0] == pytest.approx(-0.5)
+    # Few groups: the mean of their own slopes with a t-interval; a group without two distinct x
+    # has no slope and is left out rather than making everything NaN.
+    noisy = y * np.exp(rng.normal(0, 0.05, 400))
+    slope, (lo, hi) = loglog_slope(x[:40], noisy[:40], groups=groups[:40], interval="group-t")
+    assert lo < slope < hi and abs(slope + 0.5) < 0.01 and hi - lo < 0.05
+    lone = np.concatenate([groups[:40], [99]])
+    with_lone = loglog_slope(np.append(x[:40], 0.5), np.append(noisy[:40], 3.0), groups=lone, interval="group-t")
+    assert with_lone == (slope, (lo, hi))
 
 
 def test_share_interval_is_wilsons_and_refuses_impossible_counts():
@@ -436,7 +444,9 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     altered = json.loads(json.dumps(paradox))
     altered["moderate_accuracy"] |= {"accuracy_gap": [0.05, 0.03, 0.07], "relative_gain_gap": [0.2, 0.1, 0.3]}
     assert "sit at moderate accuracy here, as Chen et al. found" in paradox_study._markdown(altered, config)
-    altered["moderate_accuracy"]["relative_gain_gap"] = [0.02, 0.005, 0.03]
+    altered["moderate_accuracy"]["relative_gain_gap"] = [0.02, 0.005, 0.03]  # straddles the rule's 0.01
+    assert "is undecided" in paradox_study._markdown(altered, config)
+    altered["moderate_accuracy"]["relative_gain_gap"] = [0.005, 0.002, 0.008]
     assert "does not appear in this exact model" in paradox_study._markdown(altered, config)
 
 
@@ -585,9 +595,9 @@ def test_general_policy_rows_run_at_the_speed_of_their_problem_size():
     rm = 0.5 * gt  # ordered like the ground truth: every gain below the best is reached
     gamma = 0.3 * (gt.max(-1) - (np.exp(log_probs) * gt).sum(-1))
     lam = np.array([0.05, 0.02, 0.0])
-    two, used = general_policy_passage(log_probs, rm, gt, gamma, lam, policy=policy, num_prompts=2)
+    two, used, _, _ = general_policy_passage(log_probs, rm, gt, gamma, lam, policy=policy, num_prompts=2)
     np.testing.assert_array_equal(used, [0.02, 0.02, 0.0])  # rows 0 and 1 share a problem and its smaller lam
-    one, _ = general_policy_passage(log_probs, rm, gt, gamma, used, policy=policy, num_prompts=1)
+    one, *_ = general_policy_passage(log_probs, rm, gt, gamma, used, policy=policy, num_prompts=1)
     assert np.isfinite(one).all()
     np.testing.assert_allclose(two, 2 * one, rtol=1e-6)
 

@@ -21,9 +21,10 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, i
     fixed-effects fit) and the bootstrap resamples whole groups. ``interval="t"`` gives instead
     the classical t-interval from the residuals (``n - 2`` degrees of freedom, no groups), the
     one to use for a handful of points, where a bootstrap has too few distinct resamples.
-    ``interval="group-t"`` is the one for a handful of groups: each group's own slope, and the
-    mean of those slopes with its t-interval (``groups - 1`` degrees of freedom; NaN with one
-    group). Returns ``(slope, (low, high))``; NaNs when fewer than 3 points are given.
+    ``interval="group-t"`` is the one for a handful of groups: each group's own slope (a group
+    with fewer than 2 distinct ``x`` has none and is left out), and the mean of those slopes with
+    its t-interval (``groups - 1`` degrees of freedom; NaN with one group). Returns ``(slope,
+    (low, high))``; NaNs when fewer than 3 points are given.
     """
     log_x, log_y = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
     if log_x.size < 3:
@@ -32,14 +33,15 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, i
         if groups is None:
             raise ValueError("interval='group-t' needs groups.")
         groups = np.asarray(groups)
+        members = [groups == g for g in np.unique(groups)]
         slopes = np.array(
-            [scipy.stats.linregress(log_x[groups == g], log_y[groups == g]).slope for g in np.unique(groups)]
+            [scipy.stats.linregress(log_x[m], log_y[m]).slope for m in members if np.unique(log_x[m]).size >= 2]
         )
-        mean = float(slopes.mean())
+        mean = float(slopes.mean()) if slopes.size else math.nan
         if slopes.size < 2:
             return mean, (math.nan, math.nan)
         half = scipy.stats.t.ppf(0.5 + level / 2, slopes.size - 1) * slopes.std(ddof=1) / math.sqrt(slopes.size)
-        return mean, (mean - half, mean + half)
+        return mean, (float(mean - half), float(mean + half))
     if interval == "t":
         if groups is not None:
             raise ValueError("interval='t' fits one line: groups are not supported.")
@@ -73,19 +75,32 @@ def loglog_slope(x, y, *, groups=None, num_bootstrap=1000, seed=0, level=0.95, i
     return float(slope(sums.sum(-1))), (float(low), float(high))
 
 
-def unreached(status, t_end, lower=None) -> dict:
+def unreached(status, t_end, lower=None, upper=None) -> dict:
     """How a batch's solves that did not reach the gain split, as boolean masks: ``censored``
     (``t_max`` passed, or the gain was proven out of reach) and ``failed`` (the solver stopped
-    early, so the time is known only to exceed ``t_end``); with ``lower`` bounds, ``undecided``:
-    the failed solves that stopped below their lower bound, which they neither meet nor break."""
+    early, so the time is known only to exceed ``t_end``); with bounds (NaN where a row has
+    none), ``undecided``: the failed solves that stopped below their ``lower`` or ``upper`` bound,
+    which they neither meet nor break."""
     from jaxrm import flow
 
     status, t_end = np.asarray(status), np.asarray(t_end)
     out = {"censored": status == flow.Status.NOT_REACHED, "failed": status == flow.Status.FAILED}
-    if lower is not None:
+    if lower is not None or upper is not None:
         with np.errstate(invalid="ignore"):
-            out["undecided"] = out["failed"] & (t_end < lower)
+            below = [t_end < bound for bound in (lower, upper) if bound is not None]
+            out["undecided"] = out["failed"] & np.logical_or.reduce(below)
     return out
+
+
+def beyond_upper(t_gamma, t_end, status, upper):
+    """Which times are known to exceed their ``upper`` bound: reached after it, not reached by
+    ``t_max`` (censored), or failed after passing it. A solve that failed below its upper bound
+    is not counted (it is undecided; :func:`unreached` with ``upper`` counts those)."""
+    from jaxrm import flow
+
+    status, t_end = np.asarray(status), np.asarray(t_end)
+    with np.errstate(invalid="ignore"):
+        return np.where(status == flow.Status.FAILED, t_end > upper, ~(np.asarray(t_gamma) <= upper))
 
 
 def failed_text(failed: int, undecided: int) -> str:
@@ -94,7 +109,7 @@ def failed_text(failed: int, undecided: int) -> str:
         return ""
     return (
         f" {failed} solves failed before reaching the gain or `t_max` (their time is known only to exceed where "
-        f"they stopped); {undecided} of them stopped below their lower bound, which they neither meet nor break."
+        f"they stopped); {undecided} of them stopped below their bound, which they neither meet nor break."
     )
 
 
@@ -182,8 +197,9 @@ def general_policy_passage(log_probs, rm, gt, gamma, lam, *, policy, num_prompts
     The objective has one ``lam`` per problem, so rows with ``lam = 0`` and with ``lam > 0`` are
     grouped apart, and a group takes the smallest ``lam`` of its rows (below each row's own
     limit, where a theorem's condition asks for one). Groups are filled up with copies of their
-    last row, whose results are dropped. Returns ``(t_gamma [rows], lam used [rows])``; the
-    flow of each prompt runs at speed ``1 / num_prompts`` (docs/theory.md#setting).
+    last row, whose results are dropped. Returns ``(t_gamma [rows], lam used [rows], status
+    [rows], t_end [rows])`` (:class:`jaxrm.flow.FirstPassage`'s); the flow of each prompt runs at
+    speed ``1 / num_prompts`` (docs/theory.md#setting).
     """
     from jaxrm import flow
 
@@ -204,10 +220,13 @@ def general_policy_passage(log_probs, rm, gt, gamma, lam, *, policy, num_prompts
         kl_coef=group_lam,
         **options,
     )
-    t, used = np.full(rows, np.nan), np.full(rows, np.nan)
-    t[groups.ravel()] = np.asarray(result.t_gamma).ravel()  # a padded copy rewrites its own row's value
-    used[groups.ravel()] = np.repeat(group_lam, num_prompts)
-    return t, used
+    t, used, status, t_end = np.full(rows, np.nan), np.full(rows, np.nan), np.zeros(rows, int), np.full(rows, np.nan)
+    index = groups.ravel()  # a padded copy rewrites its own row's value
+    t[index] = np.asarray(result.t_gamma).ravel()
+    used[index] = np.repeat(group_lam, num_prompts)
+    status[index] = np.asarray(result.status).ravel()
+    t_end[index] = np.asarray(result.t_end).ravel()
+    return t, used, status, t_end
 
 
 def general_policy_arm(rows: dict, *, policy, prompts, slow, fast, slow_lower, fast_upper, tolerance, **options):
@@ -220,7 +239,7 @@ def general_policy_arm(rows: dict, *, policy, prompts, slow, fast, slow_lower, f
     violating rows)``."""
     from jaxrm import bounds, metrics
 
-    time, lam = general_policy_passage(
+    time, lam, status, t_end = general_policy_passage(
         rows["log_probs"],
         rows["rm"],
         rows["gt"],
@@ -235,12 +254,14 @@ def general_policy_arm(rows: dict, *, policy, prompts, slow, fast, slow_lower, f
         rows["gamma"], variance, length=policy.length, jacobian_norm=policy.jacobian_norm
     )
     below_prop_a = time < (1 - tolerance) * prop_a
+    split = unreached(status, t_end)
     summary = {
         "policy": f"autoregressive-tabular (V = {policy.vocab_size}, L = {policy.length})",
         "num_outputs": policy.num_outputs,
         "prompts": prompts,
         "instances": int(len(time)),
-        "censored": int((~np.isfinite(time)).sum()),
+        "censored": int(split["censored"].sum()),
+        "failed": int(split["failed"].sum()),
         "prop_a_violations": int(below_prop_a.sum()),
         "min_ratio_prop_a": float(np.min(time / prop_a)),
         "tabular_slow_lower": {
@@ -248,7 +269,7 @@ def general_policy_arm(rows: dict, *, policy, prompts, slow, fast, slow_lower, f
             "min_slack": float(np.min(time[slow] / slow_lower[slow])),
         },
         "tabular_fast_upper": {
-            "outside": int((fast & ~(time <= (1 + tolerance) * fast_upper)).sum()),
+            "outside": int((fast & beyond_upper(time, t_end, status, (1 + tolerance) * fast_upper)).sum()),
             "min_slack": float(np.min(fast_upper[fast] / time[fast])),
             "largest_lam": float(lam[fast].max()),
         },
@@ -284,7 +305,7 @@ def general_text(general: dict, theorem: str) -> str:
         f"**General policy.** The same constructions, on new random problems with {general['num_outputs']} "
         f"outputs, each solved on an {general['policy']} policy started at its initial distribution, "
         f"{general['prompts']} prompts to a problem ({general['instances']} flows, "
-        f"{general['censored']} censored at `t_max`): {prop_a}. {theorem}'s formulas, proven for tabular policies only, "
+        f"{general['censored']} censored at `t_max`, {general['failed']} failed solves): {prop_a}. {theorem}'s formulas, proven for tabular policies only, "
         f"measured here with `|S| = {general['prompts']}`: {held(general['tabular_slow_lower'], 'slow lower bound')}; "
         f"{held(general['tabular_fast_upper'], 'fast upper bound')}."
     )

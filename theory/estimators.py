@@ -663,11 +663,12 @@ def _sampling_findings(passage: dict) -> str:
     text = []
     for name, fit in fits.items():
         runs = fit["k"]
-        slopes = [runs[k]["sampled"]["slope"] for k in ks]
+        measured = [k for k in ks if np.isfinite(runs[k]["sampled"]["slope"])]
+        slopes = [runs[k]["sampled"]["slope"] for k in measured]
         overlap = [
             max(runs[k]["sampled"]["ci"][0], fit["flow"]["ci"][0])
             <= min(runs[k]["sampled"]["ci"][1], fit["flow"]["ci"][1])
-            for k in ks
+            for k in measured
         ]
         ratios = [runs[k]["ratio"] for k in ks if runs[k]["ratio"]["median"] is not None]
         ends = [(runs[k]["sampling_by_level"][0], runs[k]["sampling_by_level"][-1]) for k in ks]
@@ -677,9 +678,19 @@ def _sampling_findings(passage: dict) -> str:
             f"variance is {_interval(fit['flow'])}. Exact-gradient ascent at the family's learning rate: slope "
             f"{_interval(fit['exact_ascent'])}, {fmt(fit['exact_ratio']['median'])}x the flow (median; "
             f"{fmt(fit['exact_ratio_by_level'][0])}x at the largest variance, {fmt(fit['exact_ratio_by_level'][-1])}x "
-            f"at the smallest: whole updates and the Euler step). RLOO's mean first-passage time has slopes "
-            f"{fmt(min(slopes))} to {fmt(max(slopes))} over k = {', '.join(ks)} (intervals overlapping the flow's "
-            f"for {sum(overlap)} of {len(ks)} k; largest difference {fmt(max(abs(x - fit['flow']['slope']) for x in slopes))})"
+            f"at the smallest: whole updates and the Euler step). "
+            + (
+                f"RLOO's mean first-passage time has slopes {fmt(min(slopes))} to {fmt(max(slopes))} over "
+                f"k = {', '.join(measured)} (intervals overlapping the flow's for {sum(overlap)} of {len(measured)} k; "
+                f"largest difference {fmt(max(abs(x - fit['flow']['slope']) for x in slopes))})"
+                if slopes
+                else "RLOO's mean first-passage time has no measured slope"
+            )
+            + (
+                f" (not measured at k = {', '.join(k for k in ks if k not in measured)})"
+                if len(measured) < len(ks)
+                else ""
+            )
         )
         if ratios:
             sentence += (

@@ -304,9 +304,9 @@ def run(out_dir: Path, *, quick: bool = False, config: ParadoxConfig | None = No
     return finish_study(out_dir, NAME, summary, _markdown(summary, config), progress=progress, quick=quick)
 
 
-# Chen et al.'s moderate-accuracy optimum shows here when both gaps' 95% intervals lie above this:
-# the most accurate teachers are at least a point of accuracy more accurate than the best ones,
-# and teach at least 1% less.
+# Chen et al.'s moderate-accuracy optimum shows here when both gaps' 95% intervals lie above this
+# (the most accurate teachers are at least a point of accuracy more accurate than the best ones,
+# and teach at least 1% less), and does not when one interval lies below it; otherwise undecided.
 MODERATE_GAP = 0.01
 
 
@@ -399,23 +399,30 @@ def _markdown(summary: dict, config: ParadoxConfig) -> str:
         for share, v in summary["by_share"].items()
     )
     c, m = summary["chen"], summary["moderate_accuracy"]
-    moderate = m["accuracy_gap"][1] > MODERATE_GAP and m["relative_gain_gap"][1] > MODERATE_GAP
     signs = (
         "Against the paper's ground-truth correlations (Spearman intervals of the trained models): "
         + "; ".join(f"{names[p]}: {v}" for p, v in summary["table2_verdicts"].items())
         + "."
     )
-    gaps = (
+    stated = (
         f" The most accurate are {fmt_interval(m['accuracy_gap'])} more accurate than the best and teach "
         f"{fmt_interval([100 * v for v in m['relative_gain_gap']])}% less (95% intervals resampling whole runs);"
     )
-    verdict = signs + (
-        gaps
-        + f" both lie above {MODERATE_GAP:g}: the best teachers sit at moderate accuracy here, as Chen et al. found."
-        if moderate
-        else gaps + f" not both lie above {MODERATE_GAP:g} (a point of accuracy, 1% of gain): the moderate-accuracy "
-        "optimum of Chen et al. does not appear in this exact model."
-    )
+    rule = f"{MODERATE_GAP:g} (a point of accuracy, 1% of gain)"
+    gaps = (m["accuracy_gap"], m["relative_gain_gap"])
+    if all(low > MODERATE_GAP for _, low, _ in gaps):
+        found = f" both lie above {rule}: the best teachers sit at moderate accuracy here, as Chen et al. found."
+    elif any(high < MODERATE_GAP for _, _, high in gaps):
+        found = (
+            f" at least one lies below {rule}: the moderate-accuracy optimum of Chen et al. does not appear in this "
+            "exact model."
+        )
+    else:
+        found = (
+            f" neither do both lie above {rule} nor does one lie below it: whether Chen et al.'s moderate-accuracy "
+            "optimum appears here is undecided."
+        )
+    verdict = signs + stated + found
     return f"""## The accuracy paradox, exact
 
 **Verdict:** {summary["instances"]} Bradley-Terry reward models ({c["runs"]} runs x {len(config.checkpoints)} checkpoints), each scored by exact flow. On-policy accuracy spans {summary["accuracy_range"]["on_policy"][0]:.2f} to {summary["accuracy_range"]["on_policy"][1]:.2f}.

@@ -63,7 +63,7 @@ from jaxrm.tabular import (
     kl_rewards,
     prompt_gradient,
 )
-from theory.common import SLOPE_TOLERANCE, censored_slopes, loglog_slope
+from theory.common import SLOPE_TOLERANCE, censored_slopes, loglog_slope, unreached
 
 NAME = "theorem1"
 
@@ -467,14 +467,10 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
     violations = _violations(result, config.violation_tolerance)
     # Censored: a target that exists but was not reached by t_max. A failed solve stopped earlier,
     # at t_end: its time is known only to exceed that, so it is neither censored nor in the fits.
-    censored_mask = {
-        reward: np.isfinite(r["gamma"]) & (r["status"] == flow.Status.NOT_REACHED)
-        for reward, r in (("gt", gt), ("rm", result["rm"]))
-    }
-    failed_mask = {
-        reward: np.isfinite(r["gamma"]) & (r["status"] == flow.Status.FAILED)
-        for reward, r in (("gt", gt), ("rm", result["rm"]))
-    }
+    split = {reward: unreached(r["status"], r["t_end"]) for reward, r in (("gt", gt), ("rm", result["rm"]))}
+    targets = {"gt": np.isfinite(gt["gamma"]), "rm": np.isfinite(result["rm"]["gamma"])}
+    censored_mask = {reward: targets[reward] & split[reward]["censored"] for reward in split}
+    failed_mask = {reward: targets[reward] & split[reward]["failed"] for reward in split}
     timed = np.isfinite(gt["gamma"]) & (result["variance"] > 0) & ~failed_mask["gt"]
     censored_fit = censored_slopes(
         result["variance"][timed],

@@ -46,7 +46,7 @@ from jaxrm.studies import (
     share_interval,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import failed_text, general_policy_arm, general_text, unreached, violating_rows
+from theory.common import beyond_upper, failed_text, general_policy_arm, general_text, unreached, violating_rows
 
 NAME = "theorem2"
 
@@ -238,7 +238,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     upper[fast] = bounds.theorem2_fast_upper_bound(t["rho"][fast], t["good_prob"][fast], num_prompts=1)
     with np.errstate(invalid="ignore"):
         slow_bad = slow & (time < (1 - config.tolerance) * lower)
-        fast_bad = fast & ~(time <= (1 + config.tolerance) * upper)  # inf counts against the bound
+        status, t_end = np.asarray(result.status)[:, 0], np.asarray(result.t_end)[:, 0]
+        fast_bad = fast & beyond_upper(time, t_end, status, (1 + config.tolerance) * upper)
     progress(f"solved {len(time)} flows; violations: slow {int(slow_bad.sum())}, fast {int(fast_bad.sum())}")
 
     # A target not reached by t_max is censored if the flow's limit policy offers the gain, and
@@ -248,7 +249,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     limit_reward = np.where(t["lam"] > 0, np.sum(np.asarray(tilted) * t["gt"], -1), greedy)
     start = np.asarray(metrics.expected_reward(t["logits"], t["gt"]))
     attainable = limit_reward - start >= t["gamma"]
-    split = unreached(np.asarray(result.status)[:, 0], np.asarray(result.t_end)[:, 0], np.where(slow, lower, np.nan))
+    split = unreached(status, t_end, lower=lower, upper=upper)  # each NaN where its kind is not
     stopped = split["censored"]  # failed solves are counted apart
 
     def unreached_counts(kind):

@@ -39,7 +39,15 @@ from jaxrm.studies import (
     save_violations,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import failed_text, general_policy_arm, general_text, loglog_slope, unreached, violating_rows
+from theory.common import (
+    beyond_upper,
+    failed_text,
+    general_policy_arm,
+    general_text,
+    loglog_slope,
+    unreached,
+    violating_rows,
+)
 
 NAME = "theorem3"
 FAMILIES = ("Pi", "Pi'")
@@ -196,11 +204,12 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
     upper = bounds.theorem3_fast_upper_bound(cells["rho"], config.good_mass, num_prompts=1)
     lower = bounds.theorem3_slow_lower_bound(cells["gamma"], cells["horizon"], num_prompts=1)
     with np.errstate(invalid="ignore"):
-        fast_bad = fast & ~(time <= (1 + config.tolerance) * upper)
+        status, t_end = np.asarray(result.status)[:, 0], np.asarray(result.t_end)[:, 0]
+        fast_bad = fast & beyond_upper(time, t_end, status, (1 + config.tolerance) * upper)
         slow_bad = ~fast & (time < (1 - config.tolerance) * lower)
     accuracy = np.asarray(metrics.accuracy(cells["rm"], cells["gt"]))
     variance = np.asarray(metrics.reward_variance(cells["logits"], cells["rm"]))
-    split = unreached(np.asarray(result.status)[:, 0], np.asarray(result.t_end)[:, 0], np.where(fast, np.nan, lower))
+    split = unreached(status, t_end, lower=np.where(fast, np.nan, lower), upper=np.where(fast, upper, np.nan))
     general, general_violating = general_arm(config)
     progress(
         f"general-policy arm: {general['instances']} flows ({general['policy']}, |S| = {general['prompts']}), "

@@ -385,8 +385,7 @@ def by_microbatches(fn: Callable, parts: int) -> Callable:
     >>> rows_seen(None, jnp.arange(8)).tolist()
     [2, 2, 2, 2, 2, 2, 2, 2]
     """
-    if not (isinstance(parts, int) and parts >= 1):
-        raise ValueError(f"parts={parts!r} must be a positive int.")
+    check_int("parts", parts, low=1)
     if parts == 1:
         return fn
 
