@@ -125,6 +125,11 @@ def test_filter_logits_keeps_top_k_then_nucleus():
     # top-p runs on the top-k renormalised: .4/.7 = .571 < 0.6, so two tokens survive.
     assert np.isinf(filter_logits(logits, top_k=3, top_p=0.6)).tolist() == [False, False, True, True]
     np.testing.assert_allclose(filter_logits(logits, temperature=0.5), 2 * logits)
+    # Ties at the top-k cut-off stay, and top-p measures its mass with them: after top_k=2 the
+    # probabilities are .576, .212, .212, so 0.7 keeps all three, as top-p alone does.
+    tied = jnp.array([2.0, 1.0, 1.0, 0.0])
+    assert np.isinf(filter_logits(tied, top_k=2, top_p=0.7)).tolist() == [False, False, False, True]
+    assert np.isinf(filter_logits(tied, top_k=2, top_p=0.5)).tolist() == [False, True, True, True]
 
 
 def test_one_program_serves_new_parameters_and_keys(model, prompts):
@@ -176,3 +181,7 @@ def test_inverse_cdf_draws_follow_the_distribution_across_blocks():
     counts = np.bincount(draws, minlength=300)
     assert counts[probs == 0].sum() == 0
     assert _chi_square_p(counts, probs) > 1e-3
+    # Unnormalized log-weights far from 0 neither overflow nor underflow.
+    for shift in (300.0, -300.0):
+        draws = np.asarray(inverse_cdf_sample(jax.random.key(12), log_probs + shift))
+        assert _chi_square_p(np.bincount(draws, minlength=300), probs) > 1e-3

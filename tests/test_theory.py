@@ -127,6 +127,11 @@ def test_unreached_solves_split_into_censored_and_failed_ones():
     assert split["censored"].tolist() == [False, True, False, False]
     assert split["failed"].tolist() == [False, False, True, True]
     assert split["undecided"].tolist() == [False, False, True, False]  # stopped at 0.1, below its bound 1
+    from theory.common import beyond_upper
+
+    # Past an upper bound of 2: reached at 5, censored, failed at 3; not: failed at 0.5, reached at 1.
+    times, ends = np.array([5.0, np.inf, np.inf, np.inf, 1.0]), np.array([5.0, 1e9, 3.0, 0.5, 1.0])
+    assert beyond_upper(times, ends, np.array([1, 2, 3, 3, 1]), 2.0).tolist() == [True, True, True, False, False]
 
 
 def test_a_study_that_raises_is_named_and_the_others_still_report(tmp_path, monkeypatch, capsys):

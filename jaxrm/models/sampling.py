@@ -105,18 +105,18 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0
     """
     scaled = logits / temperature if temperature > 0 else logits
     vocab = logits.shape[-1]
-    if (top_k == 0 or top_k >= vocab) and top_p >= 1:
-        return scaled
     if 0 < top_k < vocab:
         ranked = jax.lax.top_k(scaled, top_k)[0]
-    else:
+        scaled = jnp.where(scaled >= ranked[..., -1:], scaled, -jnp.inf)
+    elif top_p < 1:
         ranked = -jnp.sort(-scaled, axis=-1)
-    if top_p < 1:
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
-    else:
-        kept = jnp.full(ranked.shape[:-1] + (1,), ranked.shape[-1])
+    if top_p >= 1:
+        return scaled
+    # The nucleus is measured on what top_k kept, ties at its cut-off included: they enter the
+    # normalizer, and (equal to the last ranked value) they come last in the order.
+    probs = jnp.exp(ranked - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
@@ -176,9 +176,11 @@ def inverse_cdf_sample(key, log_probs: jax.Array) -> jax.Array:
     prefix sums run in two levels (blocks of 128, then inside the chosen block), so a draw costs
     one pass over the vocabulary and one uniform number per row; Gumbel-max
     (``jax.random.categorical``) needs a random number per vocabulary entry, which dominates a
-    decoding step on CPU. ``log_probs`` may be unnormalized (log-weights).
+    decoding step on CPU. ``log_probs`` may be unnormalized (log-weights): each row is shifted
+    by its maximum before exponentiating, so neither large nor very negative ones over- or
+    underflow.
     """
-    return _inverse_cdf(key, jnp.exp(log_probs))[0]
+    return _inverse_cdf(key, jnp.exp(log_probs - jnp.max(log_probs, axis=-1, keepdims=True)))[0]
 
 
 def _inverse_cdf(key, weights):

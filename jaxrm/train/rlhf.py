@@ -17,12 +17,14 @@ One iteration (docs/theory.md#official-rloo-and-grpo-semantics):
 unit that :func:`jaxrm.train.driver.run_rlhf`, the one driver, runs in chunks.
 
 Log-probs for training (new, old and reference) use ``logits / temperature``; top-k/top-p only
-shape which tokens are drawn (as TRL does).
+shape which tokens are drawn.
 
 Metrics of an iteration (means over its ``prompts_per_iteration x k`` responses):
 ``proxy_reward`` (the teacher's raw score), ``reward_variance`` (per prompt over its k samples,
 ``ddof=1``, averaged), ``kl`` (``sum_t log pi - log pi_ref``, the unbiased k1 estimate of the
-sequence KL: it can dip below 0 near the reference), ``entropy`` (per-token, of the tempered
+sequence KL: it can dip below 0 near the reference; with top-k/top-p on, the samples come from
+the filtered policy and the log-probs from the unfiltered one, so it estimates neither's KL
+exactly), ``entropy`` (per-token, of the tempered
 policy), ``clip_fraction``, ``loss``, ``response_length``; with a ground-truth function also
 ``ground_truth_reward`` and ``on_policy_accuracy`` (the teacher against the ground truth over
 the pairs of each prompt's samples, a tie agreeing only with a tie). ``loss``, ``entropy`` and
@@ -98,7 +100,9 @@ class RLHFConfig:
         ``ratio_level="sequence"`` the surrogate is a mean over sequences whatever this says.
       entropy_coef: weight of an entropy bonus (0: none).
       epochs: passes over each rollout batch.
-      minibatches: optimizer steps per pass; must divide ``prompts_per_iteration x k``.
+      minibatches: optimizer steps per pass; must divide ``prompts_per_iteration x k``. Each
+        pass shuffles all the responses, so a prompt's k samples can land in different
+        minibatches (as in the official trainer); their advantages are computed before.
       microbatches: gradient accumulation: each optimizer step's gradient is summed over this
         many microbatches of its minibatch, computed one after another (a ``lax.scan``), so an
         update holds one microbatch's activations. The same step up to float rounding: each
@@ -259,7 +263,7 @@ class TrainData:
 
     Attributes:
       prompts: ``[num_prompts, prompt_len]`` left-padded token ids, visited in order and wrapped
-        around.
+        around (the official trainer reshuffles them every epoch).
       prompt_mask: their boolean mask.
       ref_params: the frozen reference policy's parameters.
       reward_params: the teacher's parameters (None for a function).
