@@ -32,6 +32,7 @@ from jaxrm._checks import (  # noqa: F401 -- the field checks of study configs, 
     POSITIVE_INT,
     SMALL_TOLERANCE,
     check_fields,
+    check_int,
     checked,
     distinct,
     each,
@@ -352,17 +353,20 @@ def cluster_bootstrap(statistic, clusters, *, seed: int, num_resamples: int = 20
     """``[estimate, low, high]``: ``statistic(index)`` over every unit, and its percentile-bootstrap
     interval when whole clusters are resampled (``clusters [M]``: an id per unit, e.g. the
     training run each checkpoint belongs to). Units of one cluster are not independent, and
-    resampling them one by one would make the interval too narrow."""
+    resampling them one by one would make the interval too narrow. Resamples where the statistic
+    is NaN are left out; the interval is NaN when all are."""
+    check_int("num_resamples", num_resamples, low=1)
     clusters = np.asarray(clusters)
-    inverse = np.unique(clusters, return_inverse=True)[1]
-    members = [np.flatnonzero(inverse == i) for i in range(inverse.max() + 1)]
-    if len(members) < 2:
-        raise ValueError(f"cluster_bootstrap needs at least 2 clusters, got {len(members)}.")
+    ids, inverse = np.unique(clusters, return_inverse=True)
+    if ids.size < 2:
+        raise ValueError(f"cluster_bootstrap needs at least 2 clusters, got {ids.size}.")
+    members = [np.flatnonzero(inverse == i) for i in range(ids.size)]
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(members), (num_resamples, len(members)))
-    values = [statistic(np.concatenate([members[j] for j in draw])) for draw in draws]
+    values = np.array([statistic(np.concatenate([members[j] for j in draw])) for draw in draws], float)
     tail = (1 - level) / 2 * 100
-    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, [tail, 100 - tail]) if finite.size else (math.nan, math.nan)
     return [float(statistic(np.arange(clusters.size))), float(low), float(high)]
 
 

@@ -59,6 +59,24 @@ def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
     assert 0 < summary["grad_bound"]["max_ratio_prop2"] <= 1
     assert 0 < summary["grad_bound"]["max_ratio_sqrt"] <= 1
     assert all(r >= 1 for r in summary["min_ratio"].values())
+    # The archive re-solves an instance: the shared-parameter family's, from its policy's stored fields.
+    from jaxrm import tabular
+
+    stored = np.load(out / "theorem1_all_instances.npz")
+    policy = getattr(tabular, str(stored["shared_L3/input_policy_class"]))(
+        features=stored["shared_L3/input_policy_features"], length=int(stored["shared_L3/input_policy_length"])
+    )
+    timed = int(np.flatnonzero(np.isfinite(stored["shared_L3/rm_t_gamma"][:, 0]))[0])
+    again = flow.first_passage(
+        stored["shared_L3/input_logits"][timed : timed + 1],
+        stored["shared_L3/input_rm_rewards"][timed : timed + 1],
+        stored["shared_L3/input_rm_gamma"][timed : timed + 1],
+        policy=policy,
+        t_max=summary["config"]["t_max"],
+        rtol=summary["config"]["rtol"],
+        atol=summary["config"]["atol"],
+    )
+    assert float(again.t_gamma[0, 0]) == pytest.approx(float(stored["shared_L3/rm_t_gamma"][timed, 0]), rel=1e-6)
     for name in ("theorem1.md", "report.md", "figures/theorem1.png", "theorem1_all_instances.npz"):
         assert (out / name).stat().st_size > 0
     assert "Verdict" in (out / "report.md").read_text()
@@ -393,6 +411,8 @@ def test_atlas_conclusion_follows_the_measurements(tmp_path, monkeypatch):
     unmeasured["classes"][first] |= {"envelope_slope": float("nan"), "envelope_slope_ci": [float("nan")] * 2}
     unmeasured["classes"][first]["reaches_minus_third"] = None
     assert f"No envelope slope could be measured on {first}" in tightness._conclusion(unmeasured)
+    unmeasured["classes"][first] |= {"best_known_slope": float("nan"), "best_known_slope_ci": [float("nan")] * 2}
+    assert "reaches -1/2" not in tightness._conclusion(unmeasured)  # nothing measured, nothing claimed
     assert "no envelope slope measured" in tightness._verdict(unmeasured)  # the fake search has one class
     flatter = json.loads(json.dumps(summary))
     flatter["classes"]["tabular"] |= {"envelope_slope": -0.34, "envelope_slope_ci": [-0.36, -0.32]}
@@ -538,6 +558,9 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     assert "Theorem 4's bound was violated" not in theorem1._interpretation(altered)
     altered["violations"]["theorem4"] = 2
     assert "Theorem 4's bound was violated on 2 instances" in theorem1._interpretation(altered)
+    altered["families"]["random"]["slope"] = float("nan")  # e.g. fewer than 3 reached timings
+    assert "No slope could be measured for random" in theorem1._interpretation(altered)
+    assert "nan" not in theorem1._verdict(altered)
     # The lam branch: the measured largest lam * gamma is at most 2 (docs/theory.md#theorem-4).
     kl = summary["families"]["kl_0.5"]
     assert 0 < kl["max_lam_times_gain"] <= 2 and kl["lam_branch_binds"] == 0

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Exact tabular studies of what makes a reward model a good teacher (Razin et al. 2025).",
         epilog="Exit status 1 when any bound is violated (the instances are saved beside the study's JSON), "
         "2 for a usage error, 3 when a study raised an error (named on stderr and in report.md; the others "
-        "still run and are reported). The statements, constants and proofs checked: docs/theory.md.",
+        "still run and are reported, and the stderr line also counts their violations). The statements, constants and proofs checked: docs/theory.md.",
     )
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", choices=sorted(STUDIES), help="run only these studies (see --list)"

@@ -591,7 +591,7 @@ def _figure(families, results, summary, config, path: Path):
 
 def _verdict(summary: dict) -> str:
     total, ratio = summary["violations"], summary["min_ratio"]
-    plain = [f["slope"] for f in summary["families"].values() if f["kl_coef"] == 0]
+    plain = [f["slope"] for f in summary["families"].values() if f["kl_coef"] == 0 and np.isfinite(f["slope"])]
     slopes = f"; slopes without KL {min(plain):.3f} to {max(plain):.3f} (reached times only)" if plain else ""
     return (
         f"{summary['instances']} instances; violations Theorem 4 {total['theorem4']}, Proposition 3 "
@@ -691,9 +691,12 @@ def _markdown(summary: dict) -> str:
 def _interpretation(summary: dict) -> str:
     """What the measured slopes say about the -1/3 exponent, worded from the numbers."""
     families = summary["families"]
-    plain = {k: f for k, f in families.items() if f["kl_coef"] == 0}
+    plain = {k: f for k, f in families.items() if f["kl_coef"] == 0 and np.isfinite(f["slope"])}
     penalized = {k: f for k, f in families.items() if f["kl_coef"] > 0}
     text = ["**What it means for the -1/3 exponent.**"]
+    unmeasured = [k for k, f in families.items() if not np.isfinite(f["slope"])]
+    if unmeasured:
+        text.append(f"No slope could be measured for {', '.join(unmeasured)} (fewer than 3 reached timings).")
     if plain:
         slopes = [f["slope"] for f in plain.values()]
         half = [
@@ -749,7 +752,7 @@ def _interpretation(summary: dict) -> str:
         )
     if broken:
         text.append(f"Violated: {', '.join(broken)} instances (saved in `theorem1_violations.json`).")
-    share = {k: f for k, f in penalized.items() if not k.endswith("_fixed")}
+    share = {k: f for k, f in penalized.items() if not k.endswith("_fixed") and np.isfinite(f["slope"])}
     fixed = {k: f for k, f in penalized.items() if k.endswith("_fixed")}
     if share and plain:
         described = ", ".join(f"{k}: {f['slope']:.3f}" for k, f in share.items())
@@ -838,14 +841,19 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
 
 
 def _family_inputs(family: Family) -> dict:
-    """What re-solves a family's instances: its initial logits (one array per leaf, named by its
-    path), both rewards, ``kl_coef`` and both targets; the policy is the family's (its name)."""
+    """What re-solves a family's instances: the policy (its class name and every field, such as
+    the shared class's features), its initial logits (one array per leaf, named by its path),
+    both rewards, ``kl_coef`` and both targets."""
+    policy = {"policy_class": np.asarray(type(family.policy).__name__)} | {
+        f"policy_{field.name}": np.asarray(getattr(family.policy, field.name))
+        for field in dataclasses.fields(family.policy)
+    }
     logits = {
         "logits" + jax.tree_util.keystr(path).replace("'", "").replace('"', ""): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(family.logits)[0]
     }
     fields = ("rm_rewards", "gt_rewards", "kl_coef", "gt_gamma", "rm_gamma")
-    return logits | {name: np.asarray(getattr(family, name)) for name in fields}
+    return policy | logits | {name: np.asarray(getattr(family, name)) for name in fields}
 
 
 def _flat_arrays(result: dict) -> dict:

@@ -34,6 +34,7 @@ from jaxrm.studies import (
     Progress,
     StudyConfig,
     checked,
+    cluster_bootstrap,
     distinct,
     finish_study,
     fmt,
@@ -371,14 +372,8 @@ def _median_growth(t: dict, time, accurate_slow, horizons, *, seed: int, num_res
         finite = np.isfinite(log_medians)
         return np.polyfit(log_horizons[finite], log_medians[finite], 1)[0] if finite.sum() >= 2 else np.nan
 
-    members = [np.flatnonzero(problem == p) for p in np.unique(problem)]
-    rng = np.random.default_rng(seed)
-    resampled = [
-        slope(np.concatenate([members[i] for i in rng.integers(len(members), size=len(members))]))
-        for _ in range(num_resamples)
-    ]
-    low, high = np.nanpercentile(resampled, [2.5, 97.5]) if np.isfinite(resampled).any() else (np.nan, np.nan)
-    return {"slope": float(slope(np.arange(table.shape[1]))), "ci": [float(low), float(high)]}
+    estimate, low, high = cluster_bootstrap(slope, problem, seed=seed, num_resamples=num_resamples)
+    return {"slope": estimate, "ci": [low, high]}
 
 
 def _growth_text(summary: dict) -> str:

@@ -619,6 +619,7 @@ def run(out_dir: Path, *, quick: bool = False, config: TightnessConfig | None = 
         "instances": int(sum(c["evaluated"] for c in classes.values())),
         "violations": violations,
         "censored": int(sum(c["censored"] for c in classes.values())),
+        "solver_failures": int(sum(c["solver_failures"] for c in classes.values())),
         "instances_below_a_bound": len(violating),
         "classes": classes,
         "config": dataclasses.asdict(config),
@@ -653,7 +654,8 @@ def _verdict(summary: dict) -> str:
     measured = f"envelope slopes {min(slopes):.3f} to {max(slopes):.3f}" if slopes else "no envelope slope measured"
     return (
         f"{summary['instances']} searched instances, {len(classes)} classes; instances below a bound: "
-        f"{summary['instances_below_a_bound']}; {summary['censored']} feasible instances censored at t_max; "
+        f"{summary['instances_below_a_bound']}; {summary['censored']} feasible instances not reached (censored at t_max or, "
+        f"{summary['solver_failures']} of them, solves that spent their step budget); "
         f"{measured}" + (f" (not measured: {', '.join(unmeasured)})" if unmeasured and slopes else "") + "; "
         f"classes whose interval reaches -1/3: {', '.join(third) or 'none'}"
     )
@@ -702,31 +704,35 @@ def _conclusion(summary: dict) -> str:
     elif len(unmeasured) < len(classes):
         text.append("No class's own-search envelope is as flat as `Var^(-1/3)` within its interval.")
     differing = {n: d for n, d in own.items() if d and d != "not measured"}
-    text.append(
-        "The own-search envelope differs from `Var^(-1/2)` on "
-        + ", ".join(f"{n} ({d})" for n, d in differing.items())
-        + "."
-        if differing
-        else f"Every measured class's own-search interval reaches -1/2 (within {SLOPE_TOLERANCE})."
-    )
+    if differing:
+        text.append(
+            "The own-search envelope differs from `Var^(-1/2)` on "
+            + ", ".join(f"{n} ({d})" for n, d in differing.items())
+            + "."
+        )
+    elif len(unmeasured) < len(classes):
+        text.append(f"Every measured class's own-search interval reaches -1/2 (within {SLOPE_TOLERANCE}).")
     text.append(
         "Levels where a rescaled instance from another level beats the level's own search by more than "
         f"{100 * (GAP_TOLERANCE - 1):.0f}%: " + (", ".join(missed) if missed else "none") + "."
     )
     known_differing = {n: d for n, d in known.items() if d and d != "not measured"}
-    text.append(
-        "With those rescaled instances (the best known time at each level), the envelope differs from "
-        "`Var^(-1/2)` on "
-        + ", ".join(f"{n} ({d})" for n, d in known_differing.items())
-        + (
-            ": there structure feasible only at small variance is faster per unit `sqrt(Var)`."
-            if "flatter" in known_differing.values()
-            else "."
+    if known_differing:
+        text.append(
+            "With those rescaled instances (the best known time at each level), the envelope differs from "
+            "`Var^(-1/2)` on "
+            + ", ".join(f"{n} ({d})" for n, d in known_differing.items())
+            + (
+                ": there structure feasible only at small variance is faster per unit `sqrt(Var)`."
+                if "flatter" in known_differing.values()
+                else "."
+            )
         )
-        if known_differing
-        else "With those rescaled instances (the best known time at each level), every measured class's interval "
-        "reaches -1/2."
-    )
+    elif any(d != "not measured" for d in known.values()):
+        text.append(
+            "With those rescaled instances (the best known time at each level), every measured class's interval "
+            "reaches -1/2."
+        )
     scaled = {n: c["min_scaled_time"] for n, c in classes.items()}
     allowance = {n: c["length"] ** 2 * c["jacobian_norm"] ** 2 for n, c in classes.items()}
     fastest = min(scaled, key=scaled.get)
@@ -810,7 +816,7 @@ def _markdown(summary: dict, config: TightnessConfig) -> str:
     return f"""## Tightness atlas: is the -1/3 exponent attained?
 
 **Verdict:** {summary["instances"]} searched instances over {len(summary["classes"])} policy classes and
-{len(config.log10_variances)} variance levels ({summary["censored"]} feasible instances censored at `t_max`); instances below a bound: Theorem 4 {v["theorem4"]},
+{len(config.log10_variances)} variance levels ({summary["censored"]} feasible instances not reached: censored at `t_max`, or {summary["solver_failures"]} solves that spent their step budget); instances below a bound: Theorem 4 {v["theorem4"]},
 Proposition 3 {v["prop3"]}, Proposition A {v["sharpened"]}.
 
 At each level, independent searches (the starts {", ".join(config.starts)}, the `free` ones only up

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -36,6 +35,7 @@ from jaxrm.models.checkpoint import tree_checksum
 from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
 from jaxrm.sharding import STRATEGIES, param_shardings, put_global
+from jaxrm.studies import write_text
 from jaxrm.train.checkpoints import RunCheckpoints
 from jaxrm.train.optimizers import stacked_state_shardings
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_train
@@ -75,11 +75,9 @@ def _is_writer() -> bool:
 
 
 def _write_text(path: Path, text: str) -> None:
-    if not _is_writer():
-        return
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    """Write atomically, from process 0 only (the directory is shared under jax.distributed)."""
+    if _is_writer():
+        write_text(path, text)
 
 
 def _read_lines(path: Path, before_step: int) -> list[dict]:
@@ -302,7 +300,8 @@ def run_rlhf(
       keep_checkpoints: how many checkpoints to keep.
       log_every: iterations per progress line, and per chunk when ``checkpoint_every`` is 0.
         A line comes after each chunk that reaches a multiple of it (chunks end at the
-        checkpoints), and reports that chunk's last iteration.
+        checkpoints) and after the last one, and reports that chunk's last iteration; 0: a line
+        after every chunk (with both 0, the whole run is one chunk).
       mesh: a ``(data, model)`` mesh (:func:`jaxrm.sharding.make_mesh`); prompts are sharded along
         ``data`` and parameters placed by ``param_sharding``. None: the default device.
       param_sharding: a strategy of :mod:`jaxrm.sharding`.
