@@ -419,7 +419,7 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly(sampled):
         RLHFConfig(prompts_per_iteration=8, minibatches=2, microbatches=3)
     with pytest.raises(ValueError, match="parts=3 must divide the 16 rows"):
         by_microbatches(ground_truth, 3)(None, *rollout[:4])
-    with pytest.raises(ValueError, match="parts=0 must be a positive int"):
+    with pytest.raises(ValueError, match="parts must be an int >= 1, got 0"):
         by_microbatches(ground_truth, 0)
 
 

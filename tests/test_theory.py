@@ -586,7 +586,7 @@ def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
     assert "failed" not in text
     summary |= {"failed": 2, "undecided": 1}
     assert "2 solves failed before reaching the gain or `t_max`" in theorem2._unreached_text(summary)
-    assert "1 of them stopped below their lower bound" in theorem2._unreached_text(summary)
+    assert "1 of them stopped below their bound" in theorem2._unreached_text(summary)
     summary["slow_growth"] = {"slope": 0.5, "ci": [0.4, 0.6]}
     assert "`T^0.500` [95% CI 0.400, 0.600]" in theorem2._growth_text(summary)
     summary["slow_growth"] = {"slope": float("nan"), "ci": [float("nan")] * 2}
@@ -637,6 +637,7 @@ def test_general_policy_text_counts_what_fell_outside_the_tabular_formulas():
         "prompts": 4,
         "instances": 96,
         "censored": 0,
+        "failed": 0,
         "prop_a_violations": 0,
         "min_ratio_prop_a": 30.0,
         "tabular_slow_lower": {"outside": 0, "min_slack": 12.0},
@@ -644,6 +645,7 @@ def test_general_policy_text_counts_what_fell_outside_the_tabular_formulas():
     }
     text = general_text(general, "Theorem 2")
     assert "slow lower bound holds on every instance" in text and "holds on every flow" in text
+    assert "(96 flows, 0 censored at `t_max`, 0 failed solves)" in text
     general["tabular_fast_upper"] = {"outside": 5, "min_slack": 0.5}
     general["prop_a_violations"] = 2
     changed = general_text(general, "Theorem 2")
