@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxrm._checks import check_int
 from jaxrm.models.checkpoint import is_prng_key, tree_checksum
@@ -82,6 +83,8 @@ class RunCheckpoints:
             aside, suffix = self.directory / f"{step}.damaged.{suffix}", suffix + 1
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:  # every process reloads the steps only once the rename is done
+            multihost_utils.sync_global_devices(f"jaxrm: checkpoint {step} set aside")
         self.manager.reload()
         warnings.warn(f"checkpoint at step {step} {why}; moved to {aside.name}, trying an older one.")
 
