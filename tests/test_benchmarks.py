@@ -48,7 +48,7 @@ def test_fsdp_splits_every_parameter_and_optimizer_slot_across_devices():
 def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is_given(tmp_path, monkeypatch):
     from experiments.benchmarks import accelerator
     from experiments.benchmarks.accelerator import datasheet_peak_tflops, main
-    from experiments.benchmarks.common import dense_params, model_flops_per_iteration
+    from experiments.benchmarks.common import generation_flops, model_flops_per_iteration
     from jaxrm.models import preset
 
     # The second shape fails (as a device's time limit would stop it): the first stays recorded.
@@ -69,10 +69,13 @@ def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is
     (result,) = record["results"]
     assert record["versions"]["jax"] == jax.__version__ and record["peak_tflops"] == 0.001
     config = preset("tiny")
-    flops = model_flops_per_iteration(config, sequences=4, length=8)
+    sizes = dict(sequences=4, prompt_len=4, new_tokens=4)
+    flops = model_flops_per_iteration(config, **sizes)
     assert result["iteration_mfu"] == pytest.approx(flops / result["iteration_s"] / 1e9)
-    generation_flops = 2 * dense_params(config) * 4 * 8
-    assert result["generation_mfu"] == pytest.approx(generation_flops * result["generation_tokens_per_s"] / 16 / 1e9)
+    generated = generation_flops(config, **sizes)
+    assert result["generation_mfu"] == pytest.approx(generated * result["generation_tokens_per_s"] / 16 / 1e9)
+    # The count is of work done: an iteration is more than its generation, and linear in sequences.
+    assert generated < flops == pytest.approx(2 * model_flops_per_iteration(config, **sizes | {"sequences": 2}))
     # A device missing from the datasheet table gets no MFU rather than a guessed one.
     assert datasheet_peak_tflops("NVIDIA H200") == 989.0 and datasheet_peak_tflops("cpu") is None
 
@@ -97,4 +100,25 @@ def test_rlhf_benchmark_refuses_microbatches_that_do_not_divide_the_batch(tmp_pa
     with pytest.raises(SystemExit):
         rlhf_step.main(["--prompts", "4", "--microbatches", "3", "--out", str(out)])
     assert "--microbatches must be >= 1 and divide the 8 responses" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "message"),
+    [
+        ("tabular_flow", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        ("tabular_flow", ["--ascent-prompts", "3"], "--ascent-prompts 3 must be a multiple of the"),
+        ("generate", ["--shapes", "tiny", "nosuch"], "unknown preset 'nosuch'"),
+        ("rlhf_step", ["--iterations", "0"], "--iterations must be >= 1, got 0"),
+        ("accelerator", ["--batch", "3"], "--batch must be a multiple of k = 2"),
+    ],
+)
+def test_benchmarks_refuse_bad_arguments_before_any_work(name, arguments, message, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(f"experiments.benchmarks.{name}")
+    out = tmp_path / "record.json"
+    with pytest.raises(SystemExit) as exit_:
+        module.main([*arguments, "--out", str(out)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()

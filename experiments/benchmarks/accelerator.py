@@ -34,9 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.benchmarks.common import K, compiled_timings, dense_params, model_flops_per_iteration
+from experiments.benchmarks.common import (
+    K,
+    check_arguments,
+    compiled_timings,
+    generation_flops,
+    model_flops_per_iteration,
+)
 from jaxrm.models import CausalLM, RewardModel, preset
 from jaxrm.models.sampling import make_sampler
+from jaxrm.models.transformer import resolved_attention_implementation
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
 
 DEFAULT_SHAPES = ("pythia-160m", "pythia-410m", "pythia-1b")
@@ -82,9 +89,16 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
 
     generation_s, iteration_s = statistics.median(generation), statistics.median(iterations)
     new = batch * new_tokens
+    length = prompt_len + new_tokens
     result = {
         "shape": shape,
         "params": config.num_params(),
+        # Where cuDNN flash attention applies: the whole-sequence passes, and one decoding step
+        # over a full cache (earlier cache phases, and the prefill, may resolve otherwise).
+        "attention": {
+            "sequence_passes": resolved_attention_implementation(config, length, length),
+            "decoding_step": resolved_attention_implementation(config, 1, length),
+        },
         "generation_tokens_per_s": new / generation_s,
         "generation_compile_s": generation_compile,
         "iteration_s": iteration_s,
@@ -94,9 +108,9 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
         "iteration_mfu": None,
     }
     if peak is not None:
-        generation_flops = 2 * dense_params(config) * batch * (prompt_len + new_tokens)
-        iteration_flops = model_flops_per_iteration(config, sequences=batch, length=prompt_len + new_tokens)
-        result["generation_mfu"] = generation_flops / generation_s / peak
+        sizes = dict(sequences=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+        iteration_flops = model_flops_per_iteration(config, **sizes)
+        result["generation_mfu"] = generation_flops(config, **sizes) / generation_s / peak
         result["iteration_mfu"] = iteration_flops / iteration_s / peak
     mfu = lambda value: "n/a" if value is None else f"{value:.1%}"  # noqa: E731
     print(
@@ -119,13 +133,11 @@ def main(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (default: PEAK_TFLOPS)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/accelerator.json"))
     args = parser.parse_args(argv)
-    for shape in args.shapes:
-        try:
-            preset(shape)
-        except ValueError as error:
-            parser.error(f"--shapes: {error}")
-    if args.batch < K or args.batch % K or min(args.prompt_len, args.new_tokens, args.repeats) < 1:
-        parser.error("--batch must be a positive even number; --prompt-len, --new-tokens, --repeats positive")
+    check_arguments(
+        parser, args, at_least={"batch": K, "prompt_len": 1, "new_tokens": 1, "repeats": 1}, shapes=args.shapes
+    )
+    if args.batch % K:
+        parser.error(f"--batch must be a multiple of k = {K}, got {args.batch}.")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     device = jax.devices()[0]
@@ -139,6 +151,7 @@ def main(argv=None):
         "device": device.device_kind,
         "peak_tflops": peak_tflops,
         "versions": {"jax": jax.__version__, "flax": flax.__version__},
+        "settings": {name: getattr(args, name) for name in ("batch", "prompt_len", "new_tokens", "repeats")},
         "results": [],
     }
     for shape in args.shapes:

@@ -63,15 +63,56 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / min(seconds(lambda: product(a).block_until_ready()) for _ in range(repeats))
 
 
-def dense_params(config: TransformerConfig, *, reward_head: bool = False) -> int:
-    """Parameters that cost a multiply-add per token: all but the input embedding (a lookup)."""
-    return config.num_params(reward_head=reward_head) - config.vocab_size * config.hidden_size
+def _forward_flops(config: TransformerConfig, *, positions: int, attended: float, head_positions: int, head: int):
+    """FLOPs of one forward pass over one sequence: the blocks' products (2 x their parameters per
+    position), causal attention (``4 x layers x hidden`` per attended pair of positions) and the
+    head on ``head_positions`` positions (``head`` its parameters)."""
+    blocks = config.num_params() - 2 * config.vocab_size * config.hidden_size  # less both embeddings
+    return 2 * blocks * positions + 4 * config.num_layers * config.hidden_size * attended + 2 * head * head_positions
 
 
-def model_flops_per_iteration(config: TransformerConfig, *, sequences: int, length: int) -> float:
-    """Model FLOPs of one RLOO iteration: generation, the reference's log-probs, the reward model
-    (forward passes, ``2 x params`` per token) and the policy's update (forward and backward,
-    ``6 x params``), over ``sequences`` sequences of ``length`` tokens; recomputation (remat, old
-    log-probs) is not counted."""
-    tokens = sequences * length
-    return float((2 + 2 + 6) * dense_params(config) * tokens + 2 * dense_params(config, reward_head=True) * tokens)
+def generation_flops(config: TransformerConfig, *, sequences: int, prompt_len: int, new_tokens: int) -> float:
+    """Model FLOPs of generating ``new_tokens`` after ``prompt_len``-token prompts, as the sampler
+    computes them: the blocks run over every position but the last, the unembedding only where a
+    token is drawn, causal attention over the filled positions (not the empty cache slots)."""
+    length = prompt_len + new_tokens
+    per_sequence = _forward_flops(
+        config,
+        positions=length - 1,
+        attended=(length - 1) * length / 2,
+        head_positions=new_tokens,
+        head=config.vocab_size * config.hidden_size,
+    )
+    return float(sequences * per_sequence)
+
+
+def model_flops_per_iteration(config: TransformerConfig, *, sequences: int, prompt_len: int, new_tokens: int) -> float:
+    """Model FLOPs of one RLOO iteration as jaxrm computes it: generation (:func:`generation_flops`),
+    the reference's log-probs and the policy's update (forward, and backward at twice the forward)
+    with the head on the response positions only, and the reward model (its scalar head read at
+    one position). Recomputation (remat) is not counted, nor work a baseline does that jaxrm does
+    not (TRL recomputes the rollout's log-probs with a forward pass; jaxrm takes the sampler's)."""
+    length = prompt_len + new_tokens
+    unembedding = config.vocab_size * config.hidden_size
+    scored = dict(positions=length, attended=length * (length + 1) / 2)
+    policy_pass = _forward_flops(config, **scored, head_positions=new_tokens, head=unembedding)
+    reward_pass = _forward_flops(config, **scored, head_positions=1, head=config.hidden_size)
+    per_sequence = policy_pass + reward_pass + 3 * policy_pass  # reference, reward model, update
+    return generation_flops(config, sequences=sequences, prompt_len=prompt_len, new_tokens=new_tokens) + float(
+        sequences * per_sequence
+    )
+
+
+def check_arguments(parser, args, *, at_least: dict[str, int], shapes=()) -> None:
+    """End the program with a usage error (before any work) unless every ``args.NAME`` is at least
+    ``at_least[NAME]`` and every name in ``shapes`` is a :func:`jaxrm.models.preset`."""
+    from jaxrm.models import preset
+
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}.")
+    for shape in shapes:
+        try:
+            preset(shape)
+        except ValueError as error:
+            parser.error(f"--shape(s): {error}")

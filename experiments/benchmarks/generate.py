@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import transformers
 
-from experiments.benchmarks.common import allocator_line, allocator_settings, seconds
+from experiments.benchmarks.common import allocator_line, allocator_settings, check_arguments, seconds
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.models.sampling import sample
@@ -155,6 +155,9 @@ def main(argv=None):
     )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/generate.json"))
     args = parser.parse_args(argv)
+    check_arguments(
+        parser, args, at_least={"batch": 1, "prompt_len": 1, "new_tokens": 1, "repeats": 1}, shapes=args.shapes
+    )
     torch.set_num_threads(os.cpu_count())
     transformers.logging.set_verbosity_error()  # its note that top_k=0 is a no-op flag is expected here
     print(

@@ -45,8 +45,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from experiments.benchmarks.common import check_arguments  # noqa: E402
 from experiments.benchmarks.common import seconds as measure_seconds  # noqa: E402
 from jaxrm import ascent, flow  # noqa: E402
+from jaxrm.studies import write_text  # noqa: E402
 
 
 def make_problems(num_problems, num_outputs, seed=0):
@@ -331,11 +333,22 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"))
     args = parser.parse_args(argv)
+    at_least = dict(problems=1, outputs=2, scipy_problems=1, stacked_problems=1, ascent_prompts=1)
+    check_arguments(parser, args, at_least=at_least | dict(ascent_outputs=2, ascent_steps=1, repeats=1))
+    for name in ("rtol", "atol", "t_max"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}.")
+    if args.ascent_prompts % jax.device_count():
+        parser.error(
+            f"--ascent-prompts {args.ascent_prompts} must be a multiple of the {jax.device_count()} devices "
+            "(one per core) that the ascent shards its prompts over."
+        )
     machine = f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"machine: {machine}; jax {jax.__version__}")
-    report = {"machine": machine, "jax": jax.__version__, "t_gamma": bench_t_gamma(args), "ascent": bench_ascent(args)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = {"machine": machine, "jax": jax.__version__, "t_gamma": bench_t_gamma(args)}
+    write_text(args.out, json.dumps(report, indent=2) + "\n")  # kept if the ascent part fails
+    report["ascent"] = bench_ascent(args)
+    write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
