@@ -44,6 +44,7 @@ from experiments.benchmarks.common import (
 from jaxrm.models import CausalLM, RewardModel, preset
 from jaxrm.models.sampling import make_sampler
 from jaxrm.models.transformer import resolved_attention_implementation
+from jaxrm.studies import write_text
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
 
 DEFAULT_SHAPES = ("pythia-160m", "pythia-410m", "pythia-1b")
@@ -167,8 +168,7 @@ def main(argv=None):
         )
         # Rewritten after every shape: a run stopped by a time limit keeps the shapes it measured
         # (and one stopped in its first shape leaves nothing behind, not even the directory).
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
+        write_text(args.out, json.dumps(record, indent=1))
         print(f"wrote {args.out} ({len(record['results'])} of {len(args.shapes)} shapes)", flush=True)
 
 

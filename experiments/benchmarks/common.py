@@ -97,7 +97,7 @@ def model_flops_per_iteration(config: TransformerConfig, *, sequences: int, prom
     scored = dict(positions=length, attended=length * (length + 1) / 2)
     policy_pass = _forward_flops(config, **scored, head_positions=new_tokens, head=unembedding)
     reward_pass = _forward_flops(config, **scored, head_positions=1, head=config.hidden_size)
-    per_sequence = policy_pass + reward_pass + 3 * policy_pass  # reference, reward model, update
+    per_sequence = policy_pass + reward_pass + 3 * policy_pass  # the reference, the reward model, the update
     return generation_flops(config, sequences=sequences, prompt_len=prompt_len, new_tokens=new_tokens) + float(
         sequences * per_sequence
     )

@@ -333,8 +333,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"))
     args = parser.parse_args(argv)
-    at_least = dict(problems=1, outputs=2, scipy_problems=1, stacked_problems=1, ascent_prompts=1)
-    check_arguments(parser, args, at_least=at_least | dict(ascent_outputs=2, ascent_steps=1, repeats=1))
+    counts = ("problems", "scipy_problems", "stacked_problems", "ascent_prompts", "ascent_steps", "repeats")
+    check_arguments(parser, args, at_least=dict.fromkeys(counts, 1) | {"outputs": 2, "ascent_outputs": 2})
     for name in ("rtol", "atol", "t_max"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}.")
