@@ -115,37 +115,40 @@ def _worker(*args, **popen):
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env, **popen)
 
 
-def test_two_processes_with_jax_distributed_match_one_process_with_4_devices(tmp_path):
-    reference, _ = _run(tmp_path, "single", 2, mesh=make_mesh(), log_every=1)
+def _two_processes(out, dump, *options):
+    """Two worker processes of one ``jax.distributed`` cluster (2 devices each); their outputs."""
     port = _free_port()
-    dump = tmp_path / "multi.npz"
+    common = ("--out", out, "--devices", 2, "--num-processes", 2, "--port", port, "--dump", dump, *options)
     workers = [
-        _worker(
-            "--out",
-            tmp_path / "multi",
-            "--iterations",
-            2,
-            "--devices",
-            2,
-            "--num-processes",
-            2,
-            "--process-id",
-            rank,
-            "--port",
-            port,
-            "--dump",
-            dump,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in (0, 1)
+        _worker(*common, "--process-id", rank, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)
     ]
     outputs = [w.communicate(timeout=240)[0].decode() for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
+    return outputs
+
+
+def test_two_processes_with_jax_distributed_match_one_process_and_resume_past_a_damaged_checkpoint(tmp_path):
+    reference, _ = _run(tmp_path, "single", 2, mesh=make_mesh(), log_every=1)
+    options = ("--iterations", 2, "--checkpoint-every", 1)
+    outputs = _two_processes(tmp_path / "multi", tmp_path / "multi.npz", *options)
     assert all("connected to 3 peer ranks" in out for out in outputs)  # one gloo group over 4 devices
-    multi = np.load(dump)
+    multi = np.load(tmp_path / "multi.npz")
     for i, leaf in enumerate(_leaves(reference.params)):
         np.testing.assert_allclose(multi[f"arr_{i}"], leaf, atol=1e-5)
+    # Damage the last checkpoint: process 0 moves it aside while process 1 waits at a barrier
+    # before it reloads the steps; both fall back to step 1 and train iteration 2 again.
+    checkpoints = tmp_path / "multi" / "checkpoints"
+    data = max((f for f in (checkpoints / "2").rglob("*") if f.is_file()), key=_size)
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    outputs = _two_processes(tmp_path / "multi", tmp_path / "resumed.npz", *options)
+    assert all("step 2 is damaged (checksum mismatch); moved to 2.damaged," in out for out in outputs), outputs
+    assert "from the checkpoint at iteration 1" in outputs[0]  # process 0 logs for the run
+    assert (checkpoints / "2.damaged").is_dir() and (checkpoints / "2").is_dir()
+    resumed = np.load(tmp_path / "resumed.npz")
+    for name in multi.files:
+        np.testing.assert_array_equal(resumed[name], multi[name])
 
 
 def test_a_run_killed_after_a_checkpoint_resumes_to_bitwise_the_same_parameters(tmp_path):

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -76,17 +77,25 @@ class RunCheckpoints:
         return None
 
     def _set_aside(self, step: int, why: str) -> None:
-        """Move a damaged checkpoint out of the steps, so that the same step can be saved again."""
-        aside = self.directory / f"{step}.damaged"
-        suffix = 1
-        while aside.exists():
-            aside, suffix = self.directory / f"{step}.damaged.{suffix}", suffix + 1
+        """Move a damaged checkpoint out of the steps, so that the same step can be saved again.
+
+        Process 0 moves it; every process calls this at the same point of a restore, and under
+        ``jax.distributed`` the others wait for the move (a broadcast of the name it chose)
+        before they reload the steps."""
+        suffix = 0
         if jax.process_index() == 0:
-            (self.directory / str(step)).rename(aside)
-        if jax.process_count() > 1:  # every process reloads the steps only once the rename is done
-            multihost_utils.sync_global_devices(f"jaxrm: checkpoint {step} set aside")
+            while self._aside(step, suffix).exists():
+                suffix += 1
+            (self.directory / str(step)).rename(self._aside(step, suffix))
+        if jax.process_count() > 1:
+            suffix = int(multihost_utils.broadcast_one_to_all(np.int32(suffix)))
         self.manager.reload()
-        warnings.warn(f"checkpoint at step {step} {why}; moved to {aside.name}, trying an older one.")
+        warnings.warn(
+            f"checkpoint at step {step} {why}; moved to {self._aside(step, suffix).name}, trying an older one."
+        )
+
+    def _aside(self, step: int, suffix: int) -> Path:
+        return self.directory / (f"{step}.damaged" + (f".{suffix}" if suffix else ""))
 
     def close(self) -> None:
         self.manager.close()
