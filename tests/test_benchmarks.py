@@ -68,6 +68,7 @@ def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is
     record = json.loads((tmp_path / "known.json").read_text())
     (result,) = record["results"]
     assert record["versions"]["jax"] == jax.__version__ and record["peak_tflops"] == 0.001
+    assert {"flax", "optax", "numpy"} <= set(record["versions"])
     config = preset("tiny")
     sizes = dict(sequences=4, prompt_len=4, new_tokens=4)
     flops = model_flops_per_iteration(config, **sizes)

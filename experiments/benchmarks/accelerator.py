@@ -15,7 +15,7 @@ pass, ``4 x params`` per backward, the input embedding excluded, recomputation n
 over time over the device's datasheet peak for dense bfloat16 matmuls (``PEAK_TFLOPS`` by
 device kind, or ``--peak-tflops``; on a device not in the table MFU is left out rather than
 guessed). Compile time is reported separately; figures are medians after a warm-up. The JSON
-record (``--out``, with the jax and flax versions) is rewritten after each shape, so a run
+record (``--out``, with the installed package versions) is rewritten after each shape, so a run
 stopped by a time limit keeps the shapes it measured.
 
 Run from the repository root: ``python -m experiments.benchmarks.accelerator [--help]``.
@@ -24,11 +24,9 @@ Run from the repository root: ``python -m experiments.benchmarks.accelerator [--
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +38,11 @@ from experiments.benchmarks.common import (
     compiled_timings,
     generation_flops,
     model_flops_per_iteration,
+    write_record,
 )
 from jaxrm.models import CausalLM, RewardModel, preset
 from jaxrm.models.sampling import make_sampler
 from jaxrm.models.transformer import resolved_attention_implementation
-from jaxrm.studies import write_text
 from jaxrm.train.rlhf import RLHFConfig, TrainData, init_state, make_iteration, reward_model_fn
 
 DEFAULT_SHAPES = ("pythia-160m", "pythia-410m", "pythia-1b")
@@ -151,7 +149,6 @@ def main(argv=None):
     record = {
         "device": device.device_kind,
         "peak_tflops": peak_tflops,
-        "versions": {"jax": jax.__version__, "flax": flax.__version__},
         "settings": {name: getattr(args, name) for name in ("batch", "prompt_len", "new_tokens", "repeats")},
         "results": [],
     }
@@ -168,7 +165,7 @@ def main(argv=None):
         )
         # Rewritten after every shape: a run stopped by a time limit keeps the shapes it measured
         # (and one stopped in its first shape leaves nothing behind, not even the directory).
-        write_text(args.out, json.dumps(record, indent=1))
+        write_record(args.out, record)
         print(f"wrote {args.out} ({len(record['results'])} of {len(args.shapes)} shapes)", flush=True)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from jaxrm.models import TransformerConfig
+from jaxrm.studies import write_text
 
 K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
 
@@ -35,6 +39,26 @@ def allocator_line() -> str:
     if not settings:
         return "host memory: the C library's default allocator settings"
     return "host memory: " + ", ".join(f"{name}={value}" for name, value in settings.items())
+
+
+# The packages whose versions a benchmark's figures depend on: JAX's stack, and the baselines.
+RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "torch", "transformers", "trl")
+
+
+def package_versions() -> dict[str, str]:
+    """The installed version of each of :data:`RECORDED_PACKAGES` (those not installed left out)."""
+    versions = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a benchmark's JSON record atomically, with the package versions under ``versions``."""
+    write_text(path, json.dumps({**record, "versions": package_versions()}, indent=1) + "\n")
 
 
 def seconds(fn) -> float:

@@ -18,7 +18,6 @@ Run from the repository root: ``python -m experiments.benchmarks.generate [--hel
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import transformers
 
-from experiments.benchmarks.common import allocator_line, allocator_settings, check_arguments, seconds
+from experiments.benchmarks.common import allocator_line, allocator_settings, check_arguments, seconds, write_record
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.models.sampling import sample
@@ -176,10 +175,7 @@ def main(argv=None):
         )
         for shape in args.shapes
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"cores": os.cpu_count(), "allocator": allocator_settings(), "results": results}, indent=1)
-    )
+    write_record(args.out, {"cores": os.cpu_count(), "allocator": allocator_settings(), "results": results})
     print(f"wrote {args.out}")
 
 

@@ -23,7 +23,6 @@ Run from the repository root: ``python -m experiments.benchmarks.programs {depth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -50,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from experiments.benchmarks.common import K, seconds  # noqa: E402
+from experiments.benchmarks.common import K, seconds, write_record  # noqa: E402
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset  # noqa: E402
 from jaxrm.sharding import make_mesh, param_shardings  # noqa: E402
 from jaxrm.train.driver import train_state_shardings  # noqa: E402
@@ -189,8 +188,7 @@ def main(argv=None):
         print(f"compile time {args.layers[-1]} / {args.layers[0]} layers: {ratios}")
     else:
         result = measure_memory(args.shape, devices=args.devices, prompts=args.prompts, new_tokens=args.new_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_record(out, result)
     print(f"wrote {out}")
 
 

@@ -34,7 +34,6 @@ Run from the repository root: ``python -m experiments.benchmarks.rlhf_step [--he
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -58,6 +57,7 @@ from experiments.benchmarks.common import (
     compiled_timings,
     matmul_peak_flops,
     model_flops_per_iteration,
+    write_record,
 )
 from experiments.benchmarks.generate import LAYOUTS, build_pair, hf_config
 from jaxrm.models import preset
@@ -295,8 +295,7 @@ def main(argv=None):
                 f"tokens/s, MFU {result['trl_mfu']:.1%}; jaxrm speed-up "
                 + ", ".join(f"{layout} {jaxrm['speedup']:.2f}x" for layout, jaxrm in result["jaxrm"].items())
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_record(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -25,7 +25,6 @@ Run from the repository root: ``python -m experiments.benchmarks.tabular_flow [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -45,10 +44,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from experiments.benchmarks.common import check_arguments  # noqa: E402
+from experiments.benchmarks.common import check_arguments, write_record  # noqa: E402
 from experiments.benchmarks.common import seconds as measure_seconds  # noqa: E402
 from jaxrm import ascent, flow  # noqa: E402
-from jaxrm.studies import write_text  # noqa: E402
 
 
 def make_problems(num_problems, num_outputs, seed=0):
@@ -345,10 +343,10 @@ def main(argv=None):
         )
     machine = f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"machine: {machine}; jax {jax.__version__}")
-    report = {"machine": machine, "jax": jax.__version__, "t_gamma": bench_t_gamma(args)}
-    write_text(args.out, json.dumps(report, indent=2) + "\n")  # kept if the ascent part fails
+    report = {"machine": machine, "t_gamma": bench_t_gamma(args)}
+    write_record(args.out, report)  # kept if the ascent part fails
     report["ascent"] = bench_ascent(args)
-    write_text(args.out, json.dumps(report, indent=2) + "\n")
+    write_record(args.out, report)
     print(f"wrote {args.out}")
 
 
