@@ -296,9 +296,11 @@ def accuracy(
     ``acc = sum_{i<j} w_i w_j 1[sign(rm_i - rm_j) == sign(gt_i - gt_j)] / sum_{i<j} w_i w_j``
     over unordered pairs of distinct positions, ``sign`` in ``{-1, 0, +1}`` (a tie agrees only
     with a tie). Weights ``w = 1`` (uniform over pairs) when ``probs`` is None, else
-    ``w = probs`` (pairs drawn from the policy: on-policy accuracy). ``where=False`` drops a
-    position (and its pairs). On ``[prompts, k]`` samples with ``probs=None`` this is the official pairwise
-    accuracy over all sample pairs.
+    ``w = probs`` (pairs of *distinct* outputs drawn from the policy: on-policy accuracy).
+    ``where=False`` drops a position (and its pairs). On ``[prompts, k]`` samples with
+    ``probs=None`` this is the official pairwise accuracy over all sample pairs, where two
+    samples of one output are a tie that agrees: it estimates ``P(y = y') + (1 - P(y = y'))``
+    times the exact on-policy accuracy, not that accuracy itself (docs/theory.md#accuracy-and-reward-variance).
 
     Rows with more than 256 entries are counted by sorting (``O(n log^2 n)`` time, ``O(n)``
     memory; no ``n x n`` matrix), so ``n = 10^6`` outputs is fine.

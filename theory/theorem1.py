@@ -485,8 +485,9 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
         largest = np.max([r[b] for b in ("theorem4", "prop3", "sharpened") if b in r], axis=0)
         undecided = (censored_mask[reward] & (largest > config.t_max)) | (failed_mask[reward] & (largest > r["t_end"]))
         inconclusive += int(undecided.sum())
-    # docs/theory.md#theorem-4: with lam > 0 every reached gain is at most 2 / lam, so the lam term
-    # of Theorem 4 never binds (it would need gamma > 21 / lam).
+    # docs/theory.md#theorem-4: with lam > 0 and separate parameters per prompt (every policy class
+    # here), every reached gain is at most 2 / lam, so the lam term of Theorem 4 never binds (it
+    # would need gamma > 21 / lam).
     lam_times_gain = np.concatenate(
         [
             np.where(r["status"] == flow.Status.REACHED, r["gamma"] * result["kl_coef"], np.nan).ravel()
