@@ -667,12 +667,18 @@ def summarize(config, stats, results):
     proxy_gain, truth_gain = teacher_gains(config, main_stats, results[0])
     table1 = {name: [float(v) for v in main_stats[name]] for name in PROPERTIES}
     shares = np.array([spec.fraction for spec in specs])
+    # The saves of one training run (after 1 and 4 epochs, say) are not independent: every
+    # interval over models resamples whole runs, the perfect teacher being a run of its own.
+    runs = [spec.run for spec in specs]
+    run_of = np.array([runs.index(run) for run in runs])
     verdicts = {}
 
     # Table 1's trends over the on-policy share, each against the paper's five reward models.
     trends = {}
     for prop in PROPERTIES:
-        trends[prop] = correlations(shares, np.asarray(table1[prop][:learned]), seed=config.stream("trend intervals"))
+        trends[prop] = correlations(
+            shares, np.asarray(table1[prop][:learned]), seed=config.stream("trend intervals"), clusters=run_of
+        )
         verdicts[f"Table 1: {prop} against the on-policy share"] = sign_verdict(
             trends[prop]["spearman"], _paper_trend(PAPER_TABLE1[prop])
         )
@@ -681,6 +687,7 @@ def summarize(config, stats, results):
         np.asarray(table1["reward variance"][:learned]),
         np.asarray(table1["on-policy accuracy"][:learned]),
         seed=config.stream("trend intervals"),
+        clusters=run_of,
     )
     # The perfect low-variance teacher's variance against the ground truth's, over the prompts (Welch).
     per_prompt = main_stats["reward variance per prompt"]
@@ -695,7 +702,10 @@ def summarize(config, stats, results):
     for prop in PROPERTIES:
         for target, gain in (("proxy", proxy_gain), ("ground truth", truth_gain)):
             table2[f"{prop} / {target}"] = correlations(
-                np.asarray(main_stats[prop])[models], np.asarray(gain)[models], seed=config.stream("table 2 intervals")
+                np.asarray(main_stats[prop])[models],
+                np.asarray(gain)[models],
+                seed=config.stream("table 2 intervals"),
+                clusters=np.append(run_of, len(runs)),
             )
     for (prop, target), paper in PAPER_TABLE2.items():
         verdicts[f"Table 2: {prop} / {target} gain"] = sign_verdict(table2[f"{prop} / {target}"]["spearman"], paper)
@@ -939,7 +949,7 @@ def report(config, summary) -> str:
         f"{_paper_range('on-policy accuracy')}), off-policy accuracy {fmt(ranges['off-policy accuracy'].min())}-"
         f"{fmt(ranges['off-policy accuracy'].max())} (paper {_paper_range('off-policy accuracy')}).",
         "",
-        "Trends over the on-policy share (Spearman over the learned models [95%]): "
+        "Trends over the on-policy share (Spearman over the learned models [95%], resampling whole runs): "
         + "; ".join(f"{p} {fmt_interval(summary['table1_trends'][p]['spearman'])}" for p in PROPERTIES)
         + f". Reward variance against on-policy accuracy over the same models: Spearman "
         f"{fmt_interval(summary['variance_accuracy']['spearman'])}.",
@@ -968,8 +978,8 @@ def report(config, summary) -> str:
         "## Table 2: correlation with the reward increase over the reward models",
         "",
         f"Over the {learned + 1} reward models (all teachers but the ground truth), with 95% bootstrap "
-        f"intervals that resample the reward models and, within each, its {config.seeds} seeds. Saves of one "
-        "run are not independent models; the interval treats them as such.",
+        f"intervals that resample whole reward-model runs (the saves of a run are not independent; the perfect "
+        f"model counts as a run of its own) and, within each drawn model, its {config.seeds} seeds.",
         "",
         "| property | target | Pearson here [95%] | Spearman here [95%] | paper (Pearson / Spearman) | verdict |",
         "|---|---|---|---|---|---|",

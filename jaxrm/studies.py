@@ -314,27 +314,33 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=N
     two-stage bootstrap interval of :func:`jaxrm.metrics.bootstrap_correlation` (models and
     seeds resampled).
 
-    With ``clusters`` (``[M]`` ids; an outcome ``[M]``): models that are not independent, such
-    as the checkpoints of one training run, and the interval resamples whole clusters
-    (:func:`cluster_bootstrap`)."""
+    With ``clusters`` (``[M]`` ids): models that are not independent, such as the checkpoints of
+    one training run, and the first stage resamples whole clusters (:func:`cluster_bootstrap`);
+    the second still resamples each drawn model's seeds."""
     import jax
-    import scipy.stats
 
     from jaxrm import metrics
 
     if clusters is not None:
         x, outcome = np.asarray(x, float), np.asarray(outcome, float)
-        if outcome.shape != x.shape or np.shape(clusters) != x.shape:
-            raise ValueError(f"with clusters, x {x.shape}, outcome {outcome.shape} and clusters must be one [M].")
-        kinds = {"pearson": scipy.stats.pearsonr, "spearman": scipy.stats.spearmanr}
-        return {
-            kind: cluster_bootstrap(
-                lambda index, fit=fit: fit(x[index], outcome[index])[0],
-                clusters,
-                seed=seed,
-                num_resamples=num_resamples,
+        outcome = outcome if outcome.ndim == 2 else outcome[:, None]
+        if x.ndim != 1 or outcome.shape[0] != x.size or np.shape(clusters) != x.shape:
+            raise ValueError(
+                f"with clusters, x {x.shape}, the outcome's models {outcome.shape[:1]} and clusters "
+                f"{np.shape(clusters)} must be one [M]."
             )
-            for kind, fit in kinds.items()
+        fits = {"pearson": _pearson, "spearman": lambda a, b: _pearson(_average_ranks(a), _average_ranks(b))}
+        rng = np.random.default_rng(seed)
+        num_seeds = outcome.shape[1]
+        resampled = {kind: [] for kind in fits}
+        for index in _cluster_draws(clusters, rng, num_resamples):
+            drawn = outcome[index]
+            if num_seeds > 1:
+                drawn = np.take_along_axis(drawn, rng.integers(0, num_seeds, drawn.shape), axis=1)
+            for kind, fit in fits.items():
+                resampled[kind].append(fit(x[index], drawn.mean(1)))
+        return {
+            kind: _percentile_interval(fit(x, outcome.mean(1)), resampled[kind], 0.95) for kind, fit in fits.items()
         }
     out = {}
     for kind in ("pearson", "spearman"):
@@ -349,25 +355,50 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=N
     return out
 
 
+def _pearson(a, b) -> float:
+    """Pearson's correlation, NaN (without a warning) when either input is constant."""
+    a, b = a - a.mean(), b - b.mean()
+    norm = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / norm if norm > 0 else math.nan
+
+
+def _average_ranks(values):
+    from scipy.stats import rankdata
+
+    return rankdata(values)
+
+
 def cluster_bootstrap(statistic, clusters, *, seed: int, num_resamples: int = 2000, level: float = 0.95) -> list[float]:
     """``[estimate, low, high]``: ``statistic(index)`` over every unit, and its percentile-bootstrap
     interval when whole clusters are resampled (``clusters [M]``: an id per unit, e.g. the
     training run each checkpoint belongs to). Units of one cluster are not independent, and
     resampling them one by one would make the interval too narrow. Resamples where the statistic
     is NaN are left out; the interval is NaN when all are."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(index) for index in _cluster_draws(clusters, rng, num_resamples)]
+    return _percentile_interval(statistic(np.arange(np.size(clusters))), values, level)
+
+
+def _cluster_draws(clusters, rng, num_resamples: int):
+    """``num_resamples`` resamples of the units' indices, each drawing as many clusters as there
+    are, with replacement, and taking all of their units (drawn up front, so that a caller's
+    later draws from ``rng`` do not change them)."""
     check_int("num_resamples", num_resamples, low=1)
-    clusters = np.asarray(clusters)
-    ids, inverse = np.unique(clusters, return_inverse=True)
+    ids, inverse = np.unique(np.asarray(clusters), return_inverse=True)
     if ids.size < 2:
         raise ValueError(f"cluster_bootstrap needs at least 2 clusters, got {ids.size}.")
     members = [np.flatnonzero(inverse == i) for i in range(ids.size)]
-    rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(members), (num_resamples, len(members)))
-    values = np.array([statistic(np.concatenate([members[j] for j in draw])) for draw in draws], float)
-    tail = (1 - level) / 2 * 100
+    return [np.concatenate([members[j] for j in draw]) for draw in draws]
+
+
+def _percentile_interval(estimate, resampled, level: float) -> list[float]:
+    """``[estimate, low, high]`` with the percentile interval of the finite resampled values."""
+    values = np.asarray(resampled, float)
     finite = values[np.isfinite(values)]
+    tail = (1 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail]) if finite.size else (math.nan, math.nan)
-    return [float(statistic(np.arange(clusters.size))), float(low), float(high)]
+    return [float(estimate), float(low), float(high)]
 
 
 def compare_to_reference(reference, others, *, level: float = 0.95) -> dict:

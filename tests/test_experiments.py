@@ -10,7 +10,7 @@ from tiny_checkpoint import save_tiny_gpt_neox
 
 from experiments import paradox, teacher
 from experiments.tasks import TopicTask
-from jaxrm.studies import config_with_overrides, sign_verdict
+from jaxrm.studies import config_with_overrides, correlations, sign_verdict
 
 
 def test_the_task_ground_truth_is_graded_exact_and_prompt_dependent():
@@ -151,6 +151,27 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
     ] == ("does not hold")
     report = teacher.report(config, falls)
     assert "| Table 2: reward variance / ground truth gain | does not hold |" in report
+
+
+def test_teacher_intervals_resample_whole_reward_model_runs():
+    # The two saves of every run carry the same measurements: as evidence they are one model, so
+    # the Table 2 interval is about as wide as over the distinct models, not 1/sqrt(2) as wide.
+    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2)
+    stats, results = _fake_measurements(config, lambda v: v + np.sin(9 * v), perfect_gain=0.0)
+    saves = np.array([spec.run for spec in config.reward_models()], dtype=object)
+    first = np.array([list(map(tuple, saves)).index(tuple(run)) for run in saves])
+    for stat, result in zip(stats, results):
+        for name in ("reward variance", "on-policy accuracy", "off-policy accuracy"):
+            stat[name][: len(first)] = stat[name][first]
+        for name in ("ground_truth_reward", "proxy_reward"):
+            result[name][: len(first)] = result[name][first]
+    interval = teacher.summarize(config, stats, results)["table2"]["reward variance / ground truth"]["spearman"]
+    distinct = np.append(
+        np.unique(first), np.arange(len(first), len(first) + 1)
+    )  # each run once, and the perfect model
+    gain = teacher.teacher_gains(config, stats[0], results[0])[1]
+    alone = correlations(np.asarray(stats[0]["reward variance"])[distinct], gain[distinct], seed=0)["spearman"]
+    assert interval[2] - interval[1] > 0.85 * (alone[2] - alone[1])
 
 
 def test_the_map_corrects_each_cells_difference_for_the_number_of_cells(monkeypatch):

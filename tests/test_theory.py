@@ -200,6 +200,29 @@ def test_cluster_bootstrap_resamples_whole_clusters():
         cluster_bootstrap(lambda index: 0.0, np.zeros(5), seed=0)
 
 
+def test_correlations_over_clusters_resample_whole_clusters_then_seeds():
+    from jaxrm.studies import correlations
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    outcome = x[:, None] + rng.normal(size=(30, 4))
+    width = lambda interval: interval[2] - interval[1]  # noqa: E731
+    independent = correlations(x, outcome, seed=0)["spearman"]
+    singletons = correlations(x, outcome, seed=0, clusters=np.arange(30))["spearman"]
+    assert singletons[0] == pytest.approx(independent[0])
+    assert abs(width(singletons) - width(independent)) < 0.15 * width(independent)
+    # Every model saved twice: the pair is one unit of evidence, so the interval stays as wide as
+    # the 30 models' rather than narrowing as if there were 60.
+    copies = np.repeat(x, 2), np.repeat(outcome, 2, axis=0)
+    paired = correlations(*copies, seed=0, clusters=np.repeat(np.arange(30), 2))["spearman"]
+    assert abs(width(paired) - width(singletons)) < 0.2 * width(singletons)
+    assert width(correlations(*copies, seed=0)["spearman"]) < 0.85 * width(paired)
+    # The seeds' spread counts: seed means in the order of x, but seeds far apart.
+    noisy = np.arange(10.0)[:, None] + 20 * np.array([1.0, -1.0, 0.5, -0.5])
+    ordered = correlations(np.arange(10.0), noisy, seed=0, clusters=np.arange(10) // 2)["spearman"]
+    assert ordered[0] == pytest.approx(1.0) and ordered[1] < 0.5
+
+
 def test_config_is_validated_by_name():
     with pytest.raises(ValueError, match="scaled_gamma"):
         theorem1.Theorem1Config(scaled_gamma=2.0)
