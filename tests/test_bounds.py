@@ -19,6 +19,14 @@ def test_theorem4_constants():
     )
 
 
+def test_proposition2_constants():
+    # 6 M^(1/3) L J Var^(1/3): M = 8 and Var = 1e-3 have exact cube roots 2 and 0.1.
+    bound = bounds.proposition2_gradient_bound(1e-3, reward_bound=8.0, length=2, jacobian_norm=1.5)
+    np.testing.assert_allclose(bound, 6 * 2 * 2 * 1.5 * 0.1)
+    # The proposition needs M > 1: a smaller bound on |r_KL| is raised to 1.
+    np.testing.assert_allclose(bounds.proposition2_gradient_bound(1e-3, reward_bound=0.5), 6 * 0.1)
+
+
 def test_variance_exponents():
     var = np.array([1e-2, 1e-8])
     t4, p3, pa = (

@@ -269,6 +269,13 @@ def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
     # The KL branch is chosen by giving kl_coef at all, never by its Python type.
     as_array = flow.first_passage(logits, rewards, 1.01 * limit_gain, kl_coef=jnp.asarray(lam))
     assert int(as_array.status[0]) == flow.Status.NOT_REACHED and int(as_array.num_steps[0]) < 500
+    # lam = 0 has no limit short of the best output: a gain that needs most of the way is reached,
+    # at the time of the run without a KL term.
+    uniform, spread = jnp.zeros((1, 4)), jnp.array([[1.0, 0.0, -0.5, -1.0]])
+    plain = flow.first_passage(uniform, spread, 0.9)
+    zero = flow.first_passage(uniform, spread, 0.9, kl_coef=0.0)
+    assert int(zero.status[0]) == int(plain.status[0]) == flow.Status.REACHED
+    np.testing.assert_allclose(zero.t_gamma, plain.t_gamma, rtol=1e-9)
 
 
 def _solve_to(field, y0, t_end, rtol, atol):

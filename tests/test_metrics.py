@@ -202,7 +202,7 @@ class TestKL:
         assert float(masked[2]) == 0.0
 
     def test_estimators_are_exact_in_expectation(self):
-        """E_{y~pi}[k1] = E_{y~pi}[k3] = KL(pi || ref) exactly; k2 >= 0."""
+        """E_{y~pi}[k1] = E_{y~pi}[k3] = KL(pi || ref) exactly; k2 is half the squared log-ratio."""
         rng = np.random.default_rng(7)
         logp = jax.nn.log_softmax(jnp.array(rng.normal(size=6)))
         ref = jax.nn.log_softmax(jnp.array(rng.normal(size=6)))
@@ -211,7 +211,10 @@ class TestKL:
             np.testing.assert_allclose(
                 jnp.sum(jnp.exp(logp) * metrics.kl_estimate(logp, ref, kl_estimator=kind)), exact, rtol=1e-12
             )
-        assert bool(jnp.all(metrics.kl_estimate(logp, ref, kl_estimator="k2") >= 0))
+        # k2 = (log pi - log ref)^2 / 2 (Schulman's), >= 0 and not unbiased.
+        np.testing.assert_allclose(
+            metrics.kl_estimate(logp, ref, kl_estimator="k2"), 0.5 * np.square(logp - ref), rtol=1e-12
+        )
         assert bool(jnp.all(metrics.kl_estimate(logp, ref, kl_estimator="k3") >= 0))
 
     def test_unknown_kind(self):
@@ -304,6 +307,18 @@ class TestBootstrapCorrelation:
         assert float(out.low) < 0.0 < float(out.high) and int(out.resamples) == 500
         same = metrics.bootstrap_correlation(x, y[:, None], jax.random.key(2), num_resamples=500)
         np.testing.assert_allclose([out.low, out.high], [same.low, same.high])
+
+    def test_level_is_the_central_share_of_the_resamples(self):
+        # On one set of resamples (same key), a 50% interval spans the central half of the 95% one's
+        # distribution: for a near-normal spread, 0.674 / 1.96 of its width.
+        rng = np.random.default_rng(14)
+        x = rng.normal(size=60)
+        y = 0.5 * x + rng.normal(size=60)
+        wide = metrics.bootstrap_correlation(x, y, jax.random.key(4), kind="pearson")
+        half = metrics.bootstrap_correlation(x, y, jax.random.key(4), kind="pearson", level=0.5)
+        assert float(wide.low) < float(half.low) < float(half.high) < float(wide.high)
+        ratio = (float(half.high) - float(half.low)) / (float(wide.high) - float(wide.low))
+        assert 0.674 / 1.96 * 0.8 < ratio < 0.674 / 1.96 * 1.25, ratio
 
     def test_bad_input(self):
         key = jax.random.key(0)

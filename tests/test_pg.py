@@ -19,6 +19,11 @@ def test_advantages_by_hand():
     np.testing.assert_allclose(
         pg.grpo_advantages(rewards, eps=0.0, ddof=0)[0], np.array([-2.0, -1.0, 3.0]) / np.std([1, 2, 6])
     )
+    # eps is added to the standard deviation (not under a square root): it matters for near-tied groups.
+    close = jnp.array([[1.0, 1.0 + 2e-4]])
+    np.testing.assert_allclose(
+        pg.grpo_advantages(close, eps=1e-4)[0], np.array([-1e-4, 1e-4]) / (np.sqrt(2) * 1e-4 + 1e-4), rtol=1e-3
+    )
     np.testing.assert_allclose(pg.reinforce_advantages(rewards, baseline=1.0), rewards - 1.0)
     with pytest.raises(ValueError, match="k >= 2"):
         pg.rloo_advantages(jnp.ones((3, 1)))
@@ -58,8 +63,16 @@ def test_aggregation_and_losses_by_hand():
         aggregation = "token-mean" if level == "token" else "sequence-sum"
         reinforce = jax.grad(lambda lp: pg.reinforce_loss(lp, advantages, mask, aggregation=aggregation))(logp)
         np.testing.assert_allclose(ppo, reinforce, rtol=1e-6)
+    # A ratio below 1 - eps with A > 0 (and above 1 + eps with A < 0) is not clipped: min picks the unclipped term.
+    inactive = jnp.log(jnp.array([[0.5], [2.0]]))
+    _, clip_fraction = pg.clipped_surrogate_loss(inactive, jnp.zeros((2, 1)), jnp.array([1.0, -1.0]), jnp.ones((2, 1)))
+    assert float(clip_fraction) == 0.0
     per_token = jnp.array([[1.0, 3.0], [2.0, 5.0]])
     assert [float(pg.aggregate(per_token, mask, mode=m)) for m in pg.AGGREGATIONS] == [2.0, 2.0, 3.0]
+    # Unequal lengths: token-mean weighs tokens (10 / 4), sequence-mean weighs sequences ((3 + 1) / 2).
+    long, short = jnp.array([[1.0, 3.0, 5.0], [1.0, 0.0, 0.0]]), jnp.array([[True, True, True], [True, False, False]])
+    assert float(pg.aggregate(long, short, mode="token-mean")) == 2.5
+    assert float(pg.aggregate(long, short, mode="sequence-mean")) == 2.0
     with pytest.raises(ValueError, match="mode"):
         pg.aggregate(per_token, mask, mode="mean")
 
@@ -67,6 +80,10 @@ def test_aggregation_and_losses_by_hand():
 def test_entropy_and_reward_normalization():
     logits = jnp.zeros((2, 3, 5))
     np.testing.assert_allclose(pg.entropy_per_token(logits, jnp.ones((2, 3), bool)), np.full((2, 3), np.log(5)))
+    p = np.array([0.7, 0.2, 0.1])
+    np.testing.assert_allclose(
+        pg.entropy_per_token(jnp.log(jnp.asarray(p))[None], jnp.ones(1, bool)), [-(p * np.log(p)).sum()], rtol=1e-6
+    )
     rewards = jnp.array([[1.0, 3.0], [5.0, 7.0]])
     mean, std = pg.reward_statistics(rewards)
     assert (float(mean), float(std)) == (4.0, np.sqrt(5.0))
