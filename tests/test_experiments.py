@@ -174,6 +174,18 @@ def test_teacher_intervals_resample_whole_reward_model_runs():
     assert interval[2] - interval[1] > 0.85 * (alone[2] - alone[1])
 
 
+def test_interval_calibration_counts_the_intervals_that_exclude_zero():
+    from experiments import interval_calibration as calibration
+
+    strong = lambda rng: (calibration.SHARES, calibration.SHARES + 0.01 * rng.normal(size=20))  # noqa: E731
+    assert calibration.false_positive_rates(strong, datasets=3, resamples=50, seed=0) == {"runs": 1.0, "models": 1.0}
+    unrelated = lambda rng: (calibration.SHARES, rng.permutation(calibration.SHARES))  # noqa: E731
+    rates = calibration.false_positive_rates(unrelated, datasets=4, resamples=50, seed=0)
+    assert set(rates) == {"runs", "models"} and all(rate < 1.0 for rate in rates.values())
+    with pytest.raises(SystemExit):
+        calibration.main(["--datasets", "0"])
+
+
 def test_the_map_corrects_each_cells_difference_for_the_number_of_cells(monkeypatch):
     config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2)
     stats, results = _fake_measurements(config, lambda v: v, perfect_gain=0.0)
