@@ -76,6 +76,8 @@ def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_pa
         "response_length",
     }
     assert expected <= set(lines[0])
+    for name in ("proxy_reward", "ground_truth_reward", "reward_variance", "kl", "entropy", "loss"):
+        np.testing.assert_allclose([line[name] for line in lines], history[name], rtol=1e-6, err_msg=name)
     assert json.loads((run / "config.json").read_text())["config"]["samples_per_prompt"] == 2
     assert json.loads((run / "summary.json").read_text())["iterations"] == 24 == int(state.step)
     assert json.loads((run / "config.json").read_text())["seeds"] == 0
