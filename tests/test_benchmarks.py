@@ -29,7 +29,12 @@ def test_generate_benchmark_runs_the_same_model_on_both_sides():
     for ours in result["jaxrm"].values():
         assert ours["greedy_token_agreement"] == 1.0
         assert ours["speedup"] == result["hf_s"] / ours["s"] and ours["tokens_per_s"] == 8 / ours["s"]
-    assert result["params"] == 31680
+    # Pythia's layout at tiny (hidden 32, MLP 128, vocabulary 97, 2 layers): per layer two layer
+    # norms, the fused QKV, the attention output and the MLP, each with biases; then the
+    # embedding, the final layer norm and an untied unembedding.
+    hidden, mlp, vocab = 32, 128, 97
+    layer = 2 * 2 * hidden + (hidden + 1) * 3 * hidden + (hidden + 1) * hidden + (hidden + 1) * mlp + (mlp + 1) * hidden
+    assert result["params"] == 2 * layer + vocab * hidden + 2 * hidden + vocab * hidden == 31680
 
 
 def test_fsdp_splits_every_parameter_and_optimizer_slot_across_devices():
