@@ -322,14 +322,20 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=N
     from jaxrm import metrics
 
     if clusters is not None:
+        from scipy.stats import rankdata
+
         x, outcome = np.asarray(x, float), np.asarray(outcome, float)
         outcome = outcome if outcome.ndim == 2 else outcome[:, None]
-        if x.ndim != 1 or outcome.shape[0] != x.size or np.shape(clusters) != x.shape:
+        if x.ndim != 1 or x.size < 3 or outcome.shape[0] != x.size or np.shape(clusters) != x.shape:
             raise ValueError(
                 f"with clusters, x {x.shape}, the outcome's models {outcome.shape[:1]} and clusters "
-                f"{np.shape(clusters)} must be one [M]."
+                f"{np.shape(clusters)} must be one [M] with M >= 3 models."
             )
-        fits = {"pearson": _pearson, "spearman": lambda a, b: _pearson(_average_ranks(a), _average_ranks(b))}
+        if not (np.isfinite(x).all() and np.isfinite(outcome).all()):
+            raise ValueError("x and the outcome must be finite.")
+        # NumPy, not jaxrm.metrics' kernels: resamples of whole clusters differ in size, so they
+        # cannot be stacked into one compiled program, and thousands of small JAX calls are slow.
+        fits = {"pearson": _pearson, "spearman": lambda a, b: _pearson(rankdata(a), rankdata(b))}
         rng = np.random.default_rng(seed)
         num_seeds = outcome.shape[1]
         resampled = {kind: [] for kind in fits}
@@ -357,15 +363,10 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=N
 
 def _pearson(a, b) -> float:
     """Pearson's correlation, NaN (without a warning) when either input is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
     a, b = a - a.mean(), b - b.mean()
-    norm = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / norm if norm > 0 else math.nan
-
-
-def _average_ranks(values):
-    from scipy.stats import rankdata
-
-    return rankdata(values)
+    return float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
 
 
 def cluster_bootstrap(statistic, clusters, *, seed: int, num_resamples: int = 2000, level: float = 0.95) -> list[float]:
@@ -386,7 +387,7 @@ def _cluster_draws(clusters, rng, num_resamples: int):
     check_int("num_resamples", num_resamples, low=1)
     ids, inverse = np.unique(np.asarray(clusters), return_inverse=True)
     if ids.size < 2:
-        raise ValueError(f"cluster_bootstrap needs at least 2 clusters, got {ids.size}.")
+        raise ValueError(f"a bootstrap over clusters needs at least 2 clusters, got {ids.size}.")
     members = [np.flatnonzero(inverse == i) for i in range(ids.size)]
     draws = rng.integers(0, len(members), (num_resamples, len(members)))
     return [np.concatenate([members[j] for j in draw]) for draw in draws]

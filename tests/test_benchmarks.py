@@ -128,3 +128,12 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(name, arguments, messag
         module.main([*arguments, "--out", str(out)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_benchmark_record_carries_the_package_versions(tmp_path):
+    from experiments.benchmarks.common import write_record
+
+    write_record(tmp_path / "deep" / "record.json", {"seconds": np.float64(1.5)})
+    record = json.loads((tmp_path / "deep" / "record.json").read_text())
+    assert record["seconds"] == 1.5
+    assert record["versions"]["jax"] == jax.__version__ and {"jaxlib", "numpy", "scipy"} <= set(record["versions"])

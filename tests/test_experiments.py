@@ -155,33 +155,47 @@ def test_teacher_verdicts_are_computed_from_the_measurements():
 
 def test_teacher_intervals_resample_whole_reward_model_runs():
     # The two saves of every run carry the same measurements: as evidence they are one model, so
-    # the Table 2 interval is about as wide as over the distinct models, not 1/sqrt(2) as wide.
+    # each interval over models is about as wide as over the distinct runs, not 1/sqrt(2) as wide.
     config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2)
     stats, results = _fake_measurements(config, lambda v: v + np.sin(9 * v), perfect_gain=0.0)
-    saves = np.array([spec.run for spec in config.reward_models()], dtype=object)
-    first = np.array([list(map(tuple, saves)).index(tuple(run)) for run in saves])
+    specs = config.reward_models()
+    runs = [spec.run for spec in specs]
+    first = np.array([runs.index(run) for run in runs])  # each save's run, by its first save
     for stat, result in zip(stats, results):
         for name in ("reward variance", "on-policy accuracy", "off-policy accuracy"):
             stat[name][: len(first)] = stat[name][first]
         for name in ("ground_truth_reward", "proxy_reward"):
             result[name][: len(first)] = result[name][first]
-    interval = teacher.summarize(config, stats, results)["table2"]["reward variance / ground truth"]["spearman"]
-    distinct = np.append(
-        np.unique(first), np.arange(len(first), len(first) + 1)
-    )  # each run once, and the perfect model
+    summary = teacher.summarize(config, stats, results)
+    distinct = np.unique(first)
+    variance = np.asarray(stats[0]["reward variance"])
     gain = teacher.teacher_gains(config, stats[0], results[0])[1]
-    alone = correlations(np.asarray(stats[0]["reward variance"])[distinct], gain[distinct], seed=0)["spearman"]
-    assert interval[2] - interval[1] > 0.85 * (alone[2] - alone[1])
+    shares = np.array([spec.fraction for spec in specs])
+    accuracy = np.asarray(stats[0]["on-policy accuracy"])
+    with_perfect = np.append(distinct, len(specs))
+    pairs = [
+        (summary["table2"]["reward variance / ground truth"], variance[with_perfect], gain[with_perfect]),
+        (summary["table1_trends"]["on-policy accuracy"], shares[distinct], accuracy[distinct]),
+        (summary["variance_accuracy"], variance[distinct], accuracy[distinct]),
+    ]
+    for study, x, y in pairs:
+        alone = correlations(x, y, seed=0)["spearman"]
+        assert study["spearman"][2] - study["spearman"][1] > 0.85 * (alone[2] - alone[1])
 
 
-def test_interval_calibration_counts_the_intervals_that_exclude_zero():
+def test_interval_calibration_counts_the_intervals_that_exclude_zero(monkeypatch):
     from experiments import interval_calibration as calibration
 
     strong = lambda rng: (calibration.SHARES, calibration.SHARES + 0.01 * rng.normal(size=20))  # noqa: E731
     assert calibration.false_positive_rates(strong, datasets=3, resamples=50, seed=0) == {"runs": 1.0, "models": 1.0}
-    unrelated = lambda rng: (calibration.SHARES, rng.permutation(calibration.SHARES))  # noqa: E731
-    rates = calibration.false_positive_rates(unrelated, datasets=4, resamples=50, seed=0)
-    assert set(rates) == {"runs", "models"} and all(rate < 1.0 for rate in rates.values())
+    # "runs" resamples the runs, "models" the models one by one: a fake that excludes 0 only when
+    # given the runs tells the two counts apart.
+    monkeypatch.setattr(
+        calibration,
+        "correlations",
+        lambda x, y, clusters=None, **_: {"spearman": [0.0, 0.1, 0.2] if clusters is not None else [0.0, -0.1, 0.1]},
+    )
+    assert calibration.false_positive_rates(strong, datasets=2, resamples=5, seed=0) == {"runs": 1.0, "models": 0.0}
     with pytest.raises(SystemExit):
         calibration.main(["--datasets", "0"])
 

@@ -70,9 +70,9 @@ def test_aggregation_and_losses_by_hand():
     per_token = jnp.array([[1.0, 3.0], [2.0, 5.0]])
     assert [float(pg.aggregate(per_token, mask, mode=m)) for m in pg.AGGREGATIONS] == [2.0, 2.0, 3.0]
     # Unequal lengths: token-mean weighs tokens (10 / 4), sequence-mean weighs sequences ((3 + 1) / 2).
-    long, short = jnp.array([[1.0, 3.0, 5.0], [1.0, 0.0, 0.0]]), jnp.array([[True, True, True], [True, False, False]])
-    assert float(pg.aggregate(long, short, mode="token-mean")) == 2.5
-    assert float(pg.aggregate(long, short, mode="sequence-mean")) == 2.0
+    values, lengths_3_and_1 = jnp.array([[1.0, 3.0, 5.0], [1.0, 0.0, 0.0]]), jnp.array([[1, 1, 1], [1, 0, 0]], bool)
+    assert float(pg.aggregate(values, lengths_3_and_1, mode="token-mean")) == 2.5
+    assert float(pg.aggregate(values, lengths_3_and_1, mode="sequence-mean")) == 2.0
     with pytest.raises(ValueError, match="mode"):
         pg.aggregate(per_token, mask, mode="mean")
 

@@ -137,17 +137,19 @@ def test_two_processes_with_jax_distributed_match_one_process_and_resume_past_a_
     multi = np.load(tmp_path / "multi.npz")
     for i, leaf in enumerate(_leaves(reference.params)):
         np.testing.assert_allclose(multi[f"arr_{i}"], leaf, atol=1e-5)
-    # Damage the last checkpoint: process 0 moves it aside while process 1 waits at a barrier
-    # before it reloads the steps; both fall back to step 1 and train iteration 2 again.
+    # Damage the last checkpoint. Process 0 moves it aside, to 2.damaged.1 since an earlier
+    # 2.damaged is in the way, and tells process 1 that name before either reloads the steps;
+    # both fall back to step 1 and train iteration 2 again.
     checkpoints = tmp_path / "multi" / "checkpoints"
     data = max((f for f in (checkpoints / "2").rglob("*") if f.is_file()), key=_size)
     damaged = bytearray(data.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     data.write_bytes(bytes(damaged))
+    (checkpoints / "2.damaged").mkdir()
     outputs = _two_processes(tmp_path / "multi", tmp_path / "resumed.npz", *options)
-    assert all("step 2 is damaged (checksum mismatch); moved to 2.damaged," in out for out in outputs), outputs
+    assert all("step 2 is damaged (checksum mismatch); moved to 2.damaged.1," in out for out in outputs), outputs
     assert "from the checkpoint at iteration 1" in outputs[0]  # process 0 logs for the run
-    assert (checkpoints / "2.damaged").is_dir() and (checkpoints / "2").is_dir()
+    assert (checkpoints / "2.damaged.1").is_dir() and (checkpoints / "2").is_dir()
     resumed = np.load(tmp_path / "resumed.npz")
     for name in multi.files:
         np.testing.assert_array_equal(resumed[name], multi[name])

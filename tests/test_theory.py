@@ -221,6 +221,10 @@ def test_correlations_over_clusters_resample_whole_clusters_then_seeds():
     noisy = np.arange(10.0)[:, None] + 20 * np.array([1.0, -1.0, 0.5, -0.5])
     ordered = correlations(np.arange(10.0), noisy, seed=0, clusters=np.arange(10) // 2)["spearman"]
     assert ordered[0] == pytest.approx(1.0) and ordered[1] < 0.5
+    # A constant property has no correlation (0.1 is not exact in binary: its mean is not 0.1).
+    assert all(np.isnan(correlations(np.full(6, 0.1), np.arange(6.0), seed=0, clusters=np.arange(6) // 2)["pearson"]))
+    with pytest.raises(ValueError, match="finite"):
+        correlations(np.arange(6.0), np.array([0, 1, 2, np.nan, 4, 5]), seed=0, clusters=np.arange(6) // 2)
 
 
 def test_config_is_validated_by_name():

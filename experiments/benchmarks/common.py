@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrm.models import TransformerConfig
-from jaxrm.studies import write_text
+from jaxrm.studies import write_json
 
 K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
 
@@ -58,7 +57,7 @@ def package_versions() -> dict[str, str]:
 
 def write_record(path: Path, record: dict) -> None:
     """Write a benchmark's JSON record atomically, with the package versions under ``versions``."""
-    write_text(path, json.dumps({**record, "versions": package_versions()}, indent=1) + "\n")
+    write_json(path, {**record, "versions": package_versions()})
 
 
 def seconds(fn) -> float:

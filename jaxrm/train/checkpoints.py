@@ -79,9 +79,11 @@ class RunCheckpoints:
     def _set_aside(self, step: int, why: str) -> None:
         """Move a damaged checkpoint out of the steps, so that the same step can be saved again.
 
-        Process 0 moves it; every process calls this at the same point of a restore, and under
-        ``jax.distributed`` the others wait for the move (a broadcast of the name it chose)
-        before they reload the steps."""
+        Process 0 moves it; under ``jax.distributed`` the others wait for the move (a broadcast
+        of the name it chose) before they reload the steps. That needs every process to find the
+        same checkpoint damaged: true of a checksum mismatch (the checksum is computed over the
+        global arrays), not of a file that only some processes read and fail on, where the
+        processes would wait for each other in different collectives."""
         suffix = 0
         if jax.process_index() == 0:
             while self._aside(step, suffix).exists():
