@@ -21,6 +21,16 @@ def test_scipy_baselines_agree_with_each_other_and_with_jaxrm():
     np.testing.assert_allclose(np.asarray(ours)[:, 0], one_by_one, rtol=1e-7)
 
 
+def test_timed_sides_take_turns_and_each_keeps_its_own_rounds():
+    from experiments.benchmarks.common import alternating_rounds
+
+    calls = []
+    timer = lambda name, value: lambda: calls.append(name) or value  # noqa: E731
+    times = alternating_rounds({"ours": timer("ours", 1.0), "baseline": timer("baseline", 2.0)}, rounds=3)
+    assert calls == ["ours", "baseline"] * 3
+    assert times == {"ours": [1.0] * 3, "baseline": [2.0] * 3}
+
+
 def test_generate_benchmark_runs_the_same_model_on_both_sides():
     from experiments.benchmarks.generate import run_shape
 

@@ -67,6 +67,21 @@ def seconds(fn) -> float:
     return time.perf_counter() - began
 
 
+def alternating_rounds(timers: dict, *, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each of ``timers`` (name: a function that times its own work and returns
+    seconds) in each of ``rounds`` rounds, the timers taking turns within a round.
+
+    This machine's speed drifts by 10-20% within minutes (docs/performance.md); timing one side
+    fully and then the other compares them at different speeds, while taking turns exposes both to
+    the same drift, and round ``i`` of one side pairs with round ``i`` of another.
+    """
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return times
+
+
 def compiled_timings(fn, *args, repeats: int):
     """``(times, compile_seconds, output)``: the seconds of ``repeats`` calls of
     ``jax.jit(fn)(*args)`` after a warm-up call, the seconds its ``.lower().compile()`` took,

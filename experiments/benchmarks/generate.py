@@ -29,13 +29,21 @@ import numpy as np
 import torch
 import transformers
 
-from experiments.benchmarks.common import allocator_line, allocator_settings, check_arguments, seconds, write_record
+from experiments.benchmarks.common import (
+    allocator_line,
+    allocator_settings,
+    alternating_rounds,
+    check_arguments,
+    seconds,
+    write_record,
+)
 from jaxrm.models import preset
 from jaxrm.models.hf import load_hf
 from jaxrm.models.sampling import sample
 
 DEFAULT_SHAPES = ("pythia-10m", "pythia-70m")
 LAYOUTS = {"scanned": True, "unrolled": False}  # name: TransformerConfig.scan_layers
+HF = "hf_generate"  # the baseline's name among the timed sides (not a layout name)
 
 
 def hf_config(shape: str, **changes):
@@ -97,17 +105,18 @@ def run_shape(
     ours = {name: generation(model) for name, model in models.items()}
     first_call_s = {name: seconds(run) for name, run in ours.items()}
     hf_generate(hf_model, prompts, 2)  # warm-up
-    # Alternate all sides so that load changes on the machine hit them alike.
-    jax_times, hf_times = {name: [] for name in ours}, []
-    for _ in range(repeats):
-        for name, run in ours.items():
-            jax_times[name].append(seconds(run))
-        hf_times.append(seconds(lambda: hf_generate(hf_model, prompts, new_tokens)))
+    times = alternating_rounds(
+        {
+            **{name: lambda run=run: seconds(run) for name, run in ours.items()},
+            HF: lambda: seconds(lambda: hf_generate(hf_model, prompts, new_tokens)),
+        },
+        rounds=repeats,
+    )
 
     greedy_len = min(new_tokens, 16)
     greedy_hf = hf_generate(hf_model, prompts, greedy_len, greedy=True)
     tokens = batch * new_tokens
-    hf_s = statistics.median(hf_times)
+    hf_s = statistics.median(times[HF])
     result = {
         "shape": shape,
         "params": model.config.num_params(),
@@ -122,7 +131,7 @@ def run_shape(
         greedy_ours = np.asarray(
             sample(model, prompts, mask, jax.random.key(0), max_new_tokens=greedy_len, temperature=0.0).tokens
         )
-        jax_s = statistics.median(jax_times[name])
+        jax_s = statistics.median(times[name])
         ours_result = result["jaxrm"][name] = {
             "s": jax_s,
             "tokens_per_s": tokens / jax_s,

@@ -7,9 +7,10 @@
    - per problem, with a terminal event (SciPy's own event location);
    - as one stacked system (shared steps), stepping DOP853 by hand and locating every
      problem's crossing on that step's dense output by vectorized bisection.
-   jaxrm is timed as the best of ``--repeats`` rounds, each the mean of as many back-to-back
-   calls as fill about a second; per-problem SciPy as the best of ``--repeats`` single passes
-   (1-8 s each); the stacked system once, on ``--stacked-problems`` scaled up. Reports both
+   jaxrm and per-problem SciPy take turns for ``--repeats`` rounds: a round of jaxrm is the mean of
+   as many back-to-back calls as fill about a second, one of SciPy a single pass (1-8 s); each
+   side's figure is its median round, and the speed-up's range over the paired rounds is printed
+   too. The stacked system runs once, on ``--stacked-problems`` scaled up. Reports both
    speed-ups (JAX compile time separately) and the largest relative difference.
 2. Discrete exact-gradient steps (S = 1024, |Y| = 4096, float32, SGD, KL penalty) under
    ``lax.scan``, prompts sharded over all devices: achieved memory traffic (read logits and the
@@ -17,7 +18,7 @@
    logits) against two bandwidths measured in the same run:
    a one-thread NumPy ``memcpy``, and an XLA program that does only that traffic on the same
    sharded arrays and devices (the stricter: it uses every device, and its arrays partly fit in
-   the caches, as the ascent's do).
+   the caches, as the ascent's do). The three take turns for ``--repeats`` rounds (medians).
 
 Run from the repository root: ``python -m experiments.benchmarks.tabular_flow [--help]``.
 """
@@ -25,8 +26,10 @@ Run from the repository root: ``python -m experiments.benchmarks.tabular_flow [-
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -44,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from experiments.benchmarks.common import check_arguments, write_record  # noqa: E402
+from experiments.benchmarks.common import alternating_rounds, check_arguments, write_record  # noqa: E402
 from experiments.benchmarks.common import seconds as measure_seconds  # noqa: E402
 from jaxrm import ascent, flow  # noqa: E402
 
@@ -139,8 +142,11 @@ def _dop853_eval(coeffs, y_old, x):
 def bench_t_gamma(args):
     logits, rewards, start, gamma = make_problems(args.problems, args.outputs, args.seed)
     report = {"problems": args.problems, "outputs": args.outputs, "rtol": args.rtol, "atol": args.atol}
+    k = min(args.scipy_problems, args.problems)
+    timers = {}
     for name, devices in (("one_device", jax.devices()[:1]), ("all_devices", jax.devices())):
-        run = lambda: flow.first_passage(  # noqa: E731
+        run = functools.partial(
+            flow.first_passage,
             logits[:, None],
             rewards[:, None],
             gamma[:, None],
@@ -149,28 +155,36 @@ def bench_t_gamma(args):
             t_max=args.t_max,
             devices=devices,
         )
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        first = time.perf_counter() - t0
-        # As timeit does: the best of `repeats` rounds, each the mean of enough back-to-back calls
-        # to last about a second (a single 10 ms call is at the mercy of the scheduler; single
-        # calls varied 12-17 ms at 512 problems on two devices).
+        first = measure_seconds(lambda: jax.block_until_ready(run()))
         once = measure_seconds(lambda: jax.block_until_ready(run()))
+        # As timeit does: a round is the mean of enough back-to-back calls to last about a second
+        # (a single 10 ms call is at the mercy of the scheduler; single calls varied 12-17 ms at
+        # 512 problems on two devices).
         calls = max(1, round(1.0 / once))
-        seconds = min(
+        timers[name] = lambda run=run, calls=calls: (
             measure_seconds(lambda: [jax.block_until_ready(run()) for _ in range(calls)]) / calls
-            for _ in range(args.repeats)
         )
+        report[name] = {"devices": len(devices), "calls_per_round": calls, "compile_seconds": first - once}
         result = run()
-        report[name] = {
-            "devices": len(devices),
-            "seconds": seconds,
-            "calls_per_round": calls,
-            "compile_seconds": first - once,
-        }
+    scipy_times = []
+
+    def scipy_round():
+        began = time.perf_counter()
+        scipy_times.append(
+            scipy_per_problem(logits[:k], rewards[:k], start[:k], gamma[:k], args.rtol, args.atol, args.t_max)
+        )
+        return (time.perf_counter() - began) * args.problems / k
+
+    times = alternating_rounds(timers | {"scipy_per_problem": scipy_round}, rounds=args.repeats)
+    per_problem = statistics.median(times["scipy_per_problem"])
+    t_scipy = scipy_times[-1]
+    for name in timers:
+        seconds = statistics.median(times[name])
+        report[name].update(seconds=seconds, round_seconds=times[name])
         print(
-            f"jaxrm first_passage on {len(devices)} device(s): {seconds:.3f} s for {args.problems} problems "
-            f"(compile {first - once:.1f} s; mean of {calls} calls per round)"
+            f"jaxrm first_passage on {report[name]['devices']} device(s): {seconds:.3f} s for {args.problems} "
+            f"problems (compile {report[name]['compile_seconds']:.1f} s; median of {args.repeats} rounds, "
+            f"each the mean of {report[name]['calls_per_round']} calls)"
         )
     t_jax = np.asarray(result.t_gamma)[:, 0]
     report.update(
@@ -183,13 +197,6 @@ def bench_t_gamma(args):
         f"{report['reached']} reached"
     )
 
-    k = min(args.scipy_problems, args.problems)
-    # The best of `repeats`, as for jaxrm: SciPy's time varies by about 10% from run to run.
-    per_problem = float("inf")
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        t_scipy = scipy_per_problem(logits[:k], rewards[:k], start[:k], gamma[:k], args.rtol, args.atol, args.t_max)
-        per_problem = min(per_problem, (time.perf_counter() - t0) * args.problems / k)
     m = min(args.stacked_problems, args.problems)
     t0 = time.perf_counter()
     t_stacked, stacked_steps = scipy_stacked(
@@ -207,6 +214,7 @@ def bench_t_gamma(args):
 
     report.update(
         scipy_per_problem_seconds=per_problem,
+        scipy_per_problem_round_seconds=times["scipy_per_problem"],
         scipy_per_problem_timed=k,
         scipy_stacked_seconds=stacked,
         scipy_stacked_steps=stacked_steps,
@@ -215,7 +223,7 @@ def bench_t_gamma(args):
         max_rel_diff_stacked=diff(t_jax[:m], t_stacked),
     )
     print(
-        f"SciPy DOP853 per problem: {per_problem:.2f} s (best of {args.repeats})"
+        f"SciPy DOP853 per problem: {per_problem:.2f} s (median of {args.repeats} rounds, taking turns with jaxrm's)"
         + (f" (timed on {k}, scaled)" if k < args.problems else "")
         + f"; max rel diff to jaxrm {report['max_rel_diff_per_problem']:.1e}"
     )
@@ -224,34 +232,36 @@ def bench_t_gamma(args):
         + (f"; timed on {m}, scaled linearly, which favours SciPy" if m < args.problems else "")
         + f"); max rel diff to jaxrm {report['max_rel_diff_stacked']:.1e}"
     )
-    for name in ("one_device", "all_devices"):
+    for name in timers:
         entry = report[name]
+        paired = np.divide(times["scipy_per_problem"], times[name])
         entry.update(
             speedup_vs_per_problem=per_problem / entry["seconds"],
+            speedup_vs_per_problem_range=[float(paired.min()), float(paired.max())],
             speedup_vs_stacked=stacked / entry["seconds"],
             speedup_vs_best=best / entry["seconds"],
         )
         goal = 50 if entry["devices"] == 1 else 100
         print(
             f"jaxrm on {entry['devices']} device(s) is {entry['speedup_vs_best']:.1f}x faster than the better "
-            f"SciPy way ({entry['speedup_vs_per_problem']:.1f}x per problem, {entry['speedup_vs_stacked']:.1f}x "
-            f"stacked; goal >= {goal}x)"
+            f"SciPy way ({entry['speedup_vs_per_problem']:.1f}x per problem, {paired.min():.1f}-{paired.max():.1f}x "
+            f"round by round; {entry['speedup_vs_stacked']:.1f}x stacked; goal >= {goal}x)"
         )
     return report
 
 
-def copy_bandwidth(num_bytes, repeats=10):
-    """NumPy ``memcpy`` bandwidth in bytes/s (one thread), counting the bytes read and written."""
-    src = np.ones(num_bytes // 8)
+def copy_timer(num_bytes, copies=10):
+    """A timer of a one-thread NumPy ``memcpy`` of ``num_bytes`` (half read, half written): the
+    best of ``copies`` back-to-back copies, in seconds."""
+    src = np.ones(num_bytes // 16)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    best = min(measure_seconds(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    return 2 * src.nbytes / best
+    return lambda: min(measure_seconds(lambda: np.copyto(dst, src)) for _ in range(copies))
 
 
-def streaming_bandwidth(logits, rewards, steps, repeats):
-    """Bandwidth of an XLA program that does only the ascent's minimal traffic, on the same
-    sharded arrays and devices: ``steps`` times read two arrays and write one (bytes/s)."""
+def streaming_timer(logits, rewards, steps):
+    """A timer of an XLA program that does only the ascent's minimal traffic, on the same sharded
+    arrays and devices: ``steps`` times read two arrays and write one (seconds)."""
 
     @jax.jit
     def stream(x, r):
@@ -259,8 +269,7 @@ def streaming_bandwidth(logits, rewards, steps, repeats):
         return jax.lax.fori_loop(0, steps, lambda i, x: 0.999 * x + 1e-3 * (r - i), x)
 
     jax.block_until_ready(stream(logits, rewards))
-    seconds = min(measure_seconds(lambda: jax.block_until_ready(stream(logits, rewards))) for _ in range(repeats))
-    return 3 * logits.nbytes * steps / seconds
+    return lambda: measure_seconds(lambda: jax.block_until_ready(stream(logits, rewards)))
 
 
 def bench_ascent(args):
@@ -277,28 +286,43 @@ def bench_ascent(args):
         logits, rewards, optimizer=optimizer, num_steps=steps, kl_coef=jnp.asarray(0.05, dtype), track=False
     )
     jax.block_until_ready(run())
-    seconds = min(measure_seconds(lambda: jax.block_until_ready(run())) for _ in range(args.repeats))
     array_bytes = s * y * jnp.dtype(dtype).itemsize
-    traffic = 3 * array_bytes * steps / seconds  # read logits and folded rewards; write logits
-    memcpy = copy_bandwidth(3 * array_bytes)
-    streaming = streaming_bandwidth(logits, rewards, steps, args.repeats)
+    # Bytes moved per step: read logits and the folded rewards, write logits.
+    step_bytes = 3 * array_bytes
+    times = alternating_rounds(
+        {
+            "ascent": lambda: measure_seconds(lambda: jax.block_until_ready(run())),
+            "memcpy": copy_timer(2 * step_bytes),
+            "streaming": streaming_timer(logits, rewards, steps),
+        },
+        rounds=args.repeats,
+    )
+    seconds = statistics.median(times["ascent"])
+    traffic = step_bytes * steps / seconds
+    memcpy = 2 * step_bytes / statistics.median(times["memcpy"])
+    streaming = step_bytes * steps / statistics.median(times["streaming"])
+    paired = step_bytes * steps / np.asarray(times["ascent"]) / (2 * step_bytes / np.asarray(times["memcpy"]))
     report = {
         "prompts": s,
         "outputs": y,
         "dtype": "float32",
         "steps": steps,
         "devices": jax.device_count(),
+        "rounds": args.repeats,
         "seconds_per_step": seconds / steps,
         "traffic_bytes_per_s": traffic,
         "copy_bandwidth_bytes_per_s": memcpy,
         "fraction_of_copy_bandwidth": traffic / memcpy,
+        "fraction_of_copy_bandwidth_range": [float(paired.min()), float(paired.max())],
         "streaming_bandwidth_bytes_per_s": streaming,
         "fraction_of_streaming_bandwidth": traffic / streaming,
+        "round_seconds": times,
     }
     print(
-        f"exact-gradient ascent S={s} |Y|={y} float32 on {jax.device_count()} device(s): "
-        f"{1e3 * seconds / steps:.2f} ms/step, {traffic / 1e9:.2f} GB/s of minimal traffic = "
-        f"{100 * traffic / memcpy:.0f}% of a one-thread memcpy's {memcpy / 1e9:.2f} GB/s (goal >= 50%), "
+        f"exact-gradient ascent S={s} |Y|={y} float32 on {jax.device_count()} device(s), median of "
+        f"{args.repeats} rounds taking turns with the copies: {1e3 * seconds / steps:.2f} ms/step, "
+        f"{traffic / 1e9:.2f} GB/s of minimal traffic = {100 * traffic / memcpy:.0f}% of a one-thread memcpy's "
+        f"{memcpy / 1e9:.2f} GB/s ({100 * paired.min():.0f}-{100 * paired.max():.0f}% round by round; goal >= 50%), "
         f"{100 * traffic / streaming:.0f}% of the {streaming / 1e9:.2f} GB/s of an XLA program doing only "
         "that traffic on the same devices"
     )
@@ -327,7 +351,9 @@ def main(argv=None):
     parser.add_argument("--ascent-prompts", type=int, default=1024)
     parser.add_argument("--ascent-outputs", type=int, default=4096)
     parser.add_argument("--ascent-steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="rounds in which the timed sides take turns (their medians are reported)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"))
     args = parser.parse_args(argv)
