@@ -187,11 +187,8 @@ def token_log_probs(log_probs: jax.Array, *, vocab_size: int, length: int) -> ja
 
     >>> import jax.numpy as jnp
     >>> lp = jnp.log(jnp.array([0.1, 0.3, 0.2, 0.4]))
-    >>> print(jnp.exp(token_log_probs(lp, vocab_size=2, length=2)).round(3))
-    [[0.4   0.25 ]
-     [0.4   0.75 ]
-     [0.6   0.333]
-     [0.6   0.667]]
+    >>> [[round(p, 3) for p in row] for row in jnp.exp(token_log_probs(lp, vocab_size=2, length=2)).tolist()]
+    [[0.4, 0.25], [0.4, 0.75], [0.6, 0.333], [0.6, 0.667]]
     """
     joint = log_probs.reshape((vocab_size,) * length)
     index = jnp.arange(vocab_size**length)

@@ -348,9 +348,33 @@ def accuracy(
     return agree / total
 
 
-def _pair_total(weights):
-    """``sum_{i<j} w_i w_j = ((sum w)^2 - sum w^2) / 2``."""
-    return 0.5 * (jnp.square(jnp.sum(weights, -1)) - jnp.sum(jnp.square(weights), -1))
+def _sums_within_groups(values, restart, *, reverse=False):
+    """Running sums of ``values`` along the last axis, inclusive, restarting at every position
+    where ``restart`` (scanning from the end when ``reverse``)."""
+
+    def combine(a, b):
+        return a[0] | b[0], jnp.where(b[0], b[1], a[1] + b[1])
+
+    return jax.lax.associative_scan(combine, (restart, values), reverse=reverse, axis=values.ndim - 1)[1]
+
+
+def _earlier_in_group(values, new_group):
+    """For each position, the sum of ``values`` at the earlier positions of its (contiguous) group."""
+    return jnp.where(new_group, 0.0, jnp.roll(_sums_within_groups(values, new_group), 1, axis=-1))
+
+
+def _pair_total(weights, new_group=None):
+    """``sum_{i<j} w_i w_j`` over pairs in one group: ``sum_j w_j (w_1 + ... + w_{j-1})``, the
+    groups starting where ``new_group`` (default: one group).
+
+    A sum of non-negative products: ``((sum w)^2 - sum w^2) / 2`` loses every digit to
+    cancellation in float32 when one weight holds nearly all the mass (a peaked policy).
+    """
+    if new_group is None:
+        earlier = jnp.concatenate([jnp.zeros_like(weights[..., :1]), jnp.cumsum(weights[..., :-1], -1)], -1)
+    else:
+        earlier = _earlier_in_group(weights, new_group)
+    return jnp.sum(weights * earlier, -1)
 
 
 @jax.jit
@@ -358,9 +382,10 @@ def _dense_agreement(rm, gt, weights):
     agree = jnp.sign(rm[..., :, None] - rm[..., None, :]) == jnp.sign(gt[..., :, None] - gt[..., None, :])
     n = rm.shape[-1]
     upper = jnp.triu(jnp.ones((n, n), bool), k=1)
-    pair_weights = weights[..., :, None] * weights[..., None, :]
-    agreed = jnp.sum(jnp.where(agree & upper, pair_weights, 0.0), axis=(-2, -1))
-    return agreed, _pair_total(weights)
+    pair_weights = jnp.where(upper, weights[..., :, None] * weights[..., None, :], 0.0)
+    # Both sums over the same array in the same order, so rounding keeps agreed <= total.
+    agreed = jnp.sum(jnp.where(agree, pair_weights, 0.0), axis=(-2, -1))
+    return agreed, jnp.sum(pair_weights, axis=(-2, -1))
 
 
 @jax.jit
@@ -373,16 +398,13 @@ def _sorted_agreement(rm, gt, weights):
 
 
 def _tied_pair_weight(keys, weights):
-    """Weight of pairs equal in every key: ``sum_groups ((sum w)^2 - sum w^2) / 2``."""
+    """Weight of pairs equal in every key: :func:`_pair_total` within each group of equal keys."""
     order = jnp.lexsort(keys[::-1])
     sorted_keys = [k[order] for k in keys]
-    w = weights[order]
-    new_group = jnp.zeros(w.shape, bool).at[0].set(True)
+    new_group = jnp.zeros(weights.shape, bool).at[0].set(True)
     for k in sorted_keys:
         new_group = new_group | jnp.concatenate([jnp.ones(1, bool), k[1:] != k[:-1]])
-    group = jnp.cumsum(new_group) - 1
-    group_sum = jax.ops.segment_sum(w, group, num_segments=w.shape[0])
-    return 0.5 * (jnp.sum(jnp.square(group_sum)) - jnp.sum(jnp.square(w)))
+    return _pair_total(weights[order], new_group)
 
 
 def _signed_order_weight(values, weights):
@@ -474,29 +496,29 @@ def best_of_n_reward(
     rm_sorted = jnp.take_along_axis(rm, order, -1)
     p_sorted = jnp.take_along_axis(probs, order, -1)
     value_sorted = jnp.take_along_axis(_masked(jnp.asarray(gt_rewards), where), order, -1) * p_sorted
-    # Cumulative mass up to the *end* of each tie group, and the mass-weighted r_G of the group.
-    last_of_group = jnp.concatenate(
-        [rm_sorted[..., 1:] != rm_sorted[..., :-1], jnp.ones_like(rm_sorted[..., :1], bool)], -1
+    boundary = rm_sorted[..., 1:] != rm_sorted[..., :-1]
+    first_of_group = jnp.concatenate([jnp.ones_like(rm_sorted[..., :1], bool), boundary], -1)
+    last_of_group = jnp.concatenate([boundary, jnp.ones_like(rm_sorted[..., :1], bool)], -1)
+    # Every mass below is a sum of non-negative terms, never a difference of cumulative sums,
+    # which in float32 loses a light group's mass next to a heavy one.
+    group_mass = _earlier_in_group(p_sorted, first_of_group) + _sums_within_groups(
+        p_sorted, last_of_group, reverse=True
     )
-    cdf = jnp.cumsum(p_sorted, -1)
-    group_end = _group_end_values(cdf, last_of_group)
-    group_start = group_end - _group_sums(p_sorted, last_of_group)
+    # F_k = P(r_RM <= v_k) summed from below, and 1 - F_k (the mass above group k) from above:
+    # F_k^N takes whichever is the smaller, so F_k near 1 keeps its digits at large N.
+    cdf = _group_end_values(jnp.cumsum(p_sorted, -1), last_of_group)
+    above = jnp.concatenate([jnp.cumsum(p_sorted[..., :0:-1], -1)[..., ::-1], jnp.zeros_like(p_sorted[..., :1])], -1)
+    above = -_group_end_values(-above, last_of_group)
     n = jnp.asarray(n, probs.dtype)[..., None]
-    win = group_end**n - group_start**n  # P(the best sample falls in this output's group)
-    group_mass = _group_sums(p_sorted, last_of_group)
+    small = cdf <= 0.5
+    cdf_power = jnp.where(small, cdf**n, jnp.exp(n * jnp.log1p(-jnp.where(small, 0.0, above))))
+    # P(the best sample falls in this output's group) = F_k^N - F_{k-1}^N
+    # = F_k^N (1 - (1 - mass_k / F_k)^N): no difference of two numbers near 1 at large N.
+    has_mass_below = group_mass < cdf
+    share_of_cdf = jnp.where(has_mass_below, group_mass / jnp.where(has_mass_below, cdf, 1.0), 0.0)
+    win = cdf_power * jnp.where(has_mass_below, -jnp.expm1(n * jnp.log1p(-share_of_cdf)), 1.0)
     share = jnp.where(group_mass > 0, value_sorted / jnp.where(group_mass > 0, group_mass, 1.0), 0.0)
     return jnp.sum(win * share, axis=-1)
-
-
-def _group_sums(values, last_of_group):
-    """For each position, the sum of ``values`` over its (contiguous) tie group."""
-    cum = jnp.cumsum(values, -1)
-    end = _group_end_values(cum, last_of_group)
-    before = jnp.where(last_of_group, cum, 0.0)
-    previous_end = jax.lax.cummax(
-        jnp.concatenate([jnp.zeros_like(cum[..., :1]), before[..., :-1]], -1), axis=cum.ndim - 1
-    )
-    return end - previous_end
 
 
 def _group_end_values(cum, last_of_group):
@@ -663,12 +685,16 @@ def _interval(estimate, resampled, level) -> CorrelationInterval:
 def _average_ranks(x, axis):
     """0-based ranks, ties given their average: ``#{below} + (#{equal} - 1) / 2``, from one sort
     (two binary searches per element), ``O(n log n)``."""
-    x = jnp.moveaxis(jnp.asarray(x, jnp.result_type(float)), axis, -1)
+    x = jnp.asarray(x)
+    # Floats keep their precision (float32 stays float32 under x64); integers rank as the default float.
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    x = jnp.moveaxis(x.astype(dtype), axis, -1)
     ordered = jnp.sort(x, axis=-1)
 
     def row(sorted_row, values):
         below = jnp.searchsorted(sorted_row, values, side="left")
-        return below + (jnp.searchsorted(sorted_row, values, side="right") - below - 1) / 2.0
+        rank = below + (jnp.searchsorted(sorted_row, values, side="right") - below - 1) / 2.0
+        return rank.astype(sorted_row.dtype)
 
     flat = row
     for _ in range(x.ndim - 1):

@@ -142,6 +142,10 @@ def kl_per_token(logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike, *, kl_es
     [0.2402, 0.0]
     """
     check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
+    mask = jnp.asarray(mask, bool)
+    # Padding zeroed before the estimator: whatever it holds (-inf, NaN, a huge gap) can then
+    # neither fail the finiteness check nor send NaN into the gradient through `where`.
+    logp, ref_logp = (jnp.where(mask, x, 0.0) for x in (logp, ref_logp))
     return jnp.where(mask, kl_estimate(logp, ref_logp, kl_estimator=kl_estimator), 0.0)
 
 
@@ -181,6 +185,9 @@ def aggregate(per_token: ArrayLike, mask: ArrayLike, *, mode: str = "token-mean"
     - ``sequence-sum``: mean over sequences of each sequence's token sum (Dr. GRPO's constant
       normaliser; the sequence-level REINFORCE/RLOO loss).
 
+    The sequence modes average over the sequences with at least one token in ``mask``: a row
+    with none (padding a batch to a fixed size) changes nothing.
+
     >>> loss, mask = jnp.array([[1.0, 3.0], [2.0, 0.0]]), jnp.array([[True, True], [True, False]])
     >>> [float(aggregate(loss, mask, mode=m)) for m in AGGREGATIONS]
     [2.0, 2.0, 3.0]
@@ -191,9 +198,11 @@ def aggregate(per_token: ArrayLike, mask: ArrayLike, *, mode: str = "token-mean"
     sums = _masked_sum(per_token, mask)
     if mode == "token-mean":
         return jnp.sum(sums) / jnp.maximum(jnp.sum(mask), 1)
+    lengths = jnp.sum(mask, axis=-1)
+    sequences = jnp.maximum(jnp.sum(lengths > 0), 1)
     if mode == "sequence-mean":
-        return jnp.mean(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1))
-    return jnp.mean(sums)
+        return jnp.sum(sums / jnp.maximum(lengths, 1)) / sequences
+    return jnp.sum(sums) / sequences
 
 
 def reinforce_loss(
@@ -247,17 +256,20 @@ def clipped_surrogate_loss(
         log_ratio, advantages, mask = jnp.sum(log_ratio, axis=-1), advantages, jnp.any(mask, axis=-1)
     else:
         advantages = jnp.broadcast_to(advantages[..., None], log_ratio.shape)
-    ratio = jnp.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    per_item = -jnp.minimum(unclipped, clipped)
-    was_clipped = jnp.where(mask, (clipped < unclipped).astype(jnp.float32), 0.0)
+    # min(rho A, clip(rho) A) is min(rho, 1 + eps) A for A > 0 and max(rho, 1 - eps) A otherwise.
+    # Bounding the log-ratio before exponentiating keeps an overflowing ratio (inf) out of every
+    # branch that takes no part, where `inf * 0` would make the loss or its gradient NaN.
+    positive = advantages > 0
+    upper = jnp.log1p(clip_eps)
+    ratio = jnp.exp(jnp.where(positive, jnp.minimum(log_ratio, upper), jnp.where(advantages < 0, log_ratio, 0.0)))
+    per_item = -jnp.where(positive, ratio, jnp.maximum(ratio, 1.0 - clip_eps)) * advantages
+    was_clipped = mask & ((positive & (log_ratio > upper)) | ((advantages < 0) & (log_ratio < jnp.log1p(-clip_eps))))
     count = jnp.maximum(jnp.sum(mask), 1)
     if ratio_level == "sequence":
         loss = jnp.sum(jnp.where(mask, per_item, 0.0)) / count
     else:
         loss = aggregate(per_item, mask, mode=aggregation)
-    return loss, jnp.sum(was_clipped) / count
+    return loss, jnp.sum(was_clipped, dtype=jnp.float32) / count
 
 
 def entropy_per_token(logits: ArrayLike, mask: ArrayLike) -> jax.Array:
@@ -272,8 +284,11 @@ def entropy_per_token(logits: ArrayLike, mask: ArrayLike) -> jax.Array:
         raise ValueError(
             f"logits {list(np.shape(logits))} must be mask's shape {list(np.shape(mask))} plus a vocabulary axis."
         )
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    mask = jnp.asarray(mask, bool)
+    log_probs = jax.nn.log_softmax(jnp.where(mask[..., None], logits, 0.0), axis=-1)
+    # 0 log 0 = 0: logits of -inf (a masked or filtered vocabulary) add nothing, rather than NaN.
+    probs = jnp.exp(log_probs)
+    entropy = -jnp.sum(probs * jnp.where(probs > 0, log_probs, 0.0), axis=-1)
     return jnp.where(mask, entropy, 0.0)
 
 

@@ -122,8 +122,9 @@ class TabularPolicy:
 
         >>> import jax.numpy as jnp
         >>> logits = jnp.array([[1000.0, 1001.0]])
-        >>> print(TabularPolicy(2).log_probs_and_probs(logits, shift=jnp.array([[1000.0]]))[1].round(2))
-        [[0.27 0.73]]
+        >>> probs = TabularPolicy(2).log_probs_and_probs(logits, shift=jnp.array([[1000.0]]))[1]
+        >>> [round(p, 2) for p in probs[0].tolist()]
+        [0.27, 0.73]
         """
         return _softmax_pair(logits, shift)
 

@@ -6,6 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
+import jax
 import pytest
 
 MODULES = [
@@ -29,7 +30,11 @@ MODULES = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    # As a user runs them: JAX's default float32 (this suite turns float64 on for everything else).
+    with jax.enable_x64(False):
+        result = doctest.testmod(
+            importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
+        )
     assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0
 

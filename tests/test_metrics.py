@@ -183,6 +183,18 @@ class TestAccuracy:
         out = jax.jit(metrics.accuracy)(rm, rm[::-1])
         assert out.dtype == jnp.float32 and float(out) == 0.0
 
+    @pytest.mark.parametrize("n", [3, 300])  # the dense count, and the sorted one above 256 outputs
+    def test_a_peaked_policy_in_float32_keeps_its_digits(self, n):
+        # One output holds all but n x 1e-7 of the mass: pair totals formed as ((sum w)^2 - sum w^2) / 2
+        # cancelled to garbage in float32 (an accuracy of 1.118 at n = 3).
+        rng = np.random.default_rng(12)
+        rm, gt = rng.integers(0, 4, n).astype(float), rng.integers(0, 4, n).astype(float)
+        probs = np.full(n, 1e-7)
+        probs[1] = 1 - (n - 1) * 1e-7
+        rm32, gt32, probs32 = (jnp.asarray(x, jnp.float32) for x in (rm, gt, probs))
+        got = metrics.accuracy(rm32, gt32, probs=probs32)
+        np.testing.assert_allclose(got, brute_accuracy(rm, gt, probs), rtol=1e-5)
+
 
 class TestKL:
     def test_exact_kl(self):
@@ -239,6 +251,19 @@ class TestBestOfNAndCorrelations:
             got = float(metrics.best_of_n_reward(np.log(p), rm, gt, n))
             np.testing.assert_allclose(got, self.brute(p, rm, gt, n), rtol=1e-12)
 
+    def test_many_samples_in_float32_keep_their_digits(self):
+        # F^N of a float32 CDF that ends at 1.0000001 grew to 1.0086 at N = 10^5 with r_G = 1 everywhere.
+        rng = np.random.default_rng(13)
+        logits, rm = (jnp.asarray(rng.normal(size=10**5), jnp.float32) for _ in range(2))
+        for n in (10**4, 10**5):
+            assert float(metrics.best_of_n_reward(logits, rm, jnp.ones_like(rm), n)) == pytest.approx(1.0, abs=1e-6)
+        # Against float64 on ties and heavy logits, where a light group sits next to a heavy one.
+        logits, rm, gt = rng.normal(size=200) * 6, rng.integers(0, 40, 200).astype(float), rng.normal(size=200)
+        for n in (1, 64, 5000):
+            exact = float(metrics.best_of_n_reward(logits, rm, gt, n))
+            got = metrics.best_of_n_reward(*(jnp.asarray(x, jnp.float32) for x in (logits, rm, gt)), n)
+            assert float(got) == pytest.approx(exact, abs=1e-5)
+
     def test_perfect_reward_model_is_optimal_and_n_broadcasts(self):
         rng = np.random.default_rng(9)
         logits, gt = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
@@ -256,6 +281,9 @@ class TestBestOfNAndCorrelations:
         y = np.array([2.0, 1.0, 2.0, 5.0, 3.0, 3.0, 0.5])
         np.testing.assert_allclose(metrics.spearman(x, y), stats.spearmanr(x, y).statistic, rtol=1e-12)
         np.testing.assert_allclose(metrics.pearson(x, y), stats.pearsonr(x, y).statistic, rtol=1e-12)
+        # float32 stays float32 with float64 enabled (as in this suite); integers rank as the default float.
+        assert metrics.spearman(x.astype(np.float32), y.astype(np.float32)).dtype == jnp.float32
+        assert metrics.spearman(np.arange(4), np.arange(4)).dtype == jnp.result_type(float)
 
 
 class TestTiedGroupProbability:

@@ -77,6 +77,48 @@ def test_aggregation_and_losses_by_hand():
         pg.aggregate(per_token, mask, mode="mean")
 
 
+def test_padding_and_overflowing_ratios_never_make_a_loss_or_its_gradient_nan():
+    mask = jnp.array([[True, False]])
+    ref = jnp.array([[-1.0, 0.0]])
+    spread = jnp.array([[1.0, 100.0]])  # the padded slot's log-prob ends far from the reference's
+    for kind in ("k1", "k2", "k3"):
+        grad = jax.grad(lambda a: pg.aggregate(pg.kl_per_token(a * spread, ref, mask, kl_estimator=kind), mask))(-1.5)
+        alone = jax.grad(
+            lambda a: pg.aggregate(
+                pg.kl_per_token(a * spread[:, :1], ref[:, :1], mask[:, :1], kl_estimator=kind), mask[:, :1]
+            )
+        )(-1.5)
+        assert float(grad) == pytest.approx(float(alone))
+    # -inf padding (log 0) is padding too, eagerly as under jit.
+    padded = jnp.array([[-1.0, -jnp.inf]]), jnp.array([[-1.2, -jnp.inf]])
+    np.testing.assert_allclose(pg.kl_per_token(*padded, mask), jax.jit(pg.kl_per_token)(*padded, mask))
+    np.testing.assert_allclose(pg.kl_per_token(*padded, mask), [[0.2, 0.0]], rtol=1e-6)
+    # An entropy over a vocabulary with filtered (-inf) entries: 0 log 0 = 0.
+    filtered = jnp.array([[[0.0, 0.0, -jnp.inf]]])
+    np.testing.assert_allclose(pg.entropy_per_token(filtered, jnp.array([[True]])), [[np.log(2)]], rtol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda x: pg.entropy_per_token(x, jnp.array([[True]])).sum())(filtered))))
+    # A ratio that overflows (log-ratio 99.99) with A = 0 adds nothing, with A > 0 is clipped,
+    # and with A < 0 is the infinite loss it is.
+    logp, old = jnp.array([[-0.01, -0.01]], jnp.float32), jnp.full((1, 2), -100.0, jnp.float32)
+    for level in ("token", "sequence"):
+        for advantage, loss in ((0.0, 0.0), (1.0, -1.2)):
+            surrogate = lambda lp: pg.clipped_surrogate_loss(  # noqa: E731
+                lp, old, jnp.array([advantage]), jnp.ones((1, 2), bool), ratio_level=level
+            )[0]
+            assert (
+                float(surrogate(logp)) == pytest.approx(loss) and float(jnp.abs(jax.grad(surrogate)(logp)).max()) == 0.0
+            )
+        assert (
+            float(pg.clipped_surrogate_loss(logp, old, jnp.array([-1.0]), jnp.ones((1, 2), bool), ratio_level=level)[0])
+            == np.inf
+        )
+    # A row with no valid token (a batch padded to a fixed size) changes no aggregation.
+    values, valid = jnp.array([[1.0, 3.0], [2.0, 0.0]]), jnp.array([[True, True], [True, False]])
+    with_empty_row = jnp.concatenate([values, jnp.full((1, 2), 7.0)]), jnp.concatenate([valid, jnp.zeros((1, 2), bool)])
+    for mode in pg.AGGREGATIONS:
+        assert float(pg.aggregate(*with_empty_row, mode=mode)) == float(pg.aggregate(values, valid, mode=mode))
+
+
 def test_entropy_and_reward_normalization():
     logits = jnp.zeros((2, 3, 5))
     np.testing.assert_allclose(pg.entropy_per_token(logits, jnp.ones((2, 3), bool)), np.full((2, 3), np.log(5)))

@@ -396,8 +396,8 @@ def test_microbatches_accumulate_the_minibatch_gradient_exactly(sampled):
     rollout = (prompt, prompt_mask, samples.tokens, response_mask, old_logp, samples.log_probs, advantages)
     whole_pass_log_probs = policy_log_probs(graphdef, params, *rollout[:4], temperature=CONFIG.temperature)[0]
     assert 0 < int(jnp.sum(lengths == 0)) < prompt.shape[0] // 2
-    # Every share of microbatch_shares enters: tokens (token-mean surrogate and KL, entropy),
-    # non-empty sequences (sequence-level ratios) and rows (sequence-mean KL).
+    # Every share of microbatch_shares enters: tokens (token-mean surrogate and KL, entropy) and
+    # non-empty sequences (sequence-level ratios, sequence-mean KL).
     every_term = dict(minibatches=2, kl_placement="loss", entropy_coef=0.1, clip_eps=0.05)
     cases = (dict(ratio_level="token", **every_term), dict(aggregation="sequence-mean", **every_term))
     for changes in cases:

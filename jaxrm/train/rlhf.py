@@ -323,10 +323,10 @@ class LossShares(NamedTuple):
     what each term's aggregation divides by (all 1 for a whole minibatch).
 
     Attributes:
-      surrogate: the clipped surrogate's share (of the non-empty sequences with
-        ``ratio_level="sequence"``; else of the tokens under ``token-mean``, of the rows under
-        the sequence aggregations).
-      kl: the loss's KL term's share (tokens under ``token-mean``, else rows).
+      surrogate: the clipped surrogate's share (of the tokens with ``ratio_level="token"`` under
+        ``token-mean``; else of the non-empty sequences, which the sequence aggregations and
+        sequence-level ratios average over).
+      kl: the loss's KL term's share (tokens under ``token-mean``, else non-empty sequences).
       tokens: the share of response tokens (the entropy, a token mean).
       clip: the clip fraction's share (non-empty sequences or tokens, as the ratios are counted).
     """
@@ -358,9 +358,8 @@ def microbatch_shares(response_mask: jax.Array, config: RLHFConfig) -> LossShare
 
     response_mask = response_mask.astype(bool)
     tokens = share(jnp.sum(response_mask, axis=(1, 2)))
-    rows = jnp.full(response_mask.shape[0], 1.0 / response_mask.shape[0])
     sequences = share(jnp.sum(jnp.any(response_mask, axis=-1), axis=-1))
-    by_aggregation = tokens if config.aggregation == "token-mean" else rows
+    by_aggregation = tokens if config.aggregation == "token-mean" else sequences
     if config.ratio_level == "sequence":
         return LossShares(surrogate=sequences, kl=by_aggregation, tokens=tokens, clip=sequences)
     return LossShares(surrogate=by_aggregation, kl=by_aggregation, tokens=tokens, clip=tokens)
