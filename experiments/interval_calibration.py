@@ -21,6 +21,7 @@ Run from the repository root: ``python -m experiments.interval_calibration [--he
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 
@@ -70,6 +71,10 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     for name in ("datasets", "resamples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not math.isfinite(args.epoch_gain):
+        parser.error(f"--epoch-gain must be a finite number, got {args.epoch_gain}.")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}.")
     options = dict(datasets=args.datasets, resamples=args.resamples, seed=args.seed)
     rates = {}
     for run_sd, save_sd in TREND_SETTINGS:

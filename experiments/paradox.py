@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,8 @@ class ParadoxConfig(study.TeacherConfig):
             raise ValueError(f"unknown preset {name!r}; known: {sorted(own)}.")
         base = dataclasses.asdict(study.TeacherConfig.preset(name))
         return cls(**{**base, "student_sharpness": (1.5,), **own[name]})
+
+    RUNS: ClassVar[str] = "label_noise x rm_seeds"
 
     def training_runs(self) -> list[tuple[float, float, int]]:
         """``(on_policy_fraction, label_noise, seed_index)`` of every reward-model run."""

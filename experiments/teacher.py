@@ -36,6 +36,7 @@ import functools
 import itertools
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -149,9 +150,11 @@ class TeacherConfig:
     Attributes:
       policy_checkpoint: a local Hugging Face GPT-NeoX directory (a Pythia model) to start from
         instead of a freshly initialised model; its vocabulary must hold the task's token ids.
-      hidden_size: width of the fresh policy (and of the reward models built from it).
+      hidden_size: width of the fresh policy (and of the reward models built from it); with
+        ``policy_checkpoint`` the checkpoint's shape is used, and this and the next two fields must
+        keep their defaults.
       num_layers: its number of transformer layers.
-      num_heads: its attention heads.
+      num_heads: its attention heads (``hidden_size / num_heads`` must leave an even rotary dimension).
       sft_examples: demonstrations each student imitates.
       sft_epochs: passes over them.
       sft_learning_rate: Adam learning rate of SFT.
@@ -284,8 +287,21 @@ class TeacherConfig:
                     f"{name}.policy_checkpoint={self.policy_checkpoint!r} has a vocabulary of {vocab_size} tokens, "
                     f"smaller than the task's {needed}."
                 )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"{name}.hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}.")
+        shape = ("hidden_size", "num_layers", "num_heads")
+        if self.policy_checkpoint:
+            defaults = {field.name: field.default for field in dataclasses.fields(self)}
+            changed = [f"{field}={getattr(self, field)}" for field in shape if getattr(self, field) != defaults[field]]
+            if changed:
+                raise ValueError(
+                    f"{name}: {', '.join(changed)} would be ignored: with policy_checkpoint the models take the "
+                    "checkpoint's shape."
+                )
+        else:
+            try:
+                _model_config(self, TopicTask(seed=self.task_seed))
+            except ValueError as error:
+                fields = ", ".join(f"{field}={getattr(self, field)}" for field in shape)
+                raise ValueError(f"{name}: {fields} make no valid model: {error}") from None
         if self.chunk > self.iterations:
             raise ValueError(f"{name}.chunk={self.chunk} must be <= iterations={self.iterations}.")
         if self.prompts_per_iteration > self.pg_prompts:
@@ -294,12 +310,14 @@ class TeacherConfig:
             )
         if len(set(self.label_noise)) < len(self.label_noise):
             raise ValueError(f"{name}.label_noise={self.label_noise} repeats a level.")
-        runs = len(ON_POLICY_FRACTIONS) * len(self.label_noise) * self.rm_seeds
         for field, value, most in (("rm_seeds", self.rm_seeds, 10), ("seeds", self.seeds, 800)):
             if value > most:
                 raise ValueError(f"{name}.{field}={value}: at most {most} (its block of random streams).")
-        if runs > 60:
-            raise ValueError(f"{name}: {runs} reward-model runs (5 shares x label_noise x rm_seeds); at most 60.")
+        if len(self.training_runs()) > 60:
+            raise ValueError(
+                f"{name}: {len(self.training_runs())} reward-model training runs ({self.RUNS}); at most 60 "
+                "(the block of random streams of their orders)."
+            )
         if (
             self.pg_prompts % self.prompts_per_iteration
             or self.iterations < self.pg_prompts // self.prompts_per_iteration
@@ -319,6 +337,12 @@ class TeacherConfig:
     def stream(self, name: str, index: int = 0) -> int:
         """Seed of the random stream ``name`` (a key of :data:`STREAM`), number ``index``."""
         return self.seed * STREAMS + STREAM[name] + index
+
+    RUNS: ClassVar[str] = "5 shares x label_noise x rm_seeds"  # what training_runs() counts, in words
+
+    def training_runs(self) -> list[tuple[float, float, int]]:
+        """``(on_policy_fraction, label_noise, seed_index)`` of every reward-model training run."""
+        return list(dict.fromkeys(spec.run for spec in self.reward_models()))
 
     def reward_models(self) -> list[RewardModelSpec]:
         """The learned teachers, by on-policy share, label noise, seed and training length."""
@@ -483,10 +507,15 @@ def reward_model_runs(config, task, sft, runs, directory, save_steps, log):
 
 def _reward_models(config, task, sft, out_dir, log):
     specs = config.reward_models()
-    runs = list(dict.fromkeys(spec.run for spec in specs))
     directory = out_dir / "checkpoints" / "reward_models"
     steps = reward_model_runs(
-        config, task, sft, runs, directory, lambda per_epoch: [e * per_epoch for e in config.rm_epochs], log
+        config,
+        task,
+        sft,
+        config.training_runs(),
+        directory,
+        lambda per_epoch: [e * per_epoch for e in config.rm_epochs],
+        log,
     )
     models = []
     for spec in specs:

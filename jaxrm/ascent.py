@@ -77,7 +77,7 @@ class SampledGradient:
         check_choice("advantage_estimator", self.advantage_estimator, pg.ADVANTAGE_ESTIMATORS)
         if (
             isinstance(self.k, bool)
-            or not isinstance(self.k, int)
+            or not isinstance(self.k, (int, np.integer))
             or self.k < (1 if self.advantage_estimator == "reinforce" else 2)
         ):
             raise ValueError(

@@ -101,12 +101,15 @@ def use_compilation_cache(directory: str) -> Path | None:
     import jax
 
     path = Path(directory).expanduser()
+    option = "--compilation-cache"
+    if os.environ.get(COMPILATION_CACHE_ENV) == directory:  # the default came from the environment
+        option += f" (from ${COMPILATION_CACHE_ENV})"
     if not path.is_dir():  # an existing directory serves even read-only: JAX then only reads it
-        check_out_directory(path, option="--compilation-cache")
+        check_out_directory(path, option=option)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"--compilation-cache {path}: cannot create it ({error.strerror}).") from None
+            raise ValueError(f"{option} {path}: cannot create it ({error.strerror}).") from None
     settings = {
         "jax_compilation_cache_dir": str(path),
         "jax_persistent_cache_min_compile_time_secs": 0.0,
@@ -192,13 +195,25 @@ def check_out_directory(out_dir, *, option: str = "--out") -> Path:
     return out_dir
 
 
-def prepare_run_directory(out_dir, config) -> Path:
-    """Create ``out_dir`` and write ``config.json``, or check that it holds a run of the same config.
-
-    A directory that holds another config is refused with the keys that differ; a bad ``out_dir``
-    (see :func:`check_out_directory`) is refused before anything is written.
-    """
+def check_run_directory(out_dir, config) -> Path:
+    """``out_dir`` as a ``Path``, refused (``ValueError``) unless a run of ``config`` can start or
+    resume there: a bad directory (:func:`check_out_directory`), or one that holds a run of another
+    config (the keys that differ are named). Writes nothing."""
     out_dir = check_out_directory(out_dir)
+    _config_record(out_dir, config)
+    return out_dir
+
+
+def prepare_run_directory(out_dir, config) -> Path:
+    """Create ``out_dir`` and write ``config.json``, or check that it holds a run of the same
+    config; refused as :func:`check_run_directory` says, before anything is written."""
+    out_dir = check_out_directory(out_dir)
+    write_json(out_dir / "config.json", _config_record(out_dir, config))
+    return out_dir
+
+
+def _config_record(out_dir: Path, config) -> dict:
+    """``config`` as ``config.json`` holds it, checked against the one already in ``out_dir``."""
     record = json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable))
     path = out_dir / "config.json"
     if path.exists():
@@ -211,8 +226,7 @@ def prepare_run_directory(out_dir, config) -> Path:
             raise ValueError(
                 f"{out_dir} holds a run with another config (keys that differ: {differ}); use a new --out."
             )
-    write_json(path, record)
-    return out_dir
+    return record
 
 
 class Progress:
@@ -597,7 +611,7 @@ def parse_study(parser: argparse.ArgumentParser, config_cls, argv=None):
         config = config_with_overrides(config_cls.preset(args.preset), args.set)
         if hasattr(config, "check_preset"):  # settings that one preset needs
             config.check_preset(args.preset)
-        out_dir = check_out_directory(args.out)
+        out_dir = check_run_directory(args.out, config)
         use_compilation_cache(args.compilation_cache)
         return out_dir, config
     except ValueError as error:

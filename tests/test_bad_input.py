@@ -52,7 +52,8 @@ STUDY_CASES = [
     (experiments.teacher, ["student_sharpness=[]"], r"student_sharpness=\(\)"),
     (experiments.teacher, ["student_sharpness=[1, -2]"], r"student_sharpness"),
     (experiments.teacher, ["hidden_size=true"], r"hidden_size=True: must be an int"),
-    (experiments.teacher, ["hidden_size=30"], r"hidden_size=30 must be a multiple of num_heads"),
+    (experiments.teacher, ["hidden_size=30"], r"hidden_size=30, num_layers=2, num_heads=4 make no valid model: .*30"),
+    (experiments.teacher, ["hidden_size=24"], r"hidden_size=24, .* make no valid model: .*odd rotary dimension"),
     (experiments.teacher, ["prompts_per_iteration=4096"], r"prompts_per_iteration=4096 must be <= pg_prompts"),
     (experiments.teacher, ["eval_samples=1"], r"eval_samples=1"),
     (experiments.teacher, ["rm_prompts=8"], r"rm_prompts=8"),
@@ -71,6 +72,13 @@ STUDY_CASES = [
     (experiments.teacher, ["label_noise=[-1]"], r"label_noise=\(-1,\)"),
     (experiments.teacher, ["seeds=1"], r"seeds=1: must be >= 2"),
     (experiments.teacher, ["rm_seeds=11"], r"rm_seeds=11: at most 10"),
+    (experiments.teacher, ["rm_seeds=7", "label_noise=[0, 1]"], r"70 reward-model training runs \(5 shares x"),
+    # The paradox trains label_noise x rm_seeds runs, with one on-policy share.
+    (
+        experiments.paradox,
+        ["rm_seeds=10", "label_noise=[0, 1, 2, 3, 4, 5, 6]"],
+        r"70 reward-model training runs \(label",
+    ),
     (
         experiments.teacher,
         ["prompts_per_iteration=12"],
@@ -137,7 +145,7 @@ def test_a_study_refuses_a_compilation_cache_it_cannot_use(module, cache, messag
     assert not (tmp_path / "run").exists()
 
 
-def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkeypatch):
+def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkeypatch, capsys, no_study_run):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
@@ -147,8 +155,15 @@ def test_a_rerun_with_another_config_names_the_keys_that_differ(tmp_path, monkey
     first = dataclasses.replace(experiments.teacher.TeacherConfig.preset("ci"), seeds=3, kl_coef=0.1)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(first)))
     before = (out / "config.json").read_text()
-    with pytest.raises(ValueError, match=r"keys that differ: \['kl_coef', 'seeds'\]"):
+    # On the command line a usage error, before the study starts; from Python, before anything is written.
+    with pytest.raises(SystemExit) as exit_:
         experiments.teacher.main(["--preset", "ci", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert "keys that differ: ['kl_coef', 'seeds']); use a new --out" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(experiments.teacher, "train_students", no_training)
+    with pytest.raises(ValueError, match=r"keys that differ: \['kl_coef', 'seeds'\]"):
+        experiments.teacher.run(out, experiments.teacher.TeacherConfig.preset("ci"))
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == before
 
 
@@ -198,6 +213,8 @@ CONFIG_CASES = [
     (lambda: RewardTrainConfig(centering=math.inf), r"RewardTrainConfig\.centering=inf: must be finite"),
     (lambda: SFTConfig(batch_size=0), r"SFTConfig\.batch_size=0: must be >= 1"),
     (lambda: SFTConfig(epochs=1.0), r"SFTConfig\.epochs=1\.0: must be an int"),
+    (lambda: SFTConfig(seed=-1), r"SFTConfig\.seed=-1: must be >= 0"),
+    (lambda: RewardTrainConfig(seed=-1), r"RewardTrainConfig\.seed=-1: must be >= 0"),
     (lambda: RLHFConfig(top_p=2.0), r"RLHFConfig\.top_p=2\.0: must be in \(0, 1\]"),
     (lambda: RLHFConfig(temperature=0.0), r"RLHFConfig\.temperature=0\.0: must be > 0"),
     (lambda: RLHFConfig(minibatches=3), r"minibatches=3 must divide"),
@@ -437,6 +454,10 @@ def test_a_study_checks_its_policy_checkpoint_and_preset_before_anything(hf_chec
             r"vocabulary of 30 tokens, smaller than the task's 40",
         ),
         (["--preset", "paper"], r"--preset paper needs --set policy_checkpoint=DIR"),
+        (
+            ["--preset", "ci", "--set", f"policy_checkpoint={hf_checkpoint}", "num_layers=3"],
+            r"num_layers=3 would be ignored: with policy_checkpoint the models take the checkpoint's shape",
+        ),
     ]
     for module in (experiments.teacher, experiments.paradox):
         for arguments, message in cases:

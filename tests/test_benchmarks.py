@@ -127,17 +127,30 @@ def test_rlhf_benchmark_refuses_microbatches_that_do_not_divide_the_batch(tmp_pa
         ("generate", ["--shapes", "tiny", "nosuch"], "unknown preset 'nosuch'"),
         ("rlhf_step", ["--iterations", "0"], "--iterations must be >= 1, got 0"),
         ("accelerator", ["--batch", "3"], "--batch must be a multiple of k = 2"),
+        ("tabular_flow", ["--rtol", "inf"], "--rtol must be a finite number > 0, got inf"),
+        ("tabular_flow", ["--seed", "-1"], "--seed must be >= 0, got -1"),
+        ("accelerator", ["--peak-tflops", "inf"], "--peak-tflops must be a finite number > 0, got inf"),
+        # Where the record cannot be written, before the measurements that it would throw away.
+        ("tabular_flow", ["--out", "{tmp}"], "--out {tmp} is a directory; name the JSON file to write"),
+        ("generate", ["--out", ""], "--out . is a directory"),
+        ("rlhf_step", ["--out", "{tmp}/a_file/record.json"], "its directory {tmp}/a_file is a file"),
+        ("accelerator", ["--out", "/proc/jaxrm/record.json"], "no file can be created in /proc"),
+        ("programs", ["depth", "--out", "{tmp}"], "--out {tmp} is a directory"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_before_any_work(name, arguments, message, tmp_path, capsys):
     import importlib
 
     module = importlib.import_module(f"experiments.benchmarks.{name}")
+    (tmp_path / "a_file").write_text("")
     out = tmp_path / "record.json"
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
     with pytest.raises(SystemExit) as exit_:
-        module.main([*arguments, "--out", str(out)])
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
-    assert not out.exists()
+        module.main([*arguments, "--out", str(out)] if "--out" not in arguments else arguments)
+    assert exit_.value.code == 2
+    assert f"usage: python -m experiments.benchmarks.{name}" in (err := capsys.readouterr().err)
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_every_benchmark_record_carries_the_package_versions(tmp_path):

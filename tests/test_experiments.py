@@ -196,8 +196,10 @@ def test_interval_calibration_counts_the_intervals_that_exclude_zero(monkeypatch
         lambda x, y, clusters=None, **_: {"spearman": [0.0, 0.1, 0.2] if clusters is not None else [0.0, -0.1, 0.1]},
     )
     assert calibration.false_positive_rates(strong, datasets=2, resamples=5, seed=0) == {"runs": 1.0, "models": 0.0}
-    with pytest.raises(SystemExit):
-        calibration.main(["--datasets", "0"])
+    for arguments in (["--datasets", "0"], ["--epoch-gain", "nan"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            calibration.main(arguments)
+        assert exit_.value.code == 2
 
 
 def test_the_map_corrects_each_cells_difference_for_the_number_of_cells(monkeypatch):

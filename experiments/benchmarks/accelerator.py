@@ -123,22 +123,32 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmarks.accelerator", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="jaxrm.models presets")
     parser.add_argument("--batch", type=int, default=64, help="sequences per call (an even number)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (default: PEAK_TFLOPS)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bfloat16 peak, TFLOP/s (default: the datasheet's, for the devices listed in "
+        "PEAK_TFLOPS; on any other device MFU is left out)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/accelerator.json"))
     args = parser.parse_args(argv)
     check_arguments(
-        parser, args, at_least={"batch": K, "prompt_len": 1, "new_tokens": 1, "repeats": 1}, shapes=args.shapes
+        parser,
+        args,
+        at_least={"batch": K, "prompt_len": 1, "new_tokens": 1, "repeats": 1},
+        positive=("peak_tflops",),
+        shapes=args.shapes,
     )
     if args.batch % K:
         parser.error(f"--batch must be a multiple of k = {K}, got {args.batch}.")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        parser.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     device = jax.devices()[0]
     peak_tflops = datasheet_peak_tflops(device.device_kind) if args.peak_tflops is None else args.peak_tflops
     print(
@@ -150,6 +160,7 @@ def main(argv=None):
         "device": device.device_kind,
         "peak_tflops": peak_tflops,
         "settings": {name: getattr(args, name) for name in ("batch", "prompt_len", "new_tokens", "repeats")},
+        "shapes_requested": list(args.shapes),  # more than in "results": the run was cut short
         "results": [],
     }
     for shape in args.shapes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrm.models import TransformerConfig
-from jaxrm.studies import write_json
+from jaxrm.studies import check_out_directory, write_json
 
 K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
 
@@ -141,16 +142,36 @@ def model_flops_per_iteration(config: TransformerConfig, *, sequences: int, prom
     )
 
 
-def check_arguments(parser, args, *, at_least: dict[str, int], shapes=()) -> None:
+def check_arguments(parser, args, *, at_least: dict[str, int], positive=(), shapes=()) -> None:
     """End the program with a usage error (before any work) unless every ``args.NAME`` is at least
-    ``at_least[NAME]`` and every name in ``shapes`` is a :func:`jaxrm.models.preset`."""
+    ``at_least[NAME]``, every name in ``positive`` is a finite number > 0 (or None, when that is
+    its default), every name in ``shapes`` is a :func:`jaxrm.models.preset`, and the record can be
+    written at ``args.out`` (:func:`check_record_path`)."""
     from jaxrm.models import preset
 
     for name, low in at_least.items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}.")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}.")
+    if getattr(args, "out", None) is not None:
+        check_record_path(parser, args.out)
     for shape in shapes:
         try:
             preset(shape)
         except ValueError as error:
             parser.error(f"--shape(s): {error}")
+
+
+def check_record_path(parser, path: Path) -> None:
+    """End the program with a usage error naming ``--out`` unless a JSON record can be written at
+    ``path``: not a directory, in a directory that exists or can be created and takes files
+    (checked before the measurements, which it would otherwise throw away)."""
+    if Path(path).is_dir():
+        parser.error(f"--out {path} is a directory; name the JSON file to write.")
+    try:
+        check_out_directory(Path(path).parent, option=f"--out {path}: its directory")
+    except ValueError as error:
+        parser.error(str(error))

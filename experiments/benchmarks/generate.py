@@ -151,7 +151,9 @@ def run_shape(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.benchmarks.generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="jaxrm.models presets to run")
     parser.add_argument("--batch", type=int, default=32)

@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from experiments.benchmarks.common import K, seconds, write_record  # noqa: E402
+from experiments.benchmarks.common import K, check_record_path, seconds, write_record  # noqa: E402
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset  # noqa: E402
 from jaxrm.sharding import make_mesh, param_shardings  # noqa: E402
 from jaxrm.train.driver import train_state_shardings  # noqa: E402
@@ -157,7 +157,9 @@ def measure_memory(shape: str, *, devices: int, prompts: int, new_tokens: int, l
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmarks.programs", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     depth = commands.add_parser("depth", help="compile time of the iteration against depth")
     depth.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset whose width is used")
@@ -181,6 +183,7 @@ def main(argv=None):
     if args.command == "memory" and (args.devices < 1 or args.prompts % args.devices):
         parser.error(f"--devices must be >= 1 and divide --prompts={args.prompts} (each device samples whole prompts)")
     out = args.out or Path(f"results/benchmarks/programs_{args.command}.json")
+    check_record_path(parser, out)
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
     if args.command == "depth":
         result = measure_depth(args.shape, args.layers, prompts=args.prompts, new_tokens=args.new_tokens)

@@ -203,7 +203,9 @@ def trl_iterations(shape, directory: Path, *, prompts, new_tokens, iterations, m
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmarks.rlhf_step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset of the policy and reward model")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -358,10 +358,12 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"))
     args = parser.parse_args(argv)
     counts = ("problems", "scipy_problems", "stacked_problems", "ascent_prompts", "ascent_steps", "repeats")
-    check_arguments(parser, args, at_least=dict.fromkeys(counts, 1) | {"outputs": 2, "ascent_outputs": 2})
-    for name in ("rtol", "atol", "t_max"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}.")
+    check_arguments(
+        parser,
+        args,
+        at_least=dict.fromkeys(counts, 1) | {"outputs": 2, "ascent_outputs": 2, "seed": 0},
+        positive=("rtol", "atol", "t_max"),
+    )
     if args.ascent_prompts % jax.device_count():
         parser.error(
             f"--ascent-prompts {args.ascent_prompts} must be a multiple of the {jax.device_count()} devices "

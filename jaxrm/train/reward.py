@@ -157,7 +157,7 @@ class RewardTrainConfig:
     warmup_steps: int = checked(0, NON_NEGATIVE)
     weight_decay: float = checked(0.0, NON_NEGATIVE)
     max_grad_norm: float = checked(1.0, POSITIVE)
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
 
     def __post_init__(self):
         check_fields(self)

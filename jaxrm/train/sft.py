@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrm._checks import POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
+from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
 from jaxrm.models.transformer import CausalLM
 from jaxrm.train.loop import epoch_order, make_minibatch_loop
 from jaxrm.train.optimizers import stack_layers
@@ -63,7 +63,7 @@ class SFTConfig:
     batch_size: int = checked(32, POSITIVE_INT)
     epochs: int = checked(1, POSITIVE_INT)
     max_grad_norm: float = checked(1.0, POSITIVE)
-    seed: int = 0
+    seed: int = checked(0, NON_NEGATIVE)
 
     def __post_init__(self):
         check_fields(self)
