@@ -686,8 +686,10 @@ def _average_ranks(x, axis):
     """0-based ranks, ties given their average: ``#{below} + (#{equal} - 1) / 2``, from one sort
     (two binary searches per element), ``O(n log n)``."""
     x = jnp.asarray(x)
-    # Floats keep their precision (float32 stays float32 under x64); integers rank as the default float.
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    # float32 stays float32 under x64 and float64 stays float64; 16-bit floats cannot hold ranks
+    # (nor pearson's sums of them), so they rank in float32; integers in the default float.
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    dtype = jnp.promote_types(x.dtype, jnp.float32) if floating else jnp.result_type(float)
     x = jnp.moveaxis(x.astype(dtype), axis, -1)
     ordered = jnp.sort(x, axis=-1)
 

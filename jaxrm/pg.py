@@ -263,7 +263,9 @@ def clipped_surrogate_loss(
     upper = jnp.log1p(clip_eps)
     ratio = jnp.exp(jnp.where(positive, jnp.minimum(log_ratio, upper), jnp.where(advantages < 0, log_ratio, 0.0)))
     per_item = -jnp.where(positive, ratio, jnp.maximum(ratio, 1.0 - clip_eps)) * advantages
-    was_clipped = mask & ((positive & (log_ratio > upper)) | ((advantages < 0) & (log_ratio < jnp.log1p(-clip_eps))))
+    was_clipped = mask & (
+        (positive & (log_ratio > upper)) | ((advantages < 0) & (log_ratio < jnp.log1p(-jnp.minimum(clip_eps, 1.0))))
+    )
     count = jnp.maximum(jnp.sum(mask), 1)
     if ratio_level == "sequence":
         loss = jnp.sum(jnp.where(mask, per_item, 0.0)) / count

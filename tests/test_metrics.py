@@ -284,6 +284,19 @@ class TestBestOfNAndCorrelations:
         # float32 stays float32 with float64 enabled (as in this suite); integers rank as the default float.
         assert metrics.spearman(x.astype(np.float32), y.astype(np.float32)).dtype == jnp.float32
         assert metrics.spearman(np.arange(4), np.arange(4)).dtype == jnp.result_type(float)
+        # 16-bit floats rank in float32: float16 cannot sum ranks in the hundreds, bfloat16 cannot hold them.
+        rng = np.random.default_rng(14)
+        x = rng.normal(size=300)
+        y = x + rng.normal(size=300)
+        for dtype in (jnp.float16, jnp.bfloat16):
+            low = metrics.spearman(jnp.asarray(x, dtype), jnp.asarray(y, dtype))
+            assert low.dtype == jnp.float32
+            assert float(low) == pytest.approx(
+                stats.spearmanr(
+                    np.asarray(jnp.asarray(x, dtype), float), np.asarray(jnp.asarray(y, dtype), float)
+                ).statistic,
+                abs=1e-5,
+            )
 
 
 class TestTiedGroupProbability:

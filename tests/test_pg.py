@@ -112,6 +112,12 @@ def test_padding_and_overflowing_ratios_never_make_a_loss_or_its_gradient_nan():
             float(pg.clipped_surrogate_loss(logp, old, jnp.array([-1.0]), jnp.ones((1, 2), bool), ratio_level=level)[0])
             == np.inf
         )
+    # clip_eps above 1 leaves ratios unclipped from below, without a NaN on the way (jax_debug_nans).
+    with jax.debug_nans(True):
+        loss, clipped = pg.clipped_surrogate_loss(
+            logp, logp - 3.0, jnp.array([-1.0]), jnp.ones((1, 2), bool), clip_eps=2.0
+        )
+    assert float(clipped) == 0.0 and float(loss) == pytest.approx(np.exp(3.0), rel=1e-5)
     # A row with no valid token (a batch padded to a fixed size) changes no aggregation.
     values, valid = jnp.array([[1.0, 3.0], [2.0, 0.0]]), jnp.array([[True, True], [True, False]])
     with_empty_row = jnp.concatenate([values, jnp.full((1, 2), 7.0)]), jnp.concatenate([valid, jnp.zeros((1, 2), bool)])
