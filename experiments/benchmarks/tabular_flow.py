@@ -9,9 +9,8 @@
      problem's crossing on that step's dense output by vectorized bisection.
    jaxrm and per-problem SciPy take turns for ``--repeats`` rounds: a round of jaxrm is the mean of
    as many back-to-back calls as fill about a second, one of SciPy a single pass (1-8 s); each
-   side's figure is its best round, as ``timeit`` reports (SciPy's rounds vary more than jaxrm's,
-   so medians would flatter jaxrm), and the speed-up's range over the paired rounds is printed
-   too. The stacked system runs once, on ``--stacked-problems`` scaled up. Reports both
+   side's figure is its best round, as ``timeit`` reports (the round least disturbed by the rest
+   of the machine), and the speed-up's range over the paired rounds is printed too. The stacked system runs once, on ``--stacked-problems`` scaled up. Reports both
    speed-ups (JAX compile time separately) and the largest relative difference.
 2. Discrete exact-gradient steps (S = 1024, |Y| = 4096, float32, SGD, KL penalty) under
    ``lax.scan``, prompts sharded over all devices: achieved memory traffic (read logits and the
@@ -367,6 +366,8 @@ def main(argv=None):
         at_least=dict.fromkeys(counts, 1) | {"outputs": 2, "ascent_outputs": 2, "seed": 0},
         positive=("rtol", "atol", "t_max"),
     )
+    if args.seed >= 2**63:
+        parser.error(f"--seed must be < 2**63 (a 64-bit key), got {args.seed}.")
     if args.ascent_prompts % jax.device_count():
         parser.error(
             f"--ascent-prompts {args.ascent_prompts} must be a multiple of the {jax.device_count()} devices "
