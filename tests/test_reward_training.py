@@ -90,6 +90,9 @@ def test_bad_pairs_fail_before_training():
     short = good.replace(chosen_mask=good.chosen_mask[:, :-1])
     with pytest.raises(ValueError, match="mismatched pairs"):
         train_reward_model(model, short, log=None)
+    narrow = good.replace(rejected=good.rejected[:, :1], rejected_mask=good.rejected_mask[:, :1])
+    with pytest.raises(ValueError, match=r"mismatched pairs: chosen \(40, \d+\) and rejected \(40, 1\) must be padded"):
+        train_reward_model(model, narrow, log=None)
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_reward_model(model, _pairs(8, seed=3), log=None)
     with pytest.raises(ValueError, match="must lie in"):

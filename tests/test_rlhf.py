@@ -183,6 +183,44 @@ def _size(path):
     return path.stat().st_size
 
 
+def test_only_damaged_files_set_a_checkpoint_aside(tmp_path, monkeypatch):
+    from jaxrm.train.checkpoints import RunCheckpoints
+
+    state = {"values": jnp.arange(100_000.0), "key": jax.random.key(0)}  # its data file is the largest
+    checkpoints = RunCheckpoints(tmp_path)
+    for step in (1, 2):
+        checkpoints.save(step, state, {"step": step})
+    # A missing array file (orbax raises a bare Exception, caused by TensorStore's ValueError).
+    max((f for f in (tmp_path / "2").rglob("*") if f.is_file()), key=_size).unlink()
+    with pytest.warns(UserWarning, match="step 2 is unreadable"):
+        step, restored, record = checkpoints.restore_latest(state)
+    assert step == 1 and record["step"] == 1 and (tmp_path / "2.damaged").is_dir()
+    np.testing.assert_array_equal(restored["values"], state["values"])
+
+    # Running out of memory, or a file system unavailable for now, says nothing about the files:
+    # raised, and the checkpoint stays where the next attempt will find it.
+    def fails(error):
+        def restore(*args, **kwargs):
+            raise error
+
+        return restore
+
+    for error in (RuntimeError("RESOURCE_EXHAUSTED: Out of memory"), Exception("read failed")):
+        monkeypatch.setattr(checkpoints.manager, "restore", fails(error))
+        with pytest.raises(RuntimeError, match="checkpoint at step 1 .* was left in place"):
+            checkpoints.restore_latest(state)
+    try:
+        raise ValueError("UNAVAILABLE: the bucket did not answer")
+    except ValueError as cause:
+        transient = Exception("Encountered error while reading array index")
+        transient.__cause__ = cause
+    monkeypatch.setattr(checkpoints.manager, "restore", fails(transient))
+    with pytest.raises(RuntimeError, match="left in place"):
+        checkpoints.restore_latest(state)
+    assert checkpoints.steps() == [1]
+    checkpoints.close()
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     logged = []
     straight, _ = _run(tmp_path, "straight", 6, checkpoint_every=2, log_every=3, log=logged.append)
@@ -216,10 +254,31 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert json.loads((tmp_path / "broken" / "config.json").read_text())["num_iterations"] == 6
     # A resume that would drop the measured ground truth (or change the teacher) is refused
     # before any training.
-    with pytest.raises(ValueError, match=r"holds a run with different \['ground_truth'\]"):
+    with pytest.raises(ValueError, match=r"holds a run with different \['ground_truth', 'ground_truth_function'\]"):
         rlhf_task.run_rlhf(
             policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=8, out_dir=tmp_path / "straight"
         )
+
+    # So is one that would score with another teacher function, or sample other prompts.
+    def negated(params, *rows):
+        return -ground_truth(params, *rows)
+
+    tokens, mask = prompts()
+    for teacher, rows, changed in (
+        (negated, (tokens, mask), "teacher_function"),
+        (ground_truth, (tokens[::-1], mask[::-1]), "prompts_fingerprint"),
+    ):
+        with pytest.raises(ValueError, match=rf"holds a run with different \['{changed}'\]"):
+            rlhf_task.run_rlhf(
+                policy(),
+                teacher,
+                None,
+                *rows,
+                CONFIG,
+                num_iterations=8,
+                out_dir=tmp_path / "straight",
+                ground_truth_fn=ground_truth,
+            )
 
 
 def test_seeds_run_in_one_vmapped_program():

@@ -11,12 +11,15 @@ from jaxrm.models import CausalLM, preset
 from jaxrm.models.sampling import (
     SamplingOptions,
     _compiled_sampler,
+    _first_above,
+    _inverse_cdf,
     filter_logits,
     inverse_cdf_sample,
     pad_sequences,
     sample,
     sequence_log_probs,
 )
+from jaxrm.train.rlhf import RLHFConfig
 
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12]]
 
@@ -159,6 +162,11 @@ def test_bad_prompts_and_options_fail_clearly(model, prompts):
         sample(model, tokens, mask, key, max_new_tokens=0)
     with pytest.raises(ValueError, match="cache_phases"):
         sample(model, tokens, mask, key, max_new_tokens=2, cache_phases=0)
+    # Below 1e-5, float32 cannot keep logits / temperature in order (tokens outside the vocabulary came out).
+    with pytest.raises(ValueError, match=r"temperature=1e-10: must be 0 \(greedy\) or >= 1e-05"):
+        sample(model, tokens, mask, key, max_new_tokens=2, temperature=1e-10)
+    with pytest.raises(ValueError, match=r"RLHFConfig\.temperature=1e-06: must be >= 1e-05"):
+        RLHFConfig(temperature=1e-6)
 
 
 def test_bfloat16_models_sample_and_score_close_to_float32(model, prompts):
@@ -170,6 +178,16 @@ def test_bfloat16_models_sample_and_score_close_to_float32(model, prompts):
     assert low.trunk.layers[0].mlp.dense_h_to_4h.kernel[...].dtype == jnp.bfloat16
     assert np.mean(np.asarray(samples.tokens) == np.asarray(reference.tokens)) >= 2 / 3
     assert samples.log_probs.dtype == jnp.float32 and np.all(np.isfinite(samples.log_probs))
+
+
+def test_an_inverse_cdf_draw_never_lands_on_a_zero_weight_or_outside_the_vocabulary():
+    # Rounding put the mass before a block (a difference of sums) one ulp above the threshold, so
+    # the block's first entry, of weight 0, counted as the first partial sum above it.
+    cumulative, threshold, weights = jnp.array([[0.6, 0.6, 1.3]]), jnp.array([[0.59]]), jnp.array([[0.0, 0.0, 0.7]])
+    assert int(_first_above(cumulative, threshold, weights)[0]) == 2
+    # Weights that are all NaN (a model gone wrong) still give ids of the vocabulary, not of its padding.
+    tokens, _ = _inverse_cdf(jax.random.key(0), jnp.full((2, 97), jnp.nan))
+    assert int(jnp.max(tokens)) < 97
 
 
 def test_inverse_cdf_draws_follow_the_distribution_across_blocks():

@@ -23,6 +23,12 @@ from flax import nnx
 from jaxrm._checks import NON_NEGATIVE, POSITIVE_INT, check_fields, check_int, check_token_ids, checked, is_concrete
 from jaxrm.models.transformer import CausalLM, KVCache, default_positions
 
+# The smallest temperature that samples: below it float32 cannot keep logits / temperature in
+# order (|logit| / T past ~1e9 rounds differently from one use to the next, and the draw's weights
+# overflow or vanish). vLLM treats temperatures below this as greedy; here they are refused.
+MIN_TEMPERATURE = 1e-5
+SAMPLING_TEMPERATURE = (lambda v: v == 0 or v >= MIN_TEMPERATURE, f"0 (greedy) or >= {MIN_TEMPERATURE:g}")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
@@ -35,8 +41,9 @@ class SamplingOptions:
     Attributes:
       max_new_tokens: most tokens generated per row (a positive int); the width of every
         :class:`Samples` array. Generation stops earlier once every row has emitted ``eos_id``.
-      temperature: ``>= 0``; logits are divided by it before the filters and the softmax. 0 is
-        greedy decoding (argmax of the filtered logits). Default 1 (plain sampling).
+      temperature: 0, or at least :data:`MIN_TEMPERATURE` (1e-5); logits are divided by it
+        before the filters and the softmax. 0 is greedy decoding (argmax of the filtered logits).
+        Default 1 (plain sampling).
       top_k: keep only the ``top_k`` largest logits (ties at the cut-off kept); an int
         ``>= 0``, with 0 (default) or any value ``>= vocab`` meaning off.
       top_p: nucleus threshold in ``(0, 1]``: after ``top_k``, keep the smallest set of most
@@ -57,7 +64,7 @@ class SamplingOptions:
     """
 
     max_new_tokens: int = dataclasses.field(metadata={"check": POSITIVE_INT})
-    temperature: float = checked(1.0, NON_NEGATIVE)
+    temperature: float = checked(1.0, SAMPLING_TEMPERATURE)
     top_k: int = checked(0, NON_NEGATIVE)
     top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
     eos_id: int | None = checked(None, NON_NEGATIVE)
@@ -159,13 +166,15 @@ _CDF_BLOCK = 128
 
 
 def _first_above(cumulative, threshold, weights):
-    """Index of the first ``cumulative > threshold`` along the last axis.
+    """Index of the first ``cumulative > threshold`` with positive weight along the last axis.
 
-    Rounding can leave ``threshold`` at or above the last partial sum; the last index with
-    positive weight is the right answer then (never a zero-probability one).
+    Never a zero-probability index: rounding can put a zero weight's partial sum above the
+    threshold (the mass before a block is a difference of sums), or leave the threshold at or
+    above the last partial sum, where the last index with positive weight is the right answer.
     """
-    above = cumulative > threshold
-    last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(weights > 0, -1), -1)
+    positive = weights > 0
+    above = (cumulative > threshold) & positive
+    last_positive = weights.shape[-1] - 1 - jnp.argmax(jnp.flip(positive, -1), -1)
     return jnp.where(above.any(-1), jnp.argmax(above, -1), last_positive)
 
 
@@ -196,7 +205,8 @@ def _inverse_cdf(key, weights):
     mass_before = jnp.take_along_axis(block_cumulative - block_mass, block[:, None], -1)
     inside = jnp.take_along_axis(weights, block[:, None, None], 1)[:, 0]
     offset = _first_above(jnp.cumsum(inside, -1) + mass_before, threshold, inside)
-    return block * _CDF_BLOCK + offset, total
+    # Rows without a positive weight (NaN logits) still get a token of the vocabulary.
+    return jnp.minimum(block * _CDF_BLOCK + offset, vocab - 1), total
 
 
 def _draw(key, logits, options: SamplingOptions):

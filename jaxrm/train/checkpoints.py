@@ -22,9 +22,11 @@ class RunCheckpoints:
     :func:`~jaxrm.models.checkpoint.tree_checksum` added. Saves are atomic (orbax writes to a
     temporary directory and renames it when complete), so a run killed while saving leaves the
     previous checkpoints intact; :meth:`restore_latest` falls back to an older checkpoint, with a
-    warning, when the newest one cannot be read or its values fail the checksum (damaged files).
-    A damaged checkpoint is moved aside to ``<step>.damaged`` (kept for inspection, no longer a
-    step), so that the resumed run saves that step again.
+    warning, when the newest one's files are damaged (missing, truncated, undecodable) or its
+    values fail the checksum. A damaged checkpoint is moved aside to ``<step>.damaged`` (kept for
+    inspection, no longer a step), so that the resumed run saves that step again. Any other
+    failure to restore (out of memory, a file system that is unavailable for now) is raised and
+    leaves every checkpoint in place: setting them all aside would restart the run from step 0.
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3):
@@ -59,7 +61,12 @@ class RunCheckpoints:
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()),
                 )
-            except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint means: try the previous one
+            except Exception as error:  # noqa: BLE001 -- orbax raises a bare Exception for a damaged array file
+                if not _is_damage(error):
+                    raise RuntimeError(
+                        f"restoring the checkpoint at step {step} in {self.directory} failed, and the error does not "
+                        "say that its files are damaged, so it was left in place; rerun to resume from it."
+                    ) from error
                 self._set_aside(step, f"is unreadable ({type(error).__name__}: {error})")
                 continue
             if tree_checksum(restored["state"]) != restored["record"].get("checksum"):
@@ -101,6 +108,25 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+# Errors that say a checkpoint's files are damaged: orbax and TensorStore report missing,
+# truncated or undecodable files as ValueError (DATA_LOSS, OUT_OF_RANGE, FAILED_PRECONDITION),
+# often as the cause of a bare Exception; a missing item is a KeyError. These status codes say
+# instead that reading failed for now.
+_DAMAGE_ERRORS = (ValueError, KeyError, FileNotFoundError)
+_TRANSIENT_STATUS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Whether a restore error, or an error it was raised from, says that the files are damaged."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(status in str(e) for e in chain for status in _TRANSIENT_STATUS):
+        return False
+    return any(isinstance(e, _DAMAGE_ERRORS) for e in chain)
 
 
 def _storable(x):

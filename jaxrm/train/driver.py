@@ -69,6 +69,13 @@ def params_fingerprint(params) -> str:
     return hashlib.sha256(json.dumps(tree_checksum(params)).encode()).hexdigest()[:16]
 
 
+def _function_name(fn) -> str:
+    """``module.qualified_name`` of a teacher function (a resumed run must score with the same
+    one; two lambdas of one scope share a name, a ``functools.partial`` is named by its function)."""
+    fn = getattr(fn, "func", fn)
+    return f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
 def _is_writer() -> bool:
     # With several processes (jax.distributed), process 0 alone writes the run's files.
     return jax.process_index() == 0
@@ -223,8 +230,10 @@ def _changed_fields(previous: dict, record: dict) -> list[str]:
     """The entries of a run's ``record`` (but ``num_iterations``) that differ from those its
     directory already holds; an RLHFConfig field added since that run was written counts at its
     default, which is what the run used, and a record entry added since (the teacher's
-    fingerprint, whether a ground truth is measured) is not known for it and is not compared."""
-    previous = {k: record[k] for k in ("teacher_fingerprint", "ground_truth") if k in record} | dict(previous)
+    fingerprint and function, the ground truth's, the prompts') is not known for it and is not compared."""
+    added_since = ("teacher_fingerprint", "teacher_function", "ground_truth", "ground_truth_function")
+    added_since += ("prompts_fingerprint",)
+    previous = {k: record[k] for k in added_since if k in record} | dict(previous)
     if isinstance(previous.get("config"), dict):
         previous["config"] = {**RLHFConfig().to_dict(), **previous["config"]}
     return sorted(k for k in record if k != "num_iterations" and previous.get(k) != record[k])
@@ -343,7 +352,10 @@ def run_rlhf(
         "teachers": None if teachers is None else list(teachers),
         "reference_fingerprint": params_fingerprint(ref_params),
         "teacher_fingerprint": params_fingerprint(reward_params),
+        "teacher_function": _function_name(reward_fn),
         "ground_truth": ground_truth_fn is not None,
+        "ground_truth_function": None if ground_truth_fn is None else _function_name(ground_truth_fn),
+        "prompts_fingerprint": params_fingerprint((np.asarray(prompts), np.asarray(prompt_mask, bool))),
         "reward_stats": [means.tolist(), stds.tolist()],
         # Checkpoints of runs written before the optimizer ran on stacked layers cannot be read.
         "optimizer_layout": "stacked_layers",

@@ -108,6 +108,11 @@ class PreferencePairs:
                 raise ValueError(
                     f"{int(empty.sum())} empty {what} (all padding), first at pair {int(np.argmax(empty))}."
                 )
+        if np.shape(self.chosen)[1] != np.shape(self.rejected)[1]:
+            raise ValueError(
+                f"mismatched pairs: chosen {np.shape(self.chosen)} and rejected {np.shape(self.rejected)} must be "
+                "padded to one width (both responses are scored in one batch)."
+            )
 
     def sequences(self, which: str):
         """``(tokens, mask)`` of prompt + ``which`` response (``"chosen"`` or ``"rejected"``)."""

@@ -47,7 +47,7 @@ from flax import nnx
 
 from jaxrm import metrics, pg
 from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, checked, one_of
-from jaxrm.models.sampling import SamplingOptions, check_prompts, make_sampler, token_log_probs
+from jaxrm.models.sampling import MIN_TEMPERATURE, SamplingOptions, check_prompts, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 from jaxrm.train.optimizers import stack_layers
 
@@ -79,7 +79,8 @@ class RLHFConfig:
       samples_per_prompt: ``k``, responses drawn per prompt (>= 2 unless ``reinforce``).
       prompts_per_iteration: prompts per rollout batch; a multiple of the mesh's ``data`` axis.
       max_new_tokens: longest response.
-      temperature: sampling temperature (> 0); training log-probs use ``logits / temperature``.
+      temperature: sampling temperature (``>= 1e-5``, :data:`~jaxrm.models.sampling.MIN_TEMPERATURE`);
+        training log-probs use ``logits / temperature``.
       top_k: keep the ``top_k`` largest logits when sampling (0: off).
       top_p: nucleus threshold in (0, 1] (1: off).
       eos_id: token that ends a response (included in its mask); None: fixed length.
@@ -128,7 +129,7 @@ class RLHFConfig:
     samples_per_prompt: int = checked(2, POSITIVE_INT)
     prompts_per_iteration: int = checked(32, POSITIVE_INT)
     max_new_tokens: int = checked(64, POSITIVE_INT)
-    temperature: float = checked(1.0, POSITIVE)
+    temperature: float = checked(1.0, (lambda v: v >= MIN_TEMPERATURE, f">= {MIN_TEMPERATURE:g}"))
     top_k: int = checked(0, NON_NEGATIVE)
     top_p: float = checked(1.0, (lambda v: 0 < v <= 1, "in (0, 1]"))
     eos_id: int | None = checked(None, NON_NEGATIVE)
