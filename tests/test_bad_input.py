@@ -216,7 +216,7 @@ CONFIG_CASES = [
     (lambda: SFTConfig(seed=-1), r"SFTConfig\.seed=-1: must be >= 0"),
     (lambda: RewardTrainConfig(seed=-1), r"RewardTrainConfig\.seed=-1: must be >= 0"),
     (lambda: RLHFConfig(top_p=2.0), r"RLHFConfig\.top_p=2\.0: must be in \(0, 1\]"),
-    (lambda: RLHFConfig(temperature=0.0), r"RLHFConfig\.temperature=0\.0: must be > 0"),
+    (lambda: RLHFConfig(temperature=0.0), r"RLHFConfig\.temperature=0\.0: must be >= 1e-05"),
     (lambda: RLHFConfig(minibatches=3), r"minibatches=3 must divide"),
     (lambda: RLHFConfig(kl_estimator="k4"), r"RLHFConfig\.kl_estimator='k4': must be one of"),
     (lambda: RLHFConfig(eos_id=-1), r"RLHFConfig\.eos_id=-1: must be >= 0"),
