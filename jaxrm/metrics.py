@@ -488,6 +488,12 @@ def best_of_n_reward(
         raise ValueError(f"n must hold whole numbers >= 1 (samples drawn), got {n}.")
     if np.ndim(rm_rewards) < 1 or np.shape(rm_rewards)[-1] == 0:
         raise ValueError(f"rm_rewards need a non-empty last axis of outputs, got shape {np.shape(rm_rewards)}.")
+    return _best_of_n(logits, rm_rewards, gt_rewards, n, where)
+
+
+@jax.jit
+def _best_of_n(logits, rm_rewards, gt_rewards, n, where):
+    """:func:`best_of_n_reward` after its checks, as one program (op by op, its scans compile slowly)."""
     probs = probabilities(logits, where=where)
     rm = jnp.asarray(rm_rewards)
     if where is not None:
