@@ -164,7 +164,7 @@ def bench_t_gamma(args):
             measure_seconds(lambda: [jax.block_until_ready(run()) for _ in range(calls)]) / calls
         )
         report[name] = {"devices": len(devices), "calls_per_round": calls, "compile_seconds": first - once}
-        result = run()
+    result = run()  # on every device: the t_gamma compared with SciPy's
     scipy_times = []
 
     def scipy_round():

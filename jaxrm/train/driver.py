@@ -231,8 +231,13 @@ def _changed_fields(previous: dict, record: dict) -> list[str]:
     directory already holds; an RLHFConfig field added since that run was written counts at its
     default, which is what the run used, and a record entry added since (the teacher's
     fingerprint and function, the ground truth's, the prompts') is not known for it and is not compared."""
-    added_since = ("teacher_fingerprint", "teacher_function", "ground_truth", "ground_truth_function")
-    added_since += ("prompts_fingerprint",)
+    added_since = (
+        "teacher_fingerprint",
+        "teacher_function",
+        "ground_truth",
+        "ground_truth_function",
+        "prompts_fingerprint",
+    )
     previous = {k: record[k] for k in added_since if k in record} | dict(previous)
     if isinstance(previous.get("config"), dict):
         previous["config"] = {**RLHFConfig().to_dict(), **previous["config"]}
