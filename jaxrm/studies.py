@@ -20,6 +20,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -168,10 +169,12 @@ def config_with_overrides(config, items):
     return config_from_dict(type(config), {**dataclasses.asdict(config), **overrides})
 
 
-def check_out_directory(out_dir, *, option: str = "--out") -> Path:
+def check_out_directory(out_dir, *, option: str = "--out", files: Iterable[str] = ()) -> Path:
     """``out_dir`` as a ``Path``, refused (``ValueError`` naming ``option`` and the path) before
     anything is computed or written when it is empty, a file, or to be created where no file can
-    be created (the probe is a temporary file in its nearest existing directory)."""
+    be created (the probe is a temporary file in its nearest existing directory); also when one of
+    ``files`` (paths relative to ``out_dir`` that the run will write) is a directory, or a file
+    stands where one of its directories must be."""
     if str(out_dir) == "":
         raise ValueError(f"{option} is empty; name a directory (it is created if missing).")
     out_dir = Path(out_dir)
@@ -192,6 +195,13 @@ def check_out_directory(out_dir, *, option: str = "--out") -> Path:
             f"{option} {out_dir}: no file can be created in {existing}, its nearest existing directory "
             f"(creating one there failed: {error.strerror})."
         ) from None
+    for name in files:
+        path = out_dir / name
+        for directory in reversed(path.relative_to(out_dir).parents[:-1]):
+            if (out_dir / directory).exists() and not (out_dir / directory).is_dir():
+                raise ValueError(f"{option} {out_dir}: {out_dir / directory} is a file, where {path} is to be written.")
+        if path.is_dir():
+            raise ValueError(f"{option} {out_dir}: {path} is a directory, where a file is to be written.")
     return out_dir
 
 

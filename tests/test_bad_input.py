@@ -190,6 +190,22 @@ def test_python_m_theory_refuses_a_bad_command_line_before_computing(argv, messa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize(
+    ("blocker", "message"),
+    [("figures", "figures is a file, where"), ("report.md/", "report.md is a directory, where a file")],
+)
+def test_python_m_theory_refuses_an_out_directory_whose_outputs_cannot_be_written(
+    blocker, message, tmp_path, capsys, monkeypatch
+):
+    blocked = tmp_path / blocker
+    blocked.mkdir() if blocker.endswith("/") else blocked.write_text("x")
+    monkeypatch.setattr(theory.__main__, "run_study", lambda name, *args: pytest.fail(f"{name} was run"))
+    with pytest.raises(SystemExit) as exit_:
+        theory.__main__.main(["--only", "best_of_n", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [blocked.name]
+
+
 def test_theory_reports_never_mix_quick_and_full_results(tmp_path):
     for name, quick in (("theorem2", False), ("theorem3", True)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"seconds": 1, "verdict": f"{name} verdict", "quick": quick}))

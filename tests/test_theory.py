@@ -421,6 +421,16 @@ def test_an_atlas_instance_below_a_bound_is_saved_and_fails_the_run(tmp_path, mo
     assert "3 searched instances fall below a bound" in (tmp_path / "tightness.md").read_text()
 
 
+def test_an_atlas_where_nothing_reached_the_gain_reports_it(tmp_path, monkeypatch):
+    config, found = _fake_search(np.inf)
+    monkeypatch.setattr(tightness, "search_class", lambda cls, config, progress=None: found)
+    summary = tightness.run(tmp_path, config=config)  # the figure has no finite time to draw
+    assert summary["censored"] == 3 and (tmp_path / "figures" / "tightness.png").stat().st_size > 0
+    text = tightness._conclusion(summary)
+    assert "No searched instance of tabular reached the gain at any level." in text and "inf" not in text
+    assert "not measured (0 of 3 levels reached)" in (tmp_path / "tightness.md").read_text()
+
+
 def test_atlas_conclusion_follows_the_measurements(tmp_path, monkeypatch):
     config, found = _fake_search(0.5)
     monkeypatch.setattr(tightness, "search_class", lambda cls, config, progress=None: found)
@@ -480,6 +490,18 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     first = next(iter(swapped["table"].values()))
     first["median_variance"] = -1.0  # the faster or slower teacher of that cell now has the other order
     assert f"in {cells - 1} of {cells} (T, family) cells" in theorem3._conclusion(swapped)
+    swapped["student_decides"] = 0.8  # the variance's record is reported, not assumed, in every branch
+    assert f"in {cells - 1} of {cells} (T, family) cells" in theorem3._conclusion(swapped)
+    assert "most cases but not in all" in theorem3._conclusion(swapped)
+    swapped["student_decides"] = 0.4
+    assert f"in {cells - 1} of {cells} (T, family) cells" in theorem3._conclusion(swapped)
+    general = summaries["theorem3"]["general_policy"]["student_decides_counts"]["problems"]
+    assert f"every case of {general[0]} of {general[1]} one-prompt draws" in summaries["theorem3"]["verdict"]
+    assert f"{summaries['theorem2']['unattainable']} that cannot reach the gain" in summaries["theorem2"]["verdict"]
+    best = best_of_n._most_common(["b", "a", "b", "a", "c"])
+    assert best == {"names": ["a", "b"], "count": 2, "of": 5}
+    assert "(a tie) is `a` and `b`, each on 2 of 5 problems" in best_of_n._most_common_text(best)
+    assert "teacher is `perfect` on " in (quick_run[1] / "best_of_n.md").read_text()
     assert summaries["theorem2"]["fast_beats_accurate_slow"]["10000"] == 1.0
     for name, per_problem in (("theorem2", 12), ("theorem3", 24)):  # the general-policy arm ran and was checked
         general = summaries[name]["general_policy"]
@@ -567,12 +589,21 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     altered = copy.deepcopy(summary)
     altered["violations"]["prop3"] = 3
     altered["censored"] = 12345
-    altered["families"]["random"]["slope_ci"] = [-0.40, -0.20]
-    altered["families"]["random"]["censored_fit"].update(censored=7, at_t_max=-0.61, tobit=-0.66)
+    altered["families"]["random"] |= {"slope": -0.65, "slope_ci": [-0.70, -0.60]}
+    # With censored timings the -1/3 question is judged on the fit with them at t_max, and only
+    # when that fit bounds the slope from above; the reached-only interval does not decide it.
+    censored_fit = dict(censored=7, at_t_max=-0.61, tobit=-0.66, at_t_max_is_upper_bound=True)
+    altered["families"]["random"]["censored_fit"].update(censored_fit, at_t_max_ci=[-0.9, -0.2])
     altered_text = theorem1._interpretation(altered)
     assert "Violated: Proposition 3 on 3 instances" in altered_text
     assert "cannot rule out a -1/3 exponent for random" in altered_text
-    assert "-0.610; Tobit -0.660 (7 censored)" in altered_text
+    assert "random -0.650 -> at most -0.610; Tobit -0.660 (7 censored)" in altered_text
+    altered["families"]["random"]["censored_fit"]["at_t_max_ci"] = [-0.9, -0.4]
+    assert "for random, whose censored timings all lie below" in theorem1._interpretation(altered)
+    assert "rule out" not in theorem1._interpretation(altered)
+    altered["families"]["random"]["censored_fit"]["at_t_max_is_upper_bound"] = False
+    assert "For random some censored timings lie above" in theorem1._interpretation(altered)
+    assert "rule out" not in theorem1._interpretation(altered)
     assert "12345 timings censored" in theorem1._verdict(altered)
     altered["failed"] = 4
     assert "4 failed solves" in theorem1._verdict(altered)
@@ -595,6 +626,11 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     altered["families"]["kl_0.5"].update(max_lam_times_gain=30.0, lam_branch_binds=4)
     lam_text = theorem1._lam_branch_text(altered)
     assert "largest `lam * gamma` is 30 (2 above the bound 2" in lam_text and "smaller one for 4 targets" in lam_text
+    # A KL family with no reached target is named; the largest value does not depend on the order.
+    first_kl = next(k for k, f in altered["families"].items() if f["kl_coef"] > 0 and k != "kl_0.5")
+    altered["families"][first_kl]["max_lam_times_gain"] = float("nan")
+    lam_text = theorem1._lam_branch_text(altered)
+    assert "largest `lam * gamma` is 30 " in lam_text and f"No target was reached in {first_kl}." in lam_text
 
 
 def test_theorem2_prose_counts_who_did_not_reach_the_gain_and_why(quick_run):
@@ -729,6 +765,11 @@ def test_estimator_atlas_measures_every_estimator_and_says_what_it_found(quick_r
         if r["name"] == "rloo(k=2), k1 in loss":
             r["relative_bias"] = [0.5, 0.25]
     assert "0.5 at the largest reward scale and 0.25 at the smallest" in estimators._findings(altered, config)
+    assert "= (k-1)/k at every reward scale" in text
+    for r in altered["estimators"]:
+        if r["name"] == "dr_grpo(k=2), k1 in reward":
+            r["scale"] = [0.9] * len(r["scale"])
+    assert "not the (k-1)/k = 0.5 of a plain mean" in estimators._findings(altered, config)
 
 
 @pytest.mark.slow
@@ -753,8 +794,14 @@ def test_theorem1_under_sampling_times_flow_and_ascents_on_the_same_instances(qu
     altered["fits"]["peaked"]["k"]["2"]["sampling_by_level"] = [1.5, 2.5, 3.5]
     altered["fits"]["peaked"]["k"]["2"]["snr"]["ci"] = [-2.0, -1.0]
     altered_text = estimators._sampling_findings(altered)
-    assert "k = 2: 1.5 and 3.5" in altered_text and "sampling costs most at the smallest variance" in altered_text
+    assert "k = 2: 1.5 and 3.5" in altered_text
+    assert "sampling costs more at the smallest variance than at the largest" in altered_text
     assert "falls with the variance at k = 2" in altered_text and "falls with" not in text
+    altered["fits"]["peaked"]["k"]["2"]["sampling_by_level"] = [1.5, 3.5, 1.5]  # the ends tie: no claim
+    altered["fits"]["peaked"]["k"]["2"]["snr"]["ci"] = [float("nan")] * 2
+    altered_text = estimators._sampling_findings(altered)
+    assert "costs more" not in altered_text.split("**peaked**")[1]
+    assert "has no measured trend with the variance at k = 2" in altered_text
     assert (quick_run[1] / "figures" / "estimators_passage.png").stat().st_size > 0
 
 

@@ -113,17 +113,18 @@ def main(argv=None) -> int:
         for name, (_, description) in STUDIES.items():
             print(f"{name:12s} {description}")
         return 0
-    try:
-        out = check_out_directory(args.out)
-    except ValueError as error:
-        parser.error(str(error))
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}.")
+    names = list(dict.fromkeys(args.only or STUDIES))  # a study named twice runs once
+    outputs = ["report.md"] + [f"{name}{suffix}" for name in names for suffix in (".json", ".md")]
+    try:
+        out = check_out_directory(args.out, files=outputs + [f"figures/{name}.png" for name in names])
+    except ValueError as error:
+        parser.error(str(error))
     try:
         use_compilation_cache(args.compilation_cache)
     except ValueError as error:
         parser.error(str(error))
-    names = list(dict.fromkeys(args.only or STUDIES))  # a study named twice runs once
     start = time.perf_counter()
     with _quick_compiles(args.quick):
         summaries, failed = _run_studies(names, out, args.quick, jobs=min(args.jobs, len(names)))

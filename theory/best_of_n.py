@@ -238,9 +238,19 @@ def _problem_spearman(x, y, *, seed: int, num_resamples: int = 2000) -> tuple[fl
     return float(per_problem.mean()), np.percentile(per_problem[picks].mean(-1), [2.5, 97.5]).tolist()
 
 
-def _most_common(values):
+def _most_common(values) -> dict:
+    """The most frequent values (every one of them on a tie), how often each occurs and out of how many."""
     names, counts = np.unique(values, return_counts=True)
-    return str(names[counts.argmax()])
+    return {"names": [str(n) for n in names[counts == counts.max()]], "count": int(counts.max()), "of": len(values)}
+
+
+def _most_common_text(best: dict) -> str:
+    names = " and ".join(f"`{n}`" for n in best["names"])
+    each = ", each" if len(best["names"]) > 1 else ""
+    return (
+        f"The most frequent best policy-gradient teacher{' (a tie)' if len(best['names']) > 1 else ''} is "
+        f"{names}{each} on {best['count']} of {best['of']} problems."
+    )
 
 
 def _figure(names, ns, bon_gain, accuracy, variance, pg_gain, spearman, path: Path):
@@ -323,8 +333,8 @@ def _markdown(summary: dict, config: BestOfNConfig) -> str:
 Spearman correlation across reward models (per problem, averaged; 95% bootstrap interval over the
 {config.problems} problems): accuracy with Best-of-{n} gain {_with_interval(summary, "accuracy_vs_bon")}, variance
 with Best-of-{n} gain {_with_interval(summary, "variance_vs_bon")}; accuracy with policy-gradient gain
-{_with_interval(summary, "accuracy_vs_pg")}, variance with policy-gradient gain {_with_interval(summary, "variance_vs_pg")}. {_low_variance_text(summary, n)} The most frequent best
-policy-gradient teacher is `{summary["pg_best_model"]}`.
+{_with_interval(summary, "accuracy_vs_pg")}, variance with policy-gradient gain {_with_interval(summary, "variance_vs_pg")}. {_low_variance_text(summary, n)}
+{_most_common_text(summary["pg_best_model"])}
 
 ![Best-of-N and policy gradient](figures/{NAME}.png)
 """

@@ -513,6 +513,7 @@ def _passage_fits(passage: dict, config: EstimatorsConfig) -> dict:
         timed = rows & np.isfinite(flow_t) & np.isfinite(exact_t)
         entry = {
             "instances": int(rows.sum()),
+            "problems": int(np.unique(problem[rows]).size),
             "flow_not_reached": int((rows & ~np.isfinite(flow_t)).sum()),
             "exact_not_reached": int((rows & np.isfinite(flow_t) & ~np.isfinite(exact_t)).sum()),
             "variance_range": [float(variance[rows].min()), float(variance[rows].max())],
@@ -624,12 +625,21 @@ def _findings(summary: dict, config: EstimatorsConfig) -> str:
     grpo = by_name.get(f"grpo(k={k}), k1 in reward")
     dr = by_name.get(f"dr_grpo(k={k}), k1 in reward")
     if grpo and dr:
+        grows = grpo["relative_bias"][-1] > grpo["relative_bias"][0]
+        expected_scale = (k - 1) / k
+        scales = np.asarray(dr["scale"], float)
         text.append(
-            f"GRPO divides by the group's std of the KL-shaped rewards, which the KL term sets once the task rewards "
-            f"are small: relative bias {fmt(grpo['relative_bias'][0])} at the largest scale and "
+            "GRPO divides by the group's std of the KL-shaped rewards"
+            + (", which the KL term sets once the task rewards are small" if grows else "")
+            + f": relative bias {fmt(grpo['relative_bias'][0])} at the largest scale and "
             f"{fmt(grpo['relative_bias'][-1])} at the smallest, direction bias {fmt(grpo['direction_bias'][0])} and "
             f"{fmt(grpo['direction_bias'][-1])}; Dr. GRPO's direction bias is {fmt(max(dr['direction_bias']))} "
-            f"(scale {fmt(dr['scale'][0])} = (k-1)/k)."
+            + (
+                f"(scale {fmt(scales[0])} = (k-1)/k at every reward scale)."
+                if np.allclose(scales, expected_scale, rtol=1e-3)
+                else f"(scale {fmt(scales.min())} to {fmt(scales.max())}, not the (k-1)/k = {fmt(expected_scale)} "
+                "of a plain mean)."
+            )
         )
     ends = summary["snr"]
     if ends:
@@ -651,8 +661,10 @@ def _interval(fit: dict) -> str:
 
 def _trend(fit: dict, rising: str, falling: str, flat: str) -> str:
     """Words for a slope with its 95% interval: ``rising`` if the interval is above 0,
-    ``falling`` if below, ``flat`` if it holds 0."""
+    ``falling`` if below, ``flat`` if it holds 0, and "has no measured trend" without an interval."""
     low, high = fit["ci"]
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "has no measured trend"
     return rising if low > 0 else falling if high < 0 else flat
 
 
@@ -703,12 +715,15 @@ def _sampling_findings(passage: dict) -> str:
             + "; ".join(f"k = {k}: {fmt(hi)} and {fmt(lo)}" for k, (hi, lo) in zip(ks, ends))
             + "."
         )
-        for end, costlier in (
-            ("largest", all(hi > lo for hi, lo in ends)),
-            ("smallest", all(hi < lo for hi, lo in ends)),
+        for more, less, costlier in (
+            ("largest", "smallest", all(hi > lo for hi, lo in ends)),
+            ("smallest", "largest", all(hi < lo for hi, lo in ends)),
         ):
             if costlier:
-                sentence += f" For every k, sampling costs most at the {end} variance."
+                sentence += (
+                    f" For every k, sampling costs more at the {more} variance than at the {less} (medians over "
+                    f"{fit['problems']} problems, without an interval)."
+                )
         left_out = max(runs[k]["left_out"] for k in ks)
         if left_out:
             sentence += f" Left out of these times: up to {left_out} of {fit['instances']} instances (censored)."

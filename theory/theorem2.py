@@ -296,6 +296,7 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
         "fast_median_t": float(np.median(time[fast & exact_order])),
         "fast_median_bound": float(np.median(upper[fast & exact_order])),
         "censored": int((stopped & attainable).sum()),
+        "unattainable": int((stopped & ~attainable).sum()),
         "failed": int(split["failed"].sum()),
         "undecided": int(split["undecided"].sum()),
         "not_reached": {"slow": unreached_counts(slow), "fast": unreached_counts(fast)},
@@ -309,7 +310,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem2Config | None = N
     summary["verdict"] = (
         f"{summary['instances']} flows; violations slow bound {summary['violations']['slow_lower']}, fast bound "
         f"{summary['violations']['fast_upper']}; smallest slack {fmt(summary['min_slack']['slow_lower'])} and "
-        f"{fmt(summary['min_slack']['fast_upper'])}; {summary['censored']} censored at t_max, {summary['failed']} failed solves; the inaccurate teacher wins on "
+        f"{fmt(summary['min_slack']['fast_upper'])}; {summary['censored']} censored at t_max, {summary['failed']} failed solves, "
+        f"{summary['unattainable']} that cannot reach the gain (their limit offers less); the inaccurate teacher wins on "
         f"{fmt_share(*faster['fast_beats_accurate_slow_counts'][last], 'problems')} at T = {last}; general-policy arm "
         f"({general['policy']}, |S| = {general['prompts']}): Proposition A violations {general['prop_a_violations']}"
     )
@@ -325,21 +327,32 @@ def _figure(t, time, lower, upper, accuracy, config, path: Path):
     exact_order = t["fraction"] == 0
     slow, fast = (t["kind"] == "slow") & exact_order, (t["kind"] == "fast") & exact_order
     horizons = np.array(config.horizons, float)
-    bands = np.array([np.percentile(time[slow & (t["horizon"] == h)], [10, 50, 90]) for h in horizons])
+    # An unreached time is drawn at t_max: percentiles that involve it are lower bounds, and finite.
+    bounded = np.minimum(time, config.t_max)
+
+    def unreached(mask):
+        count = int((mask & ~np.isfinite(time)).sum())
+        return f" ({count} unreached, drawn at t_max)" if count else ""
+
+    bands = np.array([np.percentile(bounded[slow & (t["horizon"] == h)], [10, 50, 90]) for h in horizons])
     left.fill_between(horizons, bands[:, 0], bands[:, 2], alpha=0.3, color="C0")
     left.loglog(
-        horizons, bands[:, 1], "o-", color="C0", label="slow accurate teacher (values < 1/T), median and 10-90%"
+        horizons,
+        bands[:, 1],
+        "o-",
+        color="C0",
+        label="slow accurate teacher (values < 1/T), median and 10-90%" + unreached(slow),
     )
     low = np.array([np.median(lower[slow & (t["horizon"] == h)]) for h in horizons])
     left.loglog(horizons, low, "C0--", label="Theorem 2 lower bound (median)")
-    fast_band = np.percentile(time[fast], [10, 50, 90])
+    fast_band = np.percentile(bounded[fast], [10, 50, 90])
     left.fill_between(horizons, fast_band[0], fast_band[2], alpha=0.3, color="C3")
     left.loglog(
         horizons,
         np.full_like(horizons, fast_band[1]),
         "s-",
         color="C3",
-        label="fast inaccurate teacher (no T), median and 10-90%",
+        label="fast inaccurate teacher (no T), median and 10-90%" + unreached(fast),
     )
     left.loglog(
         horizons, np.full_like(horizons, np.median(upper[fast])), "C3--", label="Theorem 2 upper bound (median)"
@@ -347,11 +360,15 @@ def _figure(t, time, lower, upper, accuracy, config, path: Path):
     left.set(xlabel="T", ylabel="t_gamma on r_G", title="accuracy 1 (slow) against accuracy 2/|Y| (fast)")
     left.legend(fontsize=7)
     slow, fast = t["kind"] == "slow", t["kind"] == "fast"
-    for kind, color, mask in (("slow, T = 100", "C0", slow & (t["horizon"] == 100)), ("fast", "C3", fast)):
-        right.semilogy(accuracy[mask], time[mask], ".", color=color, alpha=0.5, label=kind)
+    shown = config.horizons[len(config.horizons) // 2]
+    for kind, color, mask in ((f"slow, T = {shown}", "C0", slow & (t["horizon"] == shown)), ("fast", "C3", fast)):
+        reached = mask & np.isfinite(time)
+        unreached = int((mask & ~reached).sum())
+        label = kind + (f" ({unreached} unreached, not shown)" if unreached else "")
+        right.semilogy(accuracy[reached], time[reached], ".", color=color, alpha=0.5, label=label)
     right.set(
         xlabel="reward-model accuracy (all pairs)",
-        ylabel="t_gamma on r_G (finite ones)",
+        ylabel="t_gamma on r_G (reached)",
         title="every accuracy, orders partly shuffled (Theorem 5)",
     )
     right.legend()

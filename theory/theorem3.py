@@ -255,9 +255,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem3Config | None = N
         f"{summary['instances']} flows; violations fast bound {summary['violations']['fast_upper']}, slow bound "
         f"{summary['violations']['slow_lower']}; smallest slack {fmt(summary['min_slack']['fast_upper'])} and "
         f"{fmt(summary['min_slack']['slow_lower'])}; {summary['censored']} censored at t_max, {summary['failed']} failed solves; the student decides "
-        f"the better teacher {_decides_text(summary)} (general-policy arm: {100 * general['student_decides']:.3g}% "
-        "of cases, "
-        f"Proposition A violations {general['prop_a_violations']})"
+        f"the better teacher {_decides_text(summary)} (general-policy arm: "
+        f"{_decides_text(general, 'one-prompt draws')}; Proposition A violations {general['prop_a_violations']})"
     )
     progress(f"violations {summary['violations']}")
     _figure(cells, time, config, out_dir / "figures" / f"{NAME}.png")
@@ -294,14 +293,18 @@ def _figure(cells, time, config, path: Path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     horizons = np.array(config.horizons, float)
+    # An unreached time (censored, or a failed solve) is drawn at t_max: percentiles that involve it
+    # are then lower bounds for a censored one, and finite.
+    bounded = np.minimum(time, config.t_max)
     for ax, family in zip(axes, FAMILIES):
         for teacher, color in zip(TEACHERS, ("C0", "C3")):
             chosen = (cells["family"] == family) & (cells["teacher"] == teacher)
-            med = [np.median(time[chosen & (cells["horizon"] == h)]) for h in horizons]
-            lo = [np.percentile(time[chosen & (cells["horizon"] == h)], 10) for h in horizons]
-            hi = [np.percentile(time[chosen & (cells["horizon"] == h)], 90) for h in horizons]
+            at = [bounded[chosen & (cells["horizon"] == h)] for h in horizons]
+            lo, med, hi = np.array([np.percentile(t, [10, 50, 90]) for t in at]).T
+            unreached = int(np.sum(~np.isfinite(time[chosen])))
             ax.fill_between(horizons, lo, hi, color=color, alpha=0.25)
-            ax.loglog(horizons, med, "o-", color=color, label=f"teacher {teacher}")
+            label = f"teacher {teacher}" + (f" ({unreached} unreached, drawn at t_max)" if unreached else "")
+            ax.loglog(horizons, med, "o-", color=color, label=label)
         ax.set(xlabel="T (the neglected output has initial mass T^-2)", title=f"student from {family}")
         ax.legend()
     axes[0].set_ylabel("t_gamma on r_G (median, 10-90%)")
@@ -363,9 +366,9 @@ def _conclusion(summary: dict) -> str:
             + _variance_text(summary)
         )
     elif share > 0.5:
-        text += " The student tips the choice in most cases but not reliably: accuracy and variance both fail to decide it alone here."
+        text += " The student tips the choice in most cases but not in all. " + _variance_text(summary)
     else:
-        text += " The student does not decide the better teacher in these cases."
+        text += " The student does not decide the better teacher in these cases. " + _variance_text(summary)
     return text
 
 

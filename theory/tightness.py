@@ -590,8 +590,11 @@ def atlas_class(cls: PolicyClass, found: dict, config: TightnessConfig) -> tuple
         ),
         "envelope_slope": slope,
         "envelope_slope_ci": interval,
+        # The levels each slope is fitted over (those that reached the gain).
+        "envelope_levels": int(np.isfinite(own).sum()),
         "best_known_slope": known_slope,
         "best_known_slope_ci": known_interval,
+        "best_known_levels": int(np.isfinite(best_known).sum()),
         # None: no slope was measured (fewer than 3 levels reached).
         "reaches_minus_third": None if np.isnan(interval[1]) else bool(interval[1] >= -1 / 3 - MINUS_THIRD_TOLERANCE),
         "levels": levels,
@@ -733,17 +736,25 @@ def _conclusion(summary: dict) -> str:
             "With those rescaled instances (the best known time at each level), every measured class's interval "
             "reaches -1/2."
         )
-    scaled = {n: c["min_scaled_time"] for n, c in classes.items()}
+    scaled = {n: c["min_scaled_time"] for n, c in classes.items() if np.isfinite(c["min_scaled_time"])}
+    unreached = [n for n in classes if n not in scaled]
     allowance = {n: c["length"] ** 2 * c["jacobian_norm"] ** 2 for n, c in classes.items()}
-    fastest = min(scaled, key=scaled.get)
     reference = reference_scaled_time(summary["config"]["gamma"])
-    text.append(
-        f"Without Proposition A's structure constant `L^2 J^2`, the smallest `t sqrt(Var) / (1 - e^(-gamma/2))` "
-        f"lies between {min(scaled.values()):.2f} ({fastest}) and {max(scaled.values()):.2f} across classes, against "
-        f"{reference:.2f} for the tabular reference instance: no class's teachers were found faster per "
-        f"unit `sqrt(Var)` than that instance by more than {max(reference / min(scaled.values()), 1.0):.2f}x, "
-        f"while Proposition A allows up to `L^2 J^2` = {max(allowance.values()):.1f}x ({max(allowance, key=allowance.get)})."
-    )
+    if scaled:
+        fastest = min(scaled, key=scaled.get)
+        text.append(
+            f"Without Proposition A's structure constant `L^2 J^2`, the smallest `t sqrt(Var) / (1 - e^(-gamma/2))` "
+            f"lies between {min(scaled.values()):.2f} ({fastest}) and {max(scaled.values()):.2f} across "
+            + (f"the {len(scaled)} classes that reached the gain" if unreached else "classes")
+            + f", against {reference:.2f} for the tabular reference instance: no "
+            + ("such " if unreached else "")
+            + "class's teachers were found faster per "
+            f"unit `sqrt(Var)` than that instance by more than {max(reference / min(scaled.values()), 1.0):.2f}x, "
+            f"while Proposition A allows up to `L^2 J^2` = {max(allowance.values()):.1f}x "
+            f"({max(allowance, key=allowance.get)})."
+        )
+    if unreached:
+        text.append(f"No searched instance of {', '.join(unreached)} reached the gain at any level.")
     failures = sum(c["solver_failures"] for c in classes.values())
     if failures:
         text.append(
@@ -765,9 +776,14 @@ def _figure(classes, config, path: Path):
         ratio = [e["min_ratio"]["sharpened"] if "min_ratio" in e else np.nan for e in c["levels"]]
         left.loglog(levels, t, "o-", label=f"{name} (slope {c['envelope_slope']:.3f})")
         right.loglog(levels, ratio, "o-", label=name)
-    anchor = np.nanmin([e.get("t_gamma", np.nan) for c in classes.values() for e in c["levels"][:1]])
-    for exponent, style in ((-1 / 3, "k:"), (-1 / 2, "k--")):
-        left.loglog(levels, anchor * (levels / levels[0]) ** exponent, style, label=f"slope {exponent:.3f}")
+    # Reference slopes through the smallest time found at the lowest level where any class reached.
+    found = np.array([[e.get("t_gamma", np.nan) for e in c["levels"]] for c in classes.values()], float)
+    reached_levels = np.flatnonzero(np.isfinite(found).any(axis=0))
+    if reached_levels.size:
+        first = reached_levels[0]
+        anchor = np.nanmin(found[:, first])
+        for exponent, style in ((-1 / 3, "k:"), (-1 / 2, "k--")):
+            left.loglog(levels, anchor * (levels / levels[first]) ** exponent, style, label=f"slope {exponent:.3f}")
     left.set(
         xlabel="reward variance Var[r_RM]",
         ylabel=f"smallest t_gamma found (gamma = {config.gamma})",
@@ -779,9 +795,8 @@ def _figure(classes, config, path: Path):
         ylabel="smallest t_gamma / Proposition A bound",
         title="flat: exponent -1/2; lower at small Var: flatter than -1/2",
     )
-    highest = np.nanmax(
-        [e["min_ratio"]["sharpened"] for c in classes.values() for e in c["levels"] if "min_ratio" in e]
-    )
+    ratios = [e["min_ratio"]["sharpened"] for c in classes.values() for e in c["levels"] if "min_ratio" in e]
+    highest = max((r for r in ratios if np.isfinite(r)), default=1.0)
     right.set_ylim(0.5, 30 * highest)  # room for the legend above the curves
     left.legend(fontsize=7)
     right.legend(fontsize=7, ncol=3, loc="upper center")
@@ -790,7 +805,11 @@ def _figure(classes, config, path: Path):
 
 def _markdown(summary: dict, config: TightnessConfig) -> str:
     def slope(c, key):
-        return f"{c[key]:+.3f} [{c[key + '_ci'][0]:+.3f}, {c[key + '_ci'][1]:+.3f}]"
+        levels = c[key.replace("_slope", "_levels")]
+        over = f" over {levels} of {len(c['levels'])} levels" if levels < len(c["levels"]) else ""
+        if np.isnan(c[key]):
+            return f"not measured ({levels} of {len(c['levels'])} levels reached)"
+        return f"{c[key]:+.3f} [{c[key + '_ci'][0]:+.3f}, {c[key + '_ci'][1]:+.3f}]{over}"
 
     rows = "\n".join(
         f"| {name} | {c['num_outputs']} | {c['length']} | {c['jacobian_norm']:.3f} | {len(c['starts']) * config.restarts} | "
