@@ -238,7 +238,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
         "reward_variance": stats["reward variance"].tolist(),
         "on_policy_accuracy": stats["on-policy accuracy"].tolist(),
         "ground_truth_at_stop": outcome.mean(-1).tolist(),
-        "ground_truth_at_stop_spread": outcome.std(-1).tolist(),
+        "ground_truth_at_stop_spread": outcome.std(-1, ddof=1).tolist(),
         "stop_iteration": stop.mean(-1).tolist(),
         "budget_unreached": int((~reached).sum()),  # (save, seed) runs read off at the last iteration
         "budget_unreached_per_save": (~reached).sum(-1).tolist(),
@@ -335,7 +335,7 @@ def report(config, summary) -> str:
         f"teaches the SFT policy by RLOO until its KL, averaged over {min(SMOOTHING, config.iterations)} iterations as "
         f"its ground truth is, reaches {config.kl_budget} (or {config.iterations} "
         f"iterations: {summary['budget_unreached']} of {len(summary['steps']) * config.seeds} runs did not reach "
-        f"it and are read off at the end); mean ± std over {config.seeds} seeds. Initial ground truth "
+        f"it and are read off at the end); mean ± std (ddof 1) over {config.seeds} seeds. Initial ground truth "
         f"{fmt(summary['initial_ground_truth'])}.",
         "",
         "| run | most accurate save (accuracy) | best teacher by mean (accuracy, its accuracy rank in the run) | "
@@ -400,7 +400,10 @@ def main(argv=None):
             "paper": "the paper's rates for a pretrained model; needs --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
-    run(*studies.parse_study(parser, ParadoxConfig, argv))
+    try:
+        run(*studies.parse_study(parser, ParadoxConfig, argv))
+    except study.DivergedRuns as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -78,6 +78,16 @@ RM_BATCH = 32
 ON_POLICY_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)
 PERFECT, TRUTH = "perfect, low variance", "ground truth"
 PROPERTIES = ("reward variance", "on-policy accuracy", "off-policy accuracy")
+# The RLHF metrics the summaries read: a run with a non-finite value in one of them diverged.
+OUTCOMES = ("proxy_reward", "ground_truth_reward", "kl")
+
+
+class DivergedRuns(RuntimeError):
+    """Some RLHF runs of a study ended with non-finite metrics. No statistic over teachers is
+    computed then: leaving those teachers out would select them by how they train, which is
+    what the study measures. ``report.md`` and ``summary.json`` list the runs."""
+
+
 # Razin et al. Table 1 (Pythia-2.8B; the five reward models by on-policy share, then the perfect
 # low-variance model and the ground truth) and Table 2 (Pearson, Spearman), for the report.
 PAPER_TABLE1 = {
@@ -623,7 +633,44 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
             log=log,
         )
         results.append(history)
+    diverged = diverged_runs(results, teacher_names)
+    if diverged:
+        total = len(results) * len(teacher_names) * config.seeds
+        write_json(out_dir / "summary.json", {"verdict": "not measured", "diverged_runs": diverged})
+        write_text(out_dir / "report.md", _diverged_report(diverged, total))
+        raise DivergedRuns(
+            f"{len(diverged)} of {total} RLHF runs diverged (non-finite {', '.join(OUTCOMES)}), so no statistic over "
+            f"teachers was computed; {out_dir / 'report.md'} lists them (their metrics are under {out_dir / 'runs'})."
+        )
     return results
+
+
+def diverged_runs(results, teacher_names) -> list[dict]:
+    """The (student, teacher, seed) RLHF runs whose :data:`OUTCOMES` hold a non-finite value
+    (``results``: per student, metrics ``[teachers, seeds, iterations]``), with the first such
+    iteration."""
+    found = []
+    for student, history in enumerate(results):
+        bad = np.any([~np.isfinite(history[name]) for name in OUTCOMES], axis=0)  # [teachers, seeds, iterations]
+        for teacher, seed in zip(*np.nonzero(bad.any(-1))):
+            first = int(history["iteration"][teacher, seed, bad[teacher, seed].argmax()])
+            found.append({"student": student, "teacher": teacher_names[teacher], "seed": int(seed), "iteration": first})
+    return found
+
+
+def _diverged_report(diverged, total) -> str:
+    rows = "\n".join(f"| {d['student']} | {d['teacher']} | {d['seed']} | {d['iteration']} |" for d in diverged)
+    return f"""# Not measured: {len(diverged)} of {total} RLHF runs diverged
+
+These runs' proxy reward, ground truth or KL became non-finite. No statistic over teachers was
+computed: leaving those teachers out would select them by how they train, which is what the study
+measures. A smaller learning rate (`--set learning_rate=...`) or a larger KL coefficient usually
+keeps RLOO finite.
+
+| student | teacher | seed (index) | first non-finite iteration |
+|---|---|---|---|
+{rows}
+"""
 
 
 def policy_gradient_prompts(config, task) -> np.ndarray:
@@ -755,9 +802,9 @@ def summarize(config, stats, results):
         "variance_accuracy": coupling,
         "low_variance_against_truth": low_variance,
         "proxy_gain": proxy_gain.mean(-1).tolist(),
-        "proxy_gain_spread": proxy_gain.std(-1).tolist(),
+        "proxy_gain_spread": proxy_gain.std(-1, ddof=1).tolist(),
         "ground_truth_gain": truth_gain.mean(-1).tolist(),
-        "ground_truth_gain_spread": truth_gain.std(-1).tolist(),
+        "ground_truth_gain_spread": truth_gain.std(-1, ddof=1).tolist(),
         "table2": table2,
         "perfect_against_learned": perfect,
         "students": students,
@@ -792,12 +839,12 @@ def _section_4_2(config, stats, results, per_student):
                 "variance": [float(v) for v in stats[index]["reward variance"]],
             }
         )
-    crossings, same = [], 1.0
-    if len(per_student) < 2:
+    crossings = []
+    if len(per_student) < 2:  # nothing to compare: no share of resamples either
         return students, {
             "crossings": crossings,
             "verdict": "not measured (one student)",
-            "same_best_probability": same,
+            "same_best_probability": None,
         }
     tests = learned * (learned - 1) // 2 * len(per_student)
     # beats[s][y]: the models that teach student s significantly better than model y.
@@ -892,8 +939,8 @@ def plot(config, stats, results, summary, path):
     for ax, prop in zip(axes[:2], ("reward variance", "on-policy accuracy")):
         x = np.asarray(stats[0][prop])
         for m in range(learned):
-            ax.errorbar(x[m], truth_gain[m].mean(), yerr=truth_gain[m].std(), fmt="o", color=colors[m], ms=4)
-        ax.errorbar(x[learned], truth_gain[learned].mean(), yerr=truth_gain[learned].std(), fmt="s", color="red")
+            ax.errorbar(x[m], truth_gain[m].mean(), yerr=truth_gain[m].std(ddof=1), fmt="o", color=colors[m], ms=4)
+        ax.errorbar(x[learned], truth_gain[learned].mean(), yerr=truth_gain[learned].std(ddof=1), fmt="s", color="red")
         ax.set(xlabel=f"{prop} (initial policy)", ylabel="ground-truth gain", title=f"{prop} vs ground-truth gain")
     axes[0].plot([], [], "o", color=colors[0], label="RM, 100% on-policy")
     axes[0].plot([], [], "o", color=colors[-1], label="RM, 0% on-policy")
@@ -999,7 +1046,7 @@ def report(config, summary) -> str:
     lines += [
         "",
         f"Gains: mean over the last pass through the prompts (the last {prompt_cycle(config)} of "
-        f"{config.iterations} iterations) minus the initial policy's mean on the same prompts, mean ± std over "
+        f"{config.iterations} iterations) minus the initial policy's mean on the same prompts, mean ± std (ddof 1) over "
         f"{config.seeds} seeds; proxy in normalized units. "
         f"{len(perfect['better'])} of {learned} learned models teach the ground truth faster than the perfect "
         f"low-variance model and {len(perfect['worse'])} slower, beyond seed noise.",
@@ -1027,10 +1074,15 @@ def report(config, summary) -> str:
         f"Verdict: **{section['verdict']}**. The finding holds with a crossing: a model that teaches one student "
         "better than another model, which in turn teaches a second student better than the first, both beyond seed "
         "noise (Welch intervals, Bonferroni-corrected over every model pair and student). It does not hold when "
-        "one model beats every other for every student. Resampling seeds, every student has the same best model "
-        f"by mean in {100 * section['same_best_probability']:.0f}% of resamples (each model's {config.seeds} "
-        "seeds resampled: with so few seeds these shares understate the uncertainty, and the verdict rests on "
-        f"the Welch tests); {len(section['crossings'])} crossing(s) found.",
+        "one model beats every other for every student. "
+        + (
+            "Resampling seeds, every student has the same best model "
+            f"by mean in {100 * section['same_best_probability']:.0f}% of resamples (each model's {config.seeds} "
+            "seeds resampled: with so few seeds these shares understate the uncertainty, and the verdict rests on "
+            f"the Welch tests); {len(section['crossings'])} crossing(s) found."
+            if section["same_best_probability"] is not None
+            else "With one student there is nothing to compare."
+        ),
         "",
         "| student | initial entropy | initial ground truth | best reward model by mean (share of seed resamples) |",
         "|---|---|---|---|",
@@ -1105,7 +1157,10 @@ def main(argv=None):
             "paper": "the paper's rates for a pretrained model; needs --set policy_checkpoint=DIR (GPU/TPU)",
         },
     )
-    run(*parse_study(parser, TeacherConfig, argv))
+    try:
+        run(*parse_study(parser, TeacherConfig, argv))
+    except DivergedRuns as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -437,7 +437,9 @@ def compare_to_reference(reference, others, *, level: float = 0.95) -> dict:
     seeds the t quantile is large and the intervals wide, as they should be (a bootstrap over
     two seeds would be far too narrow). Returns ``difference``, ``low``, ``high`` (each
     ``[M]``), ``better`` and ``worse`` (indices whose interval lies above / below 0) and
-    ``level`` (the per-comparison level).
+    ``level`` (the per-comparison level). A comparison whose two groups both have zero variance
+    (e.g. a policy that collapsed to one output on every seed) has no measured noise: its
+    interval is NaN and it is neither better nor worse.
 
     >>> out = compare_to_reference([0.0, 0.1, -0.1], [[1.0, 1.1, 0.9], [0.0, 0.2, -0.2]])
     >>> out["better"], out["worse"]
@@ -456,7 +458,7 @@ def compare_to_reference(reference, others, *, level: float = 0.95) -> dict:
     other_terms = others.var(axis=1, ddof=1) / others.shape[1]
     spread = np.sqrt(ref_term + other_terms)
     dof = spread**4 / (ref_term**2 / (len(reference) - 1) + other_terms**2 / (others.shape[1] - 1) + 1e-300)
-    half = stats.t.ppf((1 + per_level) / 2, np.maximum(dof, 1.0)) * spread
+    half = np.where(spread > 0, stats.t.ppf((1 + per_level) / 2, np.maximum(dof, 1.0)) * spread, np.nan)
     difference = others.mean(-1) - reference.mean()
     low, high = difference - half, difference + half
     return {

@@ -633,6 +633,13 @@ def _one_reward_per_batch(policy):
     return (lambda params, prompt, prompt_mask, response, response_mask: jnp.zeros(())), None, {}
 
 
+def _explicit_mesh(policy):
+    from tests.rlhf_task import ground_truth
+
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Explicit,))
+    return ground_truth, None, {"mesh": mesh}
+
+
 def _mesh_without_data(policy):
     from tests.rlhf_task import ground_truth
 
@@ -653,8 +660,9 @@ def _keep_no_checkpoint(policy):
         (_other_reference, r"reference must have the policy's architecture.*\(32, 97\) float32 against \(64, 97\)"),
         (_one_reward_per_batch, r"reward_fn must return one reward per response.*got \(\)"),
         (_mesh_without_data, r"mesh must have a 'data' axis"),
+        (_explicit_mesh, r"mesh must have Auto axes .*'data': 'Explicit'"),
     ],
-    ids=["keep-checkpoints", "teacher-vocabulary", "reference", "reward-shape", "mesh"],
+    ids=["keep-checkpoints", "teacher-vocabulary", "reference", "reward-shape", "mesh", "explicit-mesh"],
 )
 def test_run_rlhf_refuses_a_mismatched_teacher_reference_or_mesh_before_writing(tiny_model, tmp_path, make, message):
     from jaxrm.train.driver import run_rlhf

@@ -282,6 +282,44 @@ def test_compare_to_reference_is_welch_with_bonferroni():
     # The middle interval is scipy's Welch interval at the corrected level.
     welch = stats.ttest_ind(others[1], reference, equal_var=False).confidence_interval(1 - 0.1 / 3)
     assert out["low"][1] == pytest.approx(welch.low) and out["high"][1] == pytest.approx(welch.high)
+    # Two groups without spread (a policy collapsed to one output on every seed) measure no noise.
+    flat = compare_to_reference([1.0, 1.0], [[1.001, 1.001], [1.0, 3.0]])
+    assert np.isnan(flat["low"][0]) and flat["better"] == [] and flat["worse"] == []
+
+
+def test_a_diverged_rlhf_run_stops_the_study_with_a_report_that_names_it(tmp_path, monkeypatch):
+    config = dataclasses.replace(teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=2)
+    names = ["a", "b"]
+
+    def fake_rlhf(*args, **kwargs):
+        curve = np.zeros((2, 2, 4))
+        curve[1, 0, 2:] = np.nan  # teacher b, seed 0, from iteration 2 on
+        iteration = np.broadcast_to(np.arange(1, 5), curve.shape)
+        return None, {"proxy_reward": curve, "ground_truth_reward": curve, "kl": curve, "iteration": iteration}
+
+    monkeypatch.setattr(teacher, "run_rlhf", fake_rlhf)
+    with pytest.raises(teacher.DivergedRuns, match="1 of 4 RLHF runs diverged"):
+        teacher.run_students(
+            config, TopicTask(), [None], None, None, [{"mean": 0, "std": 1}], tmp_path, print, teacher_names=names
+        )
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged_runs"] == [
+        {"student": 0, "teacher": "b", "seed": 0, "iteration": 3}
+    ]
+    assert "| 0 | b | 0 | 3 |" in (tmp_path / "report.md").read_text()
+
+
+def test_one_student_reports_no_resampling_share():
+    config = dataclasses.replace(
+        teacher.TeacherConfig.preset("ci"), iterations=4, chunk=1, seeds=4, rm_seeds=2, student_sharpness=(1.5,)
+    )
+    stats, results = _fake_measurements(config, lambda v: v, perfect_gain=0.0)
+    summary = teacher.summarize(config, stats, results)
+    assert summary["section_4_2"]["same_best_probability"] is None
+    report = teacher.report(config, summary)
+    assert "With one student there is nothing to compare." in report and "% of resamples" not in report
+    assert "mean ± std (ddof 1) over 4 seeds" in report
+    truth = teacher.teacher_gains(config, stats[0], results[0])[1]
+    np.testing.assert_allclose(summary["ground_truth_gain_spread"], truth.std(-1, ddof=1))
 
 
 def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):

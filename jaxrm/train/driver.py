@@ -335,6 +335,11 @@ def run_rlhf(
     check_int("keep_checkpoints", keep_checkpoints, low=1)
     if mesh is not None and "data" not in mesh.shape:
         raise ValueError(f"mesh must have a 'data' axis (jaxrm.sharding.make_mesh), got axes {tuple(mesh.shape)}.")
+    if mesh is not None and any(kind != jax.sharding.AxisType.Auto for kind in mesh.axis_types):
+        raise ValueError(
+            f"mesh must have Auto axes (jaxrm.sharding.make_mesh builds them; jax.make_mesh defaults to Explicit), "
+            f"got {dict(zip(mesh.axis_names, (kind.name for kind in mesh.axis_types)))}."
+        )
     if mesh is not None and config.prompts_per_iteration % mesh.shape["data"]:
         raise ValueError(
             f"prompts_per_iteration={config.prompts_per_iteration} must be a multiple of the mesh's data axis "
