@@ -85,9 +85,18 @@ def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_pa
     assert (run / "checkpoints" / "24").is_dir()  # checkpoint_every=0: saved at the end
 
 
+def _flops_per_device_of_the_last_program() -> float:
+    analysis = driver._COMPILED[next(reversed(driver._COMPILED))][0].cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
 def test_one_iteration_on_1_and_4_devices_gives_the_same_parameters(tmp_path):
     one, _ = _run(tmp_path, "one", 1, mesh=make_mesh(devices=jax.devices()[:1]))
+    one_device = _flops_per_device_of_the_last_program()
     four, _ = _run(tmp_path, "four", 1, mesh=make_mesh())
+    # Data parallel: each device samples and updates on its own rows (the update was once
+    # repeated on every device, over a gathered batch: 0.72 of one device's work).
+    assert _flops_per_device_of_the_last_program() < 0.4 * one_device
     fsdp, _ = _run(tmp_path, "fsdp", 1, mesh=make_mesh(), param_sharding="fsdp")
     kernel = four.params["trunk"]["layers"][0]["mlp"]["dense_h_to_4h"]["kernel"][...]
     assert len(kernel.sharding.device_set) == 4

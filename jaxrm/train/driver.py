@@ -245,7 +245,8 @@ def _changed_fields(previous: dict, record: dict) -> list[str]:
 
 
 class _InChunkProgress:
-    """Host callback of the compiled chunk: a line at most every ``_PROGRESS_INTERVAL`` seconds."""
+    """Host callback of the compiled chunk: a line to ``log`` at most every ``_PROGRESS_INTERVAL``
+    seconds; silent with ``log=None`` (a process other than 0, which runs the same program)."""
 
     def __init__(self, log, total):
         self.log, self.total = log, total
@@ -262,7 +263,7 @@ class _InChunkProgress:
     def __call__(self, step):
         step = int(np.max(step))
         now = time.perf_counter()
-        if step > self.newest and now - self.last_print >= _PROGRESS_INTERVAL:
+        if self.log is not None and step > self.newest and now - self.last_print >= _PROGRESS_INTERVAL:
             self.last_print = now
             self.log(f"  ... at iteration {step}/{self.total} ({now - self.began:.0f} s into this chunk)")
         self.newest = max(self.newest, step)
@@ -330,7 +331,10 @@ def run_rlhf(
     )
     seeds = int(seeds) if isinstance(seeds, (int, np.integer)) else seed_list
     check_choice("param_sharding", param_sharding, STRATEGIES)
-    # With several processes (jax.distributed) only process 0 reports.
+    # With several processes (jax.distributed) only process 0 reports, but every process compiles
+    # the progress callback when the caller asked for progress: the processes run one SPMD program,
+    # and without the callback XLA may choose other collectives (they then mismatch and abort).
+    in_chunk_progress = log is not None
     log = log if _is_writer() else None
     check_int("keep_checkpoints", keep_checkpoints, low=1)
     if mesh is not None and "data" not in mesh.shape:
@@ -428,7 +432,7 @@ def run_rlhf(
 
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), (state, data))
     identity = (config, graphdef, reward_fn, ground_truth_fn, batch_sharding, teachers is None, isinstance(seeds, int))
-    identity += (jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)), log is not None)
+    identity += (jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)), in_chunk_progress)
     try:
         hash(identity)
     except TypeError:  # an unhashable teacher: its programs serve this run only
@@ -444,7 +448,7 @@ def run_rlhf(
             if progress is not None:
                 progress.retarget(log, num_iterations)
             return compiled
-        progress = _InChunkProgress(log, num_iterations) if log is not None else None
+        progress = _InChunkProgress(log, num_iterations) if in_chunk_progress else None
         train = make_train(
             config,
             graphdef,

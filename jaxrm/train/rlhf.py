@@ -401,10 +401,26 @@ def by_microbatches(fn: Callable, parts: int) -> Callable:
     return chunked
 
 
-def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationPhases:
-    """The phases of :func:`make_iteration` (less the teacher), to compose or time one by one."""
+def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef, *, batch_sharding=None) -> IterationPhases:
+    """The phases of :func:`make_iteration` (less the teacher), to compose or time one by one.
+
+    ``batch_sharding`` (as in :func:`make_iteration`) keeps every minibatch's rows split over the
+    mesh's data axis, so that each device takes the forward and backward passes of its own rows
+    (XLA then sums the gradients across devices). Without it XLA may gather a shuffled minibatch
+    onto every device and repeat the whole update there.
+    """
     optimizer = config.optimizer()
     batch = config.samples_per_prompt * config.prompts_per_iteration
+    rows_per_minibatch = batch // config.minibatches
+
+    def split_over_devices(minibatches):
+        """``[minibatches, rows, ...]`` arrays with their rows split along the batch's data axis."""
+        if batch_sharding is None or rows_per_minibatch % batch_sharding.num_devices:
+            return minibatches
+        sharding = jax.sharding.NamedSharding(
+            batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+        )
+        return jax.lax.with_sharding_constraint(minibatches, sharding)
 
     def forward(params, prompt, prompt_mask, response, response_mask):
         return policy_log_probs(
@@ -467,7 +483,7 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef) -> IterationP
         def one_epoch(carry, epoch_key):
             order = jax.random.permutation(epoch_key, batch) if config.minibatches > 1 else jnp.arange(batch)
             minibatches = jax.tree.map(lambda a: a[order].reshape(config.minibatches, -1, *a.shape[1:]), rollout)
-            return jax.lax.scan(update, carry, minibatches)
+            return jax.lax.scan(update, carry, split_over_devices(minibatches))
 
         return jax.lax.scan(one_epoch, (params, opt_state), jax.random.split(key, config.epochs))
 
@@ -497,7 +513,7 @@ def make_iteration(
     The phases (:func:`make_phases`) are sampling, the reference's (and, with top-k/top-p, the
     policy's) log-probs, the teacher, and the updates.
     """
-    sampler, log_probs, optimize = make_phases(config, policy_graphdef)
+    sampler, log_probs, optimize = make_phases(config, policy_graphdef, batch_sharding=batch_sharding)
     teacher = by_microbatches(reward_fn, config.microbatches_per_rollout)
     k, num_prompts = config.samples_per_prompt, config.prompts_per_iteration
     batch = k * num_prompts
