@@ -577,6 +577,12 @@ def test_censored_slopes_recover_a_slope_that_dropping_the_censored_biases():
     # An EM stopped before it converged gives no Tobit slope, and the report says so.
     stopped = censored_slopes(variance, np.where(np.exp(log_t) > t_max, np.inf, np.exp(log_t)), t_max, iterations=2)
     assert not stopped["tobit_converged"] and np.isnan(stopped["tobit"])
+    # The bootstrap interval of the Tobit slope holds the true slope; without censoring there is none.
+    interval = censored_slopes(
+        variance, np.where(np.exp(log_t) > t_max, np.inf, np.exp(log_t)), t_max, num_bootstrap=200
+    )["tobit_ci"]
+    assert interval[0] < -0.5 < interval[1] and interval[1] - interval[0] < 0.05
+    assert np.isnan(censored_slopes(variance, np.exp(log_t), t_max, num_bootstrap=200)["tobit_ci"]).all()
     assert theorem1._censored_slope_text(stopped).endswith("Tobit not converged")
 
 
@@ -593,17 +599,26 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     # With censored timings the -1/3 question is judged on the fit with them at t_max, and only
     # when that fit bounds the slope from above; the reached-only interval does not decide it.
     censored_fit = dict(censored=7, at_t_max=-0.61, tobit=-0.66, at_t_max_is_upper_bound=True)
-    altered["families"]["random"]["censored_fit"].update(censored_fit, at_t_max_ci=[-0.9, -0.2])
+    nan = [float("nan")] * 2
+    altered["families"]["random"]["censored_fit"].update(censored_fit, at_t_max_ci=[-0.9, -0.2], tobit_ci=nan)
     altered_text = theorem1._interpretation(altered)
     assert "Violated: Proposition 3 on 3 instances" in altered_text
     assert "cannot rule out a -1/3 exponent for random" in altered_text
     assert "random -0.650 -> at most -0.610; Tobit -0.660 (7 censored)" in altered_text
-    altered["families"]["random"]["censored_fit"]["at_t_max_ci"] = [-0.9, -0.4]
-    assert "for random, whose censored timings all lie below" in theorem1._interpretation(altered)
+    random_fit = altered["families"]["random"]["censored_fit"]
+    random_fit["at_t_max_ci"] = [-0.9, -0.4]
+    assert "For random, whose censored timings all lie below" in theorem1._interpretation(altered)
     assert "rule out" not in theorem1._interpretation(altered)
-    altered["families"]["random"]["censored_fit"]["at_t_max_is_upper_bound"] = False
+    # Censored timings on both sides of the mean: only the Tobit interval (a model) can bound it.
+    random_fit["at_t_max_is_upper_bound"] = False
+    assert "For random no bound counting the censored timings was measured" in theorem1._interpretation(altered)
+    random_fit["tobit_ci"] = [-0.7, -0.6]
     assert "For random some censored timings lie above" in theorem1._interpretation(altered)
-    assert "rule out" not in theorem1._interpretation(altered)
+    assert "rule out" not in theorem1._interpretation(altered) and "Tobit -0.660 [-0.700, -0.600]" in (
+        theorem1._interpretation(altered)
+    )
+    random_fit["tobit_ci"] = [-0.7, -0.3]
+    assert "cannot rule out a -1/3 exponent for random" in theorem1._interpretation(altered)
     assert "12345 timings censored" in theorem1._verdict(altered)
     altered["failed"] = 4
     assert "4 failed solves" in theorem1._verdict(altered)

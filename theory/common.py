@@ -113,7 +113,7 @@ def failed_text(failed: int, undecided: int) -> str:
     )
 
 
-def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> dict:
+def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10, num_bootstrap=0, seed=0) -> dict:
     """Slopes of ``log t`` on ``log x`` when some times are censored: ``t = inf`` means not reached
     by ``t_max``, so the true time is above ``t_max``.
 
@@ -128,13 +128,18 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
       ``log t_max`` (Tobin 1958), by EM from the ``at_t_max`` fit; with ``groups``, one
       intercept per group. NaN when fewer than 3 points, and NaN when the EM has not converged
       within ``iterations`` (``tobit_converged`` False), rather than its last iterate.
+
+    With ``num_bootstrap`` resamples (of points, or of whole groups) and some point censored,
+    ``tobit_ci`` is the 95% percentile interval of the Tobit slope (each resample's EM started
+    from the full fit; ``tobit_unconverged`` counts the resamples left out because theirs did
+    not converge); otherwise ``tobit_ci`` is NaNs.
     """
     log_x = np.log(np.asarray(x, float))
     t = np.asarray(t, float)
     censored = ~np.isfinite(t)
     log_t = np.where(censored, math.log(t_max), np.log(np.where(censored, 1.0, t)))
     group_index = np.zeros(log_x.size, int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    out = {"reached": int((~censored).sum()), "censored": int(censored.sum())}
+    out = {"reached": int((~censored).sum()), "censored": int(censored.sum()), "tobit_ci": [math.nan, math.nan]}
     if log_x.size < 3:
         return (
             {**out, "at_t_max_is_upper_bound": False}
@@ -142,23 +147,48 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
             | {"tobit_converged": False}
         )
     design = np.concatenate([np.eye(group_index.max() + 1)[group_index], log_x[:, None]], axis=1)
-
-    def fit(rows, y):
-        coef, *_ = np.linalg.lstsq(design[rows], y[rows], rcond=None)
-        return coef
-
-    out["reached_slope"] = float(fit(~censored, log_t)[-1]) if (~censored).sum() >= 3 else math.nan
-    coef = fit(np.ones(log_x.size, bool), log_t)
+    reached_rows = ~censored
+    out["reached_slope"] = (
+        float(_least_squares(design[reached_rows], log_t[reached_rows])[-1]) if reached_rows.sum() >= 3 else math.nan
+    )
+    coef = _least_squares(design, log_t)
     out["at_t_max"] = float(coef[-1])
     group_mean = (np.bincount(group_index, log_x) / np.bincount(group_index))[group_index]
     out["at_t_max_is_upper_bound"] = bool(np.all(log_x[censored] <= group_mean[censored]))
     if not censored.any():
         out["tobit"], out["tobit_converged"] = out["at_t_max"], True
         return out
-    sigma = max(float(np.std(log_t - design @ coef)), 1e-6)
     limit = math.log(t_max)
+    sigma = max(float(np.std(log_t - design @ coef)), 1e-6)
+    coef, sigma, converged = _tobit(design, log_t, censored, limit, coef, sigma, iterations, tol)
+    out["tobit_converged"] = converged
+    out["tobit"] = float(coef[-1]) if converged else math.nan
+    if num_bootstrap and converged:
+        rng = np.random.default_rng(seed)
+        members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
+        clusters = members if groups is not None else [np.array([i]) for i in range(log_x.size)]
+        slopes, unconverged = [], 0
+        for _ in range(num_bootstrap):
+            rows = np.concatenate([clusters[i] for i in rng.integers(0, len(clusters), len(clusters))])
+            # Groups drawn twice keep one intercept: the design's columns are the groups themselves.
+            fit, _, ok = _tobit(design[rows], log_t[rows], censored[rows], limit, coef, sigma, iterations, 1e-8)
+            if ok:
+                slopes.append(fit[-1])
+            unconverged += not ok
+        out["tobit_ci"] = np.percentile(slopes, [2.5, 97.5]).tolist() if slopes else [math.nan, math.nan]
+        out["tobit_unconverged"] = unconverged
+    return out
+
+
+def _least_squares(design, y):
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return coef
+
+
+def _tobit(design, log_t, censored, limit, coef, sigma, iterations, tol):
+    """EM for right-censored least squares from ``(coef, sigma)``: ``(coef, sigma, converged)``."""
     converged = False
-    for _ in range(iterations):  # EM: censored values replaced by their conditional moments
+    for _ in range(iterations):  # censored values replaced by their conditional moments
         mean = design @ coef
         alpha = (limit - mean[censored]) / sigma
         ratio = _inverse_mills(alpha)
@@ -166,16 +196,14 @@ def censored_slopes(x, t, t_max, *, groups=None, iterations=2000, tol=1e-10) -> 
         expected[censored] = mean[censored] + sigma * ratio
         second = log_t**2
         second[censored] = sigma**2 * (1 + alpha * ratio - ratio**2) + expected[censored] ** 2
-        new = fit(np.ones(log_x.size, bool), expected)
+        new = _least_squares(design, expected)
         fitted = design @ new
         sigma_new = math.sqrt(max(np.mean(second - 2 * fitted * expected + fitted**2), 1e-12))
         converged = np.max(np.abs(new - coef)) < tol and abs(sigma_new - sigma) < tol
         coef, sigma = new, sigma_new
         if converged:
             break
-    out["tobit_converged"] = bool(converged)
-    out["tobit"] = float(coef[-1]) if converged else math.nan
-    return out
+    return coef, sigma, bool(converged)
 
 
 def _inverse_mills(alpha):

@@ -473,7 +473,14 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
     failed_mask = {reward: targets[reward] & split[reward]["failed"] for reward in split}
     timed = np.isfinite(gt["gamma"]) & (result["variance"] > 0) & ~failed_mask["gt"]
     timed_groups = result["base_problem"][timed] if "base_problem" in result else None
-    censored_fit = censored_slopes(result["variance"][timed], gt["t_gamma"][timed], config.t_max, groups=timed_groups)
+    censored_fit = censored_slopes(
+        result["variance"][timed],
+        gt["t_gamma"][timed],
+        config.t_max,
+        groups=timed_groups,
+        num_bootstrap=config.bootstrap,
+        seed=config.seed,
+    )
     # The same bootstrap as the reached-only slope's, on the fit with every censored time at t_max.
     censored_fit["at_t_max_ci"] = list(
         loglog_slope(
@@ -634,6 +641,8 @@ def _censored_slope_text(fit: dict) -> str:
         return "none censored"
     relation = "at most" if fit["at_t_max_is_upper_bound"] else "with them at t_max:"
     tobit = f"{fit['tobit']:.3f}" if fit["tobit_converged"] else "not converged"
+    if np.isfinite(fit["tobit_ci"]).all():
+        tobit += f" [{fit['tobit_ci'][0]:.3f}, {fit['tobit_ci'][1]:.3f}]"
     return f"{relation} {fit['at_t_max']:.3f}; Tobit {tobit}"
 
 
@@ -699,16 +708,20 @@ def _markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _upper_confidence_bound(family: dict) -> float | None:
+def _upper_confidence_bound(family: dict) -> tuple[float, str] | None:
     """The 95% upper bound on a family's slope of ``t_gamma`` against the variance, counting its
-    censored timings: the reached-only interval's when none is censored; when every censored
-    timing lies below its group's mean log-variance, the interval's of the fit with them at
-    ``t_max``, whose slope bounds the true one from above (:func:`theory.common.censored_slopes`);
-    otherwise None (no fit bounds it)."""
+    censored timings, and what it rests on: the reached-only interval when none is censored;
+    when every censored timing lies below its group's mean log-variance, the interval of the fit
+    with them at ``t_max``, whose slope bounds the true one from above, whatever the true times
+    ("model-free"); otherwise the Tobit interval, which assumes normal errors on ``log t``
+    ("Tobit"; :func:`theory.common.censored_slopes`). None when none of these was measured."""
     fit = family["censored_fit"]
     if not fit["censored"]:
-        return family["slope_ci"][1]
-    return fit["at_t_max_ci"][1] if fit["at_t_max_is_upper_bound"] else None
+        return family["slope_ci"][1], "reached"
+    if fit["at_t_max_is_upper_bound"]:
+        return fit["at_t_max_ci"][1], "model-free"
+    high = fit.get("tobit_ci", [math.nan] * 2)[1]
+    return (high, "Tobit") if np.isfinite(high) else None
 
 
 def _interpretation(summary: dict) -> str:
@@ -729,28 +742,35 @@ def _interpretation(summary: dict) -> str:
         ]
         judged = {k: _upper_confidence_bound(f) for k, f in plain.items()}
         undecided = [k for k, bound in judged.items() if bound is None]
-        below_third = [k for k, bound in judged.items() if bound is not None and bound < -1 / 3]
-        upper_bounds = [k for k, f in plain.items() if f["censored_fit"]["censored"] and judged[k] is not None]
+        below_third = [k for k, bound in judged.items() if bound is not None and bound[0] < -1 / 3]
+        resting = {
+            basis: [k for k, bound in judged.items() if bound is not None and bound[1] == basis]
+            for basis in ("model-free", "Tobit")
+        }
         text.append(
             f"Without a KL penalty the fitted slopes (reached times) run from {min(slopes):.3f} to "
             f"{max(slopes):.3f}; the reached-only 95% interval comes within {SLOPE_TOLERANCE} of -1/2 for "
             f"{len(half)} of {len(plain)} families"
             + (f" ({', '.join(half)})" if 0 < len(half) < len(plain) else "")
-            + f", and the slope's 95% upper bound lies below -1/3 for {len(below_third)} of {len(plain)}"
-            + (
-                f" (for {', '.join(upper_bounds)}, whose censored timings all lie below their group's mean "
-                "log-variance, the bound is that of the fit with them at `t_max`, which bounds the slope with "
-                "their true times from above)"
-                if upper_bounds
-                else ""
-            )
-            + "."
+            + f", and the slope's 95% upper bound, counting the censored timings, lies below -1/3 for "
+            f"{len(below_third)} of {len(plain)}."
         )
+        if resting["model-free"]:
+            text.append(
+                f"For {', '.join(resting['model-free'])}, whose censored timings all lie below their group's mean "
+                "log-variance, that bound is the fit's with them at `t_max`, which bounds the slope with their "
+                "true times from above."
+            )
+        if resting["Tobit"]:
+            text.append(
+                f"For {', '.join(resting['Tobit'])} some censored timings lie above their group's mean "
+                "log-variance, so no model-free fit bounds the slope: that bound is the Tobit fit's, which "
+                "assumes normal errors on `log t`."
+            )
         if undecided:
             text.append(
-                f"For {', '.join(undecided)} some censored timings lie above their group's mean log-variance, so "
-                "no fit here bounds the slope with the true times: the -1/3 question is left undecided there "
-                "(the fits with the censored are below)."
+                f"For {', '.join(undecided)} no bound counting the censored timings was measured: the -1/3 "
+                "question is left undecided there."
             )
         violated = summary["violations"]["theorem4"]
         if violated:
