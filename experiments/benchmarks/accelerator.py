@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.benchmarks.common import (
+    HelpFormatter,
     K,
     check_arguments,
     compiled_timings,
@@ -124,12 +125,14 @@ def run_shape(shape: str, *, batch: int, prompt_len: int, new_tokens: int, repea
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.accelerator", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.benchmarks.accelerator",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="jaxrm.models presets")
     parser.add_argument("--batch", type=int, default=64, help="sequences per call (an even number)")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument(
         "--peak-tflops",
@@ -138,7 +141,7 @@ def main(argv=None):
         help="the device's dense bfloat16 peak, TFLOP/s (default: the datasheet's, for the devices listed in "
         "PEAK_TFLOPS; on any other device MFU is left out)",
     )
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/accelerator.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/accelerator.json"), help="JSON record")
     args = parser.parse_args(argv)
     check_arguments(
         parser,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import math
 import os
@@ -22,6 +23,10 @@ K = 2  # responses per prompt in the RLOO benchmarks (the official RLOO's k)
 # (docs/performance.md), so a benchmark records the ones that are set.
 ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD")
 ALLOCATOR_PREFIXES = ("MALLOC_", "TCMALLOC_")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The benchmarks' ``--help``: each option's default after its help, descriptions as written."""
 
 
 def allocator_settings() -> dict[str, str]:

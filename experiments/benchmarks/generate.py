@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from experiments.benchmarks.common import (
+    HelpFormatter,
     allocator_line,
     allocator_settings,
     alternating_rounds,
@@ -153,17 +154,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmarks.generate",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="jaxrm.models presets to run")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32, help="sequences per call")
+    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds in which the two sides take turns")
     parser.add_argument(
         "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="jaxrm layer layouts to time"
     )
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/generate.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/generate.json"), help="JSON record")
     args = parser.parse_args(argv)
     check_arguments(
         parser, args, at_least={"batch": 1, "prompt_len": 1, "new_tokens": 1, "repeats": 1}, shapes=args.shapes

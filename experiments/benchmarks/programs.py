@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from experiments.benchmarks.common import K, check_record_path, seconds, write_record  # noqa: E402
+from experiments.benchmarks.common import HelpFormatter, K, check_record_path, seconds, write_record  # noqa: E402
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset  # noqa: E402
 from jaxrm.sharding import make_mesh, param_shardings  # noqa: E402
 from jaxrm.train.driver import train_state_shardings  # noqa: E402
@@ -158,19 +158,27 @@ def measure_memory(shape: str, *, devices: int, prompts: int, new_tokens: int, l
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.programs", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.benchmarks.programs",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    depth = commands.add_parser("depth", help="compile time of the iteration against depth")
+    depth = commands.add_parser(
+        "depth", formatter_class=HelpFormatter, help="compile time of the iteration against depth"
+    )
     depth.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset whose width is used")
-    depth.add_argument("--layers", type=int, nargs="+", default=[6, 24])
-    memory = commands.add_parser("memory", help="per-device memory under replicated and fsdp")
-    memory.add_argument("--shape", default="pythia-1b")
+    depth.add_argument("--layers", type=int, nargs="+", default=[6, 24], help="depths compiled")
+    memory = commands.add_parser(
+        "memory", formatter_class=HelpFormatter, help="per-device memory under replicated and fsdp"
+    )
+    memory.add_argument("--shape", default="pythia-1b", help="jaxrm.models preset of the policy")
     memory.add_argument("--devices", type=int, default=8, help="host CPU devices of the data axis")
     for sub in (depth, memory):
         sub.add_argument("--prompts", type=int, default=8, help="prompts per iteration (k = 2 samples each)")
-        sub.add_argument("--new-tokens", type=int, default=16)
-        sub.add_argument("--out", type=Path, default=None, help="JSON file (default results/benchmarks/...)")
+        sub.add_argument("--new-tokens", type=int, default=16, help="tokens sampled per response")
+        sub.add_argument(
+            "--out", type=Path, default=None, help="JSON record (None: results/benchmarks/programs_COMMAND.json)"
+        )
     args = parser.parse_args(argv)
     try:
         preset(args.shape)

@@ -50,6 +50,7 @@ import transformers
 from flax import nnx
 
 from experiments.benchmarks.common import (
+    HelpFormatter,
     K,
     allocator_line,
     allocator_settings,
@@ -204,11 +205,13 @@ def trl_iterations(shape, directory: Path, *, prompts, new_tokens, iterations, m
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.rlhf_step", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.benchmarks.rlhf_step",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset of the policy and reward model")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=64, help="prompts per iteration (k = 2 samples each)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per response")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per side")
     parser.add_argument(
         "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="jaxrm layer layouts to time"
@@ -220,7 +223,7 @@ def main(argv=None):
         help="gradient accumulation on both sides: jaxrm's RLHFConfig.microbatches, TRL's gradient_accumulation_steps",
     )
     parser.add_argument("--skip-trl", action="store_true", help="only time jaxrm (e.g. on a GPU machine)")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rlhf_step.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/rlhf_step.json"), help="JSON record")
     args = parser.parse_args(argv)
     check_arguments(parser, args, at_least={"prompts": 1, "new_tokens": 1, "iterations": 1}, shapes=[args.shape])
     if args.microbatches < 1 or (args.prompts * K) % args.microbatches:

@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from experiments.benchmarks.common import alternating_rounds, check_arguments, write_record  # noqa: E402
+from experiments.benchmarks.common import HelpFormatter, alternating_rounds, check_arguments, write_record  # noqa: E402
 from experiments.benchmarks.common import seconds as measure_seconds  # noqa: E402
 from jaxrm import ascent, flow  # noqa: E402
 
@@ -330,13 +330,15 @@ def bench_ascent(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.tabular_flow", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.benchmarks.tabular_flow",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--problems", type=int, default=4096)
-    parser.add_argument("--outputs", type=int, default=64)
-    parser.add_argument("--rtol", type=float, default=1e-8)
-    parser.add_argument("--atol", type=float, default=1e-10)
-    parser.add_argument("--t-max", type=float, default=1e9)
+    parser.add_argument("--problems", type=int, default=4096, help="tabular problems solved by jaxrm")
+    parser.add_argument("--outputs", type=int, default=64, help="outputs |Y| of each problem")
+    parser.add_argument("--rtol", type=float, default=1e-8, help="relative tolerance of both solvers")
+    parser.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance of both solvers")
+    parser.add_argument("--t-max", type=float, default=1e9, help="flow time after which a gain is not reached")
     parser.add_argument(
         "--scipy-problems", type=int, default=4096, help="problems timed one by one in SciPy (scaled up)"
     )
@@ -347,17 +349,17 @@ def main(argv=None):
         help="problems in SciPy's stacked system (time scaled up linearly, which favours SciPy: its shared steps "
         "grow with the batch; 4096 took 710 s on 2 cores)",
     )
-    parser.add_argument("--ascent-prompts", type=int, default=1024)
-    parser.add_argument("--ascent-outputs", type=int, default=4096)
-    parser.add_argument("--ascent-steps", type=int, default=50)
+    parser.add_argument("--ascent-prompts", type=int, default=1024, help="prompts S of the ascent's policy")
+    parser.add_argument("--ascent-outputs", type=int, default=4096, help="outputs |Y| per prompt of the ascent")
+    parser.add_argument("--ascent-steps", type=int, default=50, help="ascent steps per timed call")
     parser.add_argument(
         "--repeats",
         type=int,
         default=5,
         help="rounds in which the timed sides take turns (each side's best round is reported)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random problems")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"), help="JSON record")
     args = parser.parse_args(argv)
     counts = ("problems", "scipy_problems", "stacked_problems", "ascent_prompts", "ascent_steps", "repeats")
     check_arguments(
