@@ -57,7 +57,10 @@ def test_fsdp_splits_every_parameter_and_optimizer_slot_across_devices():
     replicated, fsdp = (memory_per_device(model, mesh, s, prompts=4, new_tokens=4) for s in ("replicated", "fsdp"))
     # Ideally 1/4; LayerNorm and bias vectors (embed-sized ones are split too) keep it a little above.
     assert 0.25 <= fsdp["arguments"] / replicated["arguments"] < 0.3
-    assert fsdp["temporaries"] < replicated["temporaries"]
+    # Its temporaries hold gathered parameters on top of the same per-device activations (both are
+    # data parallel), but a device holds less in all.
+    total = {name: m["arguments"] + m["temporaries"] for name, m in (("replicated", replicated), ("fsdp", fsdp))}
+    assert total["fsdp"] < total["replicated"]
 
 
 def test_accelerator_benchmark_reports_throughput_and_mfu_against_the_peak_it_is_given(tmp_path, monkeypatch):

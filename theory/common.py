@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.special
 import scipy.stats
 
 from jaxrm.studies import fmt
@@ -187,6 +188,9 @@ def _least_squares(design, y):
 
 def _tobit(design, log_t, censored, limit, coef, sigma, iterations, tol):
     """EM for right-censored least squares from ``(coef, sigma)``: ``(coef, sigma, converged)``."""
+    if not censored.any():  # e.g. a bootstrap resample that drew no censored point
+        coef = _least_squares(design, log_t)
+        return coef, max(float(np.std(log_t - design @ coef)), 1e-6), True
     converged = False
     for _ in range(iterations):  # censored values replaced by their conditional moments
         mean = design @ coef
@@ -209,7 +213,7 @@ def _tobit(design, log_t, censored, limit, coef, sigma, iterations, tol):
 def _inverse_mills(alpha):
     """``phi(a) / (1 - Phi(a))`` elementwise, stable for large ``a`` (where it tends to ``a``)."""
     alpha = np.asarray(alpha, float)
-    survival = 0.5 * np.vectorize(math.erfc)(alpha / math.sqrt(2.0))
+    survival = 0.5 * scipy.special.erfc(alpha / math.sqrt(2.0))
     density = np.exp(-0.5 * alpha**2) / math.sqrt(2.0 * math.pi)
     with np.errstate(divide="ignore", invalid="ignore"):
         direct = density / survival
