@@ -19,17 +19,3 @@ import jax  # noqa: E402
 
 # Exact-dynamics tests compare to 1e-10; float32 paths are tested with explicit float32 arrays.
 jax.config.update("jax_enable_x64", True)
-
-# The files whose tests take longest (minutes of compiling, end-to-end runs) start first: the two
-# workers take whole files (--dist=loadfile, so a module's fixtures are built once), and a long
-# file started last would run alone at the end while the other worker idles. xdist would order
-# the files by their number of tests, which put these three last (pyproject.toml turns that off).
-LONGEST_FIRST = ("test_rlhf.py", "test_experiments.py", "test_theory.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each file's tests keep their order
