@@ -664,8 +664,8 @@ def _diverged_report(diverged, total) -> str:
 
 These runs' proxy reward, ground truth or KL became non-finite. No statistic over teachers was
 computed: leaving those teachers out would select them by how they train, which is what the study
-measures. A smaller learning rate (`--set learning_rate=...`) or a larger KL coefficient usually
-keeps RLOO finite.
+measures. A smaller learning rate (`--set learning_rate=...`) or a larger KL coefficient may keep
+RLOO finite.
 
 | student | teacher | seed (index) | first non-finite iteration |
 |---|---|---|---|

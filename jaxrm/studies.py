@@ -389,9 +389,9 @@ def _average_ranks(values) -> np.ndarray:
     order = np.argsort(values, kind="stable")
     ordered = values[order]
     group = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1  # tie group of each sorted value
-    last = np.cumsum(np.bincount(group))  # 1-based position of each group's last member
+    size = np.bincount(group)
     ranks = np.empty(len(values))
-    ranks[order] = (last - (np.bincount(group) - 1) / 2)[group]
+    ranks[order] = (np.cumsum(size) - (size - 1) / 2)[group]  # cumsum: 1-based position of a group's last member
     return ranks
 
 
