@@ -617,6 +617,8 @@ def test_theorem1_prose_follows_the_measurements(quick_run):
     assert "rule out" not in theorem1._interpretation(altered) and "Tobit -0.660 [-0.700, -0.600]" in (
         theorem1._interpretation(altered)
     )
+    random_fit["tobit_unconverged"] = 3
+    assert "(3 resamples left out: their EM did not converge)" in theorem1._interpretation(altered)
     random_fit["tobit_ci"] = [-0.7, -0.3]
     assert "cannot rule out a -1/3 exponent for random" in theorem1._interpretation(altered)
     assert "12345 timings censored" in theorem1._verdict(altered)

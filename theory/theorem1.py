@@ -643,6 +643,8 @@ def _censored_slope_text(fit: dict) -> str:
     tobit = f"{fit['tobit']:.3f}" if fit["tobit_converged"] else "not converged"
     if np.isfinite(fit["tobit_ci"]).all():
         tobit += f" [{fit['tobit_ci'][0]:.3f}, {fit['tobit_ci'][1]:.3f}]"
+        if fit.get("tobit_unconverged"):
+            tobit += f" ({fit['tobit_unconverged']} resamples left out: their EM did not converge)"
     return f"{relation} {fit['at_t_max']:.3f}; Tobit {tobit}"
 
 
