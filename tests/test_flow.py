@@ -142,6 +142,13 @@ def test_logits_at_t_gamma_realize_the_gain(batch):
     reached = np.isfinite(out.t_gamma)
     gain = (jax.nn.softmax(out.logits) * gt[:2]).sum(-1) - (jax.nn.softmax(logits[:2]) * gt[:2]).sum(-1)
     np.testing.assert_allclose(np.asarray(gain)[reached], 0.05, rtol=1e-7)
+    # Without a KL term, exp(-theta_y) moves by B - r_y A with A > 0 for every output y of a
+    # prompt (docs/theory.md#setting): affine in the trained-on reward, with a negative slope.
+    displacement = np.exp(-np.asarray(out.logits)) - np.exp(-np.asarray(logits[:2]))
+    for row, rewards in zip(displacement.reshape(-1, 8), np.asarray(rm[:2]).reshape(-1, 8)):
+        slope, intercept = np.polyfit(rewards, row, 1)
+        assert slope < 0
+        np.testing.assert_allclose(intercept + slope * rewards, row, atol=1e-6 * np.abs(row).max())
     # The flow moves logits, not their row offsets: it exponentiates each row minus its initial
     # maximum (exp(1000) would overflow), and the offset rides along unchanged.
     offsets = jnp.array([1000.0, -3.0])[None, :, None]
