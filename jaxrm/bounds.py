@@ -3,7 +3,9 @@
 Notation of docs/theory.md#setting: ``gamma`` the gain, ``variance`` the reward-model variance
 under the initial policy, ``lam`` the KL coefficient, ``L`` the output length, ``J`` the bound on
 the Jacobian of the logits, ``|S|`` the number of prompts. Array arguments broadcast against each
-other; results are numpy (a 0-d result comes back as a numpy scalar).
+other; results are numpy (a 0-d result comes back as a numpy scalar). The arguments are checked
+against each theorem's hypotheses, so these functions need concrete values: call them outside
+``jit``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def _checked_min_prob(min_prob):
     if (min_prob > 1).any():
         raise ValueError(f"min_prob is a probability, at most 1; got {min_prob[min_prob > 1].ravel()[:4].tolist()}.")
     return min_prob
+
+
+def _checked_horizon(horizon):
+    """Theorems 2 and 3 hold for a horizon ``T >= 1`` (docs/theory.md#theorems-2-and-5)."""
+    horizon = _checked("horizon", horizon, positive=True)
+    if (horizon < 1).any():
+        raise ValueError(f"horizon T must be >= 1; got {horizon[horizon < 1].ravel()[:4].tolist()}.")
+    return horizon
 
 
 def _checked_structure(length, jacobian_norm):
@@ -194,7 +204,7 @@ def theorem2_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
     """
     check_int("num_prompts", num_prompts, low=1)
     gamma = _checked("gamma", gamma, positive=True)
-    return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) * _checked("horizon", horizon, positive=True)
+    return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) * _checked_horizon(horizon)
 
 
 def theorem2_fast_upper_bound(rho: ArrayLike, good_prob: ArrayLike, *, num_prompts: int) -> np.ndarray:
@@ -219,6 +229,9 @@ def theorem2_kl_limit(good_prob: ArrayLike, rho: ArrayLike, min_prob: ArrayLike)
     """
     rho, good_prob = _checked_rho(rho, good_prob, "good_prob")
     min_prob = _checked_min_prob(min_prob)
+    above = np.broadcast_to(min_prob > good_prob, np.broadcast_shapes(min_prob.shape, good_prob.shape))
+    if above.any():
+        raise ValueError("min_prob, the smallest initial probability, cannot exceed good_prob, one of them.")
     return good_prob * (1.0 - rho) ** 4 / (8.0 * (0.5 / np.e - 2.0 * np.log(min_prob)))
 
 
@@ -256,4 +269,4 @@ def theorem3_slow_lower_bound(gamma: ArrayLike, horizon: ArrayLike, *, num_promp
     """
     check_int("num_prompts", num_prompts, low=1)
     gamma = _checked("gamma", gamma, positive=True)
-    return num_prompts / np.sqrt(2.0) * -np.expm1(-gamma / 2.0) * _checked("horizon", horizon, positive=True)
+    return num_prompts / np.sqrt(2.0) * -np.expm1(-gamma / 2.0) * _checked_horizon(horizon)

@@ -169,7 +169,8 @@ class Comparison(NamedTuple):
       direction_bias: ``||E g - scale t|| / ||E g||``: the part of the mean that no rescaling of
         ``t`` explains (0 for an estimator unbiased up to a constant factor).
       total_variance: ``trace Cov[g]``.
-      snr: ``||E g||^2 / trace Cov[g]``, the signal-to-noise ratio of one group's estimate.
+      snr: ``||E g||^2 / trace Cov[g]``, the signal-to-noise ratio of one group's estimate
+        (``inf`` without noise; NaN for an estimate that is always 0).
     """
 
     relative_bias: float
@@ -286,7 +287,8 @@ def kl_gradients(
             for name in KL_ESTIMATORS
         }
         return held_penalties | {
-            "reward": jnp.sum(p * rewards),
+            # Centred: the same gradient (sum_y grad p(y) = 0), exactly 0 for constant rewards.
+            "reward": jnp.sum(p * (rewards - jnp.max(rewards))),
             "reverse_kl": jnp.sum(p * (lp - ref_lp)),
             "forward_kl": jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp)),
             "half_square": jnp.sum(p * 0.5 * jnp.square(lp - ref_lp)),
@@ -662,7 +664,8 @@ def compare(moments: Moments, target: jax.Array) -> Comparison:
         scale=scale,
         direction_bias=float(np.linalg.norm(mean - scale * target) / mean_norm) if mean_norm > 0 else float("nan"),
         total_variance=total,
-        snr=float(mean_norm**2 / total) if total > 0 else float("inf"),
+        # A noiseless estimate has infinite SNR, unless it is identically 0: then there is none.
+        snr=float(mean_norm**2 / total) if total > 0 else (float("inf") if mean_norm > 0 else float("nan")),
     )
 
 

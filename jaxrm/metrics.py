@@ -81,6 +81,18 @@ def _masked(values, where):
     return values if where is None else jnp.where(where, values, 0)
 
 
+def _centered(rewards, where, *, axis):
+    """``rewards`` less their largest value over ``axis`` (on the support ``where``; 0 off it).
+
+    Variances and normalizations are invariant to the shift, and it makes rewards that are
+    constant on the support exactly 0, so that their variance is exactly 0: a weighted mean of a
+    constant is not always that constant in floating point, and ``(r - mean) / std`` would then
+    turn rounding into +-1.
+    """
+    largest = jnp.max(rewards if where is None else jnp.where(where, rewards, -jnp.inf), axis=axis, keepdims=True)
+    return _masked(rewards - largest, where)
+
+
 def _validate_exact(logits, rewards, where):
     check_same_shape(logits=logits, rewards=rewards, where=where)
     if np.ndim(rewards) < 1 or np.shape(rewards)[-1] == 0:
@@ -123,7 +135,7 @@ def reward_variance(logits: ArrayLike, rewards: ArrayLike, *, where: ArrayLike |
     """
     _validate_exact(logits, rewards, where)
     probs = probabilities(logits, where=where)
-    rewards = _masked(jnp.asarray(rewards), where)
+    rewards = _centered(jnp.asarray(rewards), where, axis=-1)
     mean = jnp.sum(probs * rewards, axis=-1, keepdims=True)
     return jnp.sum(probs * jnp.square(rewards - mean), axis=-1)
 
@@ -166,7 +178,8 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
 
     Leading axes are independent sets of rewards (e.g. reward models), each normalized alone.
     The within-prompt variance of the result is what a policy-gradient learner feels. Rewards
-    that are constant under the policy (``sigma = 0``) normalise to 0: they teach nothing.
+    that are the same on every output of every prompt (``sigma = 0``) normalise to exactly 0: they
+    teach nothing.
 
     >>> import jax.numpy as jnp
     >>> print(normalize_rewards(jnp.zeros((2, 2)), jnp.array([[0.0, 2.0], [4.0, 6.0]])).round(4))
@@ -180,7 +193,7 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
             "for one prompt pass shape [1, Y]."
         )
     probs = probabilities(logits)
-    rewards = jnp.asarray(rewards)
+    rewards = _centered(jnp.asarray(rewards), None, axis=(-2, -1))
     mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
     variance = jnp.mean(jnp.sum(probs * jnp.square(rewards - mean), -1), -1)[..., None, None]
     # The square root of a safe value: sqrt's derivative at 0 would make the gradient NaN.
@@ -228,14 +241,16 @@ def sample_reward_variance(rewards: ArrayLike, *, ddof: int = 1, where: ArrayLik
 def kl(logits_p: ArrayLike, logits_q: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
     """Exact ``KL(p || q) = sum_y p(y) (log p(y) - log q(y))`` over the last axis.
 
-    ``p = softmax(logits_p)``, ``q = softmax(logits_q)``; ``where`` restricts both supports.
-    Clipped at 0 against rounding.
+    ``p = softmax(logits_p)``, ``q = softmax(logits_q)``; ``where`` restricts both supports (a
+    row it leaves without any output raises, or gives NaN under a trace). Clipped at 0 against
+    rounding.
 
     >>> import jax.numpy as jnp
     >>> round(float(kl(jnp.log(jnp.array([0.5, 0.5])), jnp.log(jnp.array([0.9, 0.1])))), 6)
     0.510826
     """
     check_same_shape(logits_p=logits_p, logits_q=logits_q, where=where)
+    _check_support(where)
     check_finite("logits_p", _masked(logits_p, where))
     check_finite("logits_q", _masked(logits_q, where))
     logits_p, logits_q = jnp.asarray(logits_p), jnp.asarray(logits_q)
@@ -250,7 +265,8 @@ def kl(logits_p: ArrayLike, logits_q: ArrayLike, *, where: ArrayLike | None = No
     support = log_p > -jnp.inf
     log_p, log_q = jnp.where(support, log_p, 0.0), jnp.where(support, log_q, 0.0)
     terms = jnp.where(support, jnp.exp(log_p) * (log_p - log_q), 0.0)
-    return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
+    divergence = jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
+    return divergence if where is None else jnp.where(jnp.any(where, axis=-1), divergence, jnp.nan)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")

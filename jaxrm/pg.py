@@ -65,8 +65,19 @@ def _check_per_sequence(what: str, values, per_token) -> None:
         )
 
 
+def _check_rank(what: str, value, rewards) -> None:
+    """``value`` is a scalar or has ``rewards``' rank: a ``[P]`` array against ``[P, k]`` rewards
+    would broadcast along ``k`` (one value per sample when ``P == k``), not per prompt."""
+    if np.ndim(value) not in (0, np.ndim(rewards)):
+        raise ValueError(
+            f"{what} must be a scalar or have the rank of the rewards {list(np.shape(rewards))} (e.g. "
+            f"{list(np.shape(rewards)[:-1]) + [1]} for one per prompt), got shape {list(np.shape(value))}."
+        )
+
+
 def reinforce_advantages(rewards: ArrayLike, *, baseline: ArrayLike = 0.0) -> jax.Array:
-    """``A = r - b``: REINFORCE, with a baseline ``b`` (a scalar or an array broadcasting to ``rewards``).
+    """``A = r - b``: REINFORCE, with a baseline ``b``: a scalar, or an array of ``rewards``' rank
+    that broadcasts to it (``[P, 1]`` for one per prompt against ``[P, k]``).
 
     A baseline that does not depend on the sample keeps the gradient estimate unbiased.
 
@@ -74,6 +85,7 @@ def reinforce_advantages(rewards: ArrayLike, *, baseline: ArrayLike = 0.0) -> ja
     [[0.0, 2.0]]
     """
     check_finite("rewards", rewards)
+    _check_rank("baseline", baseline, rewards)
     return jax.lax.stop_gradient(jnp.asarray(rewards) - baseline)
 
 
@@ -162,7 +174,8 @@ def kl_penalized_rewards(
     docs/theory.md#official-rloo-and-grpo-semantics).
 
     ``rewards`` is ``[...]`` and the per-token arrays ``[..., time]``; ``kl_coef`` (``>= 0``) is a
-    scalar or an array broadcasting to ``rewards``. The result carries no gradient.
+    scalar, or an array of ``rewards``' rank that broadcasts to it (``[P, 1]`` for one per prompt
+    against ``[P, k]``). The result carries no gradient.
 
     >>> r = kl_penalized_rewards(jnp.array([1.0]), jnp.array([[-1.0, -2.0]]), jnp.array([[-1.5, -2.5]]),
     ...                          jnp.array([[True, True]]), kl_coef=0.1)
@@ -172,6 +185,7 @@ def kl_penalized_rewards(
     if is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
         raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
     _check_per_sequence("rewards", rewards, logp)
+    _check_rank("kl_coef", kl_coef, rewards)
     penalty = _masked_sum(kl_per_token(logp, ref_logp, mask, kl_estimator=kl_estimator), mask)
     return jax.lax.stop_gradient(jnp.asarray(rewards) - kl_coef * penalty)
 
@@ -219,8 +233,10 @@ def reinforce_loss(
     """
     check_same_shape(logp=logp, mask=mask)
     _check_per_sequence("advantages", advantages, logp)
-    per_token = -jax.lax.stop_gradient(advantages)[..., None] * logp
-    return aggregate(per_token, mask, mode=aggregation)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    # The advantage of a fully padded row may be anything (NaN): 0 * NaN would reach the gradient.
+    advantages = jnp.where(jnp.asarray(mask, bool), jax.lax.stop_gradient(advantages)[..., None], 0.0)
+    return aggregate(-advantages * logp, mask, mode=aggregation)
 
 
 def clipped_surrogate_loss(
@@ -238,7 +254,7 @@ def clipped_surrogate_loss(
     ``ratio_level="token"``: ``rho_t = pi(y_t) / pi_old(y_t)`` per token (PPO, GRPO), aggregated by
     ``aggregation``. ``ratio_level="sequence"``: one ratio per sequence,
     ``rho = exp(sum_t log pi(y_t) - log pi_old(y_t))`` (the official RLOO), then the mean over
-    sequences. ``clip_fraction`` is the share of ratios (tokens or sequences) whose clipped branch
+    sequences, whatever ``aggregation``. ``clip_fraction`` is the share of ratios (tokens or sequences) whose clipped branch
     was active. ``advantages`` hold one value per sequence (``[...]``).
 
     >>> logp, old = jnp.log(jnp.array([[0.6, 0.5]])), jnp.log(jnp.array([[0.4, 0.5]]))
@@ -247,6 +263,9 @@ def clipped_surrogate_loss(
     (-1.1, 0.5)
     """
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    if is_concrete(clip_eps) and not float(clip_eps) > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}.")
     check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     _check_per_sequence("advantages", advantages, logp)
     mask = jnp.asarray(mask, bool)

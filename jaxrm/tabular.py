@@ -293,15 +293,18 @@ class LogLinearPolicy:
         return self.features.shape[0]
 
     def log_probs(self, logits):
-        return jax.nn.log_softmax(jnp.asarray(logits) @ self.features.T, axis=-1)
+        return jax.nn.log_softmax(self._output_logits(logits), axis=-1)
 
     def log_probs_and_probs(self, logits):
-        return _softmax_pair(jnp.asarray(logits) @ self.features.T)
+        return _softmax_pair(self._output_logits(logits))
 
     def log_prob_vjp(self, logits, cotangent, *, centered=False):
         """``Phi^T (c - pi sum(c))``: the tabular VJP pulled back through the features."""
-        tabular = _softmax_vjp(jnp.asarray(logits) @ self.features.T, cotangent, centered=centered)
-        return tabular @ self.features
+        tabular = _softmax_vjp(self._output_logits(logits), cotangent, centered=centered)
+        return tabular @ _like(self.features, logits)
+
+    def _output_logits(self, logits):
+        return jnp.asarray(logits) @ _like(self.features, logits).T
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
@@ -382,12 +385,13 @@ class SharedAutoregressivePolicy:
 
     def _token_log_probs(self, logits):
         """``[..., V + 1, V]``: ``log softmax(Phi[s] theta)`` for every state ``s``."""
-        return jax.nn.log_softmax(jnp.einsum("svd,...d->...sv", self.features, jnp.asarray(logits)), axis=-1)
+        features = _like(self.features, logits)
+        return jax.nn.log_softmax(jnp.einsum("svd,...d->...sv", features, jnp.asarray(logits)), axis=-1)
 
     def log_probs(self, logits):
         """``[..., V**L]`` exact log-probabilities of all outputs."""
         token = self._token_log_probs(logits)
-        return token.reshape(*token.shape[:-2], -1) @ self._visits().T
+        return token.reshape(*token.shape[:-2], -1) @ _like(self._visits(), logits).T
 
     def log_probs_and_probs(self, logits):
         log_probs = self.log_probs(logits)
@@ -400,12 +404,19 @@ class SharedAutoregressivePolicy:
         visits = jnp.asarray(self._visits(), jnp.result_type(cotangent))
         mass = (jnp.asarray(cotangent) @ visits).reshape(*jnp.shape(cotangent)[:-1], self.vocab_size + 1, -1)
         probs = jnp.exp(self._token_log_probs(logits))
-        return jnp.einsum("...sv,svd->...d", mass - probs * jnp.sum(mass, axis=-1, keepdims=True), self.features)
+        features = _like(self.features, logits)
+        return jnp.einsum("...sv,svd->...d", mass - probs * jnp.sum(mass, axis=-1, keepdims=True), features)
 
     def random_logits(self, key, num_prompts, *, scale=1.0, dtype=None):
         """Parameters ``scale * N(0, 1)``, ``[num_prompts, d]``."""
         check_int("num_prompts", num_prompts, low=1)
         return scale * jax.random.normal(key, (num_prompts, self.features.shape[2]), dtype=dtype)
+
+
+def _like(constant: np.ndarray, params) -> jax.Array:
+    """A policy's float64 constant (features, visit counts) in its parameters' floating dtype:
+    float32 parameters would otherwise give float64 log-probs under x64."""
+    return jnp.asarray(constant, jnp.result_type(float, params))
 
 
 def _softmax_pair(logits, shift=None):
@@ -565,10 +576,19 @@ def objective_grad(
         # Not in prompt_gradient: the flow's field shares pi between the gradient and its gain
         # condition, and with that sharing the generic form is the faster one there.
         grads = tabular_gradient_and_normalizer(logits, rewards, ref_log_probs, kl_coef=kl_coef)[0]
-        return grads / grads.shape[-2]
+        return _sum_to_shape(grads / grads.shape[-2], jnp.shape(logits))
     # The prompt count of the broadcast problem, as objective's mean sees it (rewards [1, Y]
     # against two prompts' logits is two prompts).
     log_probs = jax.eval_shape(policy.log_probs, logits)
     num_prompts = jnp.broadcast_shapes(log_probs.shape, jnp.shape(rewards), jnp.shape(ref_log_probs))[-2]
     grads = prompt_gradient(policy, logits, rewards, ref_log_probs, kl_coef=kl_coef)
-    return jax.tree.map(lambda g: g / num_prompts, grads)
+    return jax.tree.map(lambda g, theta: _sum_to_shape(g / num_prompts, jnp.shape(theta)), grads, logits)
+
+
+def _sum_to_shape(grads: jax.Array, shape: tuple) -> jax.Array:
+    """``grads`` of a problem broadcast from parameters of ``shape`` (one set of logits against
+    several prompts' rewards), summed back over the broadcast axes, as ``jax.grad`` sums them."""
+    if grads.ndim > len(shape):
+        grads = jnp.sum(grads, axis=tuple(range(grads.ndim - len(shape))))
+    stretched = tuple(axis for axis, (have, want) in enumerate(zip(grads.shape, shape)) if want == 1 and have != 1)
+    return jnp.sum(grads, axis=stretched, keepdims=True) if stretched else grads

@@ -7,7 +7,7 @@ import pytest
 
 from jaxrm import ascent, metrics
 from jaxrm.ascent import SampledGradient, ascent_first_passage, exact_gradient_ascent, sampled_gradient_ascent
-from jaxrm.tabular import TabularPolicy, objective_grad
+from jaxrm.tabular import LogLinearPolicy, TabularPolicy, objective_grad
 
 POLICY = TabularPolicy(8)
 
@@ -190,3 +190,21 @@ def test_kl_coef_means_one_problem_whatever_its_shape(problem):
     for prompt, each in enumerate(lams):
         alone, _ = exact_gradient_ascent(logits, rewards, kl_coef=each, **options)
         np.testing.assert_allclose(np.asarray(mixed[prompt]), np.asarray(alone[prompt]), rtol=1e-12)
+
+
+def test_a_float32_problem_stays_float32_with_a_featurized_policy():
+    """The log-linear policy's float64 features (x64 is on in the tests) once promoted the loop's
+    carry to float64, and the sampled first passage crashed."""
+    policy = LogLinearPolicy(np.eye(3))
+    rewards = np.array([[0.0, 0.5, 1.0]], np.float32)
+    out = ascent_first_passage(
+        np.zeros((1, 3), np.float32),
+        rewards,
+        0.1,
+        jax.random.key(0),
+        optimizer=optax.sgd(0.5),
+        max_steps=50,
+        k=2,
+        policy=policy,
+    )
+    assert bool(out.reached.all()) and out.tied_share.dtype == np.float32

@@ -328,6 +328,38 @@ KERNEL_CASES = [
         r"rewards.*\[2, 2\]",
     ),
     (lambda: pg.entropy_per_token(jnp.zeros((2, 3, 4)), jnp.ones((2, 4), bool)), r"logits \[2, 3, 4\].*mask"),
+    # One value per prompt, [P], against [P, k] rewards would broadcast along k (silently if P == k).
+    (
+        lambda: pg.reinforce_advantages(jnp.ones((2, 2)), baseline=jnp.ones(2)),
+        r"baseline .* \[2, 1\] for one per prompt",
+    ),
+    (
+        lambda: pg.kl_penalized_rewards(
+            jnp.zeros((2, 2)), jnp.zeros((2, 2, 3)), jnp.zeros((2, 2, 3)), jnp.ones((2, 2, 3)), kl_coef=jnp.ones(2)
+        ),
+        r"kl_coef must be a scalar or have the rank",
+    ),
+    (
+        lambda: pg.reinforce_loss(jnp.ones((2, 3)), jnp.ones(2), jnp.ones((2, 3), bool), aggregation="token-meen"),
+        r"aggregation='token-meen'",
+    ),
+    (
+        lambda: pg.clipped_surrogate_loss(
+            jnp.ones((2, 3)),
+            jnp.ones((2, 3)),
+            jnp.ones(2),
+            jnp.ones((2, 3), bool),
+            ratio_level="sequence",
+            aggregation="x",
+        ),
+        r"aggregation='x'",
+    ),
+    (
+        lambda: pg.clipped_surrogate_loss(
+            jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.ones(2), jnp.ones((2, 3), bool), clip_eps=-0.5
+        ),
+        r"clip_eps must be > 0",
+    ),
     (lambda: pg.grpo_advantages(jnp.ones((1, 2)), ddof=2), r"k >= 3"),
     (lambda: pg.scale_per_group(jnp.ones((1, 2)), ddof=0.5), r"ddof"),
     (lambda: pg.reward_statistics(jnp.ones(2), ddof=2), r"ddof=2"),
@@ -343,6 +375,10 @@ KERNEL_CASES = [
             jnp.ones((2, 2)),
             where=jnp.array([[True, True], [False, False]]),
         ),
+        r"where leaves 1 row",
+    ),
+    (
+        lambda: metrics.kl(jnp.zeros((2, 2)), jnp.ones((2, 2)), where=jnp.array([[True, True], [False, False]])),
         r"where leaves 1 row",
     ),
     (
@@ -365,6 +401,9 @@ KERNEL_CASES = [
     (lambda: bounds.theorem2_fast_upper_bound(0.1, 0.2, num_prompts=1), r"good_prob must be below rho"),
     (lambda: bounds.theorem3_fast_upper_bound(2.0, 0.2, num_prompts=1), r"rho"),
     (lambda: bounds.theorem2_kl_limit(0.2, 0.5, 2.0), r"min_prob"),
+    (lambda: bounds.theorem2_kl_limit(0.1, 0.5, 0.3), r"min_prob, the smallest initial probability, cannot exceed"),
+    (lambda: bounds.theorem2_slow_lower_bound(0.2, 0.01, num_prompts=1), r"horizon T must be >= 1"),
+    (lambda: bounds.theorem3_slow_lower_bound(0.2, 0.5, num_prompts=1), r"horizon T must be >= 1"),
     (lambda: bounds.theorem3_kl_limit(0.6, 0.5, 0.1), r"good_prob_floor must be below rho"),
     # The exact flow and ascent: arguments checked by name before anything is compiled.
     (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], jnp.full(4, 0.1)), r"gamma \[4\] must broadcast"),

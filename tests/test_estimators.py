@@ -248,3 +248,17 @@ def test_filtering_biases_when_rewards_tie():
     )
     np.testing.assert_allclose(plain.mean, target, atol=1e-12)
     assert E.compare(filtered, target).relative_bias > 1e-3
+
+
+def test_constant_rewards_teach_nothing_under_global_normalization():
+    """Dividing by the reward's standard deviation must not blow rounding up: constant rewards
+    give a zero expected gradient (in float32 the exact mean and the closed form disagreed)."""
+    policy, logits = POLICIES["tabular"], jnp.array([[0.0, 0.5, -0.5, 0.2]], jnp.float32)
+    estimator = E.Estimator("rloo", k=2, reward_normalization="global")
+    for value in (0.7, 1.0):
+        rewards = jnp.full(4, value, jnp.float32)
+        np.testing.assert_array_equal(E.followed_gradient(estimator, policy, logits, rewards), 0.0)
+        moments = E.estimate_moments(estimator, policy, logits, rewards)
+        np.testing.assert_array_equal(moments.mean, 0.0)
+        # An estimate that is always 0 has no signal-to-noise ratio (it is not infinite).
+        assert np.isnan(E.compare(moments, E.objective_gradient(policy, logits, rewards)).snr)

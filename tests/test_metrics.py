@@ -212,6 +212,11 @@ class TestKL:
         masked = jax.grad(lambda x: metrics.kl(x, b, where=keep))(a)
         np.testing.assert_allclose(masked[:2], jax.grad(lambda x: metrics.kl(x, b[:2]))(a[:2]), rtol=1e-12)
         assert float(masked[2]) == 0.0
+        # A row with nothing in its support has no KL: refused eagerly, NaN under a trace (as
+        # the other exact metrics), never a made-up 0.
+        empty = jnp.array([[True, True, False], [False, False, False]])
+        traced = jax.jit(lambda x, y, w: metrics.kl(x, y, where=w))(jnp.stack([a, a]), jnp.stack([b, b]), empty)
+        assert np.isfinite(traced[0]) and np.isnan(traced[1])
 
     def test_estimators_are_exact_in_expectation(self):
         """E_{y~pi}[k1] = E_{y~pi}[k3] = KL(pi || ref) exactly; k2 is half the squared log-ratio."""
@@ -411,6 +416,18 @@ class TestDegenerateInputs:
     def test_constant_rewards_normalise_to_zero(self):
         out = metrics.normalize_rewards(jnp.zeros((2, 3)), jnp.full((2, 3), 0.7))
         np.testing.assert_array_equal(out, np.zeros((2, 3)))
+        # Under a non-uniform policy too: its weighted mean of 0.7 rounds to another number, and
+        # without centring the rounding came out as a variance of 1e-17 and rewards of +-1.
+        logits = jax.random.normal(jax.random.key(0), (2, 3))
+        for value in (0.7, 0.1, 1 / 3):
+            for dtype in (jnp.float32, jnp.float64):
+                rewards = jnp.full((2, 3), value, dtype)
+                np.testing.assert_array_equal(metrics.normalize_rewards(logits.astype(dtype), rewards), 0.0)
+                np.testing.assert_array_equal(metrics.reward_variance(logits.astype(dtype), rewards), 0.0)
+        # Constant on the support, whatever lies off it.
+        where = jnp.array([[True, True, False]] * 2)
+        off_support = jnp.array([[0.7, 0.7, 5.0]] * 2)
+        np.testing.assert_array_equal(metrics.reward_variance(logits, off_support, where=where), 0.0)
         # ... and so does its gradient: sqrt's derivative at a zero variance never enters.
         gradient = jax.grad(lambda logits: metrics.normalize_rewards(logits, jnp.full((2, 3), 0.7)).sum())
         np.testing.assert_array_equal(gradient(jnp.zeros((2, 3))), np.zeros((2, 3)))

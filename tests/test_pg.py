@@ -93,6 +93,11 @@ def test_padding_and_overflowing_ratios_never_make_a_loss_or_its_gradient_nan():
             )
         )(-1.5)
         assert float(grad) == pytest.approx(float(alone))
+    # A fully padded row's advantage may be anything: it reaches neither loss nor gradient.
+    logp, rows = jnp.array([[-1.0, -2.0], [-0.5, -0.7]]), jnp.array([[True, True], [False, False]])
+    for advantages in (jnp.array([1.0, jnp.nan]), jnp.array([1.0, 5.0])):
+        gradient = jax.grad(lambda lp: pg.reinforce_loss(lp, advantages, rows))(logp)  # noqa: B023
+        np.testing.assert_array_equal(gradient, [[-1.0, -1.0], [0.0, 0.0]])
     # -inf padding (log 0) is padding too, eagerly as under jit.
     padded = jnp.array([[-1.0, -jnp.inf]]), jnp.array([[-1.2, -jnp.inf]])
     np.testing.assert_allclose(pg.kl_per_token(*padded, mask), jax.jit(pg.kl_per_token)(*padded, mask))

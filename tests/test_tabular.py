@@ -72,6 +72,25 @@ def test_closed_form_gradient_equals_autodiff(policy, make, kl_coef):
     auto = jax.grad(lambda theta: objective(policy, theta, rewards[:1], ref, kl_coef=kl_coef))(logits)
     for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
         np.testing.assert_allclose(a, b, atol=1e-10, rtol=0)
+    # One prompt's logits against every prompt's rewards: summed over the prompts, as jax.grad
+    # sums a broadcast parameter's gradient, and shaped like the logits.
+    one = jax.tree.map(lambda x: x[:1], logits)
+    closed = objective_grad(policy, one, rewards, ref, kl_coef=kl_coef)
+    auto = jax.grad(lambda theta: objective(policy, theta, rewards, ref, kl_coef=kl_coef))(one)
+    for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(auto)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("policy,make", POLICIES)
+def test_float32_parameters_give_float32_log_probs_and_gradients(policy, make):
+    """Under x64 (conftest) too: a policy's float64 constants (features, visit counts) must not
+    promote a float32 problem, whose loop carries would then change type (an ascent crashed)."""
+    logits = jax.tree.map(lambda x: x.astype(jnp.float32), make(jax.random.key(2)))
+    log_probs = policy.log_probs(logits)
+    assert log_probs.dtype == jnp.float32
+    gradient = policy.log_prob_vjp(logits, jnp.ones_like(log_probs))
+    assert {leaf.dtype for leaf in jax.tree.leaves(gradient)} == {jnp.dtype(jnp.float32)}
 
 
 def test_lemma7_tabular_gradient_form():
