@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from functools import cached_property
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -111,12 +112,7 @@ class TopicTask:
     def ground_truth(self, params, prompt, prompt_mask, response, response_mask):
         """``r_G`` of every row (the teacher signature of :mod:`jaxrm.train.rlhf`; ``params`` unused)."""
         del params, prompt_mask
-        table = jnp.asarray(self.scores, jnp.float32)
-        # A policy with a larger vocabulary (a Pythia checkpoint) can draw ids past the table: they
-        # score -1 like every other non-response token, where a plain gather would clamp them.
-        token_scores = table.at[self.topics(prompt)[:, None], response].get(mode="fill", fill_value=-1.0)
-        weights = response_mask.astype(jnp.float32)
-        return jnp.sum(token_scores * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
+        return _mean_token_score(jnp.asarray(self.scores, jnp.float32), self.topics(prompt), response, response_mask)
 
     def prompts(self, count: int, rng: np.random.Generator) -> np.ndarray:
         """``[count, prompt_len]`` prompts, topics uniform (no padding)."""
@@ -151,3 +147,14 @@ class TopicTask:
 def _softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+@jax.jit
+def _mean_token_score(table, topics, response, response_mask):
+    """Mean of ``table[topic, token]`` over each row's response tokens (compiled: the studies call
+    it eagerly on batches of several shapes, where op-by-op dispatch compiled each operation)."""
+    # A policy with a larger vocabulary (a Pythia checkpoint) can draw ids past the table: they
+    # score -1 like every other non-response token, where a plain gather would clamp them.
+    token_scores = table.at[topics[:, None], response].get(mode="fill", fill_value=-1.0)
+    weights = response_mask.astype(jnp.float32)
+    return jnp.sum(token_scores * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
