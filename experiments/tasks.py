@@ -107,12 +107,13 @@ class TopicTask:
         return self._tables[0]
 
     def topics(self, prompt) -> jnp.ndarray:
-        return prompt[:, 0] - 1
+        """Each prompt's topic, ``[batch]``: its first token less 1."""
+        return _topics(prompt)
 
     def ground_truth(self, params, prompt, prompt_mask, response, response_mask):
         """``r_G`` of every row (the teacher signature of :mod:`jaxrm.train.rlhf`; ``params`` unused)."""
         del params, prompt_mask
-        return _mean_token_score(jnp.asarray(self.scores, jnp.float32), self.topics(prompt), response, response_mask)
+        return _mean_token_score(jnp.asarray(self.scores, jnp.float32), prompt, response, response_mask)
 
     def prompts(self, count: int, rng: np.random.Generator) -> np.ndarray:
         """``[count, prompt_len]`` prompts, topics uniform (no padding)."""
@@ -149,10 +150,15 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+def _topics(prompt):
+    return prompt[:, 0] - 1
+
+
 @jax.jit
-def _mean_token_score(table, topics, response, response_mask):
+def _mean_token_score(table, prompt, response, response_mask):
     """Mean of ``table[topic, token]`` over each row's response tokens (compiled: the studies call
     it eagerly on batches of several shapes, where op-by-op dispatch compiled each operation)."""
+    topics = _topics(prompt)
     # A policy with a larger vocabulary (a Pythia checkpoint) can draw ids past the table: they
     # score -1 like every other non-response token, where a plain gather would clamp them.
     token_scores = table.at[topics[:, None], response].get(mode="fill", fill_value=-1.0)
