@@ -18,7 +18,7 @@ import experiments.teacher
 import theory.__main__
 from jaxrm import ascent, bounds, estimators, flow, metrics, pg, studies, tabular
 from jaxrm.estimators import Estimator
-from jaxrm.models import CausalLM, load_hf, load_model, preset, read_metadata, sample, save_model
+from jaxrm.models import CausalLM, load_hf, load_model, preset, read_hf_config, read_metadata, sample, save_model
 from jaxrm.models.config import TransformerConfig
 from jaxrm.models.sampling import SamplingOptions
 from jaxrm.sharding import make_mesh
@@ -562,6 +562,30 @@ def test_load_hf_names_a_malformed_config(hf_checkpoint, tmp_path, config_text, 
         load_hf(directory)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("use_parallel_residual", "false", r"parallel_residual='false': must be true or false"),
+        ("attention_bias", None, r"attention_bias=None: must be true or false"),
+        ("layer_norm_eps", "1e-5", r"layer_norm_eps='1e-5': must be a number"),
+    ],
+)
+def test_load_hf_refuses_a_config_value_of_the_wrong_type(hf_checkpoint, tmp_path, key, value, message):
+    """A string "false" once read as True, and null as False (bool() of the raw value)."""
+    directory = _copy(hf_checkpoint, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError, match=rf"config\.json is not a usable model config: .*{message}"):
+        load_hf(directory)
+
+
+def test_read_hf_config_reads_the_safetensors_headers(hf_checkpoint, tmp_path):
+    directory = _copy(hf_checkpoint, tmp_path)
+    name = _damage_safetensors(directory, "empty")
+    with pytest.raises(ValueError, match=rf"{name} is not a readable safetensors file"):
+        read_hf_config(directory)
+
+
 def test_load_hf_refuses_non_finite_weights_unless_allowed(hf_checkpoint, tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -739,7 +763,20 @@ def test_model_calls_outside_a_trace_check_token_ids_and_the_cache(tiny_model):
 def test_save_model_refuses_metadata_that_is_not_json_and_leaves_nothing(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="metadata must be JSON"):
         save_model(tiny_model, tmp_path / "model", metadata={"accuracy": np.float32(0.5)})
+    with pytest.raises(ValueError, match="metadata must be JSON"):  # json.dumps would write a bare NaN
+        save_model(tiny_model, tmp_path / "model", metadata={"accuracy": float("nan")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_names_shardings_laid_out_for_another_model(tiny_model, tmp_path):
+    from jaxrm.sharding import param_shardings
+
+    directory = save_model(tiny_model, tmp_path / "model")
+    deeper = CausalLM(
+        dataclasses.replace(tiny_model.config, num_layers=tiny_model.config.num_layers + 1), rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(ValueError, match=r"sharding= is laid out for another model than the checkpoint"):
+        load_model(directory, sharding=param_shardings(nnx.state(deeper, nnx.Param), make_mesh()))
 
 
 @pytest.mark.parametrize(
@@ -782,6 +819,12 @@ def test_training_entry_points_check_their_arguments_before_any_work(tiny_model,
         train_sft(tiny_model, tokens, np.array([[False, True, True]]), np.array([[False, True, False]]), log=None)
     with pytest.raises(ValueError, match=r"loss_mask must be a bool array"):
         train_sft(tiny_model, tokens, mask, np.ones((1, 3)), log=None)
+    # Padding between a prompt and its response: the response's first token would not be learned.
+    gapped = np.array([[True, True, False, True, True]])
+    with pytest.raises(ValueError, match=r"mask has padding between real tokens in 1 row\(s\) \(first: row 0\)"):
+        train_sft(
+            tiny_model, np.array([[5, 6, 0, 7, 8]]), gapped, np.array([[False, False, False, True, True]]), log=None
+        )
     # A loss mask that also covers padding learns only real tokens.
     padded, real = jnp.array([[1, 2, 3, 0]]), jnp.array([[True, True, True, False]])
     np.testing.assert_allclose(
@@ -803,6 +846,16 @@ def test_training_entry_points_check_their_arguments_before_any_work(tiny_model,
     with pytest.raises(ValueError, match=r"eval_steps must hold int optimizer steps"):
         train_reward_models(reward_model, [pairs], eval_pairs=pairs, eval_steps=(1.0,))
     assert not directory.exists()
+    # A checkpoint directory that cannot be written is refused before training, not at the first save.
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoint_dir .*a_file is a file, not a directory"):
+        train_reward_models(
+            reward_model,
+            [pairs],
+            RewardTrainConfig(batch_size=4),
+            checkpoint_dirs=[tmp_path / "a_file"],
+            checkpoint_steps=(1,),
+        )
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         evaluate_reward_model(reward_model, pairs, batch_size=0)
 

@@ -206,6 +206,16 @@ def test_only_damaged_files_set_a_checkpoint_aside(tmp_path, monkeypatch):
     assert step == 1 and record["step"] == 1 and (tmp_path / "2.damaged").is_dir()
     np.testing.assert_array_equal(restored["values"], state["values"])
 
+    # A template of another state is the caller's mismatch, not damage: every checkpoint stays.
+    for other, difference in (
+        ({**state, "values": jnp.arange(10.0)}, r"\['values'\]: stored \[\[100000\], 'float64'\], template \[\[10\]"),
+        ({**state, "values": state["values"].astype(jnp.bfloat16)}, r"template \[\[100000\], 'bfloat16'\]"),
+        ({**state, "more": jnp.zeros(2)}, r"the stored leaf \['values'\] where the template has \['more'\]"),
+    ):
+        with pytest.raises(ValueError, match=rf"step 1 .* laid out otherwise than the template \(.*{difference}"):
+            checkpoints.restore_latest(other)
+    assert checkpoints.steps() == [1]
+
     # Running out of memory, or a file system unavailable for now, says nothing about the files:
     # raised, and the checkpoint stays where the next attempt will find it.
     def fails(error):

@@ -86,7 +86,7 @@ def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata
     if directory.exists():
         raise FileExistsError(f"checkpoint {directory} already exists; refusing to overwrite it.")
     try:
-        metadata_text = json.dumps(metadata or {})
+        metadata_text = json.dumps(metadata or {}, allow_nan=False)  # NaN is not JSON
     except (TypeError, ValueError) as error:
         raise ValueError(f"metadata must be JSON (plain numbers, strings, lists, dicts): {error}.") from None
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -160,6 +160,11 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
         sharding = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
     else:
         sharding = nnx.to_pure_dict(sharding)
+        if jax.tree.structure(sharding) != jax.tree.structure(target):
+            raise ValueError(
+                f"sharding= is laid out for another model than the checkpoint {directory} "
+                f"({record['class']}, {config.num_layers} layers): pass the shardings of this model's parameters."
+            )
     target = jax.tree.map(
         lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where), target, sharding
     )

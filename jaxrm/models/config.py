@@ -194,12 +194,14 @@ class TransformerConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             intermediate_size=hf["intermediate_size"],
-            rotary_pct=float(rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))),
-            rotary_base=float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))),
+            # As the file has them: the config's field checks refuse a string, null or a bool
+            # where a number is due, and anything but true/false for the switches.
+            rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
+            rotary_base=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)),
             max_position=hf.get("max_position_embeddings", 2048),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-            parallel_residual=bool(hf.get("use_parallel_residual", True)),
-            attention_bias=bool(hf.get("attention_bias", True)),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+            parallel_residual=hf.get("use_parallel_residual", True),
+            attention_bias=hf.get("attention_bias", True),
             activation=hf.get("hidden_act", "gelu"),
         )
         if hf.get("tie_word_embeddings", False):

@@ -112,10 +112,11 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 
 def read_hf_config(path: str | Path) -> TransformerConfig:
     """The :class:`TransformerConfig` of a local Hugging Face GPT-NeoX directory, once it is known
-    to hold a usable ``config.json`` and ``*.safetensors`` files (as :func:`load_hf` needs);
-    no tensor is read, so a caller can check a checkpoint before any work."""
+    to hold a usable ``config.json`` and ``*.safetensors`` files whose headers can be read (as
+    :func:`load_hf` needs); no tensor is read, so a caller can check a checkpoint before any work."""
     directory = Path(path)
-    _checkpoint_files(directory)
+    with _SafetensorsFiles(_checkpoint_files(directory)):
+        pass
     return _read_config(directory, {})
 
 

@@ -38,7 +38,7 @@ class RunCheckpoints:
 
     def save(self, step: int, state, record: dict) -> None:
         state = jax.tree.map(_storable, state, is_leaf=is_prng_key)
-        record = {**record, "checksum": tree_checksum(state)}
+        record = {**record, "checksum": tree_checksum(state), "layout": _layout(state)}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), record=ocp.args.JsonSave(record))
         if not self.manager.save(step, args=args):
             raise RuntimeError(
@@ -53,25 +53,38 @@ class RunCheckpoints:
         """``(step, state, record)`` of the newest readable checkpoint, or ``None`` if there is none.
 
         ``template`` is a state of the same structure (arrays or ``jax.ShapeDtypeStruct``, with
-        the shardings to restore onto).
+        the shardings to restore onto). A checkpoint whose state is laid out otherwise (other
+        leaves, shapes or dtypes, as recorded at save) raises ``ValueError`` and stays in place: it
+        is not damaged, the template is not its state's.
         """
         abstract = jax.tree.map(_abstract, template, is_leaf=is_prng_key)
+        expected = _layout(abstract)
         for step in reversed(self.steps()):
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract)),
-                        record=ocp.args.JsonRestore(),
+            record = self._restore(step, record=ocp.args.JsonRestore())
+            if record is None:
+                continue
+            stored = record["record"].get("layout")  # absent from checkpoints of earlier versions
+            if stored is not None and stored != expected:
+                difference = next(
+                    (
+                        f"{a[0]}: stored {a[1:]}, template {b[1:]}"
+                        if a[0] == b[0]
+                        else f"the stored leaf {a[0]} where the template has {b[0]}"
+                        for a, b in zip(stored, expected)
+                        if a != b
                     ),
+                    f"{len(stored)} leaves stored, {len(expected)} in the template",
                 )
-            except Exception as error:  # noqa: BLE001 -- orbax raises a bare Exception for a damaged array file
-                if not _is_damage(error):
-                    raise RuntimeError(
-                        f"restoring the checkpoint at step {step} in {self.directory} failed, and the error does not "
-                        "say that its files are damaged, so it was left in place; rerun to resume from it."
-                    ) from error
-                self._set_aside(step, f"is unreadable ({type(error).__name__}: {error})")
+                raise ValueError(
+                    f"the checkpoint at step {step} in {self.directory} holds a state laid out otherwise than the "
+                    f"template ({difference}); it was left in place."
+                )
+            restored = self._restore(
+                step,
+                state=ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract)),
+                record=ocp.args.JsonRestore(),
+            )
+            if restored is None:
                 continue
             if tree_checksum(restored["state"]) != restored["record"].get("checksum"):
                 self._set_aside(step, "is damaged (checksum mismatch)")
@@ -86,6 +99,19 @@ class RunCheckpoints:
             )
             return step, state, restored["record"]
         return None
+
+    def _restore(self, step: int, **items):
+        """The named items of a checkpoint, or None when its files are damaged (then set aside)."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # noqa: BLE001 -- orbax raises a bare Exception for a damaged array file
+            if not _is_damage(error):
+                raise RuntimeError(
+                    f"restoring the checkpoint at step {step} in {self.directory} failed, and the error does not "
+                    "say that its files are damaged, so it was left in place; rerun to resume from it."
+                ) from error
+            self._set_aside(step, f"is unreadable ({type(error).__name__}: {error})")
+            return None
 
     def _set_aside(self, step: int, why: str) -> None:
         """Move a damaged checkpoint out of the steps, so that the same step can be saved again.
@@ -151,6 +177,14 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
         (float, ocp.type_handlers.ScalarHandler()),
     )
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _layout(tree) -> list:
+    """``[path, shape, dtype]`` of every leaf (arrays or ``jax.ShapeDtypeStruct``), as JSON."""
+    return [
+        [jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def _storable(x):

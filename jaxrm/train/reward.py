@@ -29,6 +29,7 @@ from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, ch
 from jaxrm.models.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
+from jaxrm.studies import check_out_directory
 from jaxrm.train.loop import epoch_order, make_minibatch_loop
 from jaxrm.train.optimizers import stack_layers
 
@@ -352,7 +353,12 @@ def train_reward_models(
         raise ValueError("checkpoint_steps need checkpoint_dirs (checkpoint_dir for one model).")
     if eval_steps and eval_pairs is None:
         raise ValueError("eval_steps need eval_pairs.")
-    for directory in checkpoint_dirs or ():
+    for index, directory in enumerate(checkpoint_dirs or ()):
+        # Before the training: a directory that cannot be written would fail at the first save
+        # and lose every step trained until then.
+        check_out_directory(
+            directory, option=f"checkpoint_dirs[{index}]" if len(checkpoint_dirs) > 1 else "checkpoint_dir"
+        )
         taken = [s for s in checkpoint_steps if (Path(directory) / f"step_{s:06d}").exists()]
         if taken:
             raise FileExistsError(f"{directory} already holds checkpoints for steps {taken}.")

@@ -33,7 +33,10 @@ def _targets(mask, loss_mask):
 
 def sequence_nll(model: CausalLM, tokens, mask, loss_mask):
     """Mean negative log-likelihood of the real tokens (``mask``) where ``loss_mask`` is True, each
-    predicted from its prefix; a row's first real token has no prefix and is never a target."""
+    predicted from its prefix; a row's first real token has no prefix and is never a target.
+    Each row's real tokens must be contiguous (padding before or after them, as
+    :func:`jaxrm.models.pad_sequences` lays them out): a token right after padding inside a row
+    is not learned."""
     logits = model(tokens, mask)[:, :-1]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     targets = tokens[:, 1:]
@@ -87,7 +90,8 @@ def train_sft(
 ) -> np.ndarray:
     """Fit ``model`` (updated in place) to ``[n, length]`` demonstrations; returns the loss of every step.
 
-    ``mask`` marks real tokens, ``loss_mask`` the tokens to learn (the responses): a token is
+    ``mask`` marks real tokens, contiguous in each row (padding before or after them, never
+    between; refused otherwise), ``loss_mask`` the tokens to learn (the responses): a token is
     learned where both are True, and never a row's first real token, which has no prefix to be
     predicted from.
     """
@@ -100,6 +104,14 @@ def train_sft(
             f"tokens {tokens.shape}, mask {mask.shape}, loss_mask {loss_mask.shape} must be one [n, length]."
         )
     check_token_ids("tokens", tokens, model.config.vocab_size)
+    # A real token, then padding, then a real token again: its first token after the gap would
+    # silently not be learned (its target needs a real token just before it).
+    gapped = (mask[:, 1:] & ~mask[:, :-1] & np.cumsum(mask, axis=1)[:, :-1].astype(bool)).any(axis=1)
+    if gapped.any():
+        raise ValueError(
+            f"mask has padding between real tokens in {int(gapped.sum())} row(s) (first: row {int(np.argmax(gapped))}); "
+            "pad before or after each row's tokens (jaxrm.models.pad_sequences left-pads)."
+        )
     learned = _targets(mask, loss_mask).any(axis=1)
     if not learned.all():
         raise ValueError(
