@@ -92,9 +92,11 @@ class FirstPassage(NamedTuple):
       logits: each prompt's logits at ``t_gamma`` (or where its solve stopped), shaped like the
         initial logits.
       num_steps: ODE steps taken per prompt (accepted and rejected).
-      status: a :class:`Status` per prompt: ``REACHED``, ``NOT_REACHED`` (``t_max`` passed, or
-        the gain was proven out of reach under a KL penalty) or ``FAILED`` (the step size shrank
-        until it no longer moved the time, or ``max_steps`` spent).
+      status: a :class:`Status` per prompt: ``REACHED``, ``NOT_REACHED`` (``t_max`` passed, the
+        gain was proven out of reach under a KL penalty, or ``gamma`` is at least
+        ``max r_eval - E_pi0[r_eval]``, which a softmax policy only approaches: then ``t_end = 0``
+        and no step is taken) or ``FAILED`` (the step size shrank until it no longer moved the
+        time, or ``max_steps`` spent).
       t_end: the flow time where each prompt's solve ended: ``t_gamma`` when reached, and
         otherwise a time before which the gain was not reached (a lower bound on ``t_gamma``
         where the solve ``FAILED``).
@@ -196,10 +198,24 @@ def check_gamma(gamma, item_shape) -> None:
         raise ValueError(f"gamma must be > 0 (and not NaN); got {np.asarray(gamma).ravel()[:4]}.")
 
 
-def _check_tolerances(rtol, atol) -> None:
+def _tolerances(rtol, atol, dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` of a solve in ``dtype``: the given ones, checked, or by default
+    ``max(1e-8, 100 eps)`` and ``max(1e-10, eps)``: 1e-8 and 1e-10 in float64, about 1.2e-5 and
+    1.2e-7 in float32. An ``rtol`` below ``10 eps`` is refused: the step-size controller cannot
+    see past rounding there, rejects step after step, and an item runs to ``max_steps``.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    rtol = max(1e-8, 100 * eps) if rtol is None else rtol
+    atol = max(1e-10, eps) if atol is None else atol
     for name, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (0 < value < np.inf):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if rtol < 10 * eps:
+        raise ValueError(
+            f"rtol={rtol!r} is below what {jnp.dtype(dtype).name} resolves (10 eps = {10 * eps:.2g}): pass a larger "
+            "rtol, or float64 rewards (jax_enable_x64)."
+        )
+    return float(rtol), float(atol)
 
 
 def _abstract(tree):
@@ -224,8 +240,8 @@ def first_passage(
     kl_coef: ArrayLike | None = None,
     eval_rewards: ArrayLike | None = None,
     t_max: float = 1e9,
-    rtol: float = 1e-8,
-    atol: float = 1e-10,
+    rtol: float | None = None,
+    atol: float | None = None,
     max_steps: int = 100_000,
     slots: int | None = None,
     segment_steps: int = 4,
@@ -251,7 +267,9 @@ def first_passage(
         the KL term and the out-of-reach stop of the module docstring.
       eval_rewards: ``[..., S, Y]`` reward whose gain is timed (default ``rm_rewards``).
       t_max: give up (``inf``) after this much time.
-      rtol, atol: tolerances of the adaptive step-size controller.
+      rtol, atol: tolerances of the adaptive step-size controller; by default 1e-8 and 1e-10
+        for float64 rewards, about 1.2e-5 and 1.2e-7 for float32 (``max(1e-8, 100 eps)`` and
+        ``max(1e-10, eps)``); an ``rtol`` below ``10 eps`` of the dtype is refused.
       max_steps: most ODE steps (accepted and rejected) per prompt before the item counts
         as FAILED. The budget is checked between segments of ``segment_steps`` steps, so an
         item may take up to ``max_steps + segment_steps - 1`` steps.
@@ -280,7 +298,7 @@ def first_passage(
     check_gamma(gamma, rm_rewards.shape[:-1])
     if is_concrete(t_max) and not float(t_max) > 0:
         raise ValueError(f"t_max must be > 0, got {t_max}.")
-    _check_tolerances(rtol, atol)
+    rtol, atol = _tolerances(rtol, atol, rm_rewards.dtype)
     for name, value in (("max_steps", max_steps), ("segment_steps", segment_steps), ("slots", slots)):
         if not (value is None and name == "slots"):
             check_int(name, value, low=1)
@@ -313,8 +331,8 @@ def first_passage(
     )
     options = dict(
         policy=policy,
-        rtol=float(rtol),
-        atol=float(atol),
+        rtol=rtol,
+        atol=atol,
         max_steps=max_steps,
         slots=width,
         segment_steps=int(segment_steps),
@@ -356,6 +374,10 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
     shift = jnp.max(init_logits, axis=-1, keepdims=True) if isinstance(policy, TabularPolicy) else None
     start = metrics.expected_reward(ref_log_probs, eval_rewards)
     limit = _kl_limit(ref_log_probs, rm_rewards, eval_rewards, kl_coef)
+    # Every policy class here puts mass on every output, so E_pi[r_eval] < max r_eval: a gain up
+    # to the maximum is approached, never reached (in floating point the condition would turn
+    # true once the top probability rounds to 1, at some arbitrary time).
+    attainable = start + gamma < jnp.max(eval_rewards, axis=-1)
 
     def flat(x):
         x = x.reshape(math.prod(item_shape), *x.shape[len(item_shape) :])
@@ -371,6 +393,7 @@ def _prepare_items(init_logits, rm_rewards, eval_rewards, gamma, kl_coef, *, pol
             (flat(start), flat(gamma)),
             jax.tree.map(flat, limit),
             None if shift is None else flat(shift),
+            flat(attainable),
         ),
     )
 
@@ -418,6 +441,7 @@ class _ItemArgs(NamedTuple):
     gain: Any  # (start, gamma)
     limit: _KLLimit
     shift: Any  # TabularPolicy: the initial logits' row maximum (module docstring); else None
+    attainable: Any  # the gain is below max r_eval - E_pi0[r_eval]: else NOT_REACHED at once
 
 
 class _Event(NamedTuple):
@@ -514,8 +538,9 @@ def _item_flow(policy, rtol, atol, tau_max, segment_steps, kl_penalized):
             point,
             dt0,
             jnp.zeros((), jnp.int32),
-            # An idle slot (no item left) takes no step and searches nothing.
-            jnp.where(active, Status.RUNNING, Status.NOT_REACHED).astype(jnp.int32),
+            # An idle slot (no item left), or an item whose gain no policy attains, takes no step
+            # and searches nothing.
+            jnp.where(active & args.attainable, Status.RUNNING, Status.NOT_REACHED).astype(jnp.int32),
             _Event(jnp.zeros((), dtype), jnp.zeros((), dtype)),
         )
 
@@ -640,8 +665,8 @@ def trajectory(
     policy: ExactPolicy | None = None,
     kl_coef: ArrayLike | None = None,
     eval_rewards: ArrayLike | None = None,
-    rtol: float = 1e-8,
-    atol: float = 1e-10,
+    rtol: float | None = None,
+    atol: float | None = None,
     solver: diffrax.AbstractSolver | None = None,
     max_steps: int = 100_000,
 ) -> FlowMetrics:
@@ -650,14 +675,15 @@ def trajectory(
     Integrates the coupled system ``d theta/dt = grad phi(theta)`` (with its ``1/|S|``) for each
     problem of the leading batch, saving only the metrics. ``ts`` must be non-empty, finite,
     non-decreasing and >= 0. ``kl_coef``: None (no KL term) or finite ``lam >= 0``, one per
-    problem or per prompt as in :func:`first_passage`. ``solver``: a diffrax solver (default
-    ``Dopri5``); ``max_steps``: most solver steps per problem (more raises an error).
+    problem or per prompt as in :func:`first_passage`. ``rtol``, ``atol``: as in
+    :func:`first_passage`. ``solver``: a diffrax solver (default ``Dopri5``); ``max_steps``: most
+    solver steps per problem (more raises an error).
     """
     policy = default_policy(policy, rm_rewards)
     init_logits, rm_rewards, eval_rewards, kl_coef = validate_problem(
         policy, init_logits, rm_rewards, eval_rewards, kl_coef
     )
-    _check_tolerances(rtol, atol)
+    rtol, atol = _tolerances(rtol, atol, rm_rewards.dtype)
     check_int("max_steps", max_steps, low=1)
     ts = jnp.asarray(ts, rm_rewards.dtype)
     if ts.ndim != 1 or ts.shape[0] == 0:
@@ -678,8 +704,8 @@ def trajectory(
         ts,
         policy=policy,
         solver=_default_solver() if solver is None else solver,
-        rtol=float(rtol),
-        atol=float(atol),
+        rtol=rtol,
+        atol=atol,
         max_steps=max_steps,
     )
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(len(ts), *batch, x.shape[-1]), out)

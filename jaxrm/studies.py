@@ -323,7 +323,7 @@ def _jsonable(value):
 
 def fmt(value, digits=3) -> str:
     """Compact number for tables: 3 significant digits, scientific when large or small."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
         return "n/a"
     if isinstance(value, (int, np.integer)):
         return str(int(value))

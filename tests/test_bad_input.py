@@ -192,7 +192,11 @@ def test_python_m_theory_refuses_a_bad_command_line_before_computing(argv, messa
 
 @pytest.mark.parametrize(
     ("blocker", "message"),
-    [("figures", "figures is a file, where"), ("report.md/", "report.md is a directory, where a file")],
+    [
+        ("figures", "figures is a file, where"),
+        ("report.md/", "report.md is a directory, where a file"),
+        ("best_of_n_violations.json/", "best_of_n_violations.json is a directory, where a file"),
+    ],
 )
 def test_python_m_theory_refuses_an_out_directory_whose_outputs_cannot_be_written(
     blocker, message, tmp_path, capsys, monkeypatch
@@ -410,6 +414,10 @@ KERNEL_CASES = [
     (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, kl_coef=jnp.ones(5)), r"kl_coef \[5\] fits neither"),
     (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, kl_coef=math.inf), r"kl_coef must be finite"),
     (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, rtol=-1.0), r"rtol must be a finite number > 0"),
+    (
+        lambda: flow.t_gamma(jnp.zeros((3, 4), jnp.float32), jnp.eye(4, dtype=jnp.float32)[:3], 0.1, rtol=1e-8),
+        r"rtol=1e-08 is below what float32 resolves",
+    ),
     (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, max_steps=True), r"max_steps must be an int >= 1"),
     (lambda: flow.t_gamma(jnp.zeros((3, 4)), jnp.eye(4)[:3], 0.1, devices=jax.devices()[0]), r"devices must be"),
     (lambda: flow.trajectory(jnp.zeros((3, 4)), jnp.eye(4)[:3], []), r"ts must be a non-empty"),

@@ -54,9 +54,20 @@ def test_two_outputs_match_closed_form(p0, gamma, num_prompts):
     np.testing.assert_allclose(t, two_output_t_gamma(p0, gap, gamma, num_prompts), rtol=1e-6)
 
 
-def test_unreachable_gain_is_inf():
-    t = flow.t_gamma(jnp.zeros((1, 2)), jnp.array([[0.0, 1.0]]), 0.6, t_max=1e4)
-    assert np.isinf(t).all()
+def test_a_gain_no_softmax_policy_attains_is_not_reached_and_costs_no_step():
+    """From p = (1/2, 1/2) and rewards (0, 1) the gain tends to 1/2 and never gets there. Asking
+    for 1/2 itself was once REACHED, at whatever time the top probability rounded to 1 (about
+    5e6 in float32, 5e15 in float64)."""
+    logits, rewards = jnp.zeros((1, 3, 2)), jnp.array([[[0.0, 1.0]] * 3])
+    gammas = jnp.array([[0.6, 0.5, 0.49]])
+    for dtype in (jnp.float64, jnp.float32):
+        out = flow.first_passage(logits.astype(dtype), rewards.astype(dtype), gammas.astype(dtype), t_max=1e20)
+        assert out.status[0].tolist() == [flow.Status.NOT_REACHED] * 2 + [flow.Status.REACHED]
+        assert out.t_end[0, :2].tolist() == [0.0, 0.0] and out.num_steps[0, :2].tolist() == [0, 0]
+        assert np.isinf(out.t_gamma[0, :2]).all()
+        # Below the limit, float32 with its default tolerances agrees with the closed form.
+        expected = two_output_t_gamma(0.5, 1.0, 0.49, 3)
+        np.testing.assert_allclose(out.t_gamma[0, 2], expected, rtol=1e-7 if dtype == jnp.float64 else 1e-3)
 
 
 CASES = {

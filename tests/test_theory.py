@@ -855,3 +855,13 @@ def test_the_command_line_keeps_compiled_programs_for_the_next_run(tmp_path):
     assert {p.name for p in cache.iterdir()} == entries
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--compilation-cache", str(tmp_path / "out" / "report.md" / "sub")])
+
+
+def test_every_file_a_study_writes_is_checked_before_it_runs(quick_run):
+    """The quick run's output directory holds nothing that python -m theory did not check first."""
+    from theory import STUDIES, study_outputs
+
+    status, out, _ = quick_run
+    checked = {"report.md"} | {path for name in STUDIES for path in study_outputs(name)}
+    written = {str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()}
+    assert written <= checked, written - checked

@@ -32,6 +32,21 @@ STUDIES = {
 }
 
 
+# Files a study writes besides NAME.json, NAME.md, NAME_violations.json and figures/NAME.png.
+_MORE_OUTPUTS = {
+    "theorem1": ("theorem1_all_instances.npz",),
+    "tightness": ("tightness_minimizers.json",),
+    "estimators": ("figures/estimators_passage.png",),
+}
+
+
+def study_outputs(name: str) -> list[str]:
+    """Every file study ``name`` may write into the output directory (relative paths), so that
+    ``python -m theory`` can check them all before any study runs."""
+    own = [f"{name}.json", f"{name}.md", f"{name}_violations.json", f"figures/{name}.png"]
+    return own + list(_MORE_OUTPUTS.get(name, ()))
+
+
 def run_study(name: str, out: Path, quick: bool) -> dict:
     """Run one study (also the entry point of a worker process) and return its summary."""
     import jax

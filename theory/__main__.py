@@ -1,7 +1,9 @@
 """``python -m theory``: run the exact-dynamics studies and write a report.
 
 Each study writes ``NAME.json`` (with ``instances`` and ``violations`` where bounds are
-checked, and ``quick``), ``NAME.md`` and ``figures/NAME.png`` into ``--out``; ``report.md``
+checked, and ``quick``), ``NAME.md`` and ``figures/NAME.png`` into ``--out``, and the instances
+that violate a bound into ``NAME_violations.json`` (``theory.study_outputs`` lists every file,
+all checked before any study runs); ``report.md``
 collects the studies in ``--out`` that ran at the same size as this run (a ``--quick`` report says
 so at the top and never lists full results, nor the other way round).
 """
@@ -20,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from jaxrm.studies import add_compilation_cache_option, check_out_directory, use_compilation_cache, write_text
-from theory import STUDIES, run_study
+from theory import STUDIES, run_study, study_outputs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,9 +118,9 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}.")
     names = list(dict.fromkeys(args.only or STUDIES))  # a study named twice runs once
-    outputs = ["report.md"] + [f"{name}{suffix}" for name in names for suffix in (".json", ".md")]
+    outputs = ["report.md"] + [path for name in names for path in study_outputs(name)]
     try:
-        out = check_out_directory(args.out, files=outputs + [f"figures/{name}.png" for name in names])
+        out = check_out_directory(args.out, files=outputs)
     except ValueError as error:
         parser.error(str(error))
     try:
