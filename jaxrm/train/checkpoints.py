@@ -63,7 +63,8 @@ class RunCheckpoints:
             record = self._restore(step, record=ocp.args.JsonRestore())
             if record is None:
                 continue
-            stored = record["record"].get("layout")  # absent from checkpoints of earlier versions
+            record = record["record"]
+            stored = record.get("layout")  # absent from checkpoints of earlier versions
             if stored is not None and stored != expected:
                 difference = next(
                     (
@@ -80,13 +81,11 @@ class RunCheckpoints:
                     f"template ({difference}); it was left in place."
                 )
             restored = self._restore(
-                step,
-                state=ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract)),
-                record=ocp.args.JsonRestore(),
+                step, state=ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract))
             )
             if restored is None:
                 continue
-            if tree_checksum(restored["state"]) != restored["record"].get("checksum"):
+            if tree_checksum(restored["state"]) != record.get("checksum"):
                 self._set_aside(step, "is damaged (checksum mismatch)")
                 continue
             state = jax.tree.map(
@@ -97,7 +96,7 @@ class RunCheckpoints:
                 template,
                 is_leaf=is_prng_key,
             )
-            return step, state, restored["record"]
+            return step, state, record
         return None
 
     def _restore(self, step: int, **items):
