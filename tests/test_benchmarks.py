@@ -139,6 +139,7 @@ def test_rlhf_benchmark_refuses_microbatches_that_do_not_divide_the_batch(tmp_pa
         ("rlhf_step", ["--out", "{tmp}/a_file/record.json"], "its directory {tmp}/a_file is a file"),
         ("accelerator", ["--out", "/proc/jaxrm/record.json"], "no file can be created in /proc"),
         ("programs", ["depth", "--out", "{tmp}"], "--out {tmp} is a directory"),
+        ("programs", ["depth", "--layers", "6", "6"], "at least two distinct positive depths"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_before_any_work(name, arguments, message, tmp_path, capsys):

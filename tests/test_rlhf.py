@@ -338,7 +338,12 @@ def test_a_reward_model_teacher_and_bad_configs():
         RLHFConfig(prompts_per_iteration=3, samples_per_prompt=2, minibatches=4)
     with pytest.raises(ValueError, match="temperature"):
         RLHFConfig(temperature=0.0)
-    for bad, name in ((dict(top_p=2.0), "top_p"), (dict(reward_clip=-1.0), "reward_clip"), (dict(eos_id=-1), "eos_id")):
+    for bad, name in (
+        (dict(top_p=2.0), "top_p"),
+        (dict(reward_clip=-1.0), "reward_clip"),
+        (dict(eos_id=-1), "eos_id"),
+        (dict(clip_eps=0.0), "clip_eps"),  # the clipped surrogate needs a range > 0
+    ):
         with pytest.raises(ValueError, match=name):
             RLHFConfig(**bad)
 

@@ -787,6 +787,17 @@ def test_estimator_atlas_measures_every_estimator_and_says_what_it_found(quick_r
         if r["name"] == "dr_grpo(k=2), k1 in reward":
             r["scale"] = [0.9] * len(r["scale"])
     assert "not the (k-1)/k = 0.5 of a plain mean" in estimators._findings(altered, config)
+    # No file of violations for this run; a tolerance below rounding breaks every checked row,
+    # and each broken bound names the instance (problem, reward scale) that broke it worst.
+    assert not (quick_run[1] / "estimators_violations.json").exists()
+    broken = estimators._violating(rows, 1e-300)
+    assert sum(v["bound"] == "unbiased" for v in broken) == sum(r["should_be_unbiased"] for r in rows)
+    assert sum(v["bound"] == "followed" for v in broken) == 38
+    worst = next(v for v in broken if v["name"] == "rloo(k=2), k1 in reward")
+    assert worst["instance"]["problem"] in (0, 1) and worst["instance"]["scale"] in (
+        1.0,
+        10.0 ** config.log10_scales[-1],
+    )
 
 
 @pytest.mark.slow

@@ -10,9 +10,11 @@ download); throughput does not depend on them.
 For each shape it prints generated tokens/s of :func:`jaxrm.models.sampling.sample` (``--batch``
 prompts of ``--prompt-len`` tokens, ``--new-tokens`` new tokens, temperature 1, no EOS) and of a
 full RLOO iteration (:func:`jaxrm.train.rlhf.make_iteration`, ``--batch`` / 2 prompts x k = 2),
-with the model FLOP utilisation (MFU) of each: model FLOPs (``2 x params`` per token per forward
-pass, ``4 x params`` per backward, the input embedding excluded, recomputation not counted)
-over time over the device's datasheet peak for dense bfloat16 matmuls (``PEAK_TFLOPS`` by
+with the model FLOP utilisation (MFU) of each: model FLOPs as jaxrm computes them
+(:func:`experiments.benchmarks.common.model_flops_per_iteration`: per position ``2 x`` the
+blocks' parameters, both embeddings excluded, plus causal attention at ``4 x layers x hidden``
+per attended pair, and the unembedding only where logits are used; a backward pass at twice its
+forward; recomputation not counted) over time over the device's datasheet peak for dense bfloat16 matmuls (``PEAK_TFLOPS`` by
 device kind, or ``--peak-tflops``; on a device not in the table MFU is left out rather than
 guessed). Compile time is reported separately; figures are medians after a warm-up. The JSON
 record (``--out``, with the installed package versions) is rewritten after each shape, so a run

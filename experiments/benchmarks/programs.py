@@ -100,9 +100,21 @@ DEPTH_VARIANTS = {"scanned": True, "unrolled": False}
 
 
 def measure_depth(shape: str, layers: list[int], *, prompts: int, new_tokens: int, log=print) -> dict:
-    """Seconds of ``.lower().compile()`` of the iteration at each depth, for each of
-    :data:`DEPTH_VARIANTS`, and each variant's ratio of the deepest to the shallowest."""
+    """Seconds of ``.lower().compile()`` of the iteration at each depth (in increasing order),
+    for each of :data:`DEPTH_VARIANTS`, and each variant's ratio of the deepest to the shallowest.
+
+    A one-layer iteration is compiled first and not counted: a process's first trace and compile
+    pay one-time costs (JAX's and XLA's set-up, lazy imports) that would otherwise fall on the
+    first program measured only, the shallowest scanned one, and flatter its ratio."""
+    layers = sorted(set(layers))
     result = {"shape": shape, "layers": layers}
+    warm_up = seconds(
+        lambda: lower_rloo_iteration(
+            preset(shape, num_layers=1), prompts=prompts, prompt_len=16, new_tokens=new_tokens
+        ).compile()
+    )
+    log(f"  warm-up ({shape} x 1 layer, not counted): {warm_up:.1f} s")
+    result["warm_up_s"] = warm_up
     for name, scan_layers in DEPTH_VARIANTS.items():
         times = []
         for num_layers in layers:
@@ -167,7 +179,7 @@ def main(argv=None):
         "depth", formatter_class=HelpFormatter, help="compile time of the iteration against depth"
     )
     depth.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset whose width is used")
-    depth.add_argument("--layers", type=int, nargs="+", default=[6, 24], help="depths compiled")
+    depth.add_argument("--layers", type=int, nargs="+", default=[6, 24], help="depths compiled (at least two)")
     memory = commands.add_parser(
         "memory", formatter_class=HelpFormatter, help="per-device memory under replicated and fsdp"
     )
@@ -184,8 +196,8 @@ def main(argv=None):
         preset(args.shape)
     except ValueError as error:
         parser.error(f"--shape: {error}")
-    if args.command == "depth" and min(args.layers) < 1:
-        parser.error("--layers must be positive")
+    if args.command == "depth" and (min(args.layers) < 1 or len(set(args.layers)) < 2):
+        parser.error("--layers must be at least two distinct positive depths")
     if args.prompts < 1 or args.new_tokens < 1:
         parser.error("--prompts and --new-tokens must be positive")
     if args.command == "memory" and (args.devices < 1 or args.prompts % args.devices):
@@ -196,7 +208,7 @@ def main(argv=None):
     if args.command == "depth":
         result = measure_depth(args.shape, args.layers, prompts=args.prompts, new_tokens=args.new_tokens)
         ratios = ", ".join(f"{name} {result[f'{name}_ratio']:.2f}x" for name in DEPTH_VARIANTS)
-        print(f"compile time {args.layers[-1]} / {args.layers[0]} layers: {ratios}")
+        print(f"compile time {max(args.layers)} / {min(args.layers)} layers: {ratios}")
     else:
         result = measure_memory(args.shape, devices=args.devices, prompts=args.prompts, new_tokens=args.new_tokens)
     write_record(out, result)

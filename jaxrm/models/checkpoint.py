@@ -73,7 +73,7 @@ def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata
     """Write ``model`` to ``directory`` (which must not exist yet); returns the directory.
 
     One process only: under ``jax.distributed`` it refuses (a run's state is checkpointed across
-    processes by :func:`jaxrm.train.run_rlhf`)."""
+    processes by :func:`jaxrm.train.driver.run_rlhf`)."""
     directory = Path(directory).absolute()
     if jax.process_count() > 1:
         raise RuntimeError(

@@ -95,7 +95,7 @@ class RLHFConfig:
         current log-probs to the loss, so it acts on the update (TRL / DeepSeek-style GRPO; the
         official GRPO of Razin et al. subtracts a detached k3 term instead,
         docs/theory.md#official-rloo-and-grpo-semantics).
-      clip_eps: PPO clip range of the ratio, ``[1 - eps, 1 + eps]``.
+      clip_eps: PPO clip range of the ratio, ``[1 - eps, 1 + eps]``; > 0.
       ratio_level: ``sequence`` (one ratio per response, the official RLOO) or ``token``.
       aggregation: how a token-level loss is reduced (:data:`jaxrm.pg.AGGREGATIONS`); with
         ``ratio_level="sequence"`` the surrogate is a mean over sequences whatever this says.
@@ -138,7 +138,7 @@ class RLHFConfig:
     kl_coef: float = checked(0.05, NON_NEGATIVE)
     kl_estimator: str = checked("k1", one_of(metrics.KL_ESTIMATORS))
     kl_placement: str = checked("reward", one_of(KL_PLACEMENTS))
-    clip_eps: float = checked(0.2, NON_NEGATIVE)
+    clip_eps: float = checked(0.2, POSITIVE)
     ratio_level: str = checked("sequence", one_of(pg.RATIO_LEVELS))
     aggregation: str = checked("token-mean", one_of(pg.AGGREGATIONS))
     entropy_coef: float = checked(0.0, NON_NEGATIVE)
