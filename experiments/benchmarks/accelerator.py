@@ -59,7 +59,8 @@ PEAK_TFLOPS = {
     "NVIDIA L4": 121.0,
     "TPU v4": 275.0,
     "TPU v5 lite": 197.0,
-    "TPU v5": 459.0,  # v5p
+    "TPU v5": 459.0,  # v5p, as some jaxlib versions name it
+    "TPU v5p": 459.0,
     "TPU v6 lite": 918.0,
 }
 
