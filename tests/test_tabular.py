@@ -83,6 +83,20 @@ def test_closed_form_gradient_equals_autodiff(policy, make, kl_coef):
 
 
 @pytest.mark.parametrize("policy,make", POLICIES)
+def test_log_prob_vjp_is_the_vjp_of_log_probs_on_both_paths(policy, make):
+    """The closed-form ``sum_y c[y] grad log pi(y)`` against autodiff, for a cotangent that does
+    not sum to zero (the general path) and for one that does (``centered=True``)."""
+    logits = make(jax.random.key(5))
+    log_probs, vjp = jax.vjp(policy.log_probs, logits)
+    cotangent = jax.random.normal(jax.random.key(6), log_probs.shape)
+    centered = cotangent - cotangent.mean(-1, keepdims=True)
+    for c, is_centered in ((cotangent, False), (centered, True), (centered, False)):
+        closed = policy.log_prob_vjp(logits, c, centered=is_centered)
+        for a, b in zip(jax.tree.leaves(closed), jax.tree.leaves(vjp(c)[0])):
+            np.testing.assert_allclose(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("policy,make", POLICIES)
 def test_float32_parameters_give_float32_log_probs_and_gradients(policy, make):
     """Under x64 (conftest) too: a policy's float64 constants (features, visit counts) must not
     promote a float32 problem, whose loop carries would then change type (an ascent crashed)."""
