@@ -112,6 +112,16 @@ def test_first_passage_of_the_exact_ascent_converges_to_the_flow():
         out = ascent_first_passage(logits, rewards, 0.25, optimizer=optax.sgd(lr), max_steps=10**5)
         assert bool(out.reached[0]) and abs(lr * int(out.steps[0]) - flow_t) <= 2 * lr
         assert float(out.tied_share[0]) == 1.0  # the exact gradient is a "group" of one
+    # Two prompts passing at different steps: each one's share counts only its own updates.
+    both = ascent_first_passage(
+        jax.numpy.zeros((2, 2)),
+        jax.numpy.array([[0.0, 1.0], [0.0, 0.4]]),
+        0.1,
+        optimizer=optax.sgd(0.1),
+        max_steps=10**4,
+    )
+    assert bool(both.reached.all()) and int(both.steps[0]) < int(both.steps[1])
+    np.testing.assert_array_equal(both.tied_share, [1.0, 1.0])
 
 
 def test_sampled_first_passage_seeds_censoring_and_the_learning_rate_identity(problem):
