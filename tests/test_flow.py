@@ -296,6 +296,22 @@ def test_kl_regularized_gain_out_of_reach_stops_early_and_only_then():
     np.testing.assert_allclose(zero.t_gamma, plain.t_gamma, rtol=1e-9)
 
 
+def test_kl_regularized_eval_gain_above_the_limit_on_the_way_is_reached():
+    """Timed on another reward than the one trained on, the eval reward can rise above pi*'s and
+    fall back: a gain between pi*'s and the peak is reached, at the trajectory's crossing (the
+    Pinsker slack keeps the solve going while the policy is far from pi*)."""
+    logits, rm, ev, lam = jnp.zeros((1, 3)), jnp.array([[0.0, 3.0, 3.3]]), jnp.array([[0.0, 1.0, 0.0]]), 0.1
+    limit = float((jax.nn.softmax(jnp.log(jax.nn.softmax(logits)) + rm / lam) * ev).sum())
+    path = np.asarray(flow.trajectory(logits, rm, jnp.linspace(0.0, 3.0, 31), kl_coef=lam, eval_rewards=ev).eval_reward)
+    start, peak = path[0, 0], path.max()
+    gamma = 0.5 * (peak - start)
+    assert limit < start + gamma < peak and path[-1, 0] < peak
+    out = flow.first_passage(logits, rm, gamma, kl_coef=lam, eval_rewards=ev)
+    assert int(out.status[0]) == flow.Status.REACHED
+    there = flow.trajectory(logits, rm, out.t_gamma[:1], kl_coef=lam, eval_rewards=ev).eval_reward
+    np.testing.assert_allclose(float(there[0, 0]), start + gamma, rtol=1e-7)
+
+
 def _solve_to(field, y0, t_end, rtol, atol):
     """The jaxrm._dopri5 loop to a fixed time: (y at t_end, times of the accepted steps, rejected steps)."""
     f0 = field(y0)[0]
