@@ -262,3 +262,35 @@ def test_constant_rewards_teach_nothing_under_global_normalization():
         np.testing.assert_array_equal(moments.mean, 0.0)
         # An estimate that is always 0 has no signal-to-noise ratio (it is not infinite).
         assert np.isnan(E.compare(moments, E.objective_gradient(policy, logits, rewards)).snr)
+
+
+def test_one_sample_reinforce_has_its_hand_enumerated_moments():
+    """k = 1 on a tabular prompt: the estimate is ``(r_y - b)(e_y - pi)`` with probability
+    ``pi_y``, ``b = 0`` for REINFORCE and ``E_pi[r]`` with the exact baseline, whose mean is the
+    same and whose covariance is smaller here."""
+    policy, logits, rewards = TabularPolicy(3), jnp.array([[0.3, -0.2, 0.5]]), jnp.array([1.0, 0.2, -0.7])
+    pi = np.asarray(jax.nn.softmax(logits[0]))
+    traces = {}
+    for name, baseline in (("reinforce", 0.0), ("reinforce_baseline", pi @ np.asarray(rewards))):
+        samples = np.stack([(float(rewards[y]) - baseline) * (np.eye(3)[y] - pi) for y in range(3)])
+        mean = pi @ samples
+        covariance = np.einsum("y,yi,yj->ij", pi, samples - mean, samples - mean)
+        moments = E.estimate_moments(E.Estimator(name, k=1), policy, logits, rewards)
+        np.testing.assert_allclose(moments.mean, mean, atol=1e-15)
+        np.testing.assert_allclose(moments.covariance, covariance, atol=1e-15)
+        traces[name] = np.trace(covariance)
+    assert traces["reinforce_baseline"] < 0.9 * traces["reinforce"]
+
+
+def test_compare_measures_against_the_target_as_defined():
+    """mean (1, 1) against target (1, 0): best scale 1, the residual (0, 1) is 1 of |target| and
+    1/sqrt(2) of |mean|; SNR |mean|^2 / trace(Cov) = 2 / 2."""
+    out = E.compare(E.Moments(np.ones(2), np.eye(2), 1), np.array([1.0, 0.0]))
+    np.testing.assert_allclose(
+        [out.relative_bias, out.cosine, out.scale, out.direction_bias, out.total_variance, out.snr],
+        [1.0, 0.5**0.5, 1.0, 0.5**0.5, 2.0, 1.0],
+        rtol=1e-15,
+    )
+    # A mean twice the target: unbiased in direction, biased in size.
+    out = E.compare(E.Moments(np.array([2.0, 0.0]), np.eye(2), 1), np.array([1.0, 0.0]))
+    assert (out.relative_bias, out.scale, out.direction_bias, out.cosine) == (1.0, 2.0, 0.0, 1.0)
