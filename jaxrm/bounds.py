@@ -191,6 +191,8 @@ def theorem2_rho(initial_value: ArrayLike, gamma: ArrayLike, good_reward: ArrayL
 
     >>> float(theorem2_rho(0.0, 0.5, 1.0))  # (0 + 0.5 + 1) / 2
     0.75
+    >>> round(float(theorem2_rho(-0.2, 0.3, 0.5)), 4)  # (-0.2 + 0.3 + 1) / 1.5
+    0.7333
     """
     return (np.asarray(initial_value) + gamma + 1.0) / (np.asarray(good_reward) + 1.0)
 
@@ -226,6 +228,8 @@ def theorem2_kl_limit(good_prob: ArrayLike, rho: ArrayLike, min_prob: ArrayLike)
 
     >>> round(float(theorem2_kl_limit(0.25, 0.5, 0.25)), 6)
     0.000661
+    >>> round(float(theorem2_kl_limit(0.25, 0.3, 0.25)), 6)  # Theorem 3's limit differs at rho != 1/2
+    0.002538
     """
     rho, good_prob = _checked_rho(rho, good_prob, "good_prob")
     min_prob = _checked_min_prob(min_prob)
@@ -252,8 +256,10 @@ def theorem3_kl_limit(good_prob_floor: ArrayLike, rho: ArrayLike, min_prob: Arra
     """Largest ``lam`` for Theorem 3's fast bound: ``c (1 - rho)^3 / (16 (1/(2e) - 2 ln min pi0))``,
     for ``0 < c < rho < 1``.
 
-    >>> round(float(theorem3_kl_limit(0.25, 0.5, 0.25)), 6)
+    >>> round(float(theorem3_kl_limit(0.25, 0.5, 0.25)), 6)  # (1 - rho)^3 / 16 = (1 - rho)^4 / 8 here
     0.000661
+    >>> round(float(theorem3_kl_limit(0.25, 0.3, 0.25)), 6)
+    0.001813
     """
     rho, floor = _checked_rho(rho, good_prob_floor, "good_prob_floor")
     min_prob = _checked_min_prob(min_prob)
