@@ -67,6 +67,11 @@ def test_aggregation_and_losses_by_hand():
     inactive = jnp.log(jnp.array([[0.5], [2.0]]))
     _, clip_fraction = pg.clipped_surrogate_loss(inactive, jnp.zeros((2, 1)), jnp.array([1.0, -1.0]), jnp.ones((2, 1)))
     assert float(clip_fraction) == 0.0
+    # ... and the other way round both are clipped: ratio 2 with A > 0, ratio 0.5 with A < 0.
+    active = jnp.log(jnp.array([[2.0], [0.5]]))
+    loss, clip_fraction = pg.clipped_surrogate_loss(active, jnp.zeros((2, 1)), jnp.array([1.0, -1.0]), jnp.ones((2, 1)))
+    assert float(clip_fraction) == 1.0
+    np.testing.assert_allclose(loss, (-1.2 * 1.0 - 0.8 * -1.0) / 2, rtol=1e-6)
     per_token = jnp.array([[1.0, 3.0], [2.0, 5.0]])
     assert [float(pg.aggregate(per_token, mask, mode=m)) for m in pg.AGGREGATIONS] == [2.0, 2.0, 3.0]
     # Unequal lengths: token-mean weighs tokens (10 / 4), sequence-mean weighs sequences ((3 + 1) / 2).
