@@ -89,6 +89,18 @@ class TestRewardVariance:
         with pytest.raises(ValueError, match="shape mismatch"):
             metrics.reward_variance(jnp.zeros(3), jnp.zeros(4))
 
+    def test_normalized_rewards_have_policy_mean_0_and_variance_1(self):
+        """Under a non-uniform policy, averaged over prompts: mean_x E_pi[n] = 0 and
+        mean_x E_pi[n^2] = 1, per leading set of rewards; a uniform weighting would miss both."""
+        logits = 2.0 * jax.random.normal(jax.random.key(1), (3, 4, 5))
+        rewards = jax.random.uniform(jax.random.key(2), (3, 4, 5), minval=-1.0, maxval=2.0)
+        normalized = metrics.normalize_rewards(logits, rewards)
+        probs = jax.nn.softmax(logits, -1)
+        np.testing.assert_allclose(jnp.mean(jnp.sum(probs * normalized, -1), -1), 0.0, atol=1e-12)
+        np.testing.assert_allclose(jnp.mean(jnp.sum(probs * normalized**2, -1), -1), 1.0, rtol=1e-12)
+        # An affine map of the rewards: the same result.
+        np.testing.assert_allclose(metrics.normalize_rewards(logits, 3.0 * rewards - 7.0), normalized, atol=1e-12)
+
 
 class TestSampleRewardVariance:
     def test_ddof_matches_numpy(self):
