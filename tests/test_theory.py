@@ -283,6 +283,8 @@ def test_teacher_comparisons_are_counted_per_problem_with_intervals():
     counts = {"1": [70, 128], "10": [126, 128], "100": [128, 128]}
     text = theorem2._wins_text(counts)
     assert text.startswith("from `T = 10` on") and "at least 126 of 128 problems (98.4%, 95% CI 94.4-99.6%)" in text
+    # The fewest wins are looked for at every T from there on, not only at the first.
+    assert "at least 122 of 128" in theorem2._wins_text({"1": [70, 128], "10": [128, 128], "100": [122, 128]})
     counts["10"] = [100, 128]  # a dip: the claim starts after it
     assert theorem2._wins_text(counts).startswith("from `T = 100` on")
     counts["100"] = [120, 128]
@@ -495,6 +497,19 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     assert "most cases but not in all" in theorem3._conclusion(swapped)
     swapped["student_decides"] = 0.4
     assert f"in {cells - 1} of {cells} (T, family) cells" in theorem3._conclusion(swapped)
+    # Which of the two teachers is the less accurate is read from the summary, not assumed.
+    accuracy = summaries["theorem3"]["accuracy"]
+    less = "*less* accurate" if accuracy[theorem3.TEACHERS[1]] < accuracy[theorem3.TEACHERS[0]] else "no less accurate"
+    other = "no less accurate" if less == "*less* accurate" else "*less* accurate"
+    assert f"the {less} `r'_RM`" in theorem3._conclusion(summaries["theorem3"])
+    flipped = json.loads(json.dumps(summaries["theorem3"]))
+    flipped["accuracy"] = dict(zip(theorem3.TEACHERS, reversed([accuracy[name] for name in theorem3.TEACHERS])))
+    assert accuracy[theorem3.TEACHERS[0]] != accuracy[theorem3.TEACHERS[1]]
+    assert f"the {other} `r'_RM`" in theorem3._conclusion(flipped)
+    # "Steeper than -1/2" only when the whole interval is.
+    fit = {"n": 12, "slope": -0.6, "ci": [-0.8, -0.4]}
+    assert "not universal" not in theorem3._slow_slope_text({"slow_slope": fit})
+    assert "not universal" in theorem3._slow_slope_text({"slow_slope": fit | {"ci": [-0.7, -0.55]}})
     general = summaries["theorem3"]["general_policy"]["student_decides_counts"]["problems"]
     assert f"every case of {general[0]} of {general[1]} one-prompt draws" in summaries["theorem3"]["verdict"]
     assert f"{summaries['theorem2']['unattainable']} that cannot reach the gain" in summaries["theorem2"]["verdict"]
@@ -522,6 +537,24 @@ def test_best_of_n_and_theorem_studies_tell_their_story(quick_run):
     assert "is undecided" in paradox_study._markdown(altered, config)
     altered["moderate_accuracy"]["relative_gain_gap"] = [0.005, 0.002, 0.008]
     assert "does not appear in this exact model" in paradox_study._markdown(altered, config)
+
+
+def test_theorem2_limit_reward_is_the_ground_truth_where_the_flow_ends():
+    """The policy the flow tends to, checked against the flow itself at a late time: without a KL
+    term it puts the mass on the trained reward's best output (of tied ones, the one of largest
+    initial logit), whatever the ground truth prefers; with one, on the tilted reference."""
+    logits = np.array([[0.0, 0.5, -0.5], [0.3, 0.0, -1.0], [0.2, -0.3, 0.1]])
+    rm = np.array([[1.0, 0.0, 0.5], [1.0, 0.2, 1.0], [1.0, 0.0, 0.5]])
+    gt = np.array([[0.0, 1.0, 0.5], [-0.5, 1.0, 0.8], [0.0, 1.0, 0.5]])
+    lam = np.array([0.0, 0.0, 0.5])
+    limits = theorem2.limit_reward(logits, rm, gt, lam)
+    np.testing.assert_array_equal(limits[:2], [0.0, -0.5])
+    for row, late in ((0, 1e6), (1, 1e6), (2, 200.0)):
+        kl_coef = None if lam[row] == 0 else lam[row]
+        path = flow.trajectory(
+            logits[row : row + 1], rm[row : row + 1], [late], kl_coef=kl_coef, eval_rewards=gt[row : row + 1]
+        )
+        np.testing.assert_allclose(float(path.eval_reward[0, 0]), limits[row], atol=1e-3)  # a slow approach
 
 
 def test_theorem2_teachers_have_the_accuracy_and_variance_the_theorem_says():
