@@ -59,7 +59,7 @@ class TransformerConfig:
       param_dtype: storage dtype of the parameters, one of ``DTYPES``.
       scan_layers: run the blocks as one ``jax.lax.scan`` over their stacked parameters (True,
         default), so the program holds one block's operations whatever ``num_layers`` (compile
-        time of an RLOO iteration grows 1.5-1.6x from 6 to 24 layers, against 2.8-4.2x unrolled,
+        time of an RLOO iteration grows 1.5-1.7x from 6 to 24 layers, against 3.0-3.8x unrolled,
         with the optimizer on stacked layers, :mod:`jaxrm.train.optimizers`); False
         unrolls them. The parameters are stored per layer either way (the Hugging Face
         layout), and the scan stacks them on each call: one extra copy of the block parameters
