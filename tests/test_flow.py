@@ -302,14 +302,16 @@ def test_kl_regularized_eval_gain_above_the_limit_on_the_way_is_reached():
     Pinsker slack keeps the solve going while the policy is far from pi*)."""
     logits, rm, ev, lam = jnp.zeros((1, 3)), jnp.array([[0.0, 3.0, 3.3]]), jnp.array([[0.0, 1.0, 0.0]]), 0.1
     limit = float((jax.nn.softmax(jnp.log(jax.nn.softmax(logits)) + rm / lam) * ev).sum())
-    path = np.asarray(flow.trajectory(logits, rm, jnp.linspace(0.0, 3.0, 31), kl_coef=lam, eval_rewards=ev).eval_reward)
-    start, peak = path[0, 0], path.max()
+    ts = np.linspace(0.0, 3.0, 31)
+    path = np.asarray(flow.trajectory(logits, rm, ts, kl_coef=lam, eval_rewards=ev).eval_reward)[:, 0]
+    start, peak = path[0], path.max()
     gamma = 0.5 * (peak - start)
-    assert limit < start + gamma < peak and path[-1, 0] < peak
+    assert limit < start + gamma < peak and path[-1] < peak
     out = flow.first_passage(logits, rm, gamma, kl_coef=lam, eval_rewards=ev)
     assert int(out.status[0]) == flow.Status.REACHED
-    there = flow.trajectory(logits, rm, out.t_gamma[:1], kl_coef=lam, eval_rewards=ev).eval_reward
-    np.testing.assert_allclose(float(there[0, 0]), start + gamma, rtol=1e-7)
+    crossed = int(np.argmax(path >= start + gamma))  # the trajectory's first sample past the gain
+    assert ts[crossed - 1] < float(out.t_gamma[0]) <= ts[crossed]
+    np.testing.assert_allclose(float((jax.nn.softmax(out.logits[0]) * ev[0]).sum()), start + gamma, rtol=1e-7)
 
 
 def _solve_to(field, y0, t_end, rtol, atol):
