@@ -381,6 +381,19 @@ def test_paradox_verdicts_follow_the_outcomes():
     assert paradox.overall_verdict(verdicts) == "inconclusive"
     noisy = monotone + np.array([[0.0, 5.0]] * 6)
     assert paradox.overall_verdict(paradox.run_verdicts(saves, correct, noisy, runs=2)) == "inconclusive"
+    # 6 of 400 pairs apart (t = 2.47): below 0 at the 95% level of one comparison, not once
+    # corrected over the runs and every pair of a run's saves (z = 2.64).
+    corrected = _nested_correct([0.5, 0.685, 0.7, 0.5, 0.6, 0.7])
+    verdicts = paradox.run_verdicts(saves, corrected, moderate, runs=2)
+    assert verdicts[0]["less_accurate_steps"] == [1] and verdicts[0]["beaten_by_steps"] == []
+
+
+def test_the_stop_at_a_kl_budget_reads_the_smoothed_curves():
+    kl, truth = np.arange(5.0), 10 * np.arange(5.0)
+    # (smoothed ground truth at the stop, the stop's last iteration index, whether it was reached)
+    assert paradox._stop_at_budget(kl, truth, 2.0, 1) == (20.0, 2, True)
+    assert paradox._stop_at_budget(kl, truth, 2.0, 2) == (25.0, 3, True)  # windows end at 1.5, 2.5
+    assert paradox._stop_at_budget(kl, truth, 10.0, 2) == (35.0, 4, False)  # unreached: the last window
 
 
 def test_checkpoint_steps_are_spread_and_end_at_the_total():
