@@ -845,6 +845,11 @@ def test_training_entry_points_check_their_arguments_before_any_work(tiny_model,
         sequence_nll(tiny_model, unpadded, jnp.ones((1, 2), bool), jnp.ones((1, 2), bool)),
         rtol=1e-6,
     )
+    # By hand: the mean over every learned token of -log pi(token | its prefix), rows of 3 and 1.
+    rows = jnp.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    log_probs = np.asarray(jax.nn.log_softmax(tiny_model(rows, rows > 0), axis=-1))
+    by_hand = -np.mean([log_probs[r, i, int(rows[r, i + 1])] for r, i in ((0, 0), (0, 1), (0, 2), (1, 0))])
+    np.testing.assert_allclose(sequence_nll(tiny_model, rows, rows > 0, jnp.ones((2, 4), bool)), by_hand, rtol=1e-6)
 
     reward_model = RewardModel(tiny_model.config, rngs=nnx.Rngs(0))
     pairs = PreferencePairs.from_lists([[1, 2]] * 4, [[3]] * 4, [[4]] * 4)
