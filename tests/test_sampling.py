@@ -67,16 +67,19 @@ def test_returned_log_probs_equal_a_plain_forward_pass(model, prompts):
 def test_eos_stops_a_row_and_pads_it(model, prompts):
     tokens, mask = prompts
     greedy = sample(model, tokens, mask, jax.random.key(0), max_new_tokens=5, temperature=0.0)
-    eos = int(greedy.tokens[0, 1])
-    stopped = sample(model, tokens, mask, jax.random.key(0), max_new_tokens=5, temperature=0.0, eos_id=eos, pad_id=96)
-    for row in range(len(PROMPTS)):
-        expected = greedy.tokens[row].tolist()
-        end = expected.index(eos) + 1 if eos in expected else 5
-        assert stopped.tokens[row, :end].tolist() == expected[:end]
-        assert stopped.tokens[row, end:].tolist() == [96] * (5 - end)
-        assert stopped.mask[row].tolist() == [True] * end + [False] * (5 - end)
-        assert np.all(np.asarray(stopped.log_probs[row, end:]) == 0.0)
-    assert not bool(stopped.mask[0, 2])
+    # An EOS drawn mid-way (row 0's second token), and one drawn first (row 1's first token).
+    for eos, (row_ending, end_there) in ((int(greedy.tokens[0, 1]), (0, 2)), (int(greedy.tokens[1, 0]), (1, 1))):
+        stopped = sample(
+            model, tokens, mask, jax.random.key(0), max_new_tokens=5, temperature=0.0, eos_id=eos, pad_id=96
+        )
+        for row in range(len(PROMPTS)):
+            expected = greedy.tokens[row].tolist()
+            end = expected.index(eos) + 1 if eos in expected else 5
+            assert stopped.tokens[row, :end].tolist() == expected[:end]
+            assert stopped.tokens[row, end:].tolist() == [96] * (5 - end)
+            assert stopped.mask[row].tolist() == [True] * end + [False] * (5 - end)
+            assert np.all(np.asarray(stopped.log_probs[row, end:]) == 0.0)
+        assert int(stopped.mask[row_ending].sum()) <= end_there
 
 
 def test_growing_the_cache_in_phases_gives_the_same_samples(model, prompts):
