@@ -166,6 +166,26 @@ def test_param_shardings_fall_back_to_replicated_when_not_divisible():
     assert tuple(shardings["trunk"]["layers"][0]["mlp"]["dense_h_to_4h"]["kernel"].get_value().spec) == (None, "model")
     with pytest.raises(ValueError, match="strategy"):
         param_shardings(nnx.state(model), make_mesh(), strategy="zero")
+    # Each layer kernel by its axes' roles (embed -> data under fsdp; heads and mlp -> model under tensor).
+    expected = {
+        "fsdp": {"qkv": ("data", None), "dense": (None, "data"), "up": ("data", None), "down": (None, "data")},
+        "tensor": {"qkv": (None, "model"), "dense": ("model", None), "up": (None, "model"), "down": ("model", None)},
+        "fsdp+tensor": {
+            "qkv": ("data", "model"),
+            "dense": ("model", "data"),
+            "up": ("data", "model"),
+            "down": ("model", "data"),
+        },
+    }
+    for strategy, specs in expected.items():
+        layer = param_shardings(nnx.state(model), make_mesh(data=2, model=2), strategy=strategy)["trunk"]["layers"][0]
+        kernels = {
+            "qkv": layer["attention"]["query_key_value"],
+            "dense": layer["attention"]["dense"],
+            "up": layer["mlp"]["dense_h_to_4h"],
+            "down": layer["mlp"]["dense_4h_to_h"],
+        }
+        assert {name: tuple(k["kernel"].get_value().spec) for name, k in kernels.items()} == specs, strategy
 
 
 def test_checkpoint_round_trip_is_exact_and_never_overwrites(tiny_lm, tmp_path):

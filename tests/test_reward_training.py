@@ -19,6 +19,8 @@ from jaxrm.train import (
     train_reward_model,
     train_reward_models,
 )
+from jaxrm.train.loop import epoch_order
+from jaxrm.train.reward import pair_rewards
 
 VOCAB = preset("tiny").vocab_size
 
@@ -144,3 +146,30 @@ def test_reward_models_trained_side_by_side_match_one_at_a_time(tmp_path):
         train_reward_models(start, [_pairs(96, 2), _pairs(64, 3)], config, log=None)
     with pytest.raises(ValueError, match="one int per dataset"):
         train_reward_models(start, datasets, config, seeds=[1], log=None)
+
+
+def test_the_centering_term_enters_the_training_loss():
+    """Same model, pairs and order: the first step's loss (at the initial parameters) grows by
+    exactly ``mean((r_c + r_r)^2)`` of its batch with ``centering=1``, which a nonzero score head
+    makes positive."""
+    pairs = _pairs(32, seed=2)
+    losses = {}
+    for centering in (0.0, 1.0):
+        model = RewardModel(preset("tiny"), rngs=nnx.Rngs(0))
+        model.score.kernel[...] = jax.random.normal(jax.random.key(1), model.score.kernel.shape, jnp.float32)
+        config = RewardTrainConfig(batch_size=32, epochs=1, centering=centering)
+        losses[centering] = train_reward_model(model, pairs, config, log=None).losses[0]
+    model = RewardModel(preset("tiny"), rngs=nnx.Rngs(0))
+    model.score.kernel[...] = jax.random.normal(jax.random.key(1), model.score.kernel.shape, jnp.float32)
+    chosen, rejected = pair_rewards(model, pairs)  # the one batch holds every pair
+    np.testing.assert_allclose(losses[1.0] - losses[0.0], np.mean((chosen + rejected) ** 2), rtol=1e-4)
+    assert losses[1.0] - losses[0.0] > 1e-3
+
+
+def test_epochs_take_fresh_permutations():
+    order = epoch_order(10, 5, 2, seed=0)
+    assert order.shape == (4, 5)
+    first, second = np.sort(order[:2].ravel()), np.sort(order[2:].ravel())
+    np.testing.assert_array_equal(first, np.arange(10))
+    np.testing.assert_array_equal(second, np.arange(10))
+    assert not np.array_equal(order[:2], order[2:])
