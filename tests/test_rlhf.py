@@ -21,7 +21,7 @@ from flax import nnx
 from rlhf_task import CONFIG, ground_truth, policy, prompts
 
 from jaxrm import pg
-from jaxrm.models import RewardModel, preset
+from jaxrm.models import CausalLM, RewardModel, preset
 from jaxrm.models.sampling import sample
 from jaxrm.sharding import make_mesh, param_shardings
 from jaxrm.train import RewardTrainConfig, driver
@@ -626,3 +626,79 @@ def test_a_run_directory_written_before_the_stacked_optimizer_is_refused(tmp_pat
         rlhf_task.run_rlhf(policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=1, out_dir=old, log=None)
     assert json.loads((old / "config.json").read_text()) == written_before
     assert sorted(p.name for p in old.iterdir()) == ["config.json"]
+
+
+def test_the_rollout_the_update_receives_matches_a_computation_by_hand(monkeypatch):
+    """A spy on the update phase records the rollout of two iterations, which is then rebuilt
+    with independent code: the window of prompts (each repeated k times, its samples adjacent),
+    the old and reference log-probs (a plain forward pass at the sampling temperature, unfiltered),
+    and the advantages (GRPO over the normalised, clipped teacher rewards less the k3 KL)."""
+    from jaxrm.models.sampling import Samples, sequence_log_probs
+    from jaxrm.train import rlhf
+
+    rollouts = []
+    real = rlhf.make_phases
+
+    def spying(*args, **kwargs):
+        phases = real(*args, **kwargs)
+
+        def optimize(params, opt_state, rollout, key):
+            jax.debug.callback(lambda *arrays: rollouts.append([np.asarray(a) for a in arrays]), *rollout)
+            return phases.optimize(params, opt_state, rollout, key)
+
+        return phases._replace(optimize=optimize)
+
+    monkeypatch.setattr(rlhf, "make_phases", spying)
+
+    def teacher(params, prompt, prompt_mask, response, response_mask):  # depends on the prompt too
+        return ground_truth(params, prompt, prompt_mask, response, response_mask) + 0.01 * prompt[:, -1]
+
+    config = dataclasses.replace(
+        CONFIG,
+        advantage_estimator="grpo",
+        kl_estimator="k3",
+        reward_normalization="rsqrt_var",
+        reward_clip=1.5,
+        temperature=0.7,
+        top_k=20,
+    )
+    model, reference = policy(), CausalLM(preset("tiny"), rngs=nnx.Rngs(5))
+    graphdef, params = nnx.split(model)
+    tokens, mask = prompts()
+    mean, std = 0.5, 0.2
+    data = TrainData(
+        jnp.asarray(tokens), jnp.asarray(mask), nnx.state(reference), None, jnp.float32(mean), jnp.float32(std)
+    )
+    iteration = jax.jit(make_iteration(config, graphdef, teacher))
+    state = init_state(model, config, jax.random.key(0))
+    policies = []  # the policy each rollout was sampled from
+    for _ in range(2):
+        policies.append(nnx.merge(graphdef, state.params))
+        state, out = iteration(state, data)
+        assert float(out["clip_fraction"]) == 0.0  # one minibatch, one epoch: every ratio is 1
+    jax.effects_barrier()
+    assert len(rollouts) == 2
+    k, num_prompts = config.samples_per_prompt, config.prompts_per_iteration
+    for step, (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages) in enumerate(rollouts):
+        window = np.arange(step * num_prompts, (step + 1) * num_prompts)
+        np.testing.assert_array_equal(prompt, np.repeat(tokens[window], k, axis=0))
+        np.testing.assert_array_equal(prompt_mask, np.repeat(mask[window], k, axis=0))
+        samples = Samples(
+            tokens=jnp.asarray(response), log_probs=jnp.zeros(response.shape), mask=jnp.asarray(response_mask)
+        )
+        for logp, model_there in ((old_logp, policies[step]), (ref_logp, reference)):
+            expected = sequence_log_probs(
+                model_there, jnp.asarray(prompt), jnp.asarray(prompt_mask), samples, temperature=0.7
+            )
+            np.testing.assert_allclose(logp, expected, atol=2e-5)
+        raw = np.asarray(teacher(None, prompt, prompt_mask, response, response_mask), np.float64).reshape(
+            num_prompts, k
+        )
+        normalized = (raw - mean) / np.sqrt(std**2 + 1e-8)
+        assert np.any(np.abs(normalized) > 1.5) and np.any(np.abs(normalized) < 1.5)  # the clip acts on some
+        log_ratio = np.where(response_mask, ref_logp - old_logp, 0.0)
+        kl = np.sum(np.expm1(log_ratio) - log_ratio, axis=-1).reshape(num_prompts, k)
+        rewards = np.clip(normalized, -1.5, 1.5) - config.kl_coef * kl
+        centered = rewards - rewards.mean(-1, keepdims=True)
+        by_hand = centered / (rewards.std(-1, ddof=1, keepdims=True) + 1e-4)
+        np.testing.assert_allclose(advantages, by_hand.reshape(-1), rtol=1e-4, atol=1e-4)
