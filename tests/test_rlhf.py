@@ -404,6 +404,12 @@ def test_reward_statistics_are_measured_once_on_the_initial_policy():
     scores = np.concatenate([np.asarray(ground_truth(None, tokens, mask, d.tokens, d.mask)) for d in drawn])
     np.testing.assert_allclose([float(mean), float(std)], [scores.mean(), scores.std()], rtol=1e-6)
     assert 0 < float(mean) < 1 and float(std) > 0
+    # The official normalisation measures the standard deviation as torch does (ddof 1).
+    official = dataclasses.replace(config, reward_normalization="rsqrt_var")
+    _, std = measure_reward_statistics(
+        model, ground_truth, None, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(7), config=official, samples=3
+    )
+    np.testing.assert_allclose(float(std), scores.std(ddof=1), rtol=1e-6)
 
 
 def test_official_rloo_reproduces_the_official_settings_and_normalization():
