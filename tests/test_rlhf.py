@@ -328,6 +328,20 @@ def test_a_reward_model_teacher_and_bad_configs():
     response = jnp.asarray(tokens[:, :3])
     rewards = score(reward_params, jnp.asarray(tokens), jnp.asarray(mask), response, jnp.ones_like(response, bool))
     np.testing.assert_array_equal(rewards, np.zeros(4))  # a fresh head scores 0
+    # With a trained-looking head: a left-padded prompt and a right-padded response score as the
+    # unpadded sequence does, at its last real token.
+    reward_model.score.kernel[...] = jax.random.normal(jax.random.key(2), reward_model.score.kernel.shape, jnp.float32)
+    graphdef, reward_params = nnx.split(reward_model)
+    padded = reward_model_fn(graphdef)(
+        reward_params,
+        jnp.array([[0, 5, 6]]),
+        jnp.array([[False, True, True]]),
+        jnp.array([[7, 8, 0]]),
+        jnp.array([[True, True, False]]),
+    )
+    unpadded = reward_model(jnp.array([[5, 6, 7, 8]]), jnp.ones((1, 4), bool))
+    np.testing.assert_allclose(padded, unpadded, rtol=1e-5)
+    assert abs(float(unpadded[0])) > 1e-3
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         RLHFConfig(samples_per_prompt=1)
     with pytest.raises(ValueError, match="advantage_estimator"):
