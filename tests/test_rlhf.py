@@ -648,12 +648,10 @@ def test_a_run_directory_written_before_the_stacked_optimizer_is_refused(tmp_pat
     assert sorted(p.name for p in old.iterdir()) == ["config.json"]
 
 
-def test_the_rollout_the_update_receives_matches_a_computation_by_hand(monkeypatch):
-    """A spy on the update phase records the rollout of two iterations, which is then rebuilt
-    with independent code: the window of prompts (each repeated k times, its samples adjacent),
-    the old and reference log-probs (a plain forward pass at the sampling temperature, unfiltered),
-    and the advantages (GRPO over the normalised, clipped teacher rewards less the k3 KL)."""
-    from jaxrm.models.sampling import Samples, sequence_log_probs
+def _record_rollouts(monkeypatch) -> list:
+    """A list that receives, as NumPy arrays, every rollout the update phase of an iteration built
+    after this call is given (``prompt, prompt_mask, response, response_mask, old_logp, ref_logp,
+    advantages``)."""
     from jaxrm.train import rlhf
 
     rollouts = []
@@ -669,6 +667,39 @@ def test_the_rollout_the_update_receives_matches_a_computation_by_hand(monkeypat
         return phases._replace(optimize=optimize)
 
     monkeypatch.setattr(rlhf, "make_phases", spying)
+    return rollouts
+
+
+def test_a_kl_term_in_the_loss_is_the_configured_estimator_by_hand(monkeypatch):
+    """One minibatch, one epoch, token ratios: every ratio is 1, so the loss is the token mean of
+    ``-A`` plus ``kl_coef`` times the token mean of k3 between the rollout's log-probs and the
+    reference's."""
+    rollouts = _record_rollouts(monkeypatch)
+    config = dataclasses.replace(CONFIG, kl_placement="loss", kl_estimator="k3", ratio_level="token", kl_coef=0.5)
+    model = policy()
+    graphdef, _ = nnx.split(model)
+    tokens, mask = prompts()
+    reference = nnx.state(CausalLM(preset("tiny"), rngs=nnx.Rngs(5)))
+    data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), reference, None, jnp.float32(0.5), jnp.float32(0.2))
+    _, out = jax.jit(make_iteration(config, graphdef, ground_truth))(init_state(model, config, jax.random.key(0)), data)
+    jax.effects_barrier()
+    (_, _, _, response_mask, old_logp, ref_logp, advantages) = rollouts[0]
+    tokens_total = response_mask.sum()
+    log_ratio = np.where(response_mask, ref_logp - old_logp, 0.0)
+    kl = np.sum(np.where(response_mask, np.expm1(log_ratio) - log_ratio, 0.0)) / tokens_total
+    surrogate = -np.sum(advantages[:, None] * response_mask) / tokens_total
+    assert kl > 1e-3
+    np.testing.assert_allclose(float(out["loss"]), surrogate + 0.5 * kl, rtol=1e-4, atol=1e-6)
+
+
+def test_the_rollout_the_update_receives_matches_a_computation_by_hand(monkeypatch):
+    """A spy on the update phase records the rollout of two iterations, which is then rebuilt
+    with independent code: the window of prompts (each repeated k times, its samples adjacent),
+    the old and reference log-probs (a plain forward pass at the sampling temperature, unfiltered),
+    and the advantages (GRPO over the normalised, clipped teacher rewards less the k3 KL)."""
+    from jaxrm.models.sampling import Samples, sequence_log_probs
+
+    rollouts = _record_rollouts(monkeypatch)
 
     def teacher(params, prompt, prompt_mask, response, response_mask):  # depends on the prompt too
         return ground_truth(params, prompt, prompt_mask, response, response_mask) + 0.01 * prompt[:, -1]
