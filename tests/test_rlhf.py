@@ -486,6 +486,21 @@ def test_the_entropy_bonus_moves_the_policy_only_when_its_coefficient_is_not_zer
     assert not all(np.array_equal(a, b) for a, b in zip(updated[0.5], _leaves(params)))
 
 
+def test_each_epoch_deals_the_rollout_into_minibatches_afresh(sampled):
+    # A learning rate too small to move the loss: epochs differ only by how their rows are dealt.
+    graphdef, params, prompt, prompt_mask, samples = sampled
+    advantages = jax.random.normal(jax.random.key(2), (prompt.shape[0],))
+    rollout = (prompt, prompt_mask, samples.tokens, samples.mask, samples.log_probs, samples.log_probs, advantages)
+    config = dataclasses.replace(CONFIG, epochs=2, minibatches=2, learning_rate=1e-12)
+    _, stats = jax.jit(make_phases(config, graphdef).optimize)(
+        params, config.optimizer().init(params), rollout, jax.random.key(1)
+    )
+    losses = np.asarray(stats["loss"])  # [epochs, minibatches]
+    assert losses.shape == (2, 2)
+    np.testing.assert_allclose(losses[0].sum(), losses[1].sum(), rtol=1e-5)  # the same rows in all
+    assert np.abs(losses[0] - losses[1]).max() > 1e-3 * np.abs(losses).max()
+
+
 def test_microbatches_accumulate_the_minibatch_gradient_exactly(sampled):
     graphdef, params, prompt, prompt_mask, samples = sampled
     # Ragged responses, some empty, so that microbatches hold different numbers of tokens and of
