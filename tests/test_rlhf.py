@@ -685,26 +685,40 @@ def _record_rollouts(monkeypatch) -> list:
     return rollouts
 
 
-def test_a_kl_term_in_the_loss_is_the_configured_estimator_by_hand(monkeypatch):
+def test_a_kl_term_in_the_loss_and_the_official_normalisation_by_hand(monkeypatch):
     """One minibatch, one epoch, token ratios: every ratio is 1, so the loss is the token mean of
     ``-A`` plus ``kl_coef`` times the token mean of k3 between the rollout's log-probs and the
-    reference's."""
+    reference's; the advantages are RLOO's over ``(r - mean) * rsqrt(std^2 + 1e-8)``, which at
+    ``std = 1e-4`` differs from ``(r - mean) / (std + 1e-8)`` by sqrt 2."""
     rollouts = _record_rollouts(monkeypatch)
-    config = dataclasses.replace(CONFIG, kl_placement="loss", kl_estimator="k3", ratio_level="token", kl_coef=0.5)
+    config = dataclasses.replace(
+        CONFIG,
+        kl_placement="loss",
+        kl_estimator="k3",
+        ratio_level="token",
+        kl_coef=0.5,
+        reward_normalization="rsqrt_var",
+    )
     model = policy()
     graphdef, _ = nnx.split(model)
     tokens, mask = prompts()
     reference = nnx.state(CausalLM(preset("tiny"), rngs=nnx.Rngs(5)))
-    data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), reference, None, jnp.float32(0.5), jnp.float32(0.2))
+    data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), reference, None, jnp.float32(0.5), jnp.float32(1e-4))
     _, out = jax.jit(make_iteration(config, graphdef, ground_truth))(init_state(model, config, jax.random.key(0)), data)
     jax.effects_barrier()
-    (_, _, _, response_mask, old_logp, ref_logp, advantages) = rollouts[0]
+    (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages) = rollouts[0]
+    k = config.samples_per_prompt
+    raw = np.asarray(ground_truth(None, prompt, prompt_mask, response, response_mask), np.float64).reshape(-1, k)
+    normalized = (raw - 0.5) / np.sqrt(1e-8 + 1e-8)
+    rloo = k / (k - 1) * (normalized - normalized.mean(-1, keepdims=True))
+    assert np.abs(rloo).max() > 100
+    np.testing.assert_allclose(advantages, rloo.reshape(-1), rtol=1e-4, atol=1e-2)
     tokens_total = response_mask.sum()
     log_ratio = np.where(response_mask, ref_logp - old_logp, 0.0)
     kl = np.sum(np.where(response_mask, np.expm1(log_ratio) - log_ratio, 0.0)) / tokens_total
-    surrogate = -np.sum(advantages[:, None] * response_mask) / tokens_total
-    assert kl > 1e-3
-    np.testing.assert_allclose(float(out["loss"]), surrogate + 0.5 * kl, rtol=1e-4, atol=1e-6)
+    surrogate = -np.sum(advantages[:, None].astype(np.float64) * response_mask) / tokens_total
+    assert kl > 1e-2
+    np.testing.assert_allclose(float(out["loss"]), surrogate + 0.5 * kl, rtol=0, atol=1e-3)
 
 
 def test_the_rollout_the_update_receives_matches_a_computation_by_hand(monkeypatch):
