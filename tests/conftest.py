@@ -19,14 +19,3 @@ import jax  # noqa: E402
 
 # Exact-dynamics tests compare to 1e-10; float32 paths are tested with explicit float32 arrays.
 jax.config.update("jax_enable_x64", True)
-
-
-# With --dist=loadfile the workers take whole files in collection order. The three longest files
-# (about 450, 370 and 250 s of CPU in a CI run) go first, so that no worker is left running one
-# of them alone at the end while the other idles.
-_LONGEST_FIRST = ("test_rlhf.py", "test_experiments.py", "test_theory.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: index for index, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
