@@ -685,6 +685,18 @@ def _record_rollouts(monkeypatch) -> list:
     return rollouts
 
 
+def _task_against_another_reference(*, mean: float, std: float):
+    """``(reference, (tokens, mask), data)``: the task's prompts and ``TrainData`` whose KL
+    reference is a model other than the policy (so that the KL is not 0), with no teacher
+    parameters and the given reward statistics."""
+    reference = CausalLM(preset("tiny"), rngs=nnx.Rngs(5))
+    tokens, mask = prompts()
+    data = TrainData(
+        jnp.asarray(tokens), jnp.asarray(mask), nnx.state(reference), None, jnp.float32(mean), jnp.float32(std)
+    )
+    return reference, (tokens, mask), data
+
+
 def test_a_kl_term_in_the_loss_and_the_official_normalisation_by_hand(monkeypatch):
     """One minibatch, one epoch, token ratios: every ratio is 1, so the loss is the token mean of
     ``-A`` plus ``kl_coef`` times the token mean of k3 between the rollout's log-probs and the
@@ -701,9 +713,7 @@ def test_a_kl_term_in_the_loss_and_the_official_normalisation_by_hand(monkeypatc
     )
     model = policy()
     graphdef, _ = nnx.split(model)
-    tokens, mask = prompts()
-    reference = nnx.state(CausalLM(preset("tiny"), rngs=nnx.Rngs(5)))
-    data = TrainData(jnp.asarray(tokens), jnp.asarray(mask), reference, None, jnp.float32(0.5), jnp.float32(1e-4))
+    _, _, data = _task_against_another_reference(mean=0.5, std=1e-4)
     _, out = jax.jit(make_iteration(config, graphdef, ground_truth))(init_state(model, config, jax.random.key(0)), data)
     jax.effects_barrier()
     (prompt, prompt_mask, response, response_mask, old_logp, ref_logp, advantages) = rollouts[0]
@@ -742,13 +752,10 @@ def test_the_rollout_the_update_receives_matches_a_computation_by_hand(monkeypat
         temperature=0.7,
         top_k=20,
     )
-    model, reference = policy(), CausalLM(preset("tiny"), rngs=nnx.Rngs(5))
+    model = policy()
     graphdef, params = nnx.split(model)
-    tokens, mask = prompts()
     mean, std = 0.5, 0.2
-    data = TrainData(
-        jnp.asarray(tokens), jnp.asarray(mask), nnx.state(reference), None, jnp.float32(mean), jnp.float32(std)
-    )
+    reference, (tokens, mask), data = _task_against_another_reference(mean=mean, std=std)
     iteration = jax.jit(make_iteration(config, graphdef, teacher))
     state = init_state(model, config, jax.random.key(0))
     policies = []  # the policy each rollout was sampled from
