@@ -205,8 +205,10 @@ def exact_gradient_ascent(
 
     ``theta_{n+1} = theta_n + update(grad phi(theta_n))``; with ``optax.sgd(lr)`` the step is
     ``lr * grad phi`` and ``theta_n`` approaches the gradient flow at ``t = lr * n`` as
-    ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems. The optimizer
-    and ``num_steps`` are static: reuse one optimizer object to reuse the compiled program.
+    ``lr -> 0``. Leading batch axes of ``rm_rewards`` are independent problems as long as the
+    optimizer acts element by element (``sgd``, ``adam``, ...); one that reads the whole gradient,
+    such as ``optax.clip_by_global_norm``, couples them. The optimizer and ``num_steps`` are
+    static: reuse one optimizer object to reuse the compiled program.
     Called outside a trace with a tabular policy, each step exponentiates the logits minus the
     previous step's log-normalizer rather than their maximum (one pass fewer over the logits),
     and the ascent is rerun with the maximum if a step moved a logit by about 60 or more (the
