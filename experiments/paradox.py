@@ -60,6 +60,14 @@ class ParadoxConfig(study.TeacherConfig):
     checkpoints: int = studies.checked(10, studies.int_at_least(3))
     kl_budget: float = studies.checked(1.0, studies.POSITIVE)
 
+    RUN_OUTPUTS: ClassVar[tuple[str, ...]] = (
+        "summary.json",
+        "report.md",
+        "figures/paradox.png",
+        "checkpoints/",
+        "runs/",
+    )
+
     def __post_init__(self):
         super().__post_init__()
         most = self.rm_epochs[-1] * (self.rm_prompts // study.RM_BATCH)
@@ -211,7 +219,7 @@ def run(out_dir: Path, config: ParadoxConfig, log=None) -> dict:
     count = len(models)
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[nnx.state(m) for m in models])
     params = (stacked, jnp.ones(count), jnp.zeros(count), jnp.zeros(count, bool))
-    teacher = study.make_teacher(task, nnx.graphdef(models[0]))
+    teacher = study.Teacher(task, nnx.graphdef(models[0]))
     (stats,) = study.measure_teachers(config, task, [sft], teacher, params)
     correct = held_out_correct(config, task, sft, teacher, params)
     accuracy = correct.mean(-1).tolist()

@@ -349,6 +349,14 @@ class TeacherConfig:
         return self.seed * STREAMS + STREAM[name] + index
 
     RUNS: ClassVar[str] = "5 shares x label_noise x rm_seeds"  # what training_runs() counts, in words
+    # What a run writes in its directory (checked before any work; a trailing / marks a directory).
+    RUN_OUTPUTS: ClassVar[tuple[str, ...]] = (
+        "summary.json",
+        "report.md",
+        "figures/teacher.png",
+        "checkpoints/",
+        "runs/",
+    )
 
     def training_runs(self) -> list[tuple[float, float, int]]:
         """``(on_policy_fraction, label_noise, seed_index)`` of every reward-model training run."""
@@ -534,22 +542,32 @@ def _reward_models(config, task, sft, out_dir, log):
     return models
 
 
-def make_teacher(task: TopicTask, reward_graphdef):
+@dataclasses.dataclass(frozen=True)
+class Teacher:
     """One teacher function for every teacher (learned, perfect, ground truth), so that they run in one vmapped program.
 
     ``params = (rm_params, w_rm, w_gt, low_variance)``: ``w_rm RM(x, y) + w_gt r_G(x, y) s(x)``
-    with ``s(x) = 0.001`` on the even topics when ``low_variance``, else 1.
+    with ``s(x) = 0.001`` on the even topics when ``low_variance``, else 1. A value, not a
+    closure: two teachers of the same task and reward-model layout are equal, so a second run in
+    the same process finds the programs compiled for the first (:func:`teacher_scorer` and
+    :func:`jaxrm.train.driver.run_rlhf` key their compiled programs on it).
+
+    Attributes:
+      task: the task whose ground truth ``r_G`` and topics the teacher reads.
+      reward_graphdef: the reward models' ``nnx`` graph definition (their layout, without weights).
     """
 
-    def teacher(params, prompt, prompt_mask, response, response_mask):
+    task: TopicTask
+    reward_graphdef: nnx.GraphDef
+
+    def __call__(self, params, prompt, prompt_mask, response, response_mask):
         rm_params, w_rm, w_gt, low_variance = params
         tokens = jnp.concatenate([prompt, response], axis=1)
-        rm = nnx.merge(reward_graphdef, rm_params)(tokens, jnp.concatenate([prompt_mask, response_mask], axis=1))
-        truth = task.ground_truth(None, prompt, prompt_mask, response, response_mask)
-        scale = jnp.where(low_variance & (task.topics(prompt) % 2 == 0), 1e-3, 1.0)
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        rm = nnx.merge(self.reward_graphdef, rm_params)(tokens, mask)
+        truth = self.task.ground_truth(None, prompt, prompt_mask, response, response_mask)
+        scale = jnp.where(low_variance & (self.task.topics(prompt) % 2 == 0), 1e-3, 1.0)
         return w_rm * rm + w_gt * truth * scale
-
-    return teacher
 
 
 def _teacher_params(reward_models):
@@ -606,7 +624,7 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
 
     One run directory per student, ``out_dir/runs/student_N`` (``config.json``,
     ``metrics.jsonl``, ``summary.json``, ``checkpoints/``): its teachers and seeds run in one
-    vmapped program. ``params`` stacks the teachers (see :func:`make_teacher`); returns per
+    vmapped program. ``params`` stacks the teachers (see :class:`Teacher`); returns per
     student a dict of metrics shaped ``[teachers, seeds, iterations]``.
     """
     rl = config.rl_config(task)
@@ -1130,7 +1148,7 @@ def run(out_dir: Path, config: TeacherConfig, log=None) -> dict:
     task = TopicTask(seed=config.task_seed)
     students = train_students(config, task, out_dir, log)
     reward_models = _reward_models(config, task, students[0], out_dir, log)
-    teacher = make_teacher(task, nnx.graphdef(reward_models[0]))
+    teacher = Teacher(task, nnx.graphdef(reward_models[0]))
     params = _teacher_params(reward_models)
     stats = measure_teachers(config, task, students, teacher, params)
     log("Table 1 (main student): variance " + " ".join(fmt(v) for v in stats[0]["reward variance"]))

@@ -173,8 +173,9 @@ def check_out_directory(out_dir, *, option: str = "--out", files: Iterable[str] 
     """``out_dir`` as a ``Path``, refused (``ValueError`` naming ``option`` and the path) before
     anything is computed or written when it is empty, a file, or to be created where no file can
     be created (the probe is a temporary file in its nearest existing directory); also when one of
-    ``files`` (paths relative to ``out_dir`` that the run will write) is a directory, or a file
-    stands where one of its directories must be."""
+    ``files`` (paths relative to ``out_dir`` that the run will write; a trailing ``/`` marks a
+    directory it will create) is a directory where a file is to be written, or a file stands where
+    a directory must be."""
     if str(out_dir) == "":
         raise ValueError(f"{option} is empty; name a directory (it is created if missing).")
     out_dir = Path(out_dir)
@@ -197,19 +198,22 @@ def check_out_directory(out_dir, *, option: str = "--out", files: Iterable[str] 
         ) from None
     for name in files:
         path = out_dir / name
-        for directory in reversed(path.relative_to(out_dir).parents[:-1]):
+        directories = reversed(path.relative_to(out_dir).parents[:-1])
+        for directory in [*directories, path.relative_to(out_dir)] if name.endswith("/") else directories:
             if (out_dir / directory).exists() and not (out_dir / directory).is_dir():
                 raise ValueError(f"{option} {out_dir}: {out_dir / directory} is a file, where {path} is to be written.")
-        if path.is_dir():
+        if not name.endswith("/") and path.is_dir():
             raise ValueError(f"{option} {out_dir}: {path} is a directory, where a file is to be written.")
     return out_dir
 
 
 def check_run_directory(out_dir, config) -> Path:
     """``out_dir`` as a ``Path``, refused (``ValueError``) unless a run of ``config`` can start or
-    resume there: a bad directory (:func:`check_out_directory`), or one that holds a run of another
-    config (the keys that differ are named). Writes nothing."""
-    out_dir = check_out_directory(out_dir)
+    resume there: a bad directory, or one where a path the run writes is taken by the wrong kind
+    of entry (:func:`check_out_directory`, with the paths that ``config`` lists in its class's
+    ``RUN_OUTPUTS``, if any), or one that holds a run of another config (the keys that differ are
+    named). Writes nothing."""
+    out_dir = check_out_directory(out_dir, files=("config.json", *getattr(type(config), "RUN_OUTPUTS", ())))
     _config_record(out_dir, config)
     return out_dir
 
@@ -217,7 +221,7 @@ def check_run_directory(out_dir, config) -> Path:
 def prepare_run_directory(out_dir, config) -> Path:
     """Create ``out_dir`` and write ``config.json``, or check that it holds a run of the same
     config; refused as :func:`check_run_directory` says, before anything is written."""
-    out_dir = check_out_directory(out_dir)
+    out_dir = check_run_directory(out_dir, config)
     write_json(out_dir / "config.json", _config_record(out_dir, config))
     return out_dir
 
@@ -229,8 +233,8 @@ def _config_record(out_dir: Path, config) -> dict:
     if path.exists():
         try:
             previous = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); use a new --out.") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} cannot be read as a run's config ({error}); use a new --out.") from None
         differ = sorted(k for k in set(record) | set(previous) if record.get(k) != previous.get(k))
         if differ:
             raise ValueError(
@@ -611,7 +615,13 @@ def study_parser(config_cls, *, prog: str, description: str, default_out: str, p
         choices=list(presets),
         help="; ".join(f"{name}: {what}" for name, what in presets.items()),
     )
-    parser.add_argument("--out", default=default_out, help=f"run directory (default: {default_out})")
+    outputs = ", ".join(("config.json", *getattr(config_cls, "RUN_OUTPUTS", ())))
+    parser.add_argument(
+        "--out",
+        default=default_out,
+        help=f"run directory, resumed if it holds a run of the same config; the run writes {outputs} there "
+        f"(default: {default_out})",
+    )
     parser.add_argument(
         "--set",
         nargs="*",

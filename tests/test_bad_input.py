@@ -131,6 +131,32 @@ def test_a_study_refuses_a_bad_out_directory(module, out, tmp_path, capsys, no_s
 
 @pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
 @pytest.mark.parametrize(
+    ("blocker", "message"),
+    [
+        ("figures", "figures is a file, where"),
+        ("runs", "runs is a file, where"),
+        ("summary.json/", "summary.json is a directory, where a file"),
+        ("config.json/", "config.json is a directory, where a file"),
+    ],
+)
+def test_a_study_refuses_a_run_directory_whose_outputs_it_could_not_write(
+    module, blocker, message, tmp_path, capsys, no_study_run
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    if blocker.endswith("/"):
+        (out / blocker).mkdir()
+    else:
+        (out / blocker).write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--preset", "ci", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [blocker.rstrip("/")]
+
+
+@pytest.mark.parametrize("module", [experiments.teacher, experiments.paradox], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
     ("cache", "message"),
     [("/proc/no_cache_here", ": no file can be created in /proc,"), ("a_file", " is a file, not a directory")],
     ids=["unwritable", "file"],

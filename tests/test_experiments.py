@@ -41,6 +41,17 @@ def test_the_task_ground_truth_is_graded_exact_and_prompt_dependent():
         TopicTask(topic_spread=1.0)
 
 
+def _assert_outputs_were_checked(out, config):
+    """Everything a run wrote in ``out`` is one of the outputs its config lists (``RUN_OUTPUTS``,
+    checked before any work) or lies under one of its directories."""
+    listed = {"config.json", *type(config).RUN_OUTPUTS}
+    for path in out.rglob("*"):
+        name = str(path.relative_to(out))
+        if path.is_file():
+            assert name in listed or any(name.startswith(entry) for entry in listed if entry.endswith("/")), name
+    assert {p.name for p in out.iterdir()} == {entry.split("/")[0] for entry in listed}
+
+
 def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     lines = []
     config = teacher.TeacherConfig.preset("ci")
@@ -80,6 +91,7 @@ def test_teacher_study_smoke_run_writes_its_report_and_resumes(tmp_path):
     assert [(c["student"], c["epochs"]) for c in summary["map"]] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert all(c["models"] == 5 and -2 <= c["difference"][1] <= c["difference"][2] <= 2 for c in summary["map"])
     assert (tmp_path / "figures" / "teacher.png").stat().st_size > 10_000
+    _assert_outputs_were_checked(tmp_path, config)
     for student in range(len(config.student_sharpness)):
         lines = (tmp_path / "runs" / f"student_{student}" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == (learned + 2) * config.seeds * config.iterations
@@ -362,6 +374,7 @@ def test_paradox_smoke_run_reports_every_checkpoint(tmp_path):
     assert all(1 <= s <= config.iterations for s in summary["stop_iteration"])
     report = (tmp_path / "report.md").read_text()
     assert f"**{summary['verdict']}**" in report and (tmp_path / "figures" / "paradox.png").exists()
+    _assert_outputs_were_checked(tmp_path, config)
     low, high = summary["correlations"]["accuracy"]["spearman"][1:]
     assert -1 <= low <= high <= 1 and "accuracy " in report
     assert sum(summary["budget_unreached_per_save"]) == summary["budget_unreached"]
