@@ -140,6 +140,10 @@ def test_rlhf_benchmark_refuses_microbatches_that_do_not_divide_the_batch(tmp_pa
         ("accelerator", ["--out", "/proc/jaxrm/record.json"], "no file can be created in /proc"),
         ("programs", ["depth", "--out", "{tmp}"], "--out {tmp} is a directory"),
         ("programs", ["depth", "--layers", "6", "6"], "at least two distinct positive depths"),
+        ("programs", ["depth", "--prompts", "0"], "--prompts must be >= 1, got 0"),
+        ("programs", ["memory", "--devices", "8"], "--devices 8: only 4 devices here"),
+        # --devices is read before argparse starts jax, so no abbreviation may stand for it.
+        ("programs", ["memory", "--dev", "2"], "unrecognized arguments: --dev 2"),
     ],
 )
 def test_benchmarks_refuse_bad_arguments_before_any_work(name, arguments, message, tmp_path, capsys):
@@ -155,6 +159,12 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(name, arguments, messag
     assert f"usage: python -m experiments.benchmarks.{name}" in (err := capsys.readouterr().err)
     assert message.replace("{tmp}", str(tmp_path)) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_the_ascent_benchmark_shards_a_default_prompt_count_that_every_device_count_divides():
+    from experiments.benchmarks.tabular_flow import default_ascent_prompts
+
+    assert [default_ascent_prompts(d) for d in (1, 2, 3, 6, 1024, 1500)] == [1024, 1024, 1023, 1020, 1024, 1500]
 
 
 def test_every_benchmark_record_carries_the_package_versions(tmp_path):

@@ -26,7 +26,11 @@ ALLOCATOR_PREFIXES = ("MALLOC_", "TCMALLOC_")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The benchmarks' ``--help``: each option's default after its help, descriptions as written."""
+    """The benchmarks' ``--help``: each option's default after its help, descriptions as written.
+    An option whose default is None says in its own help what it then does."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def allocator_settings() -> dict[str, str]:

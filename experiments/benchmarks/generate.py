@@ -160,7 +160,12 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32, help="sequences per call")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds in which the two sides take turns")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds in which Hugging Face and each jaxrm layout take turns (the median of each is reported)",
+    )
     parser.add_argument(
         "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), help="jaxrm layer layouts to time"
     )

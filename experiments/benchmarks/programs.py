@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from experiments.benchmarks.common import HelpFormatter, K, check_record_path, seconds, write_record  # noqa: E402
+from experiments.benchmarks.common import HelpFormatter, K, check_arguments, seconds, write_record  # noqa: E402
 from jaxrm.models import CausalLM, RewardModel, TransformerConfig, preset  # noqa: E402
 from jaxrm.sharding import make_mesh, param_shardings  # noqa: E402
 from jaxrm.train.driver import train_state_shardings  # noqa: E402
@@ -147,11 +147,6 @@ def memory_per_device(model: TransformerConfig, mesh, strategy: str, *, prompts:
 
 def measure_memory(shape: str, *, devices: int, prompts: int, new_tokens: int, log=print) -> dict:
     model = preset(shape)
-    if jax.device_count() < devices:
-        raise SystemExit(
-            f"--devices {devices}: only {jax.device_count()} devices here; set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts."
-        )
     mesh = make_mesh(data=devices, devices=jax.devices()[:devices])
     result = {"shape": shape, "params": model.num_params(), "devices": devices}
     for strategy in ("replicated", "fsdp"):
@@ -173,37 +168,41 @@ def main(argv=None):
         prog="python -m experiments.benchmarks.programs",
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
+        allow_abbrev=False,  # --devices is read before argparse, which must not take --dev for it
     )
     commands = parser.add_subparsers(dest="command", required=True)
     depth = commands.add_parser(
-        "depth", formatter_class=HelpFormatter, help="compile time of the iteration against depth"
+        "depth", formatter_class=HelpFormatter, allow_abbrev=False, help="compile time of the iteration against depth"
     )
     depth.add_argument("--shape", default="pythia-10m", help="jaxrm.models preset whose width is used")
     depth.add_argument("--layers", type=int, nargs="+", default=[6, 24], help="depths compiled (at least two)")
     memory = commands.add_parser(
-        "memory", formatter_class=HelpFormatter, help="per-device memory under replicated and fsdp"
+        "memory", formatter_class=HelpFormatter, allow_abbrev=False, help="per-device memory under replicated and fsdp"
     )
     memory.add_argument("--shape", default="pythia-1b", help="jaxrm.models preset of the policy")
     memory.add_argument("--devices", type=int, default=8, help="host CPU devices of the data axis")
-    for sub in (depth, memory):
+    for name, sub in (("depth", depth), ("memory", memory)):
         sub.add_argument("--prompts", type=int, default=8, help="prompts per iteration (k = 2 samples each)")
         sub.add_argument("--new-tokens", type=int, default=16, help="tokens sampled per response")
         sub.add_argument(
-            "--out", type=Path, default=None, help="JSON record (None: results/benchmarks/programs_COMMAND.json)"
+            "--out", type=Path, default=Path(f"results/benchmarks/programs_{name}.json"), help="JSON record"
         )
     args = parser.parse_args(argv)
-    try:
-        preset(args.shape)
-    except ValueError as error:
-        parser.error(f"--shape: {error}")
+    command = {"depth": depth, "memory": memory}[args.command]
+    check_arguments(command, args, at_least={"prompts": 1, "new_tokens": 1}, shapes=(args.shape,))
     if args.command == "depth" and (min(args.layers) < 1 or len(set(args.layers)) < 2):
-        parser.error("--layers must be at least two distinct positive depths")
-    if args.prompts < 1 or args.new_tokens < 1:
-        parser.error("--prompts and --new-tokens must be positive")
-    if args.command == "memory" and (args.devices < 1 or args.prompts % args.devices):
-        parser.error(f"--devices must be >= 1 and divide --prompts={args.prompts} (each device samples whole prompts)")
-    out = args.out or Path(f"results/benchmarks/programs_{args.command}.json")
-    check_record_path(parser, out)
+        command.error(f"--layers must be at least two distinct positive depths, got {args.layers}.")
+    if args.command == "memory":
+        if args.devices < 1 or args.prompts % args.devices:
+            command.error(
+                f"--devices must be >= 1 and divide --prompts {args.prompts} (each device samples whole prompts), "
+                f"got {args.devices}."
+            )
+        if jax.device_count() < args.devices:
+            command.error(
+                f"--devices {args.devices}: only {jax.device_count()} devices here; set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={args.devices} before jax starts."
+            )
     print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}")
     if args.command == "depth":
         result = measure_depth(args.shape, args.layers, prompts=args.prompts, new_tokens=args.new_tokens)
@@ -211,8 +210,8 @@ def main(argv=None):
         print(f"compile time {max(args.layers)} / {min(args.layers)} layers: {ratios}")
     else:
         result = measure_memory(args.shape, devices=args.devices, prompts=args.prompts, new_tokens=args.new_tokens)
-    write_record(out, result)
-    print(f"wrote {out}")
+    write_record(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

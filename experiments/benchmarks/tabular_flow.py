@@ -328,6 +328,11 @@ def bench_ascent(args):
     return report
 
 
+def default_ascent_prompts(devices: int) -> int:
+    """The ascent's prompt count: 1024 rounded down to a multiple of ``devices`` (its shards)."""
+    return max(devices, 1024 - 1024 % devices)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmarks.tabular_flow",
@@ -349,7 +354,13 @@ def main(argv=None):
         help="problems in SciPy's stacked system (time scaled up linearly, which favours SciPy: its shared steps "
         "grow with the batch; 4096 took 710 s on 2 cores)",
     )
-    parser.add_argument("--ascent-prompts", type=int, default=1024, help="prompts S of the ascent's policy")
+    parser.add_argument(
+        "--ascent-prompts",
+        type=int,
+        default=None,
+        help="prompts S of the ascent's policy, sharded over the devices, so a multiple of their number "
+        "(default: 1024 rounded down to one)",
+    )
     parser.add_argument("--ascent-outputs", type=int, default=4096, help="outputs |Y| per prompt of the ascent")
     parser.add_argument("--ascent-steps", type=int, default=50, help="ascent steps per timed call")
     parser.add_argument(
@@ -361,6 +372,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random problems")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/tabular_flow.json"), help="JSON record")
     args = parser.parse_args(argv)
+    devices = jax.device_count()
+    if args.ascent_prompts is None:
+        args.ascent_prompts = default_ascent_prompts(devices)
     counts = ("problems", "scipy_problems", "stacked_problems", "ascent_prompts", "ascent_steps", "repeats")
     check_arguments(
         parser,
@@ -370,10 +384,10 @@ def main(argv=None):
     )
     if args.seed >= 2**63:
         parser.error(f"--seed must be < 2**63 (a 64-bit key), got {args.seed}.")
-    if args.ascent_prompts % jax.device_count():
+    if args.ascent_prompts % devices:
         parser.error(
-            f"--ascent-prompts {args.ascent_prompts} must be a multiple of the {jax.device_count()} devices "
-            "(one per core) that the ascent shards its prompts over."
+            f"--ascent-prompts {args.ascent_prompts} must be a multiple of the {devices} devices that the ascent "
+            "shards its prompts over."
         )
     machine = f"{platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}"
     print(f"machine: {machine}; jax {jax.__version__}")
