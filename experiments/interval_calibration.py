@@ -61,12 +61,16 @@ def false_positive_rates(make, *, datasets: int, resamples: int, seed: int) -> d
 
 def main(argv=None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.interval_calibration", description=__doc__.split("\n\n")[0]
+        prog="python -m experiments.interval_calibration",
+        description=__doc__.split("\n\n")[0] + " It prints the shares and writes no file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--datasets", type=int, default=300, help="simulated data sets per setting")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per interval")
     parser.add_argument("--epoch-gain", type=float, default=0.1, help="what longer training adds to the property")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the simulated data sets (>= 0); data set i resamples with seed i"
+    )
     args = parser.parse_args(argv)
     for name in ("datasets", "resamples"):
         if getattr(args, name) < 1:

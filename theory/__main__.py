@@ -28,8 +28,13 @@ from theory import STUDIES, run_study, study_outputs
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m theory",
-        description="Exact tabular studies of what makes a reward model a good teacher (Razin et al. 2025).",
-        epilog="Exit status 1 when any bound is violated (the instances are saved beside the study's JSON), "
+        description="Exact studies of what makes a reward model a good teacher: the bounds of Razin et al. (2025) "
+        "and the project's Proposition A, checked on tabular and other softmax policies, and the accuracy paradox "
+        "of Chen et al. (2024) in exact form.",
+        epilog="Writes report.md into --out and, per study, NAME.json, NAME.md, figures/NAME.png (a few studies "
+        "write more: theory.study_outputs lists every path, all checked before any study runs) and "
+        "NAME_violations.json when a bound is violated. "
+        "Exit status 1 when any bound is violated (the instances are saved beside the study's JSON), "
         "2 for a usage error, 3 when a study raised an error (named on stderr and in report.md; the others "
         "still run and are reported, and the stderr line also counts their violations). The statements, constants and proofs checked: docs/theory.md.",
     )
