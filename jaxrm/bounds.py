@@ -26,6 +26,22 @@ def _checked(name: str, value, *, positive: bool = False):
     return array
 
 
+def _checked_variance(variance, *, kl: bool = False):
+    """The reward variance, ``>= 0`` and at most 1: these bounds hold for rewards in ``[-1, 1]``
+    (docs/theory.md#setting), whose variance is at most 1. A larger one means rewards outside that
+    range, where the formulas bound nothing; the message says how to rescale instead."""
+    variance = _checked("variance", variance)
+    above = variance > 1.0 + 1e-9
+    if above.any():
+        kl_coef = ", kl_coef / m" if kl else ""
+        raise ValueError(
+            f"variance must be at most 1, got {variance[above].ravel()[:4].tolist()}: the bound holds for rewards in "
+            f"[-1, 1] (docs/theory.md#setting), whose variance is at most 1. For rewards in [-m, m], pass "
+            f"variance / m**2, gamma / m{kl_coef} and divide the bound by m (the flow of r / m runs m times slower)."
+        )
+    return variance
+
+
 def _checked_rho(rho, mass, mass_name: str):
     """``(rho, mass)`` as float arrays, or ``ValueError``: the fast bounds of Theorems 2 and 3 hold
     for ``0 < mass < rho < 1``. ``rho`` lies in ``(0, 1)`` by the theorems' choice of ``gamma``,
@@ -95,7 +111,7 @@ def theorem4_lower_bound(
     >>> round(float(theorem4_lower_bound(0.1, 1e-6)), 4)
     0.1381
     """
-    gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
+    gamma, variance = _checked("gamma", gamma, positive=True), _checked_variance(variance, kl=True)
     kl_coef = _checked("kl_coef", kl_coef)
     _checked_structure(length, jacobian_norm)
     with np.errstate(divide="ignore"):
@@ -111,7 +127,7 @@ def proposition3_lower_bound(gamma: ArrayLike, variance: ArrayLike, *, num_promp
     >>> round(float(proposition3_lower_bound(0.1, 1e-6, num_prompts=1)), 3)
     97.541
     """
-    gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
+    gamma, variance = _checked("gamma", gamma, positive=True), _checked_variance(variance)
     check_int("num_prompts", num_prompts, low=1)
     with np.errstate(divide="ignore"):
         return 2.0 * num_prompts * -np.expm1(-gamma / 2.0) / np.sqrt(variance)
@@ -126,7 +142,7 @@ def proposition_a_lower_bound(
     >>> round(float(proposition_a_lower_bound(0.1, 1e-6)), 3)
     48.771
     """
-    gamma, variance = _checked("gamma", gamma, positive=True), _checked("variance", variance)
+    gamma, variance = _checked("gamma", gamma, positive=True), _checked_variance(variance)
     _checked_structure(length, jacobian_norm)
     with np.errstate(divide="ignore"):
         return -np.expm1(-gamma / 2.0) / (length**2 * jacobian_norm**2 * np.sqrt(variance))

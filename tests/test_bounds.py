@@ -1,9 +1,11 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrm import bounds, metrics
+from jaxrm import bounds, flow, metrics
 from jaxrm.tabular import AutoregressiveTabularPolicy, TabularPolicy, kl_rewards, prompt_gradient
 
 
@@ -86,6 +88,24 @@ def test_gradient_norms_obey_both_gradient_bounds(policy, make):
 def test_bad_arguments_are_named(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_rewards_outside_the_unit_interval_are_refused_and_the_rescaling_it_names_bounds_t_gamma():
+    # Rewards [0, 8] on a uniform policy over two outputs: variance 16, t_gamma = 0.01 for a gain of 0.08.
+    logits, rewards, gamma = jnp.zeros((1, 2)), jnp.array([[0.0, 8.0]]), 0.08
+    variance = float(metrics.reward_variance(logits, rewards)[0])
+    for bound in (
+        bounds.theorem4_lower_bound,
+        bounds.proposition_a_lower_bound,
+        functools.partial(bounds.proposition3_lower_bound, num_prompts=1),
+    ):
+        with pytest.raises(ValueError, match=r"variance must be at most 1, got \[16.0\].*pass variance / m\*\*2"):
+            bound(gamma, variance)
+    t = float(flow.t_gamma(logits, rewards, gamma)[0])
+    assert 2 * -np.expm1(-gamma / 2) / np.sqrt(variance) > t  # Proposition 3's formula, applied there, bounds nothing
+    m = 8.0
+    assert bounds.proposition3_lower_bound(gamma / m, variance / m**2, num_prompts=1) / m <= t
+    assert bounds.theorem4_lower_bound(gamma / m, variance / m**2) / m <= t
 
 
 def test_zero_variance_gives_an_infinite_lower_bound():
