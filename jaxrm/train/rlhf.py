@@ -643,7 +643,8 @@ def measure_reward_statistics(
     mean, std = pg.reward_statistics(jnp.stack(rewards), ddof=config.reward_ddof)
     if float(std) == 0:
         warnings.warn(
-            "the teacher gave every sampled response the same reward (std 0): normalised rewards will be "
-            "0 and the policy will not move; is the reward model trained?"
+            "the teacher gave every sampled response the same reward (std 0): run_rlhf refuses these statistics, "
+            "since a later difference of rewards would be divided by eps alone. Is the reward model trained? "
+            "Measure on more samples, or pass std 1 to only center the rewards."
         )
     return mean, std
