@@ -665,14 +665,21 @@ def test_a_run_directory_written_before_the_stacked_optimizer_is_refused(tmp_pat
     # record of a new run holds "optimizer_layout": tested above.)
     record = {"config": CONFIG.to_dict(), "seeds": 0, "optimizer_layout": "stacked_layers"}
     written_before = {"config": {**CONFIG.to_dict(), "flat_optimizer": False}, "seeds": 0}
-    assert driver._changed_fields(written_before, record) == ["config", "optimizer_layout"]
+    assert driver._changed_fields(written_before, record) == ["config.flat_optimizer", "optimizer_layout"]
     assert driver._changed_fields(json.loads(json.dumps(record)), record) == []
+    # A changed config is named field by field.
+    tuned = {**record, "config": {**CONFIG.to_dict(), "learning_rate": CONFIG.learning_rate * 2, "kl_coef": 0.5}}
+    assert driver._changed_fields(tuned, record) == ["config.kl_coef", "config.learning_rate"]
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(json.dumps(written_before))
     with pytest.raises(ValueError, match="optimizer_layout.*written before Adam ran on the layers stacked by role"):
         rlhf_task.run_rlhf(policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=1, out_dir=old, log=None)
     assert json.loads((old / "config.json").read_text()) == written_before
+    assert sorted(p.name for p in old.iterdir()) == ["config.json"]
+    (old / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json cannot be read as a run's config"):
+        rlhf_task.run_rlhf(policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=1, out_dir=old, log=None)
     assert sorted(p.name for p in old.iterdir()) == ["config.json"]
 
 

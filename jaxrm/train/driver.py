@@ -243,9 +243,13 @@ def _changed_fields(previous: dict, record: dict) -> list[str]:
         "prompts_fingerprint",
     )
     previous = {k: record[k] for k in added_since if k in record} | dict(previous)
-    if isinstance(previous.get("config"), dict):
-        previous["config"] = {**RLHFConfig().to_dict(), **previous["config"]}
-    return sorted(k for k in record if k != "num_iterations" and previous.get(k) != record[k])
+    changed = sorted(k for k in record if k not in ("num_iterations", "config") and previous.get(k) != record[k])
+    if not isinstance(previous.get("config"), dict):
+        return sorted([*changed, "config"])
+    old_config = {**RLHFConfig().to_dict(), **previous["config"]}
+    new_config = record["config"]
+    fields = sorted(f"config.{k}" for k in set(old_config) | set(new_config) if old_config.get(k) != new_config.get(k))
+    return sorted(changed + fields)
 
 
 class _InChunkProgress:
@@ -380,7 +384,13 @@ def run_rlhf(
     }
     config_path = out_dir / "config.json"
     if config_path.exists():
-        changed = _changed_fields(json.loads(config_path.read_text()), record)
+        try:
+            previous = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config_path} cannot be read as a run's config ({error}); use a new out_dir.") from None
+        if not isinstance(previous, dict):
+            raise ValueError(f"{config_path} is not a run's config (a JSON object); use a new out_dir.")
+        changed = _changed_fields(previous, record)
         if changed:
             why = (
                 " (it was written before Adam ran on the layers stacked by role, so its checkpoints cannot be read)"
