@@ -18,7 +18,17 @@ import experiments.teacher
 import theory.__main__
 from jaxrm import ascent, bounds, estimators, flow, metrics, pg, studies, tabular
 from jaxrm.estimators import Estimator
-from jaxrm.models import CausalLM, load_hf, load_model, preset, read_hf_config, read_metadata, sample, save_model
+from jaxrm.models import (
+    CausalLM,
+    RewardModel,
+    load_hf,
+    load_model,
+    preset,
+    read_hf_config,
+    read_metadata,
+    sample,
+    save_model,
+)
 from jaxrm.models.config import TransformerConfig
 from jaxrm.models.sampling import SamplingOptions
 from jaxrm.sharding import make_mesh
@@ -713,7 +723,6 @@ def test_run_rlhf_refuses_an_eos_outside_the_vocabulary_before_writing(tiny_mode
 
 
 def _small_vocabulary_teacher(policy):
-    from jaxrm.models import RewardModel
     from jaxrm.train.rlhf import reward_model_fn
 
     teacher = RewardModel(policy.config.replace(vocab_size=8), rngs=nnx.Rngs(1))
@@ -792,6 +801,12 @@ def test_model_calls_outside_a_trace_check_token_ids_and_the_cache(tiny_model):
     hidden, cache = tiny_model.trunk(jnp.array([[1, 2]]), positions=jnp.array([[0, 1]]), cache=cache)
     with pytest.raises(ValueError, match=r"KV cache holds 3 slots, 2 filled: no room for 2 more"):
         tiny_model.trunk(jnp.array([[3, 4]]), positions=jnp.array([[2, 3]]), cache=cache)
+    # A reward model reads the last real token: a row without one is refused, not scored at position 0.
+    reward_model = RewardModel(tiny_model.config, rngs=nnx.Rngs(0))
+    tokens, mask = jnp.array([[0, 5, 6], [9, 9, 9]]), jnp.array([[False, True, True], [False, False, False]])
+    with pytest.raises(ValueError, match=r"mask rows \[1\] have no real token to score"):
+        reward_model(tokens, mask)
+    assert reward_model(tokens[:1], mask[:1]).shape == (1,)
 
 
 def test_save_model_refuses_metadata_that_is_not_json_and_leaves_nothing(tiny_model, tmp_path):

@@ -17,6 +17,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxrm._checks import check_token_ids, is_concrete
@@ -445,8 +446,15 @@ class RewardModel(nnx.Module):
     def __call__(self, tokens, mask=None, *, positions=None):
         """Rewards ``[batch]`` (float32) of whole sequences. As for :meth:`CausalLM.head`, the
         score's product runs in the compute dtype and accumulates and returns float32, so
-        bfloat16 compute does not round the rewards to 8 significant bits."""
+        bfloat16 compute does not round the rewards to 8 significant bits.
+
+        A row without a real token has no last token to read: called outside a trace, such a row
+        is refused (under ``jit`` it would be scored at position 0)."""
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask
+        if is_concrete(mask):
+            empty = np.flatnonzero(~np.asarray(mask, bool).any(-1))
+            if empty.size:
+                raise ValueError(f"mask rows {empty[:8].tolist()} have no real token to score.")
         hidden = self.trunk(tokens, mask, positions=positions)
         last = jnp.take_along_axis(hidden, last_token_index(mask)[:, None, None], axis=1)[:, 0]
         kernel = self.score.kernel[...].astype(last.dtype)
