@@ -449,7 +449,7 @@ def _gradient(estimator: Estimator, tables: _Tables, rewards, samples, kl_coef) 
         if estimator.kl_placement in ("loss", "detached"):
             kl_tokens = tokens if estimator.kl_placement == "loss" else rollout_tokens
             kl = pg.kl_per_token(kl_tokens, ref_tokens, mask, kl_estimator=estimator.kl_estimator)
-            value = value + kl_coef * pg.aggregate(kl, mask, mode=aggregation)
+            value = value + kl_coef * pg.aggregate(kl, mask, aggregation=aggregation)
         return value
 
     # The samples' token cotangents, summed per output: one [Y, L] x [Y, L, D] contraction

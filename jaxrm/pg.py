@@ -55,6 +55,12 @@ def _check_group(rewards, minimum: int, what: str):
     check_finite("rewards", rewards)
 
 
+def _check_eps(eps) -> None:
+    """A stabilizing ``eps`` added to a standard deviation or variance: a number ``>= 0``."""
+    if is_concrete(eps) and not (np.ndim(eps) == 0 and float(eps) >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}.")
+
+
 def _check_per_sequence(what: str, values, per_token) -> None:
     """``values`` hold one number per sequence of the ``[..., time]`` array ``per_token``: without
     this check, a ``[prompts]`` array against ``[prompts, k, time]`` would broadcast silently."""
@@ -66,13 +72,17 @@ def _check_per_sequence(what: str, values, per_token) -> None:
 
 
 def _check_rank(what: str, value, rewards) -> None:
-    """``value`` is a scalar or has ``rewards``' rank: a ``[P]`` array against ``[P, k]`` rewards
-    would broadcast along ``k`` (one value per sample when ``P == k``), not per prompt."""
-    if np.ndim(value) not in (0, np.ndim(rewards)):
+    """``value`` is a finite scalar, or has ``rewards``' rank and broadcasts to them: a ``[P]``
+    array against ``[P, k]`` rewards would broadcast along ``k`` (one value per sample when
+    ``P == k``), not per prompt."""
+    shape, target = np.shape(value), np.shape(rewards)
+    fits = len(shape) == len(target) and all(a in (1, b) for a, b in zip(shape, target))
+    if shape and not fits:
         raise ValueError(
-            f"{what} must be a scalar or have the rank of the rewards {list(np.shape(rewards))} (e.g. "
-            f"{list(np.shape(rewards)[:-1]) + [1]} for one per prompt), got shape {list(np.shape(value))}."
+            f"{what} must be a scalar or have the rank of the rewards {list(target)} and broadcast to them (e.g. "
+            f"{list(target[:-1]) + [1]} for one per prompt), got shape {list(shape)}."
         )
+    check_finite(what, value)
 
 
 def reinforce_advantages(rewards: ArrayLike, *, baseline: ArrayLike = 0.0) -> jax.Array:
@@ -114,6 +124,7 @@ def grpo_advantages(rewards: ArrayLike, *, scale: bool = True, ddof: int = 1, ep
     [-0.7071, 0.7071]
     """
     check_int("ddof", ddof, low=0)
+    _check_eps(eps)
     _check_group(rewards, ddof + 1 if scale else 1, "grpo_advantages")
     rewards = jnp.asarray(rewards)
     centered = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
@@ -185,12 +196,13 @@ def kl_penalized_rewards(
     if is_concrete(kl_coef) and not np.all(np.asarray(kl_coef) >= 0):
         raise ValueError(f"kl_coef must be >= 0 (and not NaN), got {kl_coef}.")
     _check_per_sequence("rewards", rewards, logp)
+    check_finite("rewards", rewards)
     _check_rank("kl_coef", kl_coef, rewards)
     penalty = _masked_sum(kl_per_token(logp, ref_logp, mask, kl_estimator=kl_estimator), mask)
     return jax.lax.stop_gradient(jnp.asarray(rewards) - kl_coef * penalty)
 
 
-def aggregate(per_token: ArrayLike, mask: ArrayLike, *, mode: str = "token-mean") -> jax.Array:
+def aggregate(per_token: ArrayLike, mask: ArrayLike, *, aggregation: str = "token-mean") -> jax.Array:
     """Reduce a ``[..., time]`` per-token loss to a scalar.
 
     - ``token-mean``: sum over every response token / number of response tokens (long responses
@@ -203,18 +215,18 @@ def aggregate(per_token: ArrayLike, mask: ArrayLike, *, mode: str = "token-mean"
     with none (padding a batch to a fixed size) changes nothing.
 
     >>> loss, mask = jnp.array([[1.0, 3.0], [2.0, 0.0]]), jnp.array([[True, True], [True, False]])
-    >>> [float(aggregate(loss, mask, mode=m)) for m in AGGREGATIONS]
+    >>> [float(aggregate(loss, mask, aggregation=m)) for m in AGGREGATIONS]
     [2.0, 2.0, 3.0]
     """
-    check_choice("mode", mode, AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     check_same_shape(per_token=per_token, mask=mask)
     mask = jnp.asarray(mask, bool)
     sums = _masked_sum(per_token, mask)
-    if mode == "token-mean":
+    if aggregation == "token-mean":
         return jnp.sum(sums) / jnp.maximum(jnp.sum(mask), 1)
     lengths = jnp.sum(mask, axis=-1)
     sequences = jnp.maximum(jnp.sum(lengths > 0), 1)
-    if mode == "sequence-mean":
+    if aggregation == "sequence-mean":
         return jnp.sum(sums / jnp.maximum(lengths, 1)) / sequences
     return jnp.sum(sums) / sequences
 
@@ -236,7 +248,7 @@ def reinforce_loss(
     check_choice("aggregation", aggregation, AGGREGATIONS)
     # The advantage of a fully padded row may be anything (NaN): 0 * NaN would reach the gradient.
     advantages = jnp.where(jnp.asarray(mask, bool), jax.lax.stop_gradient(advantages)[..., None], 0.0)
-    return aggregate(-advantages * logp, mask, mode=aggregation)
+    return aggregate(-advantages * logp, mask, aggregation=aggregation)
 
 
 def clipped_surrogate_loss(
@@ -289,7 +301,7 @@ def clipped_surrogate_loss(
     if ratio_level == "sequence":
         loss = jnp.sum(jnp.where(mask, per_item, 0.0)) / count
     else:
-        loss = aggregate(per_item, mask, mode=aggregation)
+        loss = aggregate(per_item, mask, aggregation=aggregation)
     return loss, jnp.sum(was_clipped, dtype=jnp.float32) / count
 
 
@@ -352,8 +364,13 @@ def normalize_sampled_rewards(
     [-1.0, 1.0]
     """
     check_choice("normalization", normalization, REWARD_NORMALIZATIONS)
-    if is_concrete(std) and not np.all(np.asarray(std) >= 0):
-        raise ValueError(f"std must be >= 0 (and not NaN), got {std}.")
+    _check_eps(eps)
+    if clip is not None and is_concrete(clip) and not (np.ndim(clip) == 0 and float(clip) > 0):
+        raise ValueError(f"clip must be > 0 (rewards are clipped to [-clip, clip]) or None, got {clip}.")
+    check_finite("rewards", rewards)
+    check_finite("mean", mean)
+    if is_concrete(std) and not np.all(np.isfinite(np.asarray(std)) & (np.asarray(std) >= 0)):
+        raise ValueError(f"std must be finite and >= 0, got {std}.")
     centered = jnp.asarray(rewards) - mean
     if normalization == "std":
         normalized = centered / (std + eps)
@@ -370,6 +387,7 @@ def scale_per_group(rewards: ArrayLike, *, ddof: int = 1, eps: float = 1e-8) -> 
     [0.7071, 2.1213]
     """
     check_int("ddof", ddof, low=0)
+    _check_eps(eps)
     _check_group(rewards, max(2, ddof + 1), "scale_per_group")
     rewards = jnp.asarray(rewards)
     return rewards / (jnp.std(rewards, axis=-1, ddof=ddof, keepdims=True) + eps)

@@ -379,6 +379,22 @@ KERNEL_CASES = [
         ),
         r"kl_coef must be a scalar or have the rank",
     ),
+    # A per-prompt argument of the right rank that does not broadcast, or that holds NaN; eps and clip.
+    (
+        lambda: pg.reinforce_advantages(jnp.ones((2, 2)), baseline=jnp.ones((3, 1))),
+        r"baseline must be a scalar or have the rank of the rewards \[2, 2\] and broadcast to them",
+    ),
+    (lambda: pg.reinforce_advantages(jnp.ones((2, 2)), baseline=jnp.nan), r"baseline must be finite"),
+    (lambda: pg.normalize_sampled_rewards(jnp.ones(3), jnp.nan, 1.0), r"mean must be finite"),
+    (lambda: pg.normalize_sampled_rewards(jnp.ones(3), 0.0, 1.0, clip=-1.0), r"clip must be > 0"),
+    (lambda: pg.normalize_sampled_rewards(jnp.ones(3), 0.0, 1.0, eps=-1.0), r"eps must be a number >= 0"),
+    (lambda: pg.grpo_advantages(jnp.ones((1, 2)), eps=-0.7071), r"eps must be a number >= 0"),
+    (
+        lambda: pg.kl_penalized_rewards(
+            jnp.array([jnp.nan]), jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2), bool), kl_coef=0.1
+        ),
+        r"rewards must be finite",
+    ),
     (
         lambda: pg.reinforce_loss(jnp.ones((2, 3)), jnp.ones(2), jnp.ones((2, 3), bool), aggregation="token-meen"),
         r"aggregation='token-meen'",

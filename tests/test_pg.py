@@ -73,13 +73,13 @@ def test_aggregation_and_losses_by_hand():
     assert float(clip_fraction) == 1.0
     np.testing.assert_allclose(loss, (-1.2 * 1.0 - 0.8 * -1.0) / 2, rtol=1e-6)
     per_token = jnp.array([[1.0, 3.0], [2.0, 5.0]])
-    assert [float(pg.aggregate(per_token, mask, mode=m)) for m in pg.AGGREGATIONS] == [2.0, 2.0, 3.0]
+    assert [float(pg.aggregate(per_token, mask, aggregation=m)) for m in pg.AGGREGATIONS] == [2.0, 2.0, 3.0]
     # Unequal lengths: token-mean weighs tokens (10 / 4), sequence-mean weighs sequences ((3 + 1) / 2).
     values, lengths_3_and_1 = jnp.array([[1.0, 3.0, 5.0], [1.0, 0.0, 0.0]]), jnp.array([[1, 1, 1], [1, 0, 0]], bool)
-    assert float(pg.aggregate(values, lengths_3_and_1, mode="token-mean")) == 2.5
-    assert float(pg.aggregate(values, lengths_3_and_1, mode="sequence-mean")) == 2.0
-    with pytest.raises(ValueError, match="mode"):
-        pg.aggregate(per_token, mask, mode="mean")
+    assert float(pg.aggregate(values, lengths_3_and_1, aggregation="token-mean")) == 2.5
+    assert float(pg.aggregate(values, lengths_3_and_1, aggregation="sequence-mean")) == 2.0
+    with pytest.raises(ValueError, match="aggregation='mean'"):
+        pg.aggregate(per_token, mask, aggregation="mean")
 
 
 def test_padding_and_overflowing_ratios_never_make_a_loss_or_its_gradient_nan():
@@ -139,7 +139,9 @@ def test_padding_and_overflowing_ratios_never_make_a_loss_or_its_gradient_nan():
     values, valid = jnp.array([[1.0, 3.0], [2.0, 0.0]]), jnp.array([[True, True], [True, False]])
     with_empty_row = jnp.concatenate([values, jnp.full((1, 2), 7.0)]), jnp.concatenate([valid, jnp.zeros((1, 2), bool)])
     for mode in pg.AGGREGATIONS:
-        assert float(pg.aggregate(*with_empty_row, mode=mode)) == float(pg.aggregate(values, valid, mode=mode))
+        assert float(pg.aggregate(*with_empty_row, aggregation=mode)) == float(
+            pg.aggregate(values, valid, aggregation=mode)
+        )
 
 
 def test_entropy_and_reward_normalization():

@@ -448,7 +448,7 @@ def make_phases(config: RLHFConfig, policy_graphdef: nnx.GraphDef, *, batch_shar
         entropy = shares.tokens * pg.aggregate(pg.entropy_per_token(logits, response_mask), response_mask)
         if config.kl_placement == "loss":
             kl = pg.kl_per_token(logp, ref_logp, response_mask, kl_estimator=config.kl_estimator)
-            loss = loss + shares.kl * config.kl_coef * pg.aggregate(kl, response_mask, mode=config.aggregation)
+            loss = loss + shares.kl * config.kl_coef * pg.aggregate(kl, response_mask, aggregation=config.aggregation)
         if config.entropy_coef != 0:
             loss = loss - config.entropy_coef * entropy
         return loss, {"clip_fraction": shares.clip * clip_fraction, "entropy": entropy}
