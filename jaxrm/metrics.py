@@ -76,6 +76,13 @@ def _check_support(where):
             )
 
 
+def _numeric(rewards) -> jax.Array:
+    """``rewards`` as an array that arithmetic accepts: 0/1 rewards stored as bool become the
+    default float dtype (integers already promote)."""
+    rewards = jnp.asarray(rewards)
+    return rewards.astype(jnp.result_type(float)) if rewards.dtype == jnp.bool_ else rewards
+
+
 def _masked(values, where):
     """Zero out excluded entries, so ``0 * value`` cannot produce NaN from garbage there."""
     return values if where is None else jnp.where(where, values, 0)
@@ -135,7 +142,7 @@ def reward_variance(logits: ArrayLike, rewards: ArrayLike, *, where: ArrayLike |
     """
     _validate_exact(logits, rewards, where)
     probs = probabilities(logits, where=where)
-    rewards = _centered(jnp.asarray(rewards), where, axis=-1)
+    rewards = _centered(_numeric(rewards), where, axis=-1)
     mean = jnp.sum(probs * rewards, axis=-1, keepdims=True)
     return jnp.sum(probs * jnp.square(rewards - mean), axis=-1)
 
@@ -193,7 +200,7 @@ def normalize_rewards(logits: ArrayLike, rewards: ArrayLike) -> jax.Array:
             "for one prompt pass shape [1, Y]."
         )
     probs = probabilities(logits)
-    rewards = _centered(jnp.asarray(rewards), None, axis=(-2, -1))
+    rewards = _centered(_numeric(rewards), None, axis=(-2, -1))
     mean = jnp.mean(jnp.sum(probs * rewards, -1), -1)[..., None, None]
     variance = jnp.mean(jnp.sum(probs * jnp.square(rewards - mean), -1), -1)[..., None, None]
     # The square root of a safe value: sqrt's derivative at 0 would make the gradient NaN.
@@ -329,13 +336,15 @@ def accuracy(
       where: optional ``[..., n]`` bool mask of valid positions.
 
     Returns:
-      ``[...]`` accuracies (NaN for a row with fewer than two valid positions).
+      ``[...]`` accuracies (NaN for a row with fewer than two valid positions, and for one whose
+      pair weights all underflow to 0: ``probs`` with all its mass, to the dtype's precision, on
+      one output; in float32 that happens once the other outputs are ``e^-88`` times as likely).
 
     >>> import jax.numpy as jnp
     >>> round(float(accuracy(jnp.array([0.0, 1.0, 2.0]), jnp.array([0.0, 2.0, 1.0]))), 6)  # 2 of 3 pairs
     0.666667
     """
-    rm_rewards, gt_rewards = jnp.asarray(rm_rewards), jnp.asarray(gt_rewards)
+    rm_rewards, gt_rewards = _numeric(rm_rewards), _numeric(gt_rewards)
     check_same_shape(rm_rewards=rm_rewards, gt_rewards=gt_rewards, probs=probs, where=where)
     if rm_rewards.ndim < 1 or rm_rewards.shape[-1] < 2:
         raise ValueError(

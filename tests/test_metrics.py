@@ -419,6 +419,18 @@ class TestDegenerateInputs:
         with pytest.raises(ValueError, match="non-empty last axis"):
             metrics.best_of_n_reward(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0), 2)
 
+    def test_zero_one_rewards_stored_as_bool_count_as_numbers(self):
+        correct = jnp.array([[True, False, True], [False, False, True]])
+        numbers, logits = correct.astype(jnp.float64), jnp.array([[0.0, 1.0, 2.0], [0.5, 0.0, -1.0]])
+        score = jnp.array([[1.0, 0.0, 0.5], [0.2, 0.1, 0.3]])
+        for kernel in (
+            lambda r: metrics.reward_variance(logits, r),
+            lambda r: metrics.normalize_rewards(logits, r),
+            lambda r: metrics.accuracy(r, score),
+            lambda r: metrics.accuracy(score, r, probs=jax.nn.softmax(logits)),
+        ):
+            np.testing.assert_array_equal(kernel(correct), kernel(numbers))
+
     def test_best_of_n_takes_whole_sample_counts(self):
         with pytest.raises(ValueError, match="whole numbers"):
             metrics.best_of_n_reward(jnp.zeros(2), jnp.arange(2.0), jnp.arange(2.0), 2.5)
