@@ -52,7 +52,15 @@ from jax.typing import ArrayLike
 from jaxrm import _dopri5, _queue, metrics
 from jaxrm._checks import check_finite, check_int, is_concrete
 from jaxrm._queue import Status
-from jaxrm.tabular import ExactPolicy, Logits, TabularPolicy, objective_grad, prompt_gradient
+from jaxrm.tabular import (
+    ExactPolicy,
+    Logits,
+    LogLinearPolicy,
+    SharedAutoregressivePolicy,
+    TabularPolicy,
+    objective_grad,
+    prompt_gradient,
+)
 
 __all__ = [
     "FirstPassage",
@@ -131,6 +139,10 @@ def default_policy(policy, rm_rewards):
     return TabularPolicy(int(jnp.shape(rm_rewards)[-1])) if policy is None else policy
 
 
+# Policies whose parameters are one array (an autoregressive tabular policy's are a tuple of them).
+_ONE_ARRAY_POLICIES = (TabularPolicy, LogLinearPolicy, SharedAutoregressivePolicy)
+
+
 def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
     """Check a tabular problem before any work; returns ``(init_logits, rm_rewards, eval_rewards,
     kl_coef)``, all in the rewards' floating dtype (integer rewards are cast to the default float
@@ -139,6 +151,8 @@ def validate_problem(policy, init_logits, rm_rewards, eval_rewards, kl_coef):
     rm_rewards = jnp.asarray(rm_rewards)
     if not jnp.issubdtype(rm_rewards.dtype, jnp.floating):
         rm_rewards = rm_rewards.astype(jnp.result_type(float))
+    if isinstance(policy, _ONE_ARRAY_POLICIES) and isinstance(init_logits, (list, tuple)):
+        init_logits = np.asarray(init_logits)  # nested lists of numbers, not a pytree of scalars
     # One dtype for the whole problem (the rewards'): a float32 state against float64 rewards
     # would change type inside the solver's loop.
     init_logits = jax.tree.map(lambda x: jnp.asarray(x, rm_rewards.dtype), init_logits)

@@ -52,6 +52,9 @@ def test_two_outputs_match_closed_form(p0, gamma, num_prompts):
     rewards = jnp.tile(jnp.array([-0.5, 1.0]), (num_prompts, 1))
     t = flow.t_gamma(logits, rewards, gamma, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(t, two_output_t_gamma(p0, gap, gamma, num_prompts), rtol=1e-6)
+    if num_prompts == 1:  # nested Python lists are arrays too
+        as_lists = flow.t_gamma(logits.tolist(), rewards.tolist(), gamma, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(as_lists, t)
 
 
 def test_a_gain_no_softmax_policy_attains_is_not_reached_and_costs_no_step():
