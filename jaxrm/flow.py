@@ -136,7 +136,7 @@ def _default_solver():
 
 def default_policy(policy, rm_rewards):
     """``policy``, or the tabular policy over the outputs of ``rm_rewards`` when it is None."""
-    return TabularPolicy(int(jnp.shape(rm_rewards)[-1])) if policy is None else policy
+    return TabularPolicy(int(np.shape(rm_rewards)[-1])) if policy is None else policy
 
 
 # Policies whose parameters are one array (an autoregressive tabular policy's are a tuple of them).
