@@ -20,6 +20,15 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def check_key(name: str, key) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``key`` is a ``jax.random.key`` (a typed key
+    array) or a legacy ``uint32 [..., 2]`` one: an int seed would fail deep inside ``jax.random``."""
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    legacy = isinstance(key, jax.Array) and key.dtype == np.uint32 and key.shape[-1:] == (2,)
+    if not (typed or legacy):
+        raise ValueError(f"{name} must be a jax.random.key (e.g. jax.random.key(0)), got {key!r}.")
+
+
 def check_finite(name: str, x) -> None:
     """Raise ``ValueError`` if a concrete ``x`` holds NaN or inf."""
     if x is None or not is_concrete(x):

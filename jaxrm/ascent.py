@@ -21,7 +21,7 @@ import optax
 from jax.typing import ArrayLike
 
 from jaxrm import metrics, pg
-from jaxrm._checks import check_choice, check_int, is_concrete
+from jaxrm._checks import check_choice, check_int, check_key, is_concrete
 from jaxrm.flow import FlowMetrics, check_gamma, default_policy, flow_metrics, validate_problem
 from jaxrm.tabular import ExactPolicy, TabularPolicy, objective_grad, tabular_gradient_and_normalizer
 
@@ -127,13 +127,6 @@ def _loop_inputs(gradient, rm_rewards, ref_log_probs, lam):
     return rm_rewards, ref_log_probs
 
 
-def _is_key(key) -> bool:
-    """A typed key, or a legacy ``uint32 [2]`` one."""
-    if not isinstance(key, jax.Array):
-        return False
-    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
-
-
 def _checked_problem(
     init_logits, rm_rewards, *, policy, kl_coef, eval_rewards, num_steps, optimizer, key=None, name="num_steps"
 ):
@@ -145,8 +138,8 @@ def _checked_problem(
     check_int(name, num_steps, low=0)
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ValueError(f"optimizer must be an optax GradientTransformation (e.g. optax.sgd(0.1)), got {optimizer!r}.")
-    if key is not None and not _is_key(key):
-        raise ValueError(f"key must be a jax.random.key (or a legacy PRNGKey), got {key!r}.")
+    if key is not None:
+        check_key("key", key)
     # One coefficient per prompt, with an axis for the outputs: [..., S, 1] (0 without a KL term).
     kl_coef = jnp.asarray(0.0, rm_rewards.dtype) if kl_coef is None else kl_coef[..., None]
     return policy, init_logits, rm_rewards, eval_rewards, kl_coef

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxrm._checks import check_choice, check_finite, check_int, check_same_shape, is_concrete
+from jaxrm._checks import check_choice, check_finite, check_int, check_key, check_same_shape, is_concrete
 
 __all__ = [
     "accuracy",
@@ -679,6 +679,7 @@ def _bootstrapped_correlations(x, y, key, kind, num_resamples, level, *, name="x
     ``name``: the caller's argument that ``x`` holds, for the error messages."""
     check_choice("kind", kind, ("spearman", "pearson"))
     check_int("num_resamples", num_resamples, low=1)
+    check_key("key", key)
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}.")
     x, y = jnp.asarray(x), jnp.asarray(y)

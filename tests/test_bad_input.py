@@ -490,6 +490,7 @@ KERNEL_CASES = [
         ),
         r"key must be a jax.random.key",
     ),
+    (lambda: metrics.bootstrap_correlation(jnp.arange(4.0), jnp.arange(4.0), 0), r"key must be a jax.random.key"),
     (lambda: ascent.SampledGradient(True, "reinforce"), r"k=True"),
     (lambda: studies.share_interval(1, True), r"integer counts"),
     (lambda: make_mesh(model=3), r"model=3 does not divide the 4 devices"),
@@ -817,6 +818,8 @@ def test_model_calls_outside_a_trace_check_token_ids_and_the_cache(tiny_model):
     hidden, cache = tiny_model.trunk(jnp.array([[1, 2]]), positions=jnp.array([[0, 1]]), cache=cache)
     with pytest.raises(ValueError, match=r"KV cache holds 3 slots, 2 filled: no room for 2 more"):
         tiny_model.trunk(jnp.array([[3, 4]]), positions=jnp.array([[2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match=r"key must be a jax.random.key \(e.g. jax.random.key\(0\)\), got 0"):
+        sample(tiny_model, jnp.array([[1, 2]]), jnp.ones((1, 2), bool), 0, max_new_tokens=2)
     # A reward model reads the last real token: a row without one is refused, not scored at position 0.
     reward_model = RewardModel(tiny_model.config, rngs=nnx.Rngs(0))
     tokens, mask = jnp.array([[0, 5, 6], [9, 9, 9]]), jnp.array([[False, True, True], [False, False, False]])

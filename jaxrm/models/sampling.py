@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrm._checks import NON_NEGATIVE, POSITIVE_INT, check_fields, check_int, check_token_ids, checked, is_concrete
+from jaxrm._checks import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    check_fields,
+    check_int,
+    check_key,
+    check_token_ids,
+    checked,
+    is_concrete,
+)
 from jaxrm.models.transformer import CausalLM, KVCache, default_positions
 
 # The smallest temperature that samples: below it float32 cannot keep logits / temperature in
@@ -342,6 +351,7 @@ def sample(model: CausalLM, prompt_tokens, prompt_mask, key, **options) -> Sampl
     an input, so training them does not recompile.
     """
     check_prompts(prompt_tokens, prompt_mask, model.config.vocab_size)
+    check_key("key", key)
     options = SamplingOptions(**options)
     options.check_vocabulary(model.config.vocab_size)
     graphdef, state = nnx.split(model)

@@ -46,7 +46,7 @@ import optax
 from flax import nnx
 
 from jaxrm import metrics, pg
-from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, checked, one_of
+from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, check_key, checked, one_of
 from jaxrm.models.sampling import MIN_TEMPERATURE, SamplingOptions, check_prompts, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 from jaxrm.train.optimizers import stack_layers
@@ -632,6 +632,7 @@ def measure_reward_statistics(
     """
     check_prompts(prompts, prompt_mask, policy.config.vocab_size)
     check_int("samples", samples, low=1)
+    check_key("key", key)
     config.sampling.check_vocabulary(policy.config.vocab_size)
     graphdef, params = nnx.split(policy)
     sampler = jax.jit(make_sampler(graphdef, config.sampling))
