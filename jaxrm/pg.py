@@ -328,7 +328,9 @@ def entropy_per_token(logits: ArrayLike, mask: ArrayLike) -> jax.Array:
 def reward_statistics(rewards: ArrayLike, *, ddof: int = 0) -> tuple[jax.Array, jax.Array]:
     """``(mean, std)`` over every sample, ``std`` with ``ddof`` (0: numpy; 1: torch and the
     official RLOO), measured once on the initial policy
-    (docs/theory.md#experiments-of-razin-et-al).
+    (docs/theory.md#experiments-of-razin-et-al). The default ``ddof=0`` is the one that
+    :func:`normalize_sampled_rewards`'s default ``normalization="std"`` expects; pass ``ddof=1``
+    for ``"rsqrt_var"`` (:attr:`jaxrm.train.rlhf.RLHFConfig.reward_ddof` picks it from the config).
 
     >>> [round(float(v), 4) for v in reward_statistics(jnp.array([0.0, 2.0]), ddof=1)]
     [1.0, 1.4142]
