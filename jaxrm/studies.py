@@ -360,19 +360,26 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=N
         if not (np.isfinite(x).all() and np.isfinite(outcome).all()):
             raise ValueError("x and the outcome must be finite.")
         # NumPy, not jaxrm.metrics' kernels: resamples of whole clusters differ in size, so they
-        # cannot be stacked into one compiled program, and thousands of small JAX calls are slow.
-        fits = {"pearson": _pearson, "spearman": lambda a, b: _pearson(_average_ranks(a), _average_ranks(b))}
+        # cannot be stacked into one compiled program. They are stacked here, padded to the
+        # longest, with a mask.
         rng = np.random.default_rng(seed)
-        num_seeds = outcome.shape[1]
-        resampled = {kind: [] for kind in fits}
-        for index in _cluster_draws(clusters, rng, num_resamples):
-            drawn = outcome[index]
-            if num_seeds > 1:
-                drawn = np.take_along_axis(drawn, rng.integers(0, num_seeds, drawn.shape), axis=1)
-            for kind, fit in fits.items():
-                resampled[kind].append(fit(x[index], drawn.mean(1)))
+        draws = _cluster_draws(clusters, rng, num_resamples)
+        index = np.zeros((num_resamples, max(map(len, draws))), int)
+        valid = np.zeros(index.shape, bool)
+        seeds = np.zeros(index.shape + outcome.shape[1:], int)
+        for row, draw in enumerate(draws):
+            index[row, : len(draw)], valid[row, : len(draw)] = draw, True
+            if outcome.shape[1] > 1:  # each drawn model's seeds, drawn resample by resample
+                seeds[row, : len(draw)] = rng.integers(0, outcome.shape[1], (len(draw), outcome.shape[1]))
+        drawn = np.take_along_axis(outcome[index], seeds, axis=-1).mean(-1)
+        full = np.ones((1, x.size), bool)
+        fits = {
+            "pearson": _masked_pearson,
+            "spearman": lambda a, b, mask: _masked_pearson(_masked_ranks(a, mask), _masked_ranks(b, mask), mask),
+        }
         return {
-            kind: _percentile_interval(fit(x, outcome.mean(1)), resampled[kind], 0.95) for kind, fit in fits.items()
+            kind: _percentile_interval(fit(x[None], outcome.mean(1)[None], full)[0], fit(x[index], drawn, valid), 0.95)
+            for kind, fit in fits.items()
         }
     out = {}
     for kind in ("pearson", "spearman"):
@@ -387,24 +394,24 @@ def correlations(x, outcome, *, seed: int, num_resamples: int = 2000, clusters=N
     return out
 
 
-def _average_ranks(values) -> np.ndarray:
-    """Ranks from 1, ties sharing their average (``scipy.stats.rankdata``'s default, without its
-    per-call overhead, which dominated thousands of bootstrap resamples)."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    group = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1  # tie group of each sorted value
-    size = np.bincount(group)
-    ranks = np.empty(len(values))
-    ranks[order] = (np.cumsum(size) - (size - 1) / 2)[group]  # cumsum: 1-based position of a group's last member
-    return ranks
+def _masked_ranks(values, mask) -> np.ndarray:
+    """Each row's ranks from 1 among its entries where ``mask`` holds, ties sharing their average
+    (``scipy.stats.rankdata``'s default): the entries below plus half of the equal ones, itself
+    included, plus one half. Rows ``[R, n]``, pairwise (``O(R n^2)``: n is a count of models)."""
+    below = ((values[:, None, :] < values[:, :, None]) & mask[:, None, :]).sum(-1)
+    equal = ((values[:, None, :] == values[:, :, None]) & mask[:, None, :]).sum(-1)
+    return below + (equal + 1) / 2
 
 
-def _pearson(a, b) -> float:
-    """Pearson's correlation, NaN (without a warning) when either input is constant."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+def _masked_pearson(a, b, mask) -> np.ndarray:
+    """Each row's Pearson correlation over its entries where ``mask`` holds; NaN (without a
+    warning) for a row where either input is constant."""
+    count = mask.sum(-1, keepdims=True)
+    a, b = (np.where(mask, v - np.where(mask, v, 0).sum(-1, keepdims=True) / count, 0.0) for v in (a, b))
+    constant = [np.ptp(np.where(mask, v, v[..., :1]), axis=-1) == 0 for v in (a, b)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    return np.where(constant[0] | constant[1], np.nan, value)
 
 
 def cluster_bootstrap(statistic, clusters, *, seed: int, num_resamples: int = 2000, level: float = 0.95) -> list[float]:
