@@ -25,7 +25,8 @@ parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+# Compiled as the rest of the suite is (tests/conftest.py): the tests check values, not speed.
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices} --xla_backend_optimization_level=0"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
