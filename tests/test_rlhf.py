@@ -375,17 +375,7 @@ def test_bad_prompts_fail_before_the_run_directory_is_written(tmp_path):
         rlhf_task.run_rlhf(policy(), ground_truth, None, tokens, mask, CONFIG, num_iterations=0, out_dir=tmp_path / "x")
     # A teacher that was constant when measured: any later difference would be scaled by 1/eps.
     with pytest.raises(ValueError, match=r"std > 0, got mean 0.5 and std 0.0\. A std of 0"):
-        rlhf_task.run_rlhf(
-            policy(),
-            ground_truth,
-            None,
-            tokens,
-            mask,
-            CONFIG,
-            num_iterations=1,
-            out_dir=tmp_path / "x",
-            reward_stats=(0.5, 0.0),
-        )
+        rlhf_task.run(tmp_path / "x", 1, reward_stats=(0.5, 0.0))
     assert not (tmp_path / "x").exists()
 
 
