@@ -360,7 +360,7 @@ def normalize_sampled_rewards(
 
     ``std = 0`` is allowed and divides by ``eps`` (or its square root) alone: a reward that was
     constant when the statistics were measured and differs later is then scaled by ``1e8``
-    (:func:`jaxrm.train.driver.run_rlhf` refuses such statistics).
+    (``1e4`` under ``rsqrt_var``; :func:`jaxrm.train.driver.run_rlhf` refuses such statistics).
 
     >>> normalize_sampled_rewards(jnp.array([0.0, 4.0]), 2.0, 2.0, eps=0.0).tolist()
     [-1.0, 1.0]

@@ -154,7 +154,7 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
         raise ValueError(
             f"reward_stats must be finite with std > 0, got mean {means} and std {stds}. A std of 0 (a teacher "
             "that gave every measured response the same reward) would scale any later difference of rewards by "
-            "1/eps = 1e8; measure on more samples, or pass std 1 to only center the rewards."
+            "1e8 (1e4 under rsqrt_var); measure on more samples, or pass std 1 to only center the rewards."
         )
     return seed_list, means, stds
 
