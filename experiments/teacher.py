@@ -548,9 +548,9 @@ class Teacher:
 
     ``params = (rm_params, w_rm, w_gt, low_variance)``: ``w_rm RM(x, y) + w_gt r_G(x, y) s(x)``
     with ``s(x) = 0.001`` on the even topics when ``low_variance``, else 1. A value, not a
-    closure: two teachers of the same task and reward-model layout are equal, so a second run in
-    the same process finds the programs compiled for the first (:func:`teacher_scorer` and
-    :func:`jaxrm.train.driver.run_rlhf` key their compiled programs on it).
+    closure: two teachers of the same task and reward-model layout are equal, so they share the
+    programs that :func:`teacher_scorer` and :func:`jaxrm.train.driver.run_rlhf` compile for
+    them (keyed on the teacher).
 
     Attributes:
       task: the task whose ground truth ``r_G`` and topics the teacher reads.
