@@ -11,6 +11,7 @@ exact dynamics can be compared step by step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import jaxprs_in_params
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from jaxrm import metrics, pg
@@ -177,8 +180,21 @@ def _checked_ascent(
         and all(is_concrete(x) for x in jax.tree.leaves(arguments))
     )
     if carry_shift:
-        logits, history, shift_held = _ascent(*arguments, carry_shift=True, **options)
-        if bool(shift_held):
+        blocked = None if track else _row_blocked_layout(init_logits, optimizer)
+        if blocked is not None:
+            logits, shift_held = _row_blocked_ascent(
+                init_logits,
+                rm_rewards,
+                kl_coef,
+                policy=policy,
+                optimizer=optimizer,
+                num_steps=num_steps,
+                sharding=blocked,
+            )
+            history = None
+        else:
+            logits, history, shift_held = _ascent(*arguments, carry_shift=True, **options)
+        if bool(jnp.all(shift_held)):
             return logits, history
     return _ascent(*arguments, carry_shift=False, **options)[:2]
 
@@ -206,7 +222,11 @@ def exact_gradient_ascent(
     previous step's log-normalizer rather than their maximum (one pass fewer over the logits),
     and the ascent is rerun with the maximum if a step moved a logit by about 60 or more (the
     call then waits for its result before returning); under ``jit`` or ``vmap`` every step takes
-    the maximum.
+    the maximum. If moreover ``track=False``, the optimizer acts element by element (checked on
+    its program, :func:`_acts_elementwise`) and the logits are sharded over several CPU devices
+    along their rows, each device runs all the steps on a few rows at a time, so that a block's
+    arrays stay in the core's cache (:func:`_row_blocked_ascent`; the same arithmetic, row by
+    row).
 
     Args:
       init_logits: initial parameters of ``policy`` (also the KL reference).
@@ -346,17 +366,18 @@ def ascent_first_passage(
     )
 
 
-def _update(gradient, optimizer, policy, logits, opt_state, loop_inputs, lam, key, shift=None):
+def _update(gradient, optimizer, policy, logits, opt_state, loop_inputs, lam, key, shift=None, num_prompts=None):
     """One ascent step: ``gradient`` (exact or sampled), negated for the optax minimizer;
     ``loop_inputs`` from :func:`_loop_inputs`. With a ``shift`` (the exact gradient of a
     :class:`~jaxrm.tabular.TabularPolicy` only) the gradient exponentiates the logits minus it,
     and the step also returns each row's log-normalizer, the next step's shift; otherwise that
-    entry is None."""
+    entry is None. ``num_prompts`` (default: the rows of ``logits``) is the count the objective
+    averages over, which differs when ``logits`` holds only some of the problem's rows."""
     if shift is None:
         grads = gradient(policy, logits, *loop_inputs, lam, key)
     else:
         grads, shift = tabular_gradient_and_normalizer(logits, *loop_inputs, kl_coef=lam, shift=shift)
-        grads = grads / logits.shape[-2]
+        grads = grads / (logits.shape[-2] if num_prompts is None else num_prompts)
     updates, opt_state = optimizer.update(jax.tree.map(jnp.negative, grads), opt_state, logits)
     return optax.apply_updates(logits, updates), opt_state, shift
 
@@ -369,6 +390,131 @@ def _shift_held(log_normalizer, shift):
     normal number; a NaN fails the test too."""
     margin = 0.7 * float(np.log(np.finfo(shift.dtype).max))
     return jnp.abs(log_normalizer - shift) < margin
+
+
+# Primitives that act element by element (operands of one shape, or scalars): an optimizer
+# whose update uses only these, plus anything on scalars alone, treats each entry on its own.
+_ELEMENTWISE_PRIMITIVES = frozenset(
+    "abs add and cbrt ceil clamp convert_element_type copy copy_p cos div eq erf erf_inv exp exp2 expm1 "
+    "floor ge gt integer_pow is_finite le log log1p logistic lt max min mul ne neg nextafter not or pow "
+    "rem round rsqrt select_n sign sin sqrt square sub tan tanh xor".split()
+)
+
+
+def _jaxpr_is_elementwise(jaxpr) -> bool:
+    for equation in jaxpr.eqns:
+        inner = list(jaxprs_in_params(equation.params))
+        if inner:  # jit, custom_jvp_call, ...: judged by what they call
+            if not all(_jaxpr_is_elementwise(getattr(j, "jaxpr", j)) for j in inner):
+                return False
+            continue
+        shapes = [v.aval.shape for v in (*equation.invars, *equation.outvars) if hasattr(v.aval, "shape")]
+        if equation.primitive.name in _ELEMENTWISE_PRIMITIVES or all(shape == () for shape in shapes):
+            continue
+        if equation.primitive.name == "broadcast_in_dim" and math.prod(equation.invars[0].aval.shape) == 1:
+            continue
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _acts_elementwise(optimizer: optax.GradientTransformation, dtype) -> bool:
+    """Whether ``optimizer``'s update treats each entry of the parameters on its own, read off
+    its program on a ``[3, 5]`` array: only element-wise primitives act on arrays (``sgd``,
+    ``adam``, ``optax.clip``: yes; ``clip_by_global_norm``, ``adafactor``, added noise: no). The
+    check is conservative: an update it cannot read as element-wise counts as coupling."""
+    params = jnp.zeros((3, 5), dtype)
+    try:
+        program = jax.make_jaxpr(optimizer.update)(params, optimizer.init(params), params)
+    except Exception:  # an optimizer that needs other arguments: not one to reason about
+        return False
+    return _jaxpr_is_elementwise(program.jaxpr)
+
+
+def _row_blocked_layout(logits, optimizer) -> NamedSharding | None:
+    """The sharding under which :func:`_row_blocked_ascent` runs ``logits``, or None where it does
+    not apply: it needs rows spread over several CPU devices (on one device the blocks run on one
+    core where the unblocked step's large kernels use them all; on accelerators small blocks only
+    add loop overhead), outputs kept whole on each device, and an element-wise optimizer."""
+    sharding = getattr(logits, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or len(sharding.device_set) < 2:
+        return None
+    if any(device.platform != "cpu" for device in sharding.device_set):
+        return None
+    spec = (*sharding.spec, *(None,) * (logits.ndim - len(sharding.spec)))
+    if spec[-1] is not None or not _acts_elementwise(optimizer, logits.dtype):
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+# Entries of one row block's arrays (64 KiB in float32): a block's logits, folded rewards and
+# exponentials then stay in a core's L2 cache through all of its steps.
+_BLOCK_ENTRIES = 16384
+
+
+@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "sharding"))
+def _row_blocked_ascent(logits, rm_rewards, kl_coef, *, policy, optimizer, num_steps, sharding):
+    """The exact ascent of a tabular policy (``track=False``), rows blocked in time: each device
+    runs all ``num_steps`` steps on a block of ``_BLOCK_ENTRIES // |Y|`` of its rows before
+    the next, rather than every step over all its rows, so a step reads its block from cache
+    instead of streaming ``[S, Y]`` arrays from memory. Valid because a row's exact gradient
+    reads only that row and the optimizer acts element by element (:func:`_row_blocked_layout`);
+    on ``[1024, 4096]`` float32 logits over two CPU devices a step takes about 1.5x less time
+    (docs/performance.md#the-discrete-ascent). Returns ``(logits, shift_held)``, the latter per
+    row as in :func:`_ascent`.
+    """
+    num_prompts, num_outputs = logits.shape[-2:]
+    kl_coef = jnp.broadcast_to(kl_coef, (*logits.shape[:-1], 1))
+    spec = sharding.spec
+
+    def on_device(logits, rm_rewards, lam):
+        rows = math.prod(logits.shape[:-1])
+        block = min(rows, max(1, _BLOCK_ENTRIES // num_outputs))
+        padding = -rows % block  # zero rows: a uniform policy with zero rewards, which stays put
+
+        def blocks(x):
+            x = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, padding), (0, 0)))
+            return x.reshape(-1, block, x.shape[-1])
+
+        folded = _loop_inputs(_exact_gradient, rm_rewards, policy.log_probs(logits), lam)[0]
+
+        def ascend(block_inputs):
+            theta, folded, lam = block_inputs
+
+            class Carry(NamedTuple):
+                logits: Any
+                opt_state: Any
+                shift: Any
+                shift_held: Any
+
+            def step(carry, _):
+                theta, opt_state, shift = _update(
+                    _exact_gradient,
+                    optimizer,
+                    None,
+                    carry.logits,
+                    carry.opt_state,
+                    (folded, 0.0),
+                    lam,
+                    None,
+                    carry.shift,
+                    num_prompts,
+                )
+                return Carry(theta, opt_state, shift, carry.shift_held & _shift_held(shift, carry.shift)), None
+
+            shift = jnp.max(theta, axis=-1, keepdims=True)
+            start = Carry(theta, optimizer.init(theta), shift, jnp.ones_like(shift, bool))
+            end = jax.lax.scan(step, start, length=num_steps)[0]
+            return end.logits, end.shift_held
+
+        theta, held = jax.lax.map(ascend, (blocks(logits), blocks(folded), blocks(lam)))
+        return theta.reshape(-1, num_outputs)[:rows].reshape(logits.shape), held.reshape(-1)[:rows].reshape(
+            logits.shape[:-1]
+        )
+
+    return jax.shard_map(
+        on_device, mesh=sharding.mesh, in_specs=(spec, spec, spec), out_specs=(spec, PartitionSpec(*spec[:-1]))
+    )(logits, rm_rewards, kl_coef)
 
 
 @jax.jit(static_argnames=("policy", "optimizer", "gradient", "group_size"))

@@ -218,3 +218,32 @@ def test_a_float32_problem_stays_float32_with_a_featurized_policy():
         policy=policy,
     )
     assert bool(out.reached.all()) and out.tied_share.dtype == np.float32
+
+
+def test_rows_sharded_over_cpu_devices_run_in_blocks_with_the_same_result(monkeypatch):
+    """Rows sharded over CPU devices with an element-wise optimizer: each device runs its rows in
+    blocks through all the steps (``_row_blocked_ascent``), with the unblocked ascent's result,
+    through batch axes, padding (6 rows a device in blocks of 5) and the rerun after a huge step."""
+    mesh = jax.make_mesh((2,), ("problems",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("problems"))
+    logits = jax.random.normal(jax.random.key(9), (2, 6, 3000))
+    rewards = jax.random.uniform(jax.random.key(10), (2, 6, 3000))
+    sharded = [jax.device_put(x, rows) for x in (logits, rewards)]
+    calls = []
+    blocked = ascent._row_blocked_ascent
+    monkeypatch.setattr(ascent, "_row_blocked_ascent", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    # (optimizer, size of a step); sgd(1e6): the carried shift fails, and the ascent is rerun.
+    for optimizer, step in ((optax.sgd(3.0), 3.0), (optax.adam(0.1), 0.1), (optax.sgd(1e6), 1e6)):
+        options = dict(optimizer=optimizer, num_steps=4, kl_coef=jax.numpy.array([0.0, 0.3]), track=False)
+        expected = exact_gradient_ascent(logits, rewards, **options)[0]
+        got = exact_gradient_ascent(*sharded, **options)[0]
+        assert np.isfinite(got).all() and got.sharding.spec == rows.spec
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * step)
+    assert len(calls) == 3
+    # Where blocks would not be the same arithmetic, or not faster, the ascent is not blocked.
+    assert ascent._row_blocked_layout(sharded[0], optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))) is None
+    assert ascent._row_blocked_layout(sharded[0], optax.adafactor(0.1)) is None
+    assert ascent._row_blocked_layout(logits, optax.sgd(1.0)) is None  # one device
+    by_outputs = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "problems"))
+    assert ascent._row_blocked_layout(jax.device_put(logits, by_outputs), optax.sgd(1.0)) is None
+    assert ascent._acts_elementwise(optax.chain(optax.clip(1.0), optax.lion(0.1)), np.float32)
