@@ -237,13 +237,27 @@ def test_rows_sharded_over_cpu_devices_run_in_blocks_with_the_same_result(monkey
         options = dict(optimizer=optimizer, num_steps=4, kl_coef=jax.numpy.array([0.0, 0.3]), track=False)
         expected = exact_gradient_ascent(logits, rewards, **options)[0]
         got = exact_gradient_ascent(*sharded, **options)[0]
-        assert np.isfinite(got).all() and got.sharding.spec == rows.spec
+        assert np.isfinite(got).all() and got.sharding.is_equivalent_to(rows, got.ndim)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * step)
-    assert len(calls) == 3
-    # Where blocks would not be the same arithmetic, or not faster, the ascent is not blocked.
-    assert ascent._row_blocked_layout(sharded[0], optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))) is None
-    assert ascent._row_blocked_layout(sharded[0], optax.adafactor(0.1)) is None
-    assert ascent._row_blocked_layout(logits, optax.sgd(1.0)) is None  # one device
-    by_outputs = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "problems"))
-    assert ascent._row_blocked_layout(jax.device_put(logits, by_outputs), optax.sgd(1.0)) is None
-    assert ascent._acts_elementwise(optax.chain(optax.clip(1.0), optax.lion(0.1)), np.float32)
+    # A mesh with explicit axes (jax.make_mesh's default) takes the arrays as placed; kl_coef is not.
+    explicit = jax.sharding.NamedSharding(jax.make_mesh((2,), ("problems",)), jax.sharding.PartitionSpec("problems"))
+    options = dict(optimizer=optax.sgd(3.0), num_steps=4, kl_coef=0.3, track=False)
+    got = exact_gradient_ascent(*(jax.device_put(x, explicit) for x in (logits, rewards)), **options)[0]
+    np.testing.assert_allclose(got, exact_gradient_ascent(logits, rewards, **options)[0], rtol=1e-10, atol=1e-12)
+    assert len(calls) == 4
+    # Where blocks would not be the same arithmetic, or not faster, the ascent is not blocked:
+    # an optimizer that couples entries, or treats the whole array otherwise than a block (here by
+    # its rank, or in its state), one device, replicated rows, outputs split over devices.
+    on_rows = sharded[0]
+    for coupled in (
+        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)),
+        optax.adamw(0.1, weight_decay=0.5, mask=lambda p: jax.tree.map(lambda x: x.ndim == 3, p)),
+        optax.GradientTransformation(lambda p: jax.numpy.asarray(1 / p.shape[0]), lambda u, s, p=None: (-s * u, s)),
+        optax.GradientTransformation(lambda p: p[0] * 0, lambda u, s, p=None: (jax.lax.cumsum(u), s)),
+    ):
+        assert ascent._row_blocked_layout(on_rows, coupled) is None
+    assert ascent._row_blocked_layout(logits, optax.sgd(1.0)) is None
+    for spec in ((), (None, None, "problems")):
+        placed = jax.device_put(logits, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+        assert ascent._row_blocked_layout(placed, optax.sgd(1.0)) is None
+    assert ascent._row_blocked_layout(on_rows, optax.chain(optax.clip(1.0), optax.lion(0.1))) is not None
