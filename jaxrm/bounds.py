@@ -153,7 +153,8 @@ def proposition2_gradient_bound(
 ) -> np.ndarray:
     """Proposition 2 (docs/theory.md#proposition-2-and-lemma-8):
     ``||grad phi(theta; x)|| <= 6 M^(1/3) L J Var[r_KL]^(1/3)`` when ``r_KL`` lies in ``[-M, M]``
-    with ``M > 1``.
+    with ``M > 1``. A ``reward_bound`` below 1 is raised to 1: the bound with any ``M > 1`` holds,
+    and its limit as ``M -> 1`` is the value at 1.
 
     >>> round(float(proposition2_gradient_bound(1e-3, reward_bound=1.0)), 6)
     0.6

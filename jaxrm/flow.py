@@ -8,8 +8,8 @@ runs its own batched stepper (:mod:`jaxrm._dopri5`: diffrax's ``Dopri5`` method 
 PI step-size rule, which rejects fewer steps than diffrax's default controller, at about 40% of
 diffrax's cost per step on this problem); :func:`trajectory` uses diffrax.
 
-Tabular and autoregressive-tabular policies are *separable*: prompt ``x`` only moves its own
-logits, at speed ``1/|S|`` (Lemma 7). So each prompt is an independent ODE in the rescaled time
+Every policy of :mod:`jaxrm.tabular` is *separable*: prompt ``x`` only moves its own
+parameters, at speed ``1/|S|`` (Lemma 7 for the tabular ones). So each prompt is an independent ODE in the rescaled time
 ``tau = t / |S|``, and ``t_gamma(x) = |S| tau_gamma(x)``. :func:`first_passage` solves all
 (problem, prompt) pairs of a batch as independent items on a work queue: a fixed number of
 slots each integrate one item for a short segment of steps, and finished slots take the next
@@ -17,8 +17,10 @@ item, so a batch costs about the *sum* of the items' step counts, not ``batch x 
 scheduler is :mod:`jaxrm._queue`). Discrete ascent (exact or sampled gradients) lives in
 :mod:`jaxrm.ascent`.
 
-With ``kl_coef = lam > 0`` the flow converges to ``pi* = pi_ref exp(r / lam) / Z``, and
-``phi_x(pi) = lam log Z - lam KL(pi || pi*)`` only grows along the flow, so every later policy
+With ``kl_coef = lam > 0``, ``phi_x(pi) = lam log Z - lam KL(pi || pi*)`` for every policy, with
+``pi* = pi_ref exp(r / lam) / Z`` (the flow's limit for classes that can represent it, such as
+the tabular ones; log-linear and shared-parameter policies generally cannot). ``phi_x`` only grows
+along the flow, so every later policy
 stays in the ball ``KL(pi || pi*) <= KL(pi(t) || pi*) =: delta``. By Pinsker, its expected eval
 reward is within ``(max r_eval - min r_eval) / 2 * sqrt(2 delta)`` of ``E_{pi*}[r_eval]``; once
 that bound rules the gain out, the solve stops with ``NOT_REACHED`` instead of integrating a

@@ -19,8 +19,8 @@ and shard like any pytree:
 
 All four implement :class:`ExactPolicy`: ``log_probs(logits) -> [..., S, Y]`` and the
 closed-form ``log_prob_vjp(logits, c) = sum_y c[y] grad log pi(y)``, from which the exact gradient
-of the RLHF objective follows (Lemma 7 for tabular policies, the score-function form otherwise;
-docs/theory.md#setting).
+of the RLHF objective follows (Lemma 7 for tabular policies, docs/theory.md#setting; the
+score-function form otherwise, docs/theory.md#proof).
 
 The RLHF objective (docs/theory.md#setting, Eq. 1), with ``pi_ref`` the reference (initial) policy:
 ``phi(theta) = mean_x ( E_{y~pi(.|x)} r(x,y) - lam KL(pi(.|x) || pi_ref(.|x)) )``.

@@ -8,7 +8,7 @@ import pytest
 from jaxrm import bounds, flow, metrics
 from jaxrm.studies import config_from_dict, share_interval
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory import best_of_n, estimators, theorem1, theorem2, theorem3, tightness
+from theory import best_of_n, common, estimators, theorem1, theorem2, theorem3, tightness
 from theory.__main__ import QUICK_XLA_FLAG, STUDIES, _quick_compiles, main
 from theory.common import general_policy_passage, general_text, loglog_slope, violating_rows
 
@@ -36,13 +36,49 @@ def test_every_study_reports_instances_violations_and_a_verdict(quick_run):
         assert path.stat().st_mode & 0o044 == 0o044, path
 
 
+def test_theorem1_saves_each_violated_ratio_inequality_with_its_point():
+    """A gradient norm or variance rate above its bound is saved like a timing below one, with
+    where it was measured; NaN (not measured) and ratios within the tolerance are not."""
+    family = theorem1.Family(
+        name="f",
+        policy=None,
+        logits=np.zeros((2, 1, 3)),
+        rm_rewards=np.ones((2, 1, 3)),
+        gt_rewards=np.ones((2, 1, 3)),
+        rm_gamma=np.ones((2, 1)),
+        gt_gamma=np.ones((2, 1)),
+        kl_coef=np.array([0.0, 0.5]),
+    )
+    timing = {"t_gamma": np.ones((2, 1)), "theorem4": np.full((2, 1), 0.5)}
+    ratios = {
+        "gradient_prop2": np.array([[[0.9], [np.nan]], [[1.0 + 1e-9], [1.5]]]),
+        "gradient_sqrt": np.full((2, 2, 1), 0.5),
+        "variance_rate": np.array([[0.1, 0.2], [2.0, np.nan], [0.3, 0.4]]),
+        "prop2_rate": np.zeros((3, 2)),
+    }
+    saved = theorem1._violating_instances(family, {"gt": timing, "rm": timing, "ratios": ratios}, 1e-6)
+    found = {(v["bound"], v["point"], v["problem"], v["prompt"]) for v in saved}
+    assert found == {("gradient_prop2", "ground-truth target", 1, 0), ("variance_rate", "proxy target", 0, None)}
+    assert [v["kl_coef"] for v in saved] == [0.5, 0.0]
+
+
 @pytest.mark.slow
 def test_theorem1_quick_run_writes_the_promised_outputs(quick_run):
     status, out, summaries = quick_run
     summary = summaries["theorem1"]
     assert summary["instances"] == 8 * 8 + 32 * 2 + 64 + 64 + 64
     assert summary["violations"] == dict.fromkeys(
-        ("theorem4", "prop3", "sharpened", "variance_rate", "prop2_rate", "lam_gain"), 0
+        (
+            "theorem4",
+            "prop3",
+            "sharpened",
+            "gradient_prop2",
+            "gradient_sqrt",
+            "variance_rate",
+            "prop2_rate",
+            "lam_gain",
+        ),
+        0,
     )
     assert set(summary["families"]) == {"scaled", "random", "kl_0.5", "kl_0.5_fixed", "shared_L3"}
     # The same instances, with the ground-truth gain absolute instead of a share of the offer.
@@ -547,7 +583,7 @@ def test_theorem2_limit_reward_is_the_ground_truth_where_the_flow_ends():
     rm = np.array([[1.0, 0.0, 0.5], [1.0, 0.2, 1.0], [1.0, 0.0, 0.5]])
     gt = np.array([[0.0, 1.0, 0.5], [-0.5, 1.0, 0.8], [0.0, 1.0, 0.5]])
     lam = np.array([0.0, 0.0, 0.5])
-    limits = theorem2.limit_reward(logits, rm, gt, lam)
+    limits = common.limit_reward(logits, rm, gt, lam)
     np.testing.assert_array_equal(limits[:2], [0.0, -0.5])
     for row, late in ((0, 1e6), (1, 1e6), (2, 200.0)):
         kl_coef = None if lam[row] == 0 else lam[row]

@@ -63,7 +63,7 @@ from jaxrm.tabular import (
     kl_rewards,
     prompt_gradient,
 )
-from theory.common import SLOPE_TOLERANCE, censored_slopes, loglog_slope, unreached
+from theory.common import SLOPE_TOLERANCE, censored_slopes, limit_reward, loglog_slope, unreached
 
 NAME = "theorem1"
 
@@ -173,17 +173,12 @@ class Family(NamedTuple):
 # --- instances -------------------------------------------------------------------------------
 
 
-def _limit_rewards(ref_log_probs, rm, eval_rewards, kl_coef):
-    """Expected ``eval_rewards`` under the flow's limit: ``argmax r_RM`` (lam = 0) or ``pi*``."""
-    lam = np.asarray(kl_coef)[:, None, None]
-    tilted = jax.nn.softmax(ref_log_probs + rm / np.where(lam > 0, lam, 1.0), axis=-1)
-    greedy = np.take_along_axis(np.asarray(eval_rewards), np.argmax(rm, -1)[..., None], -1)[..., 0]
-    return np.where(lam[..., 0] > 0, np.sum(np.asarray(tilted) * eval_rewards, -1), greedy)
-
-
 def _gammas(policy, logits, rm, gt, kl_coef, fraction):
     ref = policy.log_probs(logits)
-    gain = lambda r: _limit_rewards(ref, rm, r, kl_coef) - np.asarray(metrics.expected_reward(ref, r))  # noqa: E731
+
+    def gain(r):
+        return limit_reward(ref, rm, r, np.asarray(kl_coef)[:, None]) - np.asarray(metrics.expected_reward(ref, r))
+
     gt_gain, rm_gain = gain(gt), gain(rm)
     return np.where(gt_gain > 0, fraction * gt_gain, np.nan), fraction * rm_gain
 
@@ -223,7 +218,7 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
     rm = jnp.tile(eps, n)[:, None, None] * gt
     kl_coef = np.zeros(len(rm))
     _, rm_gamma = _gammas(tabular, logits, rm, gt, kl_coef, config.gain_fraction)
-    gt_gain = _limit_rewards(tabular.log_probs(logits), rm, gt, kl_coef) - np.asarray(
+    gt_gain = limit_reward(tabular.log_probs(logits), rm, gt, np.asarray(kl_coef)[:, None]) - np.asarray(
         metrics.expected_reward(tabular.log_probs(logits), gt)
     )
     gt_gamma = np.where(gt_gain > config.scaled_gamma, config.scaled_gamma, np.nan)
@@ -248,9 +243,9 @@ def make_families(config: Theorem1Config, only=None) -> list[Family]:
         families.append(shared)
         # The same instances with an absolute ground-truth gain: where the teacher offers less, no time.
         ref = tabular.log_probs(shared.logits)
-        offered = _limit_rewards(ref, shared.rm_rewards, shared.gt_rewards, shared.kl_coef) - np.asarray(
-            metrics.expected_reward(ref, shared.gt_rewards)
-        )
+        offered = limit_reward(
+            ref, shared.rm_rewards, shared.gt_rewards, np.asarray(shared.kl_coef)[:, None]
+        ) - np.asarray(metrics.expected_reward(ref, shared.gt_rewards))
         fixed = np.where(offered > config.scaled_gamma, config.scaled_gamma, np.nan)
         families.append(shared._replace(name=f"kl_{lam:g}_fixed", gt_gamma=fixed))
 
@@ -387,7 +382,6 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         jnp.asarray(family.kl_coef),
         [np.ones(len(has_gt), bool), reached_rm.all(-1), measured[1].all(-1)],
     )
-    tolerance = 1 + config.violation_tolerance
 
     def timed(run, gamma, valid):
         t = np.where(valid, np.asarray(run.t_gamma), np.nan)
@@ -419,9 +413,14 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         max_ratio_variance_rate=float(np.nanmax(step4)),
         max_ratio_prop2_rate=float(np.nanmax(prop2_rate)),
         rate_points=int(np.isfinite(step4).sum()),
-        rate_violations={
-            "variance_rate": int((step4 > tolerance).sum()),
-            "prop2_rate": int((prop2_rate > tolerance).sum()),
+        # Each inequality's ratio, NaN where not measured: gradient norms [2 points, problems, S]
+        # (start, ground-truth target), rates [3 points, problems] (start, proxy and
+        # ground-truth targets); one above 1 + tolerance is a violation.
+        ratios={
+            "gradient_prop2": np.where(measured, prop2, np.nan),
+            "gradient_sqrt": np.where(measured, sqrt, np.nan),
+            "variance_rate": step4,
+            "prop2_rate": prop2_rate,
         },
     )
 
@@ -537,8 +536,36 @@ def _family_summary(family: Family, result: dict, config: Theorem1Config) -> dic
     }
 
 
+# Where each ratio inequality is measured, by the index of its first axis.
+_RATIO_POINTS = {
+    "gradient_prop2": ("start", "ground-truth target"),
+    "gradient_sqrt": ("start", "ground-truth target"),
+    "variance_rate": ("start", "proxy target", "ground-truth target"),
+    "prop2_rate": ("start", "proxy target", "ground-truth target"),
+}
+
+
 def _violating_instances(family: Family, result: dict, tolerance: float) -> list[dict]:
+    """Every violated bound's instance: the problem with its inputs, and for a timing its times
+    and bounds, for a ratio inequality the point where it was measured and the ratio."""
     saved = []
+    for name, ratio in result["ratios"].items():
+        for point, problem, *prompt in np.argwhere(ratio > 1 + tolerance):
+            pick = lambda x: np.asarray(x[problem]).tolist()  # noqa: E731
+            saved.append(
+                {
+                    "family": family.name,
+                    "bound": name,
+                    "problem": int(problem),
+                    "prompt": int(prompt[0]) if prompt else None,
+                    "point": _RATIO_POINTS[name][point],
+                    "ratio": float(ratio[(point, problem, *prompt)]),
+                    "logits": jax.tree.map(pick, family.logits),
+                    "rm_rewards": pick(family.rm_rewards),
+                    "gt_rewards": pick(family.gt_rewards),
+                    "kl_coef": float(family.kl_coef[problem]),
+                }
+            )
     for bound, bad in _violations(result, tolerance).items():
         for problem, prompt in zip(*np.nonzero(bad)):
             pick = lambda x: np.asarray(x[problem]).tolist()  # noqa: E731
@@ -612,7 +639,8 @@ def _verdict(summary: dict) -> str:
     return (
         f"{summary['instances']} instances; violations Theorem 4 {total['theorem4']}, Proposition 3 "
         f"{total['prop3']}, Proposition A {total['sharpened']}, variance-rate inequalities (Prop A Step 4, "
-        f"Prop 2) {total['variance_rate']} and {total['prop2_rate']}, lam * gain <= 2 {total['lam_gain']}; "
+        f"Prop 2) {total['variance_rate']} and {total['prop2_rate']}, gradient norms (Prop 2, Cauchy-Schwarz) "
+        f"{total['gradient_prop2']} and {total['gradient_sqrt']}, lam * gain <= 2 {total['lam_gain']}; "
         f"{summary['censored']} timings censored at t_max, {summary['failed']} failed solves, "
         f"{summary['no_ground_truth_gain']} prompts with no ground-truth gain to time; smallest time over bound "
         f"{fmt(ratio['theorem4'])}, {fmt(ratio['prop3'])}, {fmt(ratio['sharpened'])}{slopes}"
@@ -692,7 +720,8 @@ def _markdown(summary: dict) -> str:
         "",
         f"Gradient norms at {g['points']} points (initial and at `t_gamma`): largest `||grad phi_x||` over "
         f"Proposition 2's `6 M^(1/3) L J Var[r_KL]^(1/3)`: {fmt(g['max_ratio_prop2'])}; over the "
-        f"Cauchy-Schwarz `sqrt(2) L J sqrt(Var[r_KL])`: {fmt(g['max_ratio_sqrt'])} (both must be <= 1).",
+        f"Cauchy-Schwarz `sqrt(2) L J sqrt(Var[r_KL])`: {fmt(g['max_ratio_sqrt'])} (both must be <= 1; "
+        f"{v['gradient_prop2']} and {v['gradient_sqrt']} above 1).",
         "",
         f"The variance along the flow, at {g['rate_points']} points (start, proxy target, ground-truth "
         f"target of each problem; exact `d/dt Var_KL` by forward-mode differentiation): largest "
@@ -864,8 +893,8 @@ def run(out_dir: Path, *, quick: bool = False, config: Theorem1Config | None = N
     total = {
         b: sum(f["violations"].get(b, 0) for f in family_summaries.values()) for b in ("theorem4", "prop3", "sharpened")
     }
-    for rate in ("variance_rate", "prop2_rate"):
-        total[rate] = sum(r["rate_violations"][rate] for r in results)
+    for name in _RATIO_POINTS:
+        total[name] = sum(int((r["ratios"][name] > 1 + config.violation_tolerance).sum()) for r in results)
     total["lam_gain"] = sum(f["lam_gain_violations"] for f in family_summaries.values())
     min_ratio = {
         b: min((f["min_ratio"][b] for f in family_summaries.values() if b in f["min_ratio"]), default=math.nan)

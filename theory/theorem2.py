@@ -47,7 +47,15 @@ from jaxrm.studies import (
     share_interval,
 )
 from jaxrm.tabular import AutoregressiveTabularPolicy
-from theory.common import beyond_upper, failed_text, general_policy_arm, general_text, unreached, violating_rows
+from theory.common import (
+    beyond_upper,
+    failed_text,
+    general_policy_arm,
+    general_text,
+    limit_reward,
+    unreached,
+    violating_rows,
+)
 
 NAME = "theorem2"
 
@@ -417,25 +425,6 @@ def _unreached_text(summary: dict) -> str:
             "`t_max`."
         )
     return " ".join(parts) + failed_text(summary["failed"], summary["undecided"])
-
-
-def limit_reward(logits, rm, gt, lam) -> np.ndarray:
-    """``E[r_G]`` under the policy the tabular flow tends to, per row of ``[N, Y]`` arrays: with
-    ``lam > 0`` the tilted ``pi0 exp(r_RM / lam) / Z``; with ``lam = 0`` all the mass on the
-    output of largest ``r_RM``. Among tied best outputs it goes to the one of largest initial
-    logit (shared equally by exactly tied logits): outputs of equal reward keep the difference of
-    their ``exp(-theta)`` along the flow (docs/theory.md#setting), so only the one whose
-    ``exp(-theta)`` starts smallest can reach 0.
-
-    >>> limit_reward(np.zeros((1, 3)), np.array([[1.0, 0.0, 1.0]]), np.array([[0.2, 1.0, 0.6]]), np.zeros(1))
-    array([0.4])
-    """
-    logits, rm, gt, lam = (np.asarray(x, float) for x in (logits, rm, gt, lam))
-    tilted = jax.nn.softmax(logits + rm / np.where(lam > 0, lam, 1.0)[:, None], axis=-1)
-    best = rm == rm.max(-1, keepdims=True)
-    top = best & (logits == np.where(best, logits, -np.inf).max(-1, keepdims=True))
-    greedy = np.sum(top * gt, -1) / np.sum(top, -1)
-    return np.where(lam > 0, np.sum(np.asarray(tilted) * gt, -1), greedy)
 
 
 def _wins_text(counts: dict) -> str:
