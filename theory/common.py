@@ -351,7 +351,9 @@ def limit_reward(logits, rm, gt, lam) -> np.ndarray:
     output of largest ``r_RM``. Among tied best outputs it goes to the one of largest initial
     logit (shared equally by exactly tied logits): outputs of equal reward keep the difference of
     their ``exp(-theta)`` along the flow (docs/theory.md#setting), so only the one whose
-    ``exp(-theta)`` starts smallest can reach 0.
+    ``exp(-theta)`` starts smallest can reach 0. Given an autoregressive policy's sequence
+    log-probabilities as ``logits``, the same rule is only an estimate of that flow's limit (a
+    target it puts out of reach is censored and counted by the studies).
 
     >>> limit_reward(np.zeros((1, 3)), np.array([[1.0, 0.0, 1.0]]), np.array([[0.2, 1.0, 0.6]]), np.zeros(1))
     array([0.4])
