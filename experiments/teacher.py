@@ -641,7 +641,9 @@ def run_students(config, task, students, teacher, params, stats, out_dir, log, *
             rl,
             num_iterations=config.iterations,
             out_dir=out_dir / "runs" / f"student_{index}",
-            reward_stats=(stats[index]["mean"], stats[index]["std"]),
+            reward_stats={
+                name: (mean, std) for name, mean, std in zip(teacher_names, stats[index]["mean"], stats[index]["std"])
+            },
             ground_truth_fn=task.ground_truth,
             seeds=[config.stream("policy", s) for s in range(config.seeds)],
             teachers=list(teacher_names),

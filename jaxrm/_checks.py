@@ -51,6 +51,24 @@ def check_int(name: str, value, *, low: int) -> None:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
 
 
+def check_instance(name: str, value, cls: type) -> None:
+    """Raise ``ValueError`` unless ``value`` is a ``cls`` (e.g. a reward model where a policy was
+    passed: both are flax modules, and the mistake would otherwise surface deep in a trace)."""
+    if not isinstance(value, cls):
+        raise ValueError(f"{name} must be a {cls.__name__}, got {type(value).__name__}.")
+
+
+def check_int_sequence(name: str, values, *, low: int) -> list[int]:
+    """``values`` as a list of ints ``>= low``, or ``ValueError`` naming ``name`` (a lone int,
+    a string or a bool is not a sequence of ints here)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray, range)):
+        raise ValueError(f"{name} must be a sequence of ints >= {low}, got {values!r}.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be a sequence of ints >= {low}, got {values!r}.")
+    return [int(value) for value in values]
+
+
 def check_same_shape(**arrays) -> None:
     """Raise ``ValueError`` unless all given (non-None) arrays share one shape."""
     shapes = {name: np.shape(a) for name, a in arrays.items() if a is not None}
@@ -170,7 +188,7 @@ def _coerce(label: str, annotation, value):
             raise ValueError(f"{label}: must be a number.")
         if not math.isfinite(value):
             raise ValueError(f"{label}: must be finite.")
-        return value
+        return float(value)  # a NumPy float would not go into a run's JSON record
     if annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"{label}: must be a string.")

@@ -322,6 +322,9 @@ def test_a_config_refuses_a_bad_field(build, message):
 
 def test_config_fields_take_ints_for_floats_and_lists_for_tuples():
     assert RewardTrainConfig(learning_rate=1).learning_rate == 1
+    # A NumPy float becomes a float, which a run's JSON record can hold.
+    assert type(RLHFConfig(learning_rate=np.float32(0.5)).learning_rate) is float
+    json.dumps(RLHFConfig(learning_rate=np.float32(0.5)).to_dict())
     assert Theorem1Config(lengths=[2]).lengths == (2,)
 
 
@@ -921,8 +924,18 @@ def test_training_entry_points_check_their_arguments_before_any_work(tiny_model,
     directory = tmp_path / "rm"
     with pytest.raises(ValueError, match=r"checkpoint_dirs must be distinct"):
         train_reward_models(reward_model, [pairs, pairs], checkpoint_dirs=[directory, directory], checkpoint_steps=(0,))
-    with pytest.raises(ValueError, match=r"eval_steps must hold int optimizer steps"):
-        train_reward_models(reward_model, [pairs], eval_pairs=pairs, eval_steps=(1.0,))
+    for options, message in (
+        (dict(eval_pairs=pairs, eval_steps=(1.0,)), r"eval_steps must be a sequence of ints >= 0, got \(1.0,\)"),
+        (dict(checkpoint_steps=4), r"checkpoint_steps must be a sequence of ints >= 0, got 4"),
+        (dict(seeds=[-1]), r"seeds must be a sequence of ints >= 0, got \[-1\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train_reward_models(reward_model, [pairs], **options)
+    # A policy where a reward model belongs, and the reverse, are named before any tracing.
+    with pytest.raises(ValueError, match=r"model must be a RewardModel, got CausalLM"):
+        train_reward_models(tiny_model, [pairs])
+    with pytest.raises(ValueError, match=r"model must be a CausalLM, got RewardModel"):
+        train_sft(reward_model, tokens, mask, mask, log=None)
     assert not directory.exists()
     # A checkpoint directory that cannot be written is refused before training, not at the first save.
     (tmp_path / "a_file").write_text("x")
@@ -940,3 +953,27 @@ def test_training_entry_points_check_their_arguments_before_any_work(tiny_model,
     right_padded = np.array([[5, 6, 0]]), np.array([[True, True, False]])
     with pytest.raises(ValueError, match=r"left-padded"):
         measure_reward_statistics(tiny_model, ground_truth, None, *right_padded, jax.random.key(0), config=CONFIG)
+
+    from jaxrm.train.driver import run_rlhf
+    from jaxrm.train.rlhf import init_state
+    from tests.rlhf_task import prompts
+
+    def run(config=CONFIG, out_dir=tmp_path / "run", **options):
+        return run_rlhf(
+            tiny_model, ground_truth, None, *prompts(8), config, num_iterations=1, out_dir=out_dir, **options
+        )
+
+    for options, message in (
+        (dict(teachers="ab"), r"teachers must be a non-empty sequence of distinct names, got 'ab'"),
+        # Two teachers' (mean, std) in a list read like (means, stds): only a mapping is taken.
+        (dict(teachers=["a", "b"], reward_stats=[(0.0, 1.0), (0.5, 2.0)]), r"with teachers, reward_stats must map"),
+        (dict(reward_stats=1.0), r"reward_stats: each teacher's statistics must be two numbers"),
+        (dict(seeds=0.0), r"seeds must be an int or a non-empty sequence of distinct ints, got 0.0"),
+        (dict(config=CONFIG.to_dict()), r"config must be a RLHFConfig, got dict"),
+        (dict(out_dir=tmp_path / "a_file" / "run"), r"out_dir .*a_file is a file, so the directory cannot be created"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run(**options)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"key must be a jax.random.key"):
+        init_state(tiny_model, CONFIG, 0)

@@ -334,7 +334,15 @@ def test_a_diverged_rlhf_run_stops_the_study_with_a_report_that_names_it(tmp_pat
     monkeypatch.setattr(teacher, "run_rlhf", fake_rlhf)
     with pytest.raises(teacher.DivergedRuns, match="1 of 4 RLHF runs diverged"):
         teacher.run_students(
-            config, TopicTask(), [None], None, None, [{"mean": 0, "std": 1}], tmp_path, print, teacher_names=names
+            config,
+            TopicTask(),
+            [None],
+            None,
+            None,
+            [{"mean": np.zeros(2), "std": np.ones(2)}],
+            tmp_path,
+            print,
+            teacher_names=names,
         )
     assert json.loads((tmp_path / "summary.json").read_text())["diverged_runs"] == [
         {"student": 0, "teacher": "b", "seed": 0, "iteration": 3}

@@ -171,3 +171,13 @@ def test_epochs_take_fresh_permutations():
     np.testing.assert_array_equal(first, np.arange(10))
     np.testing.assert_array_equal(second, np.arange(10))
     assert not np.array_equal(order[:2], order[2:])
+
+
+def test_a_diverging_run_stops_at_its_step_and_keeps_the_checkpoints_before_it(tmp_path):
+    model = RewardModel(preset("tiny"), rngs=nnx.Rngs(0))
+    config = RewardTrainConfig(learning_rate=1e37, batch_size=32, epochs=2)
+    with pytest.raises(FloatingPointError, match=r"diverged: run 0's loss is (nan|inf) at optimizer step [2-4] "):
+        train_reward_model(
+            model, _pairs(64, seed=2), config, checkpoint_dir=tmp_path, checkpoint_steps=(0, 4), log=None
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000"]

@@ -271,6 +271,22 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint at iteration 6, past num_iterations=4"):
         _run(tmp_path, "broken", 4, checkpoint_every=2)
     assert json.loads((tmp_path / "broken" / "config.json").read_text())["num_iterations"] == 6
+    # Without its config.json, the directory's checkpoint still knows its run: another config is refused.
+    (tmp_path / "broken" / "config.json").unlink()
+    tuned = dataclasses.replace(CONFIG, learning_rate=2 * CONFIG.learning_rate)
+    with pytest.raises(ValueError, match=r"checkpoint at iteration 6 .* different \['config.learning_rate'\]"):
+        rlhf_task.run_rlhf(
+            policy(),
+            ground_truth,
+            None,
+            *prompts(),
+            tuned,
+            num_iterations=6,
+            out_dir=tmp_path / "broken",
+            ground_truth_fn=ground_truth,
+            log=None,
+        )
+    assert not (tmp_path / "broken" / "config.json").exists()
     # A resume that would drop the measured ground truth (or change the teacher) is refused
     # before any training.
     with pytest.raises(ValueError, match=r"holds a run with different \['ground_truth', 'ground_truth_function'\]"):
@@ -663,14 +679,22 @@ def test_a_run_directory_written_before_the_stacked_optimizer_is_refused(tmp_pat
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(json.dumps(written_before))
+    (old / "metrics.jsonl").write_text('{"iteration": 0, "seed": 0}\n')
     with pytest.raises(ValueError, match="optimizer_layout.*written before Adam ran on the layers stacked by role"):
         rlhf_task.run_rlhf(policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=1, out_dir=old, log=None)
     assert json.loads((old / "config.json").read_text()) == written_before
-    assert sorted(p.name for p in old.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "metrics.jsonl"]
     (old / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json cannot be read as a run's config"):
         rlhf_task.run_rlhf(policy(), ground_truth, None, *prompts(), CONFIG, num_iterations=1, out_dir=old, log=None)
-    assert sorted(p.name for p in old.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "metrics.jsonl"]
+    # A directory with no iteration of its run (stopped while compiling) may start another.
+    (old / "checkpoints").mkdir()
+    assert driver._holds_progress(old)
+    (old / "metrics.jsonl").write_text("")
+    assert not driver._holds_progress(old)
+    (old / "checkpoints" / "2").mkdir()
+    assert driver._holds_progress(old)
 
 
 def _record_rollouts(monkeypatch) -> list:

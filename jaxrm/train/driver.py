@@ -21,8 +21,9 @@ import collections
 import hashlib
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrm._checks import check_choice, check_int
+from jaxrm._checks import check_choice, check_instance, check_int
 from jaxrm.models.checkpoint import tree_checksum
 from jaxrm.models.sampling import check_prompts
 from jaxrm.models.transformer import CausalLM
 from jaxrm.sharding import STRATEGIES, param_shardings, put_global
-from jaxrm.studies import write_text
+from jaxrm.studies import check_out_directory, write_text
 from jaxrm.train.checkpoints import RunCheckpoints
 from jaxrm.train.optimizers import stacked_state_shardings
 from jaxrm.train.rlhf import RewardFn, RLHFConfig, TrainData, TrainState, init_state, make_train
@@ -124,7 +125,12 @@ def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
 
 def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_stats, checkpoint_every, log_every):
     check_int("num_iterations", num_iterations, low=1)
-    seed_list = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        seed_list = [seeds]
+    elif isinstance(seeds, (Sequence, np.ndarray)) and not isinstance(seeds, (str, bytes)):
+        seed_list = list(seeds)
+    else:
+        seed_list = []  # refused below
     if (
         not seed_list
         or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed_list)
@@ -134,22 +140,22 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
     seed_list = [int(s) for s in seed_list]
     check_int("checkpoint_every", checkpoint_every, low=0)
     check_int("log_every", log_every, low=0)
-    means, stds = (np.asarray(v, np.float64) for v in reward_stats)
-    expected = () if teachers is None else (len(teachers),)
     if teachers is not None:
-        if not teachers or len(set(teachers)) < len(teachers) or not all(isinstance(t, str) for t in teachers):
+        if (
+            isinstance(teachers, str)
+            or not isinstance(teachers, Sequence)
+            or not teachers
+            or len(set(teachers)) < len(teachers)
+            or not all(isinstance(t, str) for t in teachers)
+        ):
             raise ValueError(f"teachers must be a non-empty sequence of distinct names, got {teachers!r}.")
         for leaf in jax.tree.leaves(reward_params):
-            if np.shape(leaf)[:1] != expected:
+            if np.shape(leaf)[:1] != (len(teachers),):
                 raise ValueError(
                     f"with {len(teachers)} teachers, every leaf of reward_params needs a leading axis of "
                     f"{len(teachers)}; one has shape {np.shape(leaf)}."
                 )
-    if means.shape != expected or stds.shape != expected:
-        raise ValueError(
-            f"reward_stats must be (mean, std), each of shape {expected} (one per teacher); got shapes "
-            f"{means.shape} and {stds.shape}."
-        )
+    means, stds = _reward_stats(reward_stats, teachers)
     if not (np.isfinite(means).all() and np.isfinite(stds).all() and (stds > 0).all()):
         raise ValueError(
             f"reward_stats must be finite with std > 0, got mean {means} and std {stds}. A std of 0 (a teacher "
@@ -157,6 +163,33 @@ def _check_run_arguments(num_iterations, seeds, teachers, reward_params, reward_
             "1e8 (1e4 under rsqrt_var); measure on more samples, or pass std 1 to only center the rewards."
         )
     return seed_list, means, stds
+
+
+def _reward_stats(reward_stats, teachers) -> tuple[np.ndarray, np.ndarray]:
+    """``(means, stds)`` from ``reward_stats``: one teacher's ``(mean, std)``, or with ``teachers``
+    a mapping of each name to its own (arrays of one entry per teacher, in ``teachers``' order).
+    Two teachers' pairs in a list would read the same as the means and the stds of both, so
+    only a mapping is taken for several."""
+    if teachers is None:
+        pairs = [reward_stats]
+    elif isinstance(reward_stats, Mapping) and set(reward_stats) == set(teachers):
+        pairs = [reward_stats[name] for name in teachers]
+    else:
+        raise ValueError(
+            f"with teachers, reward_stats must map each teacher's name to its (mean, std), as "
+            f"measure_reward_statistics returns them: {{{teachers[0]!r}: (mean, std), ...}}; got {reward_stats!r}."
+        )
+    try:
+        values = np.asarray(pairs, np.float64)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or values.shape != (len(pairs), 2):
+        raise ValueError(
+            f"reward_stats: each teacher's statistics must be two numbers (mean, std); got {reward_stats!r}."
+        )
+    if teachers is None:
+        return values[0, 0], values[0, 1]
+    return values[:, 0], values[:, 1]
 
 
 def _abstract_params(tree):
@@ -228,6 +261,13 @@ def train_state_shardings(state: TrainState, policy_shardings, *, num_batch_axes
         state.opt_state, state.params, params, other=replicated, batch_axes=num_batch_axes
     )
     return TrainState(params, opt_state, replicated, replicated)
+
+
+def _holds_progress(out_dir: Path) -> bool:
+    """Whether a run directory holds any iteration of its run: a checkpoint or a line of metrics
+    (a run stopped while compiling its first chunk leaves only its ``config.json``)."""
+    checkpoints, metrics = out_dir / "checkpoints", out_dir / "metrics.jsonl"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def _changed_fields(previous: dict, record: dict) -> list[str]:
@@ -310,8 +350,8 @@ def run_rlhf(
       num_iterations: iterations of the whole run (a resumed run continues up to it).
       out_dir: the run directory.
       reward_stats: ``(mean, std)`` normalising the teacher's rewards (see
-        :func:`jaxrm.train.rlhf.measure_reward_statistics`); with ``teachers``, two arrays of one
-        entry per teacher.
+        :func:`jaxrm.train.rlhf.measure_reward_statistics`); with ``teachers``, a mapping of each
+        teacher's name to its ``(mean, std)``.
       ground_truth_fn: a reward that is only measured (ground-truth reward, on-policy accuracy).
       seeds: one seed (an int), or a sequence of seeds run side by side in one program.
       teachers: names of several teachers run side by side (None: one teacher).
@@ -332,6 +372,8 @@ def run_rlhf(
 
     Every argument is checked before the run directory is written.
     """
+    check_instance("policy", policy, CausalLM)
+    check_instance("config", config, RLHFConfig)
     check_prompts(prompts, prompt_mask, policy.config.vocab_size)
     config.sampling.check_vocabulary(policy.config.vocab_size)
     seed_list, means, stds = _check_run_arguments(
@@ -362,9 +404,7 @@ def run_rlhf(
     _check_teacher("reward_fn", reward_fn, reward_params, **teacher_options)
     if ground_truth_fn is not None:  # called with no parameters
         _check_teacher("ground_truth_fn", ground_truth_fn, None, **teacher_options | {"teachers": None})
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir {out_dir} exists and is not a directory.")
+    out_dir = check_out_directory(out_dir, option="out_dir", files=("config.json", "metrics.jsonl", "checkpoints/"))
     graphdef = nnx.graphdef(policy)
     ref_params = nnx.state(policy if reference is None else reference, nnx.Param)
     record = {
@@ -391,6 +431,10 @@ def run_rlhf(
         if not isinstance(previous, dict):
             raise ValueError(f"{config_path} is not a run's config (a JSON object); use a new out_dir.")
         changed = _changed_fields(previous, record)
+        if changed and not _holds_progress(out_dir):
+            if log is not None:
+                log(f"{out_dir} holds no iteration of its earlier run (different {changed}): starting afresh")
+            changed = []
         if changed:
             why = (
                 " (it was written before Adam ran on the layers stacked by role, so its checkpoints cannot be read)"
@@ -431,6 +475,12 @@ def run_rlhf(
         step, state, saved = restored
         if saved["reference_fingerprint"] != record["reference_fingerprint"]:
             raise ValueError(f"the checkpoint at iteration {step} was trained against another reference policy.")
+        changed = _changed_fields(saved["run"], record) if "run" in saved else []
+        if changed:  # e.g. config.json deleted by hand: the checkpoint still knows its run
+            raise ValueError(
+                f"the checkpoint at iteration {step} in {out_dir} was written by a run with different {changed}; "
+                "use a new out_dir to start another run."
+            )
         if log is not None:
             log(f"resuming {out_dir} from the checkpoint at iteration {step}")
     start = int(np.max(jax.device_get(state.step)))
@@ -525,7 +575,11 @@ def run_rlhf(
                 file.writelines(json.dumps(line) + "\n" for line in new)
         step += length
         if step == num_iterations or (checkpoint_every and step % checkpoint_every == 0):
-            checkpoints.save(step, state, {"iteration": step, "reference_fingerprint": record["reference_fingerprint"]})
+            checkpoints.save(
+                step,
+                state,
+                {"iteration": step, "reference_fingerprint": record["reference_fingerprint"], "run": record},
+            )
         every = log_every or chunk
         if log is not None and (step // every > (step - length) // every or step == num_iterations):
             last = {k: float(np.mean(v[..., -1])) for k, v in stacked.items()}

@@ -12,7 +12,7 @@ def epoch_order(num_items: int, batch_size: int, epochs: int, seed: int) -> np.n
     """``[steps, batch_size]`` item indices: a fresh permutation per epoch, the last partial batch dropped."""
     steps_per_epoch = num_items // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{num_items} examples are fewer than one batch of {batch_size}.")
+        raise ValueError(f"{num_items} examples are fewer than one batch of batch_size={batch_size}.")
     rng = np.random.default_rng(seed)
     order = [rng.permutation(num_items)[: steps_per_epoch * batch_size] for _ in range(epochs)]
     return np.concatenate(order).reshape(steps_per_epoch * epochs, batch_size)

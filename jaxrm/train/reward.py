@@ -25,7 +25,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, check_token_ids, checked
+from jaxrm._checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+    check_instance,
+    check_int,
+    check_int_sequence,
+    check_token_ids,
+    checked,
+)
 from jaxrm.models.checkpoint import save_model
 from jaxrm.models.sampling import pad_sequences
 from jaxrm.models.transformer import RewardModel
@@ -286,6 +296,19 @@ def train_reward_model(
     return dataclasses.replace(result, model=model)
 
 
+def _check_converging(losses, first_step: int, config: RewardTrainConfig) -> None:
+    """Raise ``FloatingPointError`` where a run's loss became NaN or infinite: nothing after it
+    could be evaluated or saved (``losses``: ``[runs, steps]`` from optimizer step ``first_step``)."""
+    bad = ~np.isfinite(np.asarray(losses))
+    if bad.any():
+        run, step = (int(i) for i in np.argwhere(bad)[0])
+        raise FloatingPointError(
+            f"reward-model training diverged: run {run}'s loss is {float(np.asarray(losses)[run, step])} at optimizer "
+            f"step {first_step + step + 1} (learning_rate={config.learning_rate}); lower the learning rate. "
+            "Checkpoints saved before that step are kept."
+        )
+
+
 def train_reward_models(
     model: RewardModel,
     datasets: Sequence[PreferencePairs],
@@ -316,6 +339,8 @@ def train_reward_models(
     Returns one :class:`RewardTrainResult` per dataset, in order. Every argument is checked
     before training starts.
     """
+    check_instance("model", model, RewardModel)
+    check_instance("config", config, RewardTrainConfig)
     if not datasets:
         raise ValueError("datasets must hold at least one set of preference pairs.")
     shapes = [jax.tree.map(np.shape, pairs) for pairs in datasets]
@@ -325,10 +350,8 @@ def train_reward_models(
             + ", ".join(f"{len(p)} pairs of widths {np.shape(p.chosen)[1]}" for p in datasets)
             + ". Cut them to a common number of pairs and pad them to a common width."
         )
-    seeds = [config.seed] * len(datasets) if seeds is None else list(seeds)
-    if len(seeds) != len(datasets) or not all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds
-    ):
+    seeds = [config.seed] * len(datasets) if seeds is None else check_int_sequence("seeds", seeds, low=0)
+    if len(seeds) != len(datasets):
         raise ValueError(f"seeds must hold one int per dataset ({len(datasets)}), got {seeds!r}.")
     if checkpoint_dirs is not None and len(checkpoint_dirs) != len(datasets):
         raise ValueError(f"checkpoint_dirs must hold one directory per dataset ({len(datasets)}).")
@@ -336,9 +359,10 @@ def train_reward_models(
         raise ValueError(
             f"checkpoint_dirs must be distinct directories (one per run), got {list(map(str, checkpoint_dirs))}."
         )
-    for name, steps in (("eval_steps", eval_steps), ("checkpoint_steps", checkpoint_steps)):
-        if not all(isinstance(step, (int, np.integer)) and not isinstance(step, bool) for step in steps):
-            raise ValueError(f"{name} must hold int optimizer steps, got {tuple(steps)!r}.")
+    eval_steps, checkpoint_steps = (
+        check_int_sequence(name, steps, low=0)
+        for name, steps in (("eval_steps", eval_steps), ("checkpoint_steps", checkpoint_steps))
+    )
     vocab = model.config.vocab_size
     for pairs in datasets:
         pairs.validate(vocab)
@@ -375,6 +399,7 @@ def train_reward_models(
     for stop in sorted({0, *stops}):
         if stop > done:
             params, opt_state, history = run(params, opt_state, pairs, jnp.asarray(orders), done, stop, history)
+            _check_converging(history[:, 0, done:stop], done, config)
             done = stop
         if done not in eval_steps and done not in checkpoint_steps and (log is None or done == 0):
             continue

@@ -46,7 +46,17 @@ import optax
 from flax import nnx
 
 from jaxrm import metrics, pg
-from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_int, check_key, checked, one_of
+from jaxrm._checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+    check_instance,
+    check_int,
+    check_key,
+    checked,
+    one_of,
+)
 from jaxrm.models.sampling import MIN_TEMPERATURE, SamplingOptions, check_prompts, make_sampler, token_log_probs
 from jaxrm.models.transformer import CausalLM, RewardModel
 from jaxrm.train.optimizers import stack_layers
@@ -573,7 +583,11 @@ def make_iteration(
 def init_state(policy: CausalLM, config: RLHFConfig, key) -> TrainState:
     """The state of a run that starts from ``policy`` (its parameters are copied, not donated).
 
-    Refuses (``ValueError``) an ``eos_id`` or ``pad_id`` outside the policy's vocabulary."""
+    Refuses (``ValueError``) an ``eos_id`` or ``pad_id`` outside the policy's vocabulary, and a
+    ``key`` that is not a JAX key."""
+    check_instance("policy", policy, CausalLM)
+    check_instance("config", config, RLHFConfig)
+    check_key("key", key)
     config.sampling.check_vocabulary(policy.config.vocab_size)
     params = nnx.state(policy, nnx.Param)
     return TrainState(params, config.optimizer().init(params), jnp.zeros((), jnp.int32), key)

@@ -18,7 +18,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrm._checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_fields, check_token_ids, checked
+from jaxrm._checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+    check_instance,
+    check_token_ids,
+    checked,
+)
 from jaxrm.models.transformer import CausalLM
 from jaxrm.train.loop import epoch_order, make_minibatch_loop
 from jaxrm.train.optimizers import stack_layers
@@ -95,6 +103,8 @@ def train_sft(
     learned where both are True, and never a row's first real token, which has no prefix to be
     predicted from.
     """
+    check_instance("model", model, CausalLM)
+    check_instance("config", config, SFTConfig)
     tokens, mask, loss_mask = (np.asarray(a) for a in (tokens, mask, loss_mask))
     for name, array in (("mask", mask), ("loss_mask", loss_mask)):
         if array.dtype != bool:
