@@ -841,7 +841,20 @@ def test_save_model_refuses_metadata_that_is_not_json_and_leaves_nothing(tiny_mo
         save_model(tiny_model, tmp_path / "model", metadata={"accuracy": np.float32(0.5)})
     with pytest.raises(ValueError, match="metadata must be JSON"):  # json.dumps would write a bare NaN
         save_model(tiny_model, tmp_path / "model", metadata={"accuracy": float("nan")})
-    assert list(tmp_path.iterdir()) == []
+    # Parameters stacked over two runs would be written, then fail to load against the config.
+    stacked = CausalLM(tiny_model.config, rngs=nnx.Rngs(0))
+    nnx.update(stacked, jax.tree.map(lambda x: jnp.stack([x, x]), nnx.state(stacked, nnx.Param)))
+    with pytest.raises(
+        ValueError, match=r"parameter \['embed_out'\]\['kernel'\] is \(2, 32, 97\) float32, where its config"
+    ):
+        save_model(stacked, tmp_path / "model")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"a_file is a file, so the directory cannot be created"):
+        save_model(tiny_model, tmp_path / "a_file" / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    # float16 compute has no matrix products on XLA's CPU backend: refused when the model is built.
+    with pytest.raises(ValueError, match=r"dtype='float16': XLA's CPU backend has no float16 matrix products"):
+        CausalLM(tiny_model.config.replace(dtype="float16"), rngs=nnx.Rngs(0))
 
 
 def test_load_model_names_shardings_laid_out_for_another_model(tiny_model, tmp_path):
@@ -853,6 +866,8 @@ def test_load_model_names_shardings_laid_out_for_another_model(tiny_model, tmp_p
     )
     with pytest.raises(ValueError, match=r"sharding= is laid out for another model than the checkpoint"):
         load_model(directory, sharding=param_shardings(nnx.state(deeper, nnx.Param), make_mesh()))
+    with pytest.raises(ValueError, match=r"sharding= is laid out for another model than the checkpoint"):
+        load_model(directory, sharding={"a": 1})
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def test_rloo_raises_the_ground_truth_reward_and_writes_the_run_directory(tmp_pa
     first, last = truth[:4].mean(), truth[-4:].mean()
     assert last > first + 0.15, (first, last)
     assert history["kl"][-1] > 0 and (history["clip_fraction"] == 0.0).all()  # one minibatch: ratio 1
-    assert history["iteration"].tolist() == list(range(24))
+    assert history["iteration"].tolist() == list(range(24)) and history["iteration"].dtype == np.int64
     assert lines[0].startswith("compiling") and any(line.startswith("iteration 24/24") for line in lines)
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

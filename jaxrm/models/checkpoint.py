@@ -69,6 +69,24 @@ def _all_finite(x):
     return jnp.all(jnp.isfinite(x))
 
 
+def _check_parameters_fit_config(model) -> None:
+    """``ValueError`` unless the model's parameters have the shapes and dtypes its config gives
+    (``load_model`` rebuilds the model from the config: parameters stacked over seeds, say, would
+    be written and then fail to load)."""
+    expected = nnx.state(nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0))), nnx.Param)
+    have = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    want = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(expected))[0]
+    for (path, leaf), (_, target) in zip(have, want):
+        if (np.shape(leaf), jnp.result_type(leaf)) != (target.shape, target.dtype):
+            raise ValueError(
+                f"the model's parameter {jax.tree_util.keystr(path)} is {np.shape(leaf)} {jnp.result_type(leaf)}, "
+                f"where its config gives {target.shape} {target.dtype} (parameters of several runs stacked? save "
+                "one run's)."
+            )
+    if len(have) != len(want):
+        raise ValueError(f"the model holds {len(have)} parameters where its config gives {len(want)}.")
+
+
 def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata: dict | None = None) -> Path:
     """Write ``model`` to ``directory`` (which must not exist yet); returns the directory.
 
@@ -85,6 +103,12 @@ def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata
         raise TypeError(f"save_model stores {list(_MODEL_CLASSES)}, not {kind}.")
     if directory.exists():
         raise FileExistsError(f"checkpoint {directory} already exists; refusing to overwrite it.")
+    existing = directory.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"checkpoint {directory}: {existing} is a file, so the directory cannot be created.")
+    _check_parameters_fit_config(model)
     try:
         metadata_text = json.dumps(metadata or {}, allow_nan=False)  # NaN is not JSON
     except (TypeError, ValueError) as error:
@@ -159,7 +183,7 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
             raise ValueError("under jax.distributed, load_model needs sharding= (one for every process's devices).")
         sharding = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
     else:
-        sharding = nnx.to_pure_dict(sharding)
+        sharding = nnx.to_pure_dict(sharding) if isinstance(sharding, nnx.State) else sharding
         if jax.tree.structure(sharding) != jax.tree.structure(target):
             raise ValueError(
                 f"sharding= is laid out for another model than the checkpoint {directory} "

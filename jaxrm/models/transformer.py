@@ -265,6 +265,12 @@ class Transformer(nnx.Module):
     """The trunk: token embedding, ``num_layers`` blocks, final LayerNorm -> hidden states."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        if config.dtype == "float16" and jax.default_backend() == "cpu":
+            # Refused here rather than at the first matmul, where XLA names only its precision.
+            raise ValueError(
+                "TransformerConfig.dtype='float16': XLA's CPU backend has no float16 matrix products; "
+                "compute in bfloat16 or float32 on a CPU (param_dtype may stay float16)."
+            )
         self.config = config
         self.embed_in = nnx.Embed(
             config.vocab_size,

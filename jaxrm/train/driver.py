@@ -120,6 +120,8 @@ def _history(lines: list[dict], teachers, seeds) -> dict[str, np.ndarray]:
     shape = ((len(teacher_list),) if teachers is not None else ()) + (
         (len(seed_list),) if not isinstance(seeds, int) else ()
     )
+    if np.isfinite(out["iteration"]).all():  # iteration numbers as ints, unless a line is missing
+        out["iteration"] = out["iteration"].astype(np.int64)
     return {name: values.reshape(*shape, len(iterations)) for name, values in out.items()}
 
 

@@ -138,8 +138,9 @@ def train_sft(
     nnx.update(model, params)
     losses = np.asarray(history[0])
     if log is not None:
+        window = max(1, min(10, len(losses) // 2))  # first and last steps, apart when there are few
         log(
-            f"SFT: {len(order)} steps, loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f} "
+            f"SFT: {len(order)} steps, loss {losses[:window].mean():.3f} -> {losses[-window:].mean():.3f} "
             f"({time.perf_counter() - began:.1f} s)"
         )
     return losses
