@@ -188,7 +188,11 @@ def _coerce(label: str, annotation, value):
             raise ValueError(f"{label}: must be a number.")
         if not math.isfinite(value):
             raise ValueError(f"{label}: must be finite.")
-        return float(value)  # a NumPy float would not go into a run's JSON record
+        # NumPy scalars become Python numbers (a run's JSON record cannot hold them); an int
+        # stays an int, as it was given.
+        return (
+            float(value) if isinstance(value, np.floating) else int(value) if isinstance(value, np.integer) else value
+        )
     if annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"{label}: must be a string.")

@@ -491,11 +491,12 @@ def _row_blocked_ascent(logits, rm_rewards, kl_coef, *, policy, optimizer, num_s
     """The exact ascent of a tabular policy (``track=False``), rows blocked in time: each device
     runs all ``num_steps`` steps on a block of ``_BLOCK_ENTRIES // |Y|`` of its rows before
     the next, rather than every step over all its rows, so a step reads its block from cache
-    instead of streaming ``[S, Y]`` arrays from memory. Valid because a row's exact gradient
-    reads only that row and the optimizer acts element by element (:func:`_row_blocked_layout`);
-    on ``[1024, 4096]`` float32 logits over two CPU devices a step took 1.1-1.45x less time
+    instead of streaming ``[S, Y]`` arrays from memory. Each block runs :func:`_ascent` on its
+    rows; that is the unblocked ascent because a row's exact gradient reads only that row and the
+    optimizer acts element by element (:func:`_row_blocked_layout`). On ``[1024, 4096]`` float32
+    logits over two CPU devices a step took 1.1-1.45x less time
     (docs/performance.md#the-discrete-ascent). Returns ``(logits, shift_held)``, the latter per
-    row as in :func:`_ascent`.
+    row (whether its block's shift held throughout).
     """
     num_prompts, num_outputs = logits.shape[-2:]
     block = _block_shape(logits, sharding)[0]
@@ -509,41 +510,16 @@ def _row_blocked_ascent(logits, rm_rewards, kl_coef, *, policy, optimizer, num_s
             x = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, padding), (0, 0)))
             return x.reshape(-1, block, x.shape[-1])
 
-        folded = _loop_inputs(_exact_gradient, rm_rewards, policy.log_probs(logits), lam)[0]
+        def ascend(block_inputs):  # one block through every step: the unblocked loop on its rows
+            theta, rewards, lam = block_inputs
+            options = dict(policy=policy, optimizer=optimizer, num_steps=num_steps, num_prompts=num_prompts)
+            options |= dict(track=False, gradient=_exact_gradient, carry_shift=True)
+            theta, _, held = _ascent(theta, rewards, rewards, lam, jax.random.key(0), **options)
+            return theta, held
 
-        def ascend(block_inputs):
-            theta, folded, lam = block_inputs
-
-            class Carry(NamedTuple):
-                logits: Any
-                opt_state: Any
-                shift: Any
-                shift_held: Any
-
-            def step(carry, _):
-                theta, opt_state, shift = _update(
-                    _exact_gradient,
-                    optimizer,
-                    None,
-                    carry.logits,
-                    carry.opt_state,
-                    (folded, 0.0),
-                    lam,
-                    None,
-                    carry.shift,
-                    num_prompts,
-                )
-                return Carry(theta, opt_state, shift, carry.shift_held & _shift_held(shift, carry.shift)), None
-
-            shift = jnp.max(theta, axis=-1, keepdims=True)
-            start = Carry(theta, optimizer.init(theta), shift, jnp.ones_like(shift, bool))
-            end = jax.lax.scan(step, start, length=num_steps)[0]
-            return end.logits, end.shift_held
-
-        theta, held = jax.lax.map(ascend, (blocks(logits), blocks(folded), blocks(lam)))
-        return theta.reshape(-1, num_outputs)[:rows].reshape(logits.shape), held.reshape(-1)[:rows].reshape(
-            logits.shape[:-1]
-        )
+        theta, held = jax.lax.map(ascend, (blocks(logits), blocks(rm_rewards), blocks(lam)))
+        rows_held = jnp.repeat(held, block)[:rows].reshape(logits.shape[:-1])
+        return theta.reshape(-1, num_outputs)[:rows].reshape(logits.shape), rows_held
 
     return jax.shard_map(
         on_device, mesh=sharding.mesh, in_specs=(spec, spec, spec), out_specs=(spec, PartitionSpec(*spec[:-1]))
@@ -613,9 +589,21 @@ def _passage(
     return AscentPassage(out.steps, out.reached, out.tied / jnp.maximum(out.steps, 1))
 
 
-@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient", "carry_shift"))
+@jax.jit(static_argnames=("policy", "optimizer", "num_steps", "track", "gradient", "carry_shift", "num_prompts"))
 def _ascent(
-    logits, rm_rewards, eval_rewards, kl_coef, key, *, policy, optimizer, num_steps, track, gradient, carry_shift
+    logits,
+    rm_rewards,
+    eval_rewards,
+    kl_coef,
+    key,
+    *,
+    policy,
+    optimizer,
+    num_steps,
+    track,
+    gradient,
+    carry_shift,
+    num_prompts=None,
 ):
     """The loop shared by exact and sampled gradients; inputs are validated by the public callers.
 
@@ -624,6 +612,8 @@ def _ascent(
     ``carry_shift`` (exact gradient, tabular policy) each step's softmax shift is the previous
     step's log-normalizer (see :func:`_checked_ascent`). Returns ``(logits, history, shift_held)``:
     whether every step's shift was safe (:func:`_shift_held`; True without ``carry_shift``).
+    ``num_prompts`` (with ``carry_shift``): the objective's prompt count, when ``logits`` holds
+    only some of the problem's rows (:func:`_row_blocked_ascent`).
     """
     ref_log_probs = policy.log_probs(logits)
     lam = kl_coef  # [..., S, 1] from _checked_problem
@@ -649,6 +639,7 @@ def _ascent(
             lam,
             jax.random.fold_in(key, index),
             carry.shift,
+            num_prompts,
         )
         held = carry.shift_held if shift is None else carry.shift_held & _shift_held(shift, carry.shift)
         return Carry(logits, opt_state, shift, held), measure(carry.logits)
