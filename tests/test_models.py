@@ -206,6 +206,12 @@ def test_checkpoint_round_trip_is_exact_and_never_overwrites(tiny_lm, tmp_path):
     assert {leaf.sharding for leaf in jax.tree.leaves(nnx.state(restored))} == {
         jax.sharding.SingleDeviceSharding(jax.devices()[0])
     }
+    # Uncommitted, as a fresh model's arrays are: a program compiled for one serves the other.
+    assert not any(leaf.committed for leaf in jax.tree.leaves(nnx.state(restored)))
+    logits = jax.jit(lambda params, tokens: nnx.merge(nnx.graphdef(tiny_lm), params)(tokens))
+    for model in (tiny_lm, load_model(tmp_path / "lm")):
+        logits(nnx.state(model), jnp.ones((1, 3), jnp.int32))
+    assert logits._cache_size() == 1
     for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(restored))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

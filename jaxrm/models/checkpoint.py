@@ -162,7 +162,8 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
 
     ``sharding``: optional pytree of ``jax.sharding.Sharding`` matching the parameters (as from
     :func:`jaxrm.sharding.param_shardings`), to restore straight onto a mesh. Without it the
-    parameters go to the default device, whatever devices they were saved from; under
+    parameters go to the default device, whatever devices they were saved from, uncommitted as a
+    freshly built model's are (so functions compiled for one serve the other); under
     ``jax.distributed`` it is required.
     ``allow_nonfinite``: load parameters holding NaN or inf instead of refusing them.
 
@@ -178,6 +179,7 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
     abstract = nnx.eval_shape(lambda: _MODEL_CLASSES[record["class"]](config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    default_device = sharding is None
     if sharding is None:
         if jax.process_count() > 1:
             raise ValueError("under jax.distributed, load_model needs sharding= (one for every process's devices).")
@@ -210,5 +212,10 @@ def load_model(directory: str | Path, *, sharding=None, allow_nonfinite: bool = 
             raise ValueError(
                 f"{directory}: parameters {bad[:4]} hold NaN/inf values; pass allow_nonfinite=True to load them anyway."
             )
+    if default_device:
+        # Placed as a model built in this process is: uncommitted, so that jitted functions
+        # compiled for fresh models are not compiled again for loaded ones (commitment is part of
+        # a program's cache key).
+        restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
