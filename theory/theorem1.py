@@ -371,6 +371,7 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         )
         sqrt = norms / bounds.score_gradient_bound(kl_var, length=length, jacobian_norm=jac)
     measured = np.stack([np.ones_like(has_gt), has_gt & (np.asarray(gt_run.status) == flow.Status.REACHED)])
+    prop2, sqrt = (np.where(measured, ratio, np.nan) for ratio in (prop2, sqrt))  # NaN where not measured
     # Step 4 of Proposition A and Proposition 2's rate, at three points of each trajectory: the
     # start and where the proxy and the ground-truth targets were reached.
     reached_rm = np.asarray(rm_run.status) == flow.Status.REACHED
@@ -407,8 +408,8 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         kl_coef=kl_coef,
         gt=timed(gt_run, np.where(has_gt, family.gt_gamma, 1.0), has_gt),
         rm=timed(rm_run, family.rm_gamma, np.ones_like(has_gt)),
-        max_ratio_prop2=float(np.nanmax(np.where(measured, prop2, np.nan))),
-        max_ratio_sqrt=float(np.nanmax(np.where(measured, sqrt, np.nan))),
+        max_ratio_prop2=float(np.nanmax(prop2)),
+        max_ratio_sqrt=float(np.nanmax(sqrt)),
         gradient_points=int(measured.sum()),
         max_ratio_variance_rate=float(np.nanmax(step4)),
         max_ratio_prop2_rate=float(np.nanmax(prop2_rate)),
@@ -417,8 +418,8 @@ def _measure(family: Family, config: Theorem1Config) -> dict:
         # (start, ground-truth target), rates [3 points, problems] (start, proxy and
         # ground-truth targets); one above 1 + tolerance is a violation.
         ratios={
-            "gradient_prop2": np.where(measured, prop2, np.nan),
-            "gradient_sqrt": np.where(measured, sqrt, np.nan),
+            "gradient_prop2": prop2,
+            "gradient_sqrt": sqrt,
             "variance_rate": step4,
             "prop2_rate": prop2_rate,
         },

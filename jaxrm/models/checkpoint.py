@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxrm.models.config import TransformerConfig
 from jaxrm.models.transformer import CausalLM, RewardModel
+from jaxrm.studies import check_out_directory
 
 _MODEL_CLASSES = {"CausalLM": CausalLM, "RewardModel": RewardModel}
 
@@ -103,11 +104,7 @@ def save_model(model: CausalLM | RewardModel, directory: str | Path, *, metadata
         raise TypeError(f"save_model stores {list(_MODEL_CLASSES)}, not {kind}.")
     if directory.exists():
         raise FileExistsError(f"checkpoint {directory} already exists; refusing to overwrite it.")
-    existing = directory.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"checkpoint {directory}: {existing} is a file, so the directory cannot be created.")
+    check_out_directory(directory, option="checkpoint")
     _check_parameters_fit_config(model)
     try:
         metadata_text = json.dumps(metadata or {}, allow_nan=False)  # NaN is not JSON
